@@ -1,0 +1,61 @@
+"""The artifact directory: what a build writes and what run/push read.
+
+    <dir>/initrd.img     the packed initramfs
+    <dir>/kernel         the guest kernel (when one was paired)
+    <dir>/cmdline        the kernel command line, one line
+    <dir>/xen.cfg        an xl config with paths relative to the directory
+    <dir>/manifest.json  what went in: source image, config, sizes, digests, minimize report
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+
+INITRD, KERNEL, CMDLINE, XEN_CFG, MANIFEST = "initrd.img", "kernel", "cmdline", "xen.cfg", "manifest.json"
+SCHEMA = "xbuild.artifact.v1"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / INITRD
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / KERNEL
+
+    @property
+    def cmdline(self) -> str:
+        p = self.path / CMDLINE
+        return p.read_text().strip() if p.exists() else ""
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def open_artifact(path: Path) -> Artifact:
+    """Read an artifact directory; ArtifactError naming what is missing or malformed."""
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: not an artifact directory")
+    mpath = path / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not an xbuild artifact (no {MANIFEST})") from None
+    except ValueError as e:
+        raise ArtifactError(f"{mpath}: malformed ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise ArtifactError(f"{mpath}: not an xbuild artifact manifest (schema {SCHEMA} expected)")
+    if not (path / INITRD).is_file():
+        raise ArtifactError(f"{path}: missing {INITRD}")
+    return Artifact(path, manifest)

@@ -1,0 +1,112 @@
+"""The command line: thin. Parses options, calls the stages, renders progress or --json.
+
+`xbuild IMAGE` is short for `xbuild build IMAGE`. Exit codes: 0 ok, 1 failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .build import BuildOptions, build
+from .cpio import COMPRESSIONS
+from .errors import XbuildError
+from .image import Platform
+
+
+class _DefaultBuild(click.Group):
+    """A group where an unknown first word is an image: `xbuild nginx` runs `xbuild build nginx`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first = next((a for a in args if not a.startswith("-")), None)
+        if first is not None and first not in self.commands and args and args[0] not in ("--help", "-h",
+                                                                                          "--version"):
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+def _progress(enabled: bool) -> Callable[[str, int], Callable[[int], None]] | None:
+    """A tqdm progress factory when stderr is a terminal, else None."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    def factory(label: str, total: int) -> Callable[[int], None]:
+        bar = tqdm(total=total or None, desc=label, unit="B", unit_scale=True, leave=False, file=sys.stderr)
+        return bar.update
+
+    return factory
+
+
+def _say(quiet: bool) -> Callable[[str], None]:
+    return (lambda msg: None) if quiet else (lambda msg: click.echo(f"xbuild: {msg}", err=True))
+
+
+def _compression(value: str) -> tuple[str, int | None]:
+    name, _, level = value.partition(":")
+    if name not in COMPRESSIONS or (level and not level.lstrip("-").isdigit()):
+        raise click.BadParameter(f"{value!r}: expected one of {', '.join(COMPRESSIONS)}, optionally :LEVEL")
+    return name, int(level) if level else None
+
+
+@click.group(cls=_DefaultBuild, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xbuild")
+def main() -> None:
+    """Turn a Docker/OCI image into a bootable Xen guest (kernel + initramfs + xl config).
+
+    \b
+    xbuild IMAGE [OPTIONS]       same as `xbuild build IMAGE`
+    IMAGE: nginx, nginx:1.25, repo@sha256:…, localhost:5000/team/app:v1,
+           docker://REF, oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:REPO:TAG]
+    """
+
+
+@main.command("build")
+@click.argument("image")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory [./out/NAME].")
+@click.option("--compression", default="zstd", show_default=True, metavar="NAME[:LEVEL]",
+              help=f"initrd compression: {', '.join(COMPRESSIONS)}; zstd defaults to level 19.")
+@click.option("--platform", default="linux/amd64", show_default=True, help="Platform to pick from a manifest list.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
+def build_cmd(image: str, output: Path | None, compression: str, platform: str, insecure: bool,
+              as_json: bool, quiet: bool) -> None:
+    """Build IMAGE into an artifact directory."""
+    comp, level = _compression(compression)
+    opts = BuildOptions(output=output, compression=comp, level=level, platform=Platform.parse(platform),
+                        insecure=insecure, progress=_progress(not (quiet or as_json)), log=_say(quiet or as_json))
+    art = build(image, opts)
+    if as_json:
+        click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
+    elif not quiet:
+        _summary(art.path, art.manifest)
+
+
+def _summary(path: Path, m: dict[str, Any]) -> None:
+    i = m["initrd"]
+    click.echo(f"{path}/initrd.img  {i['size'] / 1e6:.1f} MB {i['compression']} "
+               f"({i['uncompressed_size'] / 1e6:.1f} MB, {i['entries']} entries)  sha256:{i['sha256'][:12]}")
+
+
+def run() -> None:
+    """Entry point: run the CLI, turning XbuildError into one line and its exit code."""
+    try:
+        main(standalone_mode=False)
+    except XbuildError as e:
+        click.echo(f"xbuild: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("xbuild: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("xbuild: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,54 @@
+"""One exception type per stage, all under XbuildError; the CLI catches them once.
+
+`exit_code` 2 means bad input (the user can fix the command or the image), 1 means a failure.
+"""
+
+
+class XbuildError(Exception):
+    """Base of every error xbuild reports as one line."""
+
+    exit_code = 1
+
+
+class BadInput(XbuildError):
+    """The user's input is at fault: a bad reference, image, option or file."""
+
+    exit_code = 2
+
+
+class ReferenceError_(BadInput):
+    """An image reference that cannot be parsed."""
+
+
+class SourceError(BadInput):
+    """The image cannot be fetched or is not a valid image."""
+
+
+class RegistryUnavailable(XbuildError):
+    """A registry that stays unreachable or keeps failing after retries."""
+
+    exit_code = 2
+
+
+class FlattenError(BadInput):
+    """A layer that is corrupt or tries to escape the root."""
+
+
+class PackError(XbuildError):
+    """The initramfs cannot be written."""
+
+
+class ConfigError(BadInput):
+    """The image config cannot be turned into a guest config (user, entrypoint...)."""
+
+
+class KernelError(XbuildError):
+    """A kernel that cannot be built or does not carry what Xen/QEMU boot needs."""
+
+
+class RunError(XbuildError):
+    """A guest that cannot be started or supervised."""
+
+
+class ArtifactError(BadInput):
+    """An artifact directory that cannot be written or read."""

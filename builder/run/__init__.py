@@ -1,0 +1,1 @@
+"""Runners: boot an artifact directory under QEMU or Xen and supervise it."""

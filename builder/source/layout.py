@@ -1,0 +1,198 @@
+"""Local image sources: OCI image layouts (`oci:DIR[:REF]`), OCI archives (`oci-archive:FILE[:REF]`)
+and `docker save` archives (`docker-archive:FILE[:REF]`).
+
+Archives are read in place: a blob is a byte range of the (uncompressed) tar, never extracted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from ..blobs import check_digest, verify_bytes
+from ..errors import SourceError
+from ..image import (DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, Descriptor, Image, Platform, build_image,
+                     descriptor, load_json, media_type_of, select_platform)
+from ..reference import ImageRef
+
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+
+
+class _Range(io.RawIOBase):
+    """A read-only view of `size` bytes at `offset` of a file."""
+
+    def __init__(self, path: str, offset: int, size: int):
+        self.f = open(path, "rb")
+        self.pos, self.end = offset, offset + size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.end - self.pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self.f.fileno(), n, self.pos)
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class _Files:
+    """Named files of a directory or of an uncompressed tar, opened as streams."""
+
+    root: Path
+    members: dict[str, tuple[int, int]] | None  # tar: name -> (offset, size)
+
+    @classmethod
+    def of(cls, ref: ImageRef) -> _Files:
+        path = Path(ref.path or "")
+        if ref.transport == "oci":
+            if not (path / "oci-layout").is_file():
+                raise SourceError(f"{ref}: {path} is not an OCI image layout (no oci-layout file)")
+            return cls(path, None)
+        if not path.is_file():
+            raise SourceError(f"{ref}: no such archive {path}")
+        try:
+            with tarfile.open(path, "r:") as tar:
+                members = {m.name.removeprefix("./"): (m.offset_data, m.size) for m in tar if m.isfile()}
+        except tarfile.TarError as e:
+            raise SourceError(f"{ref}: not an uncompressed tar archive ({e})") from None
+        return cls(path, members)
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file() if self.members is None else name in self.members
+
+    def opener(self, name: str) -> Callable[[], IO[bytes]]:
+        if self.members is None:
+            p = self.root / name
+            return lambda: open(p, "rb")
+        off, size = self.members[name]
+        return lambda: io.BufferedReader(_Range(str(self.root), off, size), 1 << 20)
+
+    def read(self, name: str, what: str) -> bytes:
+        if not self.exists(name):
+            raise SourceError(f"{what}: missing {name}")
+        with self.opener(name)() as f:
+            return f.read()
+
+
+def load(ref: ImageRef, platform: Platform) -> Image:
+    """Open a local layout or archive and return the Image it holds."""
+    files = _Files.of(ref)
+    if ref.transport == "docker-archive":
+        return _docker_archive(ref, files, platform)
+    return _oci(ref, files, platform)
+
+
+def _blob_name(digest: str, what: str) -> str:
+    return f"blobs/sha256/{check_digest(digest, what)}"
+
+
+def _oci(ref: ImageRef, files: _Files, platform: Platform) -> Image:
+    what = str(ref)
+    index = load_json(files.read("index.json", what), f"{what} index.json")
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list) or not manifests:
+        raise SourceError(f"{what}: index.json lists no images")
+    if ref.name:
+        chosen = [m for m in manifests if (m.get("annotations") or {}).get(REF_ANNOTATION) == ref.name]
+        if not chosen:
+            names = sorted({(m.get("annotations") or {}).get(REF_ANNOTATION, "?") for m in manifests})
+            raise SourceError(f"{what}: no image tagged {ref.name!r} (has: {', '.join(names)})")
+    elif len(manifests) == 1:
+        chosen = manifests
+    else:
+        chosen = [m for m in manifests if platform.matches(m.get("platform") or {})] or manifests
+        if len(chosen) > 1:
+            raise SourceError(f"{what}: holds {len(manifests)} images; name one as {ref.transport}:PATH:REF")
+    desc = descriptor(chosen[0], what)
+    return _resolve(ref, files, desc, platform, what)
+
+
+def _resolve(ref: ImageRef, files: _Files, desc: Descriptor, platform: Platform, what: str) -> Image:
+    for _ in range(4):  # index -> (nested index ->) manifest
+        raw = verify_bytes(files.read(_blob_name(desc.digest, what), what), desc.digest, f"{what} manifest")
+        doc = load_json(raw, f"{what} manifest {desc.digest[:19]}")
+        mt = media_type_of(doc, desc.media_type or None)
+        if mt in INDEX_TYPES:
+            desc = select_platform(doc, platform, what)
+            continue
+        if mt not in MANIFEST_TYPES:
+            raise SourceError(f"{what}: unsupported manifest media type {mt!r}")
+        cfg = descriptor(doc.get("config"), f"{what} config")
+        config_raw = verify_bytes(files.read(_blob_name(cfg.digest, what), what), cfg.digest, f"{what} config")
+
+        def opener(d: Descriptor) -> Callable[[], IO[bytes]]:
+            name = _blob_name(d.digest, what)
+            if not files.exists(name):
+                raise SourceError(f"{what}: missing layer blob {d.digest}")
+            return files.opener(name)
+
+        return build_image(ref, desc.digest, doc, config_raw, opener, what, platform)
+    raise SourceError(f"{what}: index nesting too deep")
+
+
+def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
+    """`docker save` format: manifest.json names the config file and layer tars of each image."""
+    what = str(ref)
+    try:
+        entries = json.loads(files.read("manifest.json", what))
+    except ValueError as e:
+        raise SourceError(f"{what}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise SourceError(f"{what}: manifest.json lists no images")
+    if ref.name:
+        want = {ref.name, f"{ref.name}:latest", f"docker.io/library/{ref.name}"}
+        entries = [e for e in entries if want & set(e.get("RepoTags") or [])]
+        if not entries:
+            raise SourceError(f"{what}: no image tagged {ref.name!r}")
+    elif len(entries) > 1:
+        raise SourceError(f"{what}: holds {len(entries)} images; name one as docker-archive:PATH:REPO:TAG")
+    entry = entries[0]
+    config_raw = files.read(str(entry.get("Config")), what)
+    config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+    doc = load_json(config_raw, f"{what} config")
+    diff_ids = (doc.get("rootfs") or {}).get("diff_ids") or []
+    layer_files = entry.get("Layers") or []
+    layers = []
+    if len(diff_ids) != len(layer_files):
+        raise SourceError(f"{what}: config has {len(diff_ids)} diff_ids for {len(layer_files)} layers")
+    for name, diff_id in zip(layer_files, diff_ids):
+        if not files.exists(name):
+            raise SourceError(f"{what}: missing layer {name}")
+        with files.opener(name)() as f:
+            head = f.read(4)
+        mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if head[:2] == b"\x1f\x8b" else
+                                                         "+zstd" if head == b"\x28\xb5\x2f\xfd" else "")
+        # an uncompressed layer's digest is its diff_id, which flatten verifies anyway
+        digest = diff_id if not mt.endswith(("gzip", "zstd")) else _file_digest(files, name)
+        off_size = files.members[name] if files.members else (0, 0)
+        layers.append({"mediaType": mt, "digest": digest, "size": off_size[1], "name": name})
+    manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                           "digest": config_digest, "size": len(config_raw)},
+                "layers": [{k: v for k, v in x.items() if k != "name"} for x in layers]}
+    by_digest = {x["digest"]: x["name"] for x in layers}
+    manifest_digest = "sha256:" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return build_image(ref, manifest_digest, manifest, config_raw,
+                       lambda d: files.opener(by_digest[d.digest]), what, platform)
+
+
+def _file_digest(files: _Files, name: str) -> str:
+    h = hashlib.sha256()
+    with files.opener(name)() as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()

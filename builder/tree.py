@@ -1,0 +1,177 @@
+"""The flattened root file system, held as an index: metadata in memory, content by reference.
+
+A `Tree` is a root directory `Inode`; directories map names to inodes. Hardlinked paths share one
+`Inode` object, so a hardlink keeps its content even when the original name is later replaced.
+File content is a `Content` (a byte range in a cached layer tar) or, for small generated files, bytes.
+Paths are POSIX strings relative to the root without a leading slash; the root is "".
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterator
+
+FILE, DIR, SYMLINK, CHAR, BLOCK, FIFO = "file", "dir", "symlink", "char", "block", "fifo"
+KIND_BITS = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
+             BLOCK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+MAX_SYMLINKS = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """`size` bytes at `offset` in the file `source` (an uncompressed layer tar in the cache)."""
+
+    source: str
+    offset: int
+    size: int
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    kind: str
+    mode: int = 0o755                      # permission bits incl. setuid/setgid/sticky (0o7777)
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    size: int = 0
+    content: Content | bytes | None = None
+    target: str = ""                       # symlink target
+    rdev: tuple[int, int] = (0, 0)         # device major/minor
+    xattrs: dict[str, bytes] | None = None
+    children: dict[str, Inode] | None = None
+
+    @property
+    def st_mode(self) -> int:
+        return KIND_BITS[self.kind] | (self.mode & 0o7777)
+
+
+def directory(mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: int = 0) -> Inode:
+    return Inode(DIR, mode, uid, gid, mtime, children={})
+
+
+def regular(data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, mtime: int = 0) -> Inode:
+    return Inode(FILE, mode, uid, gid, mtime, size=len(data), content=data)
+
+
+def split(path: str) -> list[str]:
+    """Components of a tree path ('' and '.' dropped); '..' is kept for the resolver to clamp."""
+    return [c for c in path.split("/") if c and c != "."]
+
+
+@dataclass
+class Tree:
+    root: Inode = field(default_factory=directory)
+
+    def parent_of(self, path: str, create: bool = False) -> tuple[Inode, str] | None:
+        """(parent directory inode, last name), symlinks in the parent path resolved inside the tree;
+        missing parents are created (0755 root) when `create`. None if a parent is not a directory."""
+        parts = split(path)
+        if not parts:
+            return None
+        try:
+            real = split(self.real_path("/".join(parts[:-1])))
+        except LookupError:
+            return None
+        node = self.root
+        for name in real:
+            assert node.children is not None
+            child = node.children.get(name)
+            if child is None:
+                if not create:
+                    return None
+                child = node.children[name] = directory()
+            if child.kind != DIR:
+                return None
+            node = child
+        return node, parts[-1]
+
+    def real_path(self, path: str, follow: bool = True) -> str:
+        """The path with every symlink resolved inside the tree (like a chroot): '..' stops at '/'."""
+        todo = split(path)
+        done: list[str] = []
+        hops = 0
+        node = self.root
+        while todo:
+            name = todo.pop(0)
+            if name == "..":
+                if done:
+                    done.pop()
+                node = self._walk(done) or self.root
+                continue
+            child = node.children.get(name) if node.children is not None else None
+            if child is not None and child.kind == SYMLINK and (todo or follow):
+                hops += 1
+                if hops > MAX_SYMLINKS:
+                    raise LookupError(f"/{path}: too many levels of symbolic links")
+                target = split(child.target)
+                if child.target.startswith("/"):
+                    done, node = [], self.root
+                todo = target + todo
+                continue
+            done.append(name)
+            if child is None:
+                node = Inode(FILE)  # missing: the rest resolves lexically
+            else:
+                node = child
+        return "/".join(done)
+
+    def _walk(self, parts: list[str]) -> Inode | None:
+        node = self.root
+        for name in parts:
+            if node.children is None or name not in node.children:
+                return None
+            node = node.children[name]
+        return node
+
+    def lookup(self, path: str, follow: bool = False) -> Inode | None:
+        """The inode at `path` (intermediate symlinks resolved; the last one only with follow)."""
+        try:
+            return self._walk(split(self.real_path(path, follow=follow)))
+        except LookupError:
+            return None
+
+    def read(self, path: str) -> bytes:
+        """The content of a regular file (symlinks followed); FileNotFoundError if there is none."""
+        node = self.lookup(path, follow=True)
+        if node is None or node.kind != FILE:
+            raise FileNotFoundError(f"/{path}")
+        return read_content(node)
+
+    def add(self, path: str, inode: Inode) -> None:
+        """Place `inode` at `path`, creating missing parent directories (0755 root)."""
+        loc = self.parent_of(path, create=True)
+        if loc is None:
+            raise ValueError(f"/{path}: parent is not a directory")
+        parent, name = loc
+        assert parent.children is not None
+        parent.children[name] = inode
+
+    def remove(self, path: str) -> Inode | None:
+        loc = self.parent_of(path)
+        if loc is None or loc[0].children is None:
+            return None
+        return loc[0].children.pop(loc[1], None)
+
+    def walk(self) -> Iterator[tuple[str, Inode]]:
+        """Every (path, inode), depth first, children in byte order of their names; root first as ''."""
+        stack: list[tuple[str, Inode]] = [("", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            if node.children:
+                prefix = path + "/" if path else ""
+                for name in sorted(node.children, key=os.fsencode, reverse=True):
+                    stack.append((prefix + name, node.children[name]))
+
+
+def read_content(node: Inode) -> bytes:
+    """All bytes of a regular file's content."""
+    c = node.content
+    if c is None:
+        return b""
+    if isinstance(c, bytes):
+        return c
+    with open(c.source, "rb") as f:
+        return os.pread(f.fileno(), c.size, c.offset)

@@ -1,0 +1,12 @@
+"""Shared test set-up. Fixture modules live in tests/fixtures/ and are loaded as plugins."""
+
+import os
+from pathlib import Path
+
+pytest_plugins = [
+    "tests.fixtures.images",
+    "tests.fixtures.registry",
+]
+
+# Slow fixtures (kernel, debootstrap images, Xen rig) are cached across runs in the user's cache.
+os.environ.setdefault("XBUILD_CACHE", str(Path.home() / ".cache" / "xbuild"))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Self
 
 import zstandard
 from isal import igzip
@@ -74,6 +75,12 @@ class HashingReader:
     def readable(self) -> bool:
         return True
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Leaves `raw` open: its opener closes it (an uncompressed layer is read through this directly)."""
+
     def check(self) -> None:
         if self.size is not None and self.count != self.size:
             raise SourceError(f"{self.what}: size mismatch (expected {self.size} bytes, got {self.count})")
@@ -98,7 +105,7 @@ def store_blob(stream: IO[bytes], digest: str, what: str, size: int | None = Non
 
 def _decompressor(stream: IO[bytes], compression: str, what: str) -> IO[bytes]:
     if compression == "gzip":
-        return igzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type]
+        return igzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type, return-value]
     if compression == "zstd":
         return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)  # type: ignore
     if compression == "none":

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import lz4.block
 import zstandard
@@ -171,6 +172,9 @@ class _CpioWriter:
                rdev: tuple[int, int] = (0, 0)) -> None:
         raw = os.fsencode(name) + b"\0"
         fields = (ino, mode, uid, gid, nlink, mtime, size, 0, 0, rdev[0], rdev[1], len(raw), 0)
+        if max(fields) > 0xFFFFFFFF:  # newc has 32-bit fields: never truncate silently
+            raise PackError(f"/{name}: too large for cpio newc's 32-bit fields (size {size}, uid {uid}, "
+                            f"gid {gid})")
         self._emit(b"070701" + b"".join(b"%08X" % (v & 0xFFFFFFFF) for v in fields) + raw)
         self._pad()
 
@@ -188,7 +192,7 @@ class _CpioWriter:
                 group = links.get(id(node), [i])
                 data_here = group[-1] == i
                 mtime = node.mtime if self.epoch is None else min(node.mtime, self.epoch)
-                mtime = max(mtime, 0)
+                mtime = min(max(mtime, 0), 0xFFFFFFFF)
                 if node.kind == FILE:
                     size = node.size if data_here else 0
                 elif node.kind == "symlink":

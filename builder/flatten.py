@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import tarfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .blobs import ensure_diff
 from .errors import FlattenError
@@ -57,23 +57,28 @@ def flatten_tars(diffs: Sequence[tuple[Layer | str, Path]]) -> Flattened:
 
 
 class _Applier:
-    """Applies the members of one layer; knows which paths this layer itself added."""
+    """Applies the members of one layer; knows which paths this layer itself added (`added`) and the
+    directories above them (`parents`), so whiteouts and opaque markers, wherever they sit in the tar,
+    only hide what the lower layers put there."""
 
     def __init__(self, tree: Tree, source: str, label: str):
         self.tree, self.source, self.label = tree, source, label
         self.added: set[str] = set()
+        self.parents: set[str] = set()
         self.count = self.whiteouts = 0
         self.size = Path(source).stat().st_size
 
     def fail(self, name: str, why: str) -> FlattenError:
         return FlattenError(f"{self.label}: member {name!r}: {why}")
 
-    def clean(self, name: str) -> str:
+    def clean(self, name: str, member: str | None = None) -> str:
+        """`name` without './' parts; absolute or '..' names (of a member or its hardlink target) fail."""
+        what = "" if member is None else f"hardlink target {name!r}: "
         if name.startswith("/"):
-            raise self.fail(name, "absolute path would escape the root")
+            raise self.fail(member or name, what + "absolute path would escape the root")
         parts = split(name)
         if ".." in parts:
-            raise self.fail(name, "'..' would escape the root")
+            raise self.fail(member or name, what + "'..' would escape the root")
         return "/".join(parts)
 
     def apply(self, m: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
@@ -89,7 +94,7 @@ class _Applier:
                 self._meta(self.tree.root, m)
             return
         if m.islnk():
-            target_path = self.clean(m.linkname)
+            target_path = self.clean(m.linkname, m.name)
             target = self.tree.lookup(target_path)
             if target is None:
                 raise self.fail(m.name, f"hardlink to missing target {m.linkname!r}")
@@ -106,7 +111,7 @@ class _Applier:
             existing = self.tree.lookup(path)
             if existing is not None and existing.kind == DIR:
                 self._meta(existing, m)
-                self.added.add(path)
+                self.mark(path)
                 return
         node = Inode(kind, children={} if kind == DIR else None)
         self._meta(node, m)
@@ -128,22 +133,38 @@ class _Applier:
         parent, last = loc
         assert parent.children is not None
         parent.children[last] = node
+        self.mark(path)
+
+    def mark(self, path: str) -> None:
         self.added.add(path)
+        parent = path.rpartition("/")[0]
+        while parent and parent not in self.parents:
+            self.parents.add(parent)
+            parent = parent.rpartition("/")[0]
 
     def whiteout(self, path: str, base: str) -> None:
         parent_path = path.rsplit("/", 1)[0] if "/" in path else ""
         if base == OPAQUE:
-            parent = self.tree.lookup(parent_path, follow=True)
-            if parent is not None and parent.children:
-                prefix = parent_path + "/" if parent_path else ""
-                for child in [c for c in parent.children if prefix + c not in self.added]:
-                    del parent.children[child]
+            self.prune(parent_path, self.tree.lookup(parent_path, follow=True))
             return
         if base.startswith(WHITEOUT + WHITEOUT):  # other aufs metadata (.wh..wh.plnk, ...)
             return
         victim = (parent_path + "/" if parent_path else "") + base[len(WHITEOUT):]
-        if victim not in self.added:
+        if victim in self.added or victim in self.parents:
+            self.prune(victim, self.tree.lookup(victim))
+        else:
             self.tree.remove(victim)
+
+    def prune(self, path: str, node: Inode | None) -> None:
+        """Below directory `node` at `path`, delete everything this layer did not add, recursively."""
+        if node is None or not node.children:
+            return
+        prefix = path + "/" if path else ""
+        for name, child in list(node.children.items()):
+            if prefix + name in self.added or prefix + name in self.parents:
+                self.prune(prefix + name, child)
+            else:
+                del node.children[name]
 
     @staticmethod
     def _meta(node: Inode, m: tarfile.TarInfo) -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__, reference, source
 from .artifact import INITRD, SCHEMA, Artifact, write_manifest
@@ -84,7 +85,8 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     return Artifact(out, manifest)
 
 
-def _manifest(ref: reference.ImageRef, image: Image, epoch: int | None, initrd: dict[str, Any]) -> dict[str, Any]:
+def _manifest(ref: reference.ImageRef, image: Image, epoch: int | None,
+              initrd: dict[str, Any]) -> dict[str, Any]:
     cfg = asdict(image.config)
     cfg["labels"] = dict(image.config.labels)
     return {

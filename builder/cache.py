@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
 
 def cache_root() -> Path:
@@ -52,10 +52,8 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
             yield f
         os.replace(name, final)
     except BaseException:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(name)
-        except FileNotFoundError:
-            pass
         raise
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -71,16 +72,19 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory [./out/NAME].")
 @click.option("--compression", default="zstd", show_default=True, metavar="NAME[:LEVEL]",
               help=f"initrd compression: {', '.join(COMPRESSIONS)}; zstd defaults to level 19.")
-@click.option("--platform", default="linux/amd64", show_default=True, help="Platform to pick from a manifest list.")
-@click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
+@click.option("--platform", default="linux/amd64", show_default=True,
+              help="Platform to pick from a manifest list.")
+@click.option("--insecure", is_flag=True,
+              help="Talk plain HTTP to the registry (localhost and 127.0.0.0/8 always do).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
 def build_cmd(image: str, output: Path | None, compression: str, platform: str, insecure: bool,
               as_json: bool, quiet: bool) -> None:
     """Build IMAGE into an artifact directory."""
     comp, level = _compression(compression)
+    silent = quiet or as_json
     opts = BuildOptions(output=output, compression=comp, level=level, platform=Platform.parse(platform),
-                        insecure=insecure, progress=_progress(not (quiet or as_json)), log=_say(quiet or as_json))
+                        insecure=insecure, progress=_progress(not silent), log=_say(silent))
     art = build(image, opts)
     if as_json:
         click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))

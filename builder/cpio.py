@@ -135,7 +135,8 @@ class _Zstd:
     def __init__(self, out: _Hashing, level: int):
         # multi-threaded zstd output depends only on the parameters, never on the thread count (>= 1)
         params = zstandard.ZstdCompressionParameters.from_level(level, threads=max(1, os.cpu_count() or 1))
-        self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False)
+        self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(
+            out, closefd=False)  # type: ignore[arg-type]
 
     def write(self, b: bytes) -> int:
         return self.w.write(b)
@@ -233,7 +234,8 @@ class _CpioWriter:
 
 def read_cpio(data: bytes) -> list[dict[str, object]]:
     """Parse an uncompressed newc archive into a list of entries (for tests and `explain`)."""
-    out, pos = [], 0
+    out: list[dict[str, object]] = []
+    pos = 0
     names = ("ino", "mode", "uid", "gid", "nlink", "mtime", "size", "devmajor", "devminor",
              "rdevmajor", "rdevminor", "namesize", "check")
     while True:

@@ -8,8 +8,9 @@ SourceError naming the document.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from .errors import SourceError
 from .reference import ImageRef
@@ -139,7 +140,8 @@ def select_platform(index: dict[str, Any], platform: Platform, what: str) -> Des
         d = descriptor(m, what)
         p = d.platform or {}
         if p:
-            seen.append(f"{p.get('os')}/{p.get('architecture')}" + (f"/{p['variant']}" if p.get("variant") else ""))
+            variant = f"/{p['variant']}" if p.get("variant") else ""
+            seen.append(f"{p.get('os')}/{p.get('architecture')}{variant}")
         if platform.matches(p) and d.media_type not in ("application/vnd.in-toto+json",):
             return d
     raise SourceError(f"{what}: no manifest for platform {platform} (has: {', '.join(seen) or 'none'})")
@@ -161,7 +163,7 @@ def parse_config(raw: bytes, what: str) -> tuple[ImageConfig, list[str], str | N
     doc = load_json(raw, what)
     c = doc.get("config") or {}
     rootfs = doc.get("rootfs")
-    if not isinstance(c, dict) or not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
+    if not (isinstance(c, dict) and isinstance(rootfs, dict) and isinstance(rootfs.get("diff_ids"), list)):
         raise SourceError(f"{what}: malformed image config (needs config object and rootfs.diff_ids)")
 
     def strings(key: str) -> tuple[str, ...]:
@@ -187,7 +189,8 @@ def parse_config(raw: bytes, what: str) -> tuple[ImageConfig, list[str], str | N
         working_dir=string("WorkingDir"), user=string("User"), stop_signal=string("StopSignal"),
         exposed_ports=tuple(sorted(ports)), labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
     )
-    plat = Platform(str(doc.get("os") or "linux"), str(doc.get("architecture") or "amd64"), doc.get("variant"))
+    plat = Platform(str(doc.get("os") or "linux"), str(doc.get("architecture") or "amd64"),
+                    doc.get("variant"))
     created = doc.get("created") if isinstance(doc.get("created"), str) else None
     return cfg, [str(d) for d in rootfs["diff_ids"]], created, plat
 
@@ -206,7 +209,7 @@ def build_image(ref: ImageRef, manifest_digest: str, manifest: dict[str, Any], c
     if len(diff_ids) != len(layer_descs):
         raise SourceError(f"{what}: config has {len(diff_ids)} diff_ids for {len(layer_descs)} layers")
     layers = []
-    for d, diff_id in zip(layer_descs, diff_ids):
+    for d, diff_id in zip(layer_descs, diff_ids, strict=True):
         comp = LAYER_TYPES.get(d.media_type)
         if comp is None:
             raise SourceError(f"{what}: unsupported layer media type {d.media_type!r}")

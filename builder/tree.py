@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 FILE, DIR, SYMLINK, CHAR, BLOCK, FIFO = "file", "dir", "symlink", "char", "block", "fifo"
 KIND_BITS = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
@@ -111,10 +111,7 @@ class Tree:
                 todo = target + todo
                 continue
             done.append(name)
-            if child is None:
-                node = Inode(FILE)  # missing: the rest resolves lexically
-            else:
-                node = child
+            node = Inode(FILE) if child is None else child  # missing: the rest resolves lexically
         return "/".join(done)
 
     def _walk(self, parts: list[str]) -> Inode | None:

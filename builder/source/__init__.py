@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import SourceError
 from ..image import Image, Platform
@@ -13,7 +13,7 @@ from ..reference import ImageRef
 @dataclass(frozen=True)
 class SourceOptions:
     platform: Platform = Platform()
-    insecure: bool = False                                 # plain HTTP / unverified TLS for any registry
+    insecure: bool = False                                 # plain HTTP for any registry
     progress: Callable[[str, int], Callable[[int], None]] | None = None   # (label, total) -> advance(n)
 
 
@@ -27,4 +27,8 @@ def load(ref: ImageRef, options: SourceOptions = SourceOptions()) -> Image:
         from . import registry
 
         return registry.load(ref, options)
+    if ref.transport == "docker-daemon":
+        from . import daemon
+
+        return daemon.load(ref, options)
     raise SourceError(f"{ref}: the {ref.transport} transport is not supported yet")

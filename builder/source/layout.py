@@ -11,14 +11,26 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from ..blobs import check_digest, verify_bytes
 from ..errors import SourceError
-from ..image import (DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, Descriptor, Image, Platform, build_image,
-                     descriptor, load_json, media_type_of, select_platform)
+from ..image import (
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Descriptor,
+    Image,
+    Platform,
+    build_image,
+    descriptor,
+    load_json,
+    media_type_of,
+    select_platform,
+)
 from ..reference import ImageRef
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -28,7 +40,7 @@ class _Range(io.RawIOBase):
     """A read-only view of `size` bytes at `offset` of a file."""
 
     def __init__(self, path: str, offset: int, size: int):
-        self.f = open(path, "rb")
+        self.f = open(path, "rb")  # noqa: SIM115 - closed in close()
         self.pos, self.end = offset, offset + size
 
     def readable(self) -> bool:
@@ -132,7 +144,8 @@ def _resolve(ref: ImageRef, files: _Files, desc: Descriptor, platform: Platform,
         if mt not in MANIFEST_TYPES:
             raise SourceError(f"{what}: unsupported manifest media type {mt!r}")
         cfg = descriptor(doc.get("config"), f"{what} config")
-        config_raw = verify_bytes(files.read(_blob_name(cfg.digest, what), what), cfg.digest, f"{what} config")
+        config_raw = verify_bytes(files.read(_blob_name(cfg.digest, what), what), cfg.digest,
+                                  f"{what} config")
 
         def opener(d: Descriptor) -> Callable[[], IO[bytes]]:
             name = _blob_name(d.digest, what)
@@ -169,7 +182,7 @@ def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
     layers = []
     if len(diff_ids) != len(layer_files):
         raise SourceError(f"{what}: config has {len(diff_ids)} diff_ids for {len(layer_files)} layers")
-    for name, diff_id in zip(layer_files, diff_ids):
+    for name, diff_id in zip(layer_files, diff_ids, strict=True):
         if not files.exists(name):
             raise SourceError(f"{what}: missing layer {name}")
         with files.opener(name)() as f:

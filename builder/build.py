@@ -6,6 +6,7 @@ into place only when everything succeeded, so a failed build leaves nothing behi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -62,6 +63,14 @@ def source_date_epoch(image: Image, given: int | None) -> int | None:
 def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     """Build the artifact for `ref_text` and return it."""
     ref = reference.parse(ref_text)
+    if ref.transport == "docker" and not ref.explicit:
+        from .source import daemon
+
+        if daemon.find_local(ref, opts.platform):
+            ref = dataclasses.replace(ref, transport="docker-daemon")
+            opts.log(f"using {daemon.daemon_name(ref)} from the local Docker daemon")
+        else:
+            opts.log(f"pulling {ref.docker_name} from its registry")
     image = source.load(ref, source.SourceOptions(opts.platform, opts.insecure, opts.progress))
     opts.log(f"image {ref} ({image.manifest_digest[:19]}, {len(image.layers)} layers, {image.platform})")
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None

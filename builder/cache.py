@@ -28,6 +28,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success rename it to `final` (replacing it)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if final.exists():
@@ -47,6 +48,7 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
     """Open a temp file beside `final`; on success fsync-less rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -61,3 +63,9 @@ def _rmtree(p: Path) -> None:
     import shutil
 
     shutil.rmtree(p, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

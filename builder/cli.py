@@ -18,6 +18,7 @@ from .build import BuildOptions, build
 from .cpio import COMPRESSIONS
 from .errors import XbuildError
 from .image import Platform
+from .publish_cli import pull_cmd, push_cmd
 
 
 class _DefaultBuild(click.Group):
@@ -90,6 +91,10 @@ def build_cmd(image: str, output: Path | None, compression: str, platform: str, 
         click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
     elif not quiet:
         _summary(art.path, art.manifest)
+
+
+main.add_command(push_cmd)
+main.add_command(pull_cmd)
 
 
 def _summary(path: Path, m: dict[str, Any]) -> None:

@@ -52,3 +52,19 @@ class RunError(XbuildError):
 
 class ArtifactError(BadInput):
     """An artifact directory that cannot be written or read."""
+
+
+class MinimizeError(BadInput):
+    """The entrypoint or its closure cannot be resolved inside the image (missing file or library)."""
+
+
+class PublishError(BadInput):
+    """A push or pull of an xbuild artifact that the registry refuses or that is not an xbuild artifact."""
+
+
+class DiskError(XbuildError):
+    """An ext4 disk image that cannot be written (libguestfs or e2fsprogs failed)."""
+
+
+class DiskInputError(DiskError, BadInput):
+    """A disk image request the user can fix: too small a size, an unwritable path, libguestfs missing."""

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from .errors import ReferenceError_
 
@@ -37,6 +37,7 @@ class ImageRef:
     digest: str | None = None
     path: str | None = None
     name: str | None = None
+    explicit: bool = field(default=False, compare=False)   # `docker://` was written out (no daemon look-up)
 
     @property
     def is_remote(self) -> bool:
@@ -73,7 +74,7 @@ def parse(text: str) -> ImageRef:
     if not text or text != text.strip():
         raise ReferenceError_(f"invalid image reference {text!r}: empty or surrounded by spaces")
     if text.startswith("docker://"):
-        return _docker("docker", text[len("docker://"):], text)
+        return replace(_docker("docker", text[len("docker://"):], text), explicit=True)
     for transport in ("oci-archive", "docker-archive", "oci", "docker-daemon"):
         if text.startswith(transport + ":"):
             rest = text[len(transport) + 1:]

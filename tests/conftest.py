@@ -6,6 +6,7 @@ from pathlib import Path
 pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.registry",
+    "tests.fixtures.dockerd",
 ]
 
 # Slow fixtures (kernel, debootstrap images, Xen rig) are cached across runs in the user's cache.

@@ -1,0 +1,570 @@
+"""Push and pull VM images and kernels as OCI artifacts (distribution API v2 over httpx).
+
+One artifact is one OCI image manifest with an `artifactType` of our own; its config is the directory's
+JSON description (the artifact's `manifest.json`, a kernel's `kernel.json`) and every other file is a
+layer with its own media type and an `org.opencontainers.image.title` annotation naming the file:
+
+    VM      artifactType application/vnd.xbuild.vm.v1+json, config application/vnd.xbuild.vm.config.v1+json,
+            layers kernel, initrd.img, cmdline, xen.cfg (VM_FILE_TYPES; initrd.v1+zstd|+lz4|+gzip)
+    kernel  artifactType application/vnd.xbuild.kernel.v1+json,
+            config application/vnd.xbuild.kernel.config.v1+json, layers vmlinux, bzImage, config...
+
+The manifest is serialised canonically and dated by the build's SOURCE_DATE_EPOCH, so pushing the same
+directory twice gives the same digest. A push skips blobs the repository has (HEAD), mounts blobs last seen
+in another repository of the same registry, uploads the rest and PUTs the manifest last: a push that fails
+half way leaves the tag as it was. A pull verifies every digest, goes through the blob cache and writes the
+directory under a temp name renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+
+from . import __version__
+from .artifact import CMDLINE, INITRD, KERNEL, MANIFEST, XEN_CFG, open_artifact
+from .blobs import CHUNK, blob_path, check_digest, store_blob
+from .cache import atomic_dir, atomic_file, cache_dir
+from .errors import PublishError, RegistryUnavailable, SourceError
+from .image import ACCEPT, DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST
+from .kernel import Kernel
+from .reference import ImageRef, parse
+from .source import auth
+from .source.registry import RETRIES, RETRY_DELAY_ENV, endpoint
+
+VM_ARTIFACT = "application/vnd.xbuild.vm.v1+json"
+VM_CONFIG = "application/vnd.xbuild.vm.config.v1+json"
+VM_FILE_TYPES = {
+    KERNEL: "application/vnd.xbuild.vm.kernel.v1",
+    INITRD: "application/vnd.xbuild.vm.initrd.v1",          # + "+<compression>" unless uncompressed
+    CMDLINE: "application/vnd.xbuild.vm.cmdline.v1",
+    XEN_CFG: "application/vnd.xbuild.vm.xen-cfg.v1",
+}
+VM_OTHER_FILE = "application/vnd.xbuild.vm.file.v1"
+KERNEL_ARTIFACT = "application/vnd.xbuild.kernel.v1+json"
+KERNEL_CONFIG = "application/vnd.xbuild.kernel.config.v1+json"
+KERNEL_JSON = "kernel.json"
+KERNEL_FILE_TYPES = {
+    "vmlinux": "application/vnd.xbuild.kernel.elf.v1",
+    "bzImage": "application/vnd.xbuild.kernel.bzimage.v1",
+    "config": "application/vnd.xbuild.kernel.kconfig.v1",
+    "System.map": "application/vnd.xbuild.kernel.system-map.v1",
+    "build.log": "application/vnd.xbuild.kernel.build-log.v1",
+}
+KERNEL_OTHER_FILE = "application/vnd.xbuild.kernel.file.v1"
+TITLE = "org.opencontainers.image.title"
+CREATED = "org.opencontainers.image.created"
+BASE_DIGEST = "org.opencontainers.image.base.digest"
+BASE_NAME = "org.opencontainers.image.base.name"
+TOOL_VERSION = "io.xbuild.tool.version"
+IMAGE_CONFIGS = (OCI_CONFIG, DOCKER_CONFIG)     # what a container image's config is
+CONFIG_LIMIT = 4 << 20
+TIMEOUT = httpx.Timeout(300.0, connect=15.0)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What an artifact of one kind looks like: its types and the file that is its config."""
+
+    name: str
+    artifact_type: str
+    config_type: str
+    config_file: str
+
+
+VM = _Kind("VM image", VM_ARTIFACT, VM_CONFIG, MANIFEST)
+KERNEL_KIND = _Kind("kernel", KERNEL_ARTIFACT, KERNEL_CONFIG, KERNEL_JSON)
+KINDS = (VM, KERNEL_KIND)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A file to push: its media type, digest, size and, for layers, its file name (the title)."""
+
+    media_type: str
+    digest: str
+    size: int
+    path: Path
+    title: str | None = None
+
+    @classmethod
+    def of(cls, path: Path, media_type: str, title: str | None = None) -> Blob:
+        h, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return cls(media_type, "sha256:" + h.hexdigest(), size, path, title)
+
+    def descriptor(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.title:
+            d["annotations"] = {TITLE: self.title}
+        return d
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """The result of a push: `reference` is `registry/repo:tag@digest`; blob counts by what happened."""
+
+    reference: str
+    digest: str
+    uploaded: int
+    present: int
+    mounted: int
+    uploaded_bytes: int
+
+
+def target(text: str | ImageRef) -> ImageRef:
+    """A registry reference for push/pull: `REF`, `docker://REF` or `oci://REF`; PublishError otherwise."""
+    if isinstance(text, ImageRef):
+        ref = text
+    else:
+        ref = parse("docker://" + text.removeprefix("oci://").removeprefix("docker://"))
+    if ref.transport != "docker" or not ref.registry or not ref.repository:
+        raise PublishError(f"{ref}: push and pull need a registry reference (REGISTRY/REPO:TAG)")
+    return ref
+
+
+def vm_blobs(directory: Path) -> tuple[Blob, list[Blob], dict[str, str]]:
+    """(config, layers, annotations) of an artifact directory, in a fixed order."""
+    art = open_artifact(directory)
+    m = art.manifest
+    compression = str((m.get("initrd") or {}).get("compression") or "none")
+    types = dict(VM_FILE_TYPES)
+    if compression != "none":
+        types[INITRD] += f"+{compression}"
+    layers = [Blob.of(directory / name, types.get(name, VM_OTHER_FILE), name)
+              for name in _files(directory, MANIFEST, order=tuple(VM_FILE_TYPES))]
+    annotations = {TOOL_VERSION: str((m.get("tool") or {}).get("version") or __version__)}
+    src = m.get("source") or {}
+    if src.get("manifest_digest"):
+        annotations[BASE_DIGEST] = str(src["manifest_digest"])
+    if src.get("reference"):
+        annotations[BASE_NAME] = str(src["reference"])
+    if isinstance(m.get("source_date_epoch"), int):
+        created = datetime.fromtimestamp(m["source_date_epoch"], UTC)
+        annotations[CREATED] = created.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return Blob.of(directory / MANIFEST, VM_CONFIG), layers, annotations
+
+
+def push(directory: Path, ref: str | ImageRef, insecure: bool = False,
+         log: Callable[[str], None] = lambda msg: None) -> Pushed:
+    """Push the artifact directory to `ref` (REGISTRY/REPO:TAG) as one OCI artifact."""
+    config, layers, annotations = vm_blobs(directory)
+    return _push(target(ref), VM, config, layers, annotations, insecure, log)
+
+
+def pull(ref: str | ImageRef, dest: Path, insecure: bool = False) -> Path:
+    """Pull the VM artifact `ref` into `dest` (replacing an earlier artifact there); return `dest`."""
+    r = target(ref)
+    if (dest.exists() and not dest.is_dir()) or (dest.is_dir() and any(dest.iterdir())
+                                                  and not (dest / MANIFEST).is_file()):
+        raise PublishError(f"{dest}: exists and is not an artifact directory; "
+                           "pull into a new or empty directory")
+    with _Session(r, insecure, push=False) as session:
+        config_raw, _, layers = _fetch(session, VM)
+        with atomic_dir(dest) as tmp:
+            _materialise(config_raw, layers, tmp, VM)
+            open_artifact(tmp)
+    return dest
+
+
+def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
+                log: Callable[[str], None] = lambda msg: None) -> Pushed:
+    """Push a cached kernel (its directory: kernel.json as config, the files as layers)."""
+    d = kernel.dir
+    if not (d / KERNEL_JSON).is_file():
+        raise PublishError(f"{d}: not a kernel directory (no {KERNEL_JSON})")
+    layers = [Blob.of(d / name, KERNEL_FILE_TYPES.get(name, KERNEL_OTHER_FILE), name)
+              for name in _files(d, KERNEL_JSON, order=tuple(KERNEL_FILE_TYPES))]
+    annotations = {TOOL_VERSION: __version__, "io.xbuild.kernel.key": kernel.key,
+                   "io.xbuild.kernel.release": kernel.release,
+                   "io.xbuild.kernel.fragments": ",".join(kernel.fragments)}
+    return _push(target(ref), KERNEL_KIND, Blob.of(d / KERNEL_JSON, KERNEL_CONFIG), layers, annotations,
+                 insecure, log)
+
+
+def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
+    """Pull a kernel artifact into the kernel cache (`kernels/<key>/`); return its bootable file."""
+    with _Session(target(ref), insecure, push=False) as session:
+        config_raw, meta, layers = _fetch(session, KERNEL_KIND)
+    key, name = str(meta.get("key") or ""), Path(str(meta.get("path") or "")).name
+    if not key.isalnum() or name not in {b.title for b in layers}:
+        raise PublishError(f"{session.what}: malformed kernel artifact ({KERNEL_JSON} names no key or file)")
+    final = cache_dir("kernels") / key
+    if not (final / KERNEL_JSON).is_file():
+        with atomic_dir(final) as tmp:
+            _materialise(config_raw, layers, tmp, KERNEL_KIND)
+    return final / name
+
+
+def _files(directory: Path, config_file: str, order: tuple[str, ...]) -> list[str]:
+    """The files to publish besides the config (dot files skipped): names in `order` first, then sorted."""
+    names = []
+    for p in directory.iterdir():
+        if p.name == config_file or p.name.startswith("."):
+            continue
+        if not p.is_file():
+            raise PublishError(f"{p}: only regular files can be published (not a directory or special file)")
+        names.append(p.name)
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def _push(ref: ImageRef, kind: _Kind, config: Blob, layers: list[Blob], annotations: dict[str, str],
+          insecure: bool, log: Callable[[str], None]) -> Pushed:
+    if ref.digest:
+        raise PublishError(f"{ref}: push needs a tag, not a digest")
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": kind.artifact_type,
+                "config": config.descriptor(), "layers": [b.descriptor() for b in layers],
+                "annotations": annotations}
+    raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    counts = {"uploaded": 0, "present": 0, "mounted": 0}
+    sent = 0
+    with _Session(ref, insecure, push=True) as session:
+        for blob in [config, *layers]:
+            name = blob.title or kind.config_file
+            how = session.ensure_blob(blob, name)
+            counts[how] += 1
+            sent += blob.size if how == "uploaded" else 0
+            log(f"{how} {name} ({blob.size / 1e6:.1f} MB)")
+        session.put_manifest(str(ref.tag), raw, digest)
+    return Pushed(f"{ref.docker_name}@{digest}", digest, counts["uploaded"], counts["present"],
+                  counts["mounted"], sent)
+
+
+def _fetch(session: _Session, kind: _Kind) -> tuple[bytes, dict[str, Any], list[Blob]]:
+    """(config bytes, config, layers) of the artifact, checked to be of `kind`; blobs land in the cache."""
+    doc = session.get_manifest()
+    what = session.what
+    config: dict[str, Any] = doc["config"] if isinstance(doc.get("config"), dict) else {}
+    atype, ctype = doc.get("artifactType"), config.get("mediaType")
+    if atype != kind.artifact_type or ctype != kind.config_type:
+        other = next((k.name for k in KINDS if (atype, ctype) == (k.artifact_type, k.config_type)), None)
+        if other:
+            found = f"an xbuild {other}"
+        elif atype is None and ctype in IMAGE_CONFIGS:
+            found = "a container image"
+        else:
+            found = f"artifactType {atype!r}, config {ctype!r}"
+        raise PublishError(f"{what}: not an xbuild {kind.name} artifact (it is {found})")
+    cfg = _descriptor(config, what, None)
+    if cfg.size > CONFIG_LIMIT:
+        raise PublishError(f"{what}: config larger than {CONFIG_LIMIT >> 20} MiB")
+    layers = [_descriptor(d, what, TITLE) for d in doc.get("layers") or []]
+    titles = [b.title for b in layers]
+    if len(set(titles)) != len(titles) or kind.config_file in titles:
+        raise PublishError(f"{what}: malformed artifact (duplicate file names)")
+    session.fetch_blob(cfg)
+    config_raw = cfg.path.read_bytes()
+    try:
+        meta = json.loads(config_raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise PublishError(f"{what}: malformed artifact ({kind.config_file} is not a JSON object)")
+    for blob in layers:
+        session.fetch_blob(blob)
+    return config_raw, meta, layers
+
+
+def _descriptor(d: Any, what: str, title_key: str | None) -> Blob:
+    """A descriptor as a Blob (path = where it lands in the blob cache); layers need a safe file name."""
+    if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
+        raise PublishError(f"{what}: malformed descriptor {d!r}")
+    try:
+        check_digest(d["digest"], what)
+    except SourceError as e:
+        raise PublishError(str(e)) from None
+    title = None
+    if title_key:
+        title = str((d.get("annotations") or {}).get(title_key) or "")
+        if not title or "/" in title or "\0" in title or title.startswith("."):
+            raise PublishError(f"{what}: malformed artifact (layer {d['digest'][:19]} has no usable "
+                               f"file name {title!r})")
+    return Blob(str(d.get("mediaType") or ""), d["digest"], d["size"], blob_path(d["digest"]), title)
+
+
+def _materialise(config_raw: bytes, layers: list[Blob], out: Path, kind: _Kind) -> None:
+    """Write the config and the layers from the blob cache into the directory `out`."""
+    (out / kind.config_file).write_bytes(config_raw)
+    for blob in layers:
+        assert blob.title is not None
+        shutil.copyfile(blob.path, out / blob.title)
+
+
+def _known_dir(registry: str) -> Path:
+    return cache_dir("publish", registry.replace(":", "_").replace("/", "_"))
+
+
+class _Session:
+    """One repository of a registry: auth from docker's config (Basic or a Bearer token), retries with
+    backoff for transport errors, 5xx and 429, and failures turned into one-line PublishErrors."""
+
+    def __init__(self, ref: ImageRef, insecure: bool, push: bool):
+        self.ref, self.what = ref, str(ref.docker_name)
+        self.registry, self.repo = str(ref.registry), str(ref.repository)
+        self.base = f"{endpoint(self.registry, insecure)}/v2/{self.repo}"
+        self.scope = f"repository:{self.repo}:{'pull,push' if push else 'pull'}"
+        self.authorization: str | None = None
+        self.client = httpx.Client(follow_redirects=True, timeout=TIMEOUT,
+                                   headers={"User-Agent": f"xbuild/{__version__}"})
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def send(self, method: str, url: str | httpx.URL, headers: dict[str, str] | None = None,
+             content: Callable[[], Iterator[bytes] | bytes] | None = None,
+             stream: bool = False) -> httpx.Response:
+        """Send with auth and retries; return any response but 401/403 (PublishError) and 5xx/429."""
+        attempt, challenged = 0, False
+        while True:
+            hdrs = dict(headers or {})
+            if self.authorization:
+                hdrs["Authorization"] = self.authorization
+            try:
+                body = content() if content else None
+                resp = self.client.send(self.client.build_request(method, url, headers=hdrs, content=body),
+                                        stream=stream)
+            except httpx.TransportError as e:
+                failure, retry_after = f"unreachable ({e or type(e).__name__})", None
+            else:
+                if resp.status_code == 401 and not challenged:
+                    resp.read()
+                    self._authenticate(resp)
+                    challenged = True
+                    continue
+                if resp.status_code in (401, 403):
+                    resp.read()
+                    raise self._denied(resp)
+                if resp.status_code != 429 and resp.status_code < 500:
+                    return resp
+                failure, retry_after = f"failing (HTTP {resp.status_code})", resp.headers.get("Retry-After")
+                resp.close()
+            attempt += 1
+            if attempt >= RETRIES:
+                raise RegistryUnavailable(f"{self.what}: registry {self.registry} {failure} "
+                                          f"after {RETRIES} tries")
+            delay = float(os.environ.get(RETRY_DELAY_ENV) or 0.5) * 2 ** (attempt - 1)
+            if retry_after and retry_after.isdigit():
+                delay = max(delay, min(float(retry_after), 60.0))
+            time.sleep(delay)
+
+    def _authenticate(self, resp: httpx.Response) -> None:
+        """Answer a 401: Basic with the configured credentials, or a Bearer token for our scope."""
+        challenge = auth.pick_challenge(resp.headers.get_list("WWW-Authenticate"))
+        try:
+            creds = auth.credentials(self.registry)
+        except SourceError as e:
+            raise PublishError(str(e)) from None
+        if challenge is None or (challenge.scheme == "basic" and (creds is None or creds.identity_token)):
+            raise self._denied(resp)
+        if challenge.scheme == "basic":
+            assert creds is not None
+            self.authorization = creds.basic()
+            return
+        realm = challenge.params.get("realm")
+        if not realm:
+            raise PublishError(f"{self.what}: the registry's Bearer challenge names no realm")
+        asked = (challenge.params.get("scope") or "").split()
+        # ours covers what the challenge asks for this repository; keep what it asks for others (mounts)
+        scopes = [self.scope, *(x for x in asked if not x.startswith(f"repository:{self.repo}:"))]
+        service = {"service": challenge.params["service"]} if challenge.params.get("service") else {}
+        try:
+            if creds and creds.identity_token:
+                answer = self.client.post(realm, data={"grant_type": "refresh_token", "client_id": "xbuild",
+                                                       "refresh_token": creds.identity_token,
+                                                       "scope": " ".join(scopes), **service})
+            else:
+                query: list[tuple[str, str | int | float | bool | None]] = [("scope", x) for x in scopes]
+                query += service.items()
+                answer = self.client.get(realm, params=query,
+                                         headers={"Authorization": creds.basic()} if creds else None)
+        except httpx.TransportError as e:
+            raise RegistryUnavailable(f"{self.what}: token server {realm} unreachable ({e})") from None
+        try:
+            doc = answer.json()
+            token = doc.get("token") or doc.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if answer.status_code != 200 or not isinstance(token, str) or not token:
+            raise PublishError(f"{self.what}: token request to {realm} failed (HTTP {answer.status_code})")
+        self.authorization = f"Bearer {token}"
+
+    def _denied(self, resp: httpx.Response) -> PublishError:
+        creds = None
+        with contextlib.suppress(SourceError):
+            creds = auth.credentials(self.registry)
+        hint = "the credentials were refused" if creds else f"no credentials for {self.registry}"
+        return PublishError(f"{self.what}: access denied ({_status(resp)}); {hint}: "
+                            f"check {auth.config_path()} (docker login)")
+
+    def _failure(self, resp: httpx.Response, action: str) -> PublishError:
+        codes = _codes(resp)
+        if resp.status_code == 413:
+            return PublishError(f"{self.what}: the registry refused {action}: too large ({_status(resp)})")
+        if resp.status_code == 405 or "UNSUPPORTED" in codes:
+            return PublishError(f"{self.what}: the registry refused {action} ({_status(resp)}); "
+                                "is the registry or repository read-only?")
+        if resp.status_code == 404 or codes & {"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"}:
+            return PublishError(f"{self.what}: {action}: not found ({_status(resp)})")
+        return PublishError(f"{self.what}: {action} failed ({_status(resp)})")
+
+    # -- push -----------------------------------------------------------------------------------------------
+
+    def ensure_blob(self, blob: Blob, name: str) -> str:
+        """Make the repository hold `blob` (file `name`): "present" (HEAD), "mounted" or "uploaded"."""
+        resp = self.send("HEAD", f"{self.base}/blobs/{blob.digest}")
+        if resp.status_code == 200:
+            self._remember(blob.digest)
+            return "present"
+        location = None
+        known = self._known(blob.digest)
+        if known and known != self.repo:
+            try:
+                resp = self.send("POST", httpx.URL(f"{self.base}/blobs/uploads/",
+                                                   params={"mount": blob.digest, "from": known}))
+            except PublishError:      # no access to the other repository: upload instead
+                self.authorization = None
+            else:
+                if resp.status_code == 201:
+                    self._remember(blob.digest)
+                    return "mounted"
+                if resp.status_code == 202:
+                    location = resp.headers.get("Location")
+        if location is None:
+            resp = self.send("POST", f"{self.base}/blobs/uploads/", {"Content-Length": "0"})
+            if resp.status_code != 202 or not resp.headers.get("Location"):
+                raise self._failure(resp, f"upload of {name}")
+            location = resp.headers["Location"]
+        url = httpx.URL(self.base).join(location).copy_merge_params({"digest": blob.digest})
+        resp = self.send("PUT", url, {"Content-Type": "application/octet-stream",
+                                      "Content-Length": str(blob.size)}, lambda: _chunks(blob.path))
+        if resp.status_code != 201:
+            raise self._failure(resp, f"upload of {name}")
+        self._remember(blob.digest)
+        return "uploaded"
+
+    def put_manifest(self, tag: str, raw: bytes, digest: str) -> None:
+        resp = self.send("PUT", f"{self.base}/manifests/{tag}", {"Content-Type": OCI_MANIFEST}, lambda: raw)
+        if resp.status_code != 201:
+            raise self._failure(resp, "manifest upload")
+        answered = resp.headers.get("Docker-Content-Digest")
+        if answered and answered != digest:
+            raise PublishError(f"{self.what}: the registry stored the manifest as {answered}, not {digest}")
+
+    def _known(self, digest: str) -> str | None:
+        p = _known_dir(self.registry) / check_digest(digest, "blob")
+        return p.read_text().strip() if p.is_file() else None
+
+    def _remember(self, digest: str) -> None:
+        """Note that this repository holds `digest`, for cross-repository mounts by later pushes."""
+        with atomic_file(_known_dir(self.registry) / check_digest(digest, "blob"), "w") as f:
+            f.write(self.repo)
+
+    # -- pull -----------------------------------------------------------------------------------------------
+
+    def get_manifest(self) -> dict[str, Any]:
+        """The manifest `ref` names, its digest verified (against the ref's digest when pinned)."""
+        reference = self.ref.digest or str(self.ref.tag)
+        resp = self.send("GET", f"{self.base}/manifests/{reference}", {"Accept": f"{OCI_MANIFEST}, {ACCEPT}"})
+        if resp.status_code != 200:
+            raise self._failure(resp, "manifest")
+        raw = resp.content
+        header = resp.headers.get("Docker-Content-Digest", "")
+        expected = self.ref.digest or (header if header.startswith("sha256:") else None)
+        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if expected and actual != expected:
+            raise PublishError(f"{self.what}: manifest digest mismatch (expected {expected}, got {actual})")
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise PublishError(f"{self.what}: the manifest is not a JSON object")
+        if doc.get("mediaType", OCI_MANIFEST) != OCI_MANIFEST or doc.get("schemaVersion") != 2:
+            raise PublishError(f"{self.what}: not an xbuild artifact "
+                               f"(manifest type {doc.get('mediaType')!r})")
+        return doc
+
+    def fetch_blob(self, blob: Blob) -> None:
+        """Download `blob` into the blob cache (verified), unless it is there."""
+        if blob.path.exists():
+            return
+        resp = self.send("GET", f"{self.base}/blobs/{blob.digest}", stream=True)
+        try:
+            if resp.status_code != 200:
+                resp.read()
+                raise self._failure(resp, f"blob {blob.title or 'config'} ({blob.digest[:19]})")
+            store_blob(io.BufferedReader(_Body(resp.iter_bytes(CHUNK), blob.size), CHUNK), blob.digest,
+                       f"{self.what} {blob.title or 'config'}", blob.size)
+            self._remember(blob.digest)
+        except SourceError as e:
+            raise PublishError(str(e)) from None
+        except httpx.TransportError as e:
+            raise RegistryUnavailable(f"{self.what}: download of {blob.title or 'config'} "
+                                      f"failed ({e})") from None
+        finally:
+            resp.close()
+
+
+def _status(resp: httpx.Response) -> str:
+    try:
+        errs = resp.json().get("errors") or []
+        message = str(errs[0].get("message") or "") if errs else ""
+    except (ValueError, AttributeError, TypeError, httpx.ResponseNotRead):
+        message = ""
+    return f"HTTP {resp.status_code}" + (f": {message}" if message else "")
+
+
+def _codes(resp: httpx.Response) -> set[str]:
+    try:
+        return {str(e.get("code")) for e in resp.json().get("errors") or []}
+    except (ValueError, AttributeError, TypeError, httpx.ResponseNotRead):
+        return set()
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+class _Body(io.RawIOBase):
+    """Byte chunks as a raw stream, cut after `limit` + 1 bytes (the size check then fails)."""
+
+    def __init__(self, chunks: Iterator[bytes], limit: int):
+        self.chunks, self.buf, self.left = chunks, b"", limit + 1
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.buf and self.left > 0:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return 0
+            self.buf = chunk[: self.left]
+            self.left -= len(self.buf)
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n

@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.registry",
     "tests.fixtures.dockerd",
+    "tests.fixtures.minimize_images",
 ]
 
 # Slow fixtures (kernel, debootstrap images, Xen rig) are cached across runs in the user's cache.

@@ -1,0 +1,363 @@
+"""ELF dependency closure, read through a `Tree` (never the host), searched like glibc's ld.so.
+
+`parse(data)` gives an object's PT_INTERP, DT_NEEDED, DT_RPATH, DT_RUNPATH, class and machine.
+`Resolver(tree, env)` finds each DT_NEEDED the way ld.so does:
+  1. a name with a '/' is used as it is;
+  2. DT_RPATH of the object, then of each object that loaded it up to the executable
+     (ignored when the object has DT_RUNPATH);
+  3. LD_LIBRARY_PATH from the image's Env;
+  4. DT_RUNPATH of the object (only for its own DT_NEEDED);
+  5. the ld.so cache, i.e. the directories of /etc/ld.so.conf (with its `include` globs);
+  6. the built-in defaults: the multiarch dirs, /lib64, /usr/lib64, /lib, /usr/lib.
+musl (PT_INTERP ld-musl-*) searches /etc/ld-musl-ARCH.path or /lib:/usr/local/lib:/usr/lib instead of 5-6.
+`$ORIGIN` is the directory the object was found in (for the executable, its real path), `$LIB` tries
+lib, lib64 and the multiarch dir, `$PLATFORM` the machine name. A candidate of the wrong ELF class or
+machine is skipped, as ld.so does. An unresolvable DT_NEEDED is a MinimizeError naming the library
+and who needs it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+from dataclasses import dataclass, field
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
+from elftools.elf.elffile import ELFFile
+
+from .errors import MinimizeError
+from .tree import DIR, FILE, SYMLINK, Tree, read_content, split
+
+ELF_MAGIC = b"\x7fELF"
+MULTIARCH = {"EM_X86_64": "x86_64-linux-gnu", "EM_AARCH64": "aarch64-linux-gnu", "EM_386": "i386-linux-gnu",
+             "EM_ARM": "arm-linux-gnueabihf", "EM_RISCV": "riscv64-linux-gnu",
+             "EM_PPC64": "powerpc64le-linux-gnu",
+             "EM_S390": "s390x-linux-gnu"}
+PLATFORM = {"EM_X86_64": "x86_64", "EM_AARCH64": "aarch64", "EM_386": "i686", "EM_ARM": "armv7l",
+            "EM_RISCV": "riscv64", "EM_PPC64": "ppc64le", "EM_S390": "s390x"}
+MUSL_ARCH = {"EM_X86_64": "x86_64", "EM_AARCH64": "aarch64", "EM_386": "i386", "EM_ARM": "armhf",
+             "EM_RISCV": "riscv64", "EM_PPC64": "powerpc64le", "EM_S390": "s390x"}
+
+
+@dataclass(frozen=True)
+class ElfInfo:
+    elfclass: int                  # 32 or 64
+    machine: str                   # e_machine, e.g. EM_X86_64
+    etype: str                     # ET_EXEC, ET_DYN, ...
+    interp: str | None = None
+    needed: tuple[str, ...] = ()
+    rpath: tuple[str, ...] = ()
+    runpath: tuple[str, ...] = ()
+    undefined: frozenset[str] = field(default=frozenset(), compare=False)   # imported dynamic symbols
+
+    @property
+    def static(self) -> bool:
+        return self.interp is None and not self.needed
+
+
+def is_elf(tree: Tree, path: str) -> bool:
+    node = tree.lookup(path, follow=True)
+    if node is None or node.kind != FILE or node.size < 52:
+        return False
+    return _head(node, 4) == ELF_MAGIC
+
+
+def _head(node, n: int) -> bytes:  # type: ignore[no-untyped-def]
+    c = node.content
+    if c is None:
+        return b""
+    if isinstance(c, bytes):
+        return c[:n]
+    import os
+    with open(c.source, "rb") as f:
+        return os.pread(f.fileno(), min(n, c.size), c.offset)
+
+
+def parse(data: bytes, what: str = "ELF file") -> ElfInfo:
+    """The dynamic-linking facts of an ELF image; MinimizeError if it is not a readable ELF."""
+    if data[:4] != ELF_MAGIC:
+        raise MinimizeError(f"{what}: not an ELF file")
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        interp = None
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_INTERP":
+                interp = seg.get_interp_name()  # type: ignore[attr-defined]
+        needed: list[str] = []
+        rpath: list[str] = []
+        runpath: list[str] = []
+        undefined: set[str] = set()
+        for sec in elf.iter_sections():
+            if isinstance(sec, DynamicSection):
+                for tag in sec.iter_tags():
+                    t = tag.entry.d_tag
+                    if t == "DT_NEEDED":
+                        needed.append(tag.needed)  # type: ignore[attr-defined]
+                    elif t == "DT_RPATH":
+                        rpath += tag.rpath.split(":")  # type: ignore[attr-defined]
+                    elif t == "DT_RUNPATH":
+                        runpath += tag.runpath.split(":")  # type: ignore[attr-defined]
+            elif sec.name == ".dynsym":
+                for sym in sec.iter_symbols():   # type: ignore[attr-defined]
+                    if sym["st_shndx"] == "SHN_UNDEF" and sym.name:
+                        undefined.add(sym.name)
+        return ElfInfo(elf.elfclass, str(elf["e_machine"]), str(elf["e_type"]), interp, tuple(needed),
+                       tuple(rpath), tuple(runpath), frozenset(undefined))
+    except (ELFError, ValueError, KeyError, AssertionError) as e:
+        raise MinimizeError(f"{what}: malformed ELF file ({e})") from None
+
+
+def _dir_entries(tree: Tree, path: str) -> list[str]:
+    node = tree.lookup(path, follow=True)
+    if node is None or node.kind != DIR or not node.children:
+        return []
+    return sorted(node.children)
+
+
+def glob(tree: Tree, pattern: str) -> list[str]:
+    """Tree paths matching a shell glob (each component matched with fnmatch), sorted."""
+    parts = split(pattern)
+    found = [""]
+    for i, part in enumerate(parts):
+        nxt = []
+        for base in found:
+            if any(ch in part for ch in "*?["):
+                names = [n for n in _dir_entries(tree, base) if fnmatch.fnmatchcase(n, part)
+                         and (not n.startswith(".") or part.startswith("."))]
+            else:
+                names = [part]
+            for n in names:
+                p = f"{base}/{n}" if base else n
+                if i == len(parts) - 1 or tree.lookup(p, follow=True) is not None:
+                    nxt.append(p)
+        found = nxt
+    return sorted(p for p in found if tree.lookup(p, follow=False) is not None)
+
+
+def ld_so_conf(tree: Tree, path: str = "etc/ld.so.conf", _seen: set[str] | None = None) -> list[str]:
+    """Library directories named by ld.so.conf and the files it includes (globs allowed), in order."""
+    seen = _seen if _seen is not None else set()
+    real = _safe_real(tree, path)
+    if real is None or real in seen:
+        return []
+    seen.add(real)
+    try:
+        text = tree.read(path).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    dirs: list[str] = []
+    base = path.rsplit("/", 1)[0] if "/" in path else ""
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words = line.split()
+        if words[0] == "include":
+            for pat in words[1:]:
+                pat = pat if pat.startswith("/") else f"{base}/{pat}"
+                for inc in glob(tree, pat):
+                    dirs += ld_so_conf(tree, inc, seen)
+        elif words[0] == "hwcap":
+            continue
+        else:
+            for d in line.replace(",", " ").replace(":", " ").split():
+                if "=" in d:          # old libc5 "dir=TYPE" syntax
+                    d = d.split("=", 1)[0]
+                dirs.append("/".join(split(d)))
+    return list(dict.fromkeys(dirs))
+
+
+def _safe_real(tree: Tree, path: str) -> str | None:
+    try:
+        return tree.real_path(path)
+    except LookupError:
+        return None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One object of the closure: the path it was found under, and who asked for it."""
+
+    path: str                      # as searched (may be a symlink); tree path without leading '/'
+    real: str                      # symlinks resolved
+    info: ElfInfo
+    needed_by: str | None          # path of the object with the DT_NEEDED, None for roots
+    name: str | None = None        # the DT_NEEDED / PT_INTERP string
+
+
+class Resolver:
+    """Resolves dependencies inside `tree`; `env` is the image's Env (for LD_LIBRARY_PATH)."""
+
+    def __init__(self, tree: Tree, env: tuple[str, ...] = ()):
+        self.tree = tree
+        self.ld_library_path: list[str] = []
+        for e in env:
+            if e.startswith("LD_LIBRARY_PATH="):
+                self.ld_library_path = [p for p in e.split("=", 1)[1].split(":") if p]
+        self._conf: list[str] | None = None
+        self._info: dict[str, ElfInfo | None] = {}
+
+    def info(self, path: str) -> ElfInfo | None:
+        """ElfInfo of the file at `path` (symlinks followed), None if it is not an ELF file."""
+        real = _safe_real(self.tree, path)
+        if real is None:
+            return None
+        if real not in self._info:
+            node = self.tree.lookup(real)
+            if node is None or node.kind != FILE or _head(node, 4) != ELF_MAGIC:
+                self._info[real] = None
+            else:
+                self._info[real] = parse(read_content(node), f"/{real}")
+        return self._info[real]
+
+    def conf_dirs(self) -> list[str]:
+        if self._conf is None:
+            self._conf = ld_so_conf(self.tree)
+        return self._conf
+
+    def default_dirs(self, info: ElfInfo) -> list[str]:
+        interp = (info.interp or "").rsplit("/", 1)[-1]
+        if interp.startswith("ld-musl-"):
+            arch = MUSL_ARCH.get(info.machine, "x86_64")
+            path_file = f"etc/ld-musl-{arch}.path"
+            try:
+                text = self.tree.read(path_file).decode("utf-8", "replace")
+                return ["/".join(split(d)) for d in text.replace("\n", ":").split(":") if d.strip()]
+            except FileNotFoundError:
+                return ["lib", "usr/local/lib", "usr/lib"]
+        ma = MULTIARCH.get(info.machine)
+        dirs = self.conf_dirs() + ([f"lib/{ma}", f"usr/lib/{ma}"] if ma else [])
+        dirs += ["lib64", "usr/lib64"] if info.elfclass == 64 else ["lib32", "usr/lib32"]
+        return list(dict.fromkeys(dirs + ["lib", "usr/lib"]))
+
+    def expand(self, d: str, origin: str, info: ElfInfo) -> list[str]:
+        """Tree directories for one RPATH/RUNPATH entry ($ORIGIN, $LIB, $PLATFORM substituted)."""
+        if not d:
+            return [origin]       # an empty entry means the current directory; the closest is the origin
+        outs = [d]
+        for var, values in (("ORIGIN", ["/" + origin]),
+                            ("LIB", ["lib", "lib64", f"lib/{MULTIARCH.get(info.machine, '')}".rstrip("/")]),
+                            ("PLATFORM", [PLATFORM.get(info.machine, "x86_64")])):
+            new = []
+            for o in outs:
+                if f"${var}" in o or f"${{{var}}}" in o:
+                    for v in values:
+                        new.append(o.replace(f"${{{var}}}", v).replace(f"${var}", v))
+                else:
+                    new.append(o)
+            outs = new
+        res = []
+        for o in outs:
+            real = _safe_real(self.tree, o)   # '..' after $ORIGIN must resolve through real dirs
+            res.append(real if real is not None else "/".join(split(o)))
+        return res
+
+    def find(self, name: str, dirs: list[str], info: ElfInfo) -> str | None:
+        for d in dirs:
+            cand = f"{d}/{name}" if d else name
+            node = self.tree.lookup(cand, follow=True)
+            if node is None or node.kind != FILE:
+                continue
+            ci = self.info(cand)
+            if ci is None or ci.elfclass != info.elfclass or ci.machine != info.machine:
+                continue          # ld.so skips objects of the wrong class or machine
+            return cand
+        return None
+
+    def closure(self, root: str, strict: bool = True) -> tuple[list[Loaded], list[str]]:
+        """Every object `root` loads (itself first, then PT_INTERP, then DT_NEEDED breadth first).
+        Returns (objects, missing); with `strict` a missing library is a MinimizeError."""
+        info = self.info(root)
+        if info is None:
+            return [], []
+        real_root = _safe_real(self.tree, root) or root
+        out = [Loaded(root, real_root, info, None)]
+        missing: list[str] = []
+        seen = {real_root}
+        if info.interp:
+            ip = "/".join(split(info.interp))
+            ii = self.info(ip)
+            if ii is None:
+                msg = f"/{root} needs the program interpreter {info.interp}, which is not in the image"
+                if strict:
+                    raise MinimizeError(msg)
+                missing.append(msg)
+            else:
+                r = _safe_real(self.tree, ip) or ip
+                seen.add(r)
+                out.append(Loaded(ip, r, ii, root, info.interp))
+        # queue of (object path, its origin dir, its info, rpath chain of its loaders)
+        exe_origin = real_root.rsplit("/", 1)[0] if "/" in real_root else ""
+        queue: list[tuple[str, str, ElfInfo, list[tuple[str, ElfInfo, str]]]] = [
+            (root, exe_origin, info, [])]
+        while queue:
+            path, origin, oinfo, chain = queue.pop(0)
+            mine = (origin, oinfo, path)
+            # an object with DT_RUNPATH ignores every DT_RPATH; otherwise its own and its loaders'
+            # (whose DT_RPATH counts only if they have no DT_RUNPATH themselves)
+            rpath_chain = [] if oinfo.runpath else [c for c in [mine] + chain if not c[1].runpath]
+            for name in oinfo.needed:
+                if "/" in name:
+                    dirs: list[str] = [""]
+                    name_path = "/".join(split(name))
+                    found = self.find(name_path, dirs, oinfo)
+                else:
+                    dirs = []
+                    for o, i, _p in rpath_chain:
+                        for d in i.rpath:
+                            dirs += self.expand(d, o, i)
+                    dirs += ["/".join(split(d)) for d in self.ld_library_path]
+                    for d in oinfo.runpath:
+                        dirs += self.expand(d, origin, oinfo)
+                    dirs += self.default_dirs(info)
+                    found = self.find(name, list(dict.fromkeys(dirs)), oinfo)
+                if found is None:
+                    msg = (f"/{path} needs the shared library {name}, which is not in the image "
+                           f"(searched: {', '.join('/' + d for d in dict.fromkeys(dirs)) or 'nothing'})")
+                    if strict:
+                        raise MinimizeError(msg)
+                    missing.append(msg)
+                    continue
+                real = _safe_real(self.tree, found) or found
+                if real in seen:
+                    continue
+                seen.add(real)
+                fi = self.info(found)
+                assert fi is not None
+                out.append(Loaded(found, real, fi, path, name))
+                lib_origin = found.rsplit("/", 1)[0] if "/" in found else ""
+                queue.append((found, lib_origin, fi, [mine] + chain))
+        return out, missing
+
+
+def symlink_chain(tree: Tree, path: str) -> list[str]:
+    """Every symlink path met while resolving `path` inside the tree (directory links included),
+    in order; the final real path is not included. Stops quietly at a loop."""
+    todo = split(path)
+    done: list[str] = []
+    links: list[str] = []
+    hops = 0
+    node = tree.root
+    while todo:
+        name = todo.pop(0)
+        if name == "..":
+            if done:
+                done.pop()
+            node = tree._walk(done) or tree.root
+            continue
+        child = node.children.get(name) if node.children is not None else None
+        if child is not None and child.kind == SYMLINK:
+            hops += 1
+            if hops > 40:
+                break
+            links.append("/".join(done + [name]))
+            if child.target.startswith("/"):
+                done, node = [], tree.root
+            todo = split(child.target) + todo
+            continue
+        if child is None:
+            break
+        done.append(name)
+        node = child
+    return links

@@ -1,0 +1,123 @@
+"""`xbuild explain ARTIFACT PATH`: why a path is in the minimized guest, or why it is not.
+
+Reads the "minimize" section of the artifact's manifest.json (written from `Report.to_json()`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import BadInput
+
+_RULES = {
+    "entrypoint": "the image's Entrypoint/Cmd argv[0], resolved on PATH inside the image",
+    "cmd": "Cmd[0], which the entrypoint script is expected to exec",
+    "argv": "a file or directory named by an argument of the entrypoint",
+    "workdir": "in the image's WorkingDir (the application's own files)",
+    "elf-closure": "needed to load a kept program (PT_INTERP / DT_NEEDED, searched like ld.so)",
+    "shebang": "the interpreter of a kept script",
+    "script": "named by a kept shell script (a command it runs, a file it sources or mentions)",
+    "glibc-nss": "glibc loads it for a service named in /etc/nsswitch.conf",
+    "glibc-gconv": "glibc's iconv modules, kept because a kept program imports iconv_open",
+    "locale": "the locale named by LANG / LC_* in the image's Env",
+    "etc": "everything under /etc is kept",
+    "etc-link": "the target of a symlink under /etc",
+    "symlink": "symlinks are kept unless they point at a dropped file",
+    "device": "device nodes and fifos are always kept",
+    "recipe": "the recipe's keep list",
+    "trace": "opened by the entrypoint in the trace probe",
+    "none": "minimize was off (--minimize none)",
+    "unreferenced": "no rule reached it (not an entrypoint dependency, not in /etc, "
+                    "not in an owning package)",
+    "doc": "documentation, man pages and locales are never kept",
+    "dev": "headers and static libraries are never kept",
+    "init-system": "service-manager files (systemd units...): the guest's init runs the entrypoint directly",
+    "gconv-unused": "glibc's iconv modules, dropped because no kept program imports iconv_open",
+    "interpreter-cache": "bytecode caches; the interpreter rebuilds them",
+    "interpreter-tests": "an interpreter's test suite, IDE or GUI toolkit",
+    "dangling-after-minimize": "a symlink whose target was dropped",
+}
+
+
+def _rule(reason: str) -> str:
+    if reason in _RULES:
+        return _RULES[reason]
+    kind, _, name = reason.partition(":")
+    return {
+        "package": f"a data/config file of the package {name}, which owns a kept file",
+        "package-command": f"a command of the package {name} that nothing runs (commands enter only "
+                           "when something names them)",
+        "package-library": f"a library or plugin of the package {name} that no kept program loads",
+        "interpreter": f"the standard library / packages of the interpreter {name}",
+    }.get(kind, reason)
+
+
+def explain(manifest: dict[str, Any], path: str) -> str:
+    """One paragraph: whether `path` is in the guest and which rule decided it."""
+    section = manifest.get("minimize") if "minimize" in manifest else None
+    if not isinstance(section, dict) or not isinstance(section.get("paths"), dict):
+        raise BadInput("the artifact's manifest.json has no minimize report (built with an older xbuild?)")
+    paths: dict[str, Any] = section["paths"]
+    p = "/" + "/".join(c for c in path.split("/") if c and c != ".")
+    entry = paths.get(p)
+    if entry is None:
+        under = [q for q in paths if q.startswith(p.rstrip("/") + "/")]
+        if under:
+            kept = sum(1 for q in under if paths[q][0] == "kept")
+            return (f"{p}: a directory (directories are always kept); below it {kept} of {len(under)} "
+                    f"entries are kept - ask about one of them")
+        return f"{p}: not in the source image (or a directory, which is always kept)"
+    status, reason, detail = (list(entry) + ["", "", ""])[:3]
+    verb = "KEPT" if status == "kept" else "DROPPED"
+    out = f"{p}: {verb} ({reason}): {_rule(reason)}"
+    if detail:
+        out += f"\n  because: {detail}"
+    if status == "dropped":
+        out += "\n  to keep it: add it to the recipe's [keep] paths/globs, or build with --minimize none"
+    return out
+
+
+_PATH_HINT = re.compile(rb"(/[\w.+@%=,:~-]+(?:/[\w.+@%=,:~-]+)+)")
+_NAME_HINTS = (
+    re.compile(rb"error while loading shared libraries: ([^:\s]+)"),
+    re.compile(rb"No module named '([\w.]+)'"),
+    re.compile(rb"(?:^|\s)([\w.+-]+): (?:command )?not found"),
+    re.compile(rb"can't load library '([^']+)'"),
+)
+_FAILURE_WORDS = (b"No such file", b"not found", b"cannot open", b"can't open", b"Cannot open",
+                  b"failed to open", b"could not open", b"No module named", b"error while loading")
+
+
+def likely_missing(manifest: dict[str, Any], console: bytes, limit: int = 10) -> list[str]:
+    """Dropped files that a failed guest's console output points at (for `--verify` failures): paths
+    and library/module/command names on lines that report a missing file, matched against the
+    report's dropped paths. Each item reads '/path (dropped: reason)'."""
+    section = manifest.get("minimize") or {}
+    paths: dict[str, Any] = section.get("paths") or {}
+    dropped = {p: v[1] for p, v in paths.items() if v and v[0] == "dropped"}
+    by_base: dict[str, list[str]] = {}
+    for p in dropped:
+        by_base.setdefault(p.rsplit("/", 1)[-1], []).append(p)
+    found: list[str] = []
+
+    def add(p: str) -> None:
+        if p in dropped and p not in found:
+            found.append(p)
+
+    for line in console.splitlines():
+        if not any(w in line for w in _FAILURE_WORDS):
+            continue
+        for m in _PATH_HINT.finditer(line):
+            add(m.group(1).decode("utf-8", "replace").rstrip(":,."))
+        for rx in _NAME_HINTS:
+            for m in rx.finditer(line):
+                name = m.group(1).decode("utf-8", "replace")
+                if "." in name and not name.endswith((".so",)) and ".so." not in name and "/" not in name:
+                    mod = name.replace(".", "/")                 # a Python module
+                    for p in dropped:
+                        if p.endswith((f"/{mod}.py", f"/{mod}/__init__.py")) or f"/{mod}." in p:
+                            add(p)
+                for p in by_base.get(name, []):
+                    add(p)
+    return [f"{p} (dropped: {dropped[p]})" for p in found[:limit]]

@@ -1,0 +1,989 @@
+"""Minimize: keep what the entrypoint needs, drop the rest, and account for every byte.
+
+`minimize(tree, config, recipe, mode)` returns a new Tree (directories are new inodes, every kept
+file/symlink/device inode is shared with the input, so hardlinks stay shared; the input is never
+mutated) and a Report. Mode `none` keeps everything; `auto` applies these rules, each path taking the
+first reason that reaches it:
+
+  entrypoint / cmd  argv[0] of Entrypoint+Cmd resolved like runc (Env PATH, WorkingDir, symlinks inside
+                    the tree); a missing one is a MinimizeError. When an Entrypoint is set, Cmd[0] is
+                    resolved too (entrypoint scripts usually end in `exec "$@"`).
+  argv / workdir    other argv words naming a file (kept, and followed if it is a program or script) or
+                    a directory (kept with everything below), and everything below WorkingDir: the
+                    application's own files. System directories (/, /usr, /etc, /var, /lib...) are never
+                    taken whole this way.
+  elf-closure       PT_INTERP + DT_NEEDED, transitively, searched like ld.so (see elf.py). Missing
+                    libraries of the entrypoint's closure are a MinimizeError; of anything reached only
+                    heuristically (script commands, plugins) they are a note in the report.
+  shebang / script  `#!` interpreters (`/usr/bin/env NAME` resolved on PATH); for shell scripts the
+                    commands they name in command position, the files they source (`.`/`source`), and
+                    absolute paths they mention: a file is kept (and followed if executable), a directory
+                    such as /docker-entrypoint.d/ contributes its executable files and *.sh.
+  glibc-nss         libnss_<service> for each service named in /etc/nsswitch.conf (glibc dlopen()s them).
+  glibc-gconv       the gconv modules, only when a kept object imports iconv_open (else "gconv-unused").
+  locale            /usr/lib/locale/<name> for a LANG / LC_* locale set in Env.
+  interpreter:X     python: its stdlib and site/dist-packages (minus tests, idlelib, tkinter, ensurepip,
+                    __pycache__), with the ELF closure of their extension modules.
+  package:P         Tinyx's idea, narrowed to what is not code: for every dpkg/apk package P owning a
+                    kept file, P's other files, EXCEPT docs/man/info/locales ("doc"), headers and static
+                    libs ("dev"), systemd units and the like ("init-system"), files in bin/sbin dirs
+                    ("package-command": a command enters only when something names it), ELF files
+                    ("package-library": libraries enter only through a DT_NEEDED; only packages owning an
+                    executed program keep the plugin ELFs in their library subdirectories and libexec),
+                    and gconv (rule above). The package of argv[0]/Cmd[0] also brings the packages it
+                    Depends on that come from the same source name (one level:
+                    nginx -> nginx-common, redis-server -> redis-tools; not iproute2 or libc6's data).
+                    This is what keeps the nginx look-alike near its floor: libc6's gconv (8 MB),
+                    coreutils' other commands etc. never ride along.
+  etc / etc-link    all of /etc; the target of a symlink in /etc (e.g. /etc/localtime) except
+                    /etc/alternatives (commands) and /etc/ssl/certs (hash links duplicating the bundle).
+  directory / symlink / device
+                    every directory (mode, owner kept); a symlink unless it points at a dropped file
+                    ("dangling-after-minimize"); device nodes and fifos.
+  recipe            the recipe's keep paths (with everything below) and globs, plus their ELF closure.
+  trace             (mode trace only) on top of auto: every path the entrypoint's processes touched
+                    while it ran for [trace] seconds in a probe on the build host (new net/mount/pid
+                    namespaces, chroot into a staged copy of the whole tree, strace -f), with the
+                    recipe's network smoke test exercising it meanwhile (SlimToolkit's idea).
+Anything else is dropped as "unreferenced".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import elf
+from .errors import MinimizeError
+from .image import ImageConfig
+from .recipes import Recipe
+from .tree import DIR, FILE, SYMLINK, Inode, Tree, read_content, split
+
+MODES = ("auto", "none", "trace")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BIN_DIRS = {"bin", "sbin", "usr/bin", "usr/sbin", "usr/local/bin", "usr/local/sbin", "usr/games"}
+LIB_ROOTS = ("lib", "lib32", "lib64", "usr/lib", "usr/lib32", "usr/lib64", "usr/local/lib")
+DOC_PREFIXES = ("usr/share/doc/", "usr/share/man/", "usr/share/info/", "usr/share/locale/",
+                "usr/share/lintian/", "usr/share/bug/", "usr/share/menu/", "usr/share/pixmaps/",
+                "usr/share/icons/", "usr/share/applications/", "usr/share/bash-completion/",
+                "usr/share/zsh/", "usr/share/fish/", "usr/share/groff/", "usr/share/gtk-doc/",
+                "usr/local/share/man/", "usr/local/share/doc/")
+DEV_PREFIXES = ("usr/include/", "usr/lib/pkgconfig/", "usr/share/pkgconfig/", "usr/local/include/")
+INIT_PREFIXES = ("lib/systemd/", "usr/lib/systemd/", "usr/share/apport/", "usr/lib/tmpfiles.d/",
+                 "usr/lib/sysusers.d/", "usr/share/lintian/")
+SYSTEM_TOPS = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "var", "opt", "tmp", "run",
+               "boot"}
+# /etc symlinks whose targets are not kept: commands, certificate hash links duplicating the bundle,
+# service-manager wiring
+ETC_LINKS_NOT_FOLLOWED = ("etc/alternatives/", "etc/ssl/certs/", "etc/systemd/", "etc/rc", "etc/init.d/")
+SHELLS = {"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "busybox"}
+SH_BUILTINS = {"echo", "printf", "test", "[", "[[", "cd", "set", "export", "exit", "return", "shift",
+               "read", "local", "eval", "trap", "wait", "true", "false", ":", "unset", "readonly",
+               "break", "continue", "umask", "ulimit", "getopts", "type", "alias", "hash", "jobs", "fg",
+               "bg", "pwd", "times", "for", "in", "case", "esac", "fi", "done", "function", "select",
+               "declare", "typeset", "let", "shopt", "source", ".", "then", "do", "else", "elif", "if",
+               "while", "until", "!", "{", "}", "exec", "command", "builtin", "mapfile", "kill"}
+# words after which the next word is again in command position
+SH_PREFIX = {"then", "do", "else", "elif", "if", "while", "until", "!", "exec", "command", "nohup", "env",
+             "time", "xargs", "nice", "builtin", "-exec", "-execdir", "su-exec", "gosu", "chroot",
+             "setpriv", "tini", "dumb-init", "sudo", "doas", "timeout"}
+SH_OPS = {";", "&", "|", "&&", "||", "(", ")", "{", "}", "\n", "$(", "`", ";;"}
+PY_DROP = ("test/", "tests/", "idlelib/", "tkinter/", "turtledemo/", "ensurepip/", "lib2to3/tests/")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What minimize kept and dropped. `paths` maps '/path' -> (status, reason, detail) where status
+    is 'kept' or 'dropped'; `kept`/`dropped` map reason -> (files, bytes) (regular-file bytes, a
+    hardlinked file counted under each of its names)."""
+
+    mode: str
+    kept: dict[str, tuple[int, int]]
+    dropped: dict[str, tuple[int, int]]
+    paths: dict[str, tuple[str, str, str]] = field(repr=False)
+    notes: tuple[str, ...] = ()
+    recipe: str | None = None
+
+    @property
+    def kept_files(self) -> int:
+        return sum(n for n, _ in self.kept.values())
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(b for _, b in self.kept.values())
+
+    @property
+    def dropped_files(self) -> int:
+        return sum(n for n, _ in self.dropped.values())
+
+    @property
+    def dropped_bytes(self) -> int:
+        return sum(b for _, b in self.dropped.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest.json "minimize" section (explain.py reads it back)."""
+        return {
+            "mode": self.mode, "recipe": self.recipe,
+            "kept": {"files": self.kept_files, "bytes": self.kept_bytes,
+                     "by_reason": {r: {"files": n, "bytes": b} for r, (n, b) in sorted(self.kept.items())}},
+            "dropped": {"files": self.dropped_files, "bytes": self.dropped_bytes,
+                        "by_reason": {r: {"files": n, "bytes": b}
+                                      for r, (n, b) in sorted(self.dropped.items())}},
+            "notes": list(self.notes),
+            "paths": {p: list(v) for p, v in sorted(self.paths.items())},
+        }
+
+    def summary(self, top: int = 12) -> str:
+        """A human summary: totals, then the biggest reasons each way."""
+        def mb(b: int) -> str:
+            return f"{b / 1e6:.2f} MB" if b >= 100_000 else f"{b / 1e3:.1f} KB"
+
+        lines = [f"minimize ({self.mode}{', recipe ' + self.recipe if self.recipe else ''}): "
+                 f"kept {self.kept_files} files, {mb(self.kept_bytes)}; "
+                 f"dropped {self.dropped_files} files, {mb(self.dropped_bytes)}"]
+        for title, d in (("kept", self.kept), ("dropped", self.dropped)):
+            items = sorted(d.items(), key=lambda kv: (-kv[1][1], kv[0]))
+            for r, (n, b) in items[:top]:
+                lines.append(f"  {title:7} {mb(b):>10} {n:6} files  {r}")
+
+            if len(items) > top:
+                rest = items[top:]
+                lines.append(f"  {title:7} {mb(sum(b for _, (_, b) in rest)):>10} "
+                             f"{sum(n for _, (n, _) in rest):6} files  ({len(rest)} more reasons)")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)
+
+
+def minimize(tree: Tree, config: ImageConfig, recipe: Recipe | None = None,
+             mode: str = "auto") -> tuple[Tree, Report]:
+    """Keep what `config`'s entrypoint needs (see the module doc); never mutates `tree`."""
+    if mode not in MODES:
+        raise MinimizeError(f"unknown minimize mode {mode!r} (choose from {', '.join(MODES)})")
+    m = _Minimizer(tree, config, recipe)
+    if mode == "none":
+        for path, node in tree.walk():
+            if path and node.kind != DIR:
+                m.mark(path, "none", "minimize disabled")
+        return m.result(mode)
+    if mode == "trace":
+        check_probe_host(trace=True)
+    m.run()
+    if mode == "trace":
+        seconds = recipe.trace_seconds if recipe else 5.0
+        result = probe(tree, config, recipe, seconds=seconds, trace=True)
+        for p in sorted(result.opened):
+            hit = tree.lookup(p, follow=False)
+            if hit is not None and hit.kind != DIR:
+                m.keep(p, "trace", f"opened by the entrypoint in the {seconds:g}s trace probe")
+                m.need(p, "trace", "opened in the trace probe")
+        m.drain()
+        m.notes.append(f"trace probe: ran {seconds:g}s, {len(result.opened)} paths seen"
+                       + (f"; smoke: {result.smoke[1]}" if result.smoke else ""))
+    return m.result(mode)
+
+
+# -- the probe: run the entrypoint of a tree on the build host ---------------------------------------
+
+@dataclass(frozen=True)
+class ProbeResult:
+    output: bytes                            # the entrypoint's stdout + stderr
+    opened: frozenset[str]                   # tree paths its processes touched (trace only)
+    smoke: tuple[bool, str] | None           # the recipe's smoke test, run while it was up
+
+
+def check_probe_host(trace: bool) -> None:
+    """MinimizeError unless this host can run the probe (root for namespaces + chroot, strace)."""
+    missing = [t for t in ("unshare", "ip") + (("strace",) if trace else ()) if shutil.which(t) is None]
+    if os.geteuid() != 0 or missing:
+        why = "not root" if os.geteuid() != 0 else "missing " + ", ".join(missing)
+        raise MinimizeError(f"the {'trace' if trace else 'smoke'} probe cannot run on this host ({why}): it "
+                            "needs root (network/mount/pid namespaces, chroot)"
+                            + (" and strace" if trace else "") + "; use --minimize auto")
+
+
+def extract(tree: Tree, dest: Path) -> None:
+    """Write `tree` under `dest` (a new directory): files, symlinks, hardlinks, devices, modes, owners.
+    Tree paths never pass through a symlink, so nothing can land outside `dest`."""
+    dest.mkdir(parents=True)
+    root = os.geteuid() == 0
+    links: dict[int, str] = {}
+    dirs: list[tuple[str, Inode]] = []
+    for path, node in tree.walk():
+        full = os.path.join(dest, path) if path else str(dest)
+        if node.kind == DIR:
+            if path:
+                os.mkdir(full)
+            dirs.append((full, node))
+            continue
+        if node.kind == SYMLINK:
+            os.symlink(node.target, full)
+            if root:
+                os.lchown(full, node.uid, node.gid)
+            continue
+        if id(node) in links:
+            os.link(links[id(node)], full)
+            continue
+        if node.kind == FILE:
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                c = node.content
+                if isinstance(c, bytes):
+                    os.write(fd, c)
+                elif c is not None:
+                    with open(c.source, "rb") as src:
+                        off, left = c.offset, c.size
+                        while left:
+                            chunk = os.pread(src.fileno(), min(left, 1 << 20), off)
+                            if not chunk:
+                                break
+                            os.write(fd, chunk)
+                            off, left = off + len(chunk), left - len(chunk)
+            finally:
+                os.close(fd)
+        else:
+            kind = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[node.kind]
+            if not root and node.kind != "fifo":
+                continue
+            os.mknod(full, kind | 0o600, os.makedev(*node.rdev))
+        if root:
+            os.chown(full, node.uid, node.gid)
+        os.chmod(full, node.mode & 0o7777)
+        links[id(node)] = full
+    for full, node in reversed(dirs):
+        if root:
+            os.chown(full, node.uid, node.gid)
+        os.chmod(full, node.mode & 0o7777)
+
+
+_PROBE_CHILD = r'''
+import json, os, subprocess, sys, time
+spec = json.loads(sys.argv[1])
+root = spec["root"]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for d, how in (("proc", ["-t", "proc", "proc"]), ("dev", ["--rbind", "/dev"]),
+               ("tmp", ["-t", "tmpfs", "tmp"]), ("run", ["-t", "tmpfs", "run"])):
+    p = os.path.join(root, d)
+    if not os.path.islink(p):
+        os.makedirs(p, exist_ok=True)
+        subprocess.run(["mount", *how, p], check=True)
+pid = os.fork()
+if pid == 0:
+    os.chroot(root)
+    os.chdir(spec["cwd"] or "/")
+    try:
+        os.execve(spec["exe"], spec["argv"], spec["env"])
+    except OSError as e:
+        print(f"xbuild-probe: cannot exec {spec['exe']}: {e}", file=sys.stderr, flush=True)
+        os._exit(127)
+sys.path.insert(0, spec["pythonpath"])
+end = time.monotonic() + spec["seconds"]
+smoke = None
+if spec["recipe"]:
+    from builder.recipes import load_recipe, smoke_test
+    rec = load_recipe(spec["recipe"])
+    if rec.smoke is not None and rec.smoke.kind != "console":
+        smoke = smoke_test(rec, b"", {rec.smoke.port: rec.smoke.port}, deadline=end)
+        if not spec["trace"]:
+            end = 0
+while time.monotonic() < end:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        break
+    time.sleep(0.1)
+print("XBUILD-PROBE " + json.dumps(smoke), flush=True)
+for _ in range(50):   # end every process of this pid namespace but pid 1 (strace) and us
+    others = [int(n) for n in os.listdir(os.path.join(root, "proc")) if n.isdigit()
+              and int(n) not in (1, os.getpid())]
+    if not others:
+        break
+    for o in others:
+        try:
+            os.kill(o, 9)
+        except OSError:
+            pass
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    time.sleep(0.05)
+'''
+_SYSCALL = re.compile(r'^(\d+)\s+(?:<\.\.\. )?(\w+)\(?(.*)$')
+_FILE_CALLS = {"open", "openat", "openat2", "creat", "execve", "execveat", "stat", "lstat", "newfstatat",
+               "statx", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "chdir", "truncate",
+               "uselib"}
+
+
+def probe(tree: Tree, config: ImageConfig, recipe: Recipe | None, seconds: float = 5.0,
+          trace: bool = False) -> ProbeResult:
+    """Run `tree`'s entrypoint on this host in new network/mount/pid namespaces, chrooted into a staged
+    copy of the tree, for up to `seconds` (or until it exits), running the recipe's network smoke test
+    meanwhile; with `trace`, under strace -f, and report every tree path its processes touched."""
+    check_probe_host(trace)
+    argv = list(config.entrypoint) + list(config.cmd) if config.entrypoint else list(config.cmd)
+    env = dict(e.split("=", 1) for e in config.env if "=" in e)
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.setdefault("HOME", "/root")
+    env.setdefault("HOSTNAME", "xbuild-probe")
+    m = _Minimizer(tree, config, None)
+    exe = m.command(argv[0]) if argv else None
+    if exe is None:
+        raise MinimizeError(f"probe: entrypoint {argv[0] if argv else ''!r} not found in the image")
+    work = Path(tempfile.mkdtemp(prefix="xbuild-probe-"))
+    root, log = work / "root", work / "strace.log"
+    repo = str(Path(__file__).resolve().parent.parent)
+    spec = {"root": str(root), "cwd": config.working_dir, "exe": "/" + exe, "argv": argv, "env": env,
+            "seconds": seconds, "pythonpath": repo, "trace": trace,
+            "recipe": (recipe.source or recipe.name) if recipe and recipe.smoke else ""}
+    cmd = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child"]
+    if trace:
+        cmd += ["strace", "-f", "-qq", "-s", "4096", "-e", "trace=%file,%process,chroot", "-o", str(log)]
+    cmd += [sys.executable, "-c", _PROBE_CHILD, json.dumps(spec)]
+    try:
+        extract(tree, root)
+        proc = subprocess.run(cmd, capture_output=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise MinimizeError(f"probe: the entrypoint did not stop within {seconds + 60:g}s") from None
+    except OSError as e:
+        raise MinimizeError(f"probe: cannot stage or start it on this host ({e})") from None
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(root / "dev")], capture_output=True)
+        text = log.read_text("utf-8", "replace") if trace and log.exists() else ""
+        shutil.rmtree(work, ignore_errors=True)
+    out = proc.stdout + proc.stderr
+    smoke = None
+    for line in proc.stdout.decode("utf-8", "replace").splitlines():
+        if line.startswith("XBUILD-PROBE "):
+            v = json.loads(line[13:])
+            smoke = (bool(v[0]), str(v[1])) if v else None
+    if b"Exec format error" in out or b"cannot exec" in out:
+        raise MinimizeError("probe: the host cannot run the entrypoint: "
+                            + out.decode("utf-8", "replace").strip().splitlines()[-1])
+    return ProbeResult(out, frozenset(_traced_paths(text, config.working_dir)), smoke)
+
+
+def _traced_paths(text: str, cwd: str) -> set[str]:
+    """Tree paths from an strace -f log, only of the chrooted process and its descendants."""
+    ours: set[str] = set()
+    paths: set[str] = set()
+    base = "/".join(split(cwd or "/"))
+    for line in text.splitlines():
+        mt = _SYSCALL.match(line)
+        if not mt:
+            continue
+        pid, call, rest = mt.groups()
+        if call == "chroot" and not ours:
+            ours.add(pid)
+            continue
+        if pid not in ours:
+            continue
+        if call in ("clone", "clone3", "fork", "vfork"):
+            r = re.search(r"= (\d+)$", rest)
+            if r:
+                ours.add(r.group(1))
+            continue
+        if call in _FILE_CALLS:
+            s = re.search(r'"((?:[^"\\]|\\.)*)"', rest)
+            if s:
+                p = s.group(1).encode().decode("unicode_escape", "replace")
+                paths.add("/".join(split(p if p.startswith("/") else f"{base}/{p}")))
+    # a child's pid is the result on its parent's clone line (or on the "<... clone resumed>" line)
+    return {p for p in paths if p}
+
+
+def _is_doc(path: str) -> bool:
+    return path.startswith(DOC_PREFIXES) or "/man/man" in path
+
+
+def _in_lib(path: str) -> tuple[bool, bool]:
+    """(is under a library root, is directly in a library dir [root or multiarch dir])."""
+    d = path.rsplit("/", 1)[0] if "/" in path else ""
+    for r in LIB_ROOTS:
+        if d == r or (d.startswith(r + "/") and d.count("/") == r.count("/") + 1
+                      and d.rsplit("/", 1)[1].endswith("-linux-gnu")):
+            return True, True
+        if d.startswith(r + "/"):
+            return True, False
+    return False, False
+
+
+class _Minimizer:
+    def __init__(self, tree: Tree, config: ImageConfig, recipe: Recipe | None):
+        self.tree, self.config, self.recipe = tree, config, recipe
+        self.env = dict(e.split("=", 1) for e in config.env if "=" in e)
+        self.path_dirs = [d for d in self.env.get("PATH", DEFAULT_PATH).split(":") if d]
+        self.cwd = "/".join(split(config.working_dir or "/"))
+        self.resolver = elf.Resolver(tree, config.env)
+        self.kept: dict[str, tuple[str, str]] = {}        # real tree path -> (reason, detail)
+        self.dropped_why: dict[str, tuple[str, str]] = {}
+        self.notes: list[str] = []
+        self.todo: list[tuple[str, str, str, bool]] = []   # (path, reason, detail, strict)
+        self.done: set[str] = set()
+        self.objects: list[elf.Loaded] = []
+        self.executed: set[str] = set()                   # real paths of programs something runs
+        self.primary: set[str] = set()                    # argv[0] / Cmd[0]
+        self.data_dirs: list[tuple[str, str, str]] = []   # argv / WorkingDir directories
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def mark(self, real: str, reason: str, detail: str = "") -> None:
+        if real and real not in self.kept:
+            self.kept[real] = (reason, detail)
+
+    def keep(self, path: str, reason: str, detail: str = "") -> str | None:
+        """Keep `path`, every symlink met on the way and the final file; the real path, or None."""
+        for link in elf.symlink_chain(self.tree, path):
+            self.mark(link, reason, f"symlink on the way to /{path}" + (f"; {detail}" if detail else ""))
+        try:
+            real = self.tree.real_path(path)
+        except LookupError:
+            self.notes.append(f"/{path}: too many levels of symbolic links ({reason})")
+            return None
+        node = self.tree.lookup(real)
+        if node is None:
+            return None
+        self.mark(real, reason, detail)
+        if node.kind == DIR:
+            for sub, n in _walk_from(node, real):
+                if n.kind != DIR:
+                    self.mark(sub, reason, f"under /{real}" + (f"; {detail}" if detail else ""))
+        return real
+
+    def need(self, path: str, reason: str, detail: str = "", strict: bool = False) -> None:
+        """Keep `path` and whatever running it needs (ELF closure, shebang, script contents)."""
+        self.todo.append((path, reason, detail, strict))
+
+    # -- the rules ------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.entry()
+        self.drain()
+        for args in self.data_dirs:
+            self.data_dir(*args)
+        self.drain()
+        self.glibc()
+        self.locales()
+        if self.recipe:
+            for p in self.recipe.keep_paths:
+                self.keep_tree(p, "recipe", f"keep.paths {p}")
+            for g in self.recipe.keep_globs:
+                for p in elf.glob(self.tree, g):
+                    self.keep_tree(p, "recipe", f"keep.globs {g}")
+        self.drain()
+        self.packages()
+        self.drain()
+        self.etc()
+        self.glibc()          # packages may have added objects importing iconv_open
+        self.drain()
+
+    def keep_tree(self, path: str, reason: str, detail: str) -> None:
+        real = self.keep(path, reason, detail)
+        if real is None:
+            self.notes.append(f"{detail}: /{'/'.join(split(path))} is not in the image")
+            return
+        node = self.tree.lookup(real)
+        items = _walk_from(node, real) if node is not None and node.kind == DIR else [(real, node)]
+        for sub, n in items:
+            if n is None or n.kind != FILE:
+                continue
+            if n.mode & 0o111 or sub.endswith(".so") or ".so." in sub:   # programs, libraries: + closure
+                self.need(sub, reason, detail)
+
+    def entry(self) -> None:
+        c = self.config
+        argv = list(c.entrypoint) + list(c.cmd) if c.entrypoint else list(c.cmd)
+        if not argv:
+            raise MinimizeError("the image has neither Entrypoint nor Cmd: nothing to run")
+        first = self.command(argv[0])
+        if first is None and "/" in argv[0]:
+            try:
+                self.tree.real_path(argv[0] if argv[0].startswith("/") else f"{self.cwd}/{argv[0]}")
+            except LookupError as e:
+                raise MinimizeError(f"entrypoint {argv[0]!r}: {e}") from None
+        if first is None:
+            raise MinimizeError(f"entrypoint {argv[0]!r} not found in the image"
+                                + ("" if "/" in argv[0] else f" (PATH={':'.join(self.path_dirs)})"))
+        self.primary.add(self.tree.real_path(first))
+        self.need(first, "entrypoint", f"argv[0] {argv[0]!r}", strict=True)
+        if c.entrypoint and c.cmd:
+            cmd0 = self.command(c.cmd[0])
+            if cmd0 is not None:
+                self.primary.add(self.tree.real_path(cmd0))
+                self.need(cmd0, "cmd", f"Cmd[0] {c.cmd[0]!r}", strict=True)
+        base = argv[0].rsplit("/", 1)[-1]
+        for i, word in enumerate(argv[1:], 1):
+            if base in SHELLS and argv[i - 1] == "-c":
+                self.shell_text(word, f"{base} -c")
+                continue
+            p = word if word.startswith("/") else f"{self.cwd}/{word}"
+            node = self.tree.lookup(p, follow=True)
+            if node is not None and node.kind == FILE and word not in ("-c",):
+                self.need("/".join(split(p)), "argv", f"argv[{i}] {word!r}")
+            elif node is not None and node.kind == DIR and ("/" in word or word == "."):
+                self.data_dirs.append((p, "argv", f"argv[{i}] {word!r} names a directory"))
+        if self.cwd:
+            self.data_dirs.append((self.cwd, "workdir", f"WorkingDir {c.working_dir}"))
+
+    def data_dir(self, path: str, reason: str, detail: str) -> None:
+        """Keep an application's data directory (an argv word, WorkingDir) with everything below,
+        unless it is a system directory (/, /usr, /etc, /var, ...: those are what minimizing is for)."""
+        try:
+            real = self.tree.real_path(path)
+        except LookupError:
+            return
+        top = real.split("/")[0]
+        if not real or top in SYSTEM_TOPS and real.count("/") < 2 or top in ("proc", "sys", "dev"):
+            return
+        self.keep_tree(real, reason, detail)
+
+    def command(self, name: str) -> str | None:
+        """Resolve a command like execvp inside the tree: a tree path, or None."""
+        if not name:
+            return None
+        if "/" in name:
+            p = "/".join(split(name if name.startswith("/") else f"{self.cwd}/{name}"))
+            node = self.tree.lookup(p, follow=True)
+            return p if node is not None and node.kind == FILE else None
+        for d in self.path_dirs:
+            p = "/".join(split(d if d.startswith("/") else f"{self.cwd}/{d}") + [name])
+            node = self.tree.lookup(p, follow=True)
+            if node is not None and node.kind == FILE and node.mode & 0o111:
+                return p
+        return None
+
+    def drain(self) -> None:
+        while self.todo:
+            path, reason, detail, strict = self.todo.pop(0)
+            try:
+                real = self.tree.real_path(path)
+            except LookupError:
+                msg = f"/{path}: too many levels of symbolic links ({reason} {detail})"
+                if strict:
+                    raise MinimizeError(msg) from None
+                self.notes.append(msg)
+                continue
+            self.keep(path, reason, detail)
+            if real in self.done:
+                continue
+            self.done.add(real)
+            node = self.tree.lookup(real)
+            if node is None or node.kind != FILE:
+                continue
+            head = elf._head(node, 256)
+            if head[:4] == elf.ELF_MAGIC:
+                self.elf(path, strict)
+            elif head[:2] == b"#!":
+                self.script(real, node, strict)
+
+    def elf(self, path: str, strict: bool) -> None:
+        objs, missing = self.resolver.closure(path, strict=strict)
+        self.notes += missing
+        interp = objs[0].info.interp if objs else None
+        for o in objs[1:]:
+            why = "PT_INTERP" if o.needed_by == path and o.name == interp else f"DT_NEEDED {o.name}"
+            self.keep(o.path, "elf-closure", f"{why} of /{o.needed_by}")
+        self.objects += objs
+        self.executed.add(objs[0].real if objs else path)
+        self.python(objs[0].real if objs else path)
+
+    def script(self, real: str, node: Inode, strict: bool) -> None:
+        self.executed.add(real)
+        text = read_content(node)
+        line = text.split(b"\n", 1)[0][2:].decode("utf-8", "replace").strip()
+        words = line.split()
+        if not words:
+            return
+        interp = words[0]
+        ip = self.command(interp) if interp.startswith("/") else None
+        if ip is None:
+            msg = f"/{real}: interpreter {interp} is not in the image"
+            if strict:
+                raise MinimizeError(msg)
+            self.notes.append(msg)
+            return
+        self.need(ip, "shebang", f"#! of /{real}", strict)
+        name = interp.rsplit("/", 1)[-1]
+        args = [w for w in words[1:] if not w.startswith("-")]
+        if name == "env" and args:
+            target = self.command(args[0])
+            if target is None:
+                msg = f"/{real}: interpreter {args[0]!r} (via env) not found on PATH"
+                if strict:
+                    raise MinimizeError(msg)
+                self.notes.append(msg)
+                return
+            self.need(target, "shebang", f"#! /usr/bin/env {args[0]} of /{real}", strict)
+            name = args[0]
+        if name in SHELLS or re.fullmatch(r"(ba|da|a|k|mk|z)?sh", name):
+            self.shell_text(text.decode("utf-8", "replace"), f"/{real}")
+
+    def shell_text(self, text: str, where: str) -> None:
+        """Commands named in command position, sourced files, absolute paths mentioned."""
+        reason = "script"
+        lines = []
+        for ln in text.splitlines():
+            s = ln.lstrip()
+            if s.startswith("#"):
+                continue
+            lines.append(re.sub(r"\s#.*$", "", ln))
+        tokens = re.findall(r"\$\(|`|&&|\|\||;;|[;&|(){}\n]|(?:[^\s;&|()`]|\$\()+", "\n".join(lines))
+        at_cmd = True
+        source_next = False
+        for tok in tokens:
+            if tok in SH_OPS:
+                at_cmd = True
+                continue
+            word = tok.strip("\"'")
+            if "/" in word and word.startswith("/"):
+                self.mentioned(word.rstrip(";\"'"), where)
+            if source_next:
+                source_next = False
+                if word.startswith("/"):
+                    self.need("/".join(split(word)), reason, f"sourced by {where}")
+                at_cmd = False
+                continue
+            if at_cmd:
+                if "=" in word and not word.startswith("="):
+                    continue                                   # FOO=bar cmd
+                if word in (".", "source"):
+                    source_next = True
+                    at_cmd = False
+                    continue
+                if word in SH_PREFIX:
+                    continue
+                at_cmd = False
+                if "$" in word or "`" in word or word in SH_BUILTINS or not word:
+                    continue
+                p = self.command(word)
+                if p is not None:
+                    self.need(p, reason, f"command {word!r} in {where}")
+                continue
+
+    def mentioned(self, word: str, where: str) -> None:
+        """An absolute path a script mentions: a file is kept, a directory gives its scripts."""
+        word = word.split("$", 1)[0]
+        if not word or word == "/":
+            return
+        paths = elf.glob(self.tree, word) if any(c in word for c in "*?[") else ["/".join(split(word))]
+        for p in paths:
+            node = self.tree.lookup(p, follow=True)
+            if node is None:
+                continue
+            if node.kind == FILE:
+                self.need(p, "script", f"path mentioned in {where}")
+            elif node.kind == DIR and p.split("/")[0] not in ("", "usr", "bin", "sbin", "lib", "lib64",
+                                                               "proc", "sys", "dev", "tmp", "run", "var"):
+                real = self.tree.real_path(p)
+                for sub, n in _walk_from(node, real):
+                    if n.kind == FILE and (n.mode & 0o111 or sub.endswith(".sh")):
+                        self.need(sub, "script", f"in /{p}, mentioned in {where}")
+
+    def python(self, real: str) -> None:
+        name = real.rsplit("/", 1)[-1]
+        m = re.fullmatch(r"python(\d(?:\.\d+)?)?m?", name)
+        if not m:
+            return
+        prefix = real.rsplit("/", 2)[0] if real.count("/") >= 1 else ""
+        prefixes = list(dict.fromkeys([prefix, "usr", "usr/local"]))
+        ver = m.group(1) or ""
+        dirs: list[str] = []
+        for pre in prefixes:
+            for pat in (f"{pre}/lib/python{ver}*" if "." not in ver else f"{pre}/lib/python{ver}",
+                        f"{pre}/lib/python3/dist-packages"):
+                dirs += elf.glob(self.tree, pat)
+        detail = f"stdlib of /{real}"
+        for d in dict.fromkeys(dirs):
+            node = self.tree.lookup(d, follow=True)
+            if node is None or node.kind != DIR:
+                continue
+            rd = self.tree.real_path(d)
+            for sub, n in _walk_from(node, rd):
+                rel = sub[len(rd) + 1:]
+                if n.kind == DIR:
+                    continue
+                if "__pycache__/" in sub:
+                    self.dropped_why.setdefault(sub, ("interpreter-cache", f"{detail}: bytecode is rebuilt"))
+                    continue
+                if rel.startswith(PY_DROP) or "/tests/" in rel and rel.count("/") <= 2:
+                    self.dropped_why.setdefault(sub, ("interpreter-tests", f"{detail}: tests/IDE/GUI"))
+                    continue
+                self.mark(sub, f"interpreter:{name}", detail)
+                if n.kind == FILE and (".so" in sub.rsplit("/", 1)[-1]):
+                    self.need(sub, f"interpreter:{name}", detail)
+
+    def glibc(self) -> None:
+        libcs = [o for o in self.objects if o.real.rsplit("/", 1)[-1].startswith("libc.so.")]
+        if not libcs:
+            return
+        libdir = libcs[0].real.rsplit("/", 1)[0]
+        try:
+            conf = self.tree.read("etc/nsswitch.conf").decode("utf-8", "replace")
+        except FileNotFoundError:
+            conf = "passwd: files\ngroup: files\nhosts: files dns\n"
+        services = {"files", "dns"}
+        for line in conf.splitlines():
+            line = line.split("#", 1)[0]
+            if ":" in line:
+                services |= {w for w in line.split(":", 1)[1].split() if not w.startswith("[")}
+        for svc in sorted(services):
+            for p in elf.glob(self.tree, f"{libdir}/libnss_{svc}.so*"):
+                if p not in self.done:
+                    self.need(p, "glibc-nss", f"service {svc!r} of /etc/nsswitch.conf")
+        # libstdc++ imports iconv_open only for the codecvt facets of named locales (which need locale
+        # data we only keep for LANG/LC_*); glibc's built-in converters (UTF-8, ASCII, ISO-8859-1, UCS-2/4,
+        # UTF-16/32) need no module. So gconv is kept only for another importer of iconv_open.
+        users = [o.path for o in self.objects if "iconv_open" in o.info.undefined
+                 and not o.real.rsplit("/", 1)[-1].startswith("libstdc++.")]
+        for d in elf.glob(self.tree, f"{libdir}/gconv"):
+            if users:
+                if d not in self.done:
+                    self.done.add(d)
+                    self.keep_tree(d, "glibc-gconv", f"/{users[0]} imports iconv_open")
+            else:
+                rd = self.tree.real_path(d)
+                node = self.tree.lookup(rd)
+                for sub, _n in _walk_from(node, rd) if node else []:
+                    self.dropped_why.setdefault(sub, ("gconv-unused", "no kept object imports iconv_open"))
+
+    def locales(self) -> None:
+        names = {v for k, v in self.env.items() if k == "LANG" or k.startswith("LC_")} - {"", "C", "POSIX"}
+        for n in sorted(names):
+            cands = {n, n.replace("UTF-8", "utf8"), n.replace("utf8", "UTF-8")}
+            for c in sorted(cands):
+                for base in ("usr/lib/locale", "usr/local/lib/locale"):
+                    if self.tree.lookup(f"{base}/{c}", follow=True) is not None:
+                        self.keep_tree(f"{base}/{c}", "locale", f"Env {n}")
+
+    def packages(self) -> None:
+        owners, files, depends = _package_db(self.tree)
+        if not owners:
+            return
+        kept_pkgs: dict[str, str] = {}
+        apps: set[str] = set()
+        for real in list(self.kept):
+            for pkg in owners.get(real, ()):
+                kept_pkgs.setdefault(pkg, f"owns /{real}")
+                if real in self.executed:
+                    apps.add(pkg)
+        for prog in sorted(self.primary):
+            for pkg in owners.get(prog, ()):
+                for dep in depends.get(pkg, ()):
+                    if dep in files and _stem(dep) == _stem(pkg):
+                        kept_pkgs.setdefault(dep, f"{pkg} depends on it (runs /{prog})")
+        for pkg, why in sorted(kept_pkgs.items()):
+            for real in files.get(pkg, ()):
+                if real in self.kept:
+                    continue
+                node = self.tree.lookup(real)
+                if node is None or node.kind == DIR:
+                    continue
+                d = real.rsplit("/", 1)[0] if "/" in real else ""
+                if _is_doc(real):
+                    self.dropped_why.setdefault(real, ("doc", f"docs, man pages and locales of {pkg}"))
+                    continue
+                if real.startswith(DEV_PREFIXES) or real.endswith((".a", ".pc", ".h")):
+                    self.dropped_why.setdefault(real, ("dev", f"headers/static libs of {pkg}"))
+                    continue
+                if real.startswith(INIT_PREFIXES):
+                    self.dropped_why.setdefault(real, ("init-system", f"service-manager files of {pkg}: the "
+                                                       "guest's init runs the entrypoint directly"))
+                    continue
+                if d in BIN_DIRS:
+                    self.dropped_why.setdefault(real, (f"package-command:{pkg}",
+                                                       "a command of an owning package that nothing runs"))
+                    continue
+                if "/gconv/" in f"/{real}" and real in self.dropped_why:
+                    continue
+                under_lib, direct = _in_lib(real)
+                is_elf = node.kind == FILE and elf._head(node, 4) == elf.ELF_MAGIC
+                if is_elf and (direct or pkg not in apps or not (under_lib or "/libexec/" in f"/{real}")):
+                    self.dropped_why.setdefault(real, (f"package-library:{pkg}",
+                                                       "a library or plugin of an owning package that no "
+                                                       "kept object loads"))
+                    continue
+                if real in self.dropped_why:
+                    continue
+                self.mark(real, f"package:{pkg}", why)
+                if is_elf:
+                    self.need(real, f"package:{pkg}", f"plugin of {pkg} ({why})")
+
+    def etc(self) -> None:
+        node = self.tree.lookup("etc", follow=True)
+        if node is None or node.kind != DIR:
+            return
+        real_etc = self.tree.real_path("etc")
+        for sub, n in _walk_from(node, real_etc):
+            if n.kind == DIR:
+                continue
+            self.mark(sub, "etc", "")
+            if n.kind == SYMLINK and not sub.startswith(ETC_LINKS_NOT_FOLLOWED):
+                try:
+                    t = self.tree.real_path(sub)
+                except LookupError:
+                    continue
+                tn = self.tree.lookup(t)
+                if tn is not None and tn.kind == FILE and not t.startswith("etc/") and t not in self.kept \
+                        and elf._head(tn, 4) != elf.ELF_MAGIC:
+                    self.keep(sub, "etc-link", f"target of /{sub}")
+
+    # -- the new tree and the report -------------------------------------------------------------
+    def result(self, mode: str) -> tuple[Tree, Report]:
+        tree = self.tree
+        paths: dict[str, tuple[str, str, str]] = {}
+        kept: dict[str, list[int]] = {}
+        dropped: dict[str, list[int]] = {}
+        keep_set: set[str] = set()
+        symlinks: list[tuple[str, Inode]] = []
+        for path, node in tree.walk():
+            if not path:
+                continue
+            size = node.size if node.kind == FILE else 0
+            if node.kind == DIR:
+                keep_set.add(path)
+                continue
+            if path in self.kept:
+                r, d = self.kept[path]
+            elif node.kind == SYMLINK:
+                symlinks.append((path, node))
+                continue
+            elif node.kind != FILE:
+                r, d = "device", "device nodes and fifos are always kept"
+            else:
+                r, d = self.dropped_why.get(path, ("unreferenced", "no rule reached it"))
+                paths["/" + path] = ("dropped", r, d)
+                dropped.setdefault(r, [0, 0])
+                dropped[r][0] += 1
+                dropped[r][1] += size
+                continue
+            keep_set.add(path)
+            paths["/" + path] = ("kept", r, d)
+            kept.setdefault(r, [0, 0])
+            kept[r][0] += 1
+            kept[r][1] += size
+        for path, _node in symlinks:       # kept unless they point at a file that was dropped
+            try:
+                t = tree.real_path(path)
+            except LookupError:
+                t = None
+            tn = tree.lookup(t) if t is not None else None
+            if tn is not None and tn.kind != DIR and t not in keep_set:
+                r, d, status = "dangling-after-minimize", f"points at dropped /{t}", "dropped"
+            else:
+                r, d, status = "symlink", "symlinks are kept unless their target was dropped", "kept"
+                keep_set.add(path)
+            paths["/" + path] = (status, r, d)
+            tgt = kept if status == "kept" else dropped
+            tgt.setdefault(r, [0, 0])
+            tgt[r][0] += 1
+        new = Tree(_copy_dirs(tree.root, "", keep_set))
+        report = Report(mode, {k: (v[0], v[1]) for k, v in kept.items()},
+                        {k: (v[0], v[1]) for k, v in dropped.items()}, paths,
+                        tuple(dict.fromkeys(self.notes)), self.recipe.name if self.recipe else None)
+        return new, report
+
+
+def _copy_dirs(node: Inode, path: str, keep: set[str]) -> Inode:
+    new = Inode(DIR, node.mode, node.uid, node.gid, node.mtime, xattrs=dict(node.xattrs) if node.xattrs
+                else None, children={})
+    assert node.children is not None and new.children is not None
+    prefix = path + "/" if path else ""
+    for name, child in node.children.items():
+        p = prefix + name
+        if p not in keep:
+            continue
+        new.children[name] = _copy_dirs(child, p, keep) if child.kind == DIR else child
+    return new
+
+
+def _stem(pkg: str) -> str:
+    """'nginx-common' -> 'nginx', 'libpython3.11-stdlib' -> 'python3.11': packages of one source."""
+    return re.sub(r"^lib", "", pkg).split("-", 1)[0]
+
+
+def _walk_from(node: Inode, base: str) -> Iterable[tuple[str, Inode]]:
+    """(path, inode) of everything below a directory (not following symlinks), depth first."""
+    stack = [(base, node)]
+    while stack:
+        path, n = stack.pop()
+        if n.children:
+            for name, c in n.children.items():
+                p = f"{path}/{name}" if path else name
+                yield p, c
+                if c.kind == DIR:
+                    stack.append((p, c))
+
+
+def _package_db(tree: Tree) -> tuple[dict[str, set[str]], dict[str, list[str]], dict[str, list[str]]]:
+    """(real path -> owning packages, package -> its real file paths, package -> Depends) from dpkg's
+    /var/lib/dpkg/info/*.list + status, or apk's /lib/apk/db/installed. Empty without a database."""
+    owners: dict[str, set[str]] = {}
+    files: dict[str, list[str]] = {}
+    depends: dict[str, list[str]] = {}
+
+    def add(pkg: str, path: str) -> None:
+        try:
+            real = tree.real_path(path, follow=False)     # a package owns its symlinks, not their targets
+        except LookupError:
+            return
+        n = tree.lookup(real)
+        if n is None or n.kind == DIR:
+            return
+        if n.kind == SYMLINK:
+            t = tree.lookup(real, follow=True)
+            if t is not None and t.kind == DIR:    # /bin -> usr/bin is listed by every package in /bin
+                return
+        owners.setdefault(real, set()).add(pkg)
+        files.setdefault(pkg, []).append(real)
+
+    info = tree.lookup("var/lib/dpkg/info", follow=True)
+    if info is not None and info.children:
+        for name in sorted(info.children):
+            if name.endswith(".list"):
+                pkg = name[:-5].split(":", 1)[0]
+                files.setdefault(pkg, [])
+                for line in tree.read(f"var/lib/dpkg/info/{name}").decode("utf-8", "replace").splitlines():
+                    if line.strip() and line != "/.":
+                        add(pkg, line.strip().lstrip("/"))
+        try:
+            status = tree.read("var/lib/dpkg/status").decode("utf-8", "replace")
+        except FileNotFoundError:
+            status = ""
+        for para in status.split("\n\n"):
+            fields = dict(re.findall(r"^([A-Za-z-]+): ?(.*)$", para, re.M))
+            if "Package" in fields:
+                deps = []
+                for key in ("Pre-Depends", "Depends"):
+                    for alt in fields.get(key, "").split(","):
+                        first = alt.split("|")[0].strip().split(" ")[0].split(":")[0]
+                        if first:
+                            deps.append(first)
+                depends[fields["Package"]] = deps
+    try:
+        apk = tree.read("lib/apk/db/installed").decode("utf-8", "replace")
+    except FileNotFoundError:
+        apk = ""
+    for para in apk.split("\n\n"):
+        pkg, d = "", ""
+        deps = []
+        for line in para.splitlines():
+            if line.startswith("P:"):
+                pkg = line[2:]
+                files.setdefault(pkg, [])
+            elif line.startswith("F:"):
+                d = line[2:]
+            elif line.startswith("R:") and pkg:
+                add(pkg, f"{d}/{line[2:]}" if d else line[2:])
+            elif line.startswith("D:"):
+                deps = [w for w in line[2:].split() if not w.startswith(("so:", "cmd:", "pc:", "!"))]
+        if pkg:
+            depends[pkg] = [re.split(r"[<>=~]", x)[0] for x in deps]
+    return owners, files, depends
+

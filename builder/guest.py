@@ -1,0 +1,268 @@
+"""The guest config: what the init (initramfs/init.c) runs, resolved at build time like `docker run`.
+
+`guest_config(image config, tree, hostname)` applies the OCI image-spec's conversion rules (conversion.md)
+and runc's/docker's user resolution against the image's own /etc/passwd and /etc/group:
+
+- argv = Entrypoint + Cmd (Cmd alone when there is no Entrypoint); neither → ConfigError.
+- env = docker's: `PATH=<default>`, `HOSTNAME=<hostname>`, then the image's Env replacing by key or
+  appended (a bare `KEY` removes it), then `HOME=<passwd home or />` when there is still no HOME.
+- cwd = WorkingDir, "/" when empty; made absolute and normalised. The init creates it if missing.
+- User: "", name, uid, name:group, uid:gid, name:gid, uid:group (runc's GetExecUser):
+  * empty → uid 0, gid 0 (and root's passwd entry, if any, for home and groups);
+  * a numeric user is always a uid (no passwd entry needed: gid 0, home "/"); a name must exist in
+    /etc/passwd, else ConfigError; the passwd entry gives the gid and home;
+  * an explicit group replaces the gid: a numeric group is always a gid, a name must exist in /etc/group;
+  * supplementary groups: the primary gid first, then, only when no group was given explicitly, every
+    /etc/group entry listing the user's name (file order, no duplicates). Including the primary gid is
+    what containerd/moby do since GHSA-hmfx-3pcx-653p (CVE-2023-25173).
+- StopSignal: a number or a name with or without SIG (any case), SIGRTMIN+n / RTMAX-n; empty → SIGTERM.
+
+`install(tree, gc, init)` puts the init at /.xbuild/init, the encoded config at /.xbuild/config, a /init
+symlink when the image has none, and /dev/console so the kernel hands init a console.
+The boot command line must carry INIT_CMDLINE.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .image import ImageConfig
+from .tree import CHAR, Inode, Tree, regular
+
+INIT_PATH = ".xbuild/init"
+CONFIG_PATH = ".xbuild/config"
+INIT_CMDLINE = "rdinit=/.xbuild/init"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_GRACE_S = 10
+MAGIC = ("xbuild-guest-config", "1")
+
+# Linux x86-64 signal numbers (as docker's signal map; SIGRTMIN is 34 there as in glibc)
+SIGNALS = {
+    "HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "IOT": 6, "BUS": 7, "FPE": 8,
+    "KILL": 9, "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15, "STKFLT": 16,
+    "CHLD": 17, "CLD": 17, "CONT": 18, "STOP": 19, "TSTP": 20, "TTIN": 21, "TTOU": 22, "URG": 23,
+    "XCPU": 24, "XFSZ": 25, "VTALRM": 26, "PROF": 27, "WINCH": 28, "IO": 29, "POLL": 29, "PWR": 30,
+    "SYS": 31, "UNUSED": 31,
+}
+SIGRTMIN, SIGRTMAX = 34, 64
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    stop_signal: int
+    hostname: str
+    cmd_index: int = 0            # argv[cmd_index:] is Cmd: what `-- WORDS` on the command line replaces
+    grace_s: int = DEFAULT_GRACE_S
+
+    def encode(self) -> bytes:
+        """`KEY NUL VALUE NUL` records (see init.c's header comment)."""
+        recs: list[tuple[str, str]] = [MAGIC]
+        recs += [("arg", a) for a in self.argv]
+        recs.append(("cmd", str(self.cmd_index)))
+        recs += [("env", e) for e in self.env]
+        recs += [("cwd", self.cwd), ("uid", str(self.uid)), ("gid", str(self.gid))]
+        recs += [("group", str(g)) for g in self.groups]
+        recs += [("stopsig", str(self.stop_signal)), ("hostname", self.hostname),
+                 ("grace", str(self.grace_s))]
+        out = bytearray()
+        for k, v in recs:
+            b = v.encode("utf-8", "surrogateescape")
+            if b"\0" in b:
+                raise ConfigError(f"{k} value contains a NUL byte: {v!r}")
+            out += k.encode() + b"\0" + b + b"\0"
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> GuestConfig:
+        """The inverse of encode (for tests and `explain`)."""
+        parts = data.split(b"\0")
+        if len(parts) % 2 != 1 or parts[-1] != b"":
+            raise ConfigError("guest config: truncated record")
+        recs = [(parts[i].decode(), parts[i + 1].decode("utf-8", "surrogateescape"))
+                for i in range(0, len(parts) - 1, 2)]
+        if not recs or recs[0] != MAGIC:
+            raise ConfigError("guest config: bad magic")
+        f: dict[str, list[str]] = {}
+        for k, v in recs[1:]:
+            f.setdefault(k, []).append(v)
+
+        def one(k: str, default: str) -> str:
+            return f.get(k, [default])[-1]
+
+        return cls(tuple(f.get("arg", [])), tuple(f.get("env", [])), one("cwd", "/"), int(one("uid", "0")),
+                   int(one("gid", "0")), tuple(int(g) for g in f.get("group", [])),
+                   int(one("stopsig", "15")), one("hostname", ""), int(one("cmd", "0")),
+                   int(one("grace", str(DEFAULT_GRACE_S))))
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+def parse_signal(text: str) -> int:
+    """A StopSignal value as docker parses it: '9', 'SIGQUIT', 'quit', 'SIGRTMIN+3'; '' → SIGTERM."""
+    s = text.strip()
+    if not s:
+        return SIGNALS["TERM"]
+    if s.isdigit():
+        n = int(s)
+        if 1 <= n <= SIGRTMAX:
+            return n
+        raise ConfigError(f"invalid StopSignal {text!r}: no signal {n}")
+    name = s.upper()
+    if name.startswith("SIG"):
+        name = name[3:]
+    if name in SIGNALS:
+        return SIGNALS[name]
+    for base, sign, start in (("RTMIN", 1, SIGRTMIN), ("RTMAX", -1, SIGRTMAX)):
+        if name == base:
+            return start
+        if name.startswith(base + ("+" if sign > 0 else "-")) and name[len(base) + 1:].isdigit():
+            n = start + sign * int(name[len(base) + 1:])
+            if SIGRTMIN <= n <= SIGRTMAX:
+                return n
+    raise ConfigError(f"invalid StopSignal {text!r}")
+
+
+@dataclass(frozen=True)
+class _Passwd:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+@dataclass(frozen=True)
+class _Group:
+    name: str
+    gid: int
+    members: tuple[str, ...]
+
+
+def _read(tree: Tree, path: str) -> list[list[str]]:
+    try:
+        text = tree.read(path).decode("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        rows.append(line.split(":"))
+    return rows
+
+
+def _passwd(tree: Tree) -> list[_Passwd]:
+    out = []
+    for f in _read(tree, "etc/passwd"):
+        if len(f) < 4 or not f[2].isdigit() or not f[3].isdigit():
+            continue  # runc skips what it cannot parse, too
+        out.append(_Passwd(f[0], int(f[2]), int(f[3]), f[5] if len(f) > 5 else ""))
+    return out
+
+
+def _groups(tree: Tree) -> list[_Group]:
+    out = []
+    for f in _read(tree, "etc/group"):
+        if len(f) < 3 or not f[2].isdigit():
+            continue
+        members = tuple(m.strip() for m in f[3].split(",") if m.strip()) if len(f) > 3 else ()
+        out.append(_Group(f[0], int(f[2]), members))
+    return out
+
+
+def resolve_user(user: str, tree: Tree) -> tuple[int, int, tuple[int, ...], str]:
+    """(uid, gid, supplementary groups, home) for an OCI `User` value, from the tree's passwd/group."""
+    user_arg, _, group_arg = user.partition(":")
+    has_group = ":" in user
+    if has_group and not group_arg:
+        raise ConfigError(f"invalid User {user!r}: empty group")
+    if user.startswith(":"):
+        raise ConfigError(f"invalid User {user!r}: empty user")
+    uid, gid, home, name = 0, 0, "/", ""
+    entries = _passwd(tree)
+    if not user_arg:
+        match = next((p for p in entries if p.uid == 0), None)
+    elif user_arg.isdigit():
+        uid = int(user_arg)
+        match = next((p for p in entries if p.uid == uid), None)
+    else:
+        match = next((p for p in entries if p.name == user_arg), None)
+        if match is None:
+            raise ConfigError(f"cannot resolve User {user!r}: "
+                              f"no user {user_arg!r} in the image's /etc/passwd")
+    if match is not None:
+        uid, gid, name = match.uid, match.gid, match.name
+        home = match.home or "/"
+    groups = _groups(tree)
+    extra: list[int] = []
+    if has_group:
+        if group_arg.isdigit():
+            gid = int(group_arg)
+        else:
+            grp = next((g for g in groups if g.name == group_arg), None)
+            if grp is None:
+                raise ConfigError(f"cannot resolve User {user!r}: "
+                                  f"no group {group_arg!r} in the image's /etc/group")
+            gid = grp.gid
+    elif name:
+        extra = [g.gid for g in groups if name in g.members]
+    if uid > 0xFFFFFFFE or gid > 0xFFFFFFFE:
+        raise ConfigError(f"invalid User {user!r}: id out of range")
+    sup: list[int] = []
+    for g in [gid, *extra]:
+        if g not in sup:
+            sup.append(g)
+    return uid, gid, tuple(sup), home
+
+
+def merge_env(base: list[str], updates: tuple[str, ...] | list[str]) -> list[str]:
+    """Docker's ReplaceOrAppendEnvValues: KEY=VALUE replaces KEY or is appended; bare KEY removes it."""
+    env = list(base)
+    for kv in updates:
+        key, eq, _ = kv.partition("=")
+        idx = next((i for i, e in enumerate(env) if e.partition("=")[0] == key), None)
+        if not eq:
+            if idx is not None:
+                del env[idx]
+        elif idx is None:
+            env.append(kv)
+        else:
+            env[idx] = kv
+    return env
+
+
+def guest_config(config: ImageConfig, tree: Tree, hostname: str) -> GuestConfig:
+    """Resolve the image config against the image's files into what init runs."""
+    argv = tuple(config.entrypoint) + tuple(config.cmd)
+    if not argv:
+        raise ConfigError("the image has neither Entrypoint nor Cmd: nothing to run")
+    if not argv[0]:
+        raise ConfigError("the image's command starts with an empty word")
+    uid, gid, groups, home = resolve_user(config.user, tree)
+    env = merge_env([f"PATH={DEFAULT_PATH}", f"HOSTNAME={hostname}"], config.env)
+    if not any(e.partition("=")[0] == "HOME" for e in env):
+        env.append(f"HOME={home}")
+    cwd = posixpath.normpath("/" + (config.working_dir or "/"))
+    cwd = "/" + cwd.lstrip("/")
+    return GuestConfig(argv=argv, env=tuple(env), cwd=cwd, uid=uid, gid=gid, groups=groups,
+                       stop_signal=parse_signal(config.stop_signal), hostname=hostname,
+                       cmd_index=len(config.entrypoint))
+
+
+def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
+    """Add the init, its config, /init (unless the image has its own) and /dev/console to the tree."""
+    tree.add(INIT_PATH, regular(init, 0o755))
+    tree.add(CONFIG_PATH, regular(gc.encode(), 0o644))
+    if tree.lookup("init") is None:
+        tree.add("init", Inode("symlink", 0o777, target=INIT_PATH))
+    dev = tree.lookup("dev", follow=True)
+    if (dev is None or dev.kind == "dir") and tree.lookup("dev/console") is None:
+        tree.add("dev/console", Inode(CHAR, 0o600, rdev=(5, 1)))

@@ -1,0 +1,259 @@
+"""builder.run.qemu: command line, accelerator choice and KVM probe (fast); boots (slow).
+
+Boots use Debian's cloud kernel (tests/test_init.py's `cloud_kernel`); the networking and power-button
+tests need the trimmed kernel (IP_PNP, VIRTIO_NET, ACPI_BUTTON, INPUT_EVDEV): the newest one in the
+kernel cache or $XBUILD_TRIMMED_KERNEL, else they are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from builder.errors import RunError
+from builder.run import qemu
+from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
+from tests.fixtures import images as fx
+from tests.test_init import CMDLINE, boot, cloud_kernel, make_artifact, probe_binary, probe_members, report  # noqa: F401
+
+slow = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def trimmed_kernel() -> Path:
+    override = os.environ.get("XBUILD_TRIMMED_KERNEL")
+    if override:
+        return Path(override)
+    from builder.kernel import list_kernels
+    for k in list_kernels():
+        if "qemu" in k.fragments and "net" in k.fragments:
+            return k.bzimage if k.bzimage.is_file() else k.path
+    pytest.skip("no trimmed kernel with the qemu + net fragments in the cache (or $XBUILD_TRIMMED_KERNEL)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------------------------ fast
+
+def test_guest_cmdline() -> None:
+    base = "console=ttyS0 quiet rdinit=/.xbuild/init"
+    std = f"{base} panic=-1 no_timer_check"
+    assert guest_cmdline(base) == std
+    assert guest_cmdline("quiet") == "quiet console=ttyS0 rdinit=/.xbuild/init panic=-1 no_timer_check"
+    got = guest_cmdline(base, network=True, kernel_args=["xbuild.env=A=b c"], extra_args=["x", "y z", ""])
+    assert got == f'{std} {NET_CMDLINE} "xbuild.env=A=b c" -- x "y z" ""'
+    # the artifact's own `-- words` are kept, or replaced by extra_args; ip= always before `--`
+    assert guest_cmdline(base + " -- a b", network=True) == f"{std} {NET_CMDLINE} -- a b"
+    assert guest_cmdline(base + " -- a b", extra_args=["c"]).endswith(" -- c")
+    with pytest.raises(RunError, match="quotes"):
+        guest_cmdline(base, extra_args=['say "hi"'])
+
+
+def test_qemu_command(tmp_path: Path) -> None:
+    for name in ("bzImage", "initrd.img"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "cmdline").write_text(CMDLINE)
+    g = Qemu(tmp_path, ports=[(8080, 80), (2222, 22)], icount=True, memory_mb=300)
+    cmd = g.command()
+    assert cmd[0] == "qemu-system-x86_64" and "-no-reboot" in cmd
+    assert cmd[cmd.index("-kernel") + 1] == str(tmp_path / "bzImage")
+    assert cmd[cmd.index("-m") + 1] == "300" and cmd[cmd.index("-accel") + 1] == "tcg"
+    assert cmd[cmd.index("-icount") + 1] == "shift=0,sleep=off"
+    assert "user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:2222-:22" in cmd
+    assert "virtio-net-pci,netdev=n0" in cmd
+    assert NET_CMDLINE in cmd[cmd.index("-append") + 1]
+    g.kill()
+    plain = Qemu(tmp_path).command()
+    assert "-netdev" not in plain and "-icount" not in plain
+    assert NET_CMDLINE not in plain[plain.index("-append") + 1]
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="no kernel"):
+        Qemu(tmp_path)
+    (tmp_path / "kernel").write_bytes(b"x")
+    with pytest.raises(RunError, match="initrd"):
+        Qemu(tmp_path)
+
+
+def test_choose_accel(monkeypatch: pytest.MonkeyPatch) -> None:
+    k = Path("/k")
+    monkeypatch.setattr(qemu, "kvm_works", lambda kernel: True)
+    assert qemu.choose_accel("auto", k, False) == "kvm"
+    assert qemu.choose_accel("auto", k, True) == "tcg"       # -icount is TCG only
+    assert qemu.choose_accel("tcg", k, False) == "tcg"
+    monkeypatch.setattr(qemu, "kvm_works", lambda kernel: False)
+    assert qemu.choose_accel("auto", k, False) == "tcg"
+    with pytest.raises(RunError):
+        qemu.choose_accel("kvm", k, True)
+    with pytest.raises(RunError):
+        qemu.choose_accel("hvf", k, False)
+
+
+def test_kvm_probe_is_cached(xbuild_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(qemu.os, "access", lambda p, m: True)
+    monkeypatch.setattr(qemu, "_probe_kvm", lambda kernel: calls.append(kernel) or False)
+    assert qemu.kvm_works(Path("/k")) is False
+    assert qemu.kvm_works(Path("/k")) is False
+    assert len(calls) == 1
+    assert list((xbuild_cache / "probe").glob("kvm-*.json"))
+
+
+# ------------------------------------------------------------------------------------------------ slow
+
+@slow
+def test_run_auto_accel_and_icount(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:  # noqa: F811
+    """accel=auto probes KVM once (it hangs on this machine kind: TCG is chosen); -icount boots too."""
+    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "exit", "0"]},
+                           probe_members(probe_binary))
+    t0 = time.monotonic()
+    r = run(art, accel="auto", console=None, timeout=120)
+    assert r.exit_status == 0
+    first = time.monotonic() - t0
+    r = run(art, accel="auto", icount=True, console=None, timeout=120)
+    assert r.exit_status == 0 and r.boot_us
+    sys.stderr.write(f"auto: {first:.1f}s (with the KVM probe on first use); icount marker {r.boot_us}us\n")
+
+
+@slow
+def test_console_is_streamed(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:  # noqa: F811
+    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "exit", "2"]},
+                           probe_members(probe_binary))
+    r_fd, w_fd = os.pipe()
+    seen = bytearray()
+    reader = threading.Thread(target=_drain, args=(r_fd, seen))
+    reader.start()
+    with os.fdopen(w_fd, "wb") as w:
+        r = run(art, accel="tcg", console=w, timeout=120)
+    reader.join(5)
+    assert r.exit_status == 2
+    assert bytes(seen) == r.console and b"xbuild: exit status 2" in seen
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    while chunk := os.read(fd, 4096):
+        into.extend(chunk)
+    os.close(fd)
+
+
+@slow
+def test_sigterm_to_the_runner_stops_the_guest(tmp_path: Path, cloud_kernel: Path,  # noqa: F811
+                                               probe_binary: bytes) -> None:  # noqa: F811
+    """SIGTERM to the process running `run()` → graceful stop → the program gets its StopSignal;
+    no QEMU is left behind."""
+    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]},
+                           probe_members(probe_binary))
+    script = (f"import sys; from pathlib import Path; from builder.run.qemu import run\n"
+              f"r = run(Path({str(art)!r}), accel='tcg', timeout=120)\n"
+              f"print('RESULT', r.exit_status, r.error, file=sys.stderr)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=Path(__file__).parent.parent)
+    out = bytearray()
+    assert p.stdout is not None
+    os.set_blocking(p.stdout.fileno(), False)
+    deadline = time.monotonic() + 120
+    while b"probe: ready" not in out and time.monotonic() < deadline:
+        time.sleep(0.1)
+        out += p.stdout.read() or b""
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=60)
+    out += rest
+    assert b"probe: got signal 15" in out, (out, err)
+    assert b"RESULT 3 None" in err
+    ps = subprocess.run(["pgrep", "-f", str(art)], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+
+
+@slow
+def test_timeout_kills_a_hung_guest(tmp_path: Path, cloud_kernel: Path) -> None:  # noqa: F811
+    """A guest that never reaches init (no initrd content) and ignores the power button is killed."""
+    (tmp_path / "initrd.img").write_bytes(b"\0" * 512)
+    (tmp_path / "kernel").symlink_to(cloud_kernel)
+    (tmp_path / "cmdline").write_text("console=ttyS0 quiet panic=0 rdinit=/nothing")
+    t0 = time.monotonic()
+    r = run(tmp_path, accel="tcg", console=None, timeout=5, stop_grace=3)
+    assert r.exit_status is None and r.error and "timed out" in r.error
+    assert time.monotonic() - t0 < 30
+
+
+@slow
+def test_power_button_and_port_forwarding(tmp_path: Path, trimmed_kernel: Path,
+                                          probe_binary: bytes) -> None:  # noqa: F811
+    """Trimmed kernel: ip= networking, /etc/resolv.conf from /proc/net/pnp, hostfwd to busybox httpd,
+    then a stop through the ACPI power button alone (no ctrl-alt-del: that kernel has no VT)."""
+    port = free_port()
+    img = fx.make_busybox_image(tmp_path / "layout", "bb", {
+        "Cmd": ["sh", "-c", "cat /etc/resolv.conf; mkdir -p /www; echo hello-from-guest > /www/index.html;"
+                " exec httpd -f -p 80 -h /www"]})
+    from builder.cpio import pack
+    from builder.flatten import flatten
+    from builder.guest import guest_config, install
+    from builder.init import init_binary
+    from builder.reference import parse
+    from builder.source import load
+    image = load(parse(img.ref))
+    tree = flatten(image).tree
+    install(tree, guest_config(image.config, tree, "web"), init_binary())
+    art = tmp_path / "artifact"
+    art.mkdir()
+    pack(tree, art / "initrd.img", "lz4")
+    (art / "kernel").symlink_to(trimmed_kernel)
+    (art / "cmdline").write_text(CMDLINE)
+    guest = Qemu(art, ports=[(port, 80)], accel="tcg")
+    body = b""
+    with guest:
+        deadline = time.monotonic() + 120
+        while guest.pump(0.2) and time.monotonic() < deadline and not body:
+            if guest.watcher.boot_us is None:
+                continue
+            with contextlib.suppress(OSError):
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+        guest.stop_requested_at = time.monotonic()
+        guest.qmp([("system_powerdown", None)])
+        r = guest.wait(timeout=60)
+    assert body == b"hello-from-guest\n", r.console.decode(errors="replace")
+    assert b"nameserver 10.0.2.3" in r.console
+    # busybox httpd dies of SIGTERM (the default StopSignal) before the grace period ends
+    assert r.signal == 15, r.console.decode(errors="replace")
+
+
+@slow
+def test_qemu_dies_with_a_killed_runner(tmp_path: Path, cloud_kernel: Path,  # noqa: F811
+                                        probe_binary: bytes) -> None:  # noqa: F811
+    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]},
+                           probe_members(probe_binary))
+    script = ("from pathlib import Path; from builder.run.qemu import run\n"
+              f"run(Path({str(art)!r}), accel='tcg')")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                         cwd=Path(__file__).parent.parent)
+    out = bytearray()
+    assert p.stdout is not None
+    os.set_blocking(p.stdout.fileno(), False)
+    deadline = time.monotonic() + 120
+    while b"probe: ready" not in out and time.monotonic() < deadline:
+        time.sleep(0.1)
+        out += p.stdout.read() or b""
+    assert b"probe: ready" in out
+    p.kill()
+    p.wait()
+    for _ in range(50):
+        ps = subprocess.run(["pgrep", "-f", str(art)], capture_output=True, text=True)
+        if not ps.stdout.strip():
+            break
+        time.sleep(0.1)
+    assert ps.stdout.strip() == ""

@@ -1,0 +1,187 @@
+"""Boot time to /init's marker: xbuild's default kernel vs Debian's cloud kernel, under QEMU TCG -icount.
+
+Run as `python bench/kernel_boot.py [--runs N]` with xbuild installed (make venv). Both kernels boot the same
+initramfs: static busybox plus kernels/marker.c as /init, which prints `xbuild: exec <path> at <N>us`
+(N = CLOCK_BOOTTIME) and the TSC, then powers off. With `-icount shift=0,sleep=off` guest time is
+deterministic and the TSC counts guest nanoseconds since reset, so it also covers firmware and the bzImage
+decompressor; CLOCK_BOOTTIME is inflated under TCG (see kernels/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.cache import atomic_file, cache_dir
+from builder.kernel import KERNELS_DIR, cmdline, default_kernel
+
+QEMU = [
+    "qemu-system-x86_64",
+    "-accel",
+    "tcg",
+    "-icount",
+    "shift=0,sleep=off",
+    "-m",
+    "256",
+    "-nographic",
+    "-no-reboot",
+    "-net",
+    "none",
+]
+MARKER = re.compile(r"xbuild: exec (\S+) at (\d+)us")
+TSC = re.compile(r"xbuild: tsc (\d+)")
+STOCK_PACKAGE = "linux-image-cloud-amd64"
+
+
+@dataclass(frozen=True)
+class Boot:
+    """One boot: guest µs to the marker (CLOCK_BOOTTIME and TSC since reset), host wall seconds."""
+
+    marker_us: int
+    tsc_us: int | None
+    wall_s: float
+    console: str
+
+
+def marker_initramfs() -> Path:
+    """An uncompressed newc cpio: /dev/console, busybox (+ /bin/sh), the marker program as /init.
+
+    Cached by the hash of marker.c and busybox.
+    """
+    busybox = shutil.which("busybox")
+    if not busybox:
+        sys.exit("busybox not found: apt-get install busybox-static")
+    digest = hashlib.sha256((KERNELS_DIR / "marker.c").read_bytes() + Path(busybox).read_bytes()).hexdigest()
+    out = cache_dir("bench") / f"marker-initramfs-{digest[:16]}.cpio"
+    if out.exists():
+        return out
+    init = cache_dir("bench") / "marker"
+    cc = shutil.which("musl-gcc") or "gcc"
+    subprocess.run([cc, "-static", "-Os", "-s", "-o", str(init), str(KERNELS_DIR / "marker.c")], check=True)
+    entries = [
+        ("dev", 0o040755, b"", 0),
+        ("dev/console", 0o020600, b"", (5 << 8) | 1),
+        ("bin", 0o040755, b"", 0),
+        ("bin/busybox", 0o100755, Path(busybox).read_bytes(), 0),
+        ("bin/sh", 0o120777, b"busybox", 0),
+        ("init", 0o100755, init.read_bytes(), 0),
+    ]
+    with atomic_file(out) as f:
+        for ino, (name, mode, data, rdev) in enumerate(entries + [("TRAILER!!!", 0, b"", 0)], 1):
+            f.write(_newc(ino, name, mode, data, rdev))
+    return out
+
+
+def _newc(ino: int, name: str, mode: int, data: bytes, rdev: int) -> bytes:
+    fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(name) + 1, 0]
+    head = b"070701" + b"".join(b"%08X" % v for v in fields) + name.encode() + b"\0"
+    return head + b"\0" * (-len(head) % 4) + data + b"\0" * (-len(data) % 4)
+
+
+def stock_kernel() -> Path:
+    """Debian's cloud kernel (vmlinuz), fetched with apt-get download and unpacked into the cache once."""
+    d = cache_dir("bench", "stock")
+    found = sorted(glob.glob(str(d / "x/boot/vmlinuz-*")))
+    if found:
+        return Path(found[-1])
+    deps = subprocess.run(["apt-cache", "depends", STOCK_PACKAGE], capture_output=True, text=True, check=True)
+    pkg = re.search(r"Depends: (linux-image-\S+)", deps.stdout)
+    if not pkg:
+        sys.exit(f"cannot resolve {STOCK_PACKAGE}: {deps.stdout}")
+    subprocess.run(["apt-get", "download", pkg[1]], cwd=d, check=True, capture_output=True)
+    deb = max(d.glob(f"{pkg[1]}_*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(d / "x")], check=True)
+    deb.unlink()
+    return Path(max(glob.glob(str(d / "x/boot/vmlinuz-*"))))
+
+
+def boot(kernel: Path, initrd: Path, append: str, timeout: float = 300) -> Boot:
+    """Boot `kernel` under QEMU TCG with -icount to the marker; raise RuntimeError if it never prints it."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*QEMU, "-kernel", str(kernel), "-initrd", str(initrd), "-append", append],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    wall = time.monotonic() - t0
+    console = proc.stdout.decode(errors="replace")
+    m = MARKER.search(console)
+    if not m:
+        raise RuntimeError(f"{kernel}: no marker (qemu rc={proc.returncode})\n{console[-3000:]}")
+    t = TSC.search(console)
+    return Boot(int(m[2]), int(t[1]) // 1000 if t else None, wall, console)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=1, help="boots per kernel and flag set (the median is shown)")
+    args = ap.parse_args()
+
+    kernel = default_kernel(progress=lambda line: print(line, file=sys.stderr))
+    stock = stock_kernel()
+    initrd = marker_initramfs()
+    kernels = [
+        ("xbuild " + kernel.fmt, kernel.path, f"console=ttyS0 panic=-1 {cmdline()}"),
+        ("xbuild bzImage", kernel.bzimage, f"console=ttyS0 panic=-1 {cmdline()}"),
+        ("stock cloud", stock, "console=ttyS0 panic=-1 quiet"),
+    ]
+    sizes = {
+        kernels[0][0]: kernel.size,
+        kernels[1][0]: kernel.bzimage.stat().st_size,
+        kernels[2][0]: stock.stat().st_size,
+    }
+    print(f"initramfs {initrd} ({initrd.stat().st_size} bytes); median of {args.runs} run(s)")
+    print(
+        f"xbuild kernel {kernel.key[:12]} {kernel.release} ({'+'.join(kernel.fragments)}), "
+        f"cmdline: {cmdline()}; stock: {stock.name}"
+    )
+    for flags, note in TCG_FLAG_SETS:
+        print(f"\n== extra flags {flags or '(none)'}: {note}")
+        print(
+            f"{'kernel':<16}{'size MB':>8}{'marker ms':>11}{'tsc ms':>9}{'wall s':>8}"
+            "  (marker: CLOCK_BOOTTIME; tsc: guest time since reset)"
+        )
+        res = {}
+        for name, path, append in kernels:
+            boots = [boot(path, initrd, f"{append} {flags}".strip()) for _ in range(args.runs)]
+            res[name] = (
+                statistics.median(b.marker_us for b in boots) / 1000,
+                statistics.median(b.tsc_us or 0 for b in boots) / 1000,
+                statistics.median(b.wall_s for b in boots),
+            )
+            marker, tsc, wall = res[name]
+            print(f"{name:<16}{sizes[name] / 1e6:>8.2f}{marker:>11.1f}{tsc:>9.1f}{wall:>8.2f}")
+        s_marker, s_tsc, s_wall = res["stock cloud"]
+        for name, _, _ in kernels[:2]:
+            marker, tsc, wall = res[name]
+            print(
+                f"ratio {name} / stock: marker {marker / s_marker:.3f}  tsc {tsc / s_tsc:.3f}  "
+                f"wall {wall / s_wall:.3f}"
+            )
+
+
+TCG_FLAG_SETS = [
+    ("", "as shipped"),
+    (
+        "noapictimer",
+        (
+            "TCG only: skips the LAPIC timer calibration (~107 ms of guest time), which Xen guests and "
+            "CPUs with a TSC-deadline timer never run"
+        ),
+    ),
+]
+
+
+if __name__ == "__main__":
+    main()

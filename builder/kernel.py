@@ -1,0 +1,555 @@
+"""Trimmed guest kernels: `make tinyconfig` + fragments from `kernels/`, built once per hash, verified.
+
+One kernel boots as a Xen PV guest, a Xen PVH guest and under QEMU. `build()` caches each result in
+`$XBUILD_CACHE/kernels/<key>/` where key = sha256(source, fragment texts, `gcc --version`); `verify()` reads
+the Xen ELF notes (from the ELF itself or from inside a bzImage's compressed payload).
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lz4.block
+import zstandard
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.enums import ENUM_NOTE_N_TYPE
+
+from .cache import atomic_dir, cache_dir
+from .errors import KernelError
+
+KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu")
+# The file the artifact boots: the stripped vmlinux ELF (see kernels/README.md for the measurement).
+ARTIFACT_FORMAT = "elf"
+_RECIPE = "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage"
+
+Progress = Callable[[str], None]
+"""Receives every line of the build's output (and a few `xbuild: ...` phase lines)."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A built kernel in the cache."""
+
+    key: str
+    path: Path  # the bootable file: `vmlinux` (stripped ELF) or `bzImage`
+    fmt: str  # "elf" or "bzimage"
+    fragments: tuple[str, ...]
+    release: str
+    size: int
+    bzimage: Path  # always built; QEMU and Xen boot it too
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """What `verify()` found in a kernel file."""
+
+    path: Path
+    fmt: str  # "elf" or "bzimage"
+    modes: tuple[str, ...]  # subset of ("pv", "pvh", "qemu")
+    entry: int | None  # XEN_ELFNOTE_ENTRY (PV)
+    phys32_entry: int | None  # XEN_ELFNOTE_PHYS32_ENTRY (PVH, and QEMU's -kernel for an ELF)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A fragment line that did not survive into the final .config."""
+
+    symbol: str  # without CONFIG_
+    wanted: str
+    got: str
+    fragment: str
+    unmet: tuple[str, ...]  # dependency expressions that are false, with their symbols' values
+
+    def __str__(self) -> str:
+        why = "; ".join(self.unmet) or "no unmet dependency found (select, choice or range?)"
+        return f"CONFIG_{self.symbol}={self.wanted} ({self.fragment}) became {self.got}: {why}"
+
+
+# ---------------------------------------------------------------------------------------------- fragments
+
+
+def fragment_path(name: str) -> Path:
+    """`kernels/<name>.config`, or `name` itself if it is a path to a file."""
+    p = Path(name)
+    if p.suffix == ".config" and p.is_file():
+        return p
+    p = KERNELS_DIR / f"{name}.config"
+    if not p.is_file():
+        known = ", ".join(sorted(f.stem for f in KERNELS_DIR.glob("*.config")))
+        raise KernelError(f"no kernel fragment {name!r} (known: {known})")
+    return p
+
+
+_LINE = re.compile(r"^(?:CONFIG_(\w+)=(.*)|# CONFIG_(\w+) is not set)\s*$")
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """Symbol (without CONFIG_) → value ("n" for `# CONFIG_X is not set`) of a .config or fragment."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if m := _LINE.match(line.strip()):
+            out[m[1] or m[3]] = m[2] if m[1] else "n"
+    return out
+
+
+def check_fragments(
+    fragments: Mapping[str, str], config_text: str, kconfig_root: Path | None = None
+) -> list[Dropped]:
+    """Every symbol a fragment (name → text) sets that the final .config does not have as asked.
+
+    With `kconfig_root` (a kernel source tree), each one is explained by its false `depends on`/`if`.
+    """
+    final = parse_config(config_text)
+    asked = {name: parse_config(text) for name, text in fragments.items()}
+    deps = KconfigDeps(kconfig_root) if kconfig_root else None
+    dropped = []
+    for name, syms in asked.items():
+        for sym, wanted in syms.items():
+            got = final.get(sym, "n")
+            if got.strip('"') == wanted.strip('"'):
+                continue
+            clash = tuple(
+                f"fragment {other} sets it to {v[sym]}"
+                for other, v in asked.items()
+                if v.get(sym, wanted) != wanted
+            )
+            unmet = clash or (deps.unmet(sym, final) if deps else ())
+            dropped.append(Dropped(sym, wanted, got, name, unmet))
+    return dropped
+
+
+class KconfigDeps:
+    """The `depends on`, enclosing `if`/`menu` and prompt conditions of every symbol, from a Kconfig tree."""
+
+    def __init__(self, root: Path, arch: str = "x86") -> None:
+        self.root = root
+        self.arch = arch
+        self.deps: dict[str, list[str]] = {}
+        self._parse(root / "Kconfig", [])
+
+    def _parse(self, path: Path, outer: list[str]) -> None:
+        stack = list(outer)  # conditions of enclosing if/menu/choice blocks
+        marks: list[int] = []
+        sym: str | None = None
+        block_opened = False  # a menu/choice whose own `depends on` lines follow
+        help_indent: int | None = None  # inside help text: its indentation (0 until its first line)
+        for raw in path.read_text(errors="replace").splitlines():
+            indent = len(raw.expandtabs()) - len(raw.expandtabs().lstrip())
+            if help_indent is not None:
+                if not raw.strip():
+                    continue
+                if help_indent == 0 or indent >= help_indent:
+                    help_indent = help_indent or indent
+                    continue
+                help_indent = None
+            line = raw.split("#", 1)[0].strip()
+            word, _, rest = line.partition(" ")
+            rest = rest.strip()
+            if word in ("help", "---help---"):
+                help_indent = 0
+            elif word in ("config", "menuconfig"):
+                sym, block_opened = rest, False
+                self.deps.setdefault(sym, []).extend(stack)
+            elif word in ("if", "menu", "choice"):
+                sym = None
+                marks.append(len(stack))
+                if word == "if":
+                    stack.append(rest)
+                block_opened = word != "if"
+            elif word in ("endif", "endmenu", "endchoice") and marks:
+                del stack[marks.pop() :]
+                sym, block_opened = None, False
+            elif word in ("source", "osource", "rsource", "orsource"):
+                sym = None
+                pattern = rest.strip('"').replace("$(SRCARCH)", self.arch)
+                base = path.parent if word.startswith(("r", "or")) else self.root
+                for f in sorted(glob.glob(str(base / pattern))):
+                    self._parse(Path(f), stack)
+            elif word == "depends" and rest.startswith("on "):
+                expr = rest[3:].strip()
+                if sym:
+                    self.deps[sym].append(expr)
+                elif block_opened:
+                    stack.append(expr)
+            elif sym and word in ("bool", "tristate", "prompt", "int", "hex", "string") and " if " in rest:
+                self.deps[sym].append(rest.rsplit(" if ", 1)[1].strip())
+            elif word in ("comment", "mainmenu"):
+                sym = None
+
+    def unmet(self, sym: str, config: Mapping[str, str]) -> tuple[str, ...]:
+        """The dependency expressions of `sym` that are false under `config`, annotated with values."""
+        if sym not in self.deps:
+            return ("no such symbol in this kernel's Kconfig",)
+        out = []
+        for expr in dict.fromkeys(self.deps[sym]):
+            if _eval(expr, config) == 0:
+                names = dict.fromkeys(
+                    t for t in _tokens(expr) if re.fullmatch(r"[A-Z0-9_]+", t) and len(t) > 1
+                )
+                vals = " ".join(f"{n}={config.get(n, 'n')}" for n in names)
+                out.append(f"depends on {expr} [{vals}]")
+        return tuple(out)
+
+
+def _tokens(expr: str) -> list[str]:
+    return re.findall(r'"[^"]*"|&&|\|\||!=|<=|>=|[!=<>()]|[\w.$-]+', expr)
+
+
+def _eval(expr: str, config: Mapping[str, str]) -> int:
+    """Kconfig tristate value (0, 1, 2) of a dependency expression; unknown constructs count as true."""
+    toks = _tokens(expr)
+    pos = 0
+
+    def value(tok: str) -> str:
+        if tok.startswith('"'):
+            return tok.strip('"')
+        return config.get(tok, tok if tok in ("y", "m", "n") or not tok.isupper() else "n")
+
+    def tri(v: str) -> int:
+        return {"y": 2, "m": 1}.get(v, 0)
+
+    def atom() -> int:
+        nonlocal pos
+        tok = toks[pos]
+        pos += 1
+        if tok == "!":
+            return 2 - atom()
+        if tok == "(":
+            v = disj()
+            pos += 1
+            return v
+        if pos < len(toks) and toks[pos] in ("=", "!=", "<", ">", "<=", ">="):
+            op, other = toks[pos], toks[pos + 1]
+            pos += 2
+            a, b = value(tok), value(other)
+            res = {"=": a == b, "!=": a != b}.get(op)
+            if res is None:
+                try:
+                    x, y = int(a, 0), int(b, 0)
+                except ValueError:
+                    return 2
+                res = {"<": x < y, ">": x > y, "<=": x <= y, ">=": x >= y}[op]
+            return 2 if res else 0
+        return tri(value(tok))
+
+    def conj() -> int:
+        nonlocal pos
+        v = atom()
+        while pos < len(toks) and toks[pos] == "&&":
+            pos += 1
+            v = min(v, atom())
+        return v
+
+    def disj() -> int:
+        nonlocal pos
+        v = conj()
+        while pos < len(toks) and toks[pos] == "||":
+            pos += 1
+            v = max(v, conj())
+        return v
+
+    try:
+        return disj()
+    except (IndexError, KeyError):
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def default_source() -> Path:
+    """The newest `/usr/src/linux-source-*.tar.*` (Debian's linux-source-X.Y package)."""
+    found = glob.glob("/usr/src/linux-source-*.tar.*")
+    if not found:
+        raise KernelError("no kernel source: install linux-source-6.1 (apt) or pass --source")
+
+    def version(p: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", Path(p).name.split(".tar")[0]))
+
+    return Path(max(found, key=version))
+
+
+def cache_key(source: Path, fragments: Mapping[str, str], toolchain: str) -> str:
+    """sha256 of the source (tarball bytes, or each file's path and content), the fragments, the toolchain."""
+    h = hashlib.sha256(_RECIPE.encode() + b"\0")
+    if source.is_dir():
+        for f in sorted(p for p in source.rglob("*") if ".git" not in p.parts and not p.is_dir()):
+            h.update(str(f.relative_to(source)).encode() + b"\0")
+            h.update(os.readlink(f).encode() if f.is_symlink() else _file_digest(f))
+    else:
+        h.update(_file_digest(source))
+    for name, text in fragments.items():
+        h.update(f"\0fragment {name}\0{text}".encode())
+    h.update(b"\0toolchain\0" + toolchain.encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+def _toolchain() -> str:
+    try:
+        return subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise KernelError(f"no working gcc to build the kernel: {e}") from None
+
+
+def build(
+    fragments: tuple[str, ...] = DEFAULT_FRAGMENTS,
+    source: Path | None = None,
+    progress: Progress | None = None,
+) -> Kernel:
+    """Build (or reuse from the cache) the kernel for `fragments` from `source` (tarball or clean tree).
+
+    `fragments`: names of `kernels/<name>.config` or paths to fragments. `progress` gets every output line.
+    The result lands in `$XBUILD_CACHE/kernels/<key>/`: vmlinux (stripped), bzImage, config, System.map,
+    build.log, kernel.json. A failed build leaves `<key>.log` (and `<key>.config`) beside it.
+    """
+    source = Path(source) if source else default_source()
+    if not source.exists():
+        raise KernelError(f"kernel source {source} does not exist")
+    texts = {name: fragment_path(name).read_text() for name in fragments}
+    key = cache_key(source, texts, _toolchain())
+    final = cache_dir("kernels") / key
+    if (final / "kernel.json").is_file():
+        return _load(final)
+    say = progress or (lambda line: None)
+    log_path = cache_dir("kernels") / f"{key}.log"
+    with atomic_dir(final) as out, log_path.open("w") as log:
+
+        def run(*cmd: str, cwd: Path) -> None:
+            say(f"xbuild: {' '.join(cmd)}")
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                say(line.rstrip("\n"))
+            if proc.wait():
+                log.flush()
+                tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+                raise KernelError(f"kernel build failed: {' '.join(cmd)} (log: {log_path})\n{tail}")
+
+        with tempfile.TemporaryDirectory(prefix=".work.", dir=final.parent) as work_s:
+            work = Path(work_s)
+            src = _unpack(source, work, run)
+            obj = work / "obj"
+            run("make", f"O={obj}", "tinyconfig", cwd=src)
+            merged = work / "merged.config"
+            merged.write_text((obj / ".config").read_text() + "".join(texts.values()))
+            run("make", f"O={obj}", f"KCONFIG_ALLCONFIG={merged}", "allnoconfig", cwd=src)
+            config = (obj / ".config").read_text()
+            if dropped := check_fragments(texts, config, src):
+                kept = shutil.copy(obj / ".config", cache_dir("kernels") / f"{key}.config")
+                raise KernelError(
+                    f"kernel config drops {len(dropped)} requested symbol(s) (final .config: {kept}): "
+                    + " | ".join(map(str, dropped))
+                )
+            run("make", f"O={obj}", f"-j{os.cpu_count() or 1}", "bzImage", cwd=src)
+            release = subprocess.run(
+                ["make", "-s", f"O={obj}", "kernelrelease"],
+                cwd=src,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            shutil.copy(obj / "arch/x86/boot/bzImage", out / "bzImage")
+            subprocess.run(["strip", "-o", str(out / "vmlinux"), str(obj / "vmlinux")], check=True)
+            shutil.copy(obj / ".config", out / "config")
+            shutil.copy(obj / "System.map", out / "System.map")
+        log.close()
+        shutil.move(log_path, out / "build.log")
+        name = "vmlinux" if ARTIFACT_FORMAT == "elf" else "bzImage"
+        kernel = Kernel(
+            key,
+            final / name,
+            ARTIFACT_FORMAT,
+            tuple(fragments),
+            release,
+            (out / name).stat().st_size,
+            final / "bzImage",
+        )
+        verify(out / name)
+        meta = dataclasses.asdict(kernel) | {"source": str(source), "fragment_texts": texts}
+        (out / "kernel.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return kernel
+
+
+def _unpack(source: Path, work: Path, run: Callable[..., None]) -> Path:
+    """The source tree to build from: `source` itself if a directory, else the tarball unpacked in `work`."""
+    if source.is_dir():
+        return source
+    src = work / "src"
+    src.mkdir()
+    run("tar", "-xf", str(source), "-C", str(src), "--strip-components=1", cwd=work)
+    return src
+
+
+def _load(d: Path) -> Kernel:
+    meta = json.loads((d / "kernel.json").read_text())
+    return Kernel(
+        key=meta["key"],
+        path=d / Path(meta["path"]).name,
+        fmt=meta["fmt"],
+        fragments=tuple(meta["fragments"]),
+        release=meta["release"],
+        size=meta["size"],
+        bzimage=d / "bzImage",
+    )
+
+
+def list_kernels() -> list[Kernel]:
+    """Every complete kernel in the cache, newest first."""
+    dirs = [d for d in cache_dir("kernels").iterdir() if (d / "kernel.json").is_file()]
+    return [_load(d) for d in sorted(dirs, key=lambda d: d.stat().st_mtime, reverse=True)]
+
+
+def default_kernel(progress: Progress | None = None) -> Kernel:
+    """The kernel for DEFAULT_FRAGMENTS from the default source; built on first use."""
+    return build(DEFAULT_FRAGMENTS, None, progress)
+
+
+def cmdline() -> str:
+    """The default boot flags from `kernels/cmdline`, comments stripped; the runner adds the console."""
+    lines = (KERNELS_DIR / "cmdline").read_text().splitlines()
+    return " ".join(w for line in lines for w in line.split("#", 1)[0].split())
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+XEN_ELFNOTE_ENTRY = 1
+XEN_ELFNOTE_GUEST_OS = 6
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+_NOTE_NUMBERS = {name: num for name, num in ENUM_NOTE_N_TYPE.items() if isinstance(num, int)}
+
+
+def verify(path: Path, require: tuple[str, ...] = ("pv", "pvh")) -> KernelInfo:
+    """Read the Xen ELF notes of a vmlinux ELF or a bzImage; KernelError if a `require`d mode is missing."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise KernelError(f"kernel {path}: cannot read: {e.strerror}") from None
+    if data[:4] == b"\x7fELF":
+        fmt, elf = "elf", data
+    elif data[0x202:0x206] == b"HdrS":
+        fmt, elf = "bzimage", _bzimage_payload(path, data)
+    else:
+        raise KernelError(f"kernel {path}: neither an ELF file nor a bzImage")
+    notes = dict(_xen_notes(path, elf))
+    entry = _addr(notes.get(XEN_ELFNOTE_ENTRY))
+    phys32 = _addr(notes.get(XEN_ELFNOTE_PHYS32_ENTRY))
+    modes = []
+    if entry is not None and notes.get(XEN_ELFNOTE_GUEST_OS, b"").rstrip(b"\0") == b"linux":
+        modes.append("pv")
+    if phys32 is not None:
+        modes.append("pvh")
+    if fmt == "bzimage" or phys32 is not None:
+        modes.append("qemu")
+    missing = {
+        "pv": "no Xen PV entry (XEN_ELFNOTE_ENTRY and GUEST_OS=linux); build with CONFIG_XEN_PV",
+        "pvh": "no Xen PVH entry (XEN_ELFNOTE_PHYS32_ENTRY); build with CONFIG_XEN_PVH",
+        "qemu": "QEMU cannot boot it directly (an ELF without the PVH entry); build with CONFIG_PVH",
+    }
+    problems = [missing[m] for m in require if m not in modes]
+    if problems:
+        raise KernelError(f"kernel {path}: " + "; ".join(problems))
+    return KernelInfo(path, fmt, tuple(modes), entry, phys32)
+
+
+def _xen_notes(path: Path, elf: bytes) -> Iterator[tuple[int, bytes]]:
+    """(raw note type, descriptor bytes) of every note owned by "Xen"."""
+    try:
+        f = ELFFile(io.BytesIO(elf))
+        holders: list[Any] = [s for s in f.iter_segments() if s["p_type"] == "PT_NOTE"]
+        holders = holders or [s for s in f.iter_sections() if s["sh_type"] == "SHT_NOTE"]
+        for holder in holders:
+            for note in holder.iter_notes():
+                if note["n_name"] != "Xen":
+                    continue
+                n_type = note["n_type"]
+                raw = n_type if isinstance(n_type, int) else _NOTE_NUMBERS[n_type]
+                yield raw, bytes(note["n_descdata"])
+    except (ELFError, struct.error, KeyError) as e:
+        raise KernelError(f"kernel {path}: unreadable ELF notes: {e}") from None
+
+
+def _addr(desc: bytes | None) -> int | None:
+    if desc is None or len(desc) not in (4, 8):
+        return None
+    return int.from_bytes(desc, "little")
+
+
+def _bzimage_payload(path: Path, data: bytes) -> bytes:
+    """The vmlinux ELF inside a bzImage: the setup header's payload, decompressed."""
+    setup_sects = data[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = data[start : start + length]
+    try:
+        return _decompress(payload)
+    except KernelError as e:
+        raise KernelError(f"kernel {path}: {e}") from None
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        zlib.error,
+        lzma.LZMAError,
+        zstandard.ZstdError,
+        RuntimeError,
+    ) as e:
+        raise KernelError(f"kernel {path}: cannot decompress the bzImage payload: {e}") from None
+
+
+def _decompress(payload: bytes) -> bytes:
+    if payload[:2] == b"\x1f\x8b":
+        return zlib.decompressobj(wbits=31).decompress(payload)
+    if payload[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload)
+    if payload[:4] == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
+    if payload[:4] == b"\x02\x21\x4c\x18":
+        return _lz4_legacy(payload)
+    if payload[:3] == b"BZh":
+        return bz2.BZ2Decompressor().decompress(payload)
+    if payload[:1] == b"\x5d":
+        return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(payload)
+    raise KernelError(f"unsupported bzImage compression (payload starts {payload[:4].hex()})")
+
+
+def _lz4_legacy(payload: bytes) -> bytes:
+    """LZ4's legacy frame (what the kernel uses): magic, then (u32 size, block) up to 8 MiB each."""
+    out, pos = [], 4
+    while pos + 4 <= len(payload):
+        (size,) = struct.unpack_from("<I", payload, pos)
+        if size == 0x184C2102:  # a concatenated stream
+            pos += 4
+            continue
+        if pos + 4 + size > len(payload):  # the 4-byte uncompressed size the kernel appends
+            break
+        out.append(lz4.block.decompress(payload[pos + 4 : pos + 4 + size], uncompressed_size=8 << 20))
+        pos += 4 + size
+    return b"".join(out)

@@ -1,0 +1,76 @@
+"""`xbuild kernel build|list`: build trimmed guest kernels into the cache and list them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from . import kernel as kern
+
+
+def _as_json(k: kern.Kernel) -> dict:
+    return {f.name: getattr(k, f.name) for f in dataclasses.fields(k)} | {
+        "path": str(k.path),
+        "bzimage": str(k.bzimage),
+        "fragments": list(k.fragments),
+    }
+
+
+def _line(k: kern.Kernel) -> str:
+    frags = "+".join(k.fragments)
+    return f"{k.key[:12]}  {k.release:<10} {k.fmt:<7} {k.size / 1e6:6.2f} MB  {frags:<20} {k.path}"
+
+
+@click.group("kernel")
+def kernel() -> None:
+    """Trimmed guest kernels (Xen PV/PVH + QEMU), built from kernels/*.config and cached."""
+
+
+@kernel.command("build")
+@click.option(
+    "--fragment",
+    "fragments",
+    multiple=True,
+    metavar="NAME",
+    help=f"kernels/NAME.config or a path to a .config fragment; repeatable "
+    f"[default: {' '.join(kern.DEFAULT_FRAGMENTS)}]",
+)
+@click.option(
+    "--source",
+    type=click.Path(exists=True, path_type=Path),
+    help="kernel source tarball or clean tree [default: newest /usr/src/linux-source-*.tar.*]",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON, no progress")
+def build_cmd(fragments: tuple[str, ...], source: Path | None, as_json: bool) -> None:
+    """Build a kernel (or reuse the cached one) and print where it is."""
+    fragments = fragments or kern.DEFAULT_FRAGMENTS
+    if as_json:
+        k = kern.build(fragments, source)
+        click.echo(json.dumps(_as_json(k), indent=2))
+        return
+    with tqdm(desc="kernel", unit=" files", disable=None) as bar:
+
+        def progress(line: str) -> None:
+            if line.startswith("xbuild: "):
+                bar.set_postfix_str(line.split()[1] + " " + line.split()[-1])
+            elif line.startswith("  ") and line.split()[:1] in (["CC"], ["AS"], ["LD"], ["AR"]):
+                bar.update()
+
+        k = kern.build(fragments, source, progress)
+    click.echo(_line(k))
+
+
+@kernel.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print the kernels as a JSON list")
+def list_cmd(as_json: bool) -> None:
+    """List the kernels in the cache, newest first."""
+    kernels = kern.list_kernels()
+    if as_json:
+        click.echo(json.dumps([_as_json(k) for k in kernels], indent=2))
+    else:
+        for k in kernels:
+            click.echo(_line(k))

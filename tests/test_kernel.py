@@ -1,0 +1,310 @@
+"""Kernel stage: fragment checks, Xen note checks, cache keys (fast); build, verify and boot (slow)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+
+import lz4.block
+import pytest
+
+from builder import kernel as kern
+from builder.errors import KernelError
+
+XEN_ENTRY, XEN_GUEST_OS, XEN_HYPERCALL_PAGE, XEN_PHYS32_ENTRY = 1, 6, 2, 18
+
+
+# ---------------------------------------------------------------------------------------------- fragments
+
+KCONFIG = """\
+config NET
+	bool "Networking"
+
+menuconfig NETDEVICES
+	bool "Network devices"
+	depends on NET
+
+if NETDEVICES
+config NET_CORE
+	bool "Core"
+
+if NET_CORE
+config VIRTIO_NET
+	bool "Virtio net"
+	depends on VIRTIO && PCI
+	help
+\t  if you say Y here this is help text, not a block:
+\t  config NOT_A_SYMBOL
+endif # NET_CORE
+endif # NETDEVICES
+
+source "drivers/Kconfig"
+"""
+
+DRIVERS_KCONFIG = """\
+config SERIAL_8250_PNP
+	bool "8250 PNP" if EXPERT
+	depends on SERIAL_8250 && PNP
+"""
+
+
+@pytest.fixture
+def kconfig_tree(tmp_path: Path) -> Path:
+    (tmp_path / "Kconfig").write_text(KCONFIG)
+    (tmp_path / "drivers").mkdir()
+    (tmp_path / "drivers/Kconfig").write_text(DRIVERS_KCONFIG)
+    return tmp_path
+
+
+def test_parse_config() -> None:
+    text = 'CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C="x y"\nCONFIG_D=64\n# comment\n'
+    assert kern.parse_config(text) == {"A": "y", "B": "n", "C": '"x y"', "D": "64"}
+
+
+def test_check_fragments_names_dropped_symbol_and_unmet_dependency(kconfig_tree: Path) -> None:
+    fragment = "CONFIG_VIRTIO_NET=y\nCONFIG_NETDEVICES=y\n# CONFIG_PCI is not set\nCONFIG_NO_SUCH=y\n"
+    final = "CONFIG_NET=y\nCONFIG_NETDEVICES=y\n# CONFIG_NET_CORE is not set\nCONFIG_VIRTIO=y\n"
+    dropped = {d.symbol: d for d in kern.check_fragments({"qemu": fragment}, final, kconfig_tree)}
+    assert set(dropped) == {"VIRTIO_NET", "NO_SUCH"}
+    virtio = dropped["VIRTIO_NET"]
+    assert (virtio.wanted, virtio.got, virtio.fragment) == ("y", "n", "qemu")
+    assert virtio.unmet == ("depends on NET_CORE [NET_CORE=n]", "depends on VIRTIO && PCI [VIRTIO=y PCI=n]")
+    assert "CONFIG_VIRTIO_NET=y (qemu) became n: depends on NET_CORE" in str(virtio)
+    assert dropped["NO_SUCH"].unmet == ("no such symbol in this kernel's Kconfig",)
+
+
+def test_check_fragments_prompt_condition_and_values(kconfig_tree: Path) -> None:
+    fragment = "CONFIG_SERIAL_8250_PNP=y\nCONFIG_NR_CPUS=64\n"
+    final = "CONFIG_SERIAL_8250=y\nCONFIG_PNP=y\nCONFIG_NR_CPUS=8\n"
+    dropped = kern.check_fragments({"qemu": fragment}, final, kconfig_tree)
+    assert [(d.symbol, d.got) for d in dropped] == [("SERIAL_8250_PNP", "n"), ("NR_CPUS", "8")]
+    assert dropped[0].unmet == ("depends on EXPERT [EXPERT=n]",)
+
+
+def test_check_fragments_names_disagreeing_fragments() -> None:
+    frags = {"base": "CONFIG_A=y\n", "extra": "# CONFIG_A is not set\n"}
+    [dropped] = kern.check_fragments(frags, "# CONFIG_A is not set\n")
+    assert (dropped.fragment, dropped.unmet) == ("base", ("fragment extra sets it to n",))
+
+
+def test_check_fragments_all_kept() -> None:
+    assert kern.check_fragments({"base": "CONFIG_A=y\n# CONFIG_B is not set\n"}, "CONFIG_A=y\n") == []
+
+
+def test_default_fragments_exist() -> None:
+    for name in kern.DEFAULT_FRAGMENTS:
+        assert kern.parse_config(kern.fragment_path(name).read_text())
+    with pytest.raises(KernelError, match="no kernel fragment 'nope'"):
+        kern.fragment_path("nope")
+
+
+def test_cmdline_has_no_comments() -> None:
+    line = kern.cmdline()
+    assert line and "#" not in line
+
+
+# ---------------------------------------------------------------------------------------------- notes
+
+
+def _pad(b: bytes) -> bytes:
+    return b + b"\0" * (-len(b) % 4)
+
+
+def _note(n_type: int, desc: bytes, name: bytes = b"Xen\0") -> bytes:
+    return struct.pack("<III", len(name), len(desc), n_type) + _pad(name) + _pad(desc)
+
+
+def _elf(notes: bytes) -> bytes:
+    """A minimal ELF64 x86-64 executable whose only program header is a PT_NOTE over `notes`."""
+    ehdr = struct.pack(
+        "<4sBBBBB7sHHIQQQIHHHHHH",
+        b"\x7fELF",
+        2,
+        1,
+        1,
+        0,
+        0,
+        b"",
+        2,
+        62,
+        1,
+        0x1000000,
+        64,
+        0,
+        0,
+        64,
+        56,
+        1,
+        0,
+        0,
+        0,
+    )
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, 120, 0, 0, len(notes), len(notes), 4)
+    return ehdr + phdr + notes
+
+
+ALL_NOTES = (
+    _note(XEN_GUEST_OS, b"linux\0")
+    + _note(XEN_ENTRY, struct.pack("<Q", 0xFFFFFFFF81000000))
+    + _note(XEN_PHYS32_ENTRY, struct.pack("<I", 0x1000200))
+    + _note(XEN_HYPERCALL_PAGE, b"x", name=b"GNU\0")
+)
+
+
+def test_verify_all_notes(tmp_path: Path) -> None:
+    path = tmp_path / "vmlinux"
+    path.write_bytes(_elf(ALL_NOTES))
+    info = kern.verify(path)
+    assert (info.fmt, info.modes) == ("elf", ("pv", "pvh", "qemu"))
+    assert (info.entry, info.phys32_entry) == (0xFFFFFFFF81000000, 0x1000200)
+
+
+def test_verify_missing_pvh_entry(tmp_path: Path) -> None:
+    path = tmp_path / "vmlinux"
+    path.write_bytes(_elf(_note(XEN_GUEST_OS, b"linux\0") + _note(XEN_ENTRY, struct.pack("<Q", 1))))
+    with pytest.raises(
+        KernelError, match=r"no Xen PVH entry \(XEN_ELFNOTE_PHYS32_ENTRY\); build with CONFIG_XEN_PVH"
+    ):
+        kern.verify(path)
+    assert kern.verify(path, require=("pv",)).modes == ("pv",)
+
+
+def test_verify_not_xen(tmp_path: Path) -> None:
+    path = tmp_path / "vmlinux"
+    path.write_bytes(_elf(_note(3, b"build-id", name=b"GNU\0")))  # NT_GNU_BUILD_ID
+    with pytest.raises(KernelError, match="no Xen PV entry.*no Xen PVH entry"):
+        kern.verify(path)
+    path.write_bytes(b"not a kernel at all" * 100)
+    with pytest.raises(KernelError, match="neither an ELF file nor a bzImage"):
+        kern.verify(path)
+
+
+def _bzimage(payload: bytes) -> bytes:
+    setup_sects = 1
+    head = bytearray(1024)
+    head[0x1F1] = setup_sects
+    head[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", head, 0x248, 16, len(payload))
+    return bytes(head) + b"\0" * 16 + payload + b"\0" * 64
+
+
+def _lz4_legacy(data: bytes) -> bytes:
+    out = b"\x02\x21\x4c\x18"
+    for i in range(0, len(data), 8 << 20):
+        block = lz4.block.compress(data[i : i + (8 << 20)], store_size=False)
+        out += struct.pack("<I", len(block)) + block
+    return out + struct.pack("<I", len(data))  # the kernel appends the uncompressed size
+
+
+@pytest.mark.parametrize("compress", [lambda d: gzip.compress(d) + struct.pack("<I", len(d)), _lz4_legacy])
+def test_verify_bzimage_payload(tmp_path: Path, compress) -> None:
+    path = tmp_path / "bzImage"
+    path.write_bytes(_bzimage(compress(_elf(ALL_NOTES))))
+    info = kern.verify(path)
+    assert (info.fmt, info.modes) == ("bzimage", ("pv", "pvh", "qemu"))
+
+
+def test_verify_bzimage_without_pvh(tmp_path: Path) -> None:
+    path = tmp_path / "bzImage"
+    elf = _elf(_note(XEN_GUEST_OS, b"linux\0") + _note(XEN_ENTRY, struct.pack("<Q", 1)))
+    path.write_bytes(_bzimage(gzip.compress(elf)))
+    with pytest.raises(KernelError, match=f"kernel {path}: no Xen PVH entry"):
+        kern.verify(path)
+
+
+# ---------------------------------------------------------------------------------------------- cache key
+
+
+def test_cache_key_stable_and_sensitive(tmp_path: Path) -> None:
+    src = tmp_path / "linux.tar.xz"
+    src.write_bytes(b"source bytes")
+    frags = {"base": "CONFIG_A=y\n", "xen": "CONFIG_XEN=y\n"}
+    key = kern.cache_key(src, frags, "gcc 12")
+    assert key == kern.cache_key(src, dict(frags), "gcc 12")
+    assert key != kern.cache_key(src, frags | {"xen": "CONFIG_XEN=n\n"}, "gcc 12")
+    assert key != kern.cache_key(src, frags, "gcc 13")
+    src.write_bytes(b"other source")
+    assert key != kern.cache_key(src, frags, "gcc 12")
+
+
+def test_cache_key_source_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "linux"
+    (tree / "kernel").mkdir(parents=True)
+    (tree / "kernel/fork.c").write_text("int x;")
+    key = kern.cache_key(tree, {"base": ""}, "gcc")
+    assert key == kern.cache_key(tree, {"base": ""}, "gcc")
+    (tree / "kernel/fork.c").write_text("int y;")
+    assert key != kern.cache_key(tree, {"base": ""}, "gcc")
+
+
+# ---------------------------------------------------------------------------------------------- slow
+
+
+def _bench():
+    path = Path(__file__).resolve().parent.parent / "bench" / "kernel_boot.py"
+    spec = importlib.util.spec_from_file_location("kernel_boot", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_default_kernel_verifies_and_boots() -> None:
+    k = kern.default_kernel()
+    assert k in kern.list_kernels()
+    assert kern.default_kernel() == k  # cached: same key, no rebuild
+    assert kern.verify(k.path).modes == ("pv", "pvh", "qemu")
+    assert kern.verify(k.bzimage).modes == ("pv", "pvh", "qemu")
+    assert k.bzimage.stat().st_size <= 4_000_000
+    bench = _bench()
+    result = bench.boot(k.path, bench.marker_initramfs(), f"console=ttyS0 panic=-1 {kern.cmdline()}")
+    assert 0 < result.marker_us < 1_000_000
+
+
+# ---------------------------------------------------------------------------------------------- cli
+
+
+def test_cli_list_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from builder.kernel_cli import kernel
+
+    monkeypatch.setenv("XBUILD_CACHE", str(tmp_path))
+    assert CliRunner().invoke(kernel, ["list", "--json"]).output.strip() == "[]"
+    d = tmp_path / "kernels" / "abc"
+    d.mkdir(parents=True)
+    meta = {
+        "key": "abc",
+        "path": "x/vmlinux",
+        "fmt": "elf",
+        "fragments": ["base"],
+        "release": "6.1.1",
+        "size": 9,
+    }
+    (d / "kernel.json").write_text(json.dumps(meta))
+    (tmp_path / "kernels" / ".abc.partial").mkdir()  # an unfinished build is not listed
+    result = CliRunner().invoke(kernel, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    [listed] = json.loads(result.output)
+    assert listed | {"path": "", "bzimage": ""} == meta | {"path": "", "bzimage": ""}
+    assert listed["path"] == str(d / "vmlinux")
+    assert "abc" in CliRunner().invoke(kernel, ["list"]).output
+
+
+def test_cli_build_unknown_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from builder.kernel_cli import kernel
+
+    monkeypatch.setenv("XBUILD_CACHE", str(tmp_path))
+    src = tmp_path / "linux.tar.xz"
+    src.write_bytes(b"")
+    result = CliRunner().invoke(kernel, ["build", "--fragment", "nope", "--source", str(src), "--json"])
+    assert isinstance(result.exception, KernelError)
+    assert "no kernel fragment 'nope'" in str(result.exception)

@@ -59,3 +59,24 @@ def open_artifact(path: Path) -> Artifact:
     if not (path / INITRD).is_file():
         raise ArtifactError(f"{path}: missing {INITRD}")
     return Artifact(path, manifest)
+
+
+def xen_config(name: str, extra: str, memory_mb: int, vcpus: int = 1, xen_type: str = "pvh",
+               vif: bool = False) -> str:
+    """An xl config for the artifact; kernel and ramdisk paths are relative to the directory,
+    so `cd DIR && xl create xen.cfg` works wherever the directory was copied."""
+    lines = [
+        f'name = "{name}"',
+        f'type = "{xen_type}"',
+        f'kernel = "{KERNEL}"',
+        f'ramdisk = "{INITRD}"',
+        f'extra = "{extra}"',
+        f"memory = {memory_mb}",
+        f"vcpus = {vcpus}",
+        'on_poweroff = "destroy"',
+        'on_reboot = "destroy"',
+        'on_crash = "destroy"',
+    ]
+    if vif:
+        lines.append("vif = [ 'bridge=xenbr0' ]")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""The build: reference → image → tree → initramfs (+ kernel) → artifact directory.
+"""The build: reference → image → tree → minimized tree + init → initramfs + kernel → artifact.
 
 `build()` runs the stages in order and writes the artifact into a temp directory that is renamed
 into place only when everything succeeded, so a failed build leaves nothing behind.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -16,14 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, reference, source
-from .artifact import INITRD, SCHEMA, Artifact, write_manifest
+from .artifact import CMDLINE, INITRD, KERNEL, SCHEMA, XEN_CFG, Artifact, write_manifest, xen_config
 from .cache import atomic_dir
 from .cpio import DEFAULT_COMPRESSION, pack
 from .errors import BadInput
 from .flatten import flatten
+from .guest import INIT_CMDLINE, guest_config, install
 from .image import Image, Platform
+from .init import init_binary
+from .minimize import minimize
+from .recipes import Recipe, load_recipe, recipe_for_ref
 
 Progress = Callable[[str, int], Callable[[int], None]]
+DEFAULT_MEMORY_MB = 256
+QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,14 @@ class BuildOptions:
     compression: str = DEFAULT_COMPRESSION
     level: int | None = None
     epoch: int | None = None              # None: SOURCE_DATE_EPOCH, else the image's created time
-    platform: Platform = Platform()
+    platform: Platform = field(default_factory=Platform)
     insecure: bool = False
+    minimize: str = "auto"                # auto | none | trace
+    recipe: str | None = None             # a recipe name or file; None: matched by repository
+    kernel: str | None = "default"        # "default", a path, oci://REF, or None for no kernel
+    memory_mb: int | None = None          # None: the recipe's, else DEFAULT_MEMORY_MB
+    xen_type: str = "pvh"
+    hostname: str | None = None           # None: the image's short name
     progress: Progress | None = field(default=None, compare=False)
     log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
 
@@ -54,14 +67,14 @@ def source_date_epoch(image: Image, given: int | None) -> int | None:
     if image.created:
         text = re.sub(r"(\.\d{6})\d+", r"\1", image.created)
         try:
-            return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+            return int(datetime.fromisoformat(text).timestamp())
         except ValueError:
             return None
     return None
 
 
-def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
-    """Build the artifact for `ref_text` and return it."""
+def resolve_ref(ref_text: str, opts: BuildOptions) -> reference.ImageRef:
+    """Parse the reference; a bare one is looked up in the local Docker daemon first, like `docker run`."""
     ref = reference.parse(ref_text)
     if ref.transport == "docker" and not ref.explicit:
         from .source import daemon
@@ -71,27 +84,93 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             opts.log(f"using {daemon.daemon_name(ref)} from the local Docker daemon")
         else:
             opts.log(f"pulling {ref.docker_name} from its registry")
+    return ref
+
+
+def _recipe(ref: reference.ImageRef, opts: BuildOptions) -> Recipe | None:
+    return load_recipe(opts.recipe) if opts.recipe else recipe_for_ref(ref)
+
+
+def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, dict[str, Any]] | None:
+    """The kernel file to pair and what the manifest says of it."""
+    from . import kernel as kern
+
+    if opts.kernel is None:
+        return None
+    if opts.kernel == "default":
+        fragments = kern.DEFAULT_FRAGMENTS + tuple(f for f in (recipe.kernel_fragments if recipe else ())
+                                                   if f not in kern.DEFAULT_FRAGMENTS)
+        if not any(k.fragments == fragments for k in kern.list_kernels()):
+            opts.log(f"building the kernel ({' '.join(fragments)}) once; it is cached afterwards")
+        k = kern.build(fragments)
+        return k.path, {"key": k.key, "release": k.release, "format": k.fmt, "fragments": list(k.fragments)}
+    if opts.kernel.startswith("oci://"):
+        from .publish import pull_kernel
+
+        path = pull_kernel(opts.kernel, opts.insecure)
+    else:
+        path = Path(opts.kernel)
+        if not path.is_file():
+            raise BadInput(f"--kernel {opts.kernel}: no such file")
+    info = kern.verify(path)
+    return path, {"source": opts.kernel, "format": info.fmt}
+
+
+def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
+    """Build the artifact for `ref_text` and return it."""
+    ref = resolve_ref(ref_text, opts)
+    recipe = _recipe(ref, opts)
+    out = opts.output or default_output(ref)
+    _check_output(out)
     image = source.load(ref, source.SourceOptions(opts.platform, opts.insecure, opts.progress))
     opts.log(f"image {ref} ({image.manifest_digest[:19]}, {len(image.layers)} layers, {image.platform})")
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
     flat = flatten(image, progress)
+    hostname = opts.hostname or ref.short_name
+    gc = guest_config(image.config, flat.tree, hostname)
+    tree, report = minimize(flat.tree, image.config, recipe, opts.minimize)
+    if opts.minimize != "none":
+        opts.log(report.summary().splitlines()[0])
+    install(tree, gc, init_binary())
+    kernel = _kernel(opts, recipe)
     epoch = source_date_epoch(image, opts.epoch)
-    out = opts.output or default_output(ref)
+    memory = opts.memory_mb or (recipe.memory if recipe and recipe.memory else DEFAULT_MEMORY_MB)
+    flags = " ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())])
+    with atomic_dir(out) as tmp:
+        packed = pack(tree, tmp / INITRD, opts.compression, opts.level, epoch)
+        manifest = _manifest(ref, image, epoch, {
+            "file": INITRD, "sha256": packed.sha256, "size": packed.size,
+            "uncompressed_size": packed.uncompressed_size, "compression": packed.compression,
+            "level": packed.level, "entries": packed.entries,
+        })
+        manifest["guest"] = {"argv": list(gc.argv), "env": list(gc.env), "cwd": gc.cwd, "uid": gc.uid,
+                             "gid": gc.gid, "groups": list(gc.groups), "stop_signal": gc.stop_signal,
+                             "hostname": gc.hostname, "memory_mb": memory, "xen_type": opts.xen_type,
+                             "recipe": recipe.name if recipe else None}
+        manifest["minimize"] = report.to_json()
+        if kernel:
+            shutil.copyfile(kernel[0], tmp / KERNEL)
+            manifest["kernel"] = dict(kernel[1], file=KERNEL, size=(tmp / KERNEL).stat().st_size)
+            (tmp / CMDLINE).write_text(f"{QEMU_CONSOLE} {flags}\n")
+            (tmp / XEN_CFG).write_text(xen_config(hostname, f"{XEN_CONSOLE} {flags}", memory,
+                                                  xen_type=opts.xen_type))
+        write_manifest(tmp, manifest)
+    return Artifact(out, manifest)
+
+
+def _kernel_flags() -> str:
+    from .kernel import cmdline
+
+    return cmdline()
+
+
+def _check_output(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(f"output {out}: {e.strerror}") from None
     if not os.access(out.parent, os.W_OK):
         raise BadInput(f"output {out}: directory {out.parent} is not writable")
-    with atomic_dir(out) as tmp:
-        packed = pack(flat.tree, tmp / INITRD, opts.compression, opts.level, epoch)
-        manifest = _manifest(ref, image, epoch, {
-            "file": INITRD, "sha256": packed.sha256, "size": packed.size,
-            "uncompressed_size": packed.uncompressed_size, "compression": packed.compression,
-            "level": packed.level, "entries": packed.entries,
-        })
-        write_manifest(tmp, manifest)
-    return Artifact(out, manifest)
 
 
 def _manifest(ref: reference.ImageRef, image: Image, epoch: int | None,

@@ -18,7 +18,11 @@ from .build import BuildOptions, build
 from .cpio import COMPRESSIONS
 from .errors import XbuildError
 from .image import Platform
-from .publish_cli import pull_cmd, push_cmd
+from .kernel_cli import kernel
+from .minimize import MODES
+from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd
+from .run_cli import run_cmd
+from .verify import verify_artifact
 
 
 class _DefaultBuild(click.Group):
@@ -77,16 +81,39 @@ def main() -> None:
               help="Platform to pick from a manifest list.")
 @click.option("--insecure", is_flag=True,
               help="Talk plain HTTP to the registry (localhost and 127.0.0.0/8 always do).")
+@click.option("--minimize", type=click.Choice(MODES), default="auto", show_default=True,
+              help="Keep only what the entrypoint needs (auto: static analysis; trace: also run it).")
+@click.option("--recipe", metavar="NAME|FILE", help="Recipe to apply [matched by repository name].")
+@click.option("--kernel", "kernel_opt", default="default", show_default=True,
+              metavar="default|PATH|oci://REF|none",
+              help="Kernel to pair: the cached trimmed one (built once), a file, a pushed kernel, or none.")
+@click.option("--memory", type=click.IntRange(32), metavar="MB",
+              help="Guest memory in xen.cfg [recipe's or 256].")
+@click.option("--xen-type", type=click.Choice(["pvh", "pv"]), default="pvh", show_default=True,
+              help="Guest type written to xen.cfg.")
+@click.option("--hostname", help="Guest hostname [the image's short name].")
+@click.option("--verify", is_flag=True, help="Boot the result under QEMU and run the recipe's smoke test.")
+@click.option("--push", "push_ref", metavar="REF", help="Push the artifact to an OCI registry when built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
-def build_cmd(image: str, output: Path | None, compression: str, platform: str, insecure: bool,
-              as_json: bool, quiet: bool) -> None:
+def build_cmd(image: str, output: Path | None, compression: str, platform: str, insecure: bool, minimize: str,
+              recipe: str | None, kernel_opt: str, memory: int | None, xen_type: str, hostname: str | None,
+              verify: bool, push_ref: str | None, as_json: bool, quiet: bool) -> None:
     """Build IMAGE into an artifact directory."""
     comp, level = _compression(compression)
     silent = quiet or as_json
+    say = _say(silent)
     opts = BuildOptions(output=output, compression=comp, level=level, platform=Platform.parse(platform),
-                        insecure=insecure, progress=_progress(not silent), log=_say(silent))
+                        insecure=insecure, minimize=minimize, recipe=recipe,
+                        kernel=None if kernel_opt == "none" else kernel_opt, memory_mb=memory,
+                        xen_type=xen_type, hostname=hostname, progress=_progress(not silent), log=say)
     art = build(image, opts)
+    if verify:
+        say(verify_artifact(art, say))
+    if push_ref:
+        from .publish import push
+
+        say(f"pushed {push(art.path, push_ref, insecure, say).reference}")
     if as_json:
         click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
     elif not quiet:
@@ -95,12 +122,20 @@ def build_cmd(image: str, output: Path | None, compression: str, platform: str, 
 
 main.add_command(push_cmd)
 main.add_command(pull_cmd)
+main.add_command(run_cmd)
+kernel.add_command(kernel_push_cmd)
+main.add_command(kernel)
 
 
 def _summary(path: Path, m: dict[str, Any]) -> None:
     i = m["initrd"]
-    click.echo(f"{path}/initrd.img  {i['size'] / 1e6:.1f} MB {i['compression']} "
+    click.echo(f"{path}/initrd.img  {i['size'] / 1e6:.2f} MB {i['compression']} "
                f"({i['uncompressed_size'] / 1e6:.1f} MB, {i['entries']} entries)  sha256:{i['sha256'][:12]}")
+    if "kernel" in m:
+        k = m["kernel"]
+        click.echo(f"{path}/kernel      {k['size'] / 1e6:.2f} MB {k['format']}"
+                   + (f" {k['release']} ({'+'.join(k['fragments'])})" if "release" in k else ""))
+        click.echo(f"{path}/xen.cfg     xl create {path}/xen.cfg   (or: xbuild run {path})")
 
 
 def run() -> None:

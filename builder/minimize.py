@@ -521,7 +521,7 @@ class _Minimizer:
         base = argv[0].rsplit("/", 1)[-1]
         for i, word in enumerate(argv[1:], 1):
             if base in SHELLS and argv[i - 1] == "-c":
-                self.shell_text(word, f"{base} -c")
+                self.shell_text(word, f"{base} -c", data=True)
                 continue
             p = word if word.startswith("/") else f"{self.cwd}/{word}"
             node = self.tree.lookup(p, follow=True)
@@ -625,7 +625,7 @@ class _Minimizer:
         if name in SHELLS or re.fullmatch(r"(ba|da|a|k|mk|z)?sh", name):
             self.shell_text(text.decode("utf-8", "replace"), f"/{real}")
 
-    def shell_text(self, text: str, where: str) -> None:
+    def shell_text(self, text: str, where: str, data: bool = False) -> None:
         """Commands named in command position, sourced files, absolute paths mentioned."""
         reason = "script"
         lines = []
@@ -643,7 +643,7 @@ class _Minimizer:
                 continue
             word = tok.strip("\"'")
             if "/" in word and word.startswith("/"):
-                self.mentioned(word.rstrip(";\"'"), where)
+                self.mentioned(word.rstrip(";\"'"), where, data)
             if source_next:
                 source_next = False
                 if word.startswith("/"):
@@ -667,8 +667,9 @@ class _Minimizer:
                     self.need(p, reason, f"command {word!r} in {where}")
                 continue
 
-    def mentioned(self, word: str, where: str) -> None:
-        """An absolute path a script mentions: a file is kept, a directory gives its scripts."""
+    def mentioned(self, word: str, where: str, data: bool = False) -> None:
+        """An absolute path a script mentions: a file is kept, a directory gives its scripts; a directory
+        named by the image's own command line (`sh -c TEXT`) is data, kept whole like an argv directory."""
         word = word.split("$", 1)[0]
         if not word or word == "/":
             return
@@ -682,6 +683,9 @@ class _Minimizer:
             elif node.kind == DIR and p.split("/")[0] not in ("", "usr", "bin", "sbin", "lib", "lib64",
                                                                "proc", "sys", "dev", "tmp", "run", "var"):
                 real = self.tree.real_path(p)
+                if data:
+                    self.data_dirs.append((real, "argv", f"/{p} named in {where}"))
+                    continue
                 for sub, n in _walk_from(node, real):
                     if n.kind == FILE and (n.mode & 0o111 or sub.endswith(".sh")):
                         self.need(sub, "script", f"in /{p}, mentioned in {where}")

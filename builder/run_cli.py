@@ -1,0 +1,132 @@
+"""`xbuild run`: boot an artifact (a directory, a pushed VM image, or an image built first) and
+exit with its entrypoint's status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .artifact import Artifact, open_artifact
+from .build import BuildOptions, build
+from .cache import cache_dir
+from .errors import BadInput, PublishError, RunError
+from .run.console import RunResult
+
+HYPERVISORS = ("auto", "qemu", "xen", "xen-nested")
+
+
+def is_dom0() -> bool:
+    try:
+        return "control_d" in Path("/proc/xen/capabilities").read_text()
+    except OSError:
+        return False
+
+
+def _port(text: str) -> tuple[int, int]:
+    host, sep, guest = text.partition(":")
+    try:
+        pair = (int(host), int(guest if sep else host))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected HOST:GUEST port numbers") from None
+    if not all(0 < p < 65536 for p in pair):
+        raise click.BadParameter(f"{text!r}: ports are 1-65535")
+    return pair
+
+
+def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ignore[no-untyped-def]
+    """A directory as is; a registry REF pulled when it is an xbuild VM image, else built like `xbuild`."""
+    path = Path(target)
+    if path.is_dir():
+        return open_artifact(path)
+    key = hashlib.sha256(target.encode()).hexdigest()[:16]
+    from . import reference
+
+    ref = reference.parse(target)
+    if ref.transport == "docker":
+        from .publish import pull
+
+        try:
+            pulled = pull(target, cache_dir("pulled") / key, insecure)
+            log(f"pulled the VM image {target}")
+            return open_artifact(pulled)
+        except PublishError as e:
+            if "not an xbuild" not in str(e):
+                raise
+    log(f"building {target} first")
+    return build(target, BuildOptions(output=cache_dir("built") / key, insecure=insecure, log=log))
+
+
+@click.command("run", context_settings={"ignore_unknown_options": False})
+@click.argument("target", metavar="ARTIFACT")
+@click.argument("args", nargs=-1, metavar="[-- ARGS...]")
+@click.option("--hypervisor", type=click.Choice(HYPERVISORS), default="auto", show_default=True,
+              help="auto: xl on a Xen dom0, else QEMU.")
+@click.option("-p", "--publish", "ports", multiple=True, metavar="HOST:GUEST",
+              help="Forward 127.0.0.1:HOST to the guest's GUEST port (QEMU user networking).")
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE", help="Set a variable for the program.")
+@click.option("--memory", type=click.IntRange(32), metavar="MB", help="Guest memory [the artifact's].")
+@click.option("--timeout", type=float, metavar="S", help="Stop the guest (gracefully) after S seconds.")
+@click.option("--xen-type", type=click.Choice(["pv", "pvh"]), help="Xen guest type [xen.cfg's; pv nested].")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="QEMU accelerator; auto uses KVM only where a probe boot proved it works.")
+@click.option("--icount", is_flag=True, help="QEMU: deterministic guest time (-icount), for boot benchmarks.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to the registry when pulling.")
+@click.option("--json", "as_json", is_flag=True, help="Console to stderr; a JSON result on stdout.")
+def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[str, ...], envs: tuple[str, ...],
+            memory: int | None, timeout: float | None, xen_type: str | None, accel: str, icount: bool,
+            insecure: bool, as_json: bool) -> None:
+    """Boot ARTIFACT, stream its console, exit with the entrypoint's status.
+
+    ARTIFACT is an artifact directory, a VM image pushed with `xbuild push`, or any image reference
+    (built first). Words after `--` replace the image's Cmd.
+    """
+    def log(msg: str) -> None:
+        click.echo(f"xbuild: {msg}", err=True)
+
+    forwards = [_port(p) for p in ports]
+    for e in envs:
+        if "=" not in e or e.startswith("="):
+            raise BadInput(f"--env {e!r}: expected KEY=VALUE")
+    kernel_args = [f"xbuild.env={e}" for e in envs]
+    art = resolve_artifact(target, insecure, log)
+    if not art.kernel.is_file():
+        raise BadInput(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
+    if hypervisor == "auto":
+        hypervisor = "xen" if is_dom0() else "qemu"
+    console = sys.stderr.buffer if as_json else sys.stdout.buffer
+    memory = memory or art.manifest.get("guest", {}).get("memory_mb", 256)
+    result = _boot(art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel, icount,
+                   xen_type)
+    report = {"hypervisor": hypervisor, "exit_status": result.exit_status, "signal": result.signal,
+              "boot_ms": result.boot_ms, "launch_to_exec_s": result.launch_to_exec_s, "error": result.error}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        if result.boot_us is not None:
+            launch = f", {result.launch_to_exec_s:.2f} s from launch" if result.launch_to_exec_s else ""
+            log(f"booted to exec in {result.boot_ms:.0f} ms guest time{launch} ({hypervisor})")
+    if result.exit_status is None:
+        raise RunError(f"the guest ended without an exit status{': ' + result.error if result.error else ''}")
+    sys.exit(result.exit_status)
+
+
+def _boot(art: Artifact, hypervisor: str, ports: list[tuple[int, int]], memory: int, timeout: float | None,
+          args: list[str], kernel_args: list[str], console, accel: str, icount: bool,  # type: ignore
+          xen_type: str | None) -> RunResult:
+    if hypervisor == "qemu":
+        from .run import qemu
+
+        return qemu.run(art.path, ports=ports, memory_mb=memory, timeout=timeout, extra_args=args,
+                        console=console, accel=accel, icount=icount, kernel_args=kernel_args)
+    from .run import xen
+
+    if ports:
+        raise BadInput(f"-p is not supported with --hypervisor {hypervisor} yet (use qemu)")
+    if hypervisor == "xen-nested":
+        return xen.run_nested(art.path, xen_type or "pv", memory, timeout, args, console,  # type: ignore
+                              kernel_args=kernel_args)
+    return xen.run_xl(art.path, xen_type, memory, timeout, args, console, kernel_args)  # type: ignore

@@ -67,7 +67,8 @@ def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ign
               help="auto: xl on a Xen dom0, else QEMU.")
 @click.option("-p", "--publish", "ports", multiple=True, metavar="HOST:GUEST",
               help="Forward 127.0.0.1:HOST to the guest's GUEST port (QEMU user networking).")
-@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE", help="Set a variable for the program.")
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE",
+              help="Set a variable for the program.")
 @click.option("--memory", type=click.IntRange(32), metavar="MB", help="Guest memory [the artifact's].")
 @click.option("--timeout", type=float, metavar="S", help="Stop the guest (gracefully) after S seconds.")
 @click.option("--xen-type", type=click.Choice(["pv", "pvh"]), help="Xen guest type [xen.cfg's; pv nested].")
@@ -76,9 +77,9 @@ def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ign
 @click.option("--icount", is_flag=True, help="QEMU: deterministic guest time (-icount), for boot benchmarks.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP to the registry when pulling.")
 @click.option("--json", "as_json", is_flag=True, help="Console to stderr; a JSON result on stdout.")
-def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[str, ...], envs: tuple[str, ...],
-            memory: int | None, timeout: float | None, xen_type: str | None, accel: str, icount: bool,
-            insecure: bool, as_json: bool) -> None:
+def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[str, ...],
+            envs: tuple[str, ...], memory: int | None, timeout: float | None, xen_type: str | None,
+            accel: str, icount: bool, insecure: bool, as_json: bool) -> None:
     """Boot ARTIFACT, stream its console, exit with the entrypoint's status.
 
     ARTIFACT is an artifact directory, a VM image pushed with `xbuild push`, or any image reference
@@ -99,8 +100,8 @@ def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[st
         hypervisor = "xen" if is_dom0() else "qemu"
     console = sys.stderr.buffer if as_json else sys.stdout.buffer
     memory = memory or art.manifest.get("guest", {}).get("memory_mb", 256)
-    result = _boot(art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel, icount,
-                   xen_type)
+    result = _boot(art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel,
+                   icount, xen_type)
     report = {"hypervisor": hypervisor, "exit_status": result.exit_status, "signal": result.signal,
               "boot_ms": result.boot_ms, "launch_to_exec_s": result.launch_to_exec_s, "error": result.error}
     if as_json:

@@ -38,6 +38,16 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m 'not slow'; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
+# The main job end to end: nginx look-alike -> local registry -> xbuild -> boot under QEMU -> HTTP GET.
+demo: setup
+	bash scripts/demo.sh
+
+# Speed and size targets, each measured side by side in one run (see README "Benchmarks").
+bench: setup
+	$(PY) bench/pack.py
+	$(PY) bench/kernel_boot.py
+	$(PY) bench/minimize.py
+
 lint: venv
 	$(VENV)/bin/ruff check builder tests bench
 	$(VENV)/bin/mypy builder

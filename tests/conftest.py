@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.registry",
@@ -12,3 +14,11 @@ pytest_plugins = [
 
 # Slow fixtures (kernel, debootstrap images, Xen rig) are cached across runs in the user's cache.
 os.environ.setdefault("XBUILD_CACHE", str(Path.home() / ".cache" / "xbuild"))
+
+
+@pytest.fixture(scope="session")
+def default_kernel_path() -> Path:
+    """The trimmed default kernel (base+xen+net+qemu), built once into the cache on first use (~6-12 min)."""
+    from builder.kernel import default_kernel
+
+    return default_kernel().path

@@ -93,7 +93,7 @@ def test_initrd_matches_umoci_unpack(fixture: str, request: pytest.FixtureReques
     fields = ("mode", "uid", "gid", "mtime", "target", "rdev", "sha256")
     differences = []
     for path, mine in ours.items():
-        for name, a, b in zip(fields, mine, theirs[path]):
+        for name, a, b in zip(fields, mine, theirs[path], strict=True):
             if a != b and not (name == "mtime" and path in stamped):
                 differences.append(f"{path}: {name} {a!r} (xbuild) != {b!r} (umoci)")
     assert differences == []

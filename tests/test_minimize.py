@@ -503,53 +503,13 @@ def test_likely_missing_from_console() -> None:
                                             ("busybox_layout", "busybox-httpd"),
                                             ("static_layout", "static-hello")])
 def test_fixture_boots_minimized_under_qemu(fixture: str, recipe: str, request: pytest.FixtureRequest,
-                                            tmp_path: Path) -> None:
-    """The real proof: the minimized guest (default kernel, our init) boots under QEMU and passes the
-    recipe's smoke test. This is what `xbuild IMAGE --verify` does; kept here until the CLI has it."""
-    import io
-    import socket
-    import threading
+                                            tmp_path: Path, default_kernel_path: Path) -> None:
+    """The real proof: the minimized guest (trimmed kernel, our init) boots under QEMU and passes the
+    recipe's smoke test, as `xbuild IMAGE --verify` does."""
+    from builder.build import BuildOptions, build
+    from builder.verify import verify_artifact
 
-    from builder.cpio import pack
-    from builder.guest import guest_config, install
-    from builder.init import init_binary
-    from builder.kernel import default_kernel
-    from builder.recipes import smoke_test
-    from builder.run.qemu import Qemu, choose_accel
-
-    image, tree = _image_tree(request.getfixturevalue(fixture))
-    rec = load_recipe(recipe)
-    new, rep = minimize(tree, image.config, rec)
-    install(new, guest_config(image.config, new, "guest"), init_binary())
-    art = tmp_path / "artifact"
-    art.mkdir()
-    shutil.copy(default_kernel().bzimage, art / "bzImage")
-    pack(new, art / "initrd.img", "zstd")
-    assert rec.smoke is not None
-    ports = []
-    if rec.smoke.kind != "console":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports = [(s.getsockname()[1], rec.smoke.port)]
-    console = io.BytesIO()
-    guest = Qemu(art, ports=ports, memory_mb=rec.memory or 256, console=console,
-                 accel=choose_accel("auto", art / "bzImage", False), network=bool(ports))
-    guest.start()
-    limit = rec.smoke.timeout
-    waiter = threading.Thread(target=lambda: guest.wait(limit + 30), daemon=True)
-    waiter.start()
-    try:
-        if ports:
-            ok, msg = smoke_test(rec, b"", {rec.smoke.port: ports[0][0]})
-        else:
-            waiter.join(limit)
-            ok, msg = smoke_test(rec, console.getvalue())
-    finally:
-        if waiter.is_alive():
-            guest.stop()               # graceful (ACPI power button); the waiter sees it exit
-            waiter.join(40)
-        guest.kill()
-    out = console.getvalue()
-    from builder.explain import likely_missing
-    assert ok, f"{msg}\nlikely missing: {likely_missing({'minimize': rep.to_json()}, out)}\n" \
-               f"{out.decode(errors='replace')[-2000:]}"
+    art = build(request.getfixturevalue(fixture),
+                BuildOptions(output=tmp_path / "art", recipe=recipe, kernel=str(default_kernel_path)))
+    assert art.manifest["guest"]["recipe"] == recipe
+    assert verify_artifact(art).startswith("verify: passed")

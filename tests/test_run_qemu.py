@@ -30,15 +30,9 @@ slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def trimmed_kernel() -> Path:
+def trimmed_kernel(default_kernel_path: Path) -> Path:
     override = os.environ.get("XBUILD_TRIMMED_KERNEL")
-    if override:
-        return Path(override)
-    from builder.kernel import list_kernels
-    for k in list_kernels():
-        if "qemu" in k.fragments and "net" in k.fragments:
-            return k.bzimage if k.bzimage.is_file() else k.path
-    pytest.skip("no trimmed kernel with the qemu + net fragments in the cache (or $XBUILD_TRIMMED_KERNEL)")
+    return Path(override) if override else default_kernel_path
 
 
 def free_port() -> int:

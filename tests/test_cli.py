@@ -1,0 +1,94 @@
+"""The command line as a user and CI see it: default command, exit codes, --json, no partial artifacts,
+and (slow) build + run of a real guest with its exit status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.images import OciImage, make_busybox_image
+
+XBUILD = [sys.executable, "-c", "from builder.cli import run; run()"]
+
+
+def xbuild(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*XBUILD, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def test_bare_image_means_build_and_json_is_the_manifest(busybox_image: OciImage, tmp_path: Path,
+                                                         xbuild_cache: Path) -> None:
+    out = tmp_path / "art"
+    r = xbuild(busybox_image.ref, "-o", str(out), "--kernel", "none", "--json")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["reference"] == busybox_image.ref
+    assert manifest["guest"]["argv"] == ["sh"]
+    assert sorted(p.name for p in out.iterdir()) == ["initrd.img", "manifest.json"]
+    assert r.stderr == ""                      # --json: nothing but the JSON
+
+
+@pytest.mark.parametrize("args, message", [
+    (["Not-An-Image"], "invalid image reference"),
+    (["oci:/nonexistent/layout"], "not an OCI image layout"),
+    (["--compression", "brotli", "oci:x"], "brotli"),
+    (["build", "oci:{layout}:missing-tag"], "no image tagged 'missing-tag'"),
+    (["build", "oci:{layout}", "--recipe", "no-such-recipe"], "no-such-recipe"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(args: list[str], message: str, busybox_image: OciImage,
+                                                      tmp_path: Path, xbuild_cache: Path) -> None:
+    out = tmp_path / "out"
+    args = [a.format(layout=busybox_image.layout) for a in args]
+    r = xbuild(*args, "-o", str(out), "--kernel", "none")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 or "Usage:" in r.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_user_that_cannot_be_resolved_fails_the_build(tmp_path: Path, xbuild_cache: Path) -> None:
+    img = make_busybox_image(tmp_path / "oci", config_overrides={"User": "nobody-here"})
+    r = xbuild(img.ref, "-o", str(tmp_path / "out"), "--kernel", "none")
+    assert r.returncode == 2 and "nobody-here" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output(busybox_image: OciImage, tmp_path: Path, xbuild_cache: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    r = xbuild(busybox_image.ref, "-o", str(tmp_path / "file" / "out"), "--kernel", "none")
+    assert r.returncode == 2 and "output" in r.stderr
+
+
+def test_explain(busybox_image: OciImage, tmp_path: Path, xbuild_cache: Path) -> None:
+    out = tmp_path / "art"
+    assert xbuild(busybox_image.ref, "-o", str(out), "--kernel", "none", "-q").returncode == 0
+    r = xbuild("explain", str(out), "/bin/busybox")
+    assert r.returncode == 0 and "KEPT" in r.stdout
+
+
+@pytest.mark.slow
+def test_build_and_run_exit_status_and_args(tmp_path: Path, default_kernel_path: Path) -> None:
+    """`xbuild IMAGE` pairs the kernel; `xbuild run DIR -- ARGS` boots it and exits with the status."""
+    img = make_busybox_image(tmp_path / "oci", config_overrides={"Entrypoint": ["/bin/sh", "-c"],
+                                                                 "Cmd": ["echo hello from $HOSTNAME"]})
+    out = tmp_path / "art"
+    r = xbuild(img.ref, "-o", str(out), "--kernel", str(default_kernel_path))
+    assert r.returncode == 0, r.stderr
+    assert {"kernel", "initrd.img", "cmdline", "xen.cfg", "manifest.json"} <= {p.name for p in out.iterdir()}
+    cfg = (out / "xen.cfg").read_text()
+    assert 'kernel = "kernel"' in cfg and 'ramdisk = "initrd.img"' in cfg and "rdinit=/.xbuild/init" in cfg
+    r = xbuild("run", str(out), "--timeout", "120")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "hello from busybox" in r.stdout
+    assert "booted to exec in" in r.stderr
+    r = xbuild("run", str(out), "--timeout", "120", "--json", "--", "exit 7")
+    assert r.returncode == 7, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["exit_status"] == 7 and report["boot_ms"] > 0
+    r = xbuild("run", str(out), "--timeout", "120", "-e", "GREETING=hi there", "--",
+               "echo $GREETING; kill -9 $$")
+    assert r.returncode == 128 + 9 and "hi there" in r.stdout

@@ -1,0 +1,259 @@
+"""Disk: the tree written into ext4 through libguestfs, read back through libguestfs and compared with the
+tree and with the initramfs pack makes of it. Appliance launches (~25 s each under TCG) are kept to three:
+two writes and one read of every disk at once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder import disk
+from builder.cpio import pack, read_cpio
+from builder.errors import DiskInputError
+from builder.flatten import flatten
+from builder.reference import parse
+from builder.source import load
+from builder.tree import FILE, Tree, read_content, regular
+from tests.fixtures.images import MTIME, OciImage, make_busybox_image, make_whiteout_image
+
+EPOCH = MTIME + 60
+Sig = tuple[Any, ...]
+TAR_KINDS = {tarfile.REGTYPE: stat.S_IFREG, tarfile.DIRTYPE: stat.S_IFDIR, tarfile.SYMTYPE: stat.S_IFLNK,
+             tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+
+
+def flat(image: OciImage) -> Tree:
+    return flatten(load(parse(image.ref))).tree
+
+
+def guestfs_available() -> bool:
+    try:
+        disk._guestfs()
+    except DiskInputError:
+        return False
+    return True
+
+
+needs_guestfs = pytest.mark.skipif(not guestfs_available(), reason="libguestfs (python3-guestfs) missing")
+
+
+def tree_sig(tree: Tree, epoch: int | None) -> dict[str, Sig]:
+    """path -> (st_mode, uid, gid, mtime, size, target, rdev, xattrs, sha256) as the disk must hold it."""
+    sig = {}
+    for path, node in tree.walk():
+        data = read_content(node) if node.kind == FILE else b""
+        mtime = node.mtime if epoch is None else min(node.mtime, epoch)
+        sig[path or "."] = (node.st_mode, node.uid, node.gid, mtime, len(data), node.target,
+                            node.rdev if node.kind in ("char", "block") else (0, 0),
+                            tuple(sorted((node.xattrs or {}).items())), hashlib.sha256(data).hexdigest())
+    return sig
+
+
+def tree_links(tree: Tree) -> set[frozenset[str]]:
+    groups: dict[int, set[str]] = {}
+    for path, node in tree.walk():
+        if node.kind == FILE:
+            groups.setdefault(id(node), set()).add(path)
+    return {frozenset(g) for g in groups.values() if len(g) > 1}
+
+
+def tar_sig(path: Path) -> tuple[dict[str, Sig], set[frozenset[str]]]:
+    """The same signature from a tar the appliance made of the disk (`tar_out`), and its hardlink groups."""
+    sig: dict[str, Sig] = {}
+    links: dict[str, set[str]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            name = m.name.removeprefix("./").rstrip("/") or "."
+            if name == "lost+found" or name.startswith("lost+found/"):
+                continue
+            xattrs = tuple(sorted((k.removeprefix("SCHILY.xattr."), v.encode("utf-8", "surrogateescape"))
+                                  for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")))
+            if m.islnk():
+                target = m.linkname.removeprefix("./")
+                links.setdefault(target, {target}).add(name)
+                sig[name] = sig[target]
+                continue
+            f = tar.extractfile(m) if m.isfile() else None
+            data = f.read() if f else b""
+            rdev = (m.devmajor, m.devminor) if m.ischr() or m.isblk() else (0, 0)
+            sig[name] = (TAR_KINDS[m.type] | m.mode, m.uid, m.gid, int(m.mtime), len(data),
+                         m.linkname if m.issym() else "", rdev, xattrs, hashlib.sha256(data).hexdigest())
+    return sig, {frozenset(g) for g in links.values()}
+
+
+# ------------------------------------------------------------------------------------------- fast ones
+
+def test_auto_size_has_the_documented_margin(whiteout_image: OciImage) -> None:
+    tree = flat(whiteout_image)
+    use = disk.usage(tree)
+    assert use.content_bytes == sum(len(read_content(n)) for n in {id(n): n for _, n in tree.walk()
+                                                                     if n.kind == FILE}.values())
+    assert use.inodes == len({id(n) for _, n in tree.walk()})
+    size = disk.auto_size(tree)
+    assert size % disk.MIB == 0
+    assert size >= use.minimum * (1 + disk.MARGIN_RATIO) + disk.MARGIN_FIXED
+
+
+def test_too_small_a_size_is_refused_and_leaves_nothing(whiteout_image: OciImage, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(DiskInputError, match=r"--disk-size 1 MiB is too small .* at least \d+ MiB") as e:
+        disk.write_disk(flat(whiteout_image), out / "disk.img", size=1 << 20)
+    assert e.value.exit_code == 2
+    assert not out.exists() or not list(out.iterdir())
+
+
+@needs_guestfs
+def test_unwritable_output_is_refused(whiteout_image: OciImage, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DiskInputError, match="cannot write .*a-file/disk.img") as e:
+        disk.write_disk(flat(whiteout_image), tmp_path / "a-file" / "disk.img")
+    assert e.value.exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "whiteout-oci"]
+
+
+def test_missing_libguestfs_names_the_debian_package(whiteout_image: OciImage, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "guestfs", None)  # makes `import guestfs` fail
+    with pytest.raises(DiskInputError, match="apt-get install python3-guestfs") as e:
+        disk.write_disk(flat(whiteout_image), tmp_path / "out" / "disk.img")
+    assert e.value.exit_code == 2
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_unknown_format(whiteout_image: OciImage, tmp_path: Path) -> None:
+    with pytest.raises(DiskInputError, match="unknown disk format 'vmdk'"):
+        disk.write_disk(flat(whiteout_image), tmp_path / "disk.img", fmt="vmdk")
+
+
+def test_tar_stream_carries_the_tree(whiteout_image: OciImage, tmp_path: Path) -> None:
+    tree = flat(whiteout_image)
+    digest = disk._write_tar(tree, tmp_path / "t.tar", EPOCH, None)
+    assert digest == disk._write_tar(tree, tmp_path / "u.tar", EPOCH, None)
+    sig, links = tar_sig(tmp_path / "t.tar")
+    assert sig == tree_sig(tree, EPOCH)
+    assert links == tree_links(tree)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mkfs.ext4"), reason="mkfs.ext4 -d needs root")
+def test_mkfs_fast_is_byte_reproducible(whiteout_image: OciImage, tmp_path: Path) -> None:
+    tree = flat(whiteout_image)
+    a = disk.mkfs_fast(tree, tmp_path / "a.img", epoch=EPOCH)
+    b = disk.mkfs_fast(tree, tmp_path / "b.img", epoch=EPOCH)
+    assert a.uuid == b.uuid
+    assert (tmp_path / "a.img").read_bytes() == (tmp_path / "b.img").read_bytes()
+
+
+# ------------------------------------------------------------------------------ through the appliance
+
+@pytest.mark.slow
+@needs_guestfs
+def test_a_tree_that_does_not_fit_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the size check (made to under-estimate here), the appliance runs out of space: same error."""
+    tree = Tree()
+    tree.add("big", regular(os.urandom(12 << 20)))
+    monkeypatch.setattr(disk.Usage, "minimum", property(lambda self: 8 * disk.MIB))
+    with pytest.raises(DiskInputError, match="does not fit in 8 MiB .* larger --disk-size") as e:
+        disk.write_disk(tree, tmp_path / "out" / "disk.img", size=8 * disk.MIB)
+    assert e.value.exit_code == 2
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Tree, disk.DiskImage]]:
+    if not guestfs_available():
+        pytest.skip("libguestfs (python3-guestfs) missing")
+    d = tmp_path_factory.mktemp("disks")
+    whiteout = flat(make_whiteout_image(d / "whiteout-oci"))
+    busybox = flat(make_busybox_image(d / "busybox-oci"))
+    out = {"whiteout": (whiteout, disk.write_disk(whiteout, d / "whiteout.img", epoch=EPOCH)),
+           "busybox": (busybox, disk.write_disk(busybox, d / "busybox.qcow2", fmt="qcow2", epoch=EPOCH))}
+    if os.geteuid() == 0:
+        out["whiteout-mkfs"] = (whiteout, disk.mkfs_fast(whiteout, d / "whiteout-mkfs.img", epoch=EPOCH))
+    return out
+
+
+@pytest.fixture(scope="module")
+def read_back(disks: dict[str, tuple[Tree, disk.DiskImage]],
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """One appliance reads every disk: a numeric-owner tar with xattrs, inode numbers and ctimes."""
+    import guestfs  # type: ignore[import-not-found]
+
+    d = tmp_path_factory.mktemp("read-back")
+    g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+    g.set_backend("direct")
+    if disk.force_tcg():
+        g.set_backend_settings(["force_tcg"])
+    names = list(disks)
+    for name in names:
+        g.add_drive_opts(str(disks[name][1].path), format=disks[name][1].format, readonly=True)
+    g.launch()
+    result: dict[str, dict[str, Any]] = {}
+    try:
+        for i, name in enumerate(names):
+            dev = f"/dev/sd{chr(ord('a') + i)}"
+            g.mount_ro(dev, "/")
+            g.tar_out("/", str(d / f"{name}.tar"), numericowner=True, xattrs=True)
+            tree = disks[name][0]
+            files = [p for p, n in tree.walk() if n.kind == FILE and p.isascii()]
+            result[name] = {"tar": d / f"{name}.tar", "vfs_type": g.vfs_type(dev), "uuid": g.vfs_uuid(dev),
+                            "stat": {p: g.lstatns("/" + p) for p in files}}
+            g.umount_all()
+    finally:
+        g.shutdown()
+        g.close()
+    return result
+
+
+@pytest.mark.slow
+@needs_guestfs
+@pytest.mark.parametrize("name", ["whiteout", "busybox", "whiteout-mkfs"])
+def test_disk_holds_the_tree(name: str, disks: dict[str, tuple[Tree, disk.DiskImage]],
+                             read_back: dict[str, dict[str, Any]]) -> None:
+    if name not in disks:
+        pytest.skip("mkfs.ext4 -d needs root")
+    tree, image = disks[name]
+    got = read_back[name]
+    assert got["vfs_type"] == "ext4" and got["uuid"] == image.uuid
+    assert image.size_bytes == disk.auto_size(tree) and image.content_bytes == disk.usage(tree).content_bytes
+    sig, links = tar_sig(got["tar"])
+    want = tree_sig(tree, EPOCH)
+    assert sorted(sig) == sorted(want)
+    assert {p: s for p, s in sig.items() if s != want[p]} == {}
+    assert links == tree_links(tree)
+    # hardlinks share one inode; every inode's ctime is pinned to its mtime
+    inos = {p: st["st_ino"] for p, st in got["stat"].items()}
+    for group in tree_links(tree):
+        assert len({inos[p] for p in group}) == 1
+    for p, st in got["stat"].items():
+        assert st["st_ctime_sec"] == st["st_mtime_sec"] == want[p][3], p
+        assert st["st_ctime_nsec"] == 0
+
+
+@pytest.mark.slow
+@needs_guestfs
+def test_disk_equals_the_initramfs(disks: dict[str, tuple[Tree, disk.DiskImage]],
+                                   read_back: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """What the guest sees on /dev/xvda is what it would see in the initramfs of the same tree."""
+    tree, _ = disks["whiteout"]
+    pack(tree, tmp_path / "initrd", "none", epoch=EPOCH)
+    entries = read_cpio((tmp_path / "initrd").read_bytes())
+    by_ino: dict[object, bytes] = {}
+    for e in entries:
+        if e["size"]:
+            by_ino[e["ino"]] = e["data"]  # type: ignore[assignment]
+    cpio = {e["name"]: (e["mode"], e["uid"], e["gid"], e["mtime"], (e["rdevmajor"], e["rdevminor"]),
+                        hashlib.sha256(by_ino.get(e["ino"], b"")
+                                       if stat.S_ISREG(e["mode"]) else b"").hexdigest())  # type: ignore
+            for e in entries}
+    sig, _ = tar_sig(read_back["whiteout"]["tar"])
+    ondisk = {p: (s[0], s[1], s[2], s[3], s[6], s[8]) for p, s in sig.items()}
+    assert ondisk == cpio
+

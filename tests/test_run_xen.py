@@ -1,0 +1,352 @@
+"""builder.run.xen: the xl config rewrite, and boots under the nested Xen rig (slow: ~15-50 s each).
+
+The guest is Debian's cloud kernel with a tiny static /init that speaks the init's marker protocol:
+`hang` makes it wait for SIGTERM (exit status 143), `ignore` makes it ignore SIGTERM. It doubles as
+/sbin/poweroff, which the kernel runs on `xl shutdown`, to send SIGTERM to PID 1.
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from builder.cache import cache_dir
+from builder.errors import BadInput, RunError
+from builder.run import xen
+
+GUEST_INIT = r"""
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <time.h>
+#include <unistd.h>
+
+static void finish(int status) {
+    printf("xbuild: exit status %d\n", status);
+    fflush(stdout);
+    reboot(RB_POWER_OFF);
+    _exit(0);
+}
+
+static void on_term(int sig) { finish(128 + sig); }
+
+int main(int argc, char **argv) {
+    if (strstr(argv[0], "poweroff")) return kill(1, SIGTERM) ? 1 : 0;
+    char buf[4096];
+    mount("proc", "/proc", "proc", 0, 0);
+    int fd = open("/proc/cmdline", O_RDONLY);
+    ssize_t n = fd < 0 ? 0 : read(fd, buf, sizeof buf - 1);
+    buf[n > 0 ? n : 0] = 0;
+    printf("cmdline: %s", buf);
+    for (int i = 1; i < argc; i++) printf("argv[%d]=%s\n", i, argv[i]);
+    struct timespec ts;
+    clock_gettime(CLOCK_BOOTTIME, &ts);
+    printf("xbuild: exec /bin/true at %lldus\n", (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000);
+    fflush(stdout);
+    if (argc > 1 && strcmp(argv[1], "hang") == 0) signal(SIGTERM, on_term);
+    if (argc > 1 && strcmp(argv[1], "ignore") == 0) signal(SIGTERM, SIG_IGN);
+    while (argc > 1 && (strcmp(argv[1], "hang") == 0 || strcmp(argv[1], "ignore") == 0)) pause();
+    finish(7);
+}
+"""
+
+CFG = """\
+name = "hello"   # replaced by the runner
+type = "pv"
+kernel = "kernel"
+ramdisk = "initrd.img"
+extra = "console=hvc0 quiet panic=-1"
+memory = 128
+vcpus = 1
+vif = [ 'bridge=xenbr0',
+        'mac=00:16:3e:00:00:01' ]
+on_poweroff = "destroy"
+"""
+
+
+# ---- no boot -------------------------------------------------------------------------------------------
+
+
+def test_read_xl_cfg_keeps_raw_values_and_joins_lists() -> None:
+    entries = xen.read_xl_cfg(CFG)
+    assert entries["name"] == '"hello"'
+    assert entries["memory"] == "128"
+    assert entries["vif"].startswith("[") and entries["vif"].endswith("]")
+    assert xen.xl_string(entries["extra"]) == "console=hvc0 quiet panic=-1"
+
+
+def test_with_args_replaces_the_words_after_the_separator() -> None:
+    assert xen.with_args("console=hvc0", []) == "console=hvc0"
+    assert xen.with_args("console=hvc0 -- nginx -g x", ["sh", "a b"]) == 'console=hvc0 -- sh "a b"'
+    assert xen.with_args("console=hvc0", ["x"]) == "console=hvc0 -- x"
+    with_env = xen.with_args("console=hvc0 -- cmd", [], ["xbuild.env=A=1"])
+    assert with_env == "console=hvc0 xbuild.env=A=1 -- cmd"
+    with pytest.raises(BadInput):
+        xen.with_args("console=hvc0", ['say "hi"'])
+
+
+def test_guest_cfg_for_the_rig(tmp_path: Path) -> None:
+    art = _fake_artifact(tmp_path)
+    entries, kernel, ramdisk = xen._artifact_files(art)
+    assert (kernel, ramdisk) == (art / "kernel", art / "initrd.img")
+    text = xen._guest_cfg(entries, "/guest/kernel", "/guest/initrd.img", "pvh", 256, ["a"], [])
+    cfg = xen.read_xl_cfg(text)
+    assert "vif" not in cfg
+    assert {k: xen.xl_string(cfg[k]) for k in ("name", "type", "kernel", "ramdisk", "tsc_mode", "extra")} == {
+        "name": "xbuild", "type": "pvh", "kernel": "/guest/kernel", "ramdisk": "/guest/initrd.img",
+        "tsc_mode": "native", "extra": "console=hvc0 quiet panic=-1 -- a"}
+    assert cfg["memory"] == "256"
+
+
+def test_bad_artifact_and_unsupported_options(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="no xen.cfg"):
+        xen.run_nested(tmp_path)
+    art = _fake_artifact(tmp_path)
+    with pytest.raises(RunError, match="port forwarding"):
+        xen.run_nested(art, ports=[(8080, 80)])
+    with pytest.raises(BadInput, match="pv or pvh"):
+        xen.run_nested(art, xen_type="hvm")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(Path("/proc/xen/capabilities").exists(), reason="this host is a Xen domain")
+def test_run_xl_needs_a_dom0(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match=r"not a Xen dom0 \(no /proc/xen/capabilities with control_d\)"):
+        xen.run_xl(_fake_artifact(tmp_path))
+
+
+def test_extract_vmlinux_from_an_xz_bzimage() -> None:
+    elf = b"\x7fELF" + bytes(range(256)) * 64
+    payload = lzma.compress(elf, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    setup = bytearray(2 * 512)
+    setup[0x1F1] = 1  # setup_sects: the protected-mode code starts at (1 + 1) * 512
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", setup, 0x248, 0x10, len(payload))
+    image = bytes(setup) + bytes(0x10) + payload + bytes(100)
+    assert xen.extract_vmlinux(image) == elf
+    with pytest.raises(RunError):
+        xen.extract_vmlinux(b"\0" * 4096)
+
+
+def _fake_artifact(tmp_path: Path) -> Path:
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "xen.cfg").write_text(CFG)
+    (art / "kernel").write_bytes(b"k")
+    (art / "initrd.img").write_bytes(b"i")
+    return art
+
+
+# ---- boots ---------------------------------------------------------------------------------------------
+
+needs_rig = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "cpio"))
+    or not (shutil.which("musl-gcc") or shutil.which("gcc")),
+    reason="needs qemu-system-x86_64, apt-get, dpkg-deb, cpio and a C compiler")
+
+
+@pytest.fixture(scope="session")
+def rig() -> xen.Rig:
+    return xen.ensure_rig()
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """kernel (Debian's cloud kernel), initrd.img (the test init), cmdline, xen.cfg."""
+    work = tmp_path_factory.mktemp("guest")
+    (work / "init.c").write_text(GUEST_INIT)
+    cc = shutil.which("musl-gcc") or "gcc"
+    root = work / "root"
+    (root / "proc").mkdir(parents=True)
+    (root / "sbin").mkdir()
+    subprocess.run([cc, "-static", "-Os", "-o", root / "init", work / "init.c"], check=True)
+    (root / "sbin" / "poweroff").symlink_to("../init")
+    art = work / "art"
+    art.mkdir()
+    names = "\n".join(["."] + sorted(str(p.relative_to(root)) for p in root.rglob("*")))
+    with open(art / "initrd.img", "wb") as out:
+        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(), stdout=out,
+                       check=True)
+    shutil.copy(_cloud_kernel(), art / "kernel")
+    (art / "cmdline").write_text("console=hvc0 quiet panic=-1\n")
+    (art / "xen.cfg").write_text(CFG)
+    return art
+
+
+def _cloud_kernel() -> Path:
+    """Debian's cloud kernel bzImage, downloaded once into the cache."""
+    kernel = cache_dir("test", "cloud-kernel") / "vmlinuz"
+    if kernel.exists():
+        return kernel
+    deps = subprocess.run(["apt-cache", "depends", "linux-image-cloud-amd64"], capture_output=True, text=True,
+                          check=True).stdout
+    pkg = re.findall(r"Depends: (linux-image-\S+)", deps)[0]
+    with tempfile.TemporaryDirectory(dir=kernel.parent) as tmp:
+        subprocess.run(["apt-get", "download", "-q", pkg], cwd=tmp, check=True, capture_output=True)
+        deb = next(Path(tmp).glob("*.deb"))
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb], check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+            member = next(m for m in t.getmembers() if re.fullmatch(r"\./boot/vmlinuz-.*", m.name))
+            (Path(tmp) / "vmlinuz").write_bytes(t.extractfile(member).read())  # type: ignore[union-attr]
+        os.replace(Path(tmp) / "vmlinuz", kernel)
+    return kernel
+
+
+@pytest.fixture
+def own_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The runner's temp dir goes under tmp_path, so its processes are recognisable by their arguments."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of other processes that contain `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args and cmdline.parent.name != str(os.getpid()):
+            found.append(args)
+    return found
+
+
+@pytest.mark.slow
+@needs_rig
+def test_rig_is_cached(rig: xen.Rig) -> None:
+    stamp = (rig.xen.parent / "rig.json").stat().st_mtime_ns
+    t0 = time.monotonic()
+    assert xen.ensure_rig() == rig
+    assert time.monotonic() - t0 < 5
+    assert (rig.xen.parent / "rig.json").stat().st_mtime_ns == stamp
+    assert rig.dom0_kernel.read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.slow
+@needs_rig
+def test_pv_boot_streams_only_the_guest(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
+    out = io.BytesIO()
+    result = xen.run_nested(artifact, "pv", timeout=240, extra_args=["first", "two words"], console=out)
+    assert result.exit_status == 7
+    assert result.boot_us and result.launch_to_exec_s and result.launch_to_exec_s > result.boot_us / 1e6
+    stream = out.getvalue()
+    assert b'cmdline: console=hvc0 quiet panic=-1 -- first "two words"' in stream
+    assert b"argv[1]=first" in stream and b"argv[2]=two words" in stream
+    for noise in (b"(XEN)", b"xenrig:", b"Parsing config", b"Linux version"):
+        assert noise not in stream
+    assert stream == result.console
+    assert not _processes_mentioning(str(own_tmp))
+    assert not list(own_tmp.iterdir())  # nothing kept on success
+
+
+@pytest.mark.slow
+@needs_rig
+def test_pvh_boot(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
+    result = xen.run_nested(artifact, "pvh", timeout=240, console=io.BytesIO())
+    assert result.exit_status == 7
+    assert result.boot_us is not None
+    assert not _processes_mentioning(str(own_tmp))
+
+
+@pytest.mark.slow
+@needs_rig
+def test_bad_kernel_fails_with_dom0s_reason(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
+    bad = own_tmp / "bad"
+    shutil.copytree(artifact, bad)
+    (bad / "kernel").write_bytes(b"not a kernel" * 1000)
+    with pytest.raises(RunError, match=r"could not be created .*\(dom0: xl exited 3 .*; log: ") as e:
+        xen.run_nested(bad, "pv", timeout=240, console=io.BytesIO())
+    log = Path(str(e.value).rsplit("log: ", 1)[1])
+    assert log.is_relative_to(own_tmp)  # kept for the user
+    assert b"(XEN)" in log.read_bytes() and b"Invalid kernel" in log.read_bytes()
+    assert not _processes_mentioning(str(own_tmp))
+
+
+@pytest.mark.slow
+@needs_rig
+def test_timeout_shuts_the_guest_down_gracefully(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
+    t0 = time.monotonic()
+    result = xen.run_nested(artifact, "pv", timeout=45, extra_args=["hang"], console=io.BytesIO())
+    assert result.boot_us is not None  # the timeout came after the guest started, even on a loaded host
+    assert result.exit_status == 143 and result.signal is None  # the init's own SIGTERM handler
+    assert result.error == "timed out after 45s"
+    assert time.monotonic() - t0 < 45 + xen.GRACE_S + xen.EXIT_WAIT_S
+    assert not _processes_mentioning(str(own_tmp))
+
+
+RUNNER = """
+import sys
+from pathlib import Path
+from builder.run.xen import run_nested
+r = run_nested(Path(sys.argv[1]), "pv", extra_args=[sys.argv[2]])
+print(f"RESULT {r.exit_status} {r.error}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@needs_rig
+@pytest.mark.parametrize(("sig", "guest"), [(signal.SIGTERM, "ignore"), (signal.SIGINT, "hang")])
+def test_signals_stop_the_guest_and_leave_nothing(rig: xen.Rig, artifact: Path, tmp_path: Path,
+                                                  sig: signal.Signals, guest: str) -> None:
+    """SIGTERM: stop, return the result. Ctrl-C: stop, re-raise. A guest ignoring the stop is destroyed."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(artifact), guest], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    seen = b""
+    while b"xbuild: exec" not in seen:
+        line = proc.stdout.readline()
+        assert line, f"runner ended early: {proc.stderr.read() if proc.stderr else b''!r}"
+        seen += line
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=xen.GRACE_S + xen.EXIT_WAIT_S + 30)
+    assert time.monotonic() - t0 < xen.GRACE_S + xen.EXIT_WAIT_S + 15
+    assert not _processes_mentioning(str(tmp_path))
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0
+        assert b"RESULT None no exit status (Xen and dom0 log: " in out
+        logs = list(tmp_path.glob("xbuild-xen-*/xen-console.log"))  # kept: no exit status
+        assert logs and b"guest destroyed" in logs[0].read_bytes()
+    else:
+        assert b"KeyboardInterrupt" in err
+        assert b"xbuild: exit status 143" in out  # the init got its SIGTERM
+
+
+@pytest.mark.slow
+@needs_rig
+def test_qemu_dies_with_a_killed_runner(rig: xen.Rig, artifact: Path, tmp_path: Path) -> None:
+    code = ("import sys; from pathlib import Path; from builder.run.xen import run_nested; "
+            "run_nested(Path(sys.argv[1]), 'pv')")
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(artifact)], stdout=subprocess.DEVNULL, env=env)
+    try:
+        _wait_for(lambda: any("qemu-system" in p for p in _processes_mentioning(str(tmp_path))), 60)
+    finally:
+        proc.kill()  # no chance to clean up: PR_SET_PDEATHSIG must take QEMU down
+        proc.wait()
+    _wait_for(lambda: not _processes_mentioning(str(tmp_path)), 10)
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)

@@ -127,6 +127,17 @@ kernel.add_command(kernel_push_cmd)
 main.add_command(kernel)
 
 
+@main.command("explain")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("path")
+def explain_cmd(artifact: Path, path: str) -> None:
+    """Say why PATH is in the ARTIFACT's guest, or why minimize dropped it."""
+    from .artifact import open_artifact
+    from .explain import explain
+
+    click.echo(explain(open_artifact(artifact).manifest, path))
+
+
 def _summary(path: Path, m: dict[str, Any]) -> None:
     i = m["initrd"]
     click.echo(f"{path}/initrd.img  {i['size'] / 1e6:.2f} MB {i['compression']} "

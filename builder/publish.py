@@ -18,14 +18,10 @@ directory under a temp name renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,14 +31,13 @@ import httpx
 
 from . import __version__
 from .artifact import CMDLINE, INITRD, KERNEL, MANIFEST, XEN_CFG, open_artifact
-from .blobs import CHUNK, blob_path, check_digest, store_blob
+from .blobs import CHUNK, blob_path, check_digest
 from .cache import atomic_dir, atomic_file, cache_dir
-from .errors import PublishError, RegistryUnavailable, SourceError
+from .errors import PublishError, SourceError
 from .image import ACCEPT, DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
 from .reference import ImageRef, parse
-from .source import auth
-from .source.registry import RETRIES, RETRY_DELAY_ENV, endpoint
+from .registry_client import RegistryClient, errors, status
 
 VM_ARTIFACT = "application/vnd.xbuild.vm.v1+json"
 VM_CONFIG = "application/vnd.xbuild.vm.config.v1+json"
@@ -185,7 +180,7 @@ def pull(ref: str | ImageRef, dest: Path, insecure: bool = False) -> Path:
 def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
                 log: Callable[[str], None] = lambda msg: None) -> Pushed:
     """Push a cached kernel (its directory: kernel.json as config, the files as layers)."""
-    d = kernel.dir
+    d = kernel.path.parent
     if not (d / KERNEL_JSON).is_file():
         raise PublishError(f"{d}: not a kernel directory (no {KERNEL_JSON})")
     layers = [Blob.of(d / name, KERNEL_FILE_TYPES.get(name, KERNEL_OTHER_FILE), name)
@@ -311,128 +306,40 @@ def _known_dir(registry: str) -> Path:
 
 
 class _Session:
-    """One repository of a registry: auth from docker's config (Basic or a Bearer token), retries with
-    backoff for transport errors, 5xx and 429, and failures turned into one-line PublishErrors."""
+    """One repository of a registry, through a RegistryClient (auth, retries), failures as PublishErrors;
+    remembers which repository holds which blob, for cross-repository mounts."""
 
     def __init__(self, ref: ImageRef, insecure: bool, push: bool):
         self.ref, self.what = ref, str(ref.docker_name)
         self.registry, self.repo = str(ref.registry), str(ref.repository)
-        self.base = f"{endpoint(self.registry, insecure)}/v2/{self.repo}"
-        self.scope = f"repository:{self.repo}:{'pull,push' if push else 'pull'}"
-        self.authorization: str | None = None
-        self.client = httpx.Client(follow_redirects=True, timeout=TIMEOUT,
-                                   headers={"User-Agent": f"xbuild/{__version__}"})
+        self.http = RegistryClient(self.registry, self.repo, what=self.what, insecure=insecure,
+                                   scopes={self.repo: "pull,push" if push else "pull"}, error=PublishError,
+                                   timeout=TIMEOUT, check_hint="check {config} (docker login)")
+        self.base = self.http.base
 
     def __enter__(self) -> Self:
+        self.http.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.client.close()
-
-    # -- requests -------------------------------------------------------------------------------------------
-
-    def send(self, method: str, url: str | httpx.URL, headers: dict[str, str] | None = None,
-             content: Callable[[], Iterator[bytes] | bytes] | None = None,
-             stream: bool = False) -> httpx.Response:
-        """Send with auth and retries; return any response but 401/403 (PublishError) and 5xx/429."""
-        attempt, challenged = 0, False
-        while True:
-            hdrs = dict(headers or {})
-            if self.authorization:
-                hdrs["Authorization"] = self.authorization
-            try:
-                body = content() if content else None
-                resp = self.client.send(self.client.build_request(method, url, headers=hdrs, content=body),
-                                        stream=stream)
-            except httpx.TransportError as e:
-                failure, retry_after = f"unreachable ({e or type(e).__name__})", None
-            else:
-                if resp.status_code == 401 and not challenged:
-                    resp.read()
-                    self._authenticate(resp)
-                    challenged = True
-                    continue
-                if resp.status_code in (401, 403):
-                    resp.read()
-                    raise self._denied(resp)
-                if resp.status_code != 429 and resp.status_code < 500:
-                    return resp
-                failure, retry_after = f"failing (HTTP {resp.status_code})", resp.headers.get("Retry-After")
-                resp.close()
-            attempt += 1
-            if attempt >= RETRIES:
-                raise RegistryUnavailable(f"{self.what}: registry {self.registry} {failure} "
-                                          f"after {RETRIES} tries")
-            delay = float(os.environ.get(RETRY_DELAY_ENV) or 0.5) * 2 ** (attempt - 1)
-            if retry_after and retry_after.isdigit():
-                delay = max(delay, min(float(retry_after), 60.0))
-            time.sleep(delay)
-
-    def _authenticate(self, resp: httpx.Response) -> None:
-        """Answer a 401: Basic with the configured credentials, or a Bearer token for our scope."""
-        challenge = auth.pick_challenge(resp.headers.get_list("WWW-Authenticate"))
-        try:
-            creds = auth.credentials(self.registry)
-        except SourceError as e:
-            raise PublishError(str(e)) from None
-        if challenge is None or (challenge.scheme == "basic" and (creds is None or creds.identity_token)):
-            raise self._denied(resp)
-        if challenge.scheme == "basic":
-            assert creds is not None
-            self.authorization = creds.basic()
-            return
-        realm = challenge.params.get("realm")
-        if not realm:
-            raise PublishError(f"{self.what}: the registry's Bearer challenge names no realm")
-        asked = (challenge.params.get("scope") or "").split()
-        # ours covers what the challenge asks for this repository; keep what it asks for others (mounts)
-        scopes = [self.scope, *(x for x in asked if not x.startswith(f"repository:{self.repo}:"))]
-        service = {"service": challenge.params["service"]} if challenge.params.get("service") else {}
-        try:
-            if creds and creds.identity_token:
-                answer = self.client.post(realm, data={"grant_type": "refresh_token", "client_id": "xbuild",
-                                                       "refresh_token": creds.identity_token,
-                                                       "scope": " ".join(scopes), **service})
-            else:
-                query: list[tuple[str, str | int | float | bool | None]] = [("scope", x) for x in scopes]
-                query += service.items()
-                answer = self.client.get(realm, params=query,
-                                         headers={"Authorization": creds.basic()} if creds else None)
-        except httpx.TransportError as e:
-            raise RegistryUnavailable(f"{self.what}: token server {realm} unreachable ({e})") from None
-        try:
-            doc = answer.json()
-            token = doc.get("token") or doc.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if answer.status_code != 200 or not isinstance(token, str) or not token:
-            raise PublishError(f"{self.what}: token request to {realm} failed (HTTP {answer.status_code})")
-        self.authorization = f"Bearer {token}"
-
-    def _denied(self, resp: httpx.Response) -> PublishError:
-        creds = None
-        with contextlib.suppress(SourceError):
-            creds = auth.credentials(self.registry)
-        hint = "the credentials were refused" if creds else f"no credentials for {self.registry}"
-        return PublishError(f"{self.what}: access denied ({_status(resp)}); {hint}: "
-                            f"check {auth.config_path()} (docker login)")
+        self.http.__exit__(*exc)
 
     def _failure(self, resp: httpx.Response, action: str) -> PublishError:
-        codes = _codes(resp)
+        codes = errors(resp)[0]
         if resp.status_code == 413:
-            return PublishError(f"{self.what}: the registry refused {action}: too large ({_status(resp)})")
+            return PublishError(f"{self.what}: the registry refused {action}: too large ({status(resp)})")
         if resp.status_code == 405 or "UNSUPPORTED" in codes:
-            return PublishError(f"{self.what}: the registry refused {action} ({_status(resp)}); "
+            return PublishError(f"{self.what}: the registry refused {action} ({status(resp)}); "
                                 "is the registry or repository read-only?")
         if resp.status_code == 404 or codes & {"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"}:
-            return PublishError(f"{self.what}: {action}: not found ({_status(resp)})")
-        return PublishError(f"{self.what}: {action} failed ({_status(resp)})")
+            return PublishError(f"{self.what}: {action}: not found ({status(resp)})")
+        return PublishError(f"{self.what}: {action} failed ({status(resp)})")
 
     # -- push -----------------------------------------------------------------------------------------------
 
     def ensure_blob(self, blob: Blob, name: str) -> str:
         """Make the repository hold `blob` (file `name`): "present" (HEAD), "mounted" or "uploaded"."""
-        resp = self.send("HEAD", f"{self.base}/blobs/{blob.digest}")
+        resp = self.http.send("HEAD", f"{self.base}/blobs/{blob.digest}")
         if resp.status_code == 200:
             self._remember(blob.digest)
             return "present"
@@ -440,10 +347,10 @@ class _Session:
         known = self._known(blob.digest)
         if known and known != self.repo:
             try:
-                resp = self.send("POST", httpx.URL(f"{self.base}/blobs/uploads/",
-                                                   params={"mount": blob.digest, "from": known}))
+                resp = self.http.send("POST", httpx.URL(f"{self.base}/blobs/uploads/",
+                                                        params={"mount": blob.digest, "from": known}))
             except PublishError:      # no access to the other repository: upload instead
-                self.authorization = None
+                self.http.authorization = None
             else:
                 if resp.status_code == 201:
                     self._remember(blob.digest)
@@ -451,20 +358,20 @@ class _Session:
                 if resp.status_code == 202:
                     location = resp.headers.get("Location")
         if location is None:
-            resp = self.send("POST", f"{self.base}/blobs/uploads/", {"Content-Length": "0"})
+            resp = self.http.send("POST", f"{self.base}/blobs/uploads/", {"Content-Length": "0"})
             if resp.status_code != 202 or not resp.headers.get("Location"):
                 raise self._failure(resp, f"upload of {name}")
             location = resp.headers["Location"]
         url = httpx.URL(self.base).join(location).copy_merge_params({"digest": blob.digest})
-        resp = self.send("PUT", url, {"Content-Type": "application/octet-stream",
-                                      "Content-Length": str(blob.size)}, lambda: _chunks(blob.path))
+        resp = self.http.send("PUT", url, {"Content-Type": "application/octet-stream",
+                                           "Content-Length": str(blob.size)}, blob.path)
         if resp.status_code != 201:
             raise self._failure(resp, f"upload of {name}")
         self._remember(blob.digest)
         return "uploaded"
 
     def put_manifest(self, tag: str, raw: bytes, digest: str) -> None:
-        resp = self.send("PUT", f"{self.base}/manifests/{tag}", {"Content-Type": OCI_MANIFEST}, lambda: raw)
+        resp = self.http.send("PUT", f"{self.base}/manifests/{tag}", {"Content-Type": OCI_MANIFEST}, raw)
         if resp.status_code != 201:
             raise self._failure(resp, "manifest upload")
         answered = resp.headers.get("Docker-Content-Digest")
@@ -485,7 +392,8 @@ class _Session:
     def get_manifest(self) -> dict[str, Any]:
         """The manifest `ref` names, its digest verified (against the ref's digest when pinned)."""
         reference = self.ref.digest or str(self.ref.tag)
-        resp = self.send("GET", f"{self.base}/manifests/{reference}", {"Accept": f"{OCI_MANIFEST}, {ACCEPT}"})
+        resp = self.http.send("GET", f"{self.base}/manifests/{reference}",
+                              {"Accept": f"{OCI_MANIFEST}, {ACCEPT}"})
         if resp.status_code != 200:
             raise self._failure(resp, "manifest")
         raw = resp.content
@@ -509,62 +417,7 @@ class _Session:
         """Download `blob` into the blob cache (verified), unless it is there."""
         if blob.path.exists():
             return
-        resp = self.send("GET", f"{self.base}/blobs/{blob.digest}", stream=True)
-        try:
-            if resp.status_code != 200:
-                resp.read()
-                raise self._failure(resp, f"blob {blob.title or 'config'} ({blob.digest[:19]})")
-            store_blob(io.BufferedReader(_Body(resp.iter_bytes(CHUNK), blob.size), CHUNK), blob.digest,
-                       f"{self.what} {blob.title or 'config'}", blob.size)
-            self._remember(blob.digest)
-        except SourceError as e:
-            raise PublishError(str(e)) from None
-        except httpx.TransportError as e:
-            raise RegistryUnavailable(f"{self.what}: download of {blob.title or 'config'} "
-                                      f"failed ({e})") from None
-        finally:
-            resp.close()
-
-
-def _status(resp: httpx.Response) -> str:
-    try:
-        errs = resp.json().get("errors") or []
-        message = str(errs[0].get("message") or "") if errs else ""
-    except (ValueError, AttributeError, TypeError, httpx.ResponseNotRead):
-        message = ""
-    return f"HTTP {resp.status_code}" + (f": {message}" if message else "")
-
-
-def _codes(resp: httpx.Response) -> set[str]:
-    try:
-        return {str(e.get("code")) for e in resp.json().get("errors") or []}
-    except (ValueError, AttributeError, TypeError, httpx.ResponseNotRead):
-        return set()
-
-
-def _chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            yield chunk
-
-
-class _Body(io.RawIOBase):
-    """Byte chunks as a raw stream, cut after `limit` + 1 bytes (the size check then fails)."""
-
-    def __init__(self, chunks: Iterator[bytes], limit: int):
-        self.chunks, self.buf, self.left = chunks, b"", limit + 1
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self.buf and self.left > 0:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                return 0
-            self.buf = chunk[: self.left]
-            self.left -= len(self.buf)
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
-        return n
+        name = blob.title or "config"
+        self.http.download(f"{self.base}/blobs/{blob.digest}", blob.digest, blob.size, f"{self.what} {name}",
+                           lambda resp: self._failure(resp, f"blob {name} ({blob.digest[:19]})"))
+        self._remember(blob.digest)

@@ -240,7 +240,7 @@ def _fake_kernel(key: str) -> Kernel:
 def test_kernel_push_pull(registry: Registry, xbuild_cache: Path, tmp_path: Path,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = _fake_kernel("ab" * 32)
-    before = _digests(kernel.dir)
+    before = _digests(kernel.path.parent)
     pushed = publish.push_kernel(kernel, f"{registry.host}/kernels/xen:6.1")
     doc = json.loads(registry.manifest("kernels/xen", "6.1")[0])
     assert doc["artifactType"] == publish.KERNEL_ARTIFACT

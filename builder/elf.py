@@ -18,6 +18,7 @@ and who needs it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
 from .errors import MinimizeError
-from .tree import DIR, FILE, SYMLINK, Tree, read_content, split
+from .tree import DIR, FILE, Tree, read_content, split
 
 ELF_MAGIC = b"\x7fELF"
 MULTIARCH = {"EM_X86_64": "x86_64-linux-gnu", "EM_AARCH64": "aarch64-linux-gnu", "EM_386": "i386-linux-gnu",
@@ -334,30 +335,7 @@ class Resolver:
 def symlink_chain(tree: Tree, path: str) -> list[str]:
     """Every symlink path met while resolving `path` inside the tree (directory links included),
     in order; the final real path is not included. Stops quietly at a loop."""
-    todo = split(path)
-    done: list[str] = []
     links: list[str] = []
-    hops = 0
-    node = tree.root
-    while todo:
-        name = todo.pop(0)
-        if name == "..":
-            if done:
-                done.pop()
-            node = tree._walk(done) or tree.root
-            continue
-        child = node.children.get(name) if node.children is not None else None
-        if child is not None and child.kind == SYMLINK:
-            hops += 1
-            if hops > 40:
-                break
-            links.append("/".join(done + [name]))
-            if child.target.startswith("/"):
-                done, node = [], tree.root
-            todo = split(child.target) + todo
-            continue
-        if child is None:
-            break
-        done.append(name)
-        node = child
+    with contextlib.suppress(LookupError):
+        tree.real_path(path, links=links)
     return links

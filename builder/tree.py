@@ -87,8 +87,9 @@ class Tree:
             node = child
         return node, parts[-1]
 
-    def real_path(self, path: str, follow: bool = True) -> str:
-        """The path with every symlink resolved inside the tree (like a chroot): '..' stops at '/'."""
+    def real_path(self, path: str, follow: bool = True, links: list[str] | None = None) -> str:
+        """The path with every symlink resolved inside the tree (like a chroot): '..' stops at '/'.
+        Each symlink met on the way is appended to `links` when given."""
         todo = split(path)
         done: list[str] = []
         hops = 0
@@ -105,6 +106,8 @@ class Tree:
                 hops += 1
                 if hops > MAX_SYMLINKS:
                     raise LookupError(f"/{path}: too many levels of symbolic links")
+                if links is not None:
+                    links.append("/".join(done + [name]))
                 target = split(child.target)
                 if child.target.startswith("/"):
                     done, node = [], self.root

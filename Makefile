@@ -5,6 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap umoci docker-registry skopeo \
 	musl-tools busybox-static cpio zstd lz4 xz-utils strace apache2-utils openssl docker.io \
+	python3-guestfs linux-image-amd64 \
 	linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves
 export XBUILD_CACHE ?= $(HOME)/.cache/xbuild
 
@@ -24,10 +25,16 @@ apt: .work/apt.stamp
 	@touch $@
 
 venv: $(VENV)/.stamp
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml Makefile | apt
 	/usr/bin/python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# libguestfs' Python binding is Debian's only (not on PyPI): link just it into the venv
+	mkdir -p $(VENV)/debian-guestfs
+	ln -sf /usr/lib/python3/dist-packages/guestfs.py \
+		/usr/lib/python3/dist-packages/libguestfsmod.cpython-311-x86_64-linux-gnu.so $(VENV)/debian-guestfs/
+	echo "$(abspath $(VENV))/debian-guestfs" > \
+		$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-guestfs.pth
 	@touch $@
 
 # Everything: unit tests and the slow ones (boots, kernel build, debootstrap fixtures, registry).

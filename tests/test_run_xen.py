@@ -13,12 +13,15 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import pytest
 from builder.cache import cache_dir
 from builder.errors import BadInput, RunError
 from builder.run import xen
+from builder.run.console import RunResult
 
 GUEST_INIT = r"""
 #include <fcntl.h>
@@ -113,14 +117,15 @@ def test_guest_cfg_for_the_rig(tmp_path: Path) -> None:
         "name": "xbuild", "type": "pvh", "kernel": "/guest/kernel", "ramdisk": "/guest/initrd.img",
         "tsc_mode": "native", "extra": "console=hvc0 quiet panic=-1 -- a"}
     assert cfg["memory"] == "256"
+    networked = xen.read_xl_cfg(xen._guest_cfg(entries, "/k", None, "pv", None, [], [], network=True))
+    assert "script=/etc/xen/scripts/vif-xbuild" in networked["vif"]
+    assert xen.xl_string(networked["extra"]).endswith(" ip=10.0.3.2::10.0.3.1:255.255.255.0::eth0:off")
 
 
-def test_bad_artifact_and_unsupported_options(tmp_path: Path) -> None:
+def test_bad_artifact_and_options(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="no xen.cfg"):
         xen.run_nested(tmp_path)
     art = _fake_artifact(tmp_path)
-    with pytest.raises(RunError, match="port forwarding"):
-        xen.run_nested(art, ports=[(8080, 80)])
     with pytest.raises(BadInput, match="pv or pvh"):
         xen.run_nested(art, xen_type="hvm")  # type: ignore[arg-type]
 
@@ -157,8 +162,9 @@ def _fake_artifact(tmp_path: Path) -> Path:
 
 needs_rig = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "cpio"))
+    or not Path("/bin/busybox").exists()
     or not (shutil.which("musl-gcc") or shutil.which("gcc")),
-    reason="needs qemu-system-x86_64, apt-get, dpkg-deb, cpio and a C compiler")
+    reason="needs qemu-system-x86_64, apt-get, dpkg-deb, cpio, a static /bin/busybox and a C compiler")
 
 
 @pytest.fixture(scope="session")
@@ -179,10 +185,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "sbin" / "poweroff").symlink_to("../init")
     art = work / "art"
     art.mkdir()
-    names = "\n".join(["."] + sorted(str(p.relative_to(root)) for p in root.rglob("*")))
-    with open(art / "initrd.img", "wb") as out:
-        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(), stdout=out,
-                       check=True)
+    _cpio(root, art / "initrd.img")
     shutil.copy(_cloud_kernel(), art / "kernel")
     (art / "cmdline").write_text("console=hvc0 quiet panic=-1\n")
     (art / "xen.cfg").write_text(CFG)
@@ -190,9 +193,9 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cloud_kernel() -> Path:
-    """Debian's cloud kernel bzImage, downloaded once into the cache."""
+    """Debian's cloud kernel bzImage (and its xen-netfront.ko beside it), downloaded once into the cache."""
     kernel = cache_dir("test", "cloud-kernel") / "vmlinuz"
-    if kernel.exists():
+    if kernel.exists() and kernel.with_name("xen-netfront.ko").exists():
         return kernel
     deps = subprocess.run(["apt-cache", "depends", "linux-image-cloud-amd64"], capture_output=True, text=True,
                           check=True).stdout
@@ -202,10 +205,58 @@ def _cloud_kernel() -> Path:
         deb = next(Path(tmp).glob("*.deb"))
         tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb], check=True, capture_output=True).stdout
         with tarfile.open(fileobj=io.BytesIO(tar)) as t:
-            member = next(m for m in t.getmembers() if re.fullmatch(r"\./boot/vmlinuz-.*", m.name))
-            (Path(tmp) / "vmlinuz").write_bytes(t.extractfile(member).read())  # type: ignore[union-attr]
+            for m in t.getmembers():
+                name = "vmlinuz" if re.fullmatch(r"\./boot/vmlinuz-.*", m.name) else Path(m.name).name
+                if name in ("vmlinuz", "xen-netfront.ko"):
+                    (Path(tmp) / name).write_bytes(t.extractfile(m).read())  # type: ignore[union-attr]
+        os.replace(Path(tmp) / "xen-netfront.ko", kernel.with_name("xen-netfront.ko"))
         os.replace(Path(tmp) / "vmlinuz", kernel)
     return kernel
+
+
+def _cpio(root: Path, out: Path) -> None:
+    names = "\n".join(["."] + sorted(str(p.relative_to(root)) for p in root.rglob("*")))
+    with open(out, "wb") as f:
+        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(), stdout=f,
+                       check=True)
+
+
+NET_INIT = """#!/bin/busybox sh
+# a web server guest: the cloud kernel has no ip= autoconfig, so take the address from the runner's ip=
+/bin/busybox mount -t proc proc /proc
+/bin/busybox insmod /xen-netfront.ko
+for w in $(/bin/busybox cat /proc/cmdline); do case $w in ip=*) a=${w#ip=}; addr=${a%%:*};; esac; done
+/bin/busybox ip link set lo up
+/bin/busybox ip addr add "$addr/24" dev eth0
+/bin/busybox ip link set eth0 up
+echo "xbuild: exec /bin/busybox at 0us"
+exec /bin/busybox httpd -f -p 80 -h /www
+"""
+POWEROFF = """#!/bin/busybox sh
+echo "xbuild: exit status 0" > /dev/console  # the kernel runs this helper without stdio
+/bin/busybox poweroff -f
+"""
+
+
+@pytest.fixture(scope="session")
+def net_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A guest serving /www on port 80 (busybox httpd); `xl shutdown` makes it report exit status 0."""
+    work = tmp_path_factory.mktemp("netguest")
+    root = work / "root"
+    for d in ("bin", "sbin", "proc", "www"):
+        (root / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    shutil.copy(_cloud_kernel().with_name("xen-netfront.ko"), root / "xen-netfront.ko")
+    (root / "www" / "index.html").write_text("hello from the nested guest\n")
+    for path, text in (("init", NET_INIT), ("sbin/poweroff", POWEROFF)):
+        (root / path).write_text(text)
+        (root / path).chmod(0o755)
+    art = work / "art"
+    art.mkdir()
+    _cpio(root, art / "initrd.img")
+    shutil.copy(_cloud_kernel(), art / "kernel")
+    (art / "xen.cfg").write_text(CFG)
+    return art
 
 
 @pytest.fixture
@@ -350,3 +401,37 @@ def _wait_for(condition: Callable[[], bool], seconds: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+@needs_rig
+def test_port_forwarding_reaches_the_guest(rig: xen.Rig, net_artifact: Path, own_tmp: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = xen.run_nested(net_artifact, "pv", timeout=240, ports=[(port, 80)],
+                                               console=io.BytesIO(), stop_event=stop)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = e
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    body = b""
+    try:
+        while runner.is_alive() and not body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+            except OSError:
+                time.sleep(1)
+    finally:
+        stop.set()
+        runner.join()
+    assert body == b"hello from the nested guest\n", outcome
+    result = outcome["result"]
+    assert isinstance(result, RunResult) and result.exit_status == 0  # stopped through /sbin/poweroff
+    assert not _processes_mentioning(str(own_tmp))

@@ -125,9 +125,9 @@ def _boot(art: Artifact, hypervisor: str, ports: list[tuple[int, int]], memory: 
                         console=console, accel=accel, icount=icount, kernel_args=kernel_args)
     from .run import xen
 
-    if ports:
-        raise BadInput(f"-p is not supported with --hypervisor {hypervisor} yet (use qemu)")
     if hypervisor == "xen-nested":
         return xen.run_nested(art.path, xen_type or "pv", memory, timeout, args, console,  # type: ignore
-                              kernel_args=kernel_args)
+                              ports=ports, kernel_args=kernel_args)
+    if ports:
+        raise BadInput("-p with --hypervisor xen: forward ports with the dom0's own bridge/vif set-up")
     return xen.run_xl(art.path, xen_type, memory, timeout, args, console, kernel_args)  # type: ignore

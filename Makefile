@@ -54,6 +54,8 @@ bench: setup
 	$(PY) bench/pack.py
 	$(PY) bench/kernel_boot.py
 	$(PY) bench/minimize.py
+	$(PY) bench/xen_boot.py
+	$(PY) bench/disk.py
 
 lint: venv
 	$(VENV)/bin/ruff check builder tests bench

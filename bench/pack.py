@@ -45,7 +45,8 @@ def xbuild(image: str, out: Path) -> tuple[float, int, int]:
     """(seconds, peak RSS, initrd bytes) of one `xbuild build`."""
     shutil.rmtree(out, ignore_errors=True)
     exe = Path(sys.executable).with_name("xbuild")
-    seconds, rss = run_child([str(exe), "build", image, "-o", str(out), "--compression", "zstd:3", "--minimize", "none", "--kernel", "none", "-q"])
+    seconds, rss = run_child([str(exe), "build", image, "-o", str(out), "--compression", "zstd:3",
+                              "--minimize", "none", "--kernel", "none", "-q"])
     return seconds, rss, (out / "initrd.img").stat().st_size
 
 

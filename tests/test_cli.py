@@ -92,3 +92,32 @@ def test_build_and_run_exit_status_and_args(tmp_path: Path, default_kernel_path:
     r = xbuild("run", str(out), "--timeout", "120", "-e", "GREETING=hi there", "--",
                "echo $GREETING; kill -9 $$")
     assert r.returncode == 128 + 9 and "hi there" in r.stdout
+
+
+@pytest.mark.slow
+def test_trimmed_kernel_artifact_boots_on_nested_xen_pv_and_pvh(tmp_path: Path,
+                                                                default_kernel_path: Path) -> None:
+    """The same artifact (trimmed kernel + our init) runs as a Xen PV and a PVH guest on real Xen."""
+    img = make_busybox_image(tmp_path / "oci", config_overrides={"Entrypoint": ["/bin/sh", "-c"],
+                                                                 "Cmd": ["echo on xen; exit 5"]})
+    out = tmp_path / "art"
+    assert xbuild(img.ref, "-o", str(out), "--kernel", str(default_kernel_path), "-q").returncode == 0
+    for xen_type in ("pv", "pvh"):
+        r = xbuild("run", str(out), "--hypervisor", "xen-nested", "--xen-type", xen_type, "--timeout", "240",
+                   timeout=600)
+        assert r.returncode == 5, f"{xen_type}: {r.stdout}{r.stderr}"
+        assert "on xen" in r.stdout and "xen-nested" in r.stderr
+
+
+@pytest.mark.slow
+def test_build_push_then_run_the_pushed_ref(tmp_path: Path, default_kernel_path: Path, registry) -> None:  # noqa: ANN001
+    """CI's path: `xbuild IMAGE --push REF`, then on another machine `xbuild run REF` pulls and boots it."""
+    img = make_busybox_image(tmp_path / "oci", config_overrides={"Entrypoint": ["/bin/sh", "-c"],
+                                                                 "Cmd": ["echo pushed and pulled"]})
+    ref = f"{registry.host}/vms/busybox:1"
+    r = xbuild(img.ref, "-o", str(tmp_path / "art"), "--kernel", str(default_kernel_path), "--push", ref)
+    assert r.returncode == 0, r.stderr
+    assert f"pushed {ref}@sha256:" in r.stderr
+    r = xbuild("run", ref, "--timeout", "120")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "pulled the VM image" in r.stderr and "pushed and pulled" in r.stdout

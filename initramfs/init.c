@@ -239,15 +239,21 @@ static void __attribute__((noreturn)) power_off(void)
 		pause();
 }
 
+/* The one `xbuild: error: ...` line of a failure before exec. */
+static void error_line(const char *fmt, va_list ap)
+{
+	char msg[768];
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	out("xbuild: error: %s\n", msg);
+}
+
 /* A failure in init itself (before the program runs): one error line, a status line, power off. */
 static void __attribute__((noreturn)) die(int status, const char *fmt, ...)
 {
-	char msg[768];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
+	error_line(fmt, ap);
 	va_end(ap);
-	out("xbuild: error: %s\n", msg);
 	out("xbuild: exit status %d\n", status);
 	power_off();
 }
@@ -636,12 +642,10 @@ static char *look_path(const char *name, const char *path)
 
 static void __attribute__((noreturn)) child_fail(int status, const char *fmt, ...)
 {
-	char msg[768];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
+	error_line(fmt, ap);
 	va_end(ap);
-	out("xbuild: error: %s\n", msg);
 	_exit(status);
 }
 

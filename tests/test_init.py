@@ -226,7 +226,12 @@ def make_artifact(tmp: Path, kernel: Path, config: dict, members: list[fx.Member
                   hostname: str = HOSTNAME) -> tuple[Path, GuestConfig]:
     """OCI layout → load → flatten → guest config + init → initrd; an artifact dir for the runner."""
     fx.write_oci_image(tmp / "layout", "t", [members], config)
-    image = load(parse(f"oci:{tmp / 'layout'}:t"))
+    return artifact_from(tmp, kernel, f"oci:{tmp / 'layout'}:t", hostname)
+
+
+def artifact_from(tmp: Path, kernel: Path, ref: str, hostname: str = HOSTNAME) -> tuple[Path, GuestConfig]:
+    """An image reference → load → flatten → guest config + init → initrd; an artifact dir for the runner."""
+    image = load(parse(ref))
     tree = flatten(image).tree
     gc = guest_config(image.config, tree, hostname)
     install(tree, gc, init_binary())
@@ -497,14 +502,7 @@ def test_poweroff_helper_stops_the_program(tmp_path: Path, cloud_kernel: Path) -
     StopSignal to the program. Here the program runs the helper itself (no Xen under QEMU)."""
     img = fx.make_busybox_image(tmp_path / "layout", "bb",
                                 {"Cmd": ["sh", "-c", "/.xbuild/init --poweroff; sleep 30"]})
-    image = load(parse(img.ref))
-    tree = flatten(image).tree
-    install(tree, guest_config(image.config, tree, "bb"), init_binary())
-    art = tmp_path / "artifact"
-    art.mkdir()
-    pack(tree, art / "initrd.img", "lz4")
-    (art / "kernel").symlink_to(cloud_kernel)
-    (art / "cmdline").write_text(CMDLINE)
+    art, _ = artifact_from(tmp_path, cloud_kernel, img.ref, "bb")
     t0 = time.monotonic()
     r = boot(art)
     assert r.signal == 15 and b"xbuild: killed by signal 15 (SIGTERM)" in r.console, r.console.decode()
@@ -517,14 +515,7 @@ def test_signals_to_pid1_are_forwarded(tmp_path: Path, cloud_kernel: Path) -> No
     script = ("trap 'echo got-hup' HUP; trap 'echo got-term; exit 6' TERM; kill -HUP 1; sleep 1; "
               "kill -TERM 1; while :; do sleep 1; done")
     img = fx.make_busybox_image(tmp_path / "layout", "bb", {"Cmd": ["sh", "-c", script]})
-    image = load(parse(img.ref))
-    tree = flatten(image).tree
-    install(tree, guest_config(image.config, tree, "bb"), init_binary())
-    art = tmp_path / "artifact"
-    art.mkdir()
-    pack(tree, art / "initrd.img", "lz4")
-    (art / "kernel").symlink_to(cloud_kernel)
-    (art / "cmdline").write_text(CMDLINE)
+    art, _ = artifact_from(tmp_path, cloud_kernel, img.ref, "bb")
     r = boot(art, timeout=60)
     assert b"got-hup" in r.console and b"got-term" in r.console, r.console.decode()
     assert r.exit_status == 6

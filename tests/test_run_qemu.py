@@ -24,7 +24,16 @@ from builder.errors import RunError
 from builder.run import qemu
 from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
 from tests.fixtures import images as fx
-from tests.test_init import CMDLINE, boot, cloud_kernel, make_artifact, probe_binary, probe_members, report  # noqa: F401
+from tests.test_init import (  # noqa: F401
+    CMDLINE,
+    artifact_from,
+    boot,
+    cloud_kernel,
+    make_artifact,
+    probe_binary,
+    probe_members,
+    report,
+)
 
 slow = pytest.mark.slow
 
@@ -194,20 +203,7 @@ def test_power_button_and_port_forwarding(tmp_path: Path, trimmed_kernel: Path,
     img = fx.make_busybox_image(tmp_path / "layout", "bb", {
         "Cmd": ["sh", "-c", "cat /etc/resolv.conf; mkdir -p /www; echo hello-from-guest > /www/index.html;"
                 " exec httpd -f -p 80 -h /www"]})
-    from builder.cpio import pack
-    from builder.flatten import flatten
-    from builder.guest import guest_config, install
-    from builder.init import init_binary
-    from builder.reference import parse
-    from builder.source import load
-    image = load(parse(img.ref))
-    tree = flatten(image).tree
-    install(tree, guest_config(image.config, tree, "web"), init_binary())
-    art = tmp_path / "artifact"
-    art.mkdir()
-    pack(tree, art / "initrd.img", "lz4")
-    (art / "kernel").symlink_to(trimmed_kernel)
-    (art / "cmdline").write_text(CMDLINE)
+    art, _ = artifact_from(tmp_path, trimmed_kernel, img.ref, "web")
     guest = Qemu(art, ports=[(port, 80)], accel="tcg")
     body = b""
     with guest:

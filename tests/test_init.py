@@ -481,16 +481,8 @@ def test_image_with_its_own_init_keeps_it(tmp_path: Path, cloud_kernel: Path, pr
 def test_busybox_image(tmp_path: Path, cloud_kernel: Path) -> None:
     """The shared busybox fixture: a shell script via Cmd override, PATH lookup through applet links."""
     img = fx.make_busybox_image(tmp_path / "layout", "bb", {"User": "nobody", "WorkingDir": "/home/nobody"})
-    image = load(parse(img.ref))
-    tree = flatten(image).tree
-    gc = guest_config(image.config, tree, "bb")
+    art, gc = artifact_from(tmp_path, cloud_kernel, img.ref, "bb")
     assert (gc.uid, gc.gid) == (65534, 65534)
-    install(tree, gc, init_binary())
-    art = tmp_path / "artifact"
-    art.mkdir()
-    pack(tree, art / "initrd.img", "lz4")
-    (art / "kernel").symlink_to(cloud_kernel)
-    (art / "cmdline").write_text(CMDLINE)
     r = boot(art, extra_args=["sh", "-c", "echo id=$(id -u):$(id -g) pwd=$(pwd) home=$HOME; exit 4"])
     assert b"id=65534:65534 pwd=/home/nobody home=/home/nobody" in r.console, r.console.decode()
     assert r.exit_status == 4

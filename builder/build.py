@@ -1,4 +1,7 @@
-"""The build: reference → image → tree → minimized tree + init → initramfs + kernel → artifact.
+"""The build: reference → image → tree → minimized tree + init → initramfs (or disk) + kernel → artifact.
+
+With `format="disk"` the installed tree is written to an ext4 disk image (builder/disk.py) and the
+initramfs holds only the init and its config, which tells the init to mount the disk as its root.
 
 `build()` runs the stages in order and writes the artifact into a temp directory that is renamed
 into place only when everything succeeded, so a failed build leaves nothing behind.
@@ -7,6 +10,7 @@ into place only when everything succeeded, so a failed build leaves nothing behi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
@@ -17,19 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, reference, source
-from .artifact import CMDLINE, INITRD, KERNEL, SCHEMA, XEN_CFG, Artifact, write_manifest, xen_config
+from .artifact import CMDLINE, DISK, INITRD, KERNEL, SCHEMA, XEN_CFG, Artifact, write_manifest, xen_config
 from .cache import atomic_dir
 from .cpio import DEFAULT_COMPRESSION, pack
 from .errors import BadInput
 from .flatten import flatten
-from .guest import INIT_CMDLINE, guest_config, install
+from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
 from .image import Image, Platform
 from .init import init_binary
 from .minimize import minimize
 from .recipes import Recipe, load_recipe, recipe_for_ref
+from .tree import Tree
 
 Progress = Callable[[str, int], Callable[[int], None]]
 DEFAULT_MEMORY_MB = 256
+DISK_MEMORY_MB = 128      # with a root disk the files are not in RAM: the default and the recipe's cap
+FORMATS = ("initramfs", "disk")
+DISK_MODES = ("rw", "ro")
 QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
 
 
@@ -47,6 +55,10 @@ class BuildOptions:
     memory_mb: int | None = None          # None: the recipe's, else DEFAULT_MEMORY_MB
     xen_type: str = "pvh"
     hostname: str | None = None           # None: the image's short name
+    format: str = "initramfs"             # initramfs | disk
+    disk_format: str = "raw"              # raw | qcow2 (format "disk")
+    disk_size: int | None = None          # bytes; None: auto (builder/disk.py auto_size)
+    disk_mode: str = "rw"                 # rw | ro: how the guest mounts its root disk
     progress: Progress | None = field(default=None, compare=False)
     log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
 
@@ -118,6 +130,15 @@ def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, dict[str, 
 
 def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     """Build the artifact for `ref_text` and return it."""
+    if opts.format not in FORMATS:
+        raise BadInput(f"--format {opts.format}: choose from {', '.join(FORMATS)}")
+    if opts.disk_mode not in DISK_MODES:
+        raise BadInput(f"--disk-mode {opts.disk_mode}: choose from {', '.join(DISK_MODES)}")
+    disk = opts.format == "disk"
+    if disk:
+        from .disk import check_available
+
+        check_available()
     ref = resolve_ref(ref_text, opts)
     recipe = _recipe(ref, opts)
     out = opts.output or default_output(ref)
@@ -128,16 +149,19 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     flat = flatten(image, progress)
     hostname = opts.hostname or ref.short_name
     gc = guest_config(image.config, flat.tree, hostname)
+    if disk:
+        gc = dataclasses.replace(gc, root_devices=ROOT_DEVICES, root_mode=opts.disk_mode)
     tree, report = minimize(flat.tree, image.config, recipe, opts.minimize)
     if opts.minimize != "none":
         opts.log(report.summary().splitlines()[0])
     install(tree, gc, init_binary())
     kernel = _kernel(opts, recipe)
     epoch = source_date_epoch(image, opts.epoch)
-    memory = opts.memory_mb or (recipe.memory if recipe and recipe.memory else DEFAULT_MEMORY_MB)
+    memory = opts.memory_mb or _default_memory(recipe, disk)
     flags = " ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())])
     with atomic_dir(out) as tmp:
-        packed = pack(tree, tmp / INITRD, opts.compression, opts.level, epoch)
+        disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
+        packed = pack(boot_tree(tree) if disk else tree, tmp / INITRD, opts.compression, opts.level, epoch)
         manifest = _manifest(ref, image, epoch, {
             "file": INITRD, "sha256": packed.sha256, "size": packed.size,
             "uncompressed_size": packed.uncompressed_size, "compression": packed.compression,
@@ -148,14 +172,37 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
                              "hostname": gc.hostname, "memory_mb": memory, "xen_type": opts.xen_type,
                              "recipe": recipe.name if recipe else None}
         manifest["minimize"] = report.to_json()
+        if disk_section:
+            manifest["disk"] = disk_section
         if kernel:
             shutil.copyfile(kernel[0], tmp / KERNEL)
             manifest["kernel"] = dict(kernel[1], file=KERNEL, size=(tmp / KERNEL).stat().st_size)
             (tmp / CMDLINE).write_text(f"{QEMU_CONSOLE} {flags}\n")
-            (tmp / XEN_CFG).write_text(xen_config(hostname, f"{XEN_CONSOLE} {flags}", memory,
-                                                  xen_type=opts.xen_type))
+            (tmp / XEN_CFG).write_text(xen_config(
+                hostname, f"{XEN_CONSOLE} {flags}", memory, xen_type=opts.xen_type,
+                disk=(DISK, opts.disk_format, opts.disk_mode) if disk else None))
         write_manifest(tmp, manifest)
     return Artifact(out, manifest)
+
+
+def _default_memory(recipe: Recipe | None, disk: bool) -> int:
+    """The recipe's memory, else DEFAULT_MEMORY_MB; a disk guest gets at most DISK_MEMORY_MB."""
+    memory = recipe.memory if recipe and recipe.memory else DEFAULT_MEMORY_MB
+    return min(memory, DISK_MEMORY_MB) if disk else memory
+
+
+def _write_disk(tree: Tree, tmp: Path, opts: BuildOptions, epoch: int | None) -> dict[str, Any]:
+    """The root disk in the artifact directory and the manifest's `disk` section."""
+    from .disk import write_disk
+
+    img = write_disk(tree, tmp / DISK, opts.disk_format, opts.disk_size, epoch, opts.progress)
+    h = hashlib.sha256()
+    with open(img.path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return {"file": DISK, "format": img.format, "mode": opts.disk_mode, "size": img.size_bytes,
+            "file_size": img.path.stat().st_size, "sha256": h.hexdigest(), "uuid": img.uuid,
+            "content_bytes": img.content_bytes, "fstype": "ext4", "devices": list(ROOT_DEVICES)}
 
 
 def _kernel_flags() -> str:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Any
 import click
 
 from . import __version__
-from .build import BuildOptions, build
+from .build import DISK_MODES, FORMATS, BuildOptions, build
 from .cpio import COMPRESSIONS
-from .errors import XbuildError
+from .disk import FORMATS as DISK_FORMATS
+from .errors import BadInput, XbuildError
 from .image import Platform
 from .kernel_cli import kernel
 from .minimize import MODES
@@ -92,21 +94,35 @@ def main() -> None:
 @click.option("--xen-type", type=click.Choice(["pvh", "pv"]), default="pvh", show_default=True,
               help="Guest type written to xen.cfg.")
 @click.option("--hostname", help="Guest hostname [the image's short name].")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="initramfs", show_default=True,
+              help="Where the files go: the initramfs (in guest RAM) or an ext4 root disk (disk.img).")
+@click.option("--disk-format", type=click.Choice(DISK_FORMATS), help="Disk image format [raw].")
+@click.option("--disk-size", metavar="auto|N[KMG]",
+              help="Disk size [auto: the files + 25% + 32 MiB].")
+@click.option("--disk-mode", type=click.Choice(DISK_MODES), help="The guest mounts its disk rw or ro [rw].")
 @click.option("--verify", is_flag=True, help="Boot the result under QEMU and run the recipe's smoke test.")
 @click.option("--push", "push_ref", metavar="REF", help="Push the artifact to an OCI registry when built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
 def build_cmd(image: str, output: Path | None, compression: str, platform: str, insecure: bool, minimize: str,
               recipe: str | None, kernel_opt: str, memory: int | None, xen_type: str, hostname: str | None,
-              verify: bool, push_ref: str | None, as_json: bool, quiet: bool) -> None:
+              fmt: str, disk_format: str | None, disk_size: str | None, disk_mode: str | None, verify: bool,
+              push_ref: str | None, as_json: bool, quiet: bool) -> None:
     """Build IMAGE into an artifact directory."""
     comp, level = _compression(compression)
+    if fmt != "disk":
+        given = [n for n, v in (("--disk-format", disk_format), ("--disk-size", disk_size),
+                                ("--disk-mode", disk_mode)) if v is not None]
+        if given:
+            raise BadInput(f"{given[0]} needs --format disk")
     silent = quiet or as_json
     say = _say(silent)
     opts = BuildOptions(output=output, compression=comp, level=level, platform=Platform.parse(platform),
                         insecure=insecure, minimize=minimize, recipe=recipe,
                         kernel=None if kernel_opt == "none" else kernel_opt, memory_mb=memory,
-                        xen_type=xen_type, hostname=hostname, progress=_progress(not silent), log=say)
+                        xen_type=xen_type, hostname=hostname, format=fmt, disk_format=disk_format or "raw",
+                        disk_size=_disk_size(disk_size), disk_mode=disk_mode or "rw",
+                        progress=_progress(not silent), log=say)
     art = build(image, opts)
     if verify:
         say(verify_artifact(art, say))
@@ -138,10 +154,25 @@ def explain_cmd(artifact: Path, path: str) -> None:
     click.echo(explain(open_artifact(artifact).manifest, path))
 
 
+def _disk_size(text: str | None) -> int | None:
+    """`--disk-size`: auto (None) or bytes with an optional K, M, G or T suffix (powers of 1024)."""
+    if text is None or text == "auto":
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    m = re.fullmatch(r"(\d+)([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not m or int(m.group(1)) == 0:
+        raise BadInput(f"--disk-size {text!r}: expected auto or a size like 512M or 2G")
+    return int(m.group(1)) * units[m.group(2).upper()]
+
+
 def _summary(path: Path, m: dict[str, Any]) -> None:
     i = m["initrd"]
     click.echo(f"{path}/initrd.img  {i['size'] / 1e6:.2f} MB {i['compression']} "
                f"({i['uncompressed_size'] / 1e6:.1f} MB, {i['entries']} entries)  sha256:{i['sha256'][:12]}")
+    if "disk" in m:
+        d = m["disk"]
+        click.echo(f"{path}/disk.img    {d['size'] / 1e6:.1f} MB {d['format']} ext4, mounted {d['mode']} "
+                   f"({d['content_bytes'] / 1e6:.1f} MB of files)  sha256:{d['sha256'][:12]}")
     if "kernel" in m:
         k = m["kernel"]
         click.echo(f"{path}/kernel      {k['size'] / 1e6:.2f} MB {k['format']}"

@@ -132,7 +132,7 @@ def auto_size(tree: Tree) -> int:
 def write_disk(tree: Tree, out: Path, fmt: str = "raw", size: int | None = None, epoch: int | None = None,
                progress: Progress | None = None) -> DiskImage:
     """Write `tree` into a new ext4 disk image at `out` (atomically: temp + rename) through libguestfs."""
-    _guestfs()
+    check_available()
     return _build(tree, out, fmt, size, epoch, progress, _fill_guestfs)
 
 
@@ -339,6 +339,11 @@ class _Sources:
 
 
 # ------------------------------------------------------------------------------------------- libguestfs
+
+def check_available() -> None:
+    """DiskInputError naming the Debian packages when libguestfs (or its appliance kernel) is missing."""
+    _guestfs()
+
 
 def _guestfs() -> Any:
     try:

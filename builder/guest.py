@@ -19,7 +19,8 @@ and runc's/docker's user resolution against the image's own /etc/passwd and /etc
 
 `install(tree, gc, init)` puts the init at /.xbuild/init, the encoded config at /.xbuild/config, a /init
 symlink when the image has none, and /dev/console so the kernel hands init a console.
-The boot command line must carry INIT_CMDLINE.
+The boot command line must carry INIT_CMDLINE. For `--format disk` the same installed tree goes on the disk
+and `boot_tree(tree)` is the initramfs: the init, its config (with `root` records) and /dev/console.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ CONFIG_PATH = ".xbuild/config"
 INIT_CMDLINE = "rdinit=/.xbuild/init"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_GRACE_S = 10
+ROOT_DEVICES = ("/dev/vda", "/dev/xvda")   # QEMU virtio-blk, Xen blkfront: the first that exists is mounted
+DEFAULT_ROOT_WAIT_S = 10
 MAGIC = ("xbuild-guest-config", "1")
 
 # Linux x86-64 signal numbers (as docker's signal map; SIGRTMIN is 34 there as in glibc)
@@ -61,6 +64,9 @@ class GuestConfig:
     hostname: str
     cmd_index: int = 0            # argv[cmd_index:] is Cmd: what `-- WORDS` on the command line replaces
     grace_s: int = DEFAULT_GRACE_S
+    root_devices: tuple[str, ...] = ()  # `--format disk`: mount the first of these as / (ext4)
+    root_mode: str = "rw"               # ro | rw
+    root_wait_s: int = DEFAULT_ROOT_WAIT_S
 
     def encode(self) -> bytes:
         """`KEY NUL VALUE NUL` records (see init.c's header comment)."""
@@ -72,6 +78,9 @@ class GuestConfig:
         recs += [("group", str(g)) for g in self.groups]
         recs += [("stopsig", str(self.stop_signal)), ("hostname", self.hostname),
                  ("grace", str(self.grace_s))]
+        if self.root_devices:
+            recs += [("root", d) for d in self.root_devices]
+            recs += [("rootmode", self.root_mode), ("rootwait", str(self.root_wait_s))]
         out = bytearray()
         for k, v in recs:
             b = v.encode("utf-8", "surrogateescape")
@@ -100,7 +109,8 @@ class GuestConfig:
         return cls(tuple(f.get("arg", [])), tuple(f.get("env", [])), one("cwd", "/"), int(one("uid", "0")),
                    int(one("gid", "0")), tuple(int(g) for g in f.get("group", [])),
                    int(one("stopsig", "15")), one("hostname", ""), int(one("cmd", "0")),
-                   int(one("grace", str(DEFAULT_GRACE_S))))
+                   int(one("grace", str(DEFAULT_GRACE_S))), tuple(f.get("root", [])), one("rootmode", "rw"),
+                   int(one("rootwait", str(DEFAULT_ROOT_WAIT_S))))
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -266,3 +276,15 @@ def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
     dev = tree.lookup("dev", follow=True)
     if (dev is None or dev.kind == "dir") and tree.lookup("dev/console") is None:
         tree.add("dev/console", Inode(CHAR, 0o600, rdev=(5, 1)))
+
+
+def boot_tree(tree: Tree) -> Tree:
+    """The initramfs of a root-disk guest: only what `install` put into `tree` for the init to start."""
+    boot = Tree()
+    for path in (INIT_PATH, CONFIG_PATH):
+        node = tree.lookup(path)
+        assert node is not None, f"install() first: no {path}"
+        boot.add(path, node)
+    boot.add("init", Inode("symlink", 0o777, target=INIT_PATH))
+    boot.add("dev/console", Inode(CHAR, 0o600, rdev=(5, 1)))
+    return boot

@@ -36,7 +36,7 @@ from .cache import atomic_dir, cache_dir
 from .errors import KernelError
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
-DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu")
+DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu", "block")
 # The file the artifact boots: the stripped vmlinux ELF (see kernels/README.md for the measurement).
 ARTIFACT_FORMAT = "elf"
 _RECIPE = "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage"

@@ -18,7 +18,16 @@
  *   stopsig   <n>              the image's StopSignal as a number
  *   hostname  <string>
  *   grace     <seconds>        default stop grace period (10 if absent)
+ *   root      <device>         a root disk candidate (`--format disk`), one per record, tried in order
+ *   rootmode  ro|rw            mount the root disk read-only or read-write (rw if absent)
+ *   rootwait  <seconds>        how long to wait for a root disk to appear (10 if absent)
  * Unknown keys are ignored, so newer builders can add records.
+ *
+ * ---- Root disk (`--format disk`) ----
+ * With `root` records the initramfs holds only this init and its config: init waits for the first
+ * candidate that exists as a block device (/dev/vda under QEMU virtio, /dev/xvda under Xen blkfront),
+ * mounts it as ext4 on /.xbuild/root, moves /dev and /proc there, deletes its own files from the
+ * initramfs, makes the disk the root (MS_MOVE + chroot, as switch_root does) and goes on as below.
  *
  * ---- Kernel command line (read from /proc/cmdline; double quotes group words and are removed) ----
  *   xbuild.debug               say what init does (otherwise init prints only the lines below)
@@ -72,6 +81,8 @@
 #include <unistd.h>
 
 #define CONFIG_PATH "/.xbuild/config"
+#define INIT_PATH "/.xbuild/init"
+#define NEWROOT "/.xbuild/root"
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define EXIT_SETUP 125
 #define EXIT_NOEXEC 126
@@ -363,7 +374,10 @@ static struct {
 	int stopsig;
 	char *hostname;
 	int grace;
-} cfg = { .cwd = "/", .stopsig = SIGTERM, .grace = 10 };
+	struct strv roots;
+	int root_ro;
+	int rootwait;
+} cfg = { .cwd = "/", .stopsig = SIGTERM, .grace = 10, .rootwait = 10 };
 
 static long parse_num(const char *key, const char *v)
 {
@@ -417,6 +431,14 @@ static void read_config(void)
 			cfg.hostname = val;
 		} else if (!strcmp(key, "grace")) {
 			cfg.grace = parse_num(key, val);
+		} else if (!strcmp(key, "root")) {
+			strv_push(&cfg.roots, val);
+		} else if (!strcmp(key, "rootmode")) {
+			if (strcmp(val, "ro") && strcmp(val, "rw"))
+				die(EXIT_SETUP, "%s: rootmode must be ro or rw, not %s", CONFIG_PATH, val);
+			cfg.root_ro = !strcmp(val, "ro");
+		} else if (!strcmp(key, "rootwait")) {
+			cfg.rootwait = parse_num(key, val);
 		}
 	}
 	if (first)
@@ -517,6 +539,63 @@ static void apply_cmdline(struct strv *words)
 			strv_push(&argv, cmd.v[i]);
 		cfg.argv = argv;
 	}
+}
+
+/* ------------------------------------------------------------------------------------ root disk */
+
+/* The first root candidate that is a block device, waiting up to cfg.rootwait seconds for one. */
+static const char *wait_root(void)
+{
+	long long end = now_ms() + cfg.rootwait * 1000LL;
+	for (;;) {
+		for (int i = 0; i < cfg.roots.n; i++) {
+			struct stat st;
+			if (stat(cfg.roots.v[i], &st) == 0 && S_ISBLK(st.st_mode))
+				return cfg.roots.v[i];
+		}
+		if (now_ms() >= end)
+			return NULL;
+		usleep(5000);
+	}
+}
+
+/* Move the mount on `dir` into the new root; detach it when that is impossible (no such directory). */
+static void move_mount(const char *dir)
+{
+	char target[256];
+	snprintf(target, sizeof target, NEWROOT "%s", dir);
+	if (mount(dir, target, NULL, MS_MOVE, NULL) < 0) {
+		DBG("move %s: %s\n", dir, strerror(errno));
+		umount2(dir, MNT_DETACH);
+	}
+}
+
+/* Mount the root disk and make it `/`, freeing the initramfs (switch_root semantics). */
+static void switch_to_disk(void)
+{
+	const char *dev = wait_root();
+	if (!dev) {
+		char names[512] = "";
+		for (int i = 0, used = 0; i < cfg.roots.n && used < (int)sizeof names; i++)
+			used += snprintf(names + used, sizeof names - used, "%s%s", i ? " or " : "", cfg.roots.v[i]);
+		die(EXIT_SETUP, "root disk: no %s appeared within %ds (is the disk attached?)", names, cfg.rootwait);
+	}
+	if (mkdir(NEWROOT, 0755) < 0 && errno != EEXIST)
+		die(EXIT_SETUP, "mkdir %s: %s", NEWROOT, strerror(errno));
+	if (mount(dev, NEWROOT, "ext4", cfg.root_ro ? MS_RDONLY : 0, "") < 0)
+		die(EXIT_SETUP, "root disk: cannot mount %s (ext4, %s): %s", dev, cfg.root_ro ? "ro" : "rw",
+		    strerror(errno));
+	DBG("mounted %s on / (%s) at %lluus\n", dev, cfg.root_ro ? "ro" : "rw", boot_us());
+	move_mount("/dev");
+	move_mount("/proc");
+	/* what the initramfs held: this init (it keeps running from memory), its config, the links to it */
+	static const char *const own[] = { "/init", "/dev/console", CONFIG_PATH, INIT_PATH };
+	for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
+		unlink(own[i]);
+	if (chdir(NEWROOT) < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
+		die(EXIT_SETUP, "root disk: cannot switch to %s: %s", dev, strerror(errno));
+	mount_fs("/dev", "devtmpfs", MS_NOSUID, "mode=0755", 0755, 0);
+	mount_fs("/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 0555, 0);
 }
 
 /* ------------------------------------------------------------------------------ network + /etc */
@@ -726,20 +805,17 @@ int main(int argc, char **argv)
 		if (!strcmp(words.v[i], "xbuild.debug"))
 			debug = 1;
 	DBG("init started at %lluus\n", started);
-	setup_mounts();
 	read_config();
+	if (cfg.roots.n)
+		switch_to_disk();
+	setup_mounts();
 	apply_cmdline(&words);
 
 	if (reboot(RB_DISABLE_CAD) < 0)
 		DBG("reboot(RB_DISABLE_CAD): %s\n", strerror(errno));
-	char self[512], helper[600];
-	ssize_t sl = readlink("/proc/self/exe", self, sizeof self - 1);
-	if (sl > 0) {
-		self[sl] = 0;
-		snprintf(helper, sizeof helper, "%s --poweroff", self);
-		if (write_file("/proc/sys/kernel/poweroff_cmd", helper, O_TRUNC, 0) < 0)
-			DBG("poweroff_cmd: %s\n", strerror(errno));
-	}
+	/* the builder puts this init at INIT_PATH in the initramfs and on a root disk alike */
+	if (write_file("/proc/sys/kernel/poweroff_cmd", INIT_PATH " --poweroff", O_TRUNC, 0) < 0)
+		DBG("poweroff_cmd: %s\n", strerror(errno));
 	setup_network();
 
 	int buttons[4];

@@ -38,12 +38,16 @@ def test_bare_image_means_build_and_json_is_the_manifest(busybox_image: OciImage
     (["--compression", "brotli", "oci:x"], "brotli"),
     (["build", "oci:{layout}:missing-tag"], "no image tagged 'missing-tag'"),
     (["build", "oci:{layout}", "--recipe", "no-such-recipe"], "no-such-recipe"),
+    (["oci:{layout}", "--format", "disk", "--disk-size", "1M"], "--disk-size 1 MiB is too small"),
+    (["oci:{layout}", "--format", "disk", "--disk-size", "lots"], "--disk-size 'lots'"),
+    (["oci:{layout}", "--disk-mode", "ro"], "--disk-mode needs --format disk"),
+    (["oci:{layout}", "--format", "squashfs"], "'squashfs' is not one of"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(args: list[str], message: str, busybox_image: OciImage,
                                                       tmp_path: Path, xbuild_cache: Path) -> None:
     out = tmp_path / "out"
     args = [a.format(layout=busybox_image.layout) for a in args]
-    r = xbuild(*args, "-o", str(out), "--kernel", "none")
+    r = xbuild(*args, "-o", str(out), "--kernel", "none", "-q")
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 or "Usage:" in r.stderr

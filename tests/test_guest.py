@@ -12,13 +12,17 @@ The rules, from the OCI image-spec's conversion.md and runc's/docker's behaviour
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from builder.errors import ConfigError
 from builder.guest import (
     DEFAULT_PATH,
     INIT_CMDLINE,
+    ROOT_DEVICES,
     GuestConfig,
+    boot_tree,
     guest_config,
     install,
     merge_env,
@@ -155,6 +159,24 @@ def test_encode_format_and_roundtrip(tree: Tree) -> None:
     with pytest.raises(ConfigError, match="NUL"):
         GuestConfig(argv=("a\0b",), env=(), cwd="/", uid=0, gid=0, groups=(), stop_signal=15,
                     hostname="").encode()
+
+
+def test_root_disk_records_roundtrip() -> None:
+    gc = GuestConfig(argv=("a",), env=(), cwd="/", uid=0, gid=0, groups=(), stop_signal=15, hostname="h")
+    assert b"root\0" not in gc.encode()   # an initramfs guest has no root records
+    disk = dataclasses.replace(gc, root_devices=ROOT_DEVICES, root_mode="ro", root_wait_s=3)
+    data = disk.encode()
+    assert data.endswith(b"root\0/dev/vda\0root\0/dev/xvda\0rootmode\0ro\0rootwait\x003\0")
+    assert GuestConfig.decode(data) == disk
+
+
+def test_boot_tree_holds_only_the_init(tree: Tree) -> None:
+    gc = guest_config(ImageConfig(cmd=("a",)), tree, "h")
+    install(tree, gc, b"\x7fELFinit")
+    boot = boot_tree(tree)
+    assert sorted(p for p, _ in boot.walk()) == ["", ".xbuild", ".xbuild/config", ".xbuild/init", "dev",
+                                                 "dev/console", "init"]
+    assert boot.read("init") == b"\x7fELFinit" and boot.read(".xbuild/config") == gc.encode()
 
 
 def test_install(tree: Tree) -> None:

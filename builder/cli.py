@@ -24,7 +24,7 @@ from .kernel_cli import kernel
 from .minimize import MODES
 from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd
 from .run_cli import run_cmd
-from .verify import verify_artifact
+from .verify import HYPERVISORS, verify_artifact
 
 
 class _DefaultBuild(click.Group):
@@ -101,13 +101,15 @@ def main() -> None:
               help="Disk size [auto: the files + 25% + 32 MiB].")
 @click.option("--disk-mode", type=click.Choice(DISK_MODES), help="The guest mounts its disk rw or ro [rw].")
 @click.option("--verify", is_flag=True, help="Boot the result under QEMU and run the recipe's smoke test.")
+@click.option("--verify-on", type=click.Choice(HYPERVISORS),
+              help="Verify under this hypervisor instead (implies --verify; xen-nested: the nested Xen rig).")
 @click.option("--push", "push_ref", metavar="REF", help="Push the artifact to an OCI registry when built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
 def build_cmd(image: str, output: Path | None, compression: str, platform: str, insecure: bool, minimize: str,
               recipe: str | None, kernel_opt: str, memory: int | None, xen_type: str, hostname: str | None,
               fmt: str, disk_format: str | None, disk_size: str | None, disk_mode: str | None, verify: bool,
-              push_ref: str | None, as_json: bool, quiet: bool) -> None:
+              verify_on: str | None, push_ref: str | None, as_json: bool, quiet: bool) -> None:
     """Build IMAGE into an artifact directory."""
     comp, level = _compression(compression)
     if fmt != "disk":
@@ -124,8 +126,8 @@ def build_cmd(image: str, output: Path | None, compression: str, platform: str, 
                         disk_size=_disk_size(disk_size), disk_mode=disk_mode or "rw",
                         progress=_progress(not silent), log=say)
     art = build(image, opts)
-    if verify:
-        say(verify_artifact(art, say))
+    if verify or verify_on:
+        say(verify_artifact(art, say, verify_on or "qemu"))
     if push_ref:
         from .publish import push
 

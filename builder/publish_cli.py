@@ -19,8 +19,11 @@ def _report(pushed: publish.Pushed, seconds: float, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(pushed) | {"seconds": round(seconds, 3)}, indent=2))
         return
+    disk = pushed.disk
+    of = f"; {disk['file']}: {disk['file_size'] / 1e6:.1f} MB as {disk['blob_size'] / 1e6:.1f} MB zstd" \
+        if disk else ""
     click.echo(f"xbuild: pushed {pushed.uploaded} blob(s) ({pushed.uploaded_bytes / 1e6:.1f} MB), "
-               f"{pushed.present} already there, {pushed.mounted} mounted, in {seconds:.1f} s", err=True)
+               f"{pushed.present} already there, {pushed.mounted} mounted, in {seconds:.1f} s{of}", err=True)
     click.echo(pushed.reference)
 
 

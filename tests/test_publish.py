@@ -17,7 +17,16 @@ import pytest
 from click.testing import CliRunner
 
 from builder import publish
-from builder.artifact import CMDLINE, KERNEL, XEN_CFG, xen_config
+from builder.artifact import (
+    CMDLINE,
+    DISK,
+    KERNEL,
+    MANIFEST,
+    XEN_CFG,
+    open_artifact,
+    write_manifest,
+    xen_config,
+)
 from builder.build import BuildOptions, build
 from builder.cache import cache_dir
 from builder.errors import PublishError, RegistryUnavailable
@@ -340,3 +349,185 @@ def test_push_with_bearer_tokens(artifact: Path, registry_factory, tmp_path: Pat
         assert (other.digest, other.mounted) == (pushed.digest, 5)
     finally:
         issuer.close()
+
+
+# ------------------------------------------------------------------------------ artifacts with a root disk
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+needs_mkfs = pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="needs mkfs.ext4 (e2fsprogs)")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _with_disk(art: Path, work: Path, fmt: str = "raw") -> Path:
+    """`art` made a `--format disk` artifact: a real 16 MiB ext4 disk.img (mkfs.ext4 -d of a small tree;
+    fixture construction, not how xbuild writes disks) and manifest.json's disk section."""
+    tree = work / "disk-tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("disk\n")
+    (tree / "bin").mkdir()
+    (tree / "bin" / "payload").write_bytes(os.urandom(256 << 10))             # incompressible
+    (tree / "bin" / "text").write_bytes(b"xbuild disk layer\n" * 20000)
+    raw = work / "disk.raw"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", "d15c0000-0000-4000-8000-000000000001", "-d", str(tree),
+                    str(raw), "16M"], check=True, capture_output=True)
+    if fmt == "qcow2":
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(art / DISK)], check=True,
+                       capture_output=True)
+    else:
+        raw.rename(art / DISK)
+    manifest = json.loads((art / MANIFEST).read_text())
+    manifest["disk"] = {"file": DISK, "format": fmt, "mode": "rw", "size": 16 << 20,
+                        "file_size": (art / DISK).stat().st_size, "sha256": _sha256_file(art / DISK),
+                        "uuid": "d15c0000-0000-4000-8000-000000000001", "content_bytes": (256 << 10) + 360005}
+    write_manifest(art, manifest)
+    assert open_artifact(art).disk == art / DISK
+    return art
+
+
+@pytest.fixture
+def disk_artifact(artifact: Path, tmp_path: Path) -> Path:
+    return _with_disk(artifact, tmp_path)
+
+
+@needs_mkfs
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_disk_round_trip(fmt: str, artifact: Path, registry: Registry, tmp_path: Path, xbuild_cache: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    art = _with_disk(artifact, tmp_path, fmt)
+    ref = f"{registry.host}/vm/disk-{fmt}:v1"
+    logged: list[str] = []
+    pushed = publish.push(art, ref, log=logged.append)
+    file_size = (art / DISK).stat().st_size
+    assert pushed.uploaded == 6 and pushed.disk is not None
+    assert pushed.disk == {"file": DISK, "media_type": publish.DISK_TYPES[fmt], "file_size": file_size,
+                           "blob_size": pushed.disk["blob_size"]}
+    assert any(line.startswith(f"uploaded {DISK} (") and line.endswith(f"zstd of {file_size / 1e6:.1f} MB)")
+               for line in logged), logged
+    doc = json.loads(registry.manifest(f"vm/disk-{fmt}", "v1")[0])
+    assert [x["annotations"][publish.TITLE] for x in doc["layers"]] == [
+        "kernel", "initrd.img", "cmdline", "xen.cfg", DISK]
+    layer = doc["layers"][-1]
+    assert layer["mediaType"] == f"application/vnd.xbuild.vm.disk.{fmt}.v1+zstd"
+    blob = registry.blob_file(layer["digest"]).read_bytes()
+    assert blob[:4] == ZSTD_MAGIC and len(blob) == layer["size"] == pushed.disk["blob_size"]
+    assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
+    assert len(blob) < file_size / (10 if fmt == "raw" else 2)      # qcow2 is already 1.3 MB, not 16 MiB
+    print(f"{fmt}: {file_size} bytes → {len(blob)} bytes zstd")
+
+    dest = tmp_path / "pulled"
+    publish.pull(ref, dest)
+    assert _digests(dest) == _digests(art)
+    assert open_artifact(dest).disk == dest / DISK
+    if fmt == "raw":            # holes for the zero blocks: less allocated than the file's size
+        assert (dest / DISK).stat().st_blocks * 512 < file_size / 2
+
+    # the same directory again: the same manifest, nothing uploaded, the disk not compressed again
+    logged.clear()
+    again = publish.push(art, f"{registry.host}/vm/disk-{fmt}:v2", log=logged.append)
+    assert (again.digest, again.uploaded, again.present) == (pushed.digest, 0, 6)
+    assert not any(line.startswith("compressing") for line in logged)
+    # from a fresh cache on a one-CPU machine (compressed again, single-threaded): the same blob
+    monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / "other-cache"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    runner = CliRunner()
+    done = runner.invoke(push_cmd, [str(art), f"{registry.host}/vm/disk-{fmt}-2:v1", "--json"])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert (result["digest"], result["disk"]) == (pushed.digest, pushed.disk)
+    # and what was pulled pushes to the same digest
+    assert publish.push(dest, f"{registry.host}/vm/disk-{fmt}:v3").digest == pushed.digest
+
+
+@needs_mkfs
+def test_disk_push_refuses_a_changed_disk(disk_artifact: Path, registry: Registry, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    publish.push(disk_artifact, f"{registry.host}/vm/changed:v1")
+    with open(disk_artifact / DISK, "r+b") as f:      # what an rw guest started by `xl create` would do
+        f.seek(8 << 20)
+        f.write(b"written in place")
+    for cache in ("xbuild-cache", "fresh-cache"):     # the disk known to the cache, then compressed anew
+        monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / cache))
+        with pytest.raises(PublishError, match=r"disk\.img: does not match the sha256 in manifest\.json "
+                                               r"\(changed since the build\?") as e:
+            publish.push(disk_artifact, f"{registry.host}/vm/changed:v2")
+        assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert not [p for p in (tmp_path / "fresh-cache").rglob("*") if p.is_file()]     # no blob of it kept
+    assert httpx.get(f"{registry.url}/v2/vm/changed/tags/list").json()["tags"] == ["v1"]
+
+
+def _upload(registry: Registry, repo: str, path: Path, media_type: str, title: str | None) -> dict:
+    """Upload a file as a blob of `repo`; its descriptor."""
+    blob = publish.Blob.of(path, media_type, title)
+    with publish._Session(publish.target(f"{registry.host}/{repo}:x"), False, push=True) as session:
+        session.ensure_blob(blob, title or "config")
+    return blob.descriptor()
+
+
+@needs_mkfs
+@pytest.mark.parametrize("change, message", [
+    ({"sha256": "0" * 64}, r"disk\.img does not match the sha256 in manifest\.json \(expected 0{64}, got "),
+    ({"file_size": 1 << 20}, r"disk\.img is larger than the 1048576 bytes manifest\.json records"),
+    ("not zstd", r"disk\.img: corrupt zstd data"),
+    ("truncated", r"disk\.img does not match the sha256 in manifest\.json"),
+    ("corrupt blob", r"disk\.img: digest mismatch"),
+    ("no disk section", r"malformed artifact \(a disk layer but no disk section in manifest\.json\)"),
+    ("unknown type", r"disk\.img: unsupported layer type 'application/vnd\.xbuild\.vm\.disk\.raw\.v2\+xz'"),
+])
+def test_disk_pull_verifies(change: dict | str, message: str, disk_artifact: Path, registry: Registry,
+                            tmp_path: Path, xbuild_cache: Path) -> None:
+    """A disk that does not unpack to what manifest.json records: one line, exit 2, nothing written; an
+    artifact pulled earlier into the same directory stays as it was."""
+    pushed = publish.push(disk_artifact, f"{registry.host}/vm/bad:good")
+    dest = publish.pull(pushed.reference, tmp_path / "dest")
+    before = _digests(dest)
+    doc = json.loads(registry.manifest("vm/bad", "good")[0])
+    layer = doc["layers"][-1]
+    blob_file = registry.blob_file(layer["digest"])
+    saved = blob_file.read_bytes()
+    work = tmp_path / "craft"
+    work.mkdir()
+    manifest = json.loads((disk_artifact / MANIFEST).read_text())
+    if isinstance(change, dict):
+        (work / MANIFEST).write_text(json.dumps(manifest | {"disk": manifest["disk"] | change}))
+        doc["config"] = _upload(registry, "vm/bad", work / MANIFEST, publish.VM_CONFIG, None)
+    elif change in ("not zstd", "truncated"):
+        (work / DISK).write_bytes(b"not zstd" * 100 if change == "not zstd" else saved[:len(saved) // 2])
+        doc["layers"][-1] = _upload(registry, "vm/bad", work / DISK, layer["mediaType"], DISK)
+    elif change == "corrupt blob":
+        publish.blob_path(layer["digest"]).unlink()           # from the registry again, not from the cache
+        blob_file.write_bytes(saved[:100] + bytes([saved[100] ^ 0xFF]) + saved[101:])
+    elif change == "no disk section":
+        del manifest["disk"]
+        (work / MANIFEST).write_text(json.dumps(manifest))
+        doc["config"] = _upload(registry, "vm/bad", work / MANIFEST, publish.VM_CONFIG, None)
+    else:
+        doc["layers"][-1]["mediaType"] = "application/vnd.xbuild.vm.disk.raw.v2+xz"
+    registry.put_manifest("vm/bad", "bad", doc, publish.OCI_MANIFEST)
+    try:
+        for target in (tmp_path / "new", dest):
+            with pytest.raises(PublishError, match=message) as e:
+                publish.pull(f"{registry.host}/vm/bad:bad", target)
+            assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    finally:
+        blob_file.write_bytes(saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "craft", "dest", "disk-tree", "xbuild-cache"]
+    assert _digests(dest) == before
+
+
+@needs_mkfs
+def test_disk_pushed_as_a_plain_file_still_pulls(disk_artifact: Path, registry: Registry, tmp_path: Path,
+                                                 xbuild_cache: Path) -> None:
+    """A disk artifact pushed before disk layers were compressed: disk.img as is, still checked."""
+    publish.push(disk_artifact, f"{registry.host}/vm/plain:v1")
+    doc = json.loads(registry.manifest("vm/plain", "v1")[0])
+    doc["layers"][-1] = _upload(registry, "vm/plain", disk_artifact / DISK, publish.VM_OTHER_FILE, DISK)
+    registry.put_manifest("vm/plain", "old", doc, publish.OCI_MANIFEST)
+    dest = publish.pull(f"{registry.host}/vm/plain:old", tmp_path / "dest")
+    assert _digests(dest) == _digests(disk_artifact)

@@ -56,6 +56,7 @@ bench: setup
 	$(PY) bench/minimize.py
 	$(PY) bench/xen_boot.py
 	$(PY) bench/disk.py
+	$(PY) bench/disk_boot.py
 
 lint: venv
 	$(VENV)/bin/ruff check builder tests bench

@@ -10,7 +10,6 @@ into place only when everything succeeded, so a failed build leaves nothing behi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from typing import Any
 
 from . import __version__, reference, source
 from .artifact import CMDLINE, DISK, INITRD, KERNEL, SCHEMA, XEN_CFG, Artifact, write_manifest, xen_config
-from .cache import atomic_dir
+from .cache import atomic_dir, file_sha256
 from .cpio import DEFAULT_COMPRESSION, pack
 from .errors import BadInput
 from .flatten import flatten
@@ -196,12 +195,8 @@ def _write_disk(tree: Tree, tmp: Path, opts: BuildOptions, epoch: int | None) ->
     from .disk import write_disk
 
     img = write_disk(tree, tmp / DISK, opts.disk_format, opts.disk_size, epoch, opts.progress)
-    h = hashlib.sha256()
-    with open(img.path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
     return {"file": DISK, "format": img.format, "mode": opts.disk_mode, "size": img.size_bytes,
-            "file_size": img.path.stat().st_size, "sha256": h.hexdigest(), "uuid": img.uuid,
+            "file_size": img.path.stat().st_size, "sha256": file_sha256(img.path), "uuid": img.uuid,
             "content_bytes": img.content_bytes, "fstype": "ext4", "devices": list(ROOT_DEVICES)}
 
 

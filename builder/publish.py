@@ -44,7 +44,7 @@ import zstandard
 from . import __version__
 from .artifact import CMDLINE, DISK, INITRD, KERNEL, MANIFEST, XEN_CFG, open_artifact
 from .blobs import CHUNK, blob_path, check_digest
-from .cache import atomic_dir, atomic_file, cache_dir
+from .cache import atomic_dir, atomic_file, cache_dir, file_sha256
 from .errors import PublishError, SourceError
 from .image import ACCEPT, DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
@@ -209,17 +209,9 @@ def disk_blob(directory: Path, section: dict[str, Any], log: Callable[[str], Non
         with atomic_file(memo, "w") as f:
             f.write(f"{digest} {size}\n")
     else:
-        if _sha256(path) != want:
+        if file_sha256(path) != want:
             raise changed
     return Blob(media_type, digest, size, blob_path(digest), path.name, file_size)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _HashingWriter:

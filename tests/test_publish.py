@@ -28,7 +28,7 @@ from builder.artifact import (
     xen_config,
 )
 from builder.build import BuildOptions, build
-from builder.cache import cache_dir
+from builder.cache import cache_dir, file_sha256
 from builder.errors import PublishError, RegistryUnavailable
 from builder.kernel import Kernel, list_kernels
 from builder.publish_cli import kernel_push_cmd, pull_cmd, push_cmd
@@ -357,14 +357,6 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 needs_mkfs = pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="needs mkfs.ext4 (e2fsprogs)")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _with_disk(art: Path, work: Path, fmt: str = "raw") -> Path:
     """`art` made a `--format disk` artifact: a real 16 MiB ext4 disk.img (mkfs.ext4 -d of a small tree;
     fixture construction, not how xbuild writes disks) and manifest.json's disk section."""
@@ -384,7 +376,7 @@ def _with_disk(art: Path, work: Path, fmt: str = "raw") -> Path:
         raw.rename(art / DISK)
     manifest = json.loads((art / MANIFEST).read_text())
     manifest["disk"] = {"file": DISK, "format": fmt, "mode": "rw", "size": 16 << 20,
-                        "file_size": (art / DISK).stat().st_size, "sha256": _sha256_file(art / DISK),
+                        "file_size": (art / DISK).stat().st_size, "sha256": file_sha256(art / DISK),
                         "uuid": "d15c0000-0000-4000-8000-000000000001", "content_bytes": (256 << 10) + 360005}
     write_manifest(art, manifest)
     assert open_artifact(art).disk == art / DISK

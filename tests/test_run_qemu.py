@@ -8,6 +8,7 @@ kernel cache or $XBUILD_TRIMMED_KERNEL, else they are skipped.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -247,3 +248,84 @@ def test_qemu_dies_with_a_killed_runner(tmp_path: Path, cloud_kernel: Path,  # n
             break
         time.sleep(0.1)
     assert ps.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------------------------------ root disks
+
+def _disk_artifact(tmp_path: Path, fmt: str, mode: str) -> Path:
+    art = tmp_path / f"{fmt}-{mode}"
+    art.mkdir()
+    for name in ("kernel", "initrd.img", "disk.img"):
+        (art / name).write_bytes(b"x")
+    (art / "manifest.json").write_text(json.dumps(
+        {"schema": "xbuild.artifact.v1", "disk": {"file": "disk.img", "format": fmt, "mode": mode}}))
+    return art
+
+
+def test_the_artifacts_disk_is_attached_as_vda(tmp_path: Path) -> None:
+    """rw: a throwaway overlay (snapshot=on), ro: readonly=on; never the image itself, writable."""
+    rw = Qemu(_disk_artifact(tmp_path, "raw", "rw")).command()
+    drive = rw[rw.index("-drive") + 1]
+    image = tmp_path / "raw-rw" / "disk.img"
+    assert drive == f"file={image},if=none,id=disk0,format=raw,snapshot=on,cache=unsafe"
+    assert rw[rw.index("-device") + 1] == "virtio-blk-pci,drive=disk0"
+    ro = Qemu(_disk_artifact(tmp_path, "qcow2", "ro")).command()
+    assert ro[ro.index("-drive") + 1].endswith(",if=none,id=disk0,format=qcow2,readonly=on")
+    assert "-drive" not in Qemu(tmp_path / "raw-rw", disks=()).command()  # explicitly none
+    odd = tmp_path / "a,b"
+    odd.mkdir()
+    (odd / "disk.img").write_bytes(b"")
+    args = qemu.Disk(odd / "disk.img").qemu_args(1, serial="s")
+    assert args[1].startswith(f"file={tmp_path}/a,,b/disk.img,") and args[3].endswith(",drive=disk1,serial=s")
+    with pytest.raises(RunError, match="disk format 'vmdk'"):
+        Qemu(_disk_artifact(tmp_path, "vmdk", "rw"))
+    (tmp_path / "raw-rw" / "disk.img").unlink()
+    with pytest.raises(RunError, match="missing disk.img"):
+        Qemu(tmp_path / "raw-rw")
+    # no manifest, or one without a disk section: an initramfs guest
+    for name in ("bzImage", "initrd.img"):
+        (tmp_path / name).write_bytes(b"x")
+    assert "-drive" not in Qemu(tmp_path).command()
+    (tmp_path / "manifest.json").write_text('{"schema": "xbuild.artifact.v1"}')
+    assert "-drive" not in Qemu(tmp_path).command()
+
+
+DISK_PROGRAM = "cat /probe 2>&1; echo written > /probe && cat /probe; grep ' / ' /proc/mounts"
+
+
+@pytest.fixture(scope="module")
+def disk_probe_image(tmp_path_factory: pytest.TempPathFactory) -> fx.OciImage:
+    return fx.make_busybox_image(tmp_path_factory.mktemp("diskprobe") / "oci",
+                                 config_overrides={"Entrypoint": ["/bin/sh", "-c"], "Cmd": [DISK_PROGRAM]})
+
+
+def build_disk_artifact(image: fx.OciImage, out: Path, fmt: str, mode: str):  # type: ignore[no-untyped-def]
+    from builder.build import BuildOptions, build
+
+    return build(image.ref, BuildOptions(output=out, format="disk", disk_format=fmt, disk_mode=mode,
+                                         xen_type="pv", log=lambda _m: None))
+
+
+@slow
+@pytest.mark.parametrize(("fmt", "mode"), [("qcow2", "rw"), ("raw", "ro")])
+def test_disk_guest_under_qemu(fmt: str, mode: str, disk_probe_image: fx.OciImage, tmp_path: Path,
+                               default_kernel_path: Path) -> None:
+    """`xbuild IMAGE --format disk` booted from /dev/vda: rw, the program writes a file and reads it back,
+    and the next run starts from the image again (the file is gone); ro, the write fails with EROFS.
+    The artifact's disk.img is the same, byte for byte, after the runs."""
+    from builder.cache import file_sha256
+
+    art = build_disk_artifact(disk_probe_image, tmp_path / "art", fmt, mode)
+    digest = art.manifest["disk"]["sha256"]
+    assert file_sha256(art.path / "disk.img") == digest
+    for _ in range(2 if mode == "rw" else 1):
+        r = boot(art.path, memory_mb=art.manifest["guest"]["memory_mb"])
+        out = r.console.decode(errors="replace")
+        assert r.exit_status == 0, out
+        assert "can't open '/probe': No such file or directory" in out, out   # every run starts afresh
+        assert f"/dev/vda / ext4 {mode}," in out
+        if mode == "rw":
+            assert "\nwritten" in out.replace("\r", "")
+        else:
+            assert "can't create /probe: Read-only file system" in out
+    assert file_sha256(art.path / "disk.img") == digest

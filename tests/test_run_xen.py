@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -149,10 +150,57 @@ def test_extract_vmlinux_from_an_xz_bzimage() -> None:
         xen.extract_vmlinux(b"\0" * 4096)
 
 
-def _fake_artifact(tmp_path: Path) -> Path:
+XBUILD_DISK = "disk = [ 'format=raw, vdev=xvda, access=rw, target=disk.img' ]"
+
+
+def test_read_disks() -> None:
+    assert xen.read_disks(xen.read_xl_cfg(XBUILD_DISK)["disk"]) == [xen.GuestDisk("disk.img", "xvda")]
+    two = xen.read_disks("""[ "format=qcow2,vdev=xvdb,access=r,target=/a,b.img", 'vdev=xvdc, target=c' ]""")
+    assert two == [xen.GuestDisk("/a,b.img", "xvdb", "qcow2", "ro"), xen.GuestDisk("c", "xvdc", "raw", "rw")]
+    assert two[0].spec("/dev/x", "raw") == "format=raw, vdev=xvdb, access=ro, target=/dev/x"
+    assert xen.read_disks("[]") == []
+    for bad in ("[ 'phy:/dev/sda,xvda,w' ]", "[ 'format=vhd, vdev=xvda, target=d' ]", "[ 'target=d' ]",
+                "[ 'vdev=xvda, devtype=cdrom, target=d' ]"):
+        with pytest.raises(BadInput):
+            xen.read_disks(bad)
+
+
+def test_guest_cfg_attaches_dom0s_disks(tmp_path: Path) -> None:
+    entries, _k, _r = xen._artifact_files(_fake_artifact(tmp_path, XBUILD_DISK))
+    specs = ["format=raw, vdev=xvda, access=rw, target=/dev/xbuild-disk0"]
+    cfg = xen.read_xl_cfg(xen._guest_cfg(entries, "/k", None, "pv", None, [], [], disks=specs))
+    assert xen.read_disks(cfg["disk"]) == [xen.GuestDisk("/dev/xbuild-disk0", "xvda")]
+    assert "disk" not in xen.read_xl_cfg(xen._guest_cfg(entries, "/k", None, "pv", None, [], []))
+
+
+def test_missing_disk_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="disk target disk.img does not exist"):
+        xen.run_nested(_fake_artifact(tmp_path, XBUILD_DISK))
+
+
+def test_xl_disk_override_for_a_real_dom0(tmp_path: Path) -> None:
+    """Absolute targets; the rw disk of the artifact is a throwaway copy, an ro one is used in place."""
+    art = _fake_artifact(tmp_path, "disk = [ 'format=raw, vdev=xvda, access=rw, target=disk.img',"
+                                   " 'format=qcow2, vdev=xvdb, access=ro, target=data.qcow2' ]")
+    with open(art / "disk.img", "wb") as f:
+        f.truncate(64 << 20)
+        f.write(b"ext4 would be here")
+    (art / "data.qcow2").write_bytes(b"QFI")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    override = xen.xl_disk_override(xen.read_xl_cfg((art / "xen.cfg").read_text()), art, scratch)
+    rw, ro = xen.read_disks(xen.read_xl_cfg(override)["disk"])
+    assert ro == xen.GuestDisk(str(art / "data.qcow2"), "xvdb", "qcow2", "ro")
+    copy = Path(rw.target)
+    assert rw == xen.GuestDisk(str(copy), "xvda") and copy.parent == scratch
+    assert copy.read_bytes() == (art / "disk.img").read_bytes()
+    assert copy.stat().st_blocks * 512 < 1 << 20  # sparse
+
+
+def _fake_artifact(tmp_path: Path, extra: str = "") -> Path:
     art = tmp_path / "art"
     art.mkdir()
-    (art / "xen.cfg").write_text(CFG)
+    (art / "xen.cfg").write_text(CFG + extra + "\n")
     (art / "kernel").write_bytes(b"k")
     (art / "initrd.img").write_bytes(b"i")
     return art
@@ -434,4 +482,41 @@ def test_port_forwarding_reaches_the_guest(rig: xen.Rig, net_artifact: Path, own
     assert body == b"hello from the nested guest\n", outcome
     result = outcome["result"]
     assert isinstance(result, RunResult) and result.exit_status == 0  # stopped through /sbin/poweroff
+    assert not _processes_mentioning(str(own_tmp))
+
+
+DISK_PROGRAM = "cat /probe 2>&1; echo written > /probe && cat /probe; grep ' / ' /proc/mounts"
+
+
+@pytest.mark.slow
+@needs_rig
+@pytest.mark.parametrize(("fmt", "mode", "xen_type"), [("qcow2", "rw", "pv"), ("raw", "ro", "pvh")])
+def test_disk_guest_on_nested_xen(fmt: str, mode: str, xen_type: Literal["pv", "pvh"], rig: xen.Rig,
+                                  tmp_path: Path, own_tmp: Path, default_kernel_path: Path) -> None:
+    """`xbuild IMAGE --format disk` on the rig: the disk goes to the outer QEMU (qcow2 opened there), dom0
+    serves it with blkback, the guest mounts /dev/xvda. rw: the write works and is thrown away; ro: EROFS.
+    The artifact's disk.img is unchanged."""
+    from builder.build import BuildOptions, build
+    from builder.cache import file_sha256
+    from tests.fixtures.images import make_busybox_image
+
+    image = make_busybox_image(tmp_path / "oci", config_overrides={"Entrypoint": ["/bin/sh", "-c"],
+                                                                   "Cmd": [DISK_PROGRAM]})
+    opts = BuildOptions(output=tmp_path / "art", format="disk", disk_format=fmt, disk_mode=mode,
+                        xen_type=xen_type, log=lambda _m: None)
+    art = build(image.ref, opts)
+    digest = art.manifest["disk"]["sha256"]
+    t0 = time.monotonic()
+    result = xen.run_nested(art.path, xen_type, timeout=240, console=io.BytesIO())
+    sys.stderr.write(f"nested {xen_type} {fmt} {mode}: {time.monotonic() - t0:.1f}s wall, "
+                     f"launch to exec {result.launch_to_exec_s}s\n")
+    out = result.console.decode(errors="replace")
+    assert result.exit_status == 0, out
+    assert "can't open '/probe': No such file or directory" in out
+    assert f"/dev/xvda / ext4 {mode}," in out
+    if mode == "rw":
+        assert "\nwritten" in out.replace("\r", "")
+    else:
+        assert "can't create /probe: Read-only file system" in out
+    assert file_sha256(art.path / "disk.img") == digest
     assert not _processes_mentioning(str(own_tmp))

@@ -5,6 +5,11 @@ The artifact dir holds `kernel` (ELF vmlinux or bzImage; `vmlinux`/`bzImage` are
 `-no-reboot`, a QMP socket for graceful stops, and - when ports are forwarded or `network=True` - user
 networking on a virtio-net-pci NIC, the guest configured by the kernel's `ip=` autoconfiguration.
 
+A `--format disk` artifact's root disk (manifest.json "disk": disk.img, raw or qcow2, rw or ro) is attached
+as a virtio-blk disk, the guest's /dev/vda, the way `docker run` uses an image: `readonly=on` for an ro
+disk, `snapshot=on` for an rw one (the guest's writes go to a throwaway overlay in $TMPDIR), so a run never
+changes the artifact's disk.img.
+
 KVM is used only when it really works: `accel="auto"` boots the artifact's kernel once with a tiny
 initrd under KVM and a short timeout, and caches the verdict in cache_dir("probe") keyed by the QEMU
 version and /dev/kvm's presence. Where KVM is broken (guests hang), the probe times out and TCG is used.
@@ -32,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,6 +51,7 @@ NET_CMDLINE = f"ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3"
 DEFAULT_STOP_GRACE = 20.0        # host side: longer than init's default 10 s grace
 PROBE_TIMEOUT = 30.0
 KERNEL_NAMES = ("kernel", "vmlinux", "bzImage")
+DISK_FORMATS = ("raw", "qcow2")
 
 
 def kernel_path(artifact: Path) -> Path:
@@ -53,6 +59,50 @@ def kernel_path(artifact: Path) -> Path:
         if (artifact / name).is_file():
             return artifact / name
     raise RunError(f"{artifact}: no kernel (expected one of {', '.join(KERNEL_NAMES)})")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk image attached to the guest as virtio-blk (in order: /dev/vda, /dev/vdb, ...)."""
+
+    path: Path
+    format: str = "raw"       # raw | qcow2
+    readonly: bool = False    # False: writable, but the writes go to a throwaway overlay (snapshot=on)
+
+    def qemu_args(self, index: int, serial: str | None = None) -> list[str]:
+        """-drive + -device virtio-blk-pci; `serial` names it in the guest's /sys/block/vdX/serial."""
+        if self.format not in DISK_FORMATS:
+            raise RunError(f"{self.path}: disk format {self.format!r} (raw or qcow2 expected)")
+        name = str(self.path.resolve()).replace(",", ",,")
+        # cache=unsafe: no flushes to an overlay that is thrown away anyway
+        access = "readonly=on" if self.readonly else "snapshot=on,cache=unsafe"
+        dev = f"virtio-blk-pci,drive=disk{index}" + (f",serial={serial}" if serial else "")
+        return ["-drive", f"file={name},if=none,id=disk{index},format={self.format},{access}", "-device", dev]
+
+
+def artifact_disks(artifact: Path) -> tuple[Disk, ...]:
+    """The root disk named by the artifact's manifest.json (none without a manifest or a disk section)."""
+    from ..artifact import MANIFEST, Artifact
+
+    try:
+        manifest = json.loads((artifact / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return ()
+    if not isinstance(manifest, dict) or manifest.get("disk") is None:
+        return ()
+    art = Artifact(artifact, manifest)
+    try:
+        path = art.disk
+    except (KeyError, TypeError):
+        path = None
+    if path is None:
+        raise RunError(f"{artifact / MANIFEST}: malformed disk section")
+    if not path.is_file():
+        raise RunError(f"{artifact}: missing {path.name} (the manifest names a root disk)")
+    if art.disk_format not in DISK_FORMATS or art.disk_mode not in ("ro", "rw"):
+        raise RunError(f"{artifact / MANIFEST}: disk format {art.disk_format!r}, mode {art.disk_mode!r} "
+                       "(raw|qcow2, ro|rw expected)")
+    return (Disk(path, art.disk_format, art.disk_mode == "ro"),)
 
 
 def _quote(word: str) -> str:
@@ -112,7 +162,9 @@ class Qemu:
     def __init__(self, artifact: Path, *, ports: Sequence[tuple[int, int]] = (), memory_mb: int = 256,
                  kernel_args: Sequence[str] = (), extra_args: Sequence[str] = (),
                  console: BinaryIO | None = None, accel: str = "tcg", icount: bool = False,
-                 network: bool = False, initrd: Path | None = None, cmdline: str | None = None):
+                 network: bool = False, initrd: Path | None = None, cmdline: str | None = None,
+                 disks: Sequence[Disk] | None = None):
+        """`disks` None: the artifact's root disk, if its manifest names one; () for none."""
         self.artifact = Path(artifact)
         self.kernel = kernel_path(self.artifact)
         self.initrd = initrd or self.artifact / "initrd.img"
@@ -131,6 +183,7 @@ class Qemu:
         self.cmdline = guest_cmdline(cmdline, network=self.network, kernel_args=kernel_args,
                                      extra_args=extra_args)
         self.ports, self.memory_mb, self.console = tuple(ports), memory_mb, console
+        self.disks = tuple(artifact_disks(self.artifact) if disks is None else disks)
         self.accel, self.icount = accel, icount
         self.watcher = ConsoleWatcher()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -149,6 +202,8 @@ class Qemu:
                "-no-reboot", "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline]
+        for i, disk in enumerate(self.disks):
+            cmd += disk.qemu_args(i)
         if self.icount:
             cmd += ["-icount", "shift=0,sleep=off"]
         if self.network:
@@ -346,7 +401,7 @@ def _probe_kvm(kernel: Path) -> bool:
         install(tree, gc, init_binary())
         pack(tree, d / "initrd.img", "none")
         (d / "cmdline").write_text("console=ttyS0 quiet panic=-1\n")
-        guest = Qemu(d, accel="kvm", memory_mb=128)
+        guest = Qemu(d, accel="kvm", memory_mb=128, disks=())
         try:
             guest.start()
             result = guest.wait(timeout=PROBE_TIMEOUT, stop_grace=1.0)

@@ -5,6 +5,11 @@ kernel as dom0 (it has XEN_DOM0; the cloud kernel does not) as an uncompressed E
 with busybox, the toolstack and `xenrig/dom0-init.sh`. A run appends the guest (kernel, ramdisk, rewritten
 xen.cfg) to that initramfs as a second cpio archive. QEMU's COM1 is Xen's and dom0's console (a log file);
 COM2, dom0's ttyS1, carries only the guest console out (xl create -c) and "stop" requests in.
+
+The guest's disks (xen.cfg `disk`, e.g. a `--format disk` artifact's disk.img as xvda) are attached to the
+outer QEMU as virtio-blk (qcow2 opened by QEMU, so dom0 sees raw block devices; `snapshot=on` for rw: the
+artifact's image never changes, as with `docker run`; `readonly=on` for ro). dom0 loads virtio-blk and
+blkback, names them /dev/xbuild-diskN by their serials, and the guest's config gets phy lines to them.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from typing import BinaryIO, Literal
 from builder.cache import atomic_dir, atomic_file, cache_dir
 from builder.errors import ConfigError, RunError
 from builder.run.console import ConsoleWatcher, RunResult
+from builder.run.qemu import Disk
 
-RIG_RECIPE = 1  # bump when the rig's layout changes: it is part of the cache key
+RIG_RECIPE = 2  # bump when the rig's layout changes: it is part of the cache key
 XEN_PACKAGES = (
     "xen-hypervisor-4.17-amd64", "xen-utils-4.17", "xen-utils-common", "xenstore-utils", "libxenstore4",
     "libxencall1", "libxenevtchn1", "libxenforeignmemory1", "libxengnttab1", "libxenmisc4.17",
@@ -45,9 +51,14 @@ XEN_PACKAGES = (
 DOM0_KERNEL_META = "linux-image-amd64"
 DOM0_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs")
 NET_MODULES = ("e1000", "xen-netback")  # loaded only when ports are forwarded
+# loaded in this order only when the guest has disks: virtio-blk for QEMU's disks, blkback to serve them
+BLK_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+               "virtio_blk", "xen-blkback")
 TOOLS = ("xl", "xenstored", "xenconsoled", "xenconsole", "xen-init-dom0")
 DOM0_INIT = Path(__file__).with_name("xenrig") / "dom0-init.sh"
 VIF_SCRIPT = Path(__file__).with_name("xenrig") / "vif-xbuild.sh"
+BLOCK_SCRIPT = Path(__file__).with_name("xenrig") / "block-xbuild.sh"  # dom0's /etc/xen/scripts/block
+DOM0_DISK = "/dev/xbuild-disk{}"  # dom0's name of the outer QEMU's Nth virtio disk (its serial)
 GUEST_IP, DOM0_VIF_IP = "10.0.3.2", "10.0.3.1"  # a point-to-point link dom0 ↔ guest (see vif-xbuild.sh)
 DOM0_MEM_MB = 512
 XEN_CMDLINE = (f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M dom0_max_vcpus=1"
@@ -80,7 +91,8 @@ def ensure_rig(progress: Progress | None = None) -> Rig:
     for tool in ("apt-get", "apt-cache", "dpkg-deb", "ldd"):
         if shutil.which(tool) is None:
             raise RunError(f"the nested Xen rig is built from Debian packages and needs {tool} on PATH")
-    recipe = [RIG_RECIPE, DOM0_INIT.read_text(), VIF_SCRIPT.read_text()]
+    recipe = [RIG_RECIPE, DOM0_INIT.read_text(), VIF_SCRIPT.read_text(), BLOCK_SCRIPT.read_text(),
+              DOM0_MODULES, NET_MODULES, BLK_MODULES]
     # resolving versions costs seconds of apt-cache: remember the answer until the apt lists change
     lists = os.stat("/var/lib/apt/lists").st_mtime_ns
     pointer = cache_dir("xenrig") / f"resolved-{_digest([*recipe, lists])}"
@@ -212,7 +224,9 @@ def _dom0_tree(root: Path, moddir: Path) -> dict[str, _Node]:
         "usr/bin/xenstore": _file(root / "usr" / "bin" / "xenstore"),
         "usr/bin/xenstore-ls": _Node(0o120777, b"xenstore"),
         "usr/bin/xenstore-write": _Node(0o120777, b"xenstore"),
+        "usr/bin/xenstore-read": _Node(0o120777, b"xenstore"),
         "etc/xen/scripts/vif-xbuild": _Node(0o100755, VIF_SCRIPT.read_bytes()),
+        "etc/xen/scripts/block": _Node(0o100755, BLOCK_SCRIPT.read_bytes()),
         "etc/xen/xl.conf": _Node(0o100644),
     }
     for d in ("proc", "sys", "run", "tmp", "root", "guest", "sbin", "usr/sbin"):
@@ -221,6 +235,8 @@ def _dom0_tree(root: Path, moddir: Path) -> dict[str, _Node]:
         tree[f"lib/modules/{name}.ko"] = _file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     for name in NET_MODULES:
         tree[f"lib/modules/net/{name}.ko"] = _file(_one(moddir.rglob(f"{name}.ko")), 0o644)
+    for i, name in enumerate(BLK_MODULES):  # numbered: dom0-init.sh loads them in glob order
+        tree[f"lib/modules/blk/{i}-{name}.ko"] = _file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     bindir = _one(root.glob("usr/lib/xen-4*/bin"))
     binaries = [bindir / t for t in TOOLS] + [root / "usr" / "bin" / "xenstore"]
     for t in binaries:
@@ -316,12 +332,65 @@ def with_args(extra: str, args: Sequence[str], kernel_args: Sequence[str] = ()) 
     return " ".join(head + (["--", *tail] if tail else []))
 
 
+@dataclass(frozen=True)
+class GuestDisk:
+    """One entry of an xl config's `disk` list, written in the key=value form xbuild uses."""
+
+    target: str
+    vdev: str
+    format: str = "raw"   # raw | qcow2
+    access: str = "rw"    # rw | ro
+
+    def spec(self, target: str | None = None, fmt: str | None = None) -> str:
+        target = self.target if target is None else target
+        if "'" in target or "\n" in target:
+            raise ConfigError(f"disk target {target!r}: no quotes or newlines in an xl disk line")
+        return f"format={fmt or self.format}, vdev={self.vdev}, access={self.access}, target={target}"
+
+
+DISK_KEYS = {"format", "vdev", "access", "devtype", "backendtype"}
+
+
+def read_disks(raw: str) -> list[GuestDisk]:
+    """The disks of an xl config's raw `disk = [ '...', ... ]` value (key=value specs, target last)."""
+    disks = []
+    for single, double in re.findall(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", raw):
+        spec = single or double
+        head, found, target = spec.partition("target=")
+        keys: dict[str, str] = {}
+        for part in filter(None, (w.strip() for w in head.split(","))):
+            key, eq, value = part.partition("=")
+            if not eq or key.strip() not in DISK_KEYS:
+                raise ConfigError(f"disk {spec!r}: only key=value specs ({', '.join(sorted(DISK_KEYS))},"
+                                  f" target last) are supported here, not {part!r}")
+            keys[key.strip()] = value.strip()
+        access = {"r": "ro", "ro": "ro", "w": "rw", "rw": "rw"}.get(keys.get("access", "rw"))
+        fmt = keys.get("format", "raw")
+        if not found or not target.strip() or "vdev" not in keys:
+            raise ConfigError(f"disk {spec!r}: a vdev and a target are needed")
+        if access is None or fmt not in ("raw", "qcow2") or keys.get("devtype", "disk") != "disk":
+            raise ConfigError(f"disk {spec!r}: raw or qcow2 disks, access ro or rw, are supported here")
+        disks.append(GuestDisk(target.strip(), keys["vdev"], fmt, access))
+    return disks
+
+
+def _disk_path(artifact: Path, disk: GuestDisk) -> Path:
+    """A disk target: relative ones are relative to the artifact directory, like kernel and ramdisk."""
+    path = artifact / disk.target  # an absolute target stays as it is
+    if not path.exists():
+        raise ConfigError(f"{artifact / 'xen.cfg'}: disk target {disk.target} does not exist ({path})")
+    return path
+
+
 def _guest_cfg(entries: dict[str, str], kernel: str, ramdisk: str | None, xen_type: str,
                memory_mb: int | None, extra_args: Sequence[str], kernel_args: Sequence[str],
-               network: bool = False) -> str:
+               network: bool = False, disks: Sequence[str] = ()) -> str:
     """The artifact's config for the rig: dom0 paths, the wanted type, our name, TCG-safe TSC, no devices
-    but, with `network`, one vif routed by dom0 (the guest's `ip=` set to match)."""
+    but `disks` (xl disk specs) and, with `network`, one vif routed by dom0 (the guest's `ip=` set to
+    match)."""
     out = {k: v for k, v in entries.items() if k not in DEVICE_KEYS | {"cmdline", "ramdisk", "bootloader"}}
+    if disks:
+        out["disk"] = "[ " + ", ".join(f"'{d}'" for d in disks) + " ]"
     extra = xl_string(entries.get("extra") or entries.get("cmdline") or '""')
     if network:
         out["vif"] = f"[ 'ip={GUEST_IP},script=/etc/xen/scripts/vif-xbuild' ]"
@@ -379,8 +448,12 @@ def run_nested(artifact: Path, xen_type: Literal["pv", "pvh"] = "pv", memory_mb:
     if shutil.which("qemu-system-x86_64") is None:
         raise RunError("the nested Xen runner needs qemu-system-x86_64 (Debian: qemu-system-x86)")
     entries, kernel, ramdisk = _artifact_files(artifact)
+    disks = read_disks(entries.get("disk", "[]"))
+    # the outer QEMU opens each disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-diskN
+    outer_disks = [Disk(_disk_path(artifact, d), d.format, readonly=d.access == "ro") for d in disks]
     cfg = _guest_cfg(entries, "/guest/kernel", "/guest/initrd.img" if ramdisk else None, xen_type, memory_mb,
-                     extra_args, kernel_args, network=bool(ports))
+                     extra_args, kernel_args, network=bool(ports),
+                     disks=[d.spec(DOM0_DISK.format(i), "raw") for i, d in enumerate(disks)])
     guest_mb = int(memory_mb or re.sub(r"\D", "", entries.get("memory", "")) or 128)
     rig = ensure_rig(progress)
     work = Path(tempfile.mkdtemp(prefix="xbuild-xen-"))
@@ -394,6 +467,11 @@ def run_nested(artifact: Path, xen_type: Literal["pv", "pvh"] = "pv", memory_mb:
                 payload["guest/initrd.img"] = _file(ramdisk, 0o644)
             _write_cpio(f, payload)
         dom0 = f"{DOM0_CMDLINE} xenrig.grace={GRACE_S}"
+        blk: list[str] = []
+        if outer_disks:
+            dom0 += f" xenrig.disks={len(outer_disks)}"
+            for i, d in enumerate(outer_disks):
+                blk += d.qemu_args(i, serial=DOM0_DISK.format(i).removeprefix("/dev/"))
         net: list[str] = []
         if ports:  # QEMU user net → dom0 eth0 (busybox nc relays each port) → the guest's vif
             dom0 += f" xenrig.guest={GUEST_IP} xenrig.ports={','.join(str(g) for _h, g in ports)}"
@@ -403,7 +481,7 @@ def run_nested(artifact: Path, xen_type: Literal["pv", "pvh"] = "pv", memory_mb:
                 "-m", str(max(1024, DOM0_MEM_MB + guest_mb + 256)), "-nodefaults", "-display", "none",
                 "-no-reboot", "-chardev", f"file,id=xen,path={log},append=on", "-serial", "chardev:xen",
                 "-chardev", "stdio,id=guest,signal=off", "-serial", "chardev:guest",
-                *net, "-kernel", str(rig.xen), "-append", XEN_CMDLINE,
+                *net, *blk, "-kernel", str(rig.xen), "-append", XEN_CMDLINE,
                 "-initrd", f"{rig.dom0_kernel} {dom0.replace(',', ',,')},{initrd}"]
         with open(log, "ab") as err:
             result = _supervise(argv, console, timeout, stdin=subprocess.PIPE, stderr=err,
@@ -435,8 +513,9 @@ def run_xl(artifact: Path, xen_type: Literal["pv", "pvh"] | None = None, memory_
            kernel_args: Sequence[str] = (), stop_event: threading.Event | None = None) -> RunResult:
     """`xl create -c xen.cfg` in the artifact directory on this host, which must be a Xen dom0.
 
-    Same contract as run_nested; type, memory and arguments are xl `KEY=VALUE` overrides, devices (vif,
-    disk) stay as configured.
+    Same contract as run_nested; type, memory and arguments are xl `KEY=VALUE` overrides, devices stay as
+    configured but for the disks' targets, made absolute (see xl_disk_override): an rw root disk is a
+    throwaway copy, so the run leaves disk.img as it was.
     """
     caps = Path("/proc/xen/capabilities")
     if shutil.which("xl") is None or not caps.exists() or "control_d" not in caps.read_text():
@@ -453,12 +532,47 @@ def run_xl(artifact: Path, xen_type: Literal["pv", "pvh"] | None = None, memory_
     if extra_args or kernel_args:
         extra = xl_string(entries.get("extra") or entries.get("cmdline") or '""')
         overrides.append(f"extra={quote_xl(with_args(extra, extra_args, kernel_args))}")
+    scratch = None
     try:
+        if "disk" in entries:
+            scratch = _scratch_dir(artifact)
+            overrides.append(xl_disk_override(entries, artifact, scratch))
         return _supervise(["xl", "create", "-c", "xen.cfg", *overrides], console, timeout, stdin=None,
                           stderr=None, cwd=artifact, stop=lambda _p: _xl("shutdown", name),
                           force=lambda _p: _xl("destroy", name), stop_event=stop_event)
     finally:
         _xl("destroy", name)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_dir(artifact: Path) -> Path:
+    """A temporary directory on the artifact's filesystem (a reflink copy of a disk is instant there)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=".xbuild-run-", dir=artifact))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="xbuild-run-"))
+
+
+def xl_disk_override(entries: dict[str, str], artifact: Path, scratch: Path) -> str:
+    """The xl `disk=[...]` override for `xl create` on a real dom0. Targets become absolute: libxl stores
+    them in xenstore as written and its hotplug scripts and device models do not run in the artifact
+    directory. An rw disk file inside the artifact is first copied (sparse, reflinked where the filesystem
+    can) into `scratch`, which the caller removes after the run: like `docker run`, every run starts from
+    the image and the artifact's disk.img never changes. Disks outside the artifact are used in place."""
+    specs = []
+    for i, disk in enumerate(read_disks(entries.get("disk", "[]"))):
+        path = _disk_path(artifact, disk).resolve()
+        if disk.access == "rw" and path.is_file() and path.is_relative_to(artifact.resolve()):
+            copy = scratch / f"{i}-{path.name}"
+            try:
+                subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(path), str(copy)],
+                               check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as e:
+                raise RunError(f"cannot copy {path} for the run: {e.stderr.strip()}") from None
+            path = copy
+        specs.append(disk.spec(str(path)))
+    return "disk=[ " + ", ".join(f"'{s}'" for s in specs) + " ]"
 
 
 def _xl(*args: str) -> None:

@@ -5,6 +5,7 @@ two writes, one read of every disk at once, one write that runs out of space."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -16,12 +17,17 @@ from typing import Any
 import pytest
 
 from builder import disk
+from builder.artifact import Artifact
+from builder.build import BuildOptions, build
+from builder.cache import file_sha256
 from builder.cpio import pack, read_cpio
 from builder.errors import DiskInputError
 from builder.flatten import flatten
 from builder.reference import parse
+from builder.run.qemu import run
 from builder.source import load
 from builder.tree import FILE, Tree, read_content, regular
+from builder.verify import verify_artifact
 from tests.fixtures.images import MTIME, OciImage, make_busybox_image, make_whiteout_image
 
 EPOCH = MTIME + 60
@@ -257,3 +263,76 @@ def test_disk_equals_the_initramfs(disks: dict[str, tuple[Tree, disk.DiskImage]]
     ondisk = {p: (s[0], s[1], s[2], s[3], s[6], s[8]) for p, s in sig.items()}
     assert ondisk == cpio
 
+
+
+# ------------------------------------------------------------------------- `--format disk` guests booted
+
+DISK_PROBE = ("echo hello > /written && cat /written; grep ' / ' /proc/mounts; cat /proc/meminfo | head -1; "
+              "ls -1 /.xbuild")
+
+
+def disk_artifact(ref: str, out: Path, **opts: Any) -> Artifact:
+    return build(ref, BuildOptions(output=out, format="disk", **opts))
+
+
+@pytest.fixture(scope="module")
+def probe_image(tmp_path_factory: pytest.TempPathFactory) -> OciImage:
+    return make_busybox_image(tmp_path_factory.mktemp("probe") / "oci",
+                              config_overrides={"Entrypoint": ["/bin/sh", "-c"], "Cmd": [DISK_PROBE]})
+
+
+@pytest.mark.slow
+@needs_guestfs
+@pytest.mark.parametrize("mode", ["rw", "ro"])
+def test_disk_guest_boots_from_its_disk(mode: str, probe_image: OciImage, tmp_path: Path,
+                                        default_kernel_path: Path) -> None:
+    """The initramfs holds only the init; the program runs on /dev/vda, mounted rw or ro; `xbuild run`
+    never changes the artifact's disk (writes of an rw guest are thrown away, as `docker run` does)."""
+    art = disk_artifact(probe_image.ref, tmp_path / "art", disk_mode=mode)
+    m = art.manifest
+    assert m["disk"]["mode"] == mode and m["disk"]["format"] == "raw" and m["guest"]["memory_mb"] <= 128
+    assert m["initrd"]["entries"] == 7 and m["initrd"]["size"] < 64 << 10   # init, config, links, console
+    assert f"vdev=xvda, access={mode}, target=disk.img" in (art.path / "xen.cfg").read_text()
+    assert file_sha256(art.path / "disk.img") == m["disk"]["sha256"]
+    r = run(art.path, timeout=120, accel="tcg", console=None, memory_mb=m["guest"]["memory_mb"])
+    out = r.console.decode(errors="replace")
+    assert r.exit_status == 0, out
+    assert f"/dev/vda / ext4 {mode}" in out
+    assert ("hello" in out) == (mode == "rw")
+    assert ("Read-only file system" in out) == (mode == "ro")
+    assert "config\ninit" in out.replace("\r", "")          # the init is on the disk too (poweroff helper)
+    assert file_sha256(art.path / "disk.img") == m["disk"]["sha256"]
+    if mode == "rw":
+        # the same artifact without its disk: the init says which devices it waited for
+        bare = tmp_path / "bare"
+        shutil.copytree(art.path, bare, ignore=shutil.ignore_patterns("disk.img"))
+        manifest = json.loads((bare / "manifest.json").read_text())
+        del manifest["disk"]
+        (bare / "manifest.json").write_text(json.dumps(manifest))
+        r = run(bare, timeout=120, accel="tcg", console=None)
+        out = r.console.decode(errors="replace")
+        assert "xbuild: error: root disk: no /dev/vda or /dev/xvda appeared within 10s" in out, out
+        assert r.exit_status == 125
+
+
+@pytest.mark.slow
+@needs_guestfs
+def test_nginx_lookalike_disk_guest_passes_its_smoke_test(nginx_layout: str, tmp_path: Path,
+                                                          default_kernel_path: Path) -> None:
+    art = disk_artifact(nginx_layout, tmp_path / "nginx", recipe="nginx", xen_type="pv")
+    assert art.manifest["guest"]["memory_mb"] <= 128
+    for hypervisor in ("qemu", "xen-nested"):
+        assert verify_artifact(art, hypervisor=hypervisor).startswith("verify: passed"), hypervisor
+
+
+@pytest.mark.slow
+@needs_guestfs
+def test_large_python_image_on_disk_runs_in_128_mb(python_layout: str, tmp_path: Path,
+                                                   default_kernel_path: Path) -> None:
+    """A > 100 MB image (Debian + python3 + a web app, not minimized) as a disk guest with 128 MB of RAM:
+    more files than the RAM could hold as an initramfs next to the program."""
+    art = disk_artifact(python_layout, tmp_path / "py", recipe="python-web", minimize="none", xen_type="pv")
+    assert art.manifest["disk"]["content_bytes"] > 100e6
+    assert art.manifest["guest"]["memory_mb"] == 128
+    for hypervisor in ("qemu", "xen-nested"):
+        assert verify_artifact(art, hypervisor=hypervisor).startswith("verify: passed"), hypervisor

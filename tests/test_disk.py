@@ -1,9 +1,10 @@
 """Disk: the tree written into ext4 through libguestfs, read back through libguestfs and compared with the
-tree and with the initramfs pack makes of it. Appliance launches (15-30 s each under TCG) are kept to four:
-two writes, one read of every disk at once, one write that runs out of space."""
+tree and with the initramfs pack makes of it; a `--format disk` build compared with the initramfs build of
+the same image; disk guests booted under QEMU and nested Xen. One appliance reads every disk at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from builder.cache import file_sha256
 from builder.cpio import pack, read_cpio
 from builder.errors import DiskInputError
 from builder.flatten import flatten
+from builder.guest import ROOT_DEVICES, GuestConfig
 from builder.reference import parse
 from builder.run.qemu import run
 from builder.source import load
@@ -173,9 +175,20 @@ def test_a_tree_that_does_not_fit_leaves_nothing(tmp_path: Path, monkeypatch: py
 
 
 @pytest.fixture(scope="module")
-def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Tree, disk.DiskImage]]:
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
+    """The busybox image built both ways, initrds uncompressed, no kernel."""
     if not guestfs_available():
         pytest.skip("libguestfs (python3-guestfs) missing")
+    d = tmp_path_factory.mktemp("artifacts")
+    ref = make_busybox_image(d / "oci").ref
+    return {fmt: build(ref, BuildOptions(output=d / fmt, format=fmt, kernel=None, compression="none",
+                                         epoch=EPOCH)) for fmt in ("initramfs", "disk")}
+
+
+@pytest.fixture(scope="module")
+def disks(artifacts: dict[str, Artifact],
+          tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Tree, disk.DiskImage]]:
+    """Disks to read back: written from trees, and the disk artifact's (its tree is not at hand: empty)."""
     d = tmp_path_factory.mktemp("disks")
     whiteout = flat(make_whiteout_image(d / "whiteout-oci"))
     busybox = flat(make_busybox_image(d / "busybox-oci"))
@@ -183,6 +196,11 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Tree, dis
            "busybox": (busybox, disk.write_disk(busybox, d / "busybox.qcow2", fmt="qcow2", epoch=EPOCH))}
     if os.geteuid() == 0:
         out["whiteout-mkfs"] = (whiteout, disk.mkfs_fast(whiteout, d / "whiteout-mkfs.img", epoch=EPOCH))
+    art = artifacts["disk"]
+    assert art.disk is not None
+    m = art.manifest["disk"]
+    image = disk.DiskImage(art.disk, m["format"], m["size"], m["content_bytes"], m["uuid"])
+    out["artifact"] = (Tree(), image)
     return out
 
 
@@ -243,6 +261,24 @@ def test_disk_holds_the_tree(name: str, disks: dict[str, tuple[Tree, disk.DiskIm
         assert st["st_ctime_nsec"] == 0
 
 
+def cpio_sig(initrd: Path) -> dict[str, Sig]:
+    """name -> (mode, uid, gid, mtime, rdev, sha256) of an uncompressed initramfs."""
+    entries = read_cpio(initrd.read_bytes())
+    by_ino: dict[object, bytes] = {}
+    for e in entries:
+        if e["size"]:
+            by_ino[e["ino"]] = e["data"]  # type: ignore[assignment]
+    return {e["name"]: (e["mode"], e["uid"], e["gid"], e["mtime"], (e["rdevmajor"], e["rdevminor"]),  # type: ignore
+                        hashlib.sha256(by_ino.get(e["ino"], b"")
+                                       if stat.S_ISREG(e["mode"]) else b"").hexdigest())  # type: ignore
+            for e in entries}
+
+
+def disk_sig(read_back: dict[str, Any]) -> dict[str, Sig]:
+    sig, _ = tar_sig(read_back["tar"])
+    return {p: (s[0], s[1], s[2], s[3], s[6], s[8]) for p, s in sig.items()}
+
+
 @pytest.mark.slow
 @needs_guestfs
 def test_disk_equals_the_initramfs(disks: dict[str, tuple[Tree, disk.DiskImage]],
@@ -250,19 +286,26 @@ def test_disk_equals_the_initramfs(disks: dict[str, tuple[Tree, disk.DiskImage]]
     """What the guest sees on /dev/xvda is what it would see in the initramfs of the same tree."""
     tree, _ = disks["whiteout"]
     pack(tree, tmp_path / "initrd", "none", epoch=EPOCH)
-    entries = read_cpio((tmp_path / "initrd").read_bytes())
-    by_ino: dict[object, bytes] = {}
-    for e in entries:
-        if e["size"]:
-            by_ino[e["ino"]] = e["data"]  # type: ignore[assignment]
-    cpio = {e["name"]: (e["mode"], e["uid"], e["gid"], e["mtime"], (e["rdevmajor"], e["rdevminor"]),
-                        hashlib.sha256(by_ino.get(e["ino"], b"")
-                                       if stat.S_ISREG(e["mode"]) else b"").hexdigest())  # type: ignore
-            for e in entries}
-    sig, _ = tar_sig(read_back["whiteout"]["tar"])
-    ondisk = {p: (s[0], s[1], s[2], s[3], s[6], s[8]) for p, s in sig.items()}
-    assert ondisk == cpio
+    assert disk_sig(read_back["whiteout"]) == cpio_sig(tmp_path / "initrd")
 
+
+@pytest.mark.slow
+@needs_guestfs
+def test_disk_build_equals_the_initramfs_build(artifacts: dict[str, Artifact],
+                                               read_back: dict[str, dict[str, Any]]) -> None:
+    """`xbuild IMAGE --format disk` puts on disk.img exactly what `xbuild IMAGE` packs into its initramfs,
+    but for the init's config, which gains the root-disk records; its own initramfs is that config and the
+    init."""
+    initramfs = cpio_sig(artifacts["initramfs"].initrd)
+    ondisk = disk_sig(read_back["artifact"])
+    cfg = ".xbuild/config"
+    assert {p: s for p, s in ondisk.items() if p != cfg} == {p: s for p, s in initramfs.items() if p != cfg}
+    boot = {e["name"]: e for e in read_cpio(artifacts["disk"].initrd.read_bytes())}
+    assert sorted(boot) == [".", ".xbuild", cfg, ".xbuild/init", "dev", "dev/console", "init"]
+    assert cpio_sig(artifacts["disk"].initrd)[cfg] == ondisk[cfg]
+    plain = {e["name"]: e for e in read_cpio(artifacts["initramfs"].initrd.read_bytes())}
+    want = dataclasses.replace(GuestConfig.decode(plain[cfg]["data"]), root_devices=ROOT_DEVICES)  # type: ignore
+    assert GuestConfig.decode(boot[cfg]["data"]) == want  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------- `--format disk` guests booted

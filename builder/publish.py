@@ -262,15 +262,23 @@ def push(directory: Path, ref: str | ImageRef, insecure: bool = False,
     return _push(target(ref), VM, config, layers, annotations, insecure, log)
 
 
-def pull(ref: str | ImageRef, dest: Path, insecure: bool = False) -> Path:
-    """Pull the VM artifact `ref` into `dest` (replacing an earlier artifact there); return `dest`."""
+def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = False) -> Path:
+    """Pull the VM artifact `ref` into `dest` (replacing an earlier artifact there); return `dest`.
+    `reuse`: keep `dest` as it is when it holds this very artifact already (its manifest.json is the
+    pushed one byte for byte), so only the manifest and config are fetched: for caches nothing writes to."""
     r = target(ref)
     if (dest.exists() and not dest.is_dir()) or (dest.is_dir() and any(dest.iterdir())
                                                   and not (dest / MANIFEST).is_file()):
         raise PublishError(f"{dest}: exists and is not an artifact directory; "
                            "pull into a new or empty directory")
+
+    def have(config_raw: bytes) -> bool:
+        return reuse and (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == config_raw
+
     with _Session(r, insecure, push=False) as session:
-        config_raw, meta, layers = _fetch(session, VM, _disk_section)
+        config_raw, meta, layers = _fetch(session, VM, _disk_section, skip=have)
+        if have(config_raw):
+            return dest
         with atomic_dir(dest) as tmp:
             _materialise(config_raw, layers, tmp, VM, _disk_section(meta, layers, session.what), session.what)
             open_artifact(tmp)
@@ -346,9 +354,10 @@ def _push(ref: ImageRef, kind: _Kind, config: Blob, layers: list[Blob], annotati
 
 def _fetch(session: _Session, kind: _Kind,
            check: Callable[[dict[str, Any], list[Blob], str], object] = lambda meta, layers, what: None,
+           skip: Callable[[bytes], bool] = lambda config_raw: False,
            ) -> tuple[bytes, dict[str, Any], list[Blob]]:
     """(config bytes, config, layers) of the artifact, checked to be of `kind` (and by `check`, before the
-    layers are downloaded); blobs land in the cache."""
+    layers are downloaded); blobs land in the cache, unless `skip(config bytes)` says they are not needed."""
     doc = session.get_manifest()
     what = session.what
     config: dict[str, Any] = doc["config"] if isinstance(doc.get("config"), dict) else {}
@@ -378,8 +387,9 @@ def _fetch(session: _Session, kind: _Kind,
     if not isinstance(meta, dict):
         raise PublishError(f"{what}: malformed artifact ({kind.config_file} is not a JSON object)")
     check(meta, layers, what)
-    for blob in layers:
-        session.fetch_blob(blob)
+    if not skip(config_raw):
+        for blob in layers:
+            session.fetch_blob(blob)
     return config_raw, meta, layers
 
 

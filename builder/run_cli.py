@@ -50,7 +50,7 @@ def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ign
         from .publish import pull
 
         try:
-            pulled = pull(target, cache_dir("pulled") / key, insecure)
+            pulled = pull(target, cache_dir("pulled") / key, insecure, reuse=True)
             log(f"pulled the VM image {target}")
             return open_artifact(pulled)
         except PublishError as e:

@@ -419,6 +419,14 @@ def test_disk_round_trip(fmt: str, artifact: Path, registry: Registry, tmp_path:
     assert open_artifact(dest).disk == dest / DISK
     if fmt == "raw":            # holes for the zero blocks: less allocated than the file's size
         assert (dest / DISK).stat().st_blocks * 512 < file_size / 2
+    # `reuse` (what `xbuild run REF` does with its cache): the same artifact is not written again...
+    before = (dest / DISK).stat()
+    assert publish.pull(ref, dest, reuse=True) == dest
+    after = (dest / DISK).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # ... but a plain pull replaces it
+    publish.pull(ref, dest)
+    assert (dest / DISK).stat().st_ino != before.st_ino and _digests(dest) == _digests(art)
 
     # the same directory again: the same manifest, nothing uploaded, the disk not compressed again
     logged.clear()

@@ -48,6 +48,25 @@ def verify_bytes(data: bytes, digest: str, what: str) -> bytes:
     return data
 
 
+class HashingWriter:
+    """A write-only file wrapper counting and hashing what goes through; close() leaves the file open."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.hash, self.count = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.f.write(b)
+        self.hash.update(b)
+        self.count += len(b)
+        return len(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        pass
+
+
 class HashingReader:
     """Wrap a stream, hashing what is read; `check()` after EOF raises on a digest or size mismatch."""
 

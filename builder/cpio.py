@@ -8,18 +8,17 @@ kernel accepts it on any). The same tree gives the same bytes on any machine.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import lz4.block
 import zstandard
 from isal import isal_zlib
 
+from .blobs import HashingWriter
 from .cache import atomic_file
 from .errors import PackError
 from .tree import DIR, FILE, Content, Inode, Tree
@@ -52,7 +51,7 @@ def pack(tree: Tree, out: Path, compression: str = DEFAULT_COMPRESSION, level: i
     lvl = DEFAULT_LEVELS[compression] if level is None else level
     try:
         with atomic_file(out) as f:
-            hashing = _Hashing(f)
+            hashing = HashingWriter(f)
             sink = _compressor(compression, lvl, hashing)
             writer = _CpioWriter(sink, epoch, progress)
             count = writer.write_tree(tree)
@@ -62,29 +61,10 @@ def pack(tree: Tree, out: Path, compression: str = DEFAULT_COMPRESSION, level: i
     return Packed(out, compression, lvl, hashing.count, writer.offset, hashing.hash.hexdigest(), count)
 
 
-class _Hashing:
-    """A write-only file wrapper counting and hashing what goes through."""
-
-    def __init__(self, f: IO[bytes]):
-        self.f, self.hash, self.count = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.f.write(b)
-        self.hash.update(b)
-        self.count += len(b)
-        return len(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def close(self) -> None:
-        pass
-
-
 class _Lz4Legacy:
     """The lz4 'legacy' frame the kernel's initramfs unpacker reads (`lz4 -l`)."""
 
-    def __init__(self, out: _Hashing, level: int):
+    def __init__(self, out: HashingWriter, level: int):
         self.out, self.level, self.buf = out, level, bytearray()
         out.write(LZ4_LEGACY_MAGIC)
 
@@ -107,7 +87,7 @@ class _Lz4Legacy:
 
 
 class _Gzip:
-    def __init__(self, out: _Hashing, level: int):
+    def __init__(self, out: HashingWriter, level: int):
         self.out = out
         # wbits 31: gzip container with a zeroed mtime, so the output is reproducible
         self.z = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
@@ -121,7 +101,7 @@ class _Gzip:
 
 
 class _Plain:
-    def __init__(self, out: _Hashing):
+    def __init__(self, out: HashingWriter):
         self.out = out
 
     def write(self, b: bytes) -> int:
@@ -132,7 +112,7 @@ class _Plain:
 
 
 class _Zstd:
-    def __init__(self, out: _Hashing, level: int):
+    def __init__(self, out: HashingWriter, level: int):
         # multi-threaded zstd output depends only on the parameters, never on the thread count (>= 1)
         params = zstandard.ZstdCompressionParameters.from_level(level, threads=max(1, os.cpu_count() or 1))
         self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(
@@ -145,7 +125,7 @@ class _Zstd:
         self.w.close()
 
 
-def _compressor(name: str, level: int, out: _Hashing):  # type: ignore[no-untyped-def]
+def _compressor(name: str, level: int, out: HashingWriter):  # type: ignore[no-untyped-def]
     if name == "zstd":
         return _Zstd(out, level)
     if name == "lz4":

@@ -43,7 +43,7 @@ import zstandard
 
 from . import __version__
 from .artifact import CMDLINE, DISK, INITRD, KERNEL, MANIFEST, XEN_CFG, open_artifact
-from .blobs import CHUNK, blob_path, check_digest
+from .blobs import CHUNK, HashingWriter, blob_path, check_digest
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256
 from .errors import PublishError, SourceError
 from .image import ACCEPT, DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST
@@ -214,18 +214,6 @@ def disk_blob(directory: Path, section: dict[str, Any], log: Callable[[str], Non
     return Blob(media_type, digest, size, blob_path(digest), path.name, file_size)
 
 
-class _HashingWriter:
-    """A file that hashes and counts what is written to it."""
-
-    def __init__(self, out: IO[bytes]):
-        self.out, self.hash, self.size = out, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.hash.update(b)
-        self.size += len(b)
-        return self.out.write(b)
-
-
 def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
     """Compress `path` with zstd into the blob cache, streamed; (blob digest, blob size). Raises `changed`,
     storing nothing, unless the file's sha256 is `want`."""
@@ -239,7 +227,7 @@ def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
     raw = hashlib.sha256()
     try:
         with open(path, "rb") as src, os.fdopen(fd, "wb") as f:
-            out = _HashingWriter(f)
+            out = HashingWriter(f)
             with compressor.stream_writer(out, closefd=False) as w:  # type: ignore[arg-type]
                 while chunk := src.read(CHUNK):
                     raw.update(chunk)
@@ -252,7 +240,7 @@ def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return digest, out.size
+    return digest, out.count
 
 
 def push(directory: Path, ref: str | ImageRef, insecure: bool = False,

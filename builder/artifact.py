@@ -19,6 +19,7 @@ from .errors import ArtifactError
 
 INITRD, KERNEL, CMDLINE, XEN_CFG, MANIFEST = "initrd.img", "kernel", "cmdline", "xen.cfg", "manifest.json"
 DISK = "disk.img"
+DISK_MODES = ("rw", "ro")   # how the guest mounts its root disk
 SCHEMA = "xbuild.artifact.v1"
 
 

@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, reference, source
-from .artifact import CMDLINE, DISK, INITRD, KERNEL, SCHEMA, XEN_CFG, Artifact, write_manifest, xen_config
+from .artifact import (
+    CMDLINE,
+    DISK,
+    DISK_MODES,
+    INITRD,
+    KERNEL,
+    SCHEMA,
+    XEN_CFG,
+    Artifact,
+    write_manifest,
+    xen_config,
+)
 from .cache import atomic_dir, file_sha256
 from .cpio import DEFAULT_COMPRESSION, pack
 from .errors import BadInput
@@ -36,7 +47,6 @@ Progress = Callable[[str, int], Callable[[int], None]]
 DEFAULT_MEMORY_MB = 256
 DISK_MEMORY_MB = 128      # with a root disk the files are not in RAM: the default and the recipe's cap
 FORMATS = ("initramfs", "disk")
-DISK_MODES = ("rw", "ro")
 QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .build import DISK_MODES, FORMATS, BuildOptions, build
+from .artifact import DISK_MODES
+from .build import FORMATS, BuildOptions, build
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import BadInput, XbuildError

@@ -41,7 +41,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from ..artifact import DISK_MODES, MANIFEST, Artifact
 from ..cache import atomic_file, cache_dir
+from ..disk import FORMATS as DISK_FORMATS
 from ..errors import RunError
 from .console import ConsoleWatcher, RunResult
 
@@ -51,7 +53,6 @@ NET_CMDLINE = f"ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3"
 DEFAULT_STOP_GRACE = 20.0        # host side: longer than init's default 10 s grace
 PROBE_TIMEOUT = 30.0
 KERNEL_NAMES = ("kernel", "vmlinux", "bzImage")
-DISK_FORMATS = ("raw", "qcow2")
 
 
 def kernel_path(artifact: Path) -> Path:
@@ -82,8 +83,6 @@ class Disk:
 
 def artifact_disks(artifact: Path) -> tuple[Disk, ...]:
     """The root disk named by the artifact's manifest.json (none without a manifest or a disk section)."""
-    from ..artifact import MANIFEST, Artifact
-
     try:
         manifest = json.loads((artifact / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -99,7 +98,7 @@ def artifact_disks(artifact: Path) -> tuple[Disk, ...]:
         raise RunError(f"{artifact / MANIFEST}: malformed disk section")
     if not path.is_file():
         raise RunError(f"{artifact}: missing {path.name} (the manifest names a root disk)")
-    if art.disk_format not in DISK_FORMATS or art.disk_mode not in ("ro", "rw"):
+    if art.disk_format not in DISK_FORMATS or art.disk_mode not in DISK_MODES:
         raise RunError(f"{artifact / MANIFEST}: disk format {art.disk_format!r}, mode {art.disk_mode!r} "
                        "(raw|qcow2, ro|rw expected)")
     return (Disk(path, art.disk_format, art.disk_mode == "ro"),)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from builder.cache import atomic_dir, atomic_file, cache_dir
+from builder.disk import FORMATS as DISK_FORMATS
 from builder.errors import ConfigError, RunError
 from builder.run.console import ConsoleWatcher, RunResult
 from builder.run.qemu import Disk
@@ -368,7 +369,7 @@ def read_disks(raw: str) -> list[GuestDisk]:
         fmt = keys.get("format", "raw")
         if not found or not target.strip() or "vdev" not in keys:
             raise ConfigError(f"disk {spec!r}: a vdev and a target are needed")
-        if access is None or fmt not in ("raw", "qcow2") or keys.get("devtype", "disk") != "disk":
+        if access is None or fmt not in DISK_FORMATS or keys.get("devtype", "disk") != "disk":
             raise ConfigError(f"disk {spec!r}: raw or qcow2 disks, access ro or rw, are supported here")
         disks.append(GuestDisk(target.strip(), keys["vdev"], fmt, access))
     return disks

@@ -188,11 +188,11 @@ def disk_blob(directory: Path, section: dict[str, Any], log: Callable[[str], Non
     checked against the sha256 the manifest records (pull checks what it unpacks against that)."""
     path = directory / str(section["file"])
     media_type = DISK_TYPES.get(str(section.get("format")))
-    want = section.get("sha256")
+    want = _recorded_sha256(section)
     if media_type is None:
         raise PublishError(f"{directory / MANIFEST}: disk format {section.get('format')!r} is not one of "
                            f"{', '.join(DISK_TYPES)}")
-    if not isinstance(want, str) or not re.fullmatch(r"[0-9a-f]{64}", want):
+    if want is None:
         raise PublishError(f"{directory / MANIFEST}: the disk section has no sha256 of {path.name}")
     changed = PublishError(f"{path}: does not match the sha256 in {MANIFEST} (changed since the build? "
                            "`xl create xen.cfg` writes an rw disk in place); rebuild the artifact")
@@ -398,6 +398,12 @@ def _descriptor(d: Any, what: str, title_key: str | None) -> Blob:
     return Blob(str(d.get("mediaType") or ""), d["digest"], d["size"], blob_path(d["digest"]), title)
 
 
+def _recorded_sha256(section: dict[str, Any]) -> str | None:
+    """The disk section's sha256 of the disk file, if it is a well-formed hex digest."""
+    value = section.get("sha256")
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
 def _disk_section(meta: dict[str, Any], layers: list[Blob], what: str) -> dict[str, Any] | None:
     """The config's `disk` section, checked against the layers: the disk's layer is there, of a type we
     unpack (DISK_TYPES, or the file as is), and the section records the sha256 to check it against."""
@@ -416,7 +422,7 @@ def _disk_section(meta: dict[str, Any], layers: list[Blob], what: str) -> dict[s
     if blob.media_type not in (DISK_TYPES.get(str(section.get("format"))), VM_OTHER_FILE):
         raise PublishError(f"{what}: {name}: unsupported layer type {blob.media_type!r} for a "
                            f"{section.get('format')!r} disk (pushed by a newer xbuild?)")
-    if not isinstance(section.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", section["sha256"]):
+    if _recorded_sha256(section) is None:
         raise PublishError(f"{what}: malformed artifact (the disk section of {MANIFEST} has no sha256)")
     return section
 

@@ -315,6 +315,13 @@ static void mount_fs(const char *dir, const char *type, unsigned long flags, con
 		DBG("mounted %s on %s\n", type, dir);
 }
 
+/* What init needs first: /dev (the console, disks) and /proc (the command line). */
+static void mount_dev_proc(void)
+{
+	mount_fs("/dev", "devtmpfs", MS_NOSUID, "mode=0755", 0755, 0);
+	mount_fs("/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 0555, 0);
+}
+
 static void ensure_console(void)
 {
 	if (fcntl(1, F_GETFD) >= 0 && fcntl(2, F_GETFD) >= 0)
@@ -594,8 +601,7 @@ static void switch_to_disk(void)
 		unlink(own[i]);
 	if (chdir(NEWROOT) < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
 		die(EXIT_SETUP, "root disk: cannot switch to %s: %s", dev, strerror(errno));
-	mount_fs("/dev", "devtmpfs", MS_NOSUID, "mode=0755", 0755, 0);
-	mount_fs("/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 0555, 0);
+	mount_dev_proc(); /* where the moves failed */
 }
 
 /* ------------------------------------------------------------------------------ network + /etc */
@@ -796,9 +802,8 @@ int main(int argc, char **argv)
 	sigfillset(&all);
 	sigprocmask(SIG_SETMASK, &all, NULL);
 
-	mount_fs("/dev", "devtmpfs", MS_NOSUID, "mode=0755", 0755, 0);
+	mount_dev_proc();
 	ensure_console();
-	mount_fs("/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 0555, 0);
 	struct strv words = {0};
 	read_cmdline(&words);
 	for (int i = 0; i < words.n && strcmp(words.v[i], "--"); i++)

@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.dockerd",
     "tests.fixtures.minimize_images",
+    "tests.fixtures.hostile",
 ]
 
 # Slow fixtures (kernel, debootstrap images, Xen rig) are cached across runs in the user's cache.

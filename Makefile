@@ -57,6 +57,7 @@ bench: setup
 	$(PY) bench/xen_boot.py
 	$(PY) bench/disk.py
 	$(PY) bench/disk_boot.py
+	$(PY) bench/hostile.py
 
 lint: venv
 	$(VENV)/bin/ruff check builder tests bench

@@ -20,6 +20,7 @@ from .build import FORMATS, BuildOptions, build
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import BadInput, XbuildError
+from .host import apt_line, doctor, missing_packages
 from .image import Platform
 from .kernel_cli import kernel
 from .minimize import MODES
@@ -199,3 +200,25 @@ def run() -> None:
     except KeyboardInterrupt:
         click.echo("xbuild: interrupted", err=True)
         sys.exit(130)
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor_cmd(as_json: bool) -> None:
+    """Check the host's tools for every feature; print the apt line for what is missing.
+
+    Exit 0 when everything but the optional (a dom0's `xl`) is there, else 1.
+    """
+    checks = doctor()
+    missing = missing_packages(checks)
+    if as_json:
+        click.echo(json.dumps({"checks": [{"name": c.need.name, "package": c.need.package,
+                                           "feature": c.need.feature, "found": c.found,
+                                           "optional": c.need.optional} for c in checks],
+                               "missing_packages": missing}, indent=2))
+    else:
+        for c in checks:
+            state = "ok" if c.found else ("absent" if c.need.optional else "MISSING")
+            click.echo(f"{state:8} {c.need.name:20} {c.need.feature:40} {c.found or c.need.package}")
+        click.echo(apt_line(missing) if missing else "everything xbuild uses is installed")
+    sys.exit(1 if missing else 0)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from .cache import atomic_file, cache_dir
 from .errors import PackError
+from .resources import data_dir
 
-SOURCE = Path(__file__).resolve().parent.parent / "initramfs" / "init.c"
+SOURCE = data_dir("initramfs") / "init.c"
 FLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-ffunction-sections", "-fdata-sections",
          "-fno-asynchronous-unwind-tables", "-Wl,--gc-sections", "-Wl,--build-id=none")
 COMPILERS = ("musl-gcc", "gcc")

@@ -34,8 +34,9 @@ from elftools.elf.enums import ENUM_NOTE_N_TYPE
 
 from .cache import atomic_dir, cache_dir
 from .errors import KernelError
+from .resources import data_dir
 
-KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+KERNELS_DIR = data_dir("kernels")
 DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu", "block")
 # The file the artifact boots: the stripped vmlinux ELF (see kernels/README.md for the measurement).
 ARTIFACT_FORMAT = "elf"

@@ -34,8 +34,9 @@ from typing import Any
 
 from .errors import BadInput
 from .reference import ImageRef
+from .resources import data_dir
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = data_dir("recipes")
 
 
 class RecipeError(BadInput):

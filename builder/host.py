@@ -1,0 +1,108 @@
+"""What xbuild needs from the build host, in one table: each tool, the feature that uses it and the Debian
+package that provides it.
+
+`require(name, error)` is how a stage asks for a tool: it returns the tool's path or raises `error`
+naming the apt line. `doctor()` checks the whole table for `xbuild doctor`.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import XbuildError
+
+
+@dataclass(frozen=True)
+class Need:
+    """One thing the host must have. `find` returns where it is, or None."""
+
+    name: str
+    package: str
+    feature: str
+    find: Callable[[], str | None]
+    optional: bool = False      # only for a feature few hosts have (a real dom0)
+
+
+def _tool(*names: str) -> Callable[[], str | None]:
+    return lambda: next((p for n in names if (p := shutil.which(n))), None)
+
+
+def _file(pattern: str) -> Callable[[], str | None]:
+    return lambda: next(iter(sorted(glob.glob(pattern))), None)
+
+
+def _module(name: str) -> Callable[[], str | None]:
+    def find() -> str | None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+        return spec.origin if spec else None
+    return find
+
+
+BUILD, KERNEL, DISK = "build (the guest init)", "kernel build", "--format disk"
+TRACE, QEMU, NESTED = "--minimize trace", "run / --verify under QEMU", "run --hypervisor xen-nested"
+
+NEEDS: tuple[Need, ...] = (
+    Need("musl-gcc or gcc", "musl-tools", BUILD, _tool("musl-gcc", "gcc")),
+    Need("qemu-system-x86_64", "qemu-system-x86", QEMU, _tool("qemu-system-x86_64")),
+    Need("qemu-img", "qemu-utils", f"{DISK} qcow2, run of a qcow2 disk", _tool("qemu-img")),
+    Need("linux-source", "linux-source-6.1", KERNEL, _file("/usr/src/linux-source-*.tar.*")),
+    Need("make", "make", KERNEL, _tool("make")),
+    Need("gcc", "build-essential", KERNEL, _tool("gcc")),
+    Need("bc", "bc", KERNEL, _tool("bc")),
+    Need("bison", "bison", KERNEL, _tool("bison")),
+    Need("flex", "flex", KERNEL, _tool("flex")),
+    Need("libelf.h", "libelf-dev", KERNEL, _file("/usr/include/libelf.h")),
+    Need("openssl/ssl.h", "libssl-dev", KERNEL, _file("/usr/include/openssl/ssl.h")),
+    Need("guestfs", "python3-guestfs", DISK, _module("guestfs")),
+    Need("/boot/vmlinuz-*", "linux-image-amd64", f"{DISK} (the libguestfs appliance)",
+         _file("/boot/vmlinuz-*")),
+    Need("e2fsck", "e2fsprogs", DISK, _tool("e2fsck")),
+    Need("strace", "strace", TRACE, _tool("strace")),
+    Need("unshare", "util-linux", TRACE, _tool("unshare")),
+    Need("apt-get", "apt", NESTED, _tool("apt-get")),
+    Need("dpkg-deb", "dpkg", NESTED, _tool("dpkg-deb")),
+    Need("ldd", "libc-bin", NESTED, _tool("ldd")),
+    Need("xl", "xen-utils-4.17", "run --hypervisor xen (on a dom0)", _tool("xl"), optional=True),
+)
+_BY_NAME = {n.name: n for n in NEEDS}
+
+
+def need(name: str) -> Need:
+    return _BY_NAME[name]
+
+
+def apt_line(packages: list[str]) -> str:
+    return "apt-get install " + " ".join(dict.fromkeys(packages))
+
+
+def require(name: str, error: type[XbuildError]) -> str:
+    """Where the host's `name` is (a path); `error` naming the Debian package when it is missing."""
+    n = need(name)
+    found = n.find()
+    if found is None:
+        raise error(f"{n.name} not found, needed for {n.feature} (Debian: {apt_line([n.package])})")
+    return found
+
+
+@dataclass(frozen=True)
+class Check:
+    need: Need
+    found: str | None
+
+
+def doctor() -> list[Check]:
+    """Every need, checked."""
+    return [Check(n, n.find()) for n in NEEDS]
+
+
+def missing_packages(checks: list[Check], optional: bool = False) -> list[str]:
+    return list(dict.fromkeys(c.need.package for c in checks
+                              if c.found is None and (optional or not c.need.optional)))
+

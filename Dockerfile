@@ -5,7 +5,7 @@
 #
 # No ENTRYPOINT: CI systems (GitLab, Tekton) run shell scripts in the image. The cache lives in /cache;
 # mount it (or a CI cache) there to share blobs, diffs, kernels and the compiled init between jobs.
-# xbuild resolves kernels/, initramfs/ and recipes/ beside the package, so it is installed editable.
+# The wheel ships kernels/, initramfs/ and recipes/ inside the package: a plain (non-editable) install.
 
 FROM debian:bookworm-slim AS base
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -22,7 +22,7 @@ RUN apt-get update \
 WORKDIR /opt/xbuild
 COPY . .
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install -e . 'docker>=7' \
+ && /opt/venv/bin/pip install . \
  && mkdir -p /cache \
  && xbuild --version
 CMD ["xbuild", "--help"]

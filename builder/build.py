@@ -17,18 +17,28 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from . import __version__, reference, source
 from .artifact import (
     CMDLINE,
+    DEFAULT_MEMORY_MB,
     DISK,
     DISK_MODES,
     INITRD,
     KERNEL,
-    SCHEMA,
     XEN_CFG,
     Artifact,
+    DiskInfo,
+    Guest,
+    Initrd,
+    KernelInfo,
+    Manifest,
+    Source,
+    SourceLayer,
+    Tool,
+    XlDisk,
+    cmdline_words,
+    prepare_output,
     write_manifest,
     xen_config,
 )
@@ -44,7 +54,6 @@ from .recipes import Recipe, load_recipe, recipe_for_ref
 from .tree import Tree
 
 Progress = Callable[[str, int], Callable[[int], None]]
-DEFAULT_MEMORY_MB = 256
 DISK_MEMORY_MB = 128      # with a root disk the files are not in RAM: the default and the recipe's cap
 FORMATS = ("initramfs", "disk")
 QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
@@ -53,6 +62,7 @@ QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
 @dataclass(frozen=True)
 class BuildOptions:
     output: Path | None = None
+    force: bool = False                   # -o may replace a directory that is not an artifact
     compression: str = DEFAULT_COMPRESSION
     level: int | None = None
     epoch: int | None = None              # None: SOURCE_DATE_EPOCH, else the image's created time
@@ -112,8 +122,8 @@ def _recipe(ref: reference.ImageRef, opts: BuildOptions) -> Recipe | None:
     return load_recipe(opts.recipe) if opts.recipe else recipe_for_ref(ref)
 
 
-def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, dict[str, Any]] | None:
-    """The kernel file to pair and what the manifest says of it."""
+def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, KernelInfo] | None:
+    """The kernel file to pair and what the manifest says of it (its size filled in once copied)."""
     from . import kernel as kern
 
     if opts.kernel is None:
@@ -124,7 +134,7 @@ def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, dict[str, 
         if not any(k.fragments == fragments for k in kern.list_kernels()):
             opts.log(f"building the kernel ({' '.join(fragments)}) once; it is cached afterwards")
         k = kern.build(fragments)
-        return k.path, {"key": k.key, "release": k.release, "format": k.fmt, "fragments": list(k.fragments)}
+        return k.path, KernelInfo(size=0, format=k.fmt, key=k.key, release=k.release, fragments=k.fragments)
     if opts.kernel.startswith("oci://"):
         from .publish import pull_kernel
 
@@ -134,7 +144,7 @@ def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, dict[str, 
         if not path.is_file():
             raise BadInput(f"--kernel {opts.kernel}: no such file")
     info = kern.verify(path)
-    return path, {"source": opts.kernel, "format": info.fmt}
+    return path, KernelInfo(size=0, format=info.fmt, source=opts.kernel)
 
 
 def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
@@ -151,7 +161,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     ref = resolve_ref(ref_text, opts)
     recipe = _recipe(ref, opts)
     out = opts.output or default_output(ref)
-    _check_output(out)
+    _check_output(out, opts.force)
     image = source.load(ref, source.SourceOptions(opts.platform, opts.insecure, opts.progress))
     opts.log(f"image {ref} ({image.manifest_digest[:19]}, {len(image.layers)} layers, {image.platform})")
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
@@ -167,31 +177,32 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     kernel = _kernel(opts, recipe)
     epoch = source_date_epoch(image, opts.epoch)
     memory = opts.memory_mb or _default_memory(recipe, disk)
-    flags = " ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())])
+    flags = cmdline_words(" ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
+                          "the kernel command line")
+    guest = Guest(argv=gc.argv, env=gc.env, cwd=gc.cwd, uid=gc.uid, gid=gc.gid, groups=gc.groups,
+                  stop_signal=gc.stop_signal, hostname=gc.hostname, memory_mb=memory, xen_type=opts.xen_type,
+                  recipe=recipe.name if recipe else None)
     with atomic_dir(out) as tmp:
         disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
         packed = pack(boot_tree(tree) if disk else tree, tmp / INITRD, opts.compression, opts.level, epoch)
-        manifest = _manifest(ref, image, epoch, {
-            "file": INITRD, "sha256": packed.sha256, "size": packed.size,
-            "uncompressed_size": packed.uncompressed_size, "compression": packed.compression,
-            "level": packed.level, "entries": packed.entries,
-        })
-        manifest["guest"] = {"argv": list(gc.argv), "env": list(gc.env), "cwd": gc.cwd, "uid": gc.uid,
-                             "gid": gc.gid, "groups": list(gc.groups), "stop_signal": gc.stop_signal,
-                             "hostname": gc.hostname, "memory_mb": memory, "xen_type": opts.xen_type,
-                             "recipe": recipe.name if recipe else None}
-        manifest["minimize"] = report.to_json()
-        if disk_section:
-            manifest["disk"] = disk_section
+        initrd = Initrd(sha256=packed.sha256, size=packed.size, uncompressed_size=packed.uncompressed_size,
+                        compression=packed.compression, level=packed.level, entries=packed.entries)
+        kernel_info = None
+        cmdline = ""
         if kernel:
             shutil.copyfile(kernel[0], tmp / KERNEL)
-            manifest["kernel"] = dict(kernel[1], file=KERNEL, size=(tmp / KERNEL).stat().st_size)
-            (tmp / CMDLINE).write_text(f"{QEMU_CONSOLE} {flags}\n")
+            kernel_info = dataclasses.replace(kernel[1], size=(tmp / KERNEL).stat().st_size)
+            cmdline = f"{QEMU_CONSOLE} {flags}"
+            (tmp / CMDLINE).write_text(cmdline + "\n")
             (tmp / XEN_CFG).write_text(xen_config(
-                hostname, f"{XEN_CONSOLE} {flags}", memory, xen_type=opts.xen_type,
-                disk=(DISK, opts.disk_format, opts.disk_mode) if disk else None))
+                gc.hostname, f"{XEN_CONSOLE} {flags}", memory, xen_type=opts.xen_type,
+                disks=(XlDisk(DISK, opts.disk_format, opts.disk_mode),) if disk else ()))
+        manifest = Manifest(tool=Tool("xbuild", __version__), source=_source(ref, image), initrd=initrd,
+                            guest=guest, image_config=_image_config(image), source_date_epoch=epoch,
+                            minimize=report.to_json(), disk=disk_section, kernel=kernel_info)
         write_manifest(tmp, manifest)
-    return Artifact(out, manifest)
+        prepare_output(out, opts.force)   # again: the directory may have changed during the build
+    return Artifact(out, manifest, cmdline)
 
 
 def _default_memory(recipe: Recipe | None, disk: bool) -> int:
@@ -200,14 +211,14 @@ def _default_memory(recipe: Recipe | None, disk: bool) -> int:
     return min(memory, DISK_MEMORY_MB) if disk else memory
 
 
-def _write_disk(tree: Tree, tmp: Path, opts: BuildOptions, epoch: int | None) -> dict[str, Any]:
+def _write_disk(tree: Tree, tmp: Path, opts: BuildOptions, epoch: int | None) -> DiskInfo:
     """The root disk in the artifact directory and the manifest's `disk` section."""
     from .disk import write_disk
 
     img = write_disk(tree, tmp / DISK, opts.disk_format, opts.disk_size, epoch, opts.progress)
-    return {"file": DISK, "format": img.format, "mode": opts.disk_mode, "size": img.size_bytes,
-            "file_size": img.path.stat().st_size, "sha256": file_sha256(img.path), "uuid": img.uuid,
-            "content_bytes": img.content_bytes, "fstype": "ext4", "devices": list(ROOT_DEVICES)}
+    return DiskInfo(format=img.format, mode=opts.disk_mode, size=img.size_bytes,
+                    file_size=img.path.stat().st_size, sha256=file_sha256(img.path), uuid=img.uuid,
+                    content_bytes=img.content_bytes, fstype="ext4", devices=tuple(ROOT_DEVICES))
 
 
 def _kernel_flags() -> str:
@@ -216,7 +227,9 @@ def _kernel_flags() -> str:
     return cmdline()
 
 
-def _check_output(out: Path) -> None:
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse an `-o` that would destroy data the build did not write (prepare_output) or is unwritable."""
+    prepare_output(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -225,23 +238,13 @@ def _check_output(out: Path) -> None:
         raise BadInput(f"output {out}: directory {out.parent} is not writable")
 
 
-def _manifest(ref: reference.ImageRef, image: Image, epoch: int | None,
-              initrd: dict[str, Any]) -> dict[str, Any]:
+def _source(ref: reference.ImageRef, image: Image) -> Source:
+    return Source(reference=str(ref), manifest_digest=image.manifest_digest,
+                  config_digest=image.config_digest, platform=str(image.platform), created=image.created,
+                  layers=tuple(SourceLayer(x.digest, x.size, x.media_type, x.diff_id) for x in image.layers))
+
+
+def _image_config(image: Image) -> dict[str, object]:
     cfg = asdict(image.config)
     cfg["labels"] = dict(image.config.labels)
-    return {
-        "schema": SCHEMA,
-        "tool": {"name": "xbuild", "version": __version__},
-        "source": {
-            "reference": str(ref),
-            "manifest_digest": image.manifest_digest,
-            "config_digest": image.config_digest,
-            "platform": str(image.platform),
-            "created": image.created,
-            "layers": [{"digest": x.digest, "size": x.size, "media_type": x.media_type, "diff_id": x.diff_id}
-                       for x in image.layers],
-        },
-        "image_config": cfg,
-        "source_date_epoch": epoch,
-        "initrd": initrd,
-    }
+    return cfg

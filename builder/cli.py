@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .artifact import DISK_MODES
+from .artifact import DISK_MODES, MEMORY_MB
 from .build import FORMATS, BuildOptions, build
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
@@ -78,7 +78,11 @@ def main() -> None:
 
 @main.command("build")
 @click.argument("image")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory [./out/NAME].")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Artifact directory [./out/NAME]; an earlier artifact there is replaced, anything else is "
+                   "refused.")
+@click.option("--force", is_flag=True,
+              help="Let -o replace a directory that is not an artifact (never a file).")
 @click.option("--compression", default="zstd", show_default=True, metavar="NAME[:LEVEL]",
               help=f"initrd compression: {', '.join(COMPRESSIONS)}; zstd defaults to level 19.")
 @click.option("--platform", default="linux/amd64", show_default=True,
@@ -91,7 +95,7 @@ def main() -> None:
 @click.option("--kernel", "kernel_opt", default="default", show_default=True,
               metavar="default|PATH|oci://REF|none",
               help="Kernel to pair: the cached trimmed one (built once), a file, a pushed kernel, or none.")
-@click.option("--memory", type=click.IntRange(32), metavar="MB",
+@click.option("--memory", type=click.IntRange(*MEMORY_MB), metavar="MB",
               help="Guest memory in xen.cfg [recipe's or 256].")
 @click.option("--xen-type", type=click.Choice(["pvh", "pv"]), default="pvh", show_default=True,
               help="Guest type written to xen.cfg.")
@@ -108,7 +112,8 @@ def main() -> None:
 @click.option("--push", "push_ref", metavar="REF", help="Push the artifact to an OCI registry when built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
-def build_cmd(image: str, output: Path | None, compression: str, platform: str, insecure: bool, minimize: str,
+def build_cmd(image: str, output: Path | None, force: bool, compression: str, platform: str, insecure: bool,
+              minimize: str,
               recipe: str | None, kernel_opt: str, memory: int | None, xen_type: str, hostname: str | None,
               fmt: str, disk_format: str | None, disk_size: str | None, disk_mode: str | None, verify: bool,
               verify_on: str | None, push_ref: str | None, as_json: bool, quiet: bool) -> None:
@@ -121,7 +126,8 @@ def build_cmd(image: str, output: Path | None, compression: str, platform: str, 
             raise BadInput(f"{given[0]} needs --format disk")
     silent = quiet or as_json
     say = _say(silent)
-    opts = BuildOptions(output=output, compression=comp, level=level, platform=Platform.parse(platform),
+    opts = BuildOptions(output=output, force=force, compression=comp, level=level,
+                        platform=Platform.parse(platform),
                         insecure=insecure, minimize=minimize, recipe=recipe,
                         kernel=None if kernel_opt == "none" else kernel_opt, memory_mb=memory,
                         xen_type=xen_type, hostname=hostname, format=fmt, disk_format=disk_format or "raw",
@@ -135,9 +141,9 @@ def build_cmd(image: str, output: Path | None, compression: str, platform: str, 
 
         say(f"pushed {push(art.path, push_ref, insecure, say).reference}")
     if as_json:
-        click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
+        click.echo(json.dumps(art.manifest.to_json(), indent=2, sort_keys=True))
     elif not quiet:
-        _summary(art.path, art.manifest)
+        _summary(art.path, art.manifest.to_json())
 
 
 main.add_command(push_cmd)

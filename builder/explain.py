@@ -1,6 +1,6 @@
 """`xbuild explain ARTIFACT PATH`: why a path is in the minimized guest, or why it is not.
 
-Reads the "minimize" section of the artifact's manifest.json (written from `Report.to_json()`).
+Reads the "minimize" section of the artifact's validated manifest (written from `Report.to_json()`).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .artifact import Manifest
 from .errors import BadInput
 
 _RULES = {
@@ -53,12 +54,14 @@ def _rule(reason: str) -> str:
     }.get(kind, reason)
 
 
-def explain(manifest: dict[str, Any], path: str) -> str:
+def explain(manifest: Manifest, path: str) -> str:
     """One paragraph: whether `path` is in the guest and which rule decided it."""
-    section = manifest.get("minimize") if "minimize" in manifest else None
+    section = manifest.minimize
     if not isinstance(section, dict) or not isinstance(section.get("paths"), dict):
         raise BadInput("the artifact's manifest.json has no minimize report (built with an older xbuild?)")
     paths: dict[str, Any] = section["paths"]
+    if not all(isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in paths.values()):
+        raise BadInput("the artifact's manifest.json has a malformed minimize report")
     p = "/" + "/".join(c for c in path.split("/") if c and c != ".")
     entry = paths.get(p)
     if entry is None:
@@ -89,13 +92,14 @@ _FAILURE_WORDS = (b"No such file", b"not found", b"cannot open", b"can't open", 
                   b"failed to open", b"could not open", b"No module named", b"error while loading")
 
 
-def likely_missing(manifest: dict[str, Any], console: bytes, limit: int = 10) -> list[str]:
+def likely_missing(manifest: Manifest, console: bytes, limit: int = 10) -> list[str]:
     """Dropped files that a failed guest's console output points at (for `--verify` failures): paths
     and library/module/command names on lines that report a missing file, matched against the
     report's dropped paths. Each item reads '/path (dropped: reason)'."""
-    section = manifest.get("minimize") or {}
-    paths: dict[str, Any] = section.get("paths") or {}
-    dropped = {p: v[1] for p, v in paths.items() if v and v[0] == "dropped"}
+    section = manifest.minimize or {}
+    paths = section.get("paths")
+    paths = paths if isinstance(paths, dict) else {}
+    dropped = {p: v[1] for p, v in paths.items() if isinstance(v, list) and len(v) > 1 and v[0] == "dropped"}
     by_base: dict[str, list[str]] = {}
     for p in dropped:
         by_base.setdefault(p.rsplit("/", 1)[-1], []).append(p)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -42,10 +41,22 @@ import httpx
 import zstandard
 
 from . import __version__
-from .artifact import CMDLINE, DISK, INITRD, KERNEL, MANIFEST, XEN_CFG, open_artifact
+from .artifact import (
+    CMDLINE,
+    DISK,
+    INITRD,
+    KERNEL,
+    MANIFEST,
+    NAMES,
+    XEN_CFG,
+    DiskInfo,
+    Manifest,
+    open_artifact,
+    prepare_output,
+)
 from .blobs import CHUNK, HashingWriter, blob_path, check_digest
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256
-from .errors import PublishError, SourceError
+from .errors import ArtifactError, PublishError, SourceError
 from .image import ACCEPT, DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
 from .reference import ImageRef, parse
@@ -156,44 +167,30 @@ def target(text: str | ImageRef) -> ImageRef:
 
 def vm_blobs(directory: Path, log: Callable[[str], None] = lambda msg: None,
              ) -> tuple[Blob, list[Blob], dict[str, str]]:
-    """(config, layers, annotations) of an artifact directory, in a fixed order."""
+    """(config, layers, annotations) of an artifact directory (validated by open_artifact: only its fixed
+    file names, regular files), in a fixed order."""
     art = open_artifact(directory)
     m = art.manifest
-    compression = str((m.get("initrd") or {}).get("compression") or "none")
     types = dict(VM_FILE_TYPES)
-    if compression != "none":
-        types[INITRD] += f"+{compression}"
-    disk = art.disk.name if art.disk else None
-    if art.disk and art.disk != directory / art.disk.name:
-        raise PublishError(f"{directory / MANIFEST}: the disk section names {art.disk.name!r} outside the "
-                           "artifact directory")
-    layers = [disk_blob(directory, m["disk"], log) if name == disk else
+    if m.initrd.compression != "none":
+        types[INITRD] += f"+{m.initrd.compression}"
+    layers = [disk_blob(directory, m.disk, log) if name == DISK and m.disk else
               Blob.of(directory / name, types.get(name, VM_OTHER_FILE), name)
               for name in _files(directory, MANIFEST, order=(*VM_FILE_TYPES, DISK))]
-    annotations = {TOOL_VERSION: str((m.get("tool") or {}).get("version") or __version__)}
-    src = m.get("source") or {}
-    if src.get("manifest_digest"):
-        annotations[BASE_DIGEST] = str(src["manifest_digest"])
-    if src.get("reference"):
-        annotations[BASE_NAME] = str(src["reference"])
-    if isinstance(m.get("source_date_epoch"), int):
-        created = datetime.fromtimestamp(m["source_date_epoch"], UTC)
+    annotations = {TOOL_VERSION: m.tool.version or __version__, BASE_DIGEST: m.source.manifest_digest,
+                   BASE_NAME: m.source.reference}
+    if m.source_date_epoch is not None:
+        created = datetime.fromtimestamp(m.source_date_epoch, UTC)
         annotations[CREATED] = created.strftime("%Y-%m-%dT%H:%M:%SZ")
     return Blob.of(directory / MANIFEST, VM_CONFIG), layers, annotations
 
 
-def disk_blob(directory: Path, section: dict[str, Any], log: Callable[[str], None] = lambda msg: None,
+def disk_blob(directory: Path, section: DiskInfo, log: Callable[[str], None] = lambda msg: None,
               ) -> Blob:
     """The root disk as a layer: its file compressed into the blob cache (once per content), its digest
     checked against the sha256 the manifest records (pull checks what it unpacks against that)."""
-    path = directory / str(section["file"])
-    media_type = DISK_TYPES.get(str(section.get("format")))
-    want = _recorded_sha256(section)
-    if media_type is None:
-        raise PublishError(f"{directory / MANIFEST}: disk format {section.get('format')!r} is not one of "
-                           f"{', '.join(DISK_TYPES)}")
-    if want is None:
-        raise PublishError(f"{directory / MANIFEST}: the disk section has no sha256 of {path.name}")
+    path = directory / DISK
+    media_type, want = DISK_TYPES[section.format], section.sha256
     changed = PublishError(f"{path}: does not match the sha256 in {MANIFEST} (changed since the build? "
                            "`xl create xen.cfg` writes an rw disk in place); rebuild the artifact")
     file_size = path.stat().st_size
@@ -250,26 +247,28 @@ def push(directory: Path, ref: str | ImageRef, insecure: bool = False,
     return _push(target(ref), VM, config, layers, annotations, insecure, log)
 
 
-def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = False) -> Path:
-    """Pull the VM artifact `ref` into `dest` (replacing an earlier artifact there); return `dest`.
+def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = False,
+         force: bool = False) -> Path:
+    """Pull the VM artifact `ref` into `dest` (replacing an earlier artifact there: prepare_output decides,
+    `force` as for `-o`); return `dest`. The manifest is validated (Manifest) before any layer is fetched,
+    the directory (open_artifact) before it is renamed into place.
     `reuse`: keep `dest` as it is when it holds this very artifact already (its manifest.json is the
     pushed one byte for byte), so only the manifest and config are fetched: for caches nothing writes to."""
     r = target(ref)
-    if (dest.exists() and not dest.is_dir()) or (dest.is_dir() and any(dest.iterdir())
-                                                  and not (dest / MANIFEST).is_file()):
-        raise PublishError(f"{dest}: exists and is not an artifact directory; "
-                           "pull into a new or empty directory")
+    prepare_output(dest, force)
 
     def have(config_raw: bytes) -> bool:
         return reuse and (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == config_raw
 
     with _Session(r, insecure, push=False) as session:
-        config_raw, meta, layers = _fetch(session, VM, _disk_section, skip=have)
+        config_raw, meta, layers = _fetch(session, VM, _vm_manifest, skip=have)
         if have(config_raw):
             return dest
         with atomic_dir(dest) as tmp:
-            _materialise(config_raw, layers, tmp, VM, _disk_section(meta, layers, session.what), session.what)
+            disk = _vm_manifest(meta, layers, session.what).disk
+            _materialise(config_raw, layers, tmp, VM, disk, session.what)
             open_artifact(tmp)
+            prepare_output(dest, force)   # again: the directory may have changed during the download
     return dest
 
 
@@ -398,43 +397,40 @@ def _descriptor(d: Any, what: str, title_key: str | None) -> Blob:
     return Blob(str(d.get("mediaType") or ""), d["digest"], d["size"], blob_path(d["digest"]), title)
 
 
-def _recorded_sha256(section: dict[str, Any]) -> str | None:
-    """The disk section's sha256 of the disk file, if it is a well-formed hex digest."""
-    value = section.get("sha256")
-    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
-
-
-def _disk_section(meta: dict[str, Any], layers: list[Blob], what: str) -> dict[str, Any] | None:
-    """The config's `disk` section, checked against the layers: the disk's layer is there, of a type we
-    unpack (DISK_TYPES, or the file as is), and the section records the sha256 to check it against."""
-    section = meta.get("disk")
+def _vm_manifest(meta: dict[str, Any], layers: list[Blob], what: str) -> Manifest:
+    """The pulled manifest.json validated (Manifest) and checked against the layers, before any layer is
+    fetched: every layer is one of the artifact's file names; the disk section's file has a layer of a type
+    we unpack (DISK_TYPES, or the file as is), and a disk layer has a disk section."""
+    try:
+        manifest = Manifest.from_json(meta)
+    except ArtifactError as e:
+        raise ArtifactError(f"{what}: {MANIFEST}: {e}") from None
+    odd = next((b.title for b in layers if b.title not in NAMES), None)
+    if odd is not None:
+        raise ArtifactError(f"{what}: malformed artifact (layer {odd[:80]!r} is not an artifact file)")
+    section = manifest.disk
     if section is None:
         if any(b.media_type in DISK_TYPES.values() for b in layers):
             raise PublishError(f"{what}: malformed artifact (a disk layer but no disk section in {MANIFEST})")
-        return None
-    if not isinstance(section, dict) or not isinstance(section.get("file"), str):
-        raise PublishError(f"{what}: malformed artifact (malformed disk section in {MANIFEST})")
-    name = section["file"]
-    blob = next((b for b in layers if b.title == name), None)
+        return manifest
+    blob = next((b for b in layers if b.title == DISK), None)
     if blob is None:
-        raise PublishError(f"{what}: malformed artifact ({MANIFEST} names the disk {name!r}, "
+        raise PublishError(f"{what}: malformed artifact ({MANIFEST} names the disk {DISK!r}, "
                            "no layer holds it)")
-    if blob.media_type not in (DISK_TYPES.get(str(section.get("format"))), VM_OTHER_FILE):
-        raise PublishError(f"{what}: {name}: unsupported layer type {blob.media_type!r} for a "
-                           f"{section.get('format')!r} disk (pushed by a newer xbuild?)")
-    if _recorded_sha256(section) is None:
-        raise PublishError(f"{what}: malformed artifact (the disk section of {MANIFEST} has no sha256)")
-    return section
+    if blob.media_type not in (DISK_TYPES[section.format], VM_OTHER_FILE):
+        raise PublishError(f"{what}: {DISK}: unsupported layer type {blob.media_type!r} for a "
+                           f"{section.format!r} disk (pushed by a newer xbuild?)")
+    return manifest
 
 
 def _materialise(config_raw: bytes, layers: list[Blob], out: Path, kind: _Kind,
-                 disk: dict[str, Any] | None = None, what: str = "") -> None:
+                 disk: DiskInfo | None = None, what: str = "") -> None:
     """Write the config and the layers from the blob cache into the directory `out` (the root disk
     `disk` describes decompressed and checked)."""
     (out / kind.config_file).write_bytes(config_raw)
     for blob in layers:
         assert blob.title is not None
-        if disk and blob.title == disk["file"]:
+        if disk and blob.title == DISK:
             _unpack_disk(blob, out / blob.title, disk, what)
         else:
             shutil.copyfile(blob.path, out / blob.title)
@@ -443,11 +439,10 @@ def _materialise(config_raw: bytes, layers: list[Blob], out: Path, kind: _Kind,
 _ZERO_CHUNK, _ZERO_BLOCK = bytes(CHUNK), bytes(HOLE)
 
 
-def _unpack_disk(blob: Blob, dest: Path, section: dict[str, Any], what: str) -> None:
+def _unpack_disk(blob: Blob, dest: Path, section: DiskInfo, what: str) -> None:
     """Write the disk layer to `dest`, decompressed (unless it was pushed as is), with a hole for every
     all-zero block; streamed, no larger than the `file_size` recorded; its sha256 must be the section's."""
-    name, want = dest.name, section["sha256"]
-    limit = section["file_size"] if isinstance(section.get("file_size"), int) else None
+    name, want, limit = dest.name, section.sha256, section.file_size
     h, size = hashlib.sha256(), 0
     try:
         with open(blob.path, "rb") as raw, open(dest, "wb") as out:
@@ -457,7 +452,7 @@ def _unpack_disk(blob: Blob, dest: Path, section: dict[str, Any], what: str) -> 
                 h.update(chunk)
                 _write_sparse(out.fileno(), chunk, size)
                 size += len(chunk)
-                if limit is not None and size > limit:
+                if size > limit:
                     raise PublishError(f"{what}: {name} is larger than the {limit} bytes {MANIFEST} records")
             os.ftruncate(out.fileno(), size)
     except zstandard.ZstdError as e:

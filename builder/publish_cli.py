@@ -47,11 +47,14 @@ def push_cmd(artifact: Path, ref: str, insecure: bool, as_json: bool, quiet: boo
 @click.command("pull")
 @click.argument("ref")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Artifact directory to create (or replace, if it holds an artifact).")
+              help="Artifact directory to create (or replace, if it holds an artifact; anything else is "
+                   "refused).")
+@click.option("--force", is_flag=True,
+              help="Let -o replace a directory that is not an artifact (never a file).")
 @click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
-def pull_cmd(ref: str, output: Path, insecure: bool) -> None:
+def pull_cmd(ref: str, output: Path, force: bool, insecure: bool) -> None:
     """Pull the VM artifact REF into a directory; prints the directory."""
-    click.echo(publish.pull(ref, output, insecure))
+    click.echo(publish.pull(ref, output, insecure, force=force))
 
 
 @click.command("push")

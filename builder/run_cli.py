@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .artifact import Artifact, open_artifact
+from .artifact import XEN_TYPES, Artifact, open_artifact
 from .build import BuildOptions, build
 from .cache import cache_dir
 from .errors import BadInput, PublishError, RunError
@@ -71,7 +71,7 @@ def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ign
               help="Set a variable for the program.")
 @click.option("--memory", type=click.IntRange(32), metavar="MB", help="Guest memory [the artifact's].")
 @click.option("--timeout", type=float, metavar="S", help="Stop the guest (gracefully) after S seconds.")
-@click.option("--xen-type", type=click.Choice(["pv", "pvh"]), help="Xen guest type [xen.cfg's; pv nested].")
+@click.option("--xen-type", type=click.Choice(XEN_TYPES), help="Xen guest type [the artifact's; pv nested].")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
               help="QEMU accelerator; auto uses KVM only where a probe boot proved it works.")
 @click.option("--icount", is_flag=True, help="QEMU: deterministic guest time (-icount), for boot benchmarks.")
@@ -94,12 +94,12 @@ def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[st
             raise BadInput(f"--env {e!r}: expected KEY=VALUE")
     kernel_args = [f"xbuild.env={e}" for e in envs]
     art = resolve_artifact(target, insecure, log)
-    if not art.kernel.is_file():
+    if not art.has_kernel:
         raise BadInput(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
     if hypervisor == "auto":
         hypervisor = "xen" if is_dom0() else "qemu"
     console = sys.stderr.buffer if as_json else sys.stdout.buffer
-    memory = memory or art.manifest.get("guest", {}).get("memory_mb", 256)
+    memory = memory or art.manifest.guest.memory_mb
     result = _boot(art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel,
                    icount, xen_type)
     report = {"hypervisor": hypervisor, "exit_status": result.exit_status, "signal": result.signal,
@@ -121,13 +121,13 @@ def _boot(art: Artifact, hypervisor: str, ports: list[tuple[int, int]], memory: 
     if hypervisor == "qemu":
         from .run import qemu
 
-        return qemu.run(art.path, ports=ports, memory_mb=memory, timeout=timeout, extra_args=args,
+        return qemu.run(art, ports=ports, memory_mb=memory, timeout=timeout, extra_args=args,
                         console=console, accel=accel, icount=icount, kernel_args=kernel_args)
     from .run import xen
 
     if hypervisor == "xen-nested":
-        return xen.run_nested(art.path, xen_type or "pv", memory, timeout, args, console,  # type: ignore
+        return xen.run_nested(art, xen_type or "pv", memory, timeout, args, console,  # type: ignore
                               ports=ports, kernel_args=kernel_args)
     if ports:
         raise BadInput("-p with --hypervisor xen: forward ports with the dom0's own bridge/vif set-up")
-    return xen.run_xl(art.path, xen_type, memory, timeout, args, console, kernel_args)  # type: ignore
+    return xen.run_xl(art, xen_type, memory, timeout, args, console, kernel_args)  # type: ignore

@@ -37,25 +37,25 @@ def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
                     hypervisor: str = "qemu") -> str:
     """Boot `art` under `hypervisor` (qemu, or xen-nested as the artifact's xen_type) and check its
     recipe's smoke test; return a one-line verdict or raise VerifyError."""
-    name = art.manifest.get("guest", {}).get("recipe")
+    guest = art.manifest.guest
+    name = guest.recipe
     recipe: Recipe | None = load_recipe(name) if name else None
-    if not art.kernel.is_file():
+    if not art.has_kernel:
         raise VerifyError(f"{art.path}: --verify needs a kernel in the artifact (built with --kernel none?)")
     if hypervisor not in HYPERVISORS:
         raise VerifyError(f"cannot verify under {hypervisor!r}: choose from {', '.join(HYPERVISORS)}")
     smoke = recipe.smoke if recipe else None
     ports = [(free_port(), p) for p in (recipe.guest_ports if recipe else ())]
     console = io.BytesIO()
-    guest_cfg = art.manifest.get("guest", {})
-    memory = max(guest_cfg.get("memory_mb", 256), 64)
+    memory = max(guest.memory_mb, 64)
     # the nested rig boots Xen and dom0 (~10 s under TCG) before the guest
     slack = NESTED_SLACK_S if hypervisor == "xen-nested" else 0
     limit = (smoke.timeout if smoke else 60) + 30 + slack
     stop = threading.Event()
     result: list[Any] = []
-    xen_type = guest_cfg.get("xen_type", "pvh")
-    qemu = Qemu(art.path, ports=ports, memory_mb=memory, console=console,
-                accel=choose_accel("auto", art.kernel, False), network=bool(ports)) \
+    xen_type = guest.xen_type
+    qemu = Qemu.for_artifact(art, ports=ports, memory_mb=memory, console=console,
+                             accel=choose_accel("auto", art.kernel, False), network=bool(ports)) \
         if hypervisor == "qemu" else None
 
     def wait() -> None:
@@ -63,7 +63,7 @@ def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
 
         try:
             result.append(qemu.wait(limit, stop_event=stop) if qemu else
-                          run_nested(art.path, xen_type, memory, limit, console=console, ports=ports,
+                          run_nested(art, xen_type, memory, limit, console=console, ports=ports,
                                      stop_event=stop))
         except XbuildError as e:
             result.append(e)

@@ -5,10 +5,13 @@ The artifact dir holds `kernel` (ELF vmlinux or bzImage; `vmlinux`/`bzImage` are
 `-no-reboot`, a QMP socket for graceful stops, and - when ports are forwarded or `network=True` - user
 networking on a virtio-net-pci NIC, the guest configured by the kernel's `ip=` autoconfiguration.
 
-A `--format disk` artifact's root disk (manifest.json "disk": disk.img, raw or qcow2, rw or ro) is attached
-as a virtio-blk disk, the guest's /dev/vda, the way `docker run` uses an image: `readonly=on` for an ro
-disk, `snapshot=on` for an rw one (the guest's writes go to a throwaway overlay in $TMPDIR), so a run never
-changes the artifact's disk.img.
+An artifact is booted only as a validated `Artifact` (builder/artifact.py: `Qemu.for_artifact`, `run`):
+kernel, initrd, command line, memory, vcpus and disks come from it, never from a path or a word the
+artifact chose. A `--format disk` artifact's root disk (disk.img, raw or qcow2, rw or ro) is attached as a
+virtio-blk disk, the guest's /dev/vda, the way `docker run` uses an image: read-only for an ro disk, under a
+throwaway qcow2 overlay in $TMPDIR for an rw one, so a run never changes the artifact's disk.img (see Disk).
+A bare boot directory (kernel, initrd.img, cmdline; the KVM probe, tests) can be booted with `Qemu(path)`:
+nothing of it is validated and no disk is attached unless given.
 
 KVM is used only when it really works: `accel="auto"` boots the artifact's kernel once with a tiny
 initrd under KVM and a short timeout, and caches the verdict in cache_dir("probe") keyed by the QEMU
@@ -39,12 +42,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from ..artifact import DISK_MODES, MANIFEST, Artifact
+from ..artifact import Artifact, disk_virtual_size
 from ..cache import atomic_file, cache_dir
 from ..disk import FORMATS as DISK_FORMATS
-from ..errors import RunError
+from ..errors import ArtifactError, RunError
 from .console import ConsoleWatcher, RunResult
 
 QEMU = "qemu-system-x86_64"
@@ -64,44 +67,53 @@ def kernel_path(artifact: Path) -> Path:
 
 @dataclass(frozen=True)
 class Disk:
-    """A disk image attached to the guest as virtio-blk (in order: /dev/vda, /dev/vdb, ...)."""
+    """A disk image attached to the guest as virtio-blk (in order: /dev/vda, /dev/vdb, ...).
+
+    Opened with `-blockdev` and an explicit driver, so QEMU never probes the format and never follows a
+    backing file or an external data file (`backing: null`; `open_artifact` refuses a qcow2 naming one).
+    Writable disks are never written: the guest writes to a throwaway qcow2 overlay of `size` bytes in
+    the runner's temp directory, whose backing is the read-only image node (given by name, not by path)."""
 
     path: Path
     format: str = "raw"       # raw | qcow2
-    readonly: bool = False    # False: writable, but the writes go to a throwaway overlay (snapshot=on)
+    readonly: bool = False    # False: writable, but the writes go to a throwaway overlay
+    size: int = 0             # the guest-visible size (for the overlay); 0: the file's size
 
-    def qemu_args(self, index: int, serial: str | None = None) -> list[str]:
-        """-drive + -device virtio-blk-pci; `serial` names it in the guest's /sys/block/vdX/serial."""
+    def qemu_args(self, index: int, scratch: Path, serial: str | None = None) -> list[str]:
+        """-blockdev nodes + -device virtio-blk-pci; `scratch` holds the overlay of a writable disk;
+        `serial` names it in the guest's /sys/block/vdX/serial."""
         if self.format not in DISK_FORMATS:
             raise RunError(f"{self.path}: disk format {self.format!r} (raw or qcow2 expected)")
-        name = str(self.path.resolve()).replace(",", ",,")
-        # cache=unsafe: no flushes to an overlay that is thrown away anyway
-        access = "readonly=on" if self.readonly else "snapshot=on,cache=unsafe"
-        dev = f"virtio-blk-pci,drive=disk{index}" + (f",serial={serial}" if serial else "")
-        return ["-drive", f"file={name},if=none,id=disk{index},format={self.format},{access}", "-device", dev]
+        image: dict[str, object] = {
+            "node-name": f"disk{index}", "driver": self.format, "read-only": True,
+            "file": {"driver": "file", "filename": str(self.path.resolve()), "read-only": True}}
+        if self.format == "qcow2":
+            image["backing"] = None
+        nodes = [image]
+        top = f"disk{index}"
+        if not self.readonly:
+            overlay = scratch / f"overlay{index}.qcow2"
+            size = self.size or self.path.stat().st_size
+            try:
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), str(size)],
+                               check=True, capture_output=True, text=True)
+            except (OSError, subprocess.CalledProcessError) as e:
+                raise RunError(f"cannot create the overlay for {self.path.name}: "
+                               f"{getattr(e, 'stderr', '') or e}".strip()) from None
+            # cache no-flush: no flushes to an overlay that is thrown away anyway
+            nodes.append({"node-name": f"disk{index}rw", "driver": "qcow2", "backing": top,
+                          "cache": {"no-flush": True}, "file": {"driver": "file", "filename": str(overlay)}})
+            top = f"disk{index}rw"
+        dev = f"virtio-blk-pci,drive={top}" + (f",serial={serial}" if serial else "")
+        return [a for n in nodes for a in ("-blockdev", json.dumps(n))] + ["-device", dev]
 
 
-def artifact_disks(artifact: Path) -> tuple[Disk, ...]:
-    """The root disk named by the artifact's manifest.json (none without a manifest or a disk section)."""
-    try:
-        manifest = json.loads((artifact / MANIFEST).read_text())
-    except (OSError, ValueError):
+def root_disks(art: Artifact) -> tuple[Disk, ...]:
+    """The validated artifact's root disk as a Disk (none for an initramfs artifact)."""
+    if art.disk is None or art.manifest.disk is None:
         return ()
-    if not isinstance(manifest, dict) or manifest.get("disk") is None:
-        return ()
-    art = Artifact(artifact, manifest)
-    try:
-        path = art.disk
-    except (KeyError, TypeError):
-        path = None
-    if path is None:
-        raise RunError(f"{artifact / MANIFEST}: malformed disk section")
-    if not path.is_file():
-        raise RunError(f"{artifact}: missing {path.name} (the manifest names a root disk)")
-    if art.disk_format not in DISK_FORMATS or art.disk_mode not in DISK_MODES:
-        raise RunError(f"{artifact / MANIFEST}: disk format {art.disk_format!r}, mode {art.disk_mode!r} "
-                       "(raw|qcow2, ro|rw expected)")
-    return (Disk(path, art.disk_format, art.disk_mode == "ro"),)
+    d = art.manifest.disk
+    return (Disk(art.disk, d.format, d.mode == "ro", disk_virtual_size(art)),)
 
 
 def _quote(word: str) -> str:
@@ -162,10 +174,10 @@ class Qemu:
                  kernel_args: Sequence[str] = (), extra_args: Sequence[str] = (),
                  console: BinaryIO | None = None, accel: str = "tcg", icount: bool = False,
                  network: bool = False, initrd: Path | None = None, cmdline: str | None = None,
-                 disks: Sequence[Disk] | None = None):
-        """`disks` None: the artifact's root disk, if its manifest names one; () for none."""
+                 disks: Sequence[Disk] = (), vcpus: int = 1, kernel: Path | None = None):
+        """Boot the bare directory `artifact` (see the module docstring); for an artifact: for_artifact."""
         self.artifact = Path(artifact)
-        self.kernel = kernel_path(self.artifact)
+        self.kernel = kernel or kernel_path(self.artifact)
         self.initrd = initrd or self.artifact / "initrd.img"
         if not self.initrd.is_file():
             raise RunError(f"{self.artifact}: no initrd.img")
@@ -182,7 +194,7 @@ class Qemu:
         self.cmdline = guest_cmdline(cmdline, network=self.network, kernel_args=kernel_args,
                                      extra_args=extra_args)
         self.ports, self.memory_mb, self.console = tuple(ports), memory_mb, console
-        self.disks = tuple(artifact_disks(self.artifact) if disks is None else disks)
+        self.disks, self.vcpus = tuple(disks), vcpus
         self.accel, self.icount = accel, icount
         self.watcher = ConsoleWatcher()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -194,15 +206,24 @@ class Qemu:
         self._open = 0
         self.interrupted = False
 
+    @classmethod
+    def for_artifact(cls, art: Artifact, **kw: Any) -> Qemu:
+        """A guest for a validated artifact: its kernel, initrd, command line, vcpus and root disk."""
+        if not art.has_kernel:
+            raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
+        return cls(art.path, kernel=art.kernel, initrd=art.initrd, cmdline=art.cmdline, disks=root_disks(art),
+                   vcpus=art.manifest.guest.vcpus, **kw)
+
     def command(self) -> list[str]:
         kvm = self.accel == "kvm"
         cmd = [QEMU, "-M", "pc", "-accel", "kvm" if kvm else "tcg", "-cpu", "host" if kvm else "max",
-               "-m", str(self.memory_mb), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+               "-m", str(self.memory_mb), "-smp", str(self.vcpus), "-nodefaults", "-no-user-config",
+               "-display", "none",
                "-no-reboot", "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline]
         for i, disk in enumerate(self.disks):
-            cmd += disk.qemu_args(i)
+            cmd += disk.qemu_args(i, Path(self._tmp))
         if self.icount:
             cmd += ["-icount", "shift=0,sleep=off"]
         if self.network:
@@ -425,21 +446,25 @@ def choose_accel(accel: str, kernel: Path, icount: bool) -> str:
 
 # ----------------------------------------------------------------------------------------------- run
 
-def run(artifact: Path, *, ports: Sequence[tuple[int, int]] = (), memory_mb: int = 256,
+def run(artifact: Artifact | Path, *, ports: Sequence[tuple[int, int]] = (), memory_mb: int = 256,
         timeout: float | None = None, extra_args: Sequence[str] = (),
         console: BinaryIO | None = sys.stdout.buffer, accel: str = "auto", icount: bool = False,
         kernel_args: Sequence[str] = (), network: bool = False,
         stop_grace: float = DEFAULT_STOP_GRACE) -> RunResult:
     """Boot `artifact` and return the entrypoint's result (exit_status None: no status line seen).
 
+    An Artifact is booted as validated (Qemu.for_artifact); a Path is a bare boot directory (Qemu).
+
     `extra_args` go after `--` on the kernel command line (they replace the image's Cmd);
     `kernel_args` before it (e.g. `xbuild.env=K=V`, `xbuild.grace=2`, `xbuild.debug`).
     Timeout, KeyboardInterrupt and SIGTERM stop the guest gracefully; KeyboardInterrupt is re-raised.
     """
-    artifact = Path(artifact)
-    chosen = choose_accel(accel, kernel_path(artifact), icount)
-    guest = Qemu(artifact, ports=ports, memory_mb=memory_mb, kernel_args=kernel_args, extra_args=extra_args,
-                 console=console, accel=chosen, icount=icount, network=network)
+    kernel = artifact.kernel if isinstance(artifact, Artifact) else kernel_path(Path(artifact))
+    kw: dict[str, Any] = dict(ports=ports, memory_mb=memory_mb, kernel_args=kernel_args,
+                              extra_args=extra_args, console=console, icount=icount, network=network,
+                              accel=choose_accel(accel, kernel, icount))
+    guest = Qemu.for_artifact(artifact, **kw) if isinstance(artifact, Artifact) else \
+        Qemu(Path(artifact), **kw)
     term = threading.Event()
     main = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGTERM, lambda *_: term.set()) if main else None

@@ -6,10 +6,12 @@ with busybox, the toolstack and `xenrig/dom0-init.sh`. A run appends the guest (
 xen.cfg) to that initramfs as a second cpio archive. QEMU's COM1 is Xen's and dom0's console (a log file);
 COM2, dom0's ttyS1, carries only the guest console out (xl create -c) and "stop" requests in.
 
-The guest's disks (xen.cfg `disk`, e.g. a `--format disk` artifact's disk.img as xvda) are attached to the
-outer QEMU as virtio-blk (qcow2 opened by QEMU, so dom0 sees raw block devices; `snapshot=on` for rw: the
-artifact's image never changes, as with `docker run`; `readonly=on` for ro). dom0 loads virtio-blk and
-blkback, names them /dev/xbuild-diskN by their serials, and the guest's config gets phy lines to them.
+Both runners take a validated Artifact (builder/artifact.py) and generate the guest's xl config from its
+manifest (guest_config, through the one writer builder.artifact.xen_config); the artifact's xen.cfg is
+never read. The root disk of a `--format disk` artifact is attached to the outer QEMU as virtio-blk
+(builder.run.qemu.Disk: explicit driver, no backing file followed, a throwaway overlay for rw, so the
+artifact's image never changes, as with `docker run`). dom0 loads virtio-blk and blkback, names it
+/dev/xbuild-disk0 by its serial, and the guest's config gets a raw disk line to it.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from builder.artifact import XEN_TYPES, Artifact, XlDisk, xen_config
 from builder.cache import atomic_dir, atomic_file, cache_dir
-from builder.disk import FORMATS as DISK_FORMATS
-from builder.errors import ConfigError, RunError
+from builder.errors import ArtifactError, ConfigError, RunError
 from builder.run.console import ConsoleWatcher, RunResult
-from builder.run.qemu import Disk
+from builder.run.qemu import root_disks
 
 RIG_RECIPE = 2  # bump when the rig's layout changes: it is part of the cache key
 XEN_PACKAGES = (
@@ -66,7 +68,6 @@ XEN_CMDLINE = (f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_
                " bootscrub=false")
 DOM0_CMDLINE = "console=hvc0 quiet cryptomgr.notests"  # crypto self-tests cost dom0 ~0.5 s under TCG
 GUEST_NAME = "xbuild"
-DEVICE_KEYS = {"vif", "disk", "vfb", "vkb", "pci", "usbdev", "channel", "p9", "vdispl", "vsnd", "dtdev"}
 GRACE_S = 10  # seconds between `xl shutdown` and `xl destroy`
 EXIT_WAIT_S = 30.0  # after the guest is done (or forced off): time for dom0 and QEMU, or xl, to exit
 PR_SET_PDEATHSIG = 1  # prctl: the child is killed if we die without cleaning up (even by SIGKILL)
@@ -287,37 +288,10 @@ def _run(argv: Sequence[str], cwd: Path | None = None, env: dict[str, str] | Non
 
 
 # ---- the guest's xl config -----------------------------------------------------------------------------
-
-
-def read_xl_cfg(text: str) -> dict[str, str]:
-    """xl config `key = value` entries in order, values raw (quoted strings keep quotes, lists brackets)."""
-    entries: dict[str, str] = {}
-    pending = ""
-    for line in text.splitlines():
-        line = pending + " " + line if pending else line
-        code = re.sub(r"#[^\"']*$", "", line).strip()
-        if not code:
-            continue
-        if code.count("[") > code.count("]"):
-            pending = code
-            continue
-        pending = ""
-        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.+?);?", code)
-        if m is None:
-            raise ConfigError(f"cannot read this xl config line: {line.strip()!r}")
-        entries[m[1]] = m[2]
-    return entries
-
-
-def xl_string(raw: str) -> str:
-    """The value of a quoted xl config string."""
-    if len(raw) < 2 or raw[0] not in "\"'" or raw[-1] != raw[0]:
-        raise ConfigError(f"expected a quoted string in the xl config, got {raw}")
-    return re.sub(r"\\(.)", r"\1", raw[1:-1])
-
-
-def quote_xl(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+#
+# Generated from the validated manifest by the one xl config writer (builder.artifact.xen_config): the
+# artifact's own xen.cfg is never read, so nothing it says (bootloader, device_model, scripts, absolute
+# paths) reaches xl or dom0.
 
 
 def with_args(extra: str, args: Sequence[str], kernel_args: Sequence[str] = ()) -> str:
@@ -333,106 +307,39 @@ def with_args(extra: str, args: Sequence[str], kernel_args: Sequence[str] = ()) 
     return " ".join(head + (["--", *tail] if tail else []))
 
 
-@dataclass(frozen=True)
-class GuestDisk:
-    """One entry of an xl config's `disk` list, written in the key=value form xbuild uses."""
-
-    target: str
-    vdev: str
-    format: str = "raw"   # raw | qcow2
-    access: str = "rw"    # rw | ro
-
-    def spec(self, target: str | None = None, fmt: str | None = None) -> str:
-        target = self.target if target is None else target
-        if "'" in target or "\n" in target:
-            raise ConfigError(f"disk target {target!r}: no quotes or newlines in an xl disk line")
-        return f"format={fmt or self.format}, vdev={self.vdev}, access={self.access}, target={target}"
+def xen_extra(art: Artifact) -> str:
+    """The artifact's validated kernel command line with Xen's console (hvc0) instead of QEMU's."""
+    return " ".join(["console=hvc0", *(w for w in art.cmdline.split() if not w.startswith("console="))])
 
 
-DISK_KEYS = {"format", "vdev", "access", "devtype", "backendtype"}
-
-
-def read_disks(raw: str) -> list[GuestDisk]:
-    """The disks of an xl config's raw `disk = [ '...', ... ]` value (key=value specs, target last)."""
-    disks = []
-    for single, double in re.findall(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", raw):
-        spec = single or double
-        head, found, target = spec.partition("target=")
-        keys: dict[str, str] = {}
-        for part in filter(None, (w.strip() for w in head.split(","))):
-            key, eq, value = part.partition("=")
-            if not eq or key.strip() not in DISK_KEYS:
-                raise ConfigError(f"disk {spec!r}: only key=value specs ({', '.join(sorted(DISK_KEYS))},"
-                                  f" target last) are supported here, not {part!r}")
-            keys[key.strip()] = value.strip()
-        access = {"r": "ro", "ro": "ro", "w": "rw", "rw": "rw"}.get(keys.get("access", "rw"))
-        fmt = keys.get("format", "raw")
-        if not found or not target.strip() or "vdev" not in keys:
-            raise ConfigError(f"disk {spec!r}: a vdev and a target are needed")
-        if access is None or fmt not in DISK_FORMATS or keys.get("devtype", "disk") != "disk":
-            raise ConfigError(f"disk {spec!r}: raw or qcow2 disks, access ro or rw, are supported here")
-        disks.append(GuestDisk(target.strip(), keys["vdev"], fmt, access))
-    return disks
-
-
-def _disk_path(artifact: Path, disk: GuestDisk) -> Path:
-    """A disk target: relative ones are relative to the artifact directory, like kernel and ramdisk."""
-    path = artifact / disk.target  # an absolute target stays as it is
-    if not path.exists():
-        raise ConfigError(f"{artifact / 'xen.cfg'}: disk target {disk.target} does not exist ({path})")
-    return path
-
-
-def _guest_cfg(entries: dict[str, str], kernel: str, ramdisk: str | None, xen_type: str,
-               memory_mb: int | None, extra_args: Sequence[str], kernel_args: Sequence[str],
-               network: bool = False, disks: Sequence[str] = ()) -> str:
-    """The artifact's config for the rig: dom0 paths, the wanted type, our name, TCG-safe TSC, no devices
-    but `disks` (xl disk specs) and, with `network`, one vif routed by dom0 (the guest's `ip=` set to
-    match)."""
-    out = {k: v for k, v in entries.items() if k not in DEVICE_KEYS | {"cmdline", "ramdisk", "bootloader"}}
-    if disks:
-        out["disk"] = "[ " + ", ".join(f"'{d}'" for d in disks) + " ]"
-    extra = xl_string(entries.get("extra") or entries.get("cmdline") or '""')
+def guest_config(art: Artifact, *, name: str, kernel: str, ramdisk: str, xen_type: str, memory_mb: int,
+                 extra_args: Sequence[str] = (), kernel_args: Sequence[str] = (), disk: str | None = None,
+                 network: bool = False, rig: bool = False) -> str:
+    """The xl config of a run: the validated artifact's command line, vcpus and root disk mode, the given
+    paths (`disk`: where xl finds the root disk) and nothing else. `rig`: for the nested rig (TCG-safe TSC;
+    with `network`, one vif routed by dom0's own script and the guest's `ip=` set to match)."""
+    vif = None
+    extra = xen_extra(art)
     if network:
-        out["vif"] = f"[ 'ip={GUEST_IP},script=/etc/xen/scripts/vif-xbuild' ]"
+        vif = f"ip={GUEST_IP},script=/etc/xen/scripts/vif-xbuild"
         kernel_args = [*kernel_args, f"ip={GUEST_IP}::{DOM0_VIF_IP}:255.255.255.0::eth0:off"]
         extra = " ".join(w for w in extra.split() if not w.startswith("ip="))
-    out |= {"name": quote_xl(GUEST_NAME), "type": quote_xl(xen_type), "kernel": quote_xl(kernel),
-            "extra": quote_xl(with_args(extra, extra_args, kernel_args)), "on_poweroff": '"destroy"',
-            "on_reboot": '"destroy"', "on_crash": '"destroy"'}
-    if ramdisk:
-        out["ramdisk"] = quote_xl(ramdisk)
-    if memory_mb is not None:
-        out["memory"] = out["maxmem"] = str(memory_mb)
-    if xen_type == "pvh":
-        out["tsc_mode"] = '"native"'  # TCG's SVM cannot have Xen emulate RDTSCP
-    return "".join(f"{k} = {v}\n" for k, v in out.items())
-
-
-def _artifact_files(artifact: Path) -> tuple[dict[str, str], Path, Path | None]:
-    cfg_path = artifact / "xen.cfg"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{artifact} is not an xbuild artifact: it has no xen.cfg")
-    entries = read_xl_cfg(cfg_path.read_text())
-    if "kernel" not in entries:
-        raise ConfigError(f"{cfg_path} names no kernel")
-    kernel = artifact / xl_string(entries["kernel"])
-    ramdisk = artifact / xl_string(entries["ramdisk"]) if "ramdisk" in entries else None
-    for p in (kernel, ramdisk):
-        if p is not None and not p.is_file():
-            raise ConfigError(f"{cfg_path} names {p.name}, which is not in {artifact}")
-    return entries, kernel, ramdisk
+    d = art.manifest.disk
+    disks = (XlDisk(disk, "raw" if rig else d.format, d.mode),) if d and disk else ()
+    return xen_config(name, with_args(extra, extra_args, kernel_args), memory_mb, art.manifest.guest.vcpus,
+                      xen_type, kernel=kernel, ramdisk=ramdisk, disks=disks, vif=vif, maxmem=True,
+                      tsc_native=rig and xen_type == "pvh")
 
 
 # ---- running -------------------------------------------------------------------------------------------
 
 
-def run_nested(artifact: Path, xen_type: Literal["pv", "pvh"] = "pv", memory_mb: int | None = None,
+def run_nested(art: Artifact, xen_type: str = "pv", memory_mb: int | None = None,
                timeout: float | None = None, extra_args: Sequence[str] = (),
                console: BinaryIO | None = None, ports: Sequence[tuple[int, int]] = (),
                kernel_args: Sequence[str] = (), progress: Progress | None = None,
                stop_event: threading.Event | None = None) -> RunResult:
-    """Boot the artifact as a `xen_type` guest of Xen nested in QEMU (TCG) and stream its console.
+    """Boot the validated artifact as a `xen_type` guest of Xen nested in QEMU (TCG), stream its console.
 
     Like builder.run.qemu.run: only the guest console reaches `console` (default stdout); `extra_args` go
     after ` -- ` on the guest's command line (they replace the Cmd), `kernel_args` before it; `ports`
@@ -440,39 +347,40 @@ def run_nested(artifact: Path, xen_type: Literal["pv", "pvh"] = "pv", memory_mb:
     Ctrl-C and SIGTERM stop the guest gracefully: `xl shutdown` (its kernel runs /sbin/poweroff for the init
     to deliver the stop signal), `xl destroy` GRACE_S later; Ctrl-C is re-raised afterwards. Xen's and
     dom0's output goes to a log that is kept, and named in `error`, when no exit status was seen. RunError
-    when xl could not create the guest or it printed nothing.
+    when xl could not create the guest or it printed nothing. Only the artifact's kernel and initrd go into
+    dom0, with a config generated from its manifest (guest_config); its root disk goes to the outer QEMU.
     """
-    if xen_type not in ("pv", "pvh"):
+    if xen_type not in XEN_TYPES:
         raise ConfigError(f"xen type must be pv or pvh, not {xen_type!r}")
-    if memory_mb is not None and not 32 <= memory_mb <= 16384:
-        raise ConfigError(f"guest memory must be 32 to 16384 MiB under the nested rig, not {memory_mb}")
+    guest_mb = memory_mb or art.manifest.guest.memory_mb
+    if not 32 <= guest_mb <= 16384:
+        raise ConfigError(f"guest memory must be 32 to 16384 MiB under the nested rig, not {guest_mb}")
+    if not art.has_kernel:
+        raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
     if shutil.which("qemu-system-x86_64") is None:
         raise RunError("the nested Xen runner needs qemu-system-x86_64 (Debian: qemu-system-x86)")
-    entries, kernel, ramdisk = _artifact_files(artifact)
-    disks = read_disks(entries.get("disk", "[]"))
-    # the outer QEMU opens each disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-diskN
-    outer_disks = [Disk(_disk_path(artifact, d), d.format, readonly=d.access == "ro") for d in disks]
-    cfg = _guest_cfg(entries, "/guest/kernel", "/guest/initrd.img" if ramdisk else None, xen_type, memory_mb,
-                     extra_args, kernel_args, network=bool(ports),
-                     disks=[d.spec(DOM0_DISK.format(i), "raw") for i, d in enumerate(disks)])
-    guest_mb = int(memory_mb or re.sub(r"\D", "", entries.get("memory", "")) or 128)
+    # the outer QEMU opens the disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-disk0
+    outer_disks = root_disks(art)
+    cfg = guest_config(art, name=GUEST_NAME, kernel="/guest/kernel", ramdisk="/guest/initrd.img",
+                       xen_type=xen_type, memory_mb=guest_mb, extra_args=extra_args, kernel_args=kernel_args,
+                       disk=DOM0_DISK.format(0) if outer_disks else None, network=bool(ports), rig=True)
     rig = ensure_rig(progress)
     work = Path(tempfile.mkdtemp(prefix="xbuild-xen-"))
-    log, initrd = work / "xen-console.log", work / "dom0-initrd.img"
+    log, initrd, overlays = work / "xen-console.log", work / "dom0-initrd.img", work / "overlays"
+    overlays.mkdir()
     keep = True
     try:
         with open(initrd, "wb") as f, open(rig.dom0_initrd, "rb") as base:
             shutil.copyfileobj(base, f)  # a multiple of 4 bytes: the appended archive starts aligned
-            payload = {"guest/kernel": _file(kernel, 0o644), "guest/guest.cfg": _Node(0o100644, cfg.encode())}
-            if ramdisk:
-                payload["guest/initrd.img"] = _file(ramdisk, 0o644)
-            _write_cpio(f, payload)
+            _write_cpio(f, {"guest/kernel": _file(art.kernel, 0o644),
+                            "guest/initrd.img": _file(art.initrd, 0o644),
+                            "guest/guest.cfg": _Node(0o100644, cfg.encode())})
         dom0 = f"{DOM0_CMDLINE} xenrig.grace={GRACE_S}"
         blk: list[str] = []
         if outer_disks:
             dom0 += f" xenrig.disks={len(outer_disks)}"
             for i, d in enumerate(outer_disks):
-                blk += d.qemu_args(i, serial=DOM0_DISK.format(i).removeprefix("/dev/"))
+                blk += d.qemu_args(i, overlays, serial=DOM0_DISK.format(i).removeprefix("/dev/"))
         net: list[str] = []
         if ports:  # QEMU user net → dom0 eth0 (busybox nc relays each port) → the guest's vif
             dom0 += f" xenrig.guest={GUEST_IP} xenrig.ports={','.join(str(g) for _h, g in ports)}"
@@ -496,6 +404,7 @@ def run_nested(artifact: Path, xen_type: Literal["pv", "pvh"] = "pv", memory_mb:
         return result
     finally:
         initrd.unlink(missing_ok=True)
+        shutil.rmtree(overlays, ignore_errors=True)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -509,71 +418,53 @@ def _dom0_says(log: Path) -> str:
     return f" (dom0: {'; '.join(s.decode(errors='replace') for s in said)})" if said else ""
 
 
-def run_xl(artifact: Path, xen_type: Literal["pv", "pvh"] | None = None, memory_mb: int | None = None,
+def run_xl(art: Artifact, xen_type: str | None = None, memory_mb: int | None = None,
            timeout: float | None = None, extra_args: Sequence[str] = (), console: BinaryIO | None = None,
            kernel_args: Sequence[str] = (), stop_event: threading.Event | None = None) -> RunResult:
-    """`xl create -c xen.cfg` in the artifact directory on this host, which must be a Xen dom0.
+    """`xl create -c` of a config generated from the validated artifact, on this host, a Xen dom0.
 
-    Same contract as run_nested; type, memory and arguments are xl `KEY=VALUE` overrides, devices stay as
-    configured but for the disks' targets, made absolute (see xl_disk_override): an rw root disk is a
-    throwaway copy, so the run leaves disk.img as it was.
+    Same contract as run_nested. The config (guest_config) names the artifact's kernel and initrd by
+    absolute path, the guest by its hostname, and no device but the root disk: an rw disk is a throwaway
+    sparse copy (reflinked where the filesystem can) in a temp directory, like `docker run`, so the run
+    leaves disk.img as it was; an ro disk is used in place. The artifact's xen.cfg is not read.
     """
     caps = Path("/proc/xen/capabilities")
     if shutil.which("xl") is None or not caps.exists() or "control_d" not in caps.read_text():
         raise RunError("not a Xen dom0 (no /proc/xen/capabilities with control_d)")
-    if xen_type not in (None, "pv", "pvh"):
+    if xen_type not in (None, *XEN_TYPES):
         raise ConfigError(f"xen type must be pv or pvh, not {xen_type!r}")
-    entries, _kernel, _ramdisk = _artifact_files(artifact)
-    name = xl_string(entries.get("name", '""'))
-    if not name:
-        raise ConfigError(f"{artifact / 'xen.cfg'} names no guest (name = ...)")
-    overrides = [f"type={quote_xl(xen_type)}"] if xen_type else []
-    if memory_mb is not None:
-        overrides += [f"memory={memory_mb}", f"maxmem={memory_mb}"]
-    if extra_args or kernel_args:
-        extra = xl_string(entries.get("extra") or entries.get("cmdline") or '""')
-        overrides.append(f"extra={quote_xl(with_args(extra, extra_args, kernel_args))}")
-    scratch = None
+    if not art.has_kernel:
+        raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
+    guest = art.manifest.guest
+    scratch = Path(tempfile.mkdtemp(prefix="xbuild-run-"))
     try:
-        if "disk" in entries:
-            scratch = _scratch_dir(artifact)
-            overrides.append(xl_disk_override(entries, artifact, scratch))
-        return _supervise(["xl", "create", "-c", "xen.cfg", *overrides], console, timeout, stdin=None,
-                          stderr=None, cwd=artifact, stop=lambda _p: _xl("shutdown", name),
-                          force=lambda _p: _xl("destroy", name), stop_event=stop_event)
+        disk = None
+        if art.disk is not None and art.manifest.disk is not None:
+            disk = art.disk.resolve()
+            if art.manifest.disk.mode == "rw":
+                disk = _throwaway_copy(disk, scratch)
+        cfg = scratch / "guest.cfg"
+        cfg.write_text(guest_config(art, name=guest.hostname, kernel=str(art.kernel.resolve()),
+                                    ramdisk=str(art.initrd.resolve()), xen_type=xen_type or guest.xen_type,
+                                    memory_mb=memory_mb or guest.memory_mb, extra_args=extra_args,
+                                    kernel_args=kernel_args, disk=str(disk) if disk else None))
+        return _supervise(["xl", "create", "-c", str(cfg)], console, timeout, stdin=None, stderr=None,
+                          cwd=scratch, stop=lambda _p: _xl("shutdown", guest.hostname),
+                          force=lambda _p: _xl("destroy", guest.hostname), stop_event=stop_event)
     finally:
-        _xl("destroy", name)
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        _xl("destroy", guest.hostname)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _scratch_dir(artifact: Path) -> Path:
-    """A temporary directory on the artifact's filesystem (a reflink copy of a disk is instant there)."""
+def _throwaway_copy(path: Path, scratch: Path) -> Path:
+    """A sparse (reflinked where the filesystem can) copy of the disk `path` in `scratch`."""
+    copy = scratch / path.name
     try:
-        return Path(tempfile.mkdtemp(prefix=".xbuild-run-", dir=artifact))
-    except OSError:
-        return Path(tempfile.mkdtemp(prefix="xbuild-run-"))
-
-
-def xl_disk_override(entries: dict[str, str], artifact: Path, scratch: Path) -> str:
-    """The xl `disk=[...]` override for `xl create` on a real dom0. Targets become absolute: libxl stores
-    them in xenstore as written and its hotplug scripts and device models do not run in the artifact
-    directory. An rw disk file inside the artifact is first copied (sparse, reflinked where the filesystem
-    can) into `scratch`, which the caller removes after the run: like `docker run`, every run starts from
-    the image and the artifact's disk.img never changes. Disks outside the artifact are used in place."""
-    specs = []
-    for i, disk in enumerate(read_disks(entries.get("disk", "[]"))):
-        path = _disk_path(artifact, disk).resolve()
-        if disk.access == "rw" and path.is_file() and path.is_relative_to(artifact.resolve()):
-            copy = scratch / f"{i}-{path.name}"
-            try:
-                subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(path), str(copy)],
-                               check=True, capture_output=True, text=True)
-            except subprocess.CalledProcessError as e:
-                raise RunError(f"cannot copy {path} for the run: {e.stderr.strip()}") from None
-            path = copy
-        specs.append(disk.spec(str(path)))
-    return "disk=[ " + ", ".join(f"'{s}'" for s in specs) + " ]"
+        subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(path), str(copy)],
+                       check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        raise RunError(f"cannot copy {path} for the run: {e.stderr.strip()}") from None
+    return copy
 
 
 def _xl(*args: str) -> None:

@@ -66,7 +66,7 @@ def main() -> int:
             t0 = time.monotonic()
             arts[fmt] = build(ref, BuildOptions(output=Path(tmp) / fmt, format=fmt, minimize="none",
                                                 recipe="python-web", compression="zstd", level=3))
-            m = arts[fmt].manifest
+            m = arts[fmt].manifest.to_json()
             disk = f", disk {m['disk']['size'] / 1e6:.1f} MB" if "disk" in m else ""
             took = time.monotonic() - t0
             print(f"{fmt:<9} built in {took:5.1f} s: initrd {m['initrd']['size'] / 1e6:.1f} MB"

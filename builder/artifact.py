@@ -514,9 +514,11 @@ def prepare_output(out: Path, force: bool = False, flag: str = "-o") -> None:
     names = sorted(p.name for p in out.iterdir())
     if not names or force or _is_artifact(out):
         return
-    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    raise ArtifactError(f"{where}: a directory that is not an xbuild artifact (it holds {shown}); refusing "
-                        "to replace it (--force replaces it anyway)")
+    foreign = [n for n in names if n not in NAMES]
+    why = f"it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}" if foreign else \
+        f"no valid {MANIFEST}"
+    raise ArtifactError(f"{where}: a directory that is not an xbuild artifact ({why}); refusing to replace "
+                        "it (--force replaces it anyway)")
 
 
 def _is_artifact(path: Path) -> bool:

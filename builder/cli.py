@@ -161,7 +161,7 @@ def explain_cmd(artifact: Path, path: str) -> None:
     from .artifact import open_artifact
     from .explain import explain
 
-    click.echo(explain(open_artifact(artifact).manifest, path))
+    click.echo(explain(open_artifact(artifact).manifest.minimize, path))
 
 
 def _disk_size(text: str | None) -> int | None:

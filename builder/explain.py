@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .artifact import Manifest
 from .errors import BadInput
 
 _RULES = {
@@ -54,9 +53,9 @@ def _rule(reason: str) -> str:
     }.get(kind, reason)
 
 
-def explain(manifest: Manifest, path: str) -> str:
-    """One paragraph: whether `path` is in the guest and which rule decided it."""
-    section = manifest.minimize
+def explain(section: dict[str, Any] | None, path: str) -> str:
+    """One paragraph: whether `path` is in the guest and which rule decided it, from the manifest's minimize
+    report `section` (Manifest.minimize: untrusted JSON, its shape is checked here)."""
     if not isinstance(section, dict) or not isinstance(section.get("paths"), dict):
         raise BadInput("the artifact's manifest.json has no minimize report (built with an older xbuild?)")
     paths: dict[str, Any] = section["paths"]
@@ -92,12 +91,11 @@ _FAILURE_WORDS = (b"No such file", b"not found", b"cannot open", b"can't open", 
                   b"failed to open", b"could not open", b"No module named", b"error while loading")
 
 
-def likely_missing(manifest: Manifest, console: bytes, limit: int = 10) -> list[str]:
+def likely_missing(section: dict[str, Any] | None, console: bytes, limit: int = 10) -> list[str]:
     """Dropped files that a failed guest's console output points at (for `--verify` failures): paths
     and library/module/command names on lines that report a missing file, matched against the
     report's dropped paths. Each item reads '/path (dropped: reason)'."""
-    section = manifest.minimize or {}
-    paths = section.get("paths")
+    paths = (section or {}).get("paths")
     paths = paths if isinstance(paths, dict) else {}
     dropped = {p: v[1] for p, v in paths.items() if isinstance(v, list) and len(v) > 1 and v[0] == "dropped"}
     by_base: dict[str, list[str]] = {}

@@ -96,7 +96,7 @@ def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
     if result and isinstance(result[0], XbuildError) and not ok:
         msg += f" ({result[0]})"
     if not ok:
-        missing = likely_missing(art.manifest, console.getvalue())
+        missing = likely_missing(art.manifest.minimize, console.getvalue())
         hint = f"; likely missing: {', '.join(missing)}" if missing else ""
         raise VerifyError(f"verify failed for {art.path}: {msg}{hint}")
     return f"verify: passed ({msg})"

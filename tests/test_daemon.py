@@ -105,7 +105,7 @@ def test_bare_reference_builds_from_daemon(host: Dockerd, myapp: dict[str, bytes
     assert ref.transport == "docker" and not ref.explicit and daemon.find_local(ref)
     art = build(str(reference.ImageRef("docker-daemon", ref.registry, ref.repository, ref.tag)),
                 BuildOptions(output=tmp_path / "out", kernel=None))
-    assert art.manifest["source"]["reference"] == "docker-daemon:docker.io/library/myapp:dev"
+    assert art.manifest.source.reference == "docker-daemon:docker.io/library/myapp:dev"
     assert art.initrd.stat().st_size > 0
 
 

@@ -205,7 +205,7 @@ def disks(artifacts: dict[str, Artifact],
         out["whiteout-mkfs"] = (whiteout, disk.mkfs_fast(whiteout, d / "whiteout-mkfs.img", epoch=EPOCH))
     art = artifacts["disk"]
     assert art.disk is not None
-    m = art.manifest["disk"]
+    m = art.manifest.to_json()["disk"]
     image = disk.DiskImage(art.disk, m["format"], m["size"], m["content_bytes"], m["uuid"])
     out["artifact"] = (Tree(), image)
     return out
@@ -335,13 +335,13 @@ def test_disk_guest_boots_from_its_disk(fmt: str, mode: str, probe_image: OciIma
     never changes the artifact's disk: every run starts from the image (an rw guest's writes are thrown
     away, as `docker run` does), and disk.img is the same byte for byte afterwards."""
     art = disk_artifact(probe_image.ref, tmp_path / "art", disk_mode=mode, disk_format=fmt)
-    m = art.manifest
+    m = art.manifest.to_json()
     assert m["disk"]["mode"] == mode and m["disk"]["format"] == fmt and m["guest"]["memory_mb"] <= 128
     assert m["initrd"]["entries"] == 7 and m["initrd"]["size"] < 64 << 10   # init, config, links, console
     assert f"format={fmt}, vdev=xvda, access={mode}, target=disk.img" in (art.path / "xen.cfg").read_text()
     assert file_sha256(art.path / "disk.img") == m["disk"]["sha256"]
     for _ in range(2 if mode == "rw" else 1):
-        r = run(art.path, timeout=120, accel="tcg", console=None, memory_mb=m["guest"]["memory_mb"])
+        r = run(art, timeout=120, accel="tcg", console=None, memory_mb=m["guest"]["memory_mb"])
         assert r.exit_status == 0, r.console
         check_disk_probe(r.console, "/dev/vda", mode)
     assert file_sha256(art.path / "disk.img") == m["disk"]["sha256"]
@@ -363,7 +363,7 @@ def test_disk_guest_boots_from_its_disk(fmt: str, mode: str, probe_image: OciIma
 def test_nginx_lookalike_disk_guest_passes_its_smoke_test(nginx_layout: str, tmp_path: Path,
                                                           default_kernel_path: Path) -> None:
     art = disk_artifact(nginx_layout, tmp_path / "nginx", recipe="nginx", xen_type="pv")
-    assert art.manifest["guest"]["memory_mb"] <= 128
+    assert art.manifest.guest.memory_mb <= 128
     for hypervisor in ("qemu", "xen-nested"):
         assert verify_artifact(art, hypervisor=hypervisor).startswith("verify: passed"), hypervisor
 
@@ -375,7 +375,7 @@ def test_large_python_image_on_disk_runs_in_128_mb(python_layout: str, tmp_path:
     """A > 100 MB image (Debian + python3 + a web app, not minimized) as a disk guest with 128 MB of RAM:
     more files than the RAM could hold as an initramfs next to the program."""
     art = disk_artifact(python_layout, tmp_path / "py", recipe="python-web", minimize="none", xen_type="pv")
-    assert art.manifest["disk"]["content_bytes"] > 100e6
-    assert art.manifest["guest"]["memory_mb"] == 128
+    assert art.manifest.to_json()["disk"]["content_bytes"] > 100e6
+    assert art.manifest.guest.memory_mb == 128
     for hypervisor in ("qemu", "xen-nested"):
         assert verify_artifact(art, hypervisor=hypervisor).startswith("verify: passed"), hypervisor

@@ -319,7 +319,7 @@ def test_report_json_summary_and_explain() -> None:
     assert doc["kept"]["by_reason"]["elf-closure"]["files"] >= 3
     text = rep.summary()
     assert "kept" in text and "elf-closure" in text and "dropped" in text
-    m = {"minimize": doc}
+    m = doc
     out = explain(m, "usr/lib/x86_64-linux-gnu/libselinux.so.1")
     assert out.startswith("/usr/lib/x86_64-linux-gnu/libselinux.so.1: KEPT (elf-closure)")
     assert "DT_NEEDED libselinux.so.1 of /usr/sbin/web" in out
@@ -328,7 +328,7 @@ def test_report_json_summary_and_explain() -> None:
     assert "directory" in explain(m, "/usr/share")
     assert "not in the source image" in explain(m, "/nowhere")
     with pytest.raises(Exception, match="no minimize report"):
-        explain({}, "/x")
+        explain(None, "/x")
 
 
 def test_static_binary_on_scratch_adds_little(tmp_path: Path) -> None:
@@ -483,7 +483,7 @@ def test_trace_nginx_adds_nothing_auto_missed(nginx_layout: str) -> None:
 def test_likely_missing_from_console() -> None:
     from builder.explain import likely_missing
     _, rep = entry(dpkg_tree(), "web")
-    m = {"minimize": rep.to_json()}
+    m = rep.to_json()
     console = (b"[    1.0] booting\n"
                b"web: error while loading shared libraries: libm.so.6: cannot open shared object file\n"
                b"sh: 1: web-helper: not found\n"
@@ -511,5 +511,5 @@ def test_fixture_boots_minimized_under_qemu(fixture: str, recipe: str, request: 
 
     art = build(request.getfixturevalue(fixture),
                 BuildOptions(output=tmp_path / "art", recipe=recipe, kernel=str(default_kernel_path)))
-    assert art.manifest["guest"]["recipe"] == recipe
+    assert art.manifest.guest.recipe == recipe
     assert verify_artifact(art).startswith("verify: passed")

@@ -24,12 +24,11 @@ from builder.artifact import (
     MANIFEST,
     XEN_CFG,
     open_artifact,
-    write_manifest,
     xen_config,
 )
 from builder.build import BuildOptions, build
 from builder.cache import cache_dir, file_sha256
-from builder.errors import PublishError, RegistryUnavailable
+from builder.errors import ArtifactError, PublishError, RegistryUnavailable
 from builder.kernel import Kernel, list_kernels
 from builder.publish_cli import kernel_push_cmd, pull_cmd, push_cmd
 from builder.reference import parse
@@ -77,8 +76,14 @@ def test_round_trip(artifact: Path, registry: Registry, tmp_path: Path, xbuild_c
     t2 = time.monotonic()
     assert _digests(dest) == _digests(artifact)
     print(f"push {t1 - t0:.3f} s, pull {t2 - t1:.3f} s")
-    # pulling by digest into the same directory replaces it, from the blob cache
+    # pulling by digest into the same directory replaces it, from the blob cache; a file of the user's
+    # there makes it not an artifact: refused, unless forced
     (dest / "stale").write_text("x")
+    with pytest.raises(ArtifactError, match=r"not an xbuild artifact \(it holds stale\)"):
+        publish.pull(pushed.reference, dest)
+    assert (dest / "stale").read_text() == "x"
+    publish.pull(pushed.reference, dest, force=True)
+    assert _digests(dest) == _digests(artifact)
     publish.pull(pushed.reference, dest)
     assert _digests(dest) == _digests(artifact)
 
@@ -208,7 +213,7 @@ def test_pull_rejects_other_things(artifact: Path, registry: Registry, tmp_path:
     (tmp_path / "not-an-artifact").mkdir()
     (tmp_path / "not-an-artifact" / "precious").write_text("keep me")
     publish.push(artifact, f"{registry.host}/vm/busybox:x")
-    with pytest.raises(PublishError, match="exists and is not an artifact directory"):
+    with pytest.raises(ArtifactError, match=r"not an xbuild artifact \(it holds precious\)"):
         publish.pull(f"{registry.host}/vm/busybox:x", tmp_path / "not-an-artifact")
     assert not dest.exists() and (tmp_path / "not-an-artifact" / "precious").read_text() == "keep me"
 
@@ -378,7 +383,7 @@ def _with_disk(art: Path, work: Path, fmt: str = "raw") -> Path:
     manifest["disk"] = {"file": DISK, "format": fmt, "mode": "rw", "size": 16 << 20,
                         "file_size": (art / DISK).stat().st_size, "sha256": file_sha256(art / DISK),
                         "uuid": "d15c0000-0000-4000-8000-000000000001", "content_bytes": (256 << 10) + 360005}
-    write_manifest(art, manifest)
+    (art / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     assert open_artifact(art).disk == art / DISK
     return art
 

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from builder.artifact import Artifact, DiskInfo
 from builder.errors import RunError
 from builder.run import qemu
 from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
 from tests.fixtures import images as fx
+from tests.fixtures.artifacts import fake_artifact
 from tests.test_init import (  # noqa: F401
     CMDLINE,
     artifact_from,
@@ -252,39 +254,46 @@ def test_qemu_dies_with_a_killed_runner(tmp_path: Path, cloud_kernel: Path,  # n
 
 # ------------------------------------------------------------------------------------------ root disks
 
-def _disk_artifact(tmp_path: Path, fmt: str, mode: str) -> Path:
+def _disk_artifact(tmp_path: Path, fmt: str, mode: str) -> Artifact:
     art = tmp_path / f"{fmt}-{mode}"
     art.mkdir()
-    for name in ("kernel", "initrd.img", "disk.img"):
-        (art / name).write_bytes(b"x")
-    (art / "manifest.json").write_text(json.dumps(
-        {"schema": "xbuild.artifact.v1", "disk": {"file": "disk.img", "format": fmt, "mode": mode}}))
-    return art
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(art / "disk.img"), "64M"], check=True)
+    size = (art / "disk.img").stat().st_size
+    disk = DiskInfo(format=fmt, mode=mode, size=64 << 20, file_size=size, sha256="0" * 64)
+    return fake_artifact(art, kernel=b"x", initrd=b"x", disk=disk)
+
+
+def _nodes(cmd: list[str]) -> list[dict]:
+    return [json.loads(cmd[i + 1]) for i, a in enumerate(cmd) if a == "-blockdev"]
 
 
 def test_the_artifacts_disk_is_attached_as_vda(tmp_path: Path) -> None:
-    """rw: a throwaway overlay (snapshot=on), ro: readonly=on; never the image itself, writable."""
-    rw = Qemu(_disk_artifact(tmp_path, "raw", "rw")).command()
-    drive = rw[rw.index("-drive") + 1]
+    """An explicit driver, never a backing file followed; rw: a throwaway overlay, ro: read-only."""
+    guest = Qemu.for_artifact(_disk_artifact(tmp_path, "raw", "rw"))
+    rw = guest.command()
     image = tmp_path / "raw-rw" / "disk.img"
-    assert drive == f"file={image},if=none,id=disk0,format=raw,snapshot=on,cache=unsafe"
-    assert rw[rw.index("-device") + 1] == "virtio-blk-pci,drive=disk0"
-    ro = Qemu(_disk_artifact(tmp_path, "qcow2", "ro")).command()
-    assert ro[ro.index("-drive") + 1].endswith(",if=none,id=disk0,format=qcow2,readonly=on")
-    assert "-drive" not in Qemu(tmp_path / "raw-rw", disks=()).command()  # explicitly none
+    base, overlay = _nodes(rw)
+    assert base == {"node-name": "disk0", "driver": "raw", "read-only": True,
+                    "file": {"driver": "file", "filename": str(image), "read-only": True}}
+    assert overlay["backing"] == "disk0" and overlay["driver"] == "qcow2"
+    assert Path(overlay["file"]["filename"]).parent == Path(guest._tmp)
+    assert rw[rw.index("-device") + 1] == "virtio-blk-pci,drive=disk0rw"
+    assert "-drive" not in rw
+    guest.kill()
+    assert not Path(guest._tmp).exists()
+    ro = Qemu.for_artifact(_disk_artifact(tmp_path, "qcow2", "ro")).command()
+    (node,) = _nodes(ro)
+    assert node["driver"] == "qcow2" and node["backing"] is None and node["read-only"] is True
+    assert ro[ro.index("-device") + 1] == "virtio-blk-pci,drive=disk0"
     odd = tmp_path / "a,b"
     odd.mkdir()
     (odd / "disk.img").write_bytes(b"")
-    args = qemu.Disk(odd / "disk.img").qemu_args(1, serial="s")
-    assert args[1].startswith(f"file={tmp_path}/a,,b/disk.img,") and args[3].endswith(",drive=disk1,serial=s")
+    args = qemu.Disk(odd / "disk.img", readonly=True).qemu_args(1, tmp_path, serial="s")
+    assert json.loads(args[1])["file"]["filename"] == f"{tmp_path}/a,b/disk.img"
+    assert args[3].endswith(",drive=disk1,serial=s")
     with pytest.raises(RunError, match="disk format 'vmdk'"):
-        Qemu(_disk_artifact(tmp_path, "vmdk", "rw"))
-    (tmp_path / "raw-rw" / "disk.img").unlink()
-    with pytest.raises(RunError, match="missing disk.img"):
-        Qemu(tmp_path / "raw-rw")
-    # no manifest, or one without a disk section: an initramfs guest
+        qemu.Disk(odd / "disk.img", "vmdk").qemu_args(0, tmp_path)
+    # a bare directory: no disk unless given
     for name in ("bzImage", "initrd.img"):
         (tmp_path / name).write_bytes(b"x")
-    assert "-drive" not in Qemu(tmp_path).command()
-    (tmp_path / "manifest.json").write_text('{"schema": "xbuild.artifact.v1"}')
-    assert "-drive" not in Qemu(tmp_path).command()
+    assert "-blockdev" not in Qemu(tmp_path).command()

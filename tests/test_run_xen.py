@@ -28,10 +28,12 @@ from typing import Literal
 
 import pytest
 
+from builder.artifact import Artifact, open_artifact
 from builder.cache import cache_dir
 from builder.errors import BadInput, RunError
 from builder.run import xen
 from builder.run.console import RunResult
+from tests.fixtures.artifacts import fake_artifact
 
 GUEST_INIT = r"""
 #include <fcntl.h>
@@ -72,29 +74,12 @@ int main(int argc, char **argv) {
 }
 """
 
-CFG = """\
-name = "hello"   # replaced by the runner
-type = "pv"
-kernel = "kernel"
-ramdisk = "initrd.img"
-extra = "console=hvc0 quiet panic=-1"
-memory = 128
-vcpus = 1
-vif = [ 'bridge=xenbr0',
-        'mac=00:16:3e:00:00:01' ]
-on_poweroff = "destroy"
-"""
-
-
 # ---- no boot -------------------------------------------------------------------------------------------
 
 
-def test_read_xl_cfg_keeps_raw_values_and_joins_lists() -> None:
-    entries = xen.read_xl_cfg(CFG)
-    assert entries["name"] == '"hello"'
-    assert entries["memory"] == "128"
-    assert entries["vif"].startswith("[") and entries["vif"].endswith("]")
-    assert xen.xl_string(entries["extra"]) == "console=hvc0 quiet panic=-1"
+def _xl_entries(text: str) -> dict[str, str]:
+    """`key = value` lines of a generated xl config (one per line: that is how xen_config writes them)."""
+    return dict(line.split(" = ", 1) for line in text.splitlines())
 
 
 def test_with_args_replaces_the_words_after_the_separator() -> None:
@@ -107,28 +92,26 @@ def test_with_args_replaces_the_words_after_the_separator() -> None:
         xen.with_args("console=hvc0", ['say "hi"'])
 
 
-def test_guest_cfg_for_the_rig(tmp_path: Path) -> None:
+def test_guest_config_for_the_rig(tmp_path: Path) -> None:
     art = _fake_artifact(tmp_path)
-    entries, kernel, ramdisk = xen._artifact_files(art)
-    assert (kernel, ramdisk) == (art / "kernel", art / "initrd.img")
-    text = xen._guest_cfg(entries, "/guest/kernel", "/guest/initrd.img", "pvh", 256, ["a"], [])
-    cfg = xen.read_xl_cfg(text)
-    assert "vif" not in cfg
-    assert {k: xen.xl_string(cfg[k]) for k in ("name", "type", "kernel", "ramdisk", "tsc_mode", "extra")} == {
-        "name": "xbuild", "type": "pvh", "kernel": "/guest/kernel", "ramdisk": "/guest/initrd.img",
-        "tsc_mode": "native", "extra": "console=hvc0 quiet panic=-1 -- a"}
-    assert cfg["memory"] == "256"
-    networked = xen.read_xl_cfg(xen._guest_cfg(entries, "/k", None, "pv", None, [], [], network=True))
-    assert "script=/etc/xen/scripts/vif-xbuild" in networked["vif"]
-    assert xen.xl_string(networked["extra"]).endswith(" ip=10.0.3.2::10.0.3.1:255.255.255.0::eth0:off")
+    text = xen.guest_config(art, name="xbuild", kernel="/guest/kernel", ramdisk="/guest/initrd.img",
+                            xen_type="pvh", memory_mb=256, extra_args=["a"], rig=True)
+    cfg = _xl_entries(text)
+    assert "vif" not in cfg and "disk" not in cfg
+    assert cfg == {"name": '"xbuild"', "type": '"pvh"', "kernel": '"/guest/kernel"',
+                   "ramdisk": '"/guest/initrd.img"', "extra": '"console=hvc0 quiet panic=-1 -- a"',
+                   "memory": "256", "maxmem": "256", "vcpus": "1", "on_poweroff": '"destroy"', "on_reboot": '"destroy"', "on_crash": '"destroy"',
+                   "tsc_mode": '"native"'}
+    networked = _xl_entries(xen.guest_config(art, name="xbuild", kernel="/k", ramdisk="/r", xen_type="pv",
+                                             memory_mb=128, network=True, rig=True))
+    assert networked["vif"] == "[ 'ip=10.0.3.2,script=/etc/xen/scripts/vif-xbuild' ]"
+    assert networked["extra"].endswith(' ip=10.0.3.2::10.0.3.1:255.255.255.0::eth0:off"')
 
 
 def test_bad_artifact_and_options(tmp_path: Path) -> None:
-    with pytest.raises(BadInput, match="no xen.cfg"):
-        xen.run_nested(tmp_path)
     art = _fake_artifact(tmp_path)
     with pytest.raises(BadInput, match="pv or pvh"):
-        xen.run_nested(art, xen_type="hvm")  # type: ignore[arg-type]
+        xen.run_nested(art, xen_type="hvm")
 
 
 @pytest.mark.skipif(Path("/proc/xen/capabilities").exists(), reason="this host is a Xen domain")
@@ -150,60 +133,8 @@ def test_extract_vmlinux_from_an_xz_bzimage() -> None:
         xen.extract_vmlinux(b"\0" * 4096)
 
 
-XBUILD_DISK = "disk = [ 'format=raw, vdev=xvda, access=rw, target=disk.img' ]"
-
-
-def test_read_disks() -> None:
-    assert xen.read_disks(xen.read_xl_cfg(XBUILD_DISK)["disk"]) == [xen.GuestDisk("disk.img", "xvda")]
-    two = xen.read_disks("""[ "format=qcow2,vdev=xvdb,access=r,target=/a,b.img", 'vdev=xvdc, target=c' ]""")
-    assert two == [xen.GuestDisk("/a,b.img", "xvdb", "qcow2", "ro"), xen.GuestDisk("c", "xvdc", "raw", "rw")]
-    assert two[0].spec("/dev/x", "raw") == "format=raw, vdev=xvdb, access=ro, target=/dev/x"
-    assert xen.read_disks("[]") == []
-    for bad in ("[ 'phy:/dev/sda,xvda,w' ]", "[ 'format=vhd, vdev=xvda, target=d' ]", "[ 'target=d' ]",
-                "[ 'vdev=xvda, devtype=cdrom, target=d' ]"):
-        with pytest.raises(BadInput):
-            xen.read_disks(bad)
-
-
-def test_guest_cfg_attaches_dom0s_disks(tmp_path: Path) -> None:
-    entries, _k, _r = xen._artifact_files(_fake_artifact(tmp_path, XBUILD_DISK))
-    specs = ["format=raw, vdev=xvda, access=rw, target=/dev/xbuild-disk0"]
-    cfg = xen.read_xl_cfg(xen._guest_cfg(entries, "/k", None, "pv", None, [], [], disks=specs))
-    assert xen.read_disks(cfg["disk"]) == [xen.GuestDisk("/dev/xbuild-disk0", "xvda")]
-    assert "disk" not in xen.read_xl_cfg(xen._guest_cfg(entries, "/k", None, "pv", None, [], []))
-
-
-def test_missing_disk_is_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(BadInput, match="disk target disk.img does not exist"):
-        xen.run_nested(_fake_artifact(tmp_path, XBUILD_DISK))
-
-
-def test_xl_disk_override_for_a_real_dom0(tmp_path: Path) -> None:
-    """Absolute targets; the rw disk of the artifact is a throwaway copy, an ro one is used in place."""
-    art = _fake_artifact(tmp_path, "disk = [ 'format=raw, vdev=xvda, access=rw, target=disk.img',"
-                                   " 'format=qcow2, vdev=xvdb, access=ro, target=data.qcow2' ]")
-    with open(art / "disk.img", "wb") as f:
-        f.truncate(64 << 20)
-        f.write(b"ext4 would be here")
-    (art / "data.qcow2").write_bytes(b"QFI")
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    override = xen.xl_disk_override(xen.read_xl_cfg((art / "xen.cfg").read_text()), art, scratch)
-    rw, ro = xen.read_disks(xen.read_xl_cfg(override)["disk"])
-    assert ro == xen.GuestDisk(str(art / "data.qcow2"), "xvdb", "qcow2", "ro")
-    copy = Path(rw.target)
-    assert rw == xen.GuestDisk(str(copy), "xvda") and copy.parent == scratch
-    assert copy.read_bytes() == (art / "disk.img").read_bytes()
-    assert copy.stat().st_blocks * 512 < 1 << 20  # sparse
-
-
-def _fake_artifact(tmp_path: Path, extra: str = "") -> Path:
-    art = tmp_path / "art"
-    art.mkdir()
-    (art / "xen.cfg").write_text(CFG + extra + "\n")
-    (art / "kernel").write_bytes(b"k")
-    (art / "initrd.img").write_bytes(b"i")
-    return art
+def _fake_artifact(tmp_path: Path) -> Artifact:
+    return fake_artifact(tmp_path / "art", kernel=b"k", initrd=b"i", cmdline="console=hvc0 quiet panic=-1")
 
 
 # ---- boots ---------------------------------------------------------------------------------------------
@@ -221,8 +152,8 @@ def rig() -> xen.Rig:
 
 
 @pytest.fixture(scope="session")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """kernel (Debian's cloud kernel), initrd.img (the test init), cmdline, xen.cfg."""
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    """kernel (Debian's cloud kernel), initrd.img (the test init), cmdline, manifest.json."""
     work = tmp_path_factory.mktemp("guest")
     (work / "init.c").write_text(GUEST_INIT)
     cc = shutil.which("musl-gcc") or "gcc"
@@ -235,9 +166,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     art.mkdir()
     _cpio(root, art / "initrd.img")
     shutil.copy(_cloud_kernel(), art / "kernel")
-    (art / "cmdline").write_text("console=hvc0 quiet panic=-1\n")
-    (art / "xen.cfg").write_text(CFG)
-    return art
+    return fake_artifact(art, cmdline="console=hvc0 quiet panic=-1")
 
 
 def _cloud_kernel() -> Path:
@@ -287,7 +216,7 @@ echo "xbuild: exit status 0" > /dev/console  # the kernel runs this helper witho
 
 
 @pytest.fixture(scope="session")
-def net_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def net_artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     """A guest serving /www on port 80 (busybox httpd); `xl shutdown` makes it report exit status 0."""
     work = tmp_path_factory.mktemp("netguest")
     root = work / "root"
@@ -303,8 +232,7 @@ def net_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     art.mkdir()
     _cpio(root, art / "initrd.img")
     shutil.copy(_cloud_kernel(), art / "kernel")
-    (art / "xen.cfg").write_text(CFG)
-    return art
+    return fake_artifact(art, cmdline="console=hvc0 quiet panic=-1")
 
 
 @pytest.fixture
@@ -340,7 +268,7 @@ def test_rig_is_cached(rig: xen.Rig) -> None:
 
 @pytest.mark.slow
 @needs_rig
-def test_pv_boot_streams_only_the_guest(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
+def test_pv_boot_streams_only_the_guest(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
     out = io.BytesIO()
     result = xen.run_nested(artifact, "pv", timeout=240, extra_args=["first", "two words"], console=out)
     assert result.exit_status == 7
@@ -357,7 +285,7 @@ def test_pv_boot_streams_only_the_guest(rig: xen.Rig, artifact: Path, own_tmp: P
 
 @pytest.mark.slow
 @needs_rig
-def test_pvh_boot(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
+def test_pvh_boot(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
     result = xen.run_nested(artifact, "pvh", timeout=240, console=io.BytesIO())
     assert result.exit_status == 7
     assert result.boot_us is not None
@@ -366,12 +294,12 @@ def test_pvh_boot(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
 
 @pytest.mark.slow
 @needs_rig
-def test_bad_kernel_fails_with_dom0s_reason(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
+def test_bad_kernel_fails_with_dom0s_reason(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
     bad = own_tmp / "bad"
-    shutil.copytree(artifact, bad)
+    shutil.copytree(artifact.path, bad)
     (bad / "kernel").write_bytes(b"not a kernel" * 1000)
     with pytest.raises(RunError, match=r"could not be created .*\(dom0: xl exited 3 .*; log: ") as e:
-        xen.run_nested(bad, "pv", timeout=240, console=io.BytesIO())
+        xen.run_nested(open_artifact(bad), "pv", timeout=240, console=io.BytesIO())
     log = Path(str(e.value).rsplit("log: ", 1)[1])
     assert log.is_relative_to(own_tmp)  # kept for the user
     assert b"(XEN)" in log.read_bytes() and b"Invalid kernel" in log.read_bytes()
@@ -380,7 +308,7 @@ def test_bad_kernel_fails_with_dom0s_reason(rig: xen.Rig, artifact: Path, own_tm
 
 @pytest.mark.slow
 @needs_rig
-def test_timeout_shuts_the_guest_down_gracefully(rig: xen.Rig, artifact: Path, own_tmp: Path) -> None:
+def test_timeout_shuts_the_guest_down_gracefully(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
     t0 = time.monotonic()
     result = xen.run_nested(artifact, "pv", timeout=45, extra_args=["hang"], console=io.BytesIO())
     assert result.boot_us is not None  # the timeout came after the guest started, even on a loaded host
@@ -393,8 +321,9 @@ def test_timeout_shuts_the_guest_down_gracefully(rig: xen.Rig, artifact: Path, o
 RUNNER = """
 import sys
 from pathlib import Path
+from builder.artifact import open_artifact
 from builder.run.xen import run_nested
-r = run_nested(Path(sys.argv[1]), "pv", extra_args=[sys.argv[2]])
+r = run_nested(open_artifact(Path(sys.argv[1])), "pv", extra_args=[sys.argv[2]])
 print(f"RESULT {r.exit_status} {r.error}", flush=True)
 """
 
@@ -402,11 +331,11 @@ print(f"RESULT {r.exit_status} {r.error}", flush=True)
 @pytest.mark.slow
 @needs_rig
 @pytest.mark.parametrize(("sig", "guest"), [(signal.SIGTERM, "ignore"), (signal.SIGINT, "hang")])
-def test_signals_stop_the_guest_and_leave_nothing(rig: xen.Rig, artifact: Path, tmp_path: Path,
+def test_signals_stop_the_guest_and_leave_nothing(rig: xen.Rig, artifact: Artifact, tmp_path: Path,
                                                   sig: signal.Signals, guest: str) -> None:
     """SIGTERM: stop, return the result. Ctrl-C: stop, re-raise. A guest ignoring the stop is destroyed."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(artifact), guest], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(artifact.path), guest], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     seen = b""
@@ -431,11 +360,12 @@ def test_signals_stop_the_guest_and_leave_nothing(rig: xen.Rig, artifact: Path, 
 
 @pytest.mark.slow
 @needs_rig
-def test_qemu_dies_with_a_killed_runner(rig: xen.Rig, artifact: Path, tmp_path: Path) -> None:
+def test_qemu_dies_with_a_killed_runner(rig: xen.Rig, artifact: Artifact, tmp_path: Path) -> None:
     code = ("import sys; from pathlib import Path; from builder.run.xen import run_nested; "
-            "run_nested(Path(sys.argv[1]), 'pv')")
+            "from builder.artifact import open_artifact; run_nested(open_artifact(Path(sys.argv[1])), 'pv')")
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(artifact)], stdout=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(artifact.path)], stdout=subprocess.DEVNULL,
+                            env=env)
     try:
         _wait_for(lambda: any("qemu-system" in p for p in _processes_mentioning(str(tmp_path))), 60)
     finally:
@@ -453,7 +383,7 @@ def _wait_for(condition: Callable[[], bool], seconds: float) -> None:
 
 @pytest.mark.slow
 @needs_rig
-def test_port_forwarding_reaches_the_guest(rig: xen.Rig, net_artifact: Path, own_tmp: Path) -> None:
+def test_port_forwarding_reaches_the_guest(rig: xen.Rig, net_artifact: Artifact, own_tmp: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -501,9 +431,10 @@ def test_disk_guest_on_nested_xen(fmt: str, mode: str, xen_type: Literal["pv", "
     opts = BuildOptions(output=tmp_path / "art", format="disk", disk_format=fmt, disk_mode=mode,
                         xen_type=xen_type, log=lambda _m: None)
     art = build(image.ref, opts)
-    digest = art.manifest["disk"]["sha256"]
+    assert art.manifest.disk is not None
+    digest = art.manifest.disk.sha256
     t0 = time.monotonic()
-    result = xen.run_nested(art.path, xen_type, timeout=240, console=io.BytesIO())
+    result = xen.run_nested(art, xen_type, timeout=240, console=io.BytesIO())
     sys.stderr.write(f"nested {xen_type} {fmt} {mode}: {time.monotonic() - t0:.1f}s wall, "
                      f"launch to exec {result.launch_to_exec_s}s\n")
     assert result.exit_status == 0, result.console

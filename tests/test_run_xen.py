@@ -100,8 +100,8 @@ def test_guest_config_for_the_rig(tmp_path: Path) -> None:
     assert "vif" not in cfg and "disk" not in cfg
     assert cfg == {"name": '"xbuild"', "type": '"pvh"', "kernel": '"/guest/kernel"',
                    "ramdisk": '"/guest/initrd.img"', "extra": '"console=hvc0 quiet panic=-1 -- a"',
-                   "memory": "256", "maxmem": "256", "vcpus": "1", "on_poweroff": '"destroy"', "on_reboot": '"destroy"', "on_crash": '"destroy"',
-                   "tsc_mode": '"native"'}
+                   "memory": "256", "maxmem": "256", "vcpus": "1", "on_poweroff": '"destroy"',
+                   "on_reboot": '"destroy"', "on_crash": '"destroy"', "tsc_mode": '"native"'}
     networked = _xl_entries(xen.guest_config(art, name="xbuild", kernel="/k", ramdisk="/r", xen_type="pv",
                                              memory_mb=128, network=True, rig=True))
     assert networked["vif"] == "[ 'ip=10.0.3.2,script=/etc/xen/scripts/vif-xbuild' ]"

@@ -107,7 +107,7 @@ class _Section:
         where = cls.NAME if where is None else where
         if not isinstance(obj, Mapping):
             raise _bad(where, "not a JSON object")
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         kw: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name not in obj:
@@ -125,6 +125,16 @@ class _Section:
                 continue
             out[f.name] = _plain(value)
         return out
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a section class (resolved once: `get_type_hints` is slow)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _plain(value: Any) -> Any:

@@ -42,30 +42,24 @@ first reason that reaches it:
                     ("dangling-after-minimize"); device nodes and fifos.
   recipe            the recipe's keep paths (with everything below) and globs, plus their ELF closure.
   trace             (mode trace only) on top of auto: every path the entrypoint's processes touched
-                    while it ran for [trace] seconds in a probe on the build host (new net/mount/pid
-                    namespaces, chroot into a staged copy of the whole tree, strace -f), with the
-                    recipe's network smoke test exercising it meanwhile (SlimToolkit's idea).
+                    while it ran for [trace] seconds in a sandbox on the build host (builder/probe.py:
+                    bubblewrap with user/pid/net/mount namespaces, a staged copy of the whole tree,
+                    strace -f), with the recipe's network smoke test exercising it meanwhile
+                    (SlimToolkit's idea).
 Anything else is dropped as "unreferenced".
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import stat
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import elf
 from .errors import MinimizeError
 from .image import ImageConfig
+from .probe import check_probe_host, probe
 from .recipes import Recipe
 from .tree import DIR, FILE, SYMLINK, Inode, Tree, read_content, split
 
@@ -189,216 +183,10 @@ def minimize(tree: Tree, config: ImageConfig, recipe: Recipe | None = None,
                 m.need(p, "trace", "opened in the trace probe")
         m.drain()
         m.notes.append(f"trace probe: ran {seconds:g}s, {len(result.opened)} paths seen"
-                       + (f"; smoke: {result.smoke[1]}" if result.smoke else ""))
+                       + (f"; smoke: {result.smoke[1]}" if result.smoke else "")
+                       + ("; its trace log reached the size cap, later accesses were not seen"
+                          if result.log_full else ""))
     return m.result(mode)
-
-
-# -- the probe: run the entrypoint of a tree on the build host ---------------------------------------
-
-@dataclass(frozen=True)
-class ProbeResult:
-    output: bytes                            # the entrypoint's stdout + stderr
-    opened: frozenset[str]                   # tree paths its processes touched (trace only)
-    smoke: tuple[bool, str] | None           # the recipe's smoke test, run while it was up
-
-
-def check_probe_host(trace: bool) -> None:
-    """MinimizeError unless this host can run the probe (root for namespaces + chroot, strace)."""
-    missing = [t for t in ("unshare", "ip") + (("strace",) if trace else ()) if shutil.which(t) is None]
-    if os.geteuid() != 0 or missing:
-        why = "not root" if os.geteuid() != 0 else "missing " + ", ".join(missing)
-        raise MinimizeError(f"the {'trace' if trace else 'smoke'} probe cannot run on this host ({why}): it "
-                            "needs root (network/mount/pid namespaces, chroot)"
-                            + (" and strace" if trace else "") + "; use --minimize auto")
-
-
-def extract(tree: Tree, dest: Path) -> None:
-    """Write `tree` under `dest` (a new directory): files, symlinks, hardlinks, devices, modes, owners.
-    Tree paths never pass through a symlink, so nothing can land outside `dest`."""
-    dest.mkdir(parents=True)
-    root = os.geteuid() == 0
-    links: dict[int, str] = {}
-    dirs: list[tuple[str, Inode]] = []
-    for path, node in tree.walk():
-        full = os.path.join(dest, path) if path else str(dest)
-        if node.kind == DIR:
-            if path:
-                os.mkdir(full)
-            dirs.append((full, node))
-            continue
-        if node.kind == SYMLINK:
-            os.symlink(node.target, full)
-            if root:
-                os.lchown(full, node.uid, node.gid)
-            continue
-        if id(node) in links:
-            os.link(links[id(node)], full)
-            continue
-        if node.kind == FILE:
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                c = node.content
-                if isinstance(c, bytes):
-                    os.write(fd, c)
-                elif c is not None:
-                    with open(c.source, "rb") as src:
-                        off, left = c.offset, c.size
-                        while left:
-                            chunk = os.pread(src.fileno(), min(left, 1 << 20), off)
-                            if not chunk:
-                                break
-                            os.write(fd, chunk)
-                            off, left = off + len(chunk), left - len(chunk)
-            finally:
-                os.close(fd)
-        else:
-            kind = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[node.kind]
-            if not root and node.kind != "fifo":
-                continue
-            os.mknod(full, kind | 0o600, os.makedev(*node.rdev))
-        if root:
-            os.chown(full, node.uid, node.gid)
-        os.chmod(full, node.mode & 0o7777)
-        links[id(node)] = full
-    for full, node in reversed(dirs):
-        if root:
-            os.chown(full, node.uid, node.gid)
-        os.chmod(full, node.mode & 0o7777)
-
-
-_PROBE_CHILD = r'''
-import json, os, subprocess, sys, time
-spec = json.loads(sys.argv[1])
-root = spec["root"]
-subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-for d, how in (("proc", ["-t", "proc", "proc"]), ("dev", ["--rbind", "/dev"]),
-               ("tmp", ["-t", "tmpfs", "tmp"]), ("run", ["-t", "tmpfs", "run"])):
-    p = os.path.join(root, d)
-    if not os.path.islink(p):
-        os.makedirs(p, exist_ok=True)
-        subprocess.run(["mount", *how, p], check=True)
-pid = os.fork()
-if pid == 0:
-    os.chroot(root)
-    os.chdir(spec["cwd"] or "/")
-    try:
-        os.execve(spec["exe"], spec["argv"], spec["env"])
-    except OSError as e:
-        print(f"xbuild-probe: cannot exec {spec['exe']}: {e}", file=sys.stderr, flush=True)
-        os._exit(127)
-sys.path.insert(0, spec["pythonpath"])
-end = time.monotonic() + spec["seconds"]
-smoke = None
-if spec["recipe"]:
-    from builder.recipes import load_recipe, smoke_test
-    rec = load_recipe(spec["recipe"])
-    if rec.smoke is not None and rec.smoke.kind != "console":
-        smoke = smoke_test(rec, b"", {rec.smoke.port: rec.smoke.port}, deadline=end)
-        if not spec["trace"]:
-            end = 0
-while time.monotonic() < end:
-    if os.waitpid(pid, os.WNOHANG)[0]:
-        break
-    time.sleep(0.1)
-print("XBUILD-PROBE " + json.dumps(smoke), flush=True)
-for _ in range(50):   # end every process of this pid namespace but pid 1 (strace) and us
-    others = [int(n) for n in os.listdir(os.path.join(root, "proc")) if n.isdigit()
-              and int(n) not in (1, os.getpid())]
-    if not others:
-        break
-    for o in others:
-        try:
-            os.kill(o, 9)
-        except OSError:
-            pass
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass
-    time.sleep(0.05)
-'''
-_SYSCALL = re.compile(r'^(\d+)\s+(?:<\.\.\. )?(\w+)\(?(.*)$')
-_FILE_CALLS = {"open", "openat", "openat2", "creat", "execve", "execveat", "stat", "lstat", "newfstatat",
-               "statx", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "chdir", "truncate",
-               "uselib"}
-
-
-def probe(tree: Tree, config: ImageConfig, recipe: Recipe | None, seconds: float = 5.0,
-          trace: bool = False) -> ProbeResult:
-    """Run `tree`'s entrypoint on this host in new network/mount/pid namespaces, chrooted into a staged
-    copy of the tree, for up to `seconds` (or until it exits), running the recipe's network smoke test
-    meanwhile; with `trace`, under strace -f, and report every tree path its processes touched."""
-    check_probe_host(trace)
-    argv = list(config.entrypoint) + list(config.cmd) if config.entrypoint else list(config.cmd)
-    env = dict(e.split("=", 1) for e in config.env if "=" in e)
-    env.setdefault("PATH", DEFAULT_PATH)
-    env.setdefault("HOME", "/root")
-    env.setdefault("HOSTNAME", "xbuild-probe")
-    m = _Minimizer(tree, config, None)
-    exe = m.command(argv[0]) if argv else None
-    if exe is None:
-        raise MinimizeError(f"probe: entrypoint {argv[0] if argv else ''!r} not found in the image")
-    work = Path(tempfile.mkdtemp(prefix="xbuild-probe-"))
-    root, log = work / "root", work / "strace.log"
-    repo = str(Path(__file__).resolve().parent.parent)
-    spec = {"root": str(root), "cwd": config.working_dir, "exe": "/" + exe, "argv": argv, "env": env,
-            "seconds": seconds, "pythonpath": repo, "trace": trace,
-            "recipe": (recipe.source or recipe.name) if recipe and recipe.smoke else ""}
-    cmd = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child"]
-    if trace:
-        cmd += ["strace", "-f", "-qq", "-s", "4096", "-e", "trace=%file,%process,chroot", "-o", str(log)]
-    cmd += [sys.executable, "-c", _PROBE_CHILD, json.dumps(spec)]
-    try:
-        extract(tree, root)
-        proc = subprocess.run(cmd, capture_output=True, timeout=seconds + 60)
-    except subprocess.TimeoutExpired:
-        raise MinimizeError(f"probe: the entrypoint did not stop within {seconds + 60:g}s") from None
-    except OSError as e:
-        raise MinimizeError(f"probe: cannot stage or start it on this host ({e})") from None
-    finally:
-        subprocess.run(["umount", "-R", "-l", str(root / "dev")], capture_output=True)
-        text = log.read_text("utf-8", "replace") if trace and log.exists() else ""
-        shutil.rmtree(work, ignore_errors=True)
-    out = proc.stdout + proc.stderr
-    smoke = None
-    for line in proc.stdout.decode("utf-8", "replace").splitlines():
-        if line.startswith("XBUILD-PROBE "):
-            v = json.loads(line[13:])
-            smoke = (bool(v[0]), str(v[1])) if v else None
-    if b"Exec format error" in out or b"cannot exec" in out:
-        raise MinimizeError("probe: the host cannot run the entrypoint: "
-                            + out.decode("utf-8", "replace").strip().splitlines()[-1])
-    return ProbeResult(out, frozenset(_traced_paths(text, config.working_dir)), smoke)
-
-
-def _traced_paths(text: str, cwd: str) -> set[str]:
-    """Tree paths from an strace -f log, only of the chrooted process and its descendants."""
-    ours: set[str] = set()
-    paths: set[str] = set()
-    base = "/".join(split(cwd or "/"))
-    for line in text.splitlines():
-        mt = _SYSCALL.match(line)
-        if not mt:
-            continue
-        pid, call, rest = mt.groups()
-        if call == "chroot" and not ours:
-            ours.add(pid)
-            continue
-        if pid not in ours:
-            continue
-        if call in ("clone", "clone3", "fork", "vfork"):
-            r = re.search(r"= (\d+)$", rest)
-            if r:
-                ours.add(r.group(1))
-            continue
-        if call in _FILE_CALLS:
-            s = re.search(r'"((?:[^"\\]|\\.)*)"', rest)
-            if s:
-                p = s.group(1).encode().decode("unicode_escape", "replace")
-                paths.add("/".join(split(p if p.startswith("/") else f"{base}/{p}")))
-    # a child's pid is the result on its parent's clone line (or on the "<... clone resumed>" line)
-    return {p for p in paths if p}
 
 
 def _is_doc(path: str) -> bool:

@@ -105,14 +105,14 @@ def check_probe_host(trace: bool) -> None:
     tools = dict(TOOLS, **({"strace": "strace"} if trace else {}))
     missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if os.geteuid() != 0:
-        why = "not root: it needs root to map the sandbox's user namespace"
+        why = "(not root): it maps the sandbox's user ids as root"
     elif missing:
-        why = "install the Debian package" + ("s " if len(missing) > 1 else " ") + ", ".join(missing)
+        why = "(install the Debian package" + ("s " if len(missing) > 1 else " ") + ", ".join(missing) + ")"
     elif _max_user_namespaces() == 0:
-        why = "user namespaces are disabled (sysctl user.max_user_namespaces=0)"
+        why = "(user namespaces are disabled: sysctl user.max_user_namespaces=0)"
     else:
         return
-    raise MinimizeError(f"the {what} probe cannot run on this host ({why}); use --minimize auto")
+    raise MinimizeError(f"the {what} probe cannot run on this host {why}; use --minimize auto")
 
 
 def _max_user_namespaces() -> int:
@@ -279,13 +279,15 @@ def _run(root: Path, log: Path, argv: tuple[str, ...], env: tuple[str, ...], cwd
     cmd += ["setpriv", f"--reuid={HOST_ID_BASE}", f"--regid={HOST_ID_BASE}", "--clear-groups", "--",
             *_bwrap_args(root, argv, env, cwd, block_r, info_w)]
     end = time.monotonic() + seconds
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # stdout/stderr: a pipe the sandbox's root owns, so that reopening /dev/stderr works as in a container
+    out_r, out_w = os.pipe()
+    os.fchown(out_w, HOST_ID_BASE, HOST_ID_BASE)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
                             pass_fds=(block_r, info_w), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    os.close(block_r)
-    os.close(info_w)
-    assert proc.stdout is not None
+    for fd in (block_r, info_w, out_w):
+        os.close(fd)
     out = bytearray()
-    reader = threading.Thread(target=_read_capped, args=(proc.stdout, out), daemon=True)
+    reader = threading.Thread(target=_read_capped, args=(os.fdopen(out_r, "rb"), out), daemon=True)
     reader.start()
     smoke = None
     try:
@@ -325,13 +327,11 @@ def _run(root: Path, log: Path, argv: tuple[str, ...], env: tuple[str, ...], cwd
 
 
 def _read_capped(stream: IO[bytes], out: bytearray) -> None:
-    """Read `stream` to its end, keeping the first OUTPUT_MAX bytes in `out`."""
-    while True:
-        chunk = stream.read(65536)
-        if not chunk:
-            return
-        if len(out) < OUTPUT_MAX:
-            out += chunk[:OUTPUT_MAX - len(out)]
+    """Read `stream` to its end, keeping the first OUTPUT_MAX bytes in `out`; then close it."""
+    with stream:
+        while chunk := stream.read(65536):
+            if len(out) < OUTPUT_MAX:
+                out += chunk[:OUTPUT_MAX - len(out)]
 
 
 def _sandbox_pid(info_r: int, timeout: float = 30.0) -> int | None:
@@ -351,12 +351,20 @@ def _sandbox_pid(info_r: int, timeout: float = 30.0) -> int | None:
 
 
 def _map_ids(pid: int) -> None:
-    """Map ids 0..ID_COUNT-1 of the sandbox's user namespace to HOST_ID_BASE.. (bwrap waits for this)."""
-    for name in ("uid_map", "gid_map"):
-        try:
+    """Map ids 0..ID_COUNT-1 of the sandbox's user namespace to HOST_ID_BASE.. and forbid user namespaces
+    inside it (user.max_user_namespaces=0 in its namespace: raising it again needs CAP_SYS_RESOURCE,
+    which the sandbox lacks), so the entrypoint gets no namespace where it could mount or hold other
+    capabilities. bwrap waits for this before it sets up the sandbox."""
+    try:
+        for name in ("uid_map", "gid_map"):
             Path(f"/proc/{pid}/{name}").write_text(f"0 {HOST_ID_BASE} {ID_COUNT}\n")
-        except OSError:
-            return                   # bwrap is gone; its own message says why
+    except OSError:
+        return                       # bwrap is gone; its own message says why
+    r = subprocess.run(["nsenter", f"--user=/proc/{pid}/ns/user", "--", "/bin/sh", "-c",
+                        "echo 0 > /proc/sys/user/max_user_namespaces"], capture_output=True, text=True)
+    if r.returncode:
+        raise MinimizeError("probe: cannot disable user namespaces inside the sandbox: "
+                            + (r.stderr.strip().splitlines() or ["nsenter failed"])[-1])
 
 
 def _smoke_in_netns(pid: int, recipe: Recipe, smoke: Smoke, seconds: float) -> tuple[bool, str]:

@@ -143,11 +143,13 @@ def test_cli_without_bubblewrap_is_one_line(sandbox: Sandbox, tmp_path: Path) ->
 ESCAPE_C = r"""
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* exit 0 only when the escape worked */
@@ -180,6 +182,31 @@ int main(int argc, char **argv) {
 		printf("chroot escape: open %s: %d\n", argv[2], fd);
 		return fd >= 0 ? 0 : 1;
 	}
+	if (argc >= 2 && !strcmp(argv[1], "forks")) {    /* fork until refused, report, end them */
+		static pid_t kids[1 << 16];
+		int n = 0;
+		for (pid_t p; n < (1 << 16) && (p = fork()) >= 0; n++) {
+			if (p == 0) {
+				pause();
+				_exit(0);
+			}
+			kids[n] = p;
+		}
+		printf("forks %d\n", n);
+		fflush(stdout);
+		for (int i = 0; i < n; i++)
+			kill(kids[i], SIGKILL);
+		while (wait(0) > 0)
+			;
+		return 0;
+	}
+	if (argc >= 2 && !strcmp(argv[1], "hog")) {      /* allocate until refused */
+		unsigned long mib = 0;
+		for (char *p; (p = malloc(64 << 20)); mib += 64)
+			p[0] = 1;
+		printf("hog %lu\n", mib);
+		return 0;
+	}
 	return 2;
 }
 """
@@ -208,8 +235,8 @@ def host() -> Iterator[Path]:
     shutil.rmtree(d)
 
 
-LEAKS = ("control", "proc-root", "shadow", "dev", "imgdev", "mknod", "sys", "sysrq", "sysctl", "mount",
-         "userns", "chroot", "ptrace", "kill", "net", "setuid", "env")
+LEAKS = ("control", "done", "proc-root", "shadow", "dev", "imgdev", "mknod", "sys", "sysrq", "sysctl",
+         "mount", "userns", "chroot", "ptrace", "kill", "net", "setuid", "env")
 
 
 def hostile_image(tmp: Path, script: str, escape: bytes, host: Path, **values: object) -> fx.OciImage:
@@ -330,10 +357,10 @@ def test_escape_fails_and_the_build_succeeds(case: str, sandbox: Sandbox, tmp_pa
     listener.setblocking(False)
     victim = subprocess.Popen(["sleep", "120"])
     try:
-        image = hostile_image(tmp_path, ESCAPES[case], escape_binary, host, P=victim.pid,
+        image = hostile_image(tmp_path, ESCAPES[case] + '; ls "$Y/done"', escape_binary, host, P=victim.pid,
                               PORT=listener.getsockname()[1], MAJ=os.major(rootdev), MIN=os.minor(rootdev))
         paths, _ = run_hostile(sandbox, image, host)
-        assert leaked(paths) == []
+        assert leaked(paths) == ["/leaked/done"]       # every escape tried, none worked
         with pytest.raises(BlockingIOError):        # nothing ever connected to the host's loopback
             listener.accept()
         status = Path(f"/proc/{victim.pid}/status").read_text()
@@ -345,8 +372,8 @@ def test_escape_fails_and_the_build_succeeds(case: str, sandbox: Sandbox, tmp_pa
 
 
 BOUNDED = {
-    "fork-bomb": 'f() { f | f & }; f; sleep 30',
-    "memory-hog": "awk 'BEGIN { s = \"x\"; while (1) s = s s }'; sleep 30",
+    "fork-bomb": '/bin/escape forks; f() { f | f & }; f; sleep 30',
+    "memory-hog": "/bin/escape hog; awk 'BEGIN { s = \"x\"; while (1) s = s s }'",
     "infinite-loop": "while :; do :; done",
     "huge-write": 'for f in /big /tmp/big /dev/shm/big /run/big; do '
                   'dd if=/dev/zero of=$f bs=1M count=8192; done; i=0; '
@@ -405,3 +432,31 @@ def test_what_the_entrypoint_sees(tmp_path: Path, escape_binary: bytes, host: Pa
     assert out["links"] == "lo" and out["host"] == "xbuild-probe" and out["sys"] == "0"
     assert out["uidmap"].split() == ["0", str(HOST_ID_BASE), str(ID_COUNT)]
     assert {"bin/sh", "etc/passwd", "proc/self/status"} <= r.opened
+
+
+@pytest.mark.slow
+@needs_probe
+def test_limits_hold(tmp_path: Path, escape_binary: bytes, host: Path) -> None:
+    """Each limit, as the entrypoint meets it: processes, address space, the staged copy's and the
+    tmpfs sizes, the output kept."""
+    from builder.flatten import flatten
+    from builder.probe import AS_MAX, NPROC_MAX, OUTPUT_MAX
+    from builder.reference import parse
+    from builder.source import load
+
+    script = ('/bin/escape forks; /bin/escape hog; for f in /big /tmp/big /dev/shm/big; do '
+              'dd if=/dev/zero of=$f bs=1M count=8192 2>&1 | grep -o "No space left on device"; '
+              'echo "$f $(($(wc -c < $f) >> 20))"; rm $f; done; yes flood | head -c 3000000')
+    image = hostile_image(tmp_path, script, escape_binary, host)
+    img = load(parse(image.ref))
+    t0 = time.monotonic()
+    r = probe(flatten(img).tree, img.config, None, seconds=20, trace=False)
+    assert time.monotonic() - t0 < 20, "the probe did not end when the entrypoint did"
+    assert len(r.output) == OUTPUT_MAX
+    out = r.output.decode().split("flood", 1)[0].splitlines()
+    forks = int(next(x for x in out if x.startswith("forks ")).split()[1])
+    hog = int(next(x for x in out if x.startswith("hog ")).split()[1])
+    assert 0 < forks < NPROC_MAX and 0 < hog * (1 << 20) < AS_MAX
+    sizes = {x.split()[0]: int(x.split()[1]) for x in out if x.startswith("/")}
+    assert out.count("No space left on device") == 3, out
+    assert sizes["/big"] <= 64 + 2 and sizes["/tmp/big"] <= 64 and sizes["/dev/shm/big"] <= 64, sizes

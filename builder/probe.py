@@ -310,6 +310,7 @@ def _run(root: Path, log: Path, argv: tuple[str, ...], env: tuple[str, ...], cwd
         if proc.poll() is None:       # our own child, not yet reaped: its pid is still ours to kill
             proc.kill()               # the chain dies with it (pdeathsig, --die-with-parent)
         proc.wait()
+        _wait_gone(child)
         reader.join(timeout=10)
     output = bytes(out)
     lines = output.decode("utf-8", "replace").splitlines()
@@ -332,6 +333,14 @@ def _read_capped(stream: IO[bytes], out: bytearray) -> None:
         while chunk := stream.read(65536):
             if len(out) < OUTPUT_MAX:
                 out += chunk[:OUTPUT_MAX - len(out)]
+
+
+def _wait_gone(pid: int | None, timeout: float = 10.0) -> None:
+    """Wait until the sandbox's pid 1 (SIGKILLed through --die-with-parent once strace or bwrap died)
+    is gone; when it is, the kernel has killed every process of its pid namespace."""
+    end = time.monotonic() + timeout
+    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
+        time.sleep(0.02)
 
 
 def _sandbox_pid(info_r: int, timeout: float = 30.0) -> int | None:

@@ -78,6 +78,7 @@ class BuildOptions:
     disk_format: str = "raw"              # raw | qcow2 (format "disk")
     disk_size: int | None = None          # bytes; None: auto (builder/disk.py auto_size)
     disk_mode: str = "rw"                 # rw | ro: how the guest mounts its root disk
+    max_layer_size: int | None = None     # decompressed bytes per layer; None: blobs.max_layer_size()
     progress: Progress | None = field(default=None, compare=False)
     log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
 
@@ -165,7 +166,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     image = source.load(ref, source.SourceOptions(opts.platform, opts.insecure, opts.progress))
     opts.log(f"image {ref} ({image.manifest_digest[:19]}, {len(image.layers)} layers, {image.platform})")
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
-    flat = flatten(image, progress)
+    flat = flatten(image, progress, opts.max_layer_size)
     hostname = opts.hostname or ref.short_name
     gc = guest_config(image.config, flat.tree, hostname)
     if disk:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,8 @@ import click
 from . import __version__
 from .artifact import DISK_MODES, MEMORY_MB
 from .build import FORMATS, BuildOptions, build
+from .cache import parse_size
+from .cache_cli import cache_cmd
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import BadInput, XbuildError
@@ -106,6 +107,8 @@ def main() -> None:
 @click.option("--disk-size", metavar="auto|N[KMG]",
               help="Disk size [auto: the files + 25% + 32 MiB].")
 @click.option("--disk-mode", type=click.Choice(DISK_MODES), help="The guest mounts its disk rw or ro [rw].")
+@click.option("--max-layer-size", metavar="SIZE",
+              help="Refuse a layer whose tar expands past SIZE (e.g. 64G) [$XBUILD_MAX_LAYER_SIZE or 16G].")
 @click.option("--verify", is_flag=True, help="Boot the result under QEMU and run the recipe's smoke test.")
 @click.option("--verify-on", type=click.Choice(HYPERVISORS),
               help="Verify under this hypervisor instead (implies --verify; xen-nested: the nested Xen rig).")
@@ -115,7 +118,8 @@ def main() -> None:
 def build_cmd(image: str, output: Path | None, force: bool, compression: str, platform: str, insecure: bool,
               minimize: str,
               recipe: str | None, kernel_opt: str, memory: int | None, xen_type: str, hostname: str | None,
-              fmt: str, disk_format: str | None, disk_size: str | None, disk_mode: str | None, verify: bool,
+              fmt: str, disk_format: str | None, disk_size: str | None, disk_mode: str | None,
+              max_layer_size: str | None, verify: bool,
               verify_on: str | None, push_ref: str | None, as_json: bool, quiet: bool) -> None:
     """Build IMAGE into an artifact directory."""
     comp, level = _compression(compression)
@@ -132,6 +136,8 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
                         kernel=None if kernel_opt == "none" else kernel_opt, memory_mb=memory,
                         xen_type=xen_type, hostname=hostname, format=fmt, disk_format=disk_format or "raw",
                         disk_size=_disk_size(disk_size), disk_mode=disk_mode or "rw",
+                        max_layer_size=parse_size(max_layer_size, "--max-layer-size") if max_layer_size
+                        else None,
                         progress=_progress(not silent), log=say)
     art = build(image, opts)
     if verify or verify_on:
@@ -149,6 +155,7 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
 main.add_command(push_cmd)
 main.add_command(pull_cmd)
 main.add_command(run_cmd)
+main.add_command(cache_cmd)
 kernel.add_command(kernel_push_cmd)
 main.add_command(kernel)
 
@@ -168,11 +175,7 @@ def _disk_size(text: str | None) -> int | None:
     """`--disk-size`: auto (None) or bytes with an optional K, M, G or T suffix (powers of 1024)."""
     if text is None or text == "auto":
         return None
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    m = re.fullmatch(r"(\d+)([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
-    if not m or int(m.group(1)) == 0:
-        raise BadInput(f"--disk-size {text!r}: expected auto or a size like 512M or 2G")
-    return int(m.group(1)) * units[m.group(2).upper()]
+    return parse_size(text, "--disk-size")
 
 
 def _summary(path: Path, m: dict[str, Any]) -> None:

@@ -62,6 +62,14 @@ class PublishError(BadInput):
     """A push or pull of an xbuild artifact that the registry refuses or that is not an xbuild artifact."""
 
 
+class CacheError(XbuildError):
+    """A cache entry that is corrupt and cannot be fetched or rebuilt from its source (the file is named)."""
+
+
+class NoSpaceError(XbuildError):
+    """A write that ran out of space (ENOSPC) or quota (EDQUOT); what was being written is removed."""
+
+
 class DiskError(XbuildError):
     """An ext4 disk image that cannot be written (libguestfs or e2fsprogs failed)."""
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blobs import ensure_diff
+from .blobs import Diff, DiffChanged, open_diff
 from .errors import FlattenError
 from .image import Image, Layer
 from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Content, Inode, Tree, split
@@ -32,25 +32,41 @@ class Flattened:
     whiteouts: int
 
 
-def flatten(image: Image, progress: Callable[[int], None] | None = None) -> Flattened:
-    """Fetch (if needed), verify and apply every layer of `image`; return the resulting tree."""
-    diffs = [(layer, ensure_diff(layer, progress)) for layer in image.layers]
-    return flatten_tars(diffs)
+def flatten(image: Image, progress: Callable[[int], None] | None = None,
+            max_layer_size: int | None = None) -> Flattened:
+    """Fetch (if needed), verify and apply every layer of `image`; return the resulting tree.
+
+    Each cached diff is hashed as it is read and checked against its diff_id; when one is bad (it is removed),
+    flatten runs once more, on that diff decompressed again from its blob.
+    """
+    try:
+        return flatten_tars([(layer, open_diff(layer, progress, max_layer_size)) for layer in image.layers])
+    except DiffChanged:
+        return flatten_tars([(layer, open_diff(layer, progress, max_layer_size)) for layer in image.layers])
 
 
-def flatten_tars(diffs: Sequence[tuple[Layer | str, Path]]) -> Flattened:
-    """Apply uncompressed layer tars in order. Each item is (layer or label, path of its tar)."""
+def flatten_tars(diffs: Sequence[tuple[Layer | str, Path | Diff]]) -> Flattened:
+    """Apply uncompressed layer tars in order. Each item is (layer or label, its tar: a path, or a cached
+    `Diff`, checked against its diff_id once read: a mismatch raises DiffChanged, not the tar's errors)."""
     tree = Tree()
     entries = whiteouts = 0
     for layer, path in diffs:
         label = f"layer {layer.digest[:19]}" if isinstance(layer, Layer) else str(layer)
-        applier = _Applier(tree, str(path), label)
+        diff = path if isinstance(path, Diff) else None
+        applier = _Applier(tree, diff.source if diff else str(path), label)
         try:
-            with tarfile.open(path, "r:", ignore_zeros=False) as tar:
+            with tarfile.open(mode="r:", ignore_zeros=False,
+                              **({"fileobj": diff} if diff else {"name": path})) as tar:  # type: ignore
                 for member in tar:
                     applier.apply(member, tar)
-        except tarfile.TarError as e:
+        except (tarfile.TarError, FlattenError) as e:
+            if diff:
+                diff.check()     # a corrupt cache entry rather than a bad layer?
+            if isinstance(e, FlattenError):
+                raise
             raise FlattenError(f"{label}: corrupt tar ({e})") from None
+        if diff:
+            diff.check()
         entries += applier.count
         whiteouts += applier.whiteouts
     return Flattened(tree, entries, whiteouts)

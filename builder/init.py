@@ -7,15 +7,17 @@ binary's identity.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from .cache import atomic_file, cache_dir
-from .errors import PackError
+from .cache import atomic_file, cache_dir, is_temp, mount_point, no_space, remove_entry, touch
+from .errors import NoSpaceError, PackError
 from .resources import data_dir
 
 SOURCE = data_dir("initramfs") / "init.c"
@@ -56,16 +58,22 @@ def cache_key(source: bytes, cc: str) -> str:
 
 
 def init_binary() -> bytes:
-    """The static init binary, built on first use and cached under cache_dir('init', key)."""
+    """The static init binary, built on first use and cached under cache_dir('init', key) with its sha256
+    beside it (`init.sha256`): a cached binary that does not match it (or a missing or odd entry) is
+    compiled again."""
     try:
         src = SOURCE.read_bytes()
     except OSError as e:
         raise PackError(f"cannot read the init source {SOURCE}: {e}") from None
     cc = compiler()
-    final = cache_dir("init", cache_key(src, cc)) / "init"
-    if final.is_file():
-        return final.read_bytes()
-    with tempfile.TemporaryDirectory(prefix="xbuild-init.") as tmp:
+    entry = cache_dir("init", cache_key(src, cc))
+    final, sums = entry / "init", entry / "init.sha256"
+    cached = _cached(final, sums)
+    if cached is not None:
+        return cached
+    remove_entry(final)
+    tmpdir = Path(tempfile.gettempdir())
+    with no_space(tmpdir), tempfile.TemporaryDirectory(prefix="xbuild-init.") as tmp:
         out = Path(tmp) / "init"
         cmd = build_command(cc, SOURCE, out)
         try:
@@ -73,10 +81,43 @@ def init_binary() -> bytes:
         except OSError as e:
             raise PackError(f"cannot run {cc}: {e}") from None
         if r.returncode != 0:
+            if os.strerror(errno.ENOSPC) in r.stderr + r.stdout:
+                raise NoSpaceError(f"no space left on {mount_point(tmpdir)} (compiling the guest init)")
             tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
             raise PackError(f"building the guest init failed ({' '.join(cmd)}): {' | '.join(tail)}")
         data = out.read_bytes()
+    with atomic_file(sums, "w") as f:
+        f.write(hashlib.sha256(data).hexdigest() + "\n")
     with atomic_file(final) as f:
+        os.fchmod(f.fileno(), 0o755)
         f.write(data)
-    os.chmod(final, 0o755)
     return data
+
+
+def verify_cached() -> Iterator[tuple[Path, str | None]]:
+    """Check every cached init against its sha256: (entry, None) if good, (entry, why) if bad (removed)."""
+    for entry in sorted(cache_dir("init").iterdir()):
+        if is_temp(entry.name):
+            continue
+        if _cached(entry / "init", entry / "init.sha256") is not None:
+            yield entry, None
+        else:
+            remove_entry(entry)
+            yield entry, "the binary is missing or does not match init.sha256"
+
+
+def _cached(final: Path, sums: Path) -> bytes | None:
+    """The cached init if it is a regular file matching its recorded sha256, else None."""
+    try:
+        with open(final, "rb", opener=_nofollow) as f, open(sums, opener=_nofollow) as s:
+            data, want = f.read(), s.read().strip()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != want:
+        return None
+    touch(final.parent)
+    return data
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)

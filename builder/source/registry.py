@@ -16,7 +16,7 @@ from typing import IO
 
 import httpx
 
-from ..blobs import blob_path, store_blob, verify_bytes
+from ..blobs import blob_bytes, blob_path, present, store_blob, verify_bytes
 from ..errors import SourceError
 from ..image import (
     ACCEPT,
@@ -74,7 +74,7 @@ class _Registry:
                 if mt not in MANIFEST_TYPES:
                     raise SourceError(f"{self.what}: unsupported manifest media type {mt!r}")
                 cfg = descriptor(doc.get("config"), f"{self.what} config")
-                config_raw = self._blob(cfg, f"{self.what} config {cfg.digest}").read_bytes()
+                config_raw = blob_bytes(cfg.digest, f"{self.what} config", self._fetcher(cfg))
                 return build_image(self.ref, digest, doc, config_raw, self._opener, self.what,
                                    self.options.platform)
         raise SourceError(f"{self.what}: index nesting too deep")
@@ -90,9 +90,14 @@ class _Registry:
         return digest if digest.startswith("sha256:") else None
 
     def _manifest(self, reference: str, digest: str | None) -> tuple[bytes, str]:
-        """(bytes, digest) of a manifest by tag or digest, from the cache when its digest is known."""
-        if digest and (path := blob_path(digest)).exists():
-            return path.read_bytes(), digest
+        """(bytes, digest) of a manifest by tag or digest (from the cache, verified, given the digest)."""
+        if digest:
+            fetch = lambda: self._get_manifest(reference, digest)  # noqa: E731
+            return blob_bytes(digest, f"{self.what} manifest", fetch), digest
+        return self._get_manifest(reference, None)
+
+    def _get_manifest(self, reference: str, digest: str | None) -> tuple[bytes, str]:
+        """Fetch a manifest from the registry, verify it and store it in the blob cache."""
         resp = self.http.send("GET", f"{self.base}/manifests/{reference}", {"Accept": ACCEPT})
         if resp.status_code != 200:
             raise self._failure(resp, "manifest")
@@ -111,10 +116,13 @@ class _Registry:
         return self.http.download(f"{self.base}/blobs/{desc.digest}", desc.digest, desc.size, what,
                                   lambda resp: self._failure(resp, f"blob {desc.digest}"), progress)
 
+    def _fetcher(self, desc: Descriptor) -> Callable[[], Path]:
+        return lambda: self._blob(desc, f"{self.what} config {desc.digest}")
+
     def _opener(self, desc: Descriptor) -> Callable[[], IO[bytes]]:
         def open_layer() -> IO[bytes]:
             path = blob_path(desc.digest)
-            if not path.exists():
+            if not present(path):
                 progress = self.options.progress
                 advance = progress(f"layer {desc.digest[:19]}", desc.size) if progress else None
                 with self.http:

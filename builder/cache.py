@@ -36,12 +36,13 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _collected: set[Path] = set()
 
 
-def cache_root() -> Path:
-    """Return the cache directory, creating it if needed; stale temps are collected on first use."""
+def cache_root(collect: bool = True) -> Path:
+    """Return the cache directory, creating it if needed; stale temps are collected on first use (unless
+    `collect` is False: `xbuild cache` reports them itself)."""
     root = Path(os.environ.get("XBUILD_CACHE") or Path.home() / ".cache" / "xbuild")
     with no_space(root):
         root.mkdir(parents=True, exist_ok=True)
-    if root not in _collected:
+    if collect and root not in _collected:
         _collected.add(root)
         collect_temps(root)
     return root
@@ -95,6 +96,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
                 _rmtree(old)
             else:
                 tmp.rename(final)
+        except NoSpaceError as e:    # of a file written inside: named by where it was going
+            _rmtree(tmp)
+            raise NoSpaceError(str(e).replace(str(tmp), str(final))) from None
         except BaseException:
             _rmtree(tmp)
             raise

@@ -27,7 +27,7 @@ def cache_cmd() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 def du_cmd(as_json: bool) -> None:
     """Bytes on disk per kind of entry (blobs, diffs, init, kernels, pulled, xenrig...)."""
-    root = cache.cache_root()
+    root = cache.cache_root(collect=False)
     kinds: dict[str, dict[str, int]] = defaultdict(lambda: {"entries": 0, "bytes": 0})
     for e in cache.entries(root):
         kinds[e.kind]["entries"] += 1
@@ -73,7 +73,7 @@ def prune_cmd(max_size: str | None, as_json: bool) -> None:
     """Remove temp files left by killed runs (older than an hour, not being written) and, with --max-size,
     least recently used entries; an entry a running xbuild holds is left in place."""
     limit = cache.parse_size(max_size, "--max-size") if max_size else None
-    r = cache.prune(cache.cache_root(), limit)
+    r = cache.prune(cache.cache_root(collect=False), limit)
     report: dict[str, Any] = {
         "temps": [str(p) for p in r.temps],
         "removed": [{"path": str(e.path), "kind": e.kind, "bytes": e.size} for e in r.removed],

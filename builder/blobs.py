@@ -309,6 +309,25 @@ class DiffChanged(CacheError):
 
 
 _held: dict[Path, int] = {}     # diff path -> the fd kept open for the life of the process
+_verified: dict[int, tuple[Path, tuple[int, int, int]]] = {}   # fd -> (path, its stamp when verified)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def forget_verified() -> None:
+    """Start a new build: `check_unchanged` looks only at the diffs verified from now on."""
+    _verified.clear()
+
+
+def check_unchanged() -> None:
+    """Raise CacheError if a diff verified by flatten was written to in place since (its size, mtime or
+    ctime moved): what pack read from it may not be what was verified. Replacing or removing the entry
+    is harmless (the verified inode stays open); raw bit rot within the build is not caught."""
+    for fd, (path, stamp) in _verified.items():
+        if _stamp(os.fstat(fd)) != stamp:
+            raise CacheError(f"{path}: cached layer diff was modified in place during the build; build again")
 
 
 def open_diff(layer: Layer, progress: Callable[[int], None] | None = None,
@@ -377,6 +396,7 @@ class Diff:
         """Hash the rest of the diff; on a mismatch remove the cache entry and raise DiffChanged."""
         self._hash_to(None)
         if "sha256:" + self._hash.hexdigest() == self.diff_id:
+            _verified[self.fd] = (self.path, _stamp(os.fstat(self.fd)))
             return
         try:
             st, held = os.lstat(self.path), os.fstat(self.fd)

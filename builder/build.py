@@ -42,6 +42,7 @@ from .artifact import (
     write_manifest,
     xen_config,
 )
+from .blobs import check_unchanged
 from .cache import atomic_dir, file_sha256
 from .cpio import DEFAULT_COMPRESSION, pack
 from .errors import BadInput
@@ -186,6 +187,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     with atomic_dir(out) as tmp:
         disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
         packed = pack(boot_tree(tree) if disk else tree, tmp / INITRD, opts.compression, opts.level, epoch)
+        check_unchanged()       # the diffs pack and the disk read from are still the ones flatten verified
         initrd = Initrd(sha256=packed.sha256, size=packed.size, uncompressed_size=packed.uncompressed_size,
                         compression=packed.compression, level=packed.level, entries=packed.entries)
         kernel_info = None

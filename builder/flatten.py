@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blobs import Diff, DiffChanged, open_diff
+from .blobs import Diff, DiffChanged, forget_verified, open_diff
 from .errors import FlattenError
 from .image import Image, Layer
 from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Content, Inode, Tree, split
@@ -39,6 +39,7 @@ def flatten(image: Image, progress: Callable[[int], None] | None = None,
     Each cached diff is hashed as it is read and checked against its diff_id; when one is bad (it is removed),
     flatten runs once more, on that diff decompressed again from its blob.
     """
+    forget_verified()
     try:
         return flatten_tars([(layer, open_diff(layer, progress, max_layer_size)) for layer in image.layers])
     except DiffChanged:

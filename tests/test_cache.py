@@ -287,6 +287,35 @@ def test_diff_replaced_after_flatten_does_not_reach_the_initrd(
     assert art.manifest["initrd"]["sha256"] == good
 
 
+def test_diff_written_in_place_after_flatten_fails_the_build(
+        sandbox: Sandbox, image: OciImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verified inode itself written to between flatten and pack: the build fails, no output."""
+    from builder.build import BuildOptions
+    from builder.build import build as run_build
+    from builder.errors import CacheError
+
+    sandbox.good_build(image.ref)
+    monkeypatch.setenv("XBUILD_CACHE", str(sandbox.cache))
+    import builder.build as build_module
+
+    real = build_module.flatten
+
+    def flatten_then_write(img: Any, *a: Any) -> Any:
+        flat = real(img, *a)
+        diff = the_diff(sandbox)
+        data = diff.read_bytes()
+        with open(diff, "r+b") as f:
+            f.seek(data.index(b"root:x:0:0"))
+            f.write(b"evil")
+        return flat
+
+    monkeypatch.setattr(build_module, "flatten", flatten_then_write)
+    out = sandbox.root / "work" / "written"
+    with pytest.raises(CacheError, match="modified in place during the build"):
+        run_build(image.ref, BuildOptions(output=out, kernel=None))
+    assert not out.exists() and not list(out.parent.glob(".written.*"))
+
+
 # ---- corrupt entries heal from the registry, or fail naming the file when it is gone ------------------
 
 @pytest.mark.parametrize("kind", ["manifest", "config", "layer"])

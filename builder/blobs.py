@@ -309,11 +309,12 @@ class DiffChanged(CacheError):
 
 
 _held: dict[Path, int] = {}     # diff path -> the fd kept open for the life of the process
-_verified: dict[int, tuple[Path, tuple[int, int, int]]] = {}   # fd -> (path, its stamp when verified)
+_verified: dict[int, tuple[Path, tuple[int, int]]] = {}   # fd -> (path, its stamp when verified)
 
 
-def _stamp(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    """Size and mtime: a write moves them; an unlink or rename of the entry (ctime) does not."""
+    return st.st_size, st.st_mtime_ns
 
 
 def forget_verified() -> None:
@@ -322,9 +323,9 @@ def forget_verified() -> None:
 
 
 def check_unchanged() -> None:
-    """Raise CacheError if a diff verified by flatten was written to in place since (its size, mtime or
-    ctime moved): what pack read from it may not be what was verified. Replacing or removing the entry
-    is harmless (the verified inode stays open); raw bit rot within the build is not caught."""
+    """Raise CacheError if a diff verified by flatten was written to in place since (its size or mtime
+    moved): what pack read from it may not be what was verified. Replacing or removing the entry is
+    harmless (the verified inode stays open); raw bit rot within the build is not caught."""
     for fd, (path, stamp) in _verified.items():
         if _stamp(os.fstat(fd)) != stamp:
             raise CacheError(f"{path}: cached layer diff was modified in place during the build; build again")

@@ -284,7 +284,7 @@ def test_diff_replaced_after_flatten_does_not_reach_the_initrd(
     assert flatten is real
     monkeypatch.setattr(build_module, "flatten", flatten_then_swap)
     art = run_build(image.ref, BuildOptions(output=sandbox.root / "work" / "swapped", kernel=None))
-    assert art.manifest["initrd"]["sha256"] == good
+    assert art.manifest.initrd.sha256 == good
 
 
 def test_diff_written_in_place_after_flatten_fails_the_build(

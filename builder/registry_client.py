@@ -185,7 +185,7 @@ def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
     except zlib.error as e:
         raise _BadEncoding(f"corrupt gzip Content-Encoding ({e})") from None
     if fed and not d.eof:
-        raise _BadEncoding("truncated gzip Content-Encoding")
+        raise _BadEncoding("corrupt gzip Content-Encoding (truncated)")
 
 
 def _decoded(resp: httpx.Response) -> Iterator[bytes]:
@@ -284,7 +284,7 @@ class RegistryClient:
         RegistryUnavailable. `content` is sent again on each try.
         """
         size = content.stat().st_size if isinstance(content, Path) else 0
-        return self._request(method, url, self._kept, f"the answer to {method}", headers, content,
+        return self._request(method, url, self._kept, f"{method} {urlsplit(str(url)).path}", headers, content,
                              authorize, data, size)
 
     def fetch(self, url: str | httpx.URL, what: str, limit: int,
@@ -321,15 +321,15 @@ class RegistryClient:
             return path
         with self._own_errors():
             check_digest(digest, what)
+        subject = what.removeprefix(f"{self.what} ")     # `what` may name the image: messages do first
 
         def store(resp: httpx.Response) -> Path:
             if resp.status_code != 200:
                 raise failure(self._kept(resp))
             with self._own_errors():     # a download that does not match its digest or size
-                body = io.BufferedReader(_Body(self._body(resp, what), size), CHUNK)
+                body = io.BufferedReader(_Body(self._body(resp, subject), size), CHUNK)
                 return store_blob(body, digest, what, size, progress)
 
-        subject = what.removeprefix(f"{self.what} ")     # `what` may name the image, messages do first
         return self._request("GET", url, store, subject, None, None, True, None, size)
 
     def _request(self, method: str, url: str | httpx.URL, consume: Callable[[httpx.Response], T], what: str,
@@ -342,7 +342,7 @@ class RegistryClient:
         who = f"registry {host}" if authorize else f"token server {host}"
         seconds = self.deadline + size / MIN_RATE
         deadline = time.monotonic() + seconds
-        late = f"{self.what}: {who}: {what} not received within {seconds:.0f} s ({DEADLINE_ENV})"
+        late = f"{self.what}: {what}: not received from {who} within {seconds:.0f} s ({DEADLINE_ENV})"
         reset = _deadline.set(deadline)
         challenged = not authorize
         attempt = 0
@@ -372,13 +372,13 @@ class RegistryClient:
                         raise RegistryUnavailable(f"{late}; last try: {failure}") from None
                 attempt += 1
                 if attempt >= RETRIES:
-                    raise RegistryUnavailable(f"{self.what}: {who} {failure} after {RETRIES} tries")
+                    raise RegistryUnavailable(f"{self.what}: {what}: {who} {failure} after {RETRIES} tries")
                 delay = float(os.environ.get(RETRY_DELAY_ENV) or 0.5) * 2 ** (attempt - 1)
                 if retry_after and retry_after.isdigit():
                     if time.monotonic() + int(retry_after) > deadline:
-                        raise RegistryUnavailable(f"{self.what}: {who} {failure} and asks to retry after "
-                                                  f"{retry_after} s (Retry-After), past the {seconds:.0f} s "
-                                                  f"deadline ({DEADLINE_ENV})")
+                        raise RegistryUnavailable(f"{self.what}: {what}: {who} {failure} and asks to retry "
+                                                  f"after {retry_after} s (Retry-After), past the "
+                                                  f"{seconds:.0f} s deadline ({DEADLINE_ENV})")
                     delay = max(delay, float(retry_after))
                 if time.monotonic() + delay > deadline:
                     raise RegistryUnavailable(f"{late}; last try: {failure}")

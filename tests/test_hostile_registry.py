@@ -2,8 +2,8 @@
 
 A real docker-registry holds a small image and a VM artifact; the fault server
 (tests/fixtures/hostile_registry.py) stands in front of it and answers chosen requests with a fault. Every
-case runs the real CLI (`xbuild` or `xbuild pull`) in a sandbox with the transfer knobs set low (stall 1 s,
-deadline 3 s) and asserts: the exit code and exactly one error line, nothing written outside the cache,
+case runs the real CLI (`xbuild` or `xbuild pull`) in a sandbox with the transfer knobs set low (stall 0.5 s,
+deadline 2 s) and asserts: the exit code and exactly one error line, nothing written outside the cache,
 no temp file left, and a good build (or pull) afterwards in the same cache gives the same bytes as before.
 """
 
@@ -25,17 +25,18 @@ from tests.fixtures.images import make_busybox_image
 from tests.fixtures.registry import Registry
 
 REPO, ARTIFACT_REPO = "hostile/busybox", "hostile/vm"
-KNOBS = {"XBUILD_REGISTRY_STALL_TIMEOUT": "1", "XBUILD_REGISTRY_DEADLINE": "3"}
+KNOBS = {"XBUILD_REGISTRY_STALL_TIMEOUT": "0.5", "XBUILD_REGISTRY_DEADLINE": "2"}
 MEMORY = 1 << 30            # address-space limit of the CLI in these cases: a bomb decoded whole breaks it
 WALL = 40                   # no case may take longer (a client that waits for ever fails here)
 MANIFEST = r"/manifests/"
 BLOB = r"GET /v2/[^ ]*/blobs/sha256:"
+CHEAP = ("--minimize", "none", "--compression", "none")     # the cases are about the network: build fast
 Fault = hr.FaultRegistry
 Served = dict[str, str]
 
 
 @functools.cache
-def bomb(size: int = 2 << 30) -> bytes:
+def bomb(size: int = 1 << 30) -> bytes:
     return hr.gzip_bomb(size)
 
 
@@ -48,9 +49,9 @@ def served(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict
     box = Sandbox(work / "box")
     for d in (box.home, box.tmp, box.cache, box.root / "work"):
         d.mkdir(parents=True)
-    initrd = box.good_build(f"docker://{registry.host}/{REPO}:v1")
+    initrd = box.good_build(f"docker://{registry.host}/{REPO}:v1", *CHEAP)
     art = box.root / "work" / "art"
-    r = box.xbuild(f"docker://{registry.host}/{REPO}:v1", "-o", str(art), "--kernel", "none", "-q",
+    r = box.xbuild(f"docker://{registry.host}/{REPO}:v1", "-o", str(art), "--kernel", "none", "-q", *CHEAP,
                    "--push", f"{registry.host}/{ARTIFACT_REPO}:v1")
     assert r.returncode == 0, r.stderr
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(art.iterdir())}
@@ -78,16 +79,23 @@ def xbuild(box: Sandbox, *args: str, memory: int = MEMORY) -> subprocess.Complet
                           preexec_fn=limit)
 
 
+def built(box: Sandbox, fault: Fault) -> str:
+    """Build through the fault server with the test knobs; the initrd's sha256."""
+    r = xbuild(box, f"docker://{fault.host}/{REPO}:v1", "-o", str(box.out), "--kernel", "none", "-q", *CHEAP)
+    assert r.returncode == 0, r.stderr
+    return str(json.loads((box.out / "manifest.json").read_text())["initrd"]["sha256"])
+
+
 def build_refused(box: Sandbox, fault: Fault, served: dict[str, str], code: int,
                   *needles: str) -> str:
     """Build through the fault server: refused as told, nothing left behind, and a good build after."""
     before = box.snapshot()
-    r = xbuild(box, f"docker://{fault.host}/{REPO}:v1", "-o", str(box.out), "--kernel", "none", "-q")
+    r = xbuild(box, f"docker://{fault.host}/{REPO}:v1", "-o", str(box.out), "--kernel", "none", "-q", *CHEAP)
     line = assert_refused(r, code, *needles)
     assert box.changes(before) == []
     assert box.stale_temps() == []
     fault.clear()
-    assert box.good_build(f"docker://{fault.host}/{REPO}:v1") == served["initrd"]
+    assert box.good_build(f"docker://{fault.host}/{REPO}:v1", *CHEAP) == served["initrd"]
     return line
 
 
@@ -151,7 +159,7 @@ def test_build_gzip_bomb_error_body(sandbox: Sandbox, fault: Fault, served: Serv
 def test_build_zstd_encoded_manifest(sandbox: Sandbox, fault: Fault,
                                      served: Served) -> None:
     import zstandard
-    fault.fault(manifest_of(REPO), hr.encoded(zstandard.compress(bytes(1 << 30)), "zstd"))
+    fault.fault(manifest_of(REPO), hr.encoded(zstandard.compress(bytes(64 << 20)), "zstd"))
     build_refused(sandbox, fault, served, 2, "manifest", "Content-Encoding 'zstd'")
 
 
@@ -176,25 +184,23 @@ def test_good_gzip_encoded_answers_are_decoded(sandbox: Sandbox, fault: Fault,
                                                served: Served) -> None:
     """A proxy that gzips every answer (manifests and blobs) is fine: decoded, bounded, verified."""
     fault.fault(r"GET ", hr.gzipped_upstream())
-    r = xbuild(sandbox, f"docker://{fault.host}/{REPO}:v1", "-o", str(sandbox.out), "--kernel", "none", "-q")
-    assert r.returncode == 0, r.stderr
-    assert json.loads((sandbox.out / "manifest.json").read_text())["initrd"]["sha256"] == served["initrd"]
+    assert built(sandbox, fault) == served["initrd"]
 
 
 # ---- time: stalls, drips, deadlines --------------------------------------------------------------------
 
 def test_build_manifest_drips(sandbox: Sandbox, fault: Fault, served: Served) -> None:
-    fault.fault(manifest_of(REPO), hr.drip(0.5))
+    fault.fault(manifest_of(REPO), hr.drip(0.3))
     build_refused(sandbox, fault, served, 2, "manifest", "XBUILD_REGISTRY_DEADLINE")
 
 
 def test_build_headers_drip(sandbox: Sandbox, fault: Fault, served: Served) -> None:
-    fault.fault(r"HEAD ", hr.drip(0.5, headers_too=True))
+    fault.fault(r"HEAD ", hr.drip(0.3, headers_too=True))
     build_refused(sandbox, fault, served, 2, "XBUILD_REGISTRY_DEADLINE")
 
 
 def test_build_layer_drips(sandbox: Sandbox, fault: Fault, served: Served) -> None:
-    fault.fault(BLOB, hr.drip(0.5))
+    fault.fault(BLOB, hr.drip(0.3))
     build_refused(sandbox, fault, served, 2, "XBUILD_REGISTRY_DEADLINE")
 
 
@@ -220,7 +226,7 @@ def test_build_stall_then_success_is_retried(sandbox: Sandbox, fault: Fault,
                                              served: Served) -> None:
     """One stalled answer is a transient failure: the next try gets the manifest."""
     fault.fault(manifest_of(REPO), hr.stall(30), times=1)
-    assert sandbox.good_build(f"docker://{fault.host}/{REPO}:v1") == served["initrd"]
+    assert built(sandbox, fault) == served["initrd"]
 
 
 # ---- redirects, realms, garbage ------------------------------------------------------------------------
@@ -317,7 +323,7 @@ def test_pull_nested_gzip_bomb_initrd(sandbox: Sandbox, fault: Fault, served: Se
 
 
 def test_pull_manifest_drips(sandbox: Sandbox, fault: Fault, served: Served) -> None:
-    fault.fault(manifest_of(ARTIFACT_REPO), hr.drip(0.5))
+    fault.fault(manifest_of(ARTIFACT_REPO), hr.drip(0.3))
     pull_refused(sandbox, fault, served, 2, "XBUILD_REGISTRY_DEADLINE")
 
 

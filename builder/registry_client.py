@@ -415,7 +415,9 @@ class RegistryClient:
         checked between chunks too (for connections the deadline's transport does not carry: proxies)."""
         try:
             for chunk in _decoded(resp):
-                _left(None)
+                at = _deadline.get()
+                if at is not None and time.monotonic() >= at:
+                    raise httpx.ReadTimeout("the transfer's deadline has passed")
                 yield chunk
         except _BadEncoding as e:
             raise self.error(f"{self.what}: {what}: the registry sent {e}") from None

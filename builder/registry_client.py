@@ -7,6 +7,22 @@ mount), retries transport errors, 5xx and 429 with exponential backoff (honourin
 request bodies on each try, and streams blobs into the verified blob cache, retrying downloads that are cut
 off. Refusals and bad answers raise the caller's error type (SourceError for pulls, PublishError for
 publishing); a registry still unreachable or failing after RETRIES tries raises RegistryUnavailable.
+
+A registry, its token server and wherever they redirect are untrusted, so every answer is bounded:
+- size: JSON documents (manifests, indexes, configs, tokens) are read streamed through `fetch` and refused
+  once past their cap (a Content-Length above it: not read at all), blobs are cut one byte past their
+  descriptor's size, any other answer (errors, redirects) is kept to ERROR_LIMIT bytes;
+- encoding: `Accept-Encoding: identity` is asked for; a gzip Content-Encoding sent anyway is undone by our
+  own decoder, never more than CHUNK bytes per step (httpx's decoders inflate a whole network read at once:
+  a 2 MB gzip bomb took 4 GB); any other encoding (br, zstd, deflate...) is refused;
+- time: a transfer (one request with its tries, redirects and backoff) ends by a deadline of
+  $XBUILD_REGISTRY_DEADLINE seconds (default 300) plus one per MIN_RATE bytes of a blob, enforced on
+  every socket wait (the connection pool's network backend), so a registry dripping bytes, even inside
+  its headers, is cut off; a try fails once no byte came for $XBUILD_REGISTRY_STALL_TIMEOUT seconds
+  (default 60; 300 for push and pull of VM images) and is retried;
+- redirects: at most MAX_REDIRECTS, only to http(s) URLs; a token realm must be an http(s) URL.
+A bad answer raises the caller's error type (exit 2); a registry too slow or unreachable to the end,
+RegistryUnavailable (exit 2).
 """
 
 from __future__ import annotations

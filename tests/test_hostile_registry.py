@@ -355,3 +355,14 @@ def test_pull_corrupt_gzip_config(sandbox: Sandbox, fault: Fault, served: Served
 def test_pull_429_retry_after(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(manifest_of(ARTIFACT_REPO), hr.status(429, {"Retry-After": "600"}))
     pull_refused(sandbox, fault, served, 2, "HTTP 429", "Retry-After")
+
+
+def test_bad_knob_is_one_line(sandbox: Sandbox, fault: Fault, served: Served) -> None:
+    """A knob that is not a number of seconds is the user's bad input: one line, exit 2."""
+    before = sandbox.snapshot()
+    ref = f"docker://{fault.host}/{REPO}:v1"
+    r = subprocess.run([*XBUILD, ref, "-o", str(sandbox.out), "--kernel", "none"], capture_output=True,
+                       text=True, timeout=WALL, cwd=sandbox.root / "work",
+                       env=sandbox.env(XBUILD_REGISTRY_STALL_TIMEOUT="soon"))
+    assert_refused(r, 2, "XBUILD_REGISTRY_STALL_TIMEOUT='soon'", "positive number of seconds")
+    assert sandbox.changes(before) == []

@@ -51,6 +51,7 @@ from .source import auth
 
 RETRIES = 4                                   # tries per request for transient failures
 RETRY_DELAY_ENV = "XBUILD_REGISTRY_RETRY_DELAY"   # first backoff delay in seconds (default 0.5), then doubled
+RETRY_AFTER_MAX = 60.0                        # longest Retry-After honoured (seconds)
 STALL_ENV = "XBUILD_REGISTRY_STALL_TIMEOUT"   # seconds without a byte before a try fails (default 60)
 DEADLINE_ENV = "XBUILD_REGISTRY_DEADLINE"     # seconds for one transfer, all its tries (default 300) ...
 MIN_RATE = 100_000                            # ... plus one second per MIN_RATE bytes of a blob's size
@@ -391,11 +392,12 @@ class RegistryClient:
                     raise RegistryUnavailable(f"{self.what}: {what}: {who} {failure} after {RETRIES} tries")
                 delay = float(os.environ.get(RETRY_DELAY_ENV) or 0.5) * 2 ** (attempt - 1)
                 if retry_after and retry_after.isdigit():
-                    if time.monotonic() + int(retry_after) > deadline:
+                    wait = min(float(retry_after), RETRY_AFTER_MAX)
+                    if time.monotonic() + wait > deadline:
                         raise RegistryUnavailable(f"{self.what}: {what}: {who} {failure} and asks to retry "
                                                   f"after {retry_after} s (Retry-After), past the "
                                                   f"{seconds:.0f} s deadline ({DEADLINE_ENV})")
-                    delay = max(delay, float(retry_after))
+                    delay = max(delay, wait)
                 if time.monotonic() + delay > deadline:
                     raise RegistryUnavailable(f"{late}; last try: {failure}")
                 time.sleep(delay)

@@ -142,25 +142,27 @@ def _entry_fd(path: Path) -> int | None:
     return fd
 
 
-def _cached(path: Path, digest: str) -> tuple[bytes | None, bool]:
-    """(the entry's bytes if they hash to `digest`, whether a bad entry was removed)."""
+def _cached(path: Path, digest: str, limit: int) -> tuple[bytes | None, bool]:
+    """(the entry's bytes if they hash to `digest` and are at most `limit`, whether a bad entry was
+    removed); never reads more than `limit` + 1 bytes."""
     fd = _entry_fd(path)
     if fd is None:
         return None, os.path.lexists(path)
     with os.fdopen(fd, "rb") as f:
-        data = f.read()
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        data = f.read(limit + 1)
+    if len(data) > limit or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
         remove_entry(path)
         return None, True
     touch(path)
     return data, False
 
 
-def blob_bytes(digest: str, what: str, fetch: Callable[[], object]) -> bytes:
-    """The blob `digest` (a manifest or config) from the cache, verified; when it is missing or corrupt
-    (then removed), `fetch()` stores it again first. A corrupt entry whose source fails is a CacheError."""
+def blob_bytes(digest: str, what: str, fetch: Callable[[], object], limit: int) -> bytes:
+    """The blob `digest` (a manifest or config of at most `limit` bytes) from the cache, verified; when it
+    is missing or corrupt (then removed), `fetch()` stores it again first. A corrupt entry whose source
+    fails is a CacheError."""
     path = blob_path(digest)
-    raw, bad = _cached(path, digest)
+    raw, bad = _cached(path, digest, limit)
     if raw is not None:
         return raw
     try:
@@ -169,7 +171,7 @@ def blob_bytes(digest: str, what: str, fetch: Callable[[], object]) -> bytes:
         if bad:
             raise _refetch_failed(path, e) from None
         raise
-    raw, _ = _cached(path, digest)
+    raw, _ = _cached(path, digest, limit)
     if raw is None:
         raise CacheError(f"{path}: {what} changed in the cache right after it was stored")
     return raw

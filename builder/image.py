@@ -24,6 +24,8 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+MANIFEST_LIMIT = 4 << 20    # largest manifest or index read (distribution's own limit for a manifest PUT)
+CONFIG_LIMIT = 4 << 20      # largest config read (an image's, an artifact's): real ones are a few KiB
 
 LAYER_TYPES = {
     "application/vnd.oci.image.layer.v1.tar": "none",

@@ -57,7 +57,7 @@ from .artifact import (
 from .blobs import CHUNK, HashingWriter, blob_path, check_digest
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256
 from .errors import ArtifactError, PublishError, SourceError
-from .image import ACCEPT, DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST
+from .image import ACCEPT, CONFIG_LIMIT, DOCKER_CONFIG, MANIFEST_LIMIT, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
 from .reference import ImageRef, parse
 from .registry_client import RegistryClient, errors, status
@@ -95,8 +95,7 @@ BASE_DIGEST = "org.opencontainers.image.base.digest"
 BASE_NAME = "org.opencontainers.image.base.name"
 TOOL_VERSION = "io.xbuild.tool.version"
 IMAGE_CONFIGS = (OCI_CONFIG, DOCKER_CONFIG)     # what a container image's config is
-CONFIG_LIMIT = 4 << 20
-TIMEOUT = httpx.Timeout(300.0, connect=15.0)
+STALL = 300.0       # seconds a push or pull waits without a byte (a registry may think long after an upload)
 
 
 @dataclass(frozen=True)
@@ -505,7 +504,7 @@ class _Session:
         self.registry, self.repo = str(ref.registry), str(ref.repository)
         self.http = RegistryClient(self.registry, self.repo, what=self.what, insecure=insecure,
                                    scopes={self.repo: "pull,push" if push else "pull"}, error=PublishError,
-                                   timeout=TIMEOUT, check_hint="check {config} (docker login)")
+                                   stall=STALL, check_hint="check {config} (docker login)")
         self.base = self.http.base
 
     def __enter__(self) -> Self:
@@ -583,12 +582,10 @@ class _Session:
     def get_manifest(self) -> dict[str, Any]:
         """The manifest `ref` names, its digest verified (against the ref's digest when pinned)."""
         reference = self.ref.digest or str(self.ref.tag)
-        resp = self.http.send("GET", f"{self.base}/manifests/{reference}",
-                              {"Accept": f"{OCI_MANIFEST}, {ACCEPT}"})
-        if resp.status_code != 200:
-            raise self._failure(resp, "manifest")
-        raw = resp.content
-        header = resp.headers.get("Docker-Content-Digest", "")
+        raw, headers = self.http.fetch(f"{self.base}/manifests/{reference}", "manifest", MANIFEST_LIMIT,
+                                       lambda resp: self._failure(resp, "manifest"),
+                                       {"Accept": f"{OCI_MANIFEST}, {ACCEPT}"})
+        header = headers.get("Docker-Content-Digest", "")
         expected = self.ref.digest or (header if header.startswith("sha256:") else None)
         actual = "sha256:" + hashlib.sha256(raw).hexdigest()
         if expected and actual != expected:

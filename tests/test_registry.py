@@ -223,7 +223,7 @@ def test_cut_download_is_retried(registry: Registry, proxy: RegistryProxy, tmp_p
         assert sha256_of(f.read()) == img.layers[0].digest
     assert len([p for p in proxy.blob_gets() if img.layers[0].digest in p]) == 3
     proxy.cut = 10
-    with pytest.raises(RegistryUnavailable, match=f"{img.layers[1].digest}: download failed after 4 tries"):
+    with pytest.raises(RegistryUnavailable, match=f"{img.layers[1].digest}: registry .* after 4 tries$"):
         img.layers[1].open()
     assert not blob_path(img.layers[1].digest).exists()
 

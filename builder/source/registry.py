@@ -20,7 +20,9 @@ from ..blobs import blob_bytes, blob_path, present, store_blob, verify_bytes
 from ..errors import SourceError
 from ..image import (
     ACCEPT,
+    CONFIG_LIMIT,
     INDEX_TYPES,
+    MANIFEST_LIMIT,
     MANIFEST_TYPES,
     Descriptor,
     Image,
@@ -36,7 +38,6 @@ from . import SourceOptions
 
 __all__ = ["RETRIES", "RETRY_DELAY_ENV", "endpoint", "load"]
 
-MANIFEST_LIMIT = 4 << 20
 SCHEMA1_TYPES = ("application/vnd.docker.distribution.manifest.v1+json",
                  "application/vnd.docker.distribution.manifest.v1+prettyjws")
 
@@ -74,7 +75,9 @@ class _Registry:
                 if mt not in MANIFEST_TYPES:
                     raise SourceError(f"{self.what}: unsupported manifest media type {mt!r}")
                 cfg = descriptor(doc.get("config"), f"{self.what} config")
-                config_raw = blob_bytes(cfg.digest, f"{self.what} config", self._fetcher(cfg))
+                if cfg.size > CONFIG_LIMIT:
+                    raise SourceError(f"{self.what}: config larger than {CONFIG_LIMIT >> 20} MiB")
+                config_raw = blob_bytes(cfg.digest, f"{self.what} config", self._fetcher(cfg), CONFIG_LIMIT)
                 return build_image(self.ref, digest, doc, config_raw, self._opener, self.what,
                                    self.options.platform)
         raise SourceError(f"{self.what}: index nesting too deep")
@@ -93,18 +96,14 @@ class _Registry:
         """(bytes, digest) of a manifest by tag or digest (from the cache, verified, given the digest)."""
         if digest:
             fetch = lambda: self._get_manifest(reference, digest)  # noqa: E731
-            return blob_bytes(digest, f"{self.what} manifest", fetch), digest
+            return blob_bytes(digest, f"{self.what} manifest", fetch, MANIFEST_LIMIT), digest
         return self._get_manifest(reference, None)
 
     def _get_manifest(self, reference: str, digest: str | None) -> tuple[bytes, str]:
-        """Fetch a manifest from the registry, verify it and store it in the blob cache."""
-        resp = self.http.send("GET", f"{self.base}/manifests/{reference}", {"Accept": ACCEPT})
-        if resp.status_code != 200:
-            raise self._failure(resp, "manifest")
-        raw = resp.content
-        if len(raw) > MANIFEST_LIMIT:
-            raise SourceError(f"{self.what}: manifest larger than {MANIFEST_LIMIT >> 20} MiB")
-        header = resp.headers.get("Docker-Content-Digest", "")
+        """Fetch a manifest from the registry (at most MANIFEST_LIMIT), verify it, store it in the cache."""
+        raw, headers = self.http.fetch(f"{self.base}/manifests/{reference}", "manifest", MANIFEST_LIMIT,
+                                       lambda resp: self._failure(resp, "manifest"), {"Accept": ACCEPT})
+        header = headers.get("Docker-Content-Digest", "")
         if not digest:
             digest = header if header.startswith("sha256:") else "sha256:" + hashlib.sha256(raw).hexdigest()
         verify_bytes(raw, digest, f"{self.what} manifest")

@@ -4,25 +4,30 @@ Each layer's uncompressed tar (from the diff cache) is read once, member by memb
 content is recorded as a byte range in that tar, never extracted. Whiteouts (`.wh.NAME`) delete from
 the layers below, opaque markers (`.wh..wh..opq`) hide a directory's lower contents, a path may
 change type across layers, and hardlinks share the inode they point to at the time they appear.
+The tar is read by `tarread` (Go archive/tar's reading, strict); what the index does not model is
+refused with one FlattenError: sparse files, contiguous files and other member types, names that leave
+the root, the root named by a non-directory, self and directory hardlinks, whiteouts of '.'/'..',
+owners and device numbers beyond 32 bits.
 """
 
 from __future__ import annotations
 
-import base64
-import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tarread
 from .blobs import ensure_diff
 from .errors import FlattenError
 from .image import Image, Layer
+from .tarread import Member, TarFormatError, read_members
 from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Content, Inode, Tree, split
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-_KINDS = {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK, tarfile.CHRTYPE: CHAR, tarfile.BLKTYPE: BLOCK,
-          tarfile.FIFOTYPE: FIFO, tarfile.REGTYPE: FILE, tarfile.AREGTYPE: FILE, tarfile.CONTTYPE: FILE}
+MAX_ID = 0xFFFFFFFF          # uid, gid and device numbers travel in cpio newc's 32-bit fields
+_KINDS = {tarread.DIR: DIR, tarread.SYMLINK: SYMLINK, tarread.CHAR: CHAR, tarread.BLK: BLOCK,
+          tarread.FIFO: FIFO, tarread.REG: FILE}
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,11 @@ def flatten_tars(diffs: Sequence[tuple[Layer | str, Path]]) -> Flattened:
         label = f"layer {layer.digest[:19]}" if isinstance(layer, Layer) else str(layer)
         applier = _Applier(tree, str(path), label)
         try:
-            with tarfile.open(path, "r:", ignore_zeros=False) as tar:
-                for member in tar:
-                    applier.apply(member, tar)
-        except tarfile.TarError as e:
-            raise FlattenError(f"{label}: corrupt tar ({e})") from None
+            with open(path, "rb") as f:
+                for member in read_members(f, applier.size):
+                    applier.apply(member)
+        except TarFormatError as e:
+            raise FlattenError(f"{label}: {e}") from None
         entries += applier.count
         whiteouts += applier.whiteouts
     return Flattened(tree, entries, whiteouts)
@@ -81,20 +86,29 @@ class _Applier:
             raise self.fail(member or name, what + "'..' would escape the root")
         return "/".join(parts)
 
-    def apply(self, m: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def apply(self, m: Member) -> None:
         self.count += 1
         path = self.clean(m.name)
         base = path.rsplit("/", 1)[-1]
         if base.startswith(WHITEOUT):
             self.whiteouts += 1
-            self.whiteout(path, base)
+            self.whiteout(path, base, m.name)
             return
+        for what, value in (("uid", m.uid), ("gid", m.gid), ("device major", m.devmajor),
+                            ("device minor", m.devminor)):
+            if value > MAX_ID:
+                raise self.fail(m.name, f"{what} {value} is out of range (at most {MAX_ID})")
         if not path:  # "./": the root directory itself
-            if m.isdir():
-                self._meta(self.tree.root, m)
+            if m.type != tarread.DIR:
+                raise self.fail(m.name, "names the root directory but is not a directory")
+            self._meta(self.tree.root, m)
             return
-        if m.islnk():
+        if m.type == tarread.LINK:
             target_path = self.clean(m.linkname, m.name)
+            if target_path == path:
+                raise self.fail(m.name, "hardlink to itself")
+            if not target_path:
+                raise self.fail(m.name, "hardlink to the root directory")
             target = self.tree.lookup(target_path)
             if target is None:
                 raise self.fail(m.name, f"hardlink to missing target {m.linkname!r}")
@@ -102,11 +116,7 @@ class _Applier:
                 raise self.fail(m.name, f"hardlink to directory {m.linkname!r}")
             self.place(path, target, m.name)
             return
-        kind = _KINDS.get(m.type)
-        if kind is None:
-            if m.issparse():
-                raise self.fail(m.name, "sparse files are not supported")
-            raise self.fail(m.name, f"unsupported tar member type {m.type!r}")
+        kind = _KINDS[m.type]
         if kind == DIR:
             existing = self.tree.lookup(path)
             if existing is not None and existing.kind == DIR:
@@ -116,10 +126,8 @@ class _Applier:
         node = Inode(kind, children={} if kind == DIR else None)
         self._meta(node, m)
         if kind == FILE:
-            if m.offset_data + m.size > self.size:
-                raise self.fail(m.name, "truncated tar (content runs past the end)")
             node.size = m.size
-            node.content = Content(self.source, m.offset_data, m.size) if m.size else b""
+            node.content = Content(self.source, m.offset, m.size) if m.size else b""
         elif kind == SYMLINK:
             node.target = m.linkname
         elif kind in (CHAR, BLOCK):
@@ -142,13 +150,15 @@ class _Applier:
             self.parents.add(parent)
             parent = parent.rpartition("/")[0]
 
-    def whiteout(self, path: str, base: str) -> None:
+    def whiteout(self, path: str, base: str, name: str) -> None:
         parent_path = path.rsplit("/", 1)[0] if "/" in path else ""
         if base == OPAQUE:
             self.prune(parent_path, self.tree.lookup(parent_path, follow=True))
             return
         if base.startswith(WHITEOUT + WHITEOUT):  # other aufs metadata (.wh..wh.plnk, ...)
             return
+        if base[len(WHITEOUT):] in ("", ".", ".."):
+            raise self.fail(name, "whiteout of no name, '.' or '..'")
         victim = (parent_path + "/" if parent_path else "") + base[len(WHITEOUT):]
         if victim in self.added or victim in self.parents:
             self.prune(victim, self.tree.lookup(victim))
@@ -156,24 +166,21 @@ class _Applier:
             self.tree.remove(victim)
 
     def prune(self, path: str, node: Inode | None) -> None:
-        """Below directory `node` at `path`, delete everything this layer did not add, recursively."""
-        if node is None or not node.children:
-            return
-        prefix = path + "/" if path else ""
-        for name, child in list(node.children.items()):
-            if prefix + name in self.added or prefix + name in self.parents:
-                self.prune(prefix + name, child)
-            else:
-                del node.children[name]
+        """Below directory `node` at `path`, delete everything this layer did not add, at any depth."""
+        stack = [(path, node)]
+        while stack:
+            path, node = stack.pop()
+            if node is None or not node.children:
+                continue
+            prefix = path + "/" if path else ""
+            for name, child in list(node.children.items()):
+                if prefix + name in self.added or prefix + name in self.parents:
+                    stack.append((prefix + name, child))
+                else:
+                    del node.children[name]
 
     @staticmethod
-    def _meta(node: Inode, m: tarfile.TarInfo) -> None:
+    def _meta(node: Inode, m: Member) -> None:
         node.mode = m.mode & 0o7777
-        node.uid, node.gid, node.mtime = m.uid, m.gid, int(m.mtime)
-        xattrs: dict[str, bytes] = {}
-        for key, value in m.pax_headers.items():
-            if key.startswith("SCHILY.xattr."):
-                xattrs[key[len("SCHILY.xattr."):]] = value.encode("utf-8", "surrogateescape")
-            elif key.startswith("LIBARCHIVE.xattr."):
-                xattrs[key[len("LIBARCHIVE.xattr."):]] = base64.b64decode(value + "==")
-        node.xattrs = xattrs or None
+        node.uid, node.gid, node.mtime = m.uid, m.gid, m.mtime
+        node.xattrs = dict(m.xattrs) or None

@@ -90,12 +90,12 @@ class Tree:
     def real_path(self, path: str, follow: bool = True, links: list[str] | None = None) -> str:
         """The path with every symlink resolved inside the tree (like a chroot): '..' stops at '/'.
         Each symlink met on the way is appended to `links` when given."""
-        todo = split(path)
+        todo = split(path)[::-1]          # a stack: the next component last
         done: list[str] = []
         hops = 0
         node = self.root
         while todo:
-            name = todo.pop(0)
+            name = todo.pop()
             if name == "..":
                 if done:
                     done.pop()
@@ -108,10 +108,9 @@ class Tree:
                     raise LookupError(f"/{path}: too many levels of symbolic links")
                 if links is not None:
                     links.append("/".join(done + [name]))
-                target = split(child.target)
                 if child.target.startswith("/"):
                     done, node = [], self.root
-                todo = target + todo
+                todo += split(child.target)[::-1]
                 continue
             done.append(name)
             node = Inode(FILE) if child is None else child  # missing: the rest resolves lexically

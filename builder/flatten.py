@@ -6,12 +6,13 @@ the layers below, opaque markers (`.wh..wh..opq`) hide a directory's lower conte
 change type across layers, and hardlinks share the inode they point to at the time they appear.
 The tar is read by `tarread` (Go archive/tar's reading, strict); what the index does not model is
 refused with one FlattenError: sparse files, contiguous files and other member types, names that leave
-the root, the root named by a non-directory, self and directory hardlinks, whiteouts of '.'/'..',
+the root or are longer than Linux can create, the root named by a non-directory, self and directory hardlinks, whiteouts of '.'/'..',
 owners and device numbers beyond 32 bits.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Content, Inode, Tree, s
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+PATH_MAX, NAME_MAX = 4095, 255   # what Linux (and so the kernel's initramfs unpacker) can create
 MAX_ID = 0xFFFFFFFF          # uid, gid and device numbers travel in cpio newc's 32-bit fields
 _KINDS = {tarread.DIR: DIR, tarread.SYMLINK: SYMLINK, tarread.CHAR: CHAR, tarread.BLK: BLOCK,
           tarread.FIFO: FIFO, tarread.REG: FILE}
@@ -84,7 +86,12 @@ class _Applier:
         parts = split(name)
         if ".." in parts:
             raise self.fail(member or name, what + "'..' would escape the root")
-        return "/".join(parts)
+        path = "/".join(parts)
+        if len(os.fsencode(path)) > PATH_MAX:
+            raise self.fail(member or name, what + f"path longer than {PATH_MAX} bytes (PATH_MAX)")
+        if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
+            raise self.fail(member or name, what + f"a name longer than {NAME_MAX} bytes (NAME_MAX)")
+        return path
 
     def apply(self, m: Member) -> None:
         self.count += 1
@@ -129,6 +136,8 @@ class _Applier:
             node.size = m.size
             node.content = Content(self.source, m.offset, m.size) if m.size else b""
         elif kind == SYMLINK:
+            if len(os.fsencode(m.linkname)) > PATH_MAX:
+                raise self.fail(m.name, f"symlink target longer than {PATH_MAX} bytes (PATH_MAX)")
             node.target = m.linkname
         elif kind in (CHAR, BLOCK):
             node.rdev = (m.devmajor, m.devminor)

@@ -675,24 +675,36 @@ class _Minimizer:
             tgt = kept if status == "kept" else dropped
             tgt.setdefault(r, [0, 0])
             tgt[r][0] += 1
-        new = Tree(_copy_dirs(tree.root, "", keep_set))
+        new = Tree(_copy_dirs(tree.root, keep_set))
         report = Report(mode, {k: (v[0], v[1]) for k, v in kept.items()},
                         {k: (v[0], v[1]) for k, v in dropped.items()}, paths,
                         tuple(dict.fromkeys(self.notes)), self.recipe.name if self.recipe else None)
         return new, report
 
 
-def _copy_dirs(node: Inode, path: str, keep: set[str]) -> Inode:
-    new = Inode(DIR, node.mode, node.uid, node.gid, node.mtime, xattrs=dict(node.xattrs) if node.xattrs
-                else None, children={})
-    assert node.children is not None and new.children is not None
-    prefix = path + "/" if path else ""
-    for name, child in node.children.items():
-        p = prefix + name
-        if p not in keep:
-            continue
-        new.children[name] = _copy_dirs(child, p, keep) if child.kind == DIR else child
-    return new
+def _copy_dirs(root: Inode, keep: set[str]) -> Inode:
+    """New directory inodes for `root` and every directory below it, holding only the paths in `keep`;
+    other inodes are shared. Iterative: any depth."""
+    def copy(node: Inode) -> Inode:
+        return Inode(DIR, node.mode, node.uid, node.gid, node.mtime,
+                     xattrs=dict(node.xattrs) if node.xattrs else None, children={})
+
+    new_root = copy(root)
+    stack = [("", root, new_root)]
+    while stack:
+        path, node, new = stack.pop()
+        assert node.children is not None and new.children is not None
+        prefix = path + "/" if path else ""
+        for name, child in node.children.items():
+            p = prefix + name
+            if p not in keep:
+                continue
+            if child.kind == DIR:
+                new.children[name] = copy(child)
+                stack.append((p, child, new.children[name]))
+            else:
+                new.children[name] = child
+    return new_root
 
 
 def _stem(pkg: str) -> str:
@@ -741,7 +753,11 @@ def _package_db(tree: Tree) -> tuple[dict[str, set[str]], dict[str, list[str]], 
             if name.endswith(".list"):
                 pkg = name[:-5].split(":", 1)[0]
                 files.setdefault(pkg, [])
-                for line in tree.read(f"var/lib/dpkg/info/{name}").decode("utf-8", "replace").splitlines():
+                try:
+                    listed = tree.read(f"var/lib/dpkg/info/{name}")
+                except FileNotFoundError:   # a directory, a dangling or looping symlink: no file list
+                    continue
+                for line in listed.decode("utf-8", "replace").splitlines():
                     if line.strip() and line != "/.":
                         add(pkg, line.strip().lstrip("/"))
         try:

@@ -6,8 +6,8 @@ the layers below, opaque markers (`.wh..wh..opq`) hide a directory's lower conte
 change type across layers, and hardlinks share the inode they point to at the time they appear.
 The tar is read by `tarread` (Go archive/tar's reading, strict); what the index does not model is
 refused with one FlattenError: sparse files, contiguous files and other member types, names that leave
-the root or are longer than Linux can create, the root named by a non-directory, self and directory hardlinks, whiteouts of '.'/'..',
-owners and device numbers beyond 32 bits.
+the root or are longer than Linux can create, the root named by a non-directory, self and directory
+hardlinks, whiteouts of '.'/'..', owners and device numbers beyond 32 bits.
 """
 
 from __future__ import annotations

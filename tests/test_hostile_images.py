@@ -7,7 +7,6 @@ written outside the cache; a case xbuild must take asserts exit 0 and what the i
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,7 +20,7 @@ import pytest
 import zstandard
 
 from builder.cpio import read_cpio
-from tests.fixtures.hostile import Sandbox, assert_refused, sandbox  # noqa: F401 - the fixture
+from tests.fixtures.hostile import Sandbox, assert_refused
 from tests.fixtures.images import (
     BUSYBOX_CONFIG,
     TAR_END,
@@ -36,7 +35,6 @@ from tests.fixtures.images import (
     tar_data,
     tar_file,
     tar_header,
-    write_blob,
     write_oci_image,
 )
 
@@ -255,7 +253,8 @@ def test_pax_global_header_is_ignored_like_containerd(sandbox: Sandbox) -> None:
     [file(".xbuild", b"a file")],
     [symlink(".xbuild", ".xbuild")],
     [symlink(".xbuild", "/etc")],
-    [dir(".xbuild/", mode=0o000, uid=1000), file(".xbuild/init", b"#!/bin/sh\necho not xbuild's\n", mode=0o777)],
+    [dir(".xbuild/", mode=0o000, uid=1000),
+     file(".xbuild/init", b"#!/bin/sh\necho not xbuild's\n", mode=0o777)],
 ], ids=["file", "symlink-loop", "symlink-to-etc", "odd-dir"])
 def test_image_xbuild_dir_is_replaced_by_xbuilds_own(sandbox: Sandbox, top: list[Member]) -> None:
     # main: ValueError traceback (file, loop); the init and config written into /etc (symlink)
@@ -281,7 +280,8 @@ def test_dpkg_list_that_is_not_a_list(sandbox: Sandbox, kind: str) -> None:
     # main: FileNotFoundError traceback for the directory and the loop
     bad = {"dir": [dir("var/lib/dpkg/info/busybox.list/")],
            "symlink-loop": [symlink("var/lib/dpkg/info/busybox.list", "busybox.list")],
-           "garbage": [file("var/lib/dpkg/info/busybox.list", os.urandom(4096) + b"\n/bin/busybox\n\0\n")]}[kind]
+           "garbage": [file("var/lib/dpkg/info/busybox.list",
+                            os.urandom(4096) + b"\n/bin/busybox\n\0\n")]}[kind]
     r = build(sandbox, [dir("var/lib/dpkg/info/"), *bad,
                         file("var/lib/dpkg/status", b"Package: busybox\nStatus: install ok installed\n")])
     assert r.returncode == 0, r.stderr
@@ -296,28 +296,23 @@ def test_apk_db_garbage(sandbox: Sandbox) -> None:
 @pytest.mark.parametrize("user", ["²", "nobody", "1000:²"])
 def test_passwd_garbage(sandbox: Sandbox, user: str) -> None:
     # main: ValueError traceback: "²".isdigit() but int("²") fails, in /etc/passwd and in User
-    passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:²:²::/:\n\0\xff:::::\n".encode("utf-8", "surrogateescape")
+    passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:²:²::/:\n\0\xff:::::\n".encode()
     line = refused(sandbox, [file("etc/passwd", passwd)], config={"User": user})
     assert "User" in line
 
 
-def test_ld_so_conf_include_chain(sandbox: Sandbox) -> None:
+def test_ld_so_conf_include_chain_and_loop(sandbox: Sandbox) -> None:
     # main: RecursionError traceback (each include was a recursive call)
     confs = [file("etc/ld.so.conf", b"include /etc/ld.so.conf.d/0.conf\ninclude /etc/ld.so.conf\n")]
-    confs += [file(f"etc/ld.so.conf.d/{i}.conf", f"include /etc/ld.so.conf.d/{i + 1}.conf\n/lib{i}\n".encode())
+    confs += [file(f"etc/ld.so.conf.d/{i}.conf", f"include /etc/ld.so.conf.d/{i + 1}.conf\n/l{i}\n".encode())
               for i in range(1500)]
-    r = build(sandbox, confs, {"Entrypoint": ["/bin/dyn"]})
-    # /bin/dyn is not in the image: the build fails on that, after reading ld.so.conf
-    assert_refused(r, 2, "entrypoint")
-
-
-def test_ld_so_conf_include_chain_is_read_for_a_dynamic_entrypoint(sandbox: Sandbox) -> None:
-    confs = [file("etc/ld.so.conf", b"include /etc/ld.so.conf.d/0.conf\n")]
-    confs += [file(f"etc/ld.so.conf.d/{i}.conf", f"include /etc/ld.so.conf.d/{i + 1}.conf\n".encode())
-              for i in range(1500)]
-    ls = Path("/bin/ls").read_bytes()
-    r = build(sandbox, [*confs, file("bin/dyn", ls, mode=0o755)], {"Entrypoint": ["/bin/dyn"]})
-    assert_refused(r, 2, "needs the", "not in the image")
+    interp = Path("/lib64/ld-linux-x86-64.so.2").resolve()
+    r = build(sandbox, [*confs, file("lib64/ld-linux-x86-64.so.2", interp.read_bytes(), mode=0o755),
+                        file("bin/dyn", Path("/bin/ls").read_bytes(), mode=0o755)],
+              {"Entrypoint": ["/bin/dyn"]})
+    # every directory of the chain was searched for ls's first library, which the image lacks
+    line = assert_refused(r, 2, "needs the shared library", "(searched: /l1499, /l1498, ", "/l1, /l0, /lib/")
+    assert line.count("/l") >= 1500
 
 
 def test_shebang_of_one_megabyte(sandbox: Sandbox) -> None:
@@ -352,7 +347,7 @@ def test_elf_library_that_lies_is_data(sandbox: Sandbox) -> None:
 
 def _recipe(box: Sandbox, keep: str) -> Path:
     p = box.root / "recipe.toml"
-    p.write_text(f'name = "t"\n[keep]\npaths = ["/{keep}"]\n')
+    p.write_text(f'[keep]\npaths = ["/{keep}"]\n')
     return p
 
 
@@ -411,8 +406,8 @@ def test_blob_that_is_a_directory(sandbox: Sandbox) -> None:
     _refused_ref(sandbox, f"oci:{layout}:t", "missing blobs/sha256/")
 
 
-@pytest.mark.parametrize("manifest", [[1, 2], ["x"], [{"Config": 3, "Layers": "x"}], [{"Config": "c", "Layers": [1]}],
-                                      {"not": "a list"}])
+@pytest.mark.parametrize("manifest", [[1, 2], ["x"], [{"Config": 3, "Layers": "x"}],
+                                      [{"Config": "c", "Layers": [1]}], {"not": "a list"}])
 def test_docker_archive_manifest_of_non_objects(sandbox: Sandbox, manifest: Any) -> None:
     # main: AttributeError / TypeError tracebacks
     archive = sandbox.root / "image.tar"
@@ -431,7 +426,6 @@ def test_oci_archive_with_a_corrupt_header_midway(sandbox: Sandbox) -> None:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.add(layout, arcname=".")
     raw = bytearray(buf.getvalue())
-    raw[len(raw) // 2 // 512 * 512:][:1]  # noqa: B018 - keep the arithmetic visible
     offset = next(i for i in range(512, len(raw), 512) if raw[i + 257:i + 262] == b"ustar")
     raw[offset] ^= 0x01
     archive = sandbox.root / "image.tar"
@@ -443,7 +437,7 @@ def test_archive_blob_member_that_is_a_symlink_is_missing(sandbox: Sandbox) -> N
     layout = _layout(sandbox)
     index = json.loads((layout / "index.json").read_text())
     digest = index["manifests"][0]["digest"].split(":")[1]
-    members = [Member(_tarinfo(p.relative_to(layout)), p.read_bytes()) for p in sorted(layout.rglob("*"))
+    members = [file(str(p.relative_to(layout)), p.read_bytes()) for p in sorted(layout.rglob("*"))
                if p.is_file() and p.name != digest]
     link = tarfile.TarInfo(f"blobs/sha256/{digest}")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
@@ -452,13 +446,3 @@ def test_archive_blob_member_that_is_a_symlink_is_missing(sandbox: Sandbox) -> N
     _refused_ref(sandbox, f"oci-archive:{archive}:t", f"missing blobs/sha256/{digest}")
 
 
-def _tarinfo(rel: Path) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(str(rel))
-    ti.size = 0
-    return ti
-
-
-def test_layout_blob_digest_is_still_checked(sandbox: Sandbox) -> None:
-    layout = _layout(sandbox)
-    desc = write_blob(layout, b"{}", "application/json")
-    assert hashlib.sha256(b"{}").hexdigest() in desc["digest"]

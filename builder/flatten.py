@@ -7,7 +7,7 @@ change type across layers, and hardlinks share the inode they point to at the ti
 The tar is read by `tarread` (Go archive/tar's reading, strict); what the index does not model is
 refused with one FlattenError: sparse files, contiguous files and other member types, names that leave
 the root or are longer than Linux can create, the root named by a non-directory, self and directory
-hardlinks, whiteouts of '.'/'..', owners and device numbers beyond 32 bits.
+hardlinks and hardlinks to below themselves, whiteouts of '.'/'..', owners and device numbers beyond 32 bits.
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ class _Applier:
                 raise self.fail(m.name, "hardlink to itself")
             if not target_path:
                 raise self.fail(m.name, "hardlink to the root directory")
+            if target_path.startswith(path + "/"):   # replacing `path` removes the target (moby fails too)
+                raise self.fail(m.name, f"hardlink to {m.linkname!r}, below the path it replaces")
             target = self.tree.lookup(target_path)
             if target is None:
                 raise self.fail(m.name, f"hardlink to missing target {m.linkname!r}")

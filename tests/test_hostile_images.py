@@ -202,6 +202,11 @@ def test_hardlink_to_itself_is_refused(sandbox: Sandbox) -> None:
     refused(sandbox, [hardlink("etc/hostname", "etc/hostname")], "hardlink to itself")
 
 
+def test_hardlink_replacing_its_own_parent_is_refused(sandbox: Sandbox) -> None:
+    # main: exit 0, /etc became the file /etc/hostname (moby's extractor removes /etc, then cannot link)
+    refused(sandbox, [hardlink("etc", "etc/hostname")], "below the path it replaces")
+
+
 def test_hardlink_to_a_later_member_is_refused(sandbox: Sandbox) -> None:
     refused(sandbox, [hardlink("early", "late"), file("late", b"x")], "hardlink to missing target 'late'")
 

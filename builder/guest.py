@@ -83,7 +83,10 @@ class GuestConfig:
             recs += [("rootmode", self.root_mode), ("rootwait", str(self.root_wait_s))]
         out = bytearray()
         for k, v in recs:
-            b = v.encode("utf-8", "surrogateescape")
+            try:
+                b = v.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:      # a lone surrogate, e.g. "\ud800" in the image config's JSON
+                raise ConfigError(f"{k} value is not valid Unicode (a lone surrogate): {v!r}") from None
             if b"\0" in b:
                 raise ConfigError(f"{k} value contains a NUL byte: {v!r}")
             out += k.encode() + b"\0" + b + b"\0"

@@ -223,6 +223,10 @@ def test_names_leaving_the_root_are_refused(sandbox: Sandbox, name: str) -> None
     refused(sandbox, tar_file(name, b"x") + TAR_END, "would escape the root")
 
 
+def test_member_below_a_symlink_loop_is_refused(sandbox: Sandbox) -> None:
+    refused(sandbox, [symlink("loop", "loop"), file("loop/x", b"x")], "'loop/x'", "not a directory")
+
+
 def test_path_longer_than_path_max_is_refused(sandbox: Sandbox) -> None:
     refused(sandbox, [file("d/" * 2100 + "f", b"x")], "longer than 4095 bytes")
 
@@ -305,6 +309,14 @@ def test_passwd_garbage(sandbox: Sandbox, user: str) -> None:
     passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:²:²::/:\n\0\xff:::::\n".encode()
     line = refused(sandbox, [file("etc/passwd", passwd)], config={"User": user})
     assert "User" in line
+
+
+@pytest.mark.parametrize("key", ["Env", "Cmd"])
+def test_lone_surrogate_in_the_config_is_refused(sandbox: Sandbox, key: str) -> None:
+    # main: UnicodeEncodeError traceback writing the init's config (found by `make fuzz`)
+    value = ["sh", "A=\ud800"] if key == "Cmd" else ["A=\ud800"]
+    line = refused(sandbox, [], "lone surrogate", config={key: value})
+    assert "arg" in line or "env" in line
 
 
 def test_ld_so_conf_include_chain_and_loop(sandbox: Sandbox) -> None:

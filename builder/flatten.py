@@ -87,9 +87,10 @@ class _Applier:
         if ".." in parts:
             raise self.fail(member or name, what + "'..' would escape the root")
         path = "/".join(parts)
-        if len(os.fsencode(path)) > PATH_MAX:
+        raw = os.fsencode(path)
+        if len(raw) > PATH_MAX:
             raise self.fail(member or name, what + f"path longer than {PATH_MAX} bytes (PATH_MAX)")
-        if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
+        if raw and max(map(len, raw.split(b"/"))) > NAME_MAX:
             raise self.fail(member or name, what + f"a name longer than {NAME_MAX} bytes (NAME_MAX)")
         return path
 

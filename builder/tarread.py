@@ -42,6 +42,8 @@ _TYPE_NAMES = {b"7": "contiguous file", b"S": "GNU sparse file", b"M": "GNU mult
                b"V": "GNU volume header", b"N": "GNU old long name", b"D": "GNU dump directory",
                b"X": "Solaris extended header", b"A": "Solaris ACL", b"E": "Solaris extended attributes"}
 _PAX_RECORD = re.compile(rb"(\d+) ")
+_OCTAL = re.compile(rb"[0-7]+")
+_DECIMAL = re.compile(rb"\d{1,19}")
 _PAX_TIME = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -89,17 +91,22 @@ def _number(b: bytes, what: str, at: int) -> int:
     s = b.strip(b" \0")
     if not s:
         return 0
-    if not re.fullmatch(rb"[0-7]+", s):
+    if not _OCTAL.fullmatch(s):
         raise _bad(at, f"{what} is not an octal number ({s[:16]!r})")
     return int(s, 8)
 
 
+_HIGH = bytes(range(128, 256))
+
+
 def _checksum_ok(blk: bytes, at: int) -> bool:
+    """The stored checksum is the unsigned or (old tars) the signed byte sum, the field itself as spaces."""
     stored = _number(blk[148:156], "checksum", at)
     unsigned = sum(blk[:148]) + 8 * 32 + sum(blk[156:])
-    signed = sum(b - 256 if b > 127 else b for b in blk[:148]) + 8 * 32 + \
-        sum(b - 256 if b > 127 else b for b in blk[156:])
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    high = 512 - 8 - len(blk[:148].translate(None, _HIGH)) - len(blk[156:].translate(None, _HIGH))
+    return stored == unsigned - 256 * high
 
 
 def _pax_records(data: bytes, at: int) -> dict[str, bytes]:
@@ -143,7 +150,7 @@ def _pax_int(records: dict[str, bytes], key: str, at: int) -> int | None:
     v = records.get(key)
     if v is None:
         return None
-    if not re.fullmatch(rb"\d{1,19}", v):
+    if not _DECIMAL.fullmatch(v):
         raise _bad(at, f"PAX record {key}={v[:32]!r} is not a non-negative number")
     return int(v)
 

@@ -18,7 +18,8 @@ first reason that reaches it:
   shebang / script  `#!` interpreters (`/usr/bin/env NAME` resolved on PATH); for shell scripts the
                     commands they name in command position, the files they source (`.`/`source`), and
                     absolute paths they mention: a file is kept (and followed if executable), a directory
-                    such as /docker-entrypoint.d/ contributes its executable files and *.sh.
+                    such as /docker-entrypoint.d/ contributes its executable files and *.sh. Only the
+                    first MiB of a script is read (a script with a payload is not parsed whole).
   glibc-nss         libnss_<service> for each service named in /etc/nsswitch.conf (glibc dlopen()s them).
   glibc-gconv       the gconv modules, only when a kept object imports iconv_open (else "gconv-unused").
   locale            /usr/lib/locale/<name> for a LANG / LC_* locale set in Env.
@@ -61,7 +62,7 @@ from .errors import MinimizeError
 from .image import ImageConfig
 from .probe import check_probe_host, probe
 from .recipes import Recipe
-from .tree import DIR, FILE, SYMLINK, Inode, Tree, read_content, split
+from .tree import DIR, FILE, SYMLINK, Inode, Tree, split
 
 MODES = ("auto", "none", "trace")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -92,6 +93,7 @@ SH_PREFIX = {"then", "do", "else", "elif", "if", "while", "until", "!", "exec", 
              "time", "xargs", "nice", "builtin", "-exec", "-execdir", "su-exec", "gosu", "chroot",
              "setpriv", "tini", "dumb-init", "sudo", "doas", "timeout"}
 SH_OPS = {";", "&", "|", "&&", "||", "(", ")", "{", "}", "\n", "$(", "`", ";;"}
+SCRIPT_MAX = 1 << 20     # bytes of a script read for its shebang and the commands it names
 PY_DROP = ("test/", "tests/", "idlelib/", "tkinter/", "turtledemo/", "ensurepip/", "lib2to3/tests/")
 
 
@@ -384,7 +386,7 @@ class _Minimizer:
 
     def script(self, real: str, node: Inode, strict: bool) -> None:
         self.executed.add(real)
-        text = read_content(node)
+        text = elf._head(node, SCRIPT_MAX)   # a shell script with a payload (makeself) is not read whole
         line = text.split(b"\n", 1)[0][2:].decode("utf-8", "replace").strip()
         words = line.split()
         if not words:

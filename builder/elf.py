@@ -24,6 +24,7 @@ import io
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 from elftools.common.exceptions import ELFError
 from elftools.construct.core import ConstructError
@@ -31,7 +32,7 @@ from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
 from .errors import MinimizeError
-from .tree import DIR, FILE, Tree, read_content, split
+from .tree import DIR, FILE, Tree, open_content, split
 
 ELF_MAGIC = b"\x7fELF"
 MULTIARCH = {"EM_X86_64": "x86_64-linux-gnu", "EM_AARCH64": "aarch64-linux-gnu", "EM_386": "i386-linux-gnu",
@@ -78,12 +79,15 @@ def _head(node, n: int) -> bytes:  # type: ignore[no-untyped-def]
         return os.pread(f.fileno(), min(n, c.size), c.offset)
 
 
-def parse(data: bytes, what: str = "ELF file") -> ElfInfo:
-    """The dynamic-linking facts of an ELF image; MinimizeError if it is not a readable ELF."""
-    if data[:4] != ELF_MAGIC:
+def parse(data: bytes | IO[bytes], what: str = "ELF file") -> ElfInfo:
+    """The dynamic-linking facts of an ELF image (bytes, or a seekable stream read on demand);
+    MinimizeError if it is not a readable ELF."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    if stream.read(4) != ELF_MAGIC:
         raise MinimizeError(f"{what}: not an ELF file")
+    stream.seek(0)
     try:
-        elf = ELFFile(io.BytesIO(data))
+        elf = ELFFile(stream)
         interp = None
         for seg in elf.iter_segments():
             if seg["p_type"] == "PT_INTERP":
@@ -224,7 +228,8 @@ class Resolver:
             self._info[real] = None
             if node is not None and node.kind == FILE and _head(node, 4) == ELF_MAGIC:
                 try:
-                    self._info[real] = parse(read_content(node), f"/{real}")
+                    with open_content(node) as f:
+                        self._info[real] = parse(f, f"/{real}")
                 except MinimizeError as e:
                     self.malformed[real] = str(e)
         return self._info[real]

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from .. import tarread
 from ..blobs import check_digest, verify_bytes
@@ -34,33 +34,9 @@ from ..image import (
 )
 from ..reference import ImageRef
 from ..tarread import TarFormatError, read_members
-from ..tree import split
+from ..tree import ByteRange, split
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
-
-
-class _Range(io.RawIOBase):
-    """A read-only view of `size` bytes at `offset` of a file."""
-
-    def __init__(self, path: str, offset: int, size: int):
-        self.f = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self.pos, self.end = offset, offset + size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = min(len(b), self.end - self.pos)
-        if n <= 0:
-            return 0
-        data = os.pread(self.f.fileno(), n, self.pos)
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
 
 
 @dataclass(frozen=True)
@@ -103,7 +79,7 @@ class _Files:
             p = self._path(name)
             return lambda: open(p, "rb")
         off, size = self.members[name]
-        return lambda: io.BufferedReader(_Range(str(self.root), off, size), 1 << 20)
+        return lambda: io.BufferedReader(ByteRange(str(self.root), off, size), 1 << 20)
 
     def read(self, name: str, what: str) -> bytes:
         if not self.exists(name):

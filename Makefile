@@ -9,7 +9,7 @@ APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap umoci docker
 	linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves
 export XBUILD_CACHE ?= $(HOME)/.cache/xbuild
 
-.PHONY: setup apt venv test test-fast demo bench lint clean
+.PHONY: fuzz setup apt venv test test-fast demo bench lint clean
 
 setup: apt venv
 
@@ -58,6 +58,16 @@ bench: setup
 	$(PY) bench/disk.py
 	$(PY) bench/disk_boot.py
 	$(PY) bench/hostile.py
+
+# The property tests of tests/test_properties.py with many more examples, for FUZZ_SECONDS (not in `test`):
+# rounds of fresh random seeds until the budget is spent; a failure stops it and prints the example.
+FUZZ_SECONDS ?= 300
+fuzz: venv
+	@end=$$(( $$(date +%s) + $(FUZZ_SECONDS) )); n=0; \
+	while [ $$(date +%s) -lt $$end ]; do n=$$((n + 1)); \
+		HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -x -p no:cacheprovider tests/test_properties.py \
+			--hypothesis-seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') || exit 1; \
+	done; echo "fuzz: $$n rounds in $(FUZZ_SECONDS)s budget, no failure"
 
 lint: venv
 	$(VENV)/bin/ruff check builder tests bench

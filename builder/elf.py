@@ -21,14 +21,18 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import io
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 from elftools.common.exceptions import ELFError
+from elftools.construct.core import ConstructError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
 from .errors import MinimizeError
-from .tree import DIR, FILE, Tree, read_content, split
+from .tree import DIR, FILE, Tree, open_content, split
 
 ELF_MAGIC = b"\x7fELF"
 MULTIARCH = {"EM_X86_64": "x86_64-linux-gnu", "EM_AARCH64": "aarch64-linux-gnu", "EM_386": "i386-linux-gnu",
@@ -75,12 +79,15 @@ def _head(node, n: int) -> bytes:  # type: ignore[no-untyped-def]
         return os.pread(f.fileno(), min(n, c.size), c.offset)
 
 
-def parse(data: bytes, what: str = "ELF file") -> ElfInfo:
-    """The dynamic-linking facts of an ELF image; MinimizeError if it is not a readable ELF."""
-    if data[:4] != ELF_MAGIC:
+def parse(data: bytes | IO[bytes], what: str = "ELF file") -> ElfInfo:
+    """The dynamic-linking facts of an ELF image (bytes, or a seekable stream read on demand);
+    MinimizeError if it is not a readable ELF."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    if stream.read(4) != ELF_MAGIC:
         raise MinimizeError(f"{what}: not an ELF file")
+    stream.seek(0)
     try:
-        elf = ELFFile(io.BytesIO(data))
+        elf = ELFFile(stream)
         interp = None
         for seg in elf.iter_segments():
             if seg["p_type"] == "PT_INTERP":
@@ -105,7 +112,8 @@ def parse(data: bytes, what: str = "ELF file") -> ElfInfo:
                         undefined.add(sym.name)
         return ElfInfo(elf.elfclass, str(elf["e_machine"]), str(elf["e_type"]), interp, tuple(needed),
                        tuple(rpath), tuple(runpath), frozenset(undefined))
-    except (ELFError, ValueError, KeyError, AssertionError) as e:
+    except (ELFError, ConstructError, ValueError, KeyError, AssertionError, OverflowError, IndexError,
+            struct.error) as e:   # what pyelftools raises on a file whose tables lie
         raise MinimizeError(f"{what}: malformed ELF file ({e})") from None
 
 
@@ -136,32 +144,41 @@ def glob(tree: Tree, pattern: str) -> list[str]:
     return sorted(p for p in found if tree.lookup(p, follow=False) is not None)
 
 
-def ld_so_conf(tree: Tree, path: str = "etc/ld.so.conf", _seen: set[str] | None = None) -> list[str]:
-    """Library directories named by ld.so.conf and the files it includes (globs allowed), in order."""
-    seen = _seen if _seen is not None else set()
-    real = _safe_real(tree, path)
-    if real is None or real in seen:
-        return []
-    seen.add(real)
-    try:
-        text = tree.read(path).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return []
+def ld_so_conf(tree: Tree, path: str = "etc/ld.so.conf") -> list[str]:
+    """Library directories named by ld.so.conf and the files it includes (globs allowed), in order.
+    Each file is read once (include loops end there); includes nest to any depth (no recursion)."""
+    seen: set[str] = set()
+
+    def lines(files: list[str]) -> Iterator[tuple[str, str]]:
+        for f in files:
+            real = _safe_real(tree, f)
+            if real is None or real in seen:
+                continue
+            seen.add(real)
+            try:
+                text = tree.read(f).decode("utf-8", "replace")
+            except FileNotFoundError:
+                continue
+            base = f.rsplit("/", 1)[0] if "/" in f else ""
+            for line in text.splitlines():
+                yield base, line
+
     dirs: list[str] = []
-    base = path.rsplit("/", 1)[0] if "/" in path else ""
-    for line in text.splitlines():
+    stack = [lines([path])]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        base, line = item
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         words = line.split()
         if words[0] == "include":
-            for pat in words[1:]:
-                pat = pat if pat.startswith("/") else f"{base}/{pat}"
-                for inc in glob(tree, pat):
-                    dirs += ld_so_conf(tree, inc, seen)
-        elif words[0] == "hwcap":
-            continue
-        else:
+            stack.append(lines([inc for pat in words[1:]
+                                for inc in glob(tree, pat if pat.startswith("/") else f"{base}/{pat}")]))
+        elif words[0] != "hwcap":
             for d in line.replace(",", " ").replace(":", " ").split():
                 if "=" in d:          # old libc5 "dir=TYPE" syntax
                     d = d.split("=", 1)[0]
@@ -198,18 +215,23 @@ class Resolver:
                 self.ld_library_path = [p for p in e.split("=", 1)[1].split(":") if p]
         self._conf: list[str] | None = None
         self._info: dict[str, ElfInfo | None] = {}
+        self.malformed: dict[str, str] = {}     # real path -> why it is not a loadable ELF object
 
     def info(self, path: str) -> ElfInfo | None:
-        """ElfInfo of the file at `path` (symlinks followed), None if it is not an ELF file."""
+        """ElfInfo of the file at `path` (symlinks followed), None if it is not an ELF file or a
+        malformed one (a candidate ld.so would skip; `malformed` says why)."""
         real = _safe_real(self.tree, path)
         if real is None:
             return None
         if real not in self._info:
             node = self.tree.lookup(real)
-            if node is None or node.kind != FILE or _head(node, 4) != ELF_MAGIC:
-                self._info[real] = None
-            else:
-                self._info[real] = parse(read_content(node), f"/{real}")
+            self._info[real] = None
+            if node is not None and node.kind == FILE and _head(node, 4) == ELF_MAGIC:
+                try:
+                    with open_content(node) as f:
+                        self._info[real] = parse(f, f"/{real}")
+                except MinimizeError as e:
+                    self.malformed[real] = str(e)
         return self._info[real]
 
     def conf_dirs(self) -> list[str]:
@@ -270,9 +292,11 @@ class Resolver:
         """Every object `root` loads (itself first, then PT_INTERP, then DT_NEEDED breadth first).
         Returns (objects, missing); with `strict` a missing library is a MinimizeError."""
         info = self.info(root)
-        if info is None:
-            return [], []
         real_root = _safe_real(self.tree, root) or root
+        if info is None:
+            if strict and real_root in self.malformed:
+                raise MinimizeError(self.malformed[real_root])
+            return [], []
         out = [Loaded(root, real_root, info, None)]
         missing: list[str] = []
         seen = {real_root}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 from .image import ImageConfig
-from .tree import CHAR, Inode, Tree, regular
+from .tree import CHAR, DIR, Inode, Tree, directory, regular
 
 INIT_PATH = ".xbuild/init"
 CONFIG_PATH = ".xbuild/config"
@@ -83,7 +83,10 @@ class GuestConfig:
             recs += [("rootmode", self.root_mode), ("rootwait", str(self.root_wait_s))]
         out = bytearray()
         for k, v in recs:
-            b = v.encode("utf-8", "surrogateescape")
+            try:
+                b = v.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:      # a lone surrogate, e.g. "\ud800" in the image config's JSON
+                raise ConfigError(f"{k} value is not valid Unicode (a lone surrogate): {v!r}") from None
             if b"\0" in b:
                 raise ConfigError(f"{k} value contains a NUL byte: {v!r}")
             out += k.encode() + b"\0" + b + b"\0"
@@ -91,12 +94,15 @@ class GuestConfig:
 
     @classmethod
     def decode(cls, data: bytes) -> GuestConfig:
-        """The inverse of encode (for tests and `explain`)."""
+        """The inverse of encode (for tests and `explain`); ConfigError for anything encode cannot give."""
         parts = data.split(b"\0")
         if len(parts) % 2 != 1 or parts[-1] != b"":
             raise ConfigError("guest config: truncated record")
-        recs = [(parts[i].decode(), parts[i + 1].decode("utf-8", "surrogateescape"))
-                for i in range(0, len(parts) - 1, 2)]
+        try:
+            recs = [(parts[i].decode(), parts[i + 1].decode("utf-8", "surrogateescape"))
+                    for i in range(0, len(parts) - 1, 2)]
+        except UnicodeDecodeError:
+            raise ConfigError("guest config: a key is not UTF-8") from None
         if not recs or recs[0] != MAGIC:
             raise ConfigError("guest config: bad magic")
         f: dict[str, list[str]] = {}
@@ -106,11 +112,16 @@ class GuestConfig:
         def one(k: str, default: str) -> str:
             return f.get(k, [default])[-1]
 
-        return cls(tuple(f.get("arg", [])), tuple(f.get("env", [])), one("cwd", "/"), int(one("uid", "0")),
-                   int(one("gid", "0")), tuple(int(g) for g in f.get("group", [])),
-                   int(one("stopsig", "15")), one("hostname", ""), int(one("cmd", "0")),
-                   int(one("grace", str(DEFAULT_GRACE_S))), tuple(f.get("root", [])), one("rootmode", "rw"),
-                   int(one("rootwait", str(DEFAULT_ROOT_WAIT_S))))
+        def num(v: str) -> int:
+            if not _decimal(v):
+                raise ConfigError(f"guest config: {v!r} is not a number")
+            return int(v)
+
+        return cls(tuple(f.get("arg", [])), tuple(f.get("env", [])), one("cwd", "/"), num(one("uid", "0")),
+                   num(one("gid", "0")), tuple(num(g) for g in f.get("group", [])),
+                   num(one("stopsig", "15")), one("hostname", ""), num(one("cmd", "0")),
+                   num(one("grace", str(DEFAULT_GRACE_S))), tuple(f.get("root", [])), one("rootmode", "rw"),
+                   num(one("rootwait", str(DEFAULT_ROOT_WAIT_S))))
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -120,7 +131,7 @@ def parse_signal(text: str) -> int:
     s = text.strip()
     if not s:
         return SIGNALS["TERM"]
-    if s.isdigit():
+    if _decimal(s):
         n = int(s)
         if 1 <= n <= SIGRTMAX:
             return n
@@ -133,7 +144,7 @@ def parse_signal(text: str) -> int:
     for base, sign, start in (("RTMIN", 1, SIGRTMIN), ("RTMAX", -1, SIGRTMAX)):
         if name == base:
             return start
-        if name.startswith(base + ("+" if sign > 0 else "-")) and name[len(base) + 1:].isdigit():
+        if name.startswith(base + ("+" if sign > 0 else "-")) and _decimal(name[len(base) + 1:]):
             n = start + sign * int(name[len(base) + 1:])
             if SIGRTMIN <= n <= SIGRTMAX:
                 return n
@@ -155,6 +166,11 @@ class _Group:
     members: tuple[str, ...]
 
 
+def _decimal(s: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses."""
+    return s.isascii() and s.isdigit()
+
+
 def _read(tree: Tree, path: str) -> list[list[str]]:
     try:
         text = tree.read(path).decode("utf-8", "surrogateescape")
@@ -172,7 +188,7 @@ def _read(tree: Tree, path: str) -> list[list[str]]:
 def _passwd(tree: Tree) -> list[_Passwd]:
     out = []
     for f in _read(tree, "etc/passwd"):
-        if len(f) < 4 or not f[2].isdigit() or not f[3].isdigit():
+        if len(f) < 4 or not _decimal(f[2]) or not _decimal(f[3]):
             continue  # runc skips what it cannot parse, too
         out.append(_Passwd(f[0], int(f[2]), int(f[3]), f[5] if len(f) > 5 else ""))
     return out
@@ -181,7 +197,7 @@ def _passwd(tree: Tree) -> list[_Passwd]:
 def _groups(tree: Tree) -> list[_Group]:
     out = []
     for f in _read(tree, "etc/group"):
-        if len(f) < 3 or not f[2].isdigit():
+        if len(f) < 3 or not _decimal(f[2]):
             continue
         members = tuple(m.strip() for m in f[3].split(",") if m.strip()) if len(f) > 3 else ()
         out.append(_Group(f[0], int(f[2]), members))
@@ -200,7 +216,7 @@ def resolve_user(user: str, tree: Tree) -> tuple[int, int, tuple[int, ...], str]
     entries = _passwd(tree)
     if not user_arg:
         match = next((p for p in entries if p.uid == 0), None)
-    elif user_arg.isdigit():
+    elif _decimal(user_arg):
         uid = int(user_arg)
         match = next((p for p in entries if p.uid == uid), None)
     else:
@@ -214,7 +230,7 @@ def resolve_user(user: str, tree: Tree) -> tuple[int, int, tuple[int, ...], str]
     groups = _groups(tree)
     extra: list[int] = []
     if has_group:
-        if group_arg.isdigit():
+        if _decimal(group_arg):
             gid = int(group_arg)
         else:
             grp = next((g for g in groups if g.name == group_arg), None)
@@ -268,13 +284,23 @@ def guest_config(config: ImageConfig, tree: Tree, hostname: str) -> GuestConfig:
 
 
 def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
-    """Add the init, its config, /init (unless the image has its own) and /dev/console to the tree."""
-    tree.add(INIT_PATH, regular(init, 0o755))
-    tree.add(CONFIG_PATH, regular(gc.encode(), 0o644))
+    """Add the init, its config, /init (unless the image has its own) and /dev/console to the tree.
+
+    /.xbuild belongs to the init: whatever the image has there (a file, a symlink, a directory with its
+    own modes and files) is replaced by a root-owned 0755 directory holding only the init and its
+    config, as a runtime's bind mount of its init shadows what the image has at that path. /dev/console
+    is added where /dev is (or resolves to) a directory, or when the image has no /dev at all.
+    """
+    assert tree.root.children is not None
+    xbuild = tree.root.children[INIT_PATH.split("/")[0]] = directory(0o755)
+    assert xbuild.children is not None
+    xbuild.children[INIT_PATH.split("/")[1]] = regular(init, 0o755)
+    xbuild.children[CONFIG_PATH.split("/")[1]] = regular(gc.encode(), 0o644)
     if tree.lookup("init") is None:
         tree.add("init", Inode("symlink", 0o777, target=INIT_PATH))
     dev = tree.lookup("dev", follow=True)
-    if (dev is None or dev.kind == "dir") and tree.lookup("dev/console") is None:
+    if ("dev" not in tree.root.children or dev is not None and dev.kind == DIR) \
+            and tree.lookup("dev/console") is None:
         tree.add("dev/console", Inode(CHAR, 0o600, rdev=(5, 1)))
 
 

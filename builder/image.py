@@ -107,12 +107,19 @@ class Image:
     layers: tuple[Layer, ...]
 
 
-def load_json(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON object or raise SourceError naming `what`."""
+def parse_json(raw: bytes, what: str) -> Any:
+    """Parse a JSON document or raise SourceError naming `what`."""
     try:
-        doc = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise SourceError(f"{what}: not valid JSON ({e})") from None
+    except RecursionError:      # json's documented answer to deeply nested input
+        raise SourceError(f"{what}: JSON nested too deeply") from None
+
+
+def load_json(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON object or raise SourceError naming `what`."""
+    doc = parse_json(raw, what)
     if not isinstance(doc, dict):
         raise SourceError(f"{what}: expected a JSON object")
     return doc
@@ -127,8 +134,10 @@ def media_type_of(doc: dict[str, Any], fallback: str | None = None) -> str:
 
 
 def descriptor(d: Any, what: str) -> Descriptor:
-    if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
-        raise SourceError(f"{what}: malformed descriptor {d!r}")
+    """A content descriptor: digest (string), size (integer), optional mediaType and platform (object)."""
+    if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int) \
+            or not isinstance(d.get("platform") or {}, dict):
+        raise SourceError(f"{what}: malformed descriptor {str(d)[:200]}")
     return Descriptor(str(d.get("mediaType", "")), d["digest"], d["size"], d.get("platform"))
 
 

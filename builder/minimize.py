@@ -18,7 +18,8 @@ first reason that reaches it:
   shebang / script  `#!` interpreters (`/usr/bin/env NAME` resolved on PATH); for shell scripts the
                     commands they name in command position, the files they source (`.`/`source`), and
                     absolute paths they mention: a file is kept (and followed if executable), a directory
-                    such as /docker-entrypoint.d/ contributes its executable files and *.sh.
+                    such as /docker-entrypoint.d/ contributes its executable files and *.sh. Only the
+                    first MiB of a script is read (a script with a payload is not parsed whole).
   glibc-nss         libnss_<service> for each service named in /etc/nsswitch.conf (glibc dlopen()s them).
   glibc-gconv       the gconv modules, only when a kept object imports iconv_open (else "gconv-unused").
   locale            /usr/lib/locale/<name> for a LANG / LC_* locale set in Env.
@@ -61,7 +62,7 @@ from .errors import MinimizeError
 from .image import ImageConfig
 from .probe import check_probe_host, probe
 from .recipes import Recipe
-from .tree import DIR, FILE, SYMLINK, Inode, Tree, read_content, split
+from .tree import DIR, FILE, SYMLINK, Inode, Tree, split
 
 MODES = ("auto", "none", "trace")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -92,6 +93,7 @@ SH_PREFIX = {"then", "do", "else", "elif", "if", "while", "until", "!", "exec", 
              "time", "xargs", "nice", "builtin", "-exec", "-execdir", "su-exec", "gosu", "chroot",
              "setpriv", "tini", "dumb-init", "sudo", "doas", "timeout"}
 SH_OPS = {";", "&", "|", "&&", "||", "(", ")", "{", "}", "\n", "$(", "`", ";;"}
+SCRIPT_MAX = 1 << 20     # bytes of a script read for its shebang and the commands it names
 PY_DROP = ("test/", "tests/", "idlelib/", "tkinter/", "turtledemo/", "ensurepip/", "lib2to3/tests/")
 
 
@@ -384,7 +386,7 @@ class _Minimizer:
 
     def script(self, real: str, node: Inode, strict: bool) -> None:
         self.executed.add(real)
-        text = read_content(node)
+        text = elf._head(node, SCRIPT_MAX)   # a shell script with a payload (makeself) is not read whole
         line = text.split(b"\n", 1)[0][2:].decode("utf-8", "replace").strip()
         words = line.split()
         if not words:
@@ -675,24 +677,36 @@ class _Minimizer:
             tgt = kept if status == "kept" else dropped
             tgt.setdefault(r, [0, 0])
             tgt[r][0] += 1
-        new = Tree(_copy_dirs(tree.root, "", keep_set))
+        new = Tree(_copy_dirs(tree.root, keep_set))
         report = Report(mode, {k: (v[0], v[1]) for k, v in kept.items()},
                         {k: (v[0], v[1]) for k, v in dropped.items()}, paths,
                         tuple(dict.fromkeys(self.notes)), self.recipe.name if self.recipe else None)
         return new, report
 
 
-def _copy_dirs(node: Inode, path: str, keep: set[str]) -> Inode:
-    new = Inode(DIR, node.mode, node.uid, node.gid, node.mtime, xattrs=dict(node.xattrs) if node.xattrs
-                else None, children={})
-    assert node.children is not None and new.children is not None
-    prefix = path + "/" if path else ""
-    for name, child in node.children.items():
-        p = prefix + name
-        if p not in keep:
-            continue
-        new.children[name] = _copy_dirs(child, p, keep) if child.kind == DIR else child
-    return new
+def _copy_dirs(root: Inode, keep: set[str]) -> Inode:
+    """New directory inodes for `root` and every directory below it, holding only the paths in `keep`;
+    other inodes are shared. Iterative: any depth."""
+    def copy(node: Inode) -> Inode:
+        return Inode(DIR, node.mode, node.uid, node.gid, node.mtime,
+                     xattrs=dict(node.xattrs) if node.xattrs else None, children={})
+
+    new_root = copy(root)
+    stack = [("", root, new_root)]
+    while stack:
+        path, node, new = stack.pop()
+        assert node.children is not None and new.children is not None
+        prefix = path + "/" if path else ""
+        for name, child in node.children.items():
+            p = prefix + name
+            if p not in keep:
+                continue
+            if child.kind == DIR:
+                new.children[name] = copy(child)
+                stack.append((p, child, new.children[name]))
+            else:
+                new.children[name] = child
+    return new_root
 
 
 def _stem(pkg: str) -> str:
@@ -741,7 +755,11 @@ def _package_db(tree: Tree) -> tuple[dict[str, set[str]], dict[str, list[str]], 
             if name.endswith(".list"):
                 pkg = name[:-5].split(":", 1)[0]
                 files.setdefault(pkg, [])
-                for line in tree.read(f"var/lib/dpkg/info/{name}").decode("utf-8", "replace").splitlines():
+                try:
+                    listed = tree.read(f"var/lib/dpkg/info/{name}")
+                except FileNotFoundError:   # a directory, a dangling or looping symlink: no file list
+                    continue
+                for line in listed.decode("utf-8", "replace").splitlines():
                     if line.strip() and line != "/.":
                         add(pkg, line.strip().lstrip("/"))
         try:

@@ -8,10 +8,12 @@ Paths are POSIX strings relative to the root without a leading slash; the root i
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO, Any
 
 FILE, DIR, SYMLINK, CHAR, BLOCK, FIFO = "file", "dir", "symlink", "char", "block", "fifo"
 KIND_BITS = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
@@ -90,12 +92,12 @@ class Tree:
     def real_path(self, path: str, follow: bool = True, links: list[str] | None = None) -> str:
         """The path with every symlink resolved inside the tree (like a chroot): '..' stops at '/'.
         Each symlink met on the way is appended to `links` when given."""
-        todo = split(path)
+        todo = split(path)[::-1]          # a stack: the next component last
         done: list[str] = []
         hops = 0
         node = self.root
         while todo:
-            name = todo.pop(0)
+            name = todo.pop()
             if name == "..":
                 if done:
                     done.pop()
@@ -108,10 +110,9 @@ class Tree:
                     raise LookupError(f"/{path}: too many levels of symbolic links")
                 if links is not None:
                     links.append("/".join(done + [name]))
-                target = split(child.target)
                 if child.target.startswith("/"):
                     done, node = [], self.root
-                todo = target + todo
+                todo += split(child.target)[::-1]
                 continue
             done.append(name)
             node = Inode(FILE) if child is None else child  # missing: the rest resolves lexically
@@ -175,3 +176,46 @@ def read_content(node: Inode) -> bytes:
         return c
     with open(c.source, "rb") as f:
         return os.pread(f.fileno(), c.size, c.offset)
+
+
+class ByteRange(io.RawIOBase):
+    """A read-only, seekable view of `size` bytes at `offset` of the file `path`."""
+
+    def __init__(self, path: str, offset: int, size: int):
+        self.f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.start, self.size, self.pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self.f.fileno(), n, self.start + self.pos)
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def open_content(node: Inode) -> IO[bytes]:
+    """A regular file's content as a seekable stream, read from its layer tar on demand."""
+    c = node.content
+    if isinstance(c, Content):
+        return io.BufferedReader(ByteRange(c.source, c.offset, c.size), 1 << 16)
+    return io.BytesIO(c or b"")

@@ -10,12 +10,12 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
+from .. import tarread
 from ..blobs import check_digest, verify_bytes
 from ..errors import SourceError
 from ..image import (
@@ -29,35 +29,14 @@ from ..image import (
     descriptor,
     load_json,
     media_type_of,
+    parse_json,
     select_platform,
 )
 from ..reference import ImageRef
+from ..tarread import TarFormatError, read_members
+from ..tree import ByteRange, split
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
-
-
-class _Range(io.RawIOBase):
-    """A read-only view of `size` bytes at `offset` of a file."""
-
-    def __init__(self, path: str, offset: int, size: int):
-        self.f = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self.pos, self.end = offset, offset + size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = min(len(b), self.end - self.pos)
-        if n <= 0:
-            return 0
-        data = os.pread(self.f.fileno(), n, self.pos)
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
 
 
 @dataclass(frozen=True)
@@ -77,21 +56,30 @@ class _Files:
         if not path.is_file():
             raise SourceError(f"{ref}: no such archive {path}")
         try:
-            with tarfile.open(path, "r:") as tar:
-                members = {m.name.removeprefix("./"): (m.offset_data, m.size) for m in tar if m.isfile()}
-        except tarfile.TarError as e:
-            raise SourceError(f"{ref}: not an uncompressed tar archive ({e})") from None
+            with open(path, "rb") as f:
+                members = {"/".join(split(m.name)): (m.offset, m.size)
+                           for m in read_members(f, os.fstat(f.fileno()).st_size) if m.type == tarread.REG}
+        except TarFormatError as e:
+            raise SourceError(f"{ref}: not an uncompressed tar archive we can read ({e})") from None
         return cls(path, members)
 
+    def _path(self, name: str) -> Path:
+        """The file `name` of a layout directory; a symlink may lead elsewhere inside the layout only."""
+        p = self.root / name
+        real, root = os.path.realpath(p), os.path.realpath(self.root)
+        if os.path.commonpath([real, root]) != root:
+            raise SourceError(f"{self.root}: {name} leads outside the layout (to {real})")
+        return p
+
     def exists(self, name: str) -> bool:
-        return (self.root / name).is_file() if self.members is None else name in self.members
+        return self._path(name).is_file() if self.members is None else name in self.members
 
     def opener(self, name: str) -> Callable[[], IO[bytes]]:
         if self.members is None:
-            p = self.root / name
+            p = self._path(name)
             return lambda: open(p, "rb")
         off, size = self.members[name]
-        return lambda: io.BufferedReader(_Range(str(self.root), off, size), 1 << 20)
+        return lambda: io.BufferedReader(ByteRange(str(self.root), off, size), 1 << 20)
 
     def read(self, name: str, what: str) -> bytes:
         if not self.exists(name):
@@ -118,10 +106,15 @@ def _oci(ref: ImageRef, files: _Files, platform: Platform) -> Image:
     manifests = index.get("manifests")
     if not isinstance(manifests, list) or not manifests:
         raise SourceError(f"{what}: index.json lists no images")
+    for i, m in enumerate(manifests):
+        if not isinstance(m, dict):
+            raise SourceError(f"{what}: index.json: manifests[{i}] is not an object")
+        if not isinstance(m.get("annotations") or {}, dict) or not isinstance(m.get("platform") or {}, dict):
+            raise SourceError(f"{what}: index.json: manifests[{i}]: annotations and platform must be objects")
     if ref.name:
         chosen = [m for m in manifests if (m.get("annotations") or {}).get(REF_ANNOTATION) == ref.name]
         if not chosen:
-            names = sorted({(m.get("annotations") or {}).get(REF_ANNOTATION, "?") for m in manifests})
+            names = sorted({str((m.get("annotations") or {}).get(REF_ANNOTATION, "?")) for m in manifests})
             raise SourceError(f"{what}: no image tagged {ref.name!r} (has: {', '.join(names)})")
     elif len(manifests) == 1:
         chosen = manifests
@@ -160,12 +153,15 @@ def _resolve(ref: ImageRef, files: _Files, desc: Descriptor, platform: Platform,
 def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
     """`docker save` format: manifest.json names the config file and layer tars of each image."""
     what = str(ref)
-    try:
-        entries = json.loads(files.read("manifest.json", what))
-    except ValueError as e:
-        raise SourceError(f"{what}: manifest.json is not valid JSON ({e})") from None
+    entries = parse_json(files.read("manifest.json", what), f"{what} manifest.json")
     if not isinstance(entries, list) or not entries:
         raise SourceError(f"{what}: manifest.json lists no images")
+    for i, e in enumerate(entries):
+        lists = [e.get(k) or [] for k in ("Layers", "RepoTags")] if isinstance(e, dict) else [None]
+        if not (isinstance(e, dict) and isinstance(e.get("Config"), str)
+                and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists)):
+            raise SourceError(f"{what}: manifest.json: entry {i} is not an object with a Config string, "
+                              "Layers and RepoTags lists of strings")
     if ref.name:
         want = {ref.name, f"{ref.name}:latest", f"docker.io/library/{ref.name}"}
         entries = [e for e in entries if want & set(e.get("RepoTags") or [])]
@@ -174,7 +170,7 @@ def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
     elif len(entries) > 1:
         raise SourceError(f"{what}: holds {len(entries)} images; name one as docker-archive:PATH:REPO:TAG")
     entry = entries[0]
-    config_raw = files.read(str(entry.get("Config")), what)
+    config_raw = files.read(entry["Config"], what)
     config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
     doc = load_json(config_raw, f"{what} config")
     diff_ids = (doc.get("rootfs") or {}).get("diff_ids") or []

@@ -394,6 +394,20 @@ def test_index_json_with_a_non_object_entry(sandbox: Sandbox, entry: Any) -> Non
     _refused_ref(sandbox, f"oci:{layout}:t", "index.json", "not an object")
 
 
+@pytest.mark.parametrize("what", ["index", "config"])
+def test_documents_over_their_cap_are_refused_unread(sandbox: Sandbox, what: str) -> None:
+    """A 50 MB index.json or config in a layout is refused after reading 4 MiB (it was parsed whole)."""
+    layout = sandbox.root / "image"
+    big = {"Labels": {"big": "x" * (50 << 20)}}
+    config = dict(BUSYBOX_CONFIG, **(big if what == "config" else {}))
+    write_oci_image(layout, "t", [busybox_members()], config)
+    if what == "index":
+        index = json.loads((layout / "index.json").read_text())
+        index["annotations"] = big["Labels"]
+        (layout / "index.json").write_text(json.dumps(index))
+    _refused_ref(sandbox, f"oci:{layout}:t", "larger than 4 MiB")
+
+
 def test_index_json_annotations_not_an_object(sandbox: Sandbox) -> None:
     layout = _layout(sandbox)
     index = json.loads((layout / "index.json").read_text())

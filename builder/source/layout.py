@@ -19,8 +19,10 @@ from .. import tarread
 from ..blobs import check_digest, verify_bytes
 from ..errors import SourceError
 from ..image import (
+    CONFIG_LIMIT,
     DOCKER_MANIFEST,
     INDEX_TYPES,
+    MANIFEST_LIMIT,
     MANIFEST_TYPES,
     Descriptor,
     Image,
@@ -81,11 +83,15 @@ class _Files:
         off, size = self.members[name]
         return lambda: io.BufferedReader(ByteRange(str(self.root), off, size), 1 << 20)
 
-    def read(self, name: str, what: str) -> bytes:
+    def read(self, name: str, what: str, limit: int) -> bytes:
+        """The file `name`, refused past `limit` bytes (MANIFEST_LIMIT, CONFIG_LIMIT)."""
         if not self.exists(name):
             raise SourceError(f"{what}: missing {name}")
         with self.opener(name)() as f:
-            return f.read()
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise SourceError(f"{what}: {name} is larger than {limit >> 20} MiB")
+        return data
 
 
 def load(ref: ImageRef, platform: Platform) -> Image:
@@ -102,7 +108,7 @@ def _blob_name(digest: str, what: str) -> str:
 
 def _oci(ref: ImageRef, files: _Files, platform: Platform) -> Image:
     what = str(ref)
-    index = load_json(files.read("index.json", what), f"{what} index.json")
+    index = load_json(files.read("index.json", what, MANIFEST_LIMIT), f"{what} index.json")
     manifests = index.get("manifests")
     if not isinstance(manifests, list) or not manifests:
         raise SourceError(f"{what}: index.json lists no images")
@@ -128,7 +134,8 @@ def _oci(ref: ImageRef, files: _Files, platform: Platform) -> Image:
 
 def _resolve(ref: ImageRef, files: _Files, desc: Descriptor, platform: Platform, what: str) -> Image:
     for _ in range(4):  # index -> (nested index ->) manifest
-        raw = verify_bytes(files.read(_blob_name(desc.digest, what), what), desc.digest, f"{what} manifest")
+        raw = verify_bytes(files.read(_blob_name(desc.digest, what), what, MANIFEST_LIMIT), desc.digest,
+                           f"{what} manifest")
         doc = load_json(raw, f"{what} manifest {desc.digest[:19]}")
         mt = media_type_of(doc, desc.media_type or None)
         if mt in INDEX_TYPES:
@@ -137,7 +144,7 @@ def _resolve(ref: ImageRef, files: _Files, desc: Descriptor, platform: Platform,
         if mt not in MANIFEST_TYPES:
             raise SourceError(f"{what}: unsupported manifest media type {mt!r}")
         cfg = descriptor(doc.get("config"), f"{what} config")
-        config_raw = verify_bytes(files.read(_blob_name(cfg.digest, what), what), cfg.digest,
+        config_raw = verify_bytes(files.read(_blob_name(cfg.digest, what), what, CONFIG_LIMIT), cfg.digest,
                                   f"{what} config")
 
         def opener(d: Descriptor) -> Callable[[], IO[bytes]]:
@@ -153,7 +160,7 @@ def _resolve(ref: ImageRef, files: _Files, desc: Descriptor, platform: Platform,
 def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
     """`docker save` format: manifest.json names the config file and layer tars of each image."""
     what = str(ref)
-    entries = parse_json(files.read("manifest.json", what), f"{what} manifest.json")
+    entries = parse_json(files.read("manifest.json", what, MANIFEST_LIMIT), f"{what} manifest.json")
     if not isinstance(entries, list) or not entries:
         raise SourceError(f"{what}: manifest.json lists no images")
     for i, e in enumerate(entries):
@@ -170,7 +177,7 @@ def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
     elif len(entries) > 1:
         raise SourceError(f"{what}: holds {len(entries)} images; name one as docker-archive:PATH:REPO:TAG")
     entry = entries[0]
-    config_raw = files.read(entry["Config"], what)
+    config_raw = files.read(entry["Config"], what, CONFIG_LIMIT)
     config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
     doc = load_json(config_raw, f"{what} config")
     diff_ids = (doc.get("rootfs") or {}).get("diff_ids") or []

@@ -51,6 +51,7 @@ from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
 from .image import Image, Platform
 from .init import init_binary
 from .minimize import minimize
+from .probe import check_probe_host
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .tree import Tree
 
@@ -160,6 +161,8 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         from .disk import check_available
 
         check_available()
+    if opts.minimize == "trace":
+        check_probe_host(trace=True)                # before any pull: a host that cannot trace is refused
     ref = resolve_ref(ref_text, opts)
     recipe = _recipe(ref, opts)
     out = opts.output or default_output(ref)

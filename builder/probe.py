@@ -53,13 +53,13 @@ import os
 import re
 import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -84,7 +84,7 @@ HOSTNAME = "xbuild-probe"
 CAPS = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID", "SETFCAP",
         "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE")
 TOOLS = {"bwrap": "bubblewrap", "setpriv": "util-linux", "prlimit": "util-linux", "nsenter": "util-linux",
-         "mount": "mount", "umount": "mount"}
+         "unshare": "util-linux", "mount": "mount"}
 _SYSCALL = re.compile(r'^(\d+)\s+(?:<\.\.\. )?(\w+)\(?(.*)$')
 _FILE_CALLS = {"open", "openat", "openat2", "creat", "execve", "execveat", "stat", "lstat", "newfstatat",
                "statx", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "chdir", "truncate",
@@ -193,47 +193,62 @@ def probe(tree: Tree, config: ImageConfig, recipe: Recipe | None, seconds: float
     the recipe's network smoke test run against it meanwhile (without `trace`, the probe ends when the
     smoke test has its answer); with `trace`, under strace -f, reporting every tree path its processes
     named. MinimizeError if the host cannot run it, the sandbox cannot start or the entrypoint cannot
-    be executed; anything the entrypoint itself does is its own result."""
+    be executed; anything the entrypoint itself does is its own result. A SIGTERM meanwhile (in the main
+    thread) stops the sandbox and raises KeyboardInterrupt, as Ctrl-C does."""
     check_probe_host(trace)
     gc = guest_config(config, tree, HOSTNAME)
-    work = Path(tempfile.mkdtemp(prefix="xbuild-probe-"))           # 0700 root: the strace log
-    stage = Path(tempfile.mkdtemp(prefix="xbuild-probe-", dir=_stage_base()))
-    mounted = False
+    with _sigterm_interrupts():
+        return _run(tree, gc.argv, gc.env, gc.cwd, recipe, seconds, trace)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while this is active (main thread only: Python delivers signals
+    there), so the probe's cleanup runs and the CLI reports an interrupt. Without it a SIGTERM ends
+    xbuild at once; the sandbox then dies with it (pdeathsig), but the CLI says nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
     try:
-        _mount_tmpfs(stage, tree)
-        mounted = True
-        root = stage / "root"
-        extract(tree, root, HOST_ID_BASE)
-        _mount_points(root)
-        return _run(root, work / "strace.log", gc.argv, gc.env, gc.cwd, recipe, seconds, trace)
-    except OSError as e:
-        raise MinimizeError(f"probe: cannot stage the image on this host ({e})") from None
+        yield
     finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(stage)], capture_output=True)
-        shutil.rmtree(stage, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGTERM, old)
 
 
 def _stage_base() -> str:
-    """Where the staged copy's mountpoint goes: a directory every uid can traverse (bwrap opens the copy
-    as HOST_ID_BASE) that only root can write: /run on Debian, else /tmp (sticky)."""
-    st = os.stat("/run") if os.path.isdir("/run") else None
-    return "/run" if st is not None and st.st_uid == 0 and not st.st_mode & 0o022 else "/tmp"
+    """The directory the probe's tmpfs is mounted over inside its private mount namespace (the host's
+    stays as it is): /run, which bwrap does not use itself (its scratch root is /tmp), else /tmp."""
+    return "/run" if os.path.isdir("/run") else "/tmp"
 
 
-def _mount_tmpfs(stage: Path, tree: Tree) -> None:
-    """A tmpfs at `stage` sized for `tree` plus STAGE_SPARE for what the entrypoint writes; nodev (an
-    image's device nodes open nothing) and nosuid."""
+def _stage_size(tree: Tree) -> tuple[int, int]:
+    """(bytes, inodes) of the staged copy's tmpfs: the tree plus STAGE_SPARE for what the entrypoint
+    writes."""
     size, inodes = STAGE_SPARE, 1024
     for _path, node in tree.walk():
         inodes += 1
         size += 4096 + (-(-node.size // 4096) * 4096 if node.kind == FILE else 0)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},nr_inodes={inodes * 2},mode=0755,"
-                        f"uid={HOST_ID_BASE},gid={HOST_ID_BASE},nodev,nosuid", "xbuild-probe", str(stage)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise MinimizeError(f"probe: cannot mount its tmpfs: {r.stderr.strip()}")
+    return size, inodes * 2
+
+
+def _helper_script(base: str, tree: Tree) -> str:
+    """The shell run in the probe's private mount namespace (`unshare --mount`): a root-only tmpfs over
+    `base` for the strace log (base/log, up to FSIZE_MAX), the staged copy's own tmpfs at base/stage
+    (sized for `tree`; nodev, so an image's device nodes open nothing; nosuid), "ready" on stdout, then
+    wait for a line on stdin (xbuild has staged the copy) and exec the launch chain ("$@") with its
+    output on stderr. Nothing of this is visible in the host's mount namespace, and it all goes away
+    with the last process of the namespace."""
+    size, inodes = _stage_size(tree)
+    ids = f"uid={HOST_ID_BASE},gid={HOST_ID_BASE}"
+    return (f"mount -t tmpfs -o size={FSIZE_MAX + (1 << 20)},nr_inodes=64,mode=0711,nodev,nosuid,noexec "
+            f"xbuild-probe {base} && mkdir -m 0700 {base}/log && mkdir -m 0755 {base}/stage && "
+            f"mount -t tmpfs -o size={size},nr_inodes={inodes},mode=0755,{ids},nodev,nosuid "
+            f"xbuild-probe {base}/stage && echo ready && read go && exec \"$@\" </dev/null >&2")
 
 
 def _mount_points(root: Path) -> None:
@@ -248,12 +263,12 @@ def _mount_points(root: Path) -> None:
             os.chown(p, HOST_ID_BASE, HOST_ID_BASE)
 
 
-def _bwrap_args(root: Path, argv: tuple[str, ...], env: tuple[str, ...], cwd: str,
+def _bwrap_args(root: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str,
                 block_fd: int, info_fd: int) -> list[str]:
     args = [shutil.which("bwrap") or "bwrap", "--unshare-user", "--userns-block-fd", str(block_fd),
             "--info-fd", str(info_fd), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup", "--hostname", HOSTNAME, "--die-with-parent", "--new-session",
-            "--bind", str(root), "/", "--proc", "/proc", "--dev", "/dev",
+            "--bind", root, "/", "--proc", "/proc", "--dev", "/dev",
             "--perms", "1777", "--size", str(SMALL_TMPFS), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
             "--perms", "1777", "--size", str(SMALL_TMPFS), "--tmpfs", "/tmp",
             "--perms", "0755", "--size", str(SMALL_TMPFS), "--tmpfs", "/run",
@@ -267,64 +282,111 @@ def _bwrap_args(root: Path, argv: tuple[str, ...], env: tuple[str, ...], cwd: st
     return args + ["--chdir", cwd, "--", *argv]
 
 
-def _run(root: Path, log: Path, argv: tuple[str, ...], env: tuple[str, ...], cwd: str,
-         recipe: Recipe | None, seconds: float, trace: bool) -> ProbeResult:
+def _run(tree: Tree, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, recipe: Recipe | None,
+         seconds: float, trace: bool) -> ProbeResult:
+    """Start the helper (its own mount namespace, _helper_script), stage `tree` into its tmpfs through
+    /proc/PID/root, let it exec the launch chain, and collect what the sandbox did. Nothing is created
+    on the host's filesystems: if xbuild dies (even by SIGKILL), the chain dies with it (pdeathsig,
+    --die-with-parent) and the kernel frees the namespace and its tmpfs with its last process."""
+    base = _stage_base()
+    log = f"{base}/log/strace.log"
     block_r, block_w = os.pipe()
     info_r, info_w = os.pipe()
-    cmd = ["setpriv", "--pdeathsig", "KILL", "--",
-           "prlimit", f"--nproc={NPROC_MAX}", f"--as={AS_MAX}", f"--fsize={FSIZE_MAX}",
-           f"--nofile={NOFILE_MAX}", "--core=0", "--"]
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    chain = ["prlimit", f"--nproc={NPROC_MAX}", f"--as={AS_MAX}", f"--fsize={FSIZE_MAX}",
+             f"--nofile={NOFILE_MAX}", "--core=0", "--"]
     if trace:
-        cmd += ["strace", "-f", "-qq", "-s", "4096", "-e", "trace=%file,%process", "-o", str(log)]
-    cmd += ["setpriv", f"--reuid={HOST_ID_BASE}", f"--regid={HOST_ID_BASE}", "--clear-groups", "--",
-            *_bwrap_args(root, argv, env, cwd, block_r, info_w)]
+        chain += ["strace", "-f", "-qq", "-s", "4096", "-e", "trace=%file,%process", "-o", log]
+    chain += ["setpriv", f"--reuid={HOST_ID_BASE}", f"--regid={HOST_ID_BASE}", "--clear-groups", "--",
+              *_bwrap_args(f"{base}/stage/root", argv, env, cwd, block_r, info_w)]
+    cmd = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--mount", "--propagation", "private", "--",
+           "/bin/sh", "-c", _helper_script(base, tree), "sh", *chain]
     end = time.monotonic() + seconds
     # stdout/stderr: a pipe the sandbox's root owns, so that reopening /dev/stderr works as in a container
     out_r, out_w = os.pipe()
     os.fchown(out_w, HOST_ID_BASE, HOST_ID_BASE)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
-                            pass_fds=(block_r, info_w), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    for fd in (block_r, info_w, out_w):
+    proc = subprocess.Popen(cmd, stdin=go_r, stdout=ready_w, stderr=out_w, pass_fds=(block_r, info_w),
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    for fd in (block_r, info_w, out_w, go_r, ready_w):
         os.close(fd)
     out = bytearray()
     reader = threading.Thread(target=_read_capped, args=(os.fdopen(out_r, "rb"), out), daemon=True)
     reader.start()
     smoke = None
+    child = None
+    log_fd = -1
     try:
-        child = _sandbox_pid(info_r)
-        if child is not None:
-            _map_ids(child)
-        os.write(block_w, b"1")
-        os.close(block_w)
-        block_w = -1
-        if child is not None and recipe and recipe.smoke and recipe.smoke.kind != "console":
-            smoke = _smoke_in_netns(child, recipe, recipe.smoke, seconds)
-            if not trace:
-                end = 0
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.0, end - time.monotonic()))
-    finally:
-        if block_w >= 0:
+        try:
+            if not _ready(ready_r):
+                proc.wait()
+                reader.join(timeout=10)
+                why = (bytes(out).decode("utf-8", "replace").strip().splitlines() or ["it ended"])[-1]
+                raise MinimizeError(f"probe: cannot mount its tmpfs: {why}")
+            try:
+                root = Path(f"/proc/{proc.pid}/root{base}/stage/root")   # our unreaped child: a stable pid
+                extract(tree, root, HOST_ID_BASE)
+                _mount_points(root)
+                if trace:       # held open: the log outlives the namespace, which ends with the chain
+                    log_fd = os.open(f"/proc/{proc.pid}/root{log}",
+                                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise MinimizeError(f"probe: cannot stage the image on this host ({e})") from None
+            os.write(go_w, b"go\n")
+            os.close(go_w)
+            go_w = -1
+            child = _sandbox_pid(info_r)
+            if child is not None:
+                _map_ids(child)
+            os.write(block_w, b"1")
             os.close(block_w)
-        os.close(info_r)
-        if proc.poll() is None:       # our own child, not yet reaped: its pid is still ours to kill
-            proc.kill()               # the chain dies with it (pdeathsig, --die-with-parent)
-        proc.wait()
-        _wait_gone(child)
-        reader.join(timeout=10)
-    output = bytes(out)
-    lines = output.decode("utf-8", "replace").splitlines()
-    if lines and lines[0].startswith("bwrap: ") and proc.returncode == 1:
-        if "Exec format error" in lines[0]:
-            raise MinimizeError("probe: the host cannot run the entrypoint: " + lines[0])
-        raise MinimizeError(f"probe: the sandbox did not start the entrypoint: {lines[0]}")
-    opened: set[str] = set()
-    full = False
-    if trace and log.exists():
-        full = log.stat().st_size >= FSIZE_MAX
-        with open(log, encoding="utf-8", errors="replace") as f:
-            opened = traced_paths(f, cwd, {child} if child else set())
-    return ProbeResult(output, frozenset(opened), smoke, full)
+            block_w = -1
+            if child is not None and recipe and recipe.smoke and recipe.smoke.kind != "console":
+                smoke = _smoke_in_netns(child, recipe, recipe.smoke, seconds)
+                if not trace:
+                    end = 0
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, end - time.monotonic()))
+        finally:
+            for fd in (go_w, block_w, info_r, ready_r):
+                if fd >= 0:
+                    os.close(fd)
+            if proc.poll() is None:       # our own child, not yet reaped: its pid is still ours to kill
+                proc.kill()               # the chain dies with it (pdeathsig, --die-with-parent)
+            proc.wait()
+            _wait_gone(child)
+            reader.join(timeout=10)
+        output = bytes(out)
+        lines = output.decode("utf-8", "replace").splitlines()
+        if lines and lines[0].startswith("bwrap: ") and proc.returncode == 1:
+            if "Exec format error" in lines[0]:
+                raise MinimizeError("probe: the host cannot run the entrypoint: " + lines[0])
+            raise MinimizeError(f"probe: the sandbox did not start the entrypoint: {lines[0]}")
+        opened: set[str] = set()
+        full = False
+        if log_fd >= 0:
+            with open(log_fd, encoding="utf-8", errors="replace", closefd=False) as f:
+                full = os.fstat(log_fd).st_size >= FSIZE_MAX
+                opened = traced_paths(f, cwd, {child} if child else set())
+        return ProbeResult(output, frozenset(opened), smoke, full)
+    finally:
+        if log_fd >= 0:
+            os.close(log_fd)
+
+
+def _ready(ready_r: int, timeout: float = 60.0) -> bool:
+    """Whether the helper said "ready" (its tmpfs are mounted) before it ended or `timeout` passed."""
+    data = b""
+    end = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([ready_r], [], [], left)[0]:
+            return False
+        chunk = os.read(ready_r, 64)
+        if not chunk:
+            return False
+        data += chunk
+    return data == b"ready\n"
 
 
 def _read_capped(stream: IO[bytes], out: bytearray) -> None:

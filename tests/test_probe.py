@@ -12,10 +12,12 @@ and no "leak" kept. The leak channel: the image carries empty files /leaked/<cas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -40,7 +42,7 @@ from builder.probe import (
 )
 from builder.tree import Tree
 from tests.fixtures import images as fx
-from tests.fixtures.hostile import Sandbox, assert_refused
+from tests.fixtures.hostile import XBUILD, Sandbox, assert_refused
 from tests.fixtures.minimize_images import add_file, add_host_file, add_link
 
 CAN_PROBE = os.geteuid() == 0 and all(shutil.which(t) for t in ("bwrap", "strace", "setpriv", "prlimit"))
@@ -136,6 +138,104 @@ def test_cli_without_bubblewrap_is_one_line(sandbox: Sandbox, tmp_path: Path) ->
                        env=sandbox.env(PATH=str(bindir)))
     assert_refused(r, 2, "install the Debian package bubblewrap", "--minimize auto")
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="xbuild's probe check needs root first")
+def test_cli_without_bubblewrap_refuses_before_the_pull(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The host check comes first: with bwrap missing, a reference to a registry on a closed port gets
+    the bubblewrap line, not a registry error (nothing was pulled)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in [*TOOLS, "strace"]:
+        if tool != "bwrap" and shutil.which(tool):
+            (bindir / tool).symlink_to(shutil.which(tool) or "")
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    before = sandbox.snapshot()
+    r = sandbox.xbuild(f"127.0.0.1:{port}/nothing/here:latest", "--minimize", "trace", "--kernel", "none",
+                       "-o", str(sandbox.out), "-q", env=sandbox.env(PATH=str(bindir)))
+    assert_refused(r, 2, "install the Debian package bubblewrap", "--minimize auto")
+    assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
+
+
+def probe_mounts() -> set[str]:
+    """Lines of the host's mount table (this test's mount namespace) naming an xbuild probe mount."""
+    return {line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "xbuild-probe" in line}
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid → command line of every live descendant of `pid`."""
+    parent: dict[int, int] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent[int(stat_file.parent.name)] = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in found:
+                with contextlib.suppress(OSError):
+                    found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a process that is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@needs_probe
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_during_the_trace_leaves_nothing(sig: signal.Signals, sandbox: Sandbox,
+                                                tmp_path: Path) -> None:
+    """xbuild killed while the entrypoint runs in the sandbox: no probe mount in the host's mount table
+    (not even while it runs), no staging or temp directory, no process of the chain (setpriv, strace,
+    bwrap, the entrypoint) left. SIGTERM: what Ctrl-C gives (exit 130, `xbuild: aborted`), and nothing
+    written."""
+    token = str(100000 + secrets.randbelow(800000))
+    image = fx.make_busybox_image(tmp_path / "oci", config_overrides={"Entrypoint": ["/bin/sleep", token],
+                                                                      "Cmd": []})
+    recipe = sandbox.root / "work" / "trace.toml"
+    recipe.write_text("[trace]\nseconds = 300\n")
+    mounts, staged = probe_mounts(), staging_dirs()
+    before = sandbox.snapshot()
+    args = [image.ref, "--minimize", "trace", "--recipe", str(recipe), "--kernel", "none", "-o",
+            str(sandbox.out)]
+    proc = subprocess.Popen([*XBUILD, *args, "-q"], cwd=sandbox.root / "work", env=sandbox.env(), text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        chain: dict[int, str] = {}
+        deadline = time.monotonic() + 120
+        while not any(cmd.strip() == f"/bin/sleep {token}" for cmd in chain.values()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"the sandbox did not start: {chain}"
+            time.sleep(0.1)
+            chain = descendants(proc.pid)
+        assert any("strace" in c for c in chain.values()) and any("bwrap" in c for c in chain.values())
+        assert probe_mounts() == mounts, "the probe's tmpfs is visible in the host's mount namespace"
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 10
+    while [p for p in chain if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {p: c for p, c in chain.items() if alive(p)} == {}
+    assert probe_mounts() == mounts and staging_dirs() == staged
+    assert sandbox.stale_temps() == []
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and stderr.strip().splitlines() == ["xbuild: aborted"], stderr
+        assert sandbox.changes(before) == []
+    else:
+        assert proc.returncode == -signal.SIGKILL
 
 
 # -- the sandbox as the entrypoint sees it ------------------------------------------------------------

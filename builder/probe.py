@@ -35,14 +35,21 @@ The entrypoint is untrusted code, so it runs in bubblewrap (bwrap, the sandbox F
                     kept is OUTPUT_MAX bytes (the rest is read and dropped), time is `seconds`, then every
                     process of its pid namespace is killed.
   trace             strace runs outside the sandbox, as host root, and follows bwrap and everything it
-                    starts; its log is a file in a root-only directory the sandbox cannot reach, so the
-                    entrypoint cannot write it. It only decides which syscalls and strings appear there,
-                    and the paths read back are only ever looked up inside the image's Tree.
-  lifetime          if xbuild dies, strace gets SIGKILL (setpriv --pdeathsig) and bwrap then kills the
-                    sandbox (--die-with-parent).
+                    starts; its log is a file on a root-only tmpfs of the helper's namespace (outside the
+                    sandbox's root), so the entrypoint cannot write it; xbuild holds it open, so it can
+                    read it after the namespace is gone. The entrypoint only decides which syscalls and
+                    strings appear there, and the paths read back are only ever looked up in the Tree.
+  staging           a helper with its own private mount namespace (unshare --mount, pdeathsig) mounts
+                    the tmpfs over /run there (the host's mount table never shows it); xbuild writes the
+                    copy through /proc/HELPER/root, then the helper execs the launch chain. Nothing is
+                    created on the host's filesystems: no mountpoint, no temp directory.
+  lifetime          if xbuild dies, even by SIGKILL, the helper-then-strace gets SIGKILL (setpriv
+                    --pdeathsig) and bwrap then kills the sandbox (--die-with-parent); with the namespace's
+                    last process the kernel frees the tmpfs. A SIGTERM to xbuild during the probe is an
+                    interrupt: the probe stops the sandbox and the CLI exits 130.
 
 Host needs (check_probe_host): root, bwrap (Debian package bubblewrap), strace for trace, util-linux's
-setpriv, prlimit, nsenter and mount, and user namespaces enabled.
+setpriv, prlimit, nsenter and unshare, mount, and user namespaces enabled.
 """
 
 from __future__ import annotations

@@ -406,10 +406,20 @@ def _read_capped(stream: IO[bytes], out: bytearray) -> None:
 
 def _wait_gone(pid: int | None, timeout: float = 10.0) -> None:
     """Wait until the sandbox's pid 1 (SIGKILLed through --die-with-parent once strace or bwrap died)
-    is gone; when it is, the kernel has killed every process of its pid namespace."""
+    is gone or a zombie: a pid namespace's init only becomes a zombie after the kernel has killed and
+    reaped every other process of its namespace. (Its reaper is the host's init, once bwrap is gone;
+    some inits reap only every few seconds.)"""
     end = time.monotonic() + timeout
-    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
+    while pid is not None and _running(pid) and time.monotonic() < end:
         time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _sandbox_pid(info_r: int, timeout: float = 30.0) -> int | None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -193,22 +194,31 @@ def _summary(path: Path, m: dict[str, Any]) -> None:
         click.echo(f"{path}/xen.cfg     xl create {path}/xen.cfg   (or: xbuild run {path})")
 
 
+_stopped_by = signal.SIGINT
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: the atomic writers remove their temps and nothing partial is left."""
+    global _stopped_by
+    _stopped_by = signal.Signals(signum)
+    raise KeyboardInterrupt
+
+
 def run() -> None:
-    """Entry point: run the CLI, turning XbuildError into one line and its exit code."""
+    """Entry point: run the CLI, turning XbuildError into one line and its exit code; SIGINT and SIGTERM
+    into `xbuild: interrupted (SIGNAME)` and 128 + the signal's number, with nothing partial left."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main(standalone_mode=False)
     except XbuildError as e:
         click.echo(f"xbuild: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("xbuild: aborted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):      # click turns KeyboardInterrupt into Abort
+        click.echo(f"xbuild: interrupted ({_stopped_by.name})", err=True)
+        sys.exit(128 + _stopped_by)
     except click.ClickException as e:
         e.show()
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("xbuild: interrupted", err=True)
-        sys.exit(130)
 
 
 @main.command("doctor")

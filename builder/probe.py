@@ -45,8 +45,8 @@ The entrypoint is untrusted code, so it runs in bubblewrap (bwrap, the sandbox F
                     created on the host's filesystems: no mountpoint, no temp directory.
   lifetime          if xbuild dies, even by SIGKILL, the helper-then-strace gets SIGKILL (setpriv
                     --pdeathsig) and bwrap then kills the sandbox (--die-with-parent); with the namespace's
-                    last process the kernel frees the tmpfs. A SIGTERM to xbuild during the probe is an
-                    interrupt: the probe stops the sandbox and the CLI exits 130.
+                    last process the kernel frees the tmpfs. A SIGTERM to xbuild is an interrupt (the CLI
+                    turns it into KeyboardInterrupt): the probe stops the sandbox on its way out.
 
 Host needs (check_probe_host): root, bwrap (Debian package bubblewrap), strace for trace, util-linux's
 setpriv, prlimit, nsenter and unshare, mount, and user namespaces enabled.
@@ -60,13 +60,12 @@ import os
 import re
 import select
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -200,31 +199,11 @@ def probe(tree: Tree, config: ImageConfig, recipe: Recipe | None, seconds: float
     the recipe's network smoke test run against it meanwhile (without `trace`, the probe ends when the
     smoke test has its answer); with `trace`, under strace -f, reporting every tree path its processes
     named. MinimizeError if the host cannot run it, the sandbox cannot start or the entrypoint cannot
-    be executed; anything the entrypoint itself does is its own result. A SIGTERM meanwhile (in the main
-    thread) stops the sandbox and raises KeyboardInterrupt, as Ctrl-C does."""
+    be executed; anything the entrypoint itself does is its own result. An interrupt meanwhile (Ctrl-C, or the
+    CLI's SIGTERM handler) stops the sandbox on its way out."""
     check_probe_host(trace)
     gc = guest_config(config, tree, HOSTNAME)
-    with _sigterm_interrupts():
-        return _run(tree, gc.argv, gc.env, gc.cwd, recipe, seconds, trace)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt while this is active (main thread only: Python delivers signals
-    there), so the probe's cleanup runs and the CLI reports an interrupt. Without it a SIGTERM ends
-    xbuild at once; the sandbox then dies with it (pdeathsig), but the CLI says nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    return _run(tree, gc.argv, gc.env, gc.cwd, recipe, seconds, trace)
 
 
 def _stage_base() -> str:

@@ -14,7 +14,9 @@ import gzip
 import hashlib
 import json
 import resource
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -366,3 +368,34 @@ def test_bad_knob_is_one_line(sandbox: Sandbox, fault: Fault, served: Served) ->
                        env=sandbox.env(XBUILD_REGISTRY_STALL_TIMEOUT="soon"))
     assert_refused(r, 2, "XBUILD_REGISTRY_STALL_TIMEOUT='soon'", "positive number of seconds")
     assert sandbox.changes(before) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_build_interrupted_mid_download_leaves_nothing(sandbox: Sandbox, fault: Fault, served: Served,
+                                                      sig: signal.Signals) -> None:
+    """SIGTERM (or Ctrl-C) while a layer drips in: one line, 128 + the signal, no temp file, no output."""
+    fault.fault(BLOB, hr.drip(0.05))
+    before = sandbox.snapshot()
+    proc = subprocess.Popen([*XBUILD, f"docker://{fault.host}/{REPO}:v1", "-o", str(sandbox.out),
+                             "--kernel", "none", "-q", *CHEAP], cwd=sandbox.root / "work", text=True,
+                            env=sandbox.env(XBUILD_REGISTRY_DEADLINE="120"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + WALL
+        while not any(m == "GET" and "/blobs/" in p for m, p in fault.requests):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(1)
+        assert proc.poll() is None
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=WALL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig
+    assert stderr.strip().splitlines() == [f"xbuild: interrupted ({sig.name})"], stderr
+    assert sandbox.changes(before) == []
+    assert sandbox.stale_temps() == []
+    fault.clear()
+    assert sandbox.good_build(f"docker://{fault.host}/{REPO}:v1", *CHEAP) == served["initrd"]

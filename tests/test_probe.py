@@ -196,8 +196,8 @@ def test_killed_during_the_trace_leaves_nothing(sig: signal.Signals, sandbox: Sa
                                                 tmp_path: Path) -> None:
     """xbuild killed while the entrypoint runs in the sandbox: no probe mount in the host's mount table
     (not even while it runs), no staging or temp directory, no process of the chain (setpriv, strace,
-    bwrap, the entrypoint) left. SIGTERM: what Ctrl-C gives (exit 130, `xbuild: aborted`), and nothing
-    written."""
+    bwrap, the entrypoint) left. SIGTERM: an interrupt (exit 143, `xbuild: interrupted (SIGTERM)`),
+    and nothing written."""
     token = str(100000 + secrets.randbelow(800000))
     image = fx.make_busybox_image(tmp_path / "oci", config_overrides={"Entrypoint": ["/bin/sleep", token],
                                                                       "Cmd": []})
@@ -232,7 +232,8 @@ def test_killed_during_the_trace_leaves_nothing(sig: signal.Signals, sandbox: Sa
     assert probe_mounts() == mounts and staging_dirs() == staged
     assert sandbox.stale_temps() == []
     if sig == signal.SIGTERM:
-        assert proc.returncode == 130 and stderr.strip().splitlines() == ["xbuild: aborted"], stderr
+        assert proc.returncode == 143 and stderr.strip().splitlines() == ["xbuild: interrupted (SIGTERM)"], \
+            stderr
         assert sandbox.changes(before) == []
     else:
         assert proc.returncode == -signal.SIGKILL

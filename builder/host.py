@@ -65,7 +65,12 @@ NEEDS: tuple[Need, ...] = (
          _file("/boot/vmlinuz-*")),
     Need("e2fsck", "e2fsprogs", DISK, _tool("e2fsck")),
     Need("strace", "strace", TRACE, _tool("strace")),
+    Need("bwrap", "bubblewrap", TRACE, _tool("bwrap")),
     Need("unshare", "util-linux", TRACE, _tool("unshare")),
+    Need("setpriv", "util-linux", TRACE, _tool("setpriv")),
+    Need("prlimit", "util-linux", TRACE, _tool("prlimit")),
+    Need("nsenter", "util-linux", TRACE, _tool("nsenter")),
+    Need("mount", "mount", TRACE, _tool("mount")),
     Need("apt-get", "apt", NESTED, _tool("apt-get")),
     Need("dpkg-deb", "dpkg", NESTED, _tool("dpkg-deb")),
     Need("ldd", "libc-bin", NESTED, _tool("ldd")),
@@ -76,6 +81,11 @@ _BY_NAME = {n.name: n for n in NEEDS}
 
 def need(name: str) -> Need:
     return _BY_NAME[name]
+
+
+def packages_missing(names: tuple[str, ...]) -> list[str]:
+    """The Debian packages of those of `names` this host lacks, sorted."""
+    return sorted({need(n).package for n in names if need(n).find() is None})
 
 
 def apt_line(packages: list[str]) -> str:

@@ -72,6 +72,7 @@ from typing import IO
 
 from .errors import MinimizeError
 from .guest import guest_config
+from .host import packages_missing
 from .image import ImageConfig
 from .recipes import Recipe, Smoke
 from .tree import DIR, FILE, SYMLINK, Inode, Tree, split
@@ -89,8 +90,7 @@ HOSTNAME = "xbuild-probe"
 # Docker's default capability set (moby oci/caps/defaults.go), granted inside the user namespace only
 CAPS = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID", "SETFCAP",
         "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE")
-TOOLS = {"bwrap": "bubblewrap", "setpriv": "util-linux", "prlimit": "util-linux", "nsenter": "util-linux",
-         "unshare": "util-linux", "mount": "mount"}
+TOOLS = ("bwrap", "setpriv", "prlimit", "nsenter", "unshare", "mount")   # packages: builder/host.py
 _SYSCALL = re.compile(r'^(\d+)\s+(?:<\.\.\. )?(\w+)\(?(.*)$')
 _FILE_CALLS = {"open", "openat", "openat2", "creat", "execve", "execveat", "stat", "lstat", "newfstatat",
                "statx", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "chdir", "truncate",
@@ -108,8 +108,7 @@ class ProbeResult:
 def check_probe_host(trace: bool) -> None:
     """MinimizeError (one line naming what to install) unless this host can run the probe."""
     what = "trace" if trace else "smoke"
-    tools = dict(TOOLS, **({"strace": "strace"} if trace else {}))
-    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
+    missing = packages_missing(TOOLS + (("strace",) if trace else ()))
     if os.geteuid() != 0:
         why = "(not root): it maps the sandbox's user ids as root"
     elif missing:

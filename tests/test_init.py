@@ -207,13 +207,7 @@ def cloud_kernel() -> Path:
 
 @pytest.fixture(scope="session")
 def probe_binary(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    cc = shutil.which("musl-gcc") or shutil.which("gcc")
-    if not cc:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("probe")
-    (d / "probe.c").write_text(PROBE_C)
-    subprocess.run([cc, "-static", "-Os", "-s", "-o", str(d / "probe"), str(d / "probe.c")], check=True)
-    return (d / "probe").read_bytes()
+    return fx.static_binary(PROBE_C, "probe", tmp_path_factory)
 
 
 def probe_members(probe: bytes, extra: list[fx.Member] | None = None) -> list[fx.Member]:

@@ -315,13 +315,7 @@ int main(int argc, char **argv) {
 
 @pytest.fixture(scope="session")
 def escape_binary(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    cc = shutil.which("musl-gcc") or shutil.which("gcc")
-    if not cc:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("escape")
-    (d / "escape.c").write_text(ESCAPE_C)
-    subprocess.run([cc, "-static", "-Os", "-s", "-o", str(d / "escape"), str(d / "escape.c")], check=True)
-    return (d / "escape").read_bytes()
+    return fx.static_binary(ESCAPE_C, "escape", tmp_path_factory)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@
 - the cpio writer's output, extracted by the real `cpio` tool, is the tree that was written;
 - the manifest, config and index parsers give the parsed value or a BadInput, nothing else;
 - the reference parser round-trips what it prints and never crashes;
-- the guest config encoder and decoder round-trip, and the decoder takes any bytes.
+- the guest config encoder and decoder round-trip, and the decoder takes any bytes;
+- the xl config writer writes only its keys, and every value reads back as given (no injection).
 
 `make test` runs a bounded number of examples (profile "test"); `make fuzz` runs the same properties
 for a time budget (profile "fuzz", FUZZ_SECONDS).
@@ -19,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import tarfile
@@ -29,8 +31,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from builder import tarread
+from builder.artifact import XlDisk, xen_config
 from builder.cpio import pack
-from builder.errors import BadInput, ConfigError, ReferenceError_
+from builder.errors import ArtifactError, BadInput, ConfigError, ReferenceError_
 from builder.flatten import flatten_tars
 from builder.guest import GuestConfig
 from builder.image import Platform, descriptor, load_json, manifest_parts, parse_config, select_platform
@@ -451,3 +454,46 @@ def test_guest_config_refuses_what_the_init_cannot_take(argv: list[str], text: s
 def test_guest_config_decoder_takes_any_bytes(data: bytes) -> None:
     with contextlib.suppress(ConfigError):
         GuestConfig.decode(data)
+
+
+# ---- the xl config writer ----------------------------------------------------------------------------
+
+XL_LINE = r'([a-z_]+) = ("(?:[^"\\\n]|\\.)*"|\d+|\[ (?:\'[^\'\\\n]*\'(?:, )?)+ \])'
+
+
+def _xl_dequote(value: str) -> str:
+    """libxlu's reading of a double-quoted xl string (backslash escapes), or a number, as text."""
+    if not value.startswith('"'):
+        return value
+    out, chars = [], iter(value[1:-1])
+    for c in chars:
+        out.append(next(chars) if c == "\\" else c)
+    return "".join(out)
+
+
+@given(name=st.text(max_size=30), extra=st.text(max_size=200), memory=st.integers(16, 65536),
+       vcpus=st.integers(1, 64), xen_type=st.sampled_from(["pv", "pvh", "hvm"]),
+       target=st.text(max_size=40), vif=st.none() | st.text(max_size=40))
+def test_xl_config_writer_writes_only_its_keys_and_every_value_reads_back(
+        name: str, extra: str, memory: int, vcpus: int, xen_type: str, target: str, vif: str | None) -> None:
+    """Whatever strings reach it, the writer refuses them (ArtifactError) or writes one line per key, only
+    its fixed keys, each value quoted so that xl reads back exactly the string given: no line, key or
+    list element can be injected."""
+    try:
+        text = xen_config(name, extra, memory, vcpus, xen_type, disks=(XlDisk(target),), vif=vif)
+    except ArtifactError:
+        return
+    assert xen_type in ("pv", "pvh")
+    lines = text.splitlines()
+    parsed = {}
+    for line in lines:
+        m = re.fullmatch(XL_LINE, line)
+        assert m, line
+        parsed[m.group(1)] = m.group(2)
+    assert len(parsed) == len(lines)
+    assert set(parsed) <= {"name", "type", "kernel", "ramdisk", "extra", "memory", "maxmem", "vcpus",
+                           "on_poweroff", "on_reboot", "on_crash", "tsc_mode", "disk", "vif"}
+    assert _xl_dequote(parsed["name"]) == name and _xl_dequote(parsed["extra"]) == extra
+    assert parsed["memory"] == str(memory) and parsed["vcpus"] == str(vcpus)
+    assert parsed["disk"] == f"[ 'format=raw, vdev=xvda, access=rw, target={target}' ]"
+    assert ("vif" in parsed) == (vif is not None)

@@ -526,9 +526,10 @@ def _bad_kernel(d: Path) -> str | None:
             return f"{path} is missing"
         except OSError:
             return f"{path} is not a regular file"
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return f"{path} is not a regular file"
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return f"{path} is not a regular file"
             actual = hashlib.file_digest(f, "sha256").hexdigest()
         if actual != want:
             return f"{path}: content hashes to sha256:{actual[:12]}…, kernel.json records {str(want)[:12]}…"

@@ -39,7 +39,8 @@ from typing import IO, Any, Self
 import httpx
 import zstandard
 
-from . import __version__, kernel
+from . import __version__
+from . import kernel as kernel_cache
 from .artifact import (
     CMDLINE,
     DISK,
@@ -55,7 +56,7 @@ from .artifact import (
 )
 from .blobs import CHUNK, HashingWriter, blob_path, check_digest
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, remove_entry
-from .errors import ArtifactError, CacheError, PublishError, SourceError
+from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
 from .image import ACCEPT, CONFIG_LIMIT, DOCKER_CONFIG, MANIFEST_LIMIT, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
 from .reference import ImageRef, parse
@@ -271,6 +272,7 @@ def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
     d = kernel.path.parent
     if not (d / KERNEL_JSON).is_file():
         raise PublishError(f"{d}: not a kernel directory (no {KERNEL_JSON})")
+    kernel_cache.cached(d)       # never push a corrupt cache entry (CacheError names it); records an old one
     layers = [Blob.of(d / name, KERNEL_FILE_TYPES.get(name, KERNEL_OTHER_FILE), name)
               for name in _files(d, KERNEL_JSON, order=tuple(KERNEL_FILE_TYPES))]
     annotations = {TOOL_VERSION: __version__, "io.xbuild.kernel.key": kernel.key,
@@ -294,7 +296,7 @@ def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
                                f"({KERNEL_JSON} names no key or file)")
         final = cache_dir("kernels") / key
         try:
-            have = kernel.cached(final)
+            have = kernel_cache.cached(final)
         except CacheError:        # removed: pulled again below
             have = None
         if have is None:
@@ -304,12 +306,18 @@ def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
                     assert blob.title is not None
                     if file_sha256(tmp / blob.title) != blob.digest[7:]:      # the cached blob is corrupt
                         remove_entry(blob.path)
-                        session.fetch_blob(blob)
+                        try:
+                            session.fetch_blob(blob)
+                        except XbuildError as e:
+                            raise CacheError(f"{blob.path}: corrupt cache entry (removed); fetching it "
+                                             f"again failed: {e}") from None
                         shutil.copyfile(blob.path, tmp / blob.title)
                         if file_sha256(tmp / blob.title) != blob.digest[7:]:
                             raise CacheError(f"{blob.path}: corrupt again right after it was fetched")
-                kernel.write_record(tmp, meta)
-            kernel.cached(final)
+                # kernel.json is kept as pushed when it records what was pulled
+                if meta.get(kernel_cache.RECORD) != {b.title: b.digest[7:] for b in layers}:
+                    kernel_cache.write_record(tmp, meta)
+            kernel_cache.cached(final)
     return final / name
 
 

@@ -43,6 +43,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from .cache import no_space
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import ArtifactError
@@ -389,7 +390,10 @@ class Artifact:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    (directory / MANIFEST).write_bytes(manifest.dump())
+    """Write `directory`/manifest.json (a directory being written: `atomic_dir` renames it into place); a
+    full disk is a NoSpaceError naming manifest.json."""
+    with no_space(directory / MANIFEST):
+        (directory / MANIFEST).write_bytes(manifest.dump())
 
 
 def _regular_files(path: Path) -> dict[str, os.stat_result]:

@@ -22,7 +22,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +107,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(final: Path, mode: str = "wb") -> Iterator:
-    """Open a temp file beside `final`; on success fsync-less rename it into place."""
+def atomic_file(final: Path, mode: str = "wb", place: Callable[[], Path] | None = None) -> Iterator:
+    """Open a temp file beside `final`; on success fsync-less rename it into place. `place`, for a file
+    named by its content (a digest known once written), is called after the body for the path to rename
+    to instead (on the same file system); `final` then only names the write (in a NoSpaceError)."""
     with no_space(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
@@ -118,7 +120,7 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
             with os.fdopen(fd, mode) as f:
                 yield f
                 f.flush()
-                os.replace(name, final)
+                os.replace(name, place() if place else final)
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(name)

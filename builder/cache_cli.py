@@ -1,20 +1,23 @@
 """`xbuild cache du|verify|prune`: the cache ($XBUILD_CACHE) for users and CI runners.
 
-Thin: the work is builder/cache.py's (sizes, entries, temps, LRU pruning), builder/blobs.py's and
-builder/init.py's (digests).
+Thin: the work is builder/cache.py's (sizes, entries, temps, LRU pruning), builder/blobs.py's,
+builder/init.py's and builder/kernel.py's (digests), builder/artifact.py's (pulled artifacts).
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 
-from . import cache
+from . import cache, kernel
+from .artifact import open_artifact
 from .blobs import verify_store
-from .errors import CacheError
+from .errors import ArtifactError, CacheError
 from .init import verify_cached
 
 
@@ -47,10 +50,10 @@ def du_cmd(as_json: bool) -> None:
 @cache_cmd.command("verify")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 def verify_cmd(as_json: bool) -> None:
-    """Re-hash every content-addressed entry (blobs, diffs, the compiled init); remove the bad ones and
-    exit 1 naming them."""
+    """Re-hash every entry (blobs, diffs, the compiled init, kernels, pulled artifacts) against its name or
+    record; remove the bad ones and exit 1 naming them."""
     checked, bad = 0, []
-    for path, why in [*verify_store(), *verify_cached()]:
+    for path, why in [*verify_store(), *verify_cached(), *kernel.verify_cached(), *_verify_pulled()]:
         checked += 1
         if why:
             bad.append({"path": str(path), "problem": why})
@@ -88,6 +91,32 @@ def prune_cmd(max_size: str | None, as_json: bool) -> None:
     for e in r.in_use:
         click.echo(f"kept {e.kind} {e.path.name}: in use by a running xbuild")
     click.echo(f"cache now {_mb(r.size)}" + (f" (max {_mb(limit)})" if limit is not None else ""))
+
+
+def _verify_pulled() -> Iterator[tuple[Path, str | None]]:
+    """Check every pulled VM artifact (`pulled/<key>/`): a valid artifact (open_artifact: its manifest, file
+    names and recorded sizes) whose initrd and root disk hash to the sha256 its manifest.json records; a
+    bad one is removed (the next `xbuild run` pulls it again)."""
+    pulled = cache.cache_root() / "pulled"
+    for d in sorted(pulled.iterdir()) if pulled.is_dir() else []:
+        if cache.is_temp(d.name):
+            continue
+        why = None
+        try:
+            m = open_artifact(d).manifest
+        except ArtifactError as e:
+            why = str(e)
+        else:
+            recorded = [(m.initrd.file, m.initrd.sha256)] + ([(m.disk.file, m.disk.sha256)] if m.disk else [])
+            for name, want in recorded:
+                actual = cache.file_sha256(d / name)
+                if actual != want:
+                    why = (f"{d / name}: content hashes to sha256:{actual[:12]}…, "
+                           f"manifest.json records {want[:12]}…")
+                    break
+        if why:
+            cache.remove_entry(d)
+        yield d, why
 
 
 def _mb(n: int) -> str:

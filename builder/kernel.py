@@ -3,6 +3,12 @@
 One kernel boots as a Xen PV guest, a Xen PVH guest and under QEMU. `build()` caches each result in
 `$XBUILD_CACHE/kernels/<key>/` where key = sha256(source, fragment texts, `gcc --version`); `verify()` reads
 the Xen ELF notes (from the ELF itself or from inside a bzImage's compressed payload).
+
+The cache entry is untrusted like every other: kernel.json records the sha256 of each file of the entry
+(RECORD), written when the kernel is built or pulled; `cached()` checks them whenever the entry is used and
+removes a bad entry, which is then built (or pulled) again. While a process uses an entry it holds a shared
+flock on its directory, so `xbuild cache prune` leaves it alone. An entry written before the record existed
+is recorded from its files on first use (trust on first use; see `cached`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import lzma
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import tempfile
@@ -32,8 +39,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_NOTE_N_TYPE
 
-from .cache import atomic_dir, cache_dir
-from .errors import KernelError
+from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, is_temp, lock_shared, remove_entry, touch
+from .errors import CacheError, KernelError
 from .resources import data_dir
 
 KERNELS_DIR = data_dir("kernels")
@@ -41,6 +48,8 @@ DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu", "block")
 # The file the artifact boots: the stripped vmlinux ELF (see kernels/README.md for the measurement).
 ARTIFACT_FORMAT = "elf"
 _RECIPE = "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage"
+KERNEL_JSON = "kernel.json"
+RECORD = "sha256"   # kernel.json: {file name: hex sha256} of every other file of the entry
 
 Progress = Callable[[str], None]
 """Receives every line of the build's output (and a few `xbuild: ...` phase lines)."""
@@ -333,8 +342,18 @@ def build(
     texts = {name: fragment_path(name).read_text() for name in fragments}
     key = cache_key(source, texts, _toolchain())
     final = cache_dir("kernels") / key
-    if (final / "kernel.json").is_file():
-        return _load(final)
+    try:
+        kernel = cached(final)
+    except CacheError as bad:      # removed: built again below; if that fails, the entry is named
+        try:
+            return _build(final, key, fragments, source, texts, progress)
+        except KernelError as e:
+            raise CacheError(f"{bad}; building it again failed: {str(e).splitlines()[0]}") from None
+    return kernel or _build(final, key, fragments, source, texts, progress)
+
+
+def _build(final: Path, key: str, fragments: tuple[str, ...], source: Path, texts: dict[str, str],
+           progress: Progress | None) -> Kernel:
     say = progress or (lambda line: None)
     log_path = cache_dir("kernels") / f"{key}.log"
     with atomic_dir(final) as out, log_path.open("w") as log:
@@ -394,7 +413,8 @@ def build(
         )
         verify(out / name)
         meta = dataclasses.asdict(kernel) | {"source": str(source), "fragment_texts": texts}
-        (out / "kernel.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        write_record(out, meta)
+    cached(final)     # hold it (shared flock) like any entry in use
     return kernel
 
 
@@ -408,8 +428,8 @@ def _unpack(source: Path, work: Path, run: Callable[..., None]) -> Path:
     return src
 
 
-def _load(d: Path) -> Kernel:
-    meta = json.loads((d / "kernel.json").read_text())
+def _load(d: Path, meta: dict[str, Any] | None = None) -> Kernel:
+    meta = meta if meta is not None else json.loads((d / KERNEL_JSON).read_text())
     return Kernel(
         key=meta["key"],
         path=d / Path(meta["path"]).name,
@@ -422,9 +442,107 @@ def _load(d: Path) -> Kernel:
 
 
 def list_kernels() -> list[Kernel]:
-    """Every complete kernel in the cache, newest first."""
-    dirs = [d for d in cache_dir("kernels").iterdir() if (d / "kernel.json").is_file()]
+    """Every complete kernel in the cache, newest first (as recorded: `cached` checks one before use)."""
+    dirs = [d for d in cache_dir("kernels").iterdir() if (d / KERNEL_JSON).is_file()]
     return [_load(d) for d in sorted(dirs, key=lambda d: d.stat().st_mtime, reverse=True)]
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+_held: dict[Path, int] = {}     # kernel dir -> its fd, under a shared flock for the life of the process
+
+
+def write_record(d: Path, meta: dict[str, Any]) -> None:
+    """Write `d`/kernel.json: `meta` plus the sha256 of every other file of `d` (RECORD)."""
+    files = sorted(p for p in d.iterdir() if p.name != KERNEL_JSON and not is_temp(p.name))
+    record = {p.name: file_sha256(p) for p in files}
+    with atomic_file(d / KERNEL_JSON, "w") as f:
+        f.write(json.dumps(meta | {RECORD: record}, indent=2, default=str) + "\n")
+
+
+def cached(d: Path) -> Kernel | None:
+    """The kernel of the cache entry `d`, every file checked against the sha256 kernel.json records; None if
+    there is no entry. A bad entry (kernel.json unreadable, a file missing, not a regular file or not its
+    recorded sha256) is removed and CacheError names what was wrong: the caller builds or pulls it again.
+
+    The entry's directory stays open under a shared flock for the life of the process, so `xbuild cache
+    prune` does not remove it while a build copies the kernel from it.
+
+    An entry written by an xbuild older than the record has none: its files are recorded now, from what they
+    are. Nothing ever checked them before, so this lowers no guarantee those entries had, and every later use
+    and `xbuild cache verify` check them; the alternative, rebuilding, costs ten minutes of every core for
+    each such kernel (a pulled one has no source to rebuild from at all, until pulled again).
+    """
+    kernel, why = _check(d)
+    if why is not None:
+        raise CacheError(f"{why}: corrupt cache entry (removed)")
+    return kernel
+
+
+def _check(d: Path) -> tuple[Kernel | None, str | None]:
+    """(the kernel, None) for a good entry, now held; (None, why) for a bad one, removed; (None, None) if
+    there is none."""
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, None
+    except OSError:      # a symlink or a file where the directory should be
+        remove_entry(d)
+        return None, f"{d} is not a directory"
+    lock_shared(fd)
+    held = _held.pop(d, None)
+    if held is not None:
+        os.close(held)
+    why = _bad_kernel(d)
+    if why is None:
+        _held[d] = fd
+        touch(d)
+        return _load(d), None
+    os.close(fd)
+    remove_entry(d)
+    return None, why
+
+
+def _bad_kernel(d: Path) -> str | None:
+    """What is wrong with the kernel entry `d` (a path and why), or None; records a legacy entry."""
+    try:
+        meta = json.loads((d / KERNEL_JSON).read_text())
+        _load(d, meta)
+    except FileNotFoundError:
+        return f"{d / KERNEL_JSON} is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{d / KERNEL_JSON} is unreadable"
+    record = meta.get(RECORD)
+    if record is None:
+        write_record(d, meta)
+        return None
+    if not isinstance(record, dict) or Path(meta["path"]).name not in record:
+        return f"{d / KERNEL_JSON} records no sha256 of {Path(meta['path']).name}"
+    for name, want in sorted(record.items()):
+        path = d / Path(str(name)).name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except OSError:
+            return f"{path} is not a regular file"
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return f"{path} is not a regular file"
+        with os.fdopen(fd, "rb") as f:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+        if actual != want:
+            return f"{path}: content hashes to sha256:{actual[:12]}…, kernel.json records {str(want)[:12]}…"
+    return None
+
+
+def verify_cached() -> Iterator[tuple[Path, str | None]]:
+    """Check every kernel entry (`cached`): (dir, None) for a good one, (dir, why) for a bad one, removed.
+    A failed build's `<key>.log` and `<key>.config` beside them are not entries."""
+    for d in sorted(cache_dir("kernels").iterdir()):
+        if is_temp(d.name) or (d.suffix in (".log", ".config") and not d.is_dir()):
+            continue
+        yield d, _check(d)[1]
 
 
 def default_kernel(progress: Progress | None = None) -> Kernel:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +40,7 @@ import httpx
 import zstandard
 
 from . import __version__
+from . import kernel as kernel_cache
 from .artifact import (
     CMDLINE,
     DISK,
@@ -55,8 +55,8 @@ from .artifact import (
     prepare_output,
 )
 from .blobs import CHUNK, HashingWriter, blob_path, check_digest
-from .cache import atomic_dir, atomic_file, cache_dir, file_sha256
-from .errors import ArtifactError, PublishError, SourceError
+from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, remove_entry
+from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
 from .image import ACCEPT, CONFIG_LIMIT, DOCKER_CONFIG, MANIFEST_LIMIT, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
 from .reference import ImageRef, parse
@@ -218,11 +218,11 @@ def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
     threads = max(1, min(os.cpu_count() or 1, DISK_THREADS))
     params = zstandard.ZstdCompressionParameters.from_level(DISK_LEVEL, threads=threads, write_checksum=True)
     compressor = zstandard.ZstdCompressor(compression_params=params)
-    store = cache_dir("blobs", "sha256")
-    fd, tmp = tempfile.mkstemp(prefix=".compress.", dir=store)
-    raw = hashlib.sha256()
-    try:
-        with open(path, "rb") as src, os.fdopen(fd, "wb") as f:
+    raw, digest = hashlib.sha256(), ""
+    # named by its digest, known once written: a flocked temp of the store (a full disk is one line naming
+    # the blob being written) renamed to `blob_path(digest)`
+    with atomic_file(cache_dir("blobs", "sha256") / f"zstd-of-{want}", place=lambda: blob_path(digest)) as f:
+        with open(path, "rb") as src:
             out = HashingWriter(f)
             with compressor.stream_writer(out, closefd=False) as w:  # type: ignore[arg-type]
                 while chunk := src.read(CHUNK):
@@ -230,12 +230,7 @@ def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
                     w.write(chunk)
         if raw.hexdigest() != want:
             raise changed
-        os.chmod(tmp, 0o644)
         digest = "sha256:" + out.hash.hexdigest()
-        os.replace(tmp, blob_path(digest))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return digest, out.count
 
 
@@ -277,6 +272,7 @@ def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
     d = kernel.path.parent
     if not (d / KERNEL_JSON).is_file():
         raise PublishError(f"{d}: not a kernel directory (no {KERNEL_JSON})")
+    kernel_cache.cached(d)       # never push a corrupt cache entry (CacheError names it); records an old one
     layers = [Blob.of(d / name, KERNEL_FILE_TYPES.get(name, KERNEL_OTHER_FILE), name)
               for name in _files(d, KERNEL_JSON, order=tuple(KERNEL_FILE_TYPES))]
     annotations = {TOOL_VERSION: __version__, "io.xbuild.kernel.key": kernel.key,
@@ -287,16 +283,41 @@ def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
 
 
 def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
-    """Pull a kernel artifact into the kernel cache (`kernels/<key>/`); return its bootable file."""
+    """Pull a kernel artifact into the kernel cache (`kernels/<key>/`); return its bootable file.
+
+    A cached entry is checked (`kernel.cached`) and used, held, when good; a bad one is removed and pulled
+    again. Each file is checked against its layer digest as it lands in the entry (a corrupt cached blob is
+    fetched once more; corrupt again: CacheError naming it) and kernel.json records the sha256 of each."""
     with _Session(target(ref), insecure, push=False) as session:
         config_raw, meta, layers = _fetch(session, KERNEL_KIND)
-    key, name = str(meta.get("key") or ""), Path(str(meta.get("path") or "")).name
-    if not key.isalnum() or name not in {b.title for b in layers}:
-        raise PublishError(f"{session.what}: malformed kernel artifact ({KERNEL_JSON} names no key or file)")
-    final = cache_dir("kernels") / key
-    if not (final / KERNEL_JSON).is_file():
-        with atomic_dir(final) as tmp:
-            _materialise(config_raw, layers, tmp, KERNEL_KIND)
+        key, name = str(meta.get("key") or ""), Path(str(meta.get("path") or "")).name
+        if not key.isalnum() or name not in {b.title for b in layers}:
+            raise PublishError(f"{session.what}: malformed kernel artifact "
+                               f"({KERNEL_JSON} names no key or file)")
+        final = cache_dir("kernels") / key
+        try:
+            have = kernel_cache.cached(final)
+        except CacheError:        # removed: pulled again below
+            have = None
+        if have is None:
+            with atomic_dir(final) as tmp:
+                _materialise(config_raw, layers, tmp, KERNEL_KIND)
+                for blob in layers:
+                    assert blob.title is not None
+                    if file_sha256(tmp / blob.title) != blob.digest[7:]:      # the cached blob is corrupt
+                        remove_entry(blob.path)
+                        try:
+                            session.fetch_blob(blob)
+                        except XbuildError as e:
+                            raise CacheError(f"{blob.path}: corrupt cache entry (removed); fetching it "
+                                             f"again failed: {e}") from None
+                        shutil.copyfile(blob.path, tmp / blob.title)
+                        if file_sha256(tmp / blob.title) != blob.digest[7:]:
+                            raise CacheError(f"{blob.path}: corrupt again right after it was fetched")
+                # kernel.json is kept as pushed when it records what was pulled
+                if meta.get(kernel_cache.RECORD) != {b.title: b.digest[7:] for b in layers}:
+                    kernel_cache.write_record(tmp, meta)
+            kernel_cache.cached(final)
     return final / name
 
 

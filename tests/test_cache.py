@@ -32,6 +32,7 @@ import pytest
 from tests.fixtures.hostile import XBUILD, Sandbox, assert_refused
 from tests.fixtures.images import LAYER_MEDIA_TYPES, OciImage, make_busybox_image, write_blob
 from tests.fixtures.registry import Registry
+from tests.test_daemon import myapp  # noqa: F401  (the fixture: myapp:dev in the test dockerd)
 
 HOUR = 3600
 
@@ -553,9 +554,9 @@ def test_full_output_disk_leaves_nothing(sandbox: Sandbox, image: OciImage, room
         before = sandbox.snapshot()
         r = sandbox.xbuild(image.ref, "-o", str(full / "out"), "--kernel", "none", "-q")
         line = assert_refused(r, 1, f"no space left on {full}")
-        # the initrd, or then manifest.json (written in the artifact's temp directory, which is named)
+        # the initrd, or then manifest.json (written in the artifact's temp directory: the final path named)
         assert line.endswith(f"(writing {full / 'out' / 'initrd.img'})" if room == "none" else
-                             f"(writing {full / 'out'})"), line
+                             f"(writing {full / 'out' / 'manifest.json'})"), line
         assert sandbox.changes(before) == [] and list(full.iterdir()) == []
 
 
@@ -577,3 +578,186 @@ def test_sandbox_cache_is_left_clean_after_signals(sandbox: Sandbox, image: OciI
     r = sandbox.xbuild("cache", "prune", "--json")
     assert sorted(json.loads(r.stdout)["temps"]) == sorted(map(str, temps))
     assert sandbox.stale_temps() == []
+
+
+# ---- kernels in the cache -------------------------------------------------------------------------------
+# A real kernel entry (the warmed default kernel) is *copied* into the sandbox cache: nothing here builds a
+# kernel or touches the shared cache; a rebuild is made to fail at once with a source tree that is no kernel.
+
+def real_kernel() -> Path:
+    """The directory of a built kernel in the shared cache (read only here), or skip."""
+    kernels = Path(os.environ.get("XBUILD_CACHE") or Path.home() / ".cache/xbuild") / "kernels"
+    found = sorted(d for d in kernels.glob("*")
+                   if (d / "kernel.json").is_file() and (d / "vmlinux").is_file())
+    if not found:
+        pytest.skip("needs a built kernel in the cache (the warmed default kernel)")
+    return found[0]
+
+
+def kernel_copy(sandbox: Sandbox, key: str, record: bool = False) -> Path:
+    """A copy of the real kernel entry at kernels/`key` of the sandbox cache, as an xbuild older than the
+    record left it (no sha256 in kernel.json) unless `record`."""
+    d = shutil.copytree(real_kernel(), sandbox.cache / "kernels" / key)
+    meta = json.loads((d / "kernel.json").read_text())
+    meta.pop("sha256", None)
+    (d / "kernel.json").write_text(json.dumps(meta | {"key": key}))
+    if record:
+        r = sandbox.xbuild("cache", "verify")
+        assert r.returncode == 0, r.stderr
+    return d
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_kernel_entry_without_record_is_recorded_then_checked_by_verify(sandbox: Sandbox) -> None:
+    d = kernel_copy(sandbox, "a" * 64)
+    r = sandbox.xbuild("cache", "verify", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["bad"] == [], r.stdout + r.stderr
+    record = json.loads((d / "kernel.json").read_text())["sha256"]
+    assert record == {p.name: sha(p) for p in d.iterdir() if p.name != "kernel.json"}
+    flip(d / "vmlinux")
+    r = sandbox.xbuild("cache", "verify", "--json")
+    line = assert_refused(r, 1, "1 corrupt cache entry removed", str(d))
+    (bad,) = json.loads(r.stdout)["bad"]
+    assert bad["path"] == str(d) and f"{d}/vmlinux: content hashes to" in bad["problem"], line
+    assert not d.exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "missing", "directory", "kernel.json"])
+def test_damaged_kernel_entry_that_cannot_be_rebuilt_is_named(sandbox: Sandbox, damage: str) -> None:
+    from builder import kernel
+
+    src = sandbox.root / "not-a-kernel-tree"       # `make tinyconfig` fails in it at once
+    src.mkdir()
+    (src / "README").write_text("not a kernel\n")
+    texts = {name: kernel.fragment_path(name).read_text() for name in kernel.DEFAULT_FRAGMENTS}
+    key = kernel.cache_key(src, texts, kernel._toolchain())
+    d = kernel_copy(sandbox, key)
+    r = sandbox.xbuild("kernel", "build", "--source", str(src), "--json")     # used as is, recorded
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["path"] == str(d / "vmlinux") and "sha256" in (d / "kernel.json").read_text()
+    named = d / ("kernel.json" if damage == "kernel.json" else "vmlinux")
+    if damage == "flipped":
+        flip(named)
+    elif damage == "missing":
+        named.unlink()
+    elif damage == "directory":
+        named.unlink()
+        named.mkdir()
+    else:
+        named.write_text("{")
+    r = sandbox.xbuild("kernel", "build", "--source", str(src), "--json")
+    assert_refused(r, 1, str(named),
+                   "corrupt cache entry (removed); building it again failed: kernel build failed")
+    assert not d.exists()
+
+
+def test_flipped_bit_in_a_pulled_kernel_heals(sandbox: Sandbox, image: OciImage, registry: Registry) -> None:
+    pusher = sandbox.root / "pusher-cache"
+    shutil.copytree(real_kernel(), pusher / "kernels" / real_kernel().name)
+    original = sha(pusher / "kernels" / real_kernel().name / "vmlinux")
+    ref = f"{registry.host}/kernels/heal:1"
+    r = sandbox.xbuild("kernel", "push", ref, env=sandbox.env(XBUILD_CACHE=str(pusher)))
+    assert r.returncode == 0, r.stderr
+
+    def build_with_kernel() -> str:
+        r = sandbox.xbuild(image.ref, "-o", str(sandbox.out), "--kernel", f"oci://{ref}", "-q")
+        assert r.returncode == 0, r.stderr
+        return sha(sandbox.out / "kernel")
+
+    assert build_with_kernel() == original
+    d = sandbox.cache / "kernels" / real_kernel().name
+    assert json.loads((d / "kernel.json").read_text())["sha256"]["vmlinux"] == original
+    flip(d / "vmlinux")
+    assert build_with_kernel() == original and sha(d / "vmlinux") == original
+    blob = sandbox.cache / "blobs/sha256" / original       # the layer is the file as is
+    flip(blob)
+    flip(d / "vmlinux")
+    assert build_with_kernel() == original and sha(d / "vmlinux") == original and sha(blob) == original
+
+
+def test_prune_keeps_a_kernel_dir_a_running_build_holds(sandbox: Sandbox) -> None:
+    d = kernel_copy(sandbox, "b" * 64, record=True)
+    age(d, 10 * HOUR)
+    # a process using the kernel as a build does (kernel.cached: a shared flock on the dir, held)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from builder import kernel; "
+         f"kernel.cached(Path({str(d)!r})); print('held', flush=True); sys.stdin.read()"],
+        env=sandbox.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        r = sandbox.xbuild("cache", "prune", "--max-size", "1K", "--json")
+        assert r.returncode == 0, r.stderr
+        assert str(d) in json.loads(r.stdout)["in_use"] and (d / "vmlinux").is_file()
+    finally:
+        holder.communicate("")
+    r = sandbox.xbuild("cache", "prune", "--max-size", "1K", "--json")
+    assert str(d) in {e["path"] for e in json.loads(r.stdout)["removed"]} and not d.exists()
+
+
+def test_verify_checks_pulled_artifacts(sandbox: Sandbox, image: OciImage) -> None:
+    sandbox.good_build(image.ref)
+    pulled = sandbox.cache / "pulled" / "0123456789abcdef"
+    shutil.copytree(next((sandbox.root / "work").glob("good-*")), pulled)   # what `pull` writes there
+    r = sandbox.xbuild("cache", "verify")
+    assert r.returncode == 0, r.stderr
+    flip(pulled / "initrd.img")
+    r = sandbox.xbuild("cache", "verify", "--json")
+    assert_refused(r, 1, "1 corrupt cache entry removed", str(pulled))
+    (bad,) = json.loads(r.stdout)["bad"]
+    assert f"{pulled}/initrd.img: content hashes to" in bad["problem"] and not pulled.exists()
+
+
+# ---- the docker-daemon source ---------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("myapp")
+def test_corrupt_daemon_config_heals(sandbox: Sandbox, dockerd: Any) -> None:
+    env = sandbox.env(DOCKER_HOST=dockerd.host)
+    ref = "docker-daemon:myapp:dev"
+    r = sandbox.xbuild(ref, "-o", str(sandbox.out), "--kernel", "none", "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    good = sha(sandbox.out / "initrd.img")
+    config = sandbox.cache / "blobs/sha256" / dockerd.docker("image", "inspect", "-f", "{{.Id}}",
+                                                             "myapp:dev").strip()[7:]
+    for damage in ("flip", "directory"):
+        if damage == "flip":
+            flip(config)
+        else:
+            config.unlink()
+            config.mkdir()
+        r = sandbox.xbuild(ref, "-o", str(sandbox.out), "--kernel", "none", "-q", env=env)
+        assert r.returncode == 0, r.stderr
+        assert sha(sandbox.out / "initrd.img") == good and sha(config) == config.name
+
+
+@pytest.mark.usefixtures("myapp")
+def test_full_cache_disk_during_docker_save_is_one_line(sandbox: Sandbox, dockerd: Any) -> None:
+    before = sandbox.snapshot()
+    with tmpfs(sandbox.cache, 1 << 20):        # myapp's 3 MiB layer is spooled from `docker save`
+        r = sandbox.xbuild("docker-daemon:myapp:dev", "-o", str(sandbox.out), "--kernel", "none", "-q",
+                           env=sandbox.env(DOCKER_HOST=dockerd.host))
+        assert_refused(r, 1, f"no space left on {sandbox.cache}", f"(writing {sandbox.cache}/tmp/")
+        assert sandbox.stale_temps() == []
+    assert sandbox.changes(before) == []
+
+
+# ---- publish ------------------------------------------------------------------------------------------
+
+def test_full_cache_disk_while_push_compresses_the_disk(sandbox: Sandbox, image: OciImage,
+                                                        registry: Registry) -> None:
+    art = sandbox.root / "work" / "disk-art"
+    r = sandbox.xbuild(image.ref, "-o", str(art), "--kernel", "none", "--format", "disk", "-q")
+    if r.returncode != 0 and "mkfs" in r.stderr:
+        pytest.skip(r.stderr)
+    assert r.returncode == 0, r.stderr
+    shutil.rmtree(sandbox.cache)
+    before = sandbox.snapshot()
+    with tmpfs(sandbox.cache, 16 << 10):
+        r = sandbox.xbuild("push", str(art), f"{registry.host}/cache/full-disk:1", "-q")
+        want = json.loads((art / "manifest.json").read_text())["disk"]["sha256"]
+        assert_refused(r, 1, f"no space left on {sandbox.cache}",
+                       f"(writing {sandbox.cache}/blobs/sha256/zstd-of-{want})")
+        assert list(sandbox.cache.rglob(".*")) == []      # (TMPDIR holds the disk build's guestfs cache)
+    assert sandbox.changes(before) == []

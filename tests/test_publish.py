@@ -264,7 +264,11 @@ def test_kernel_push_pull(registry: Registry, xbuild_cache: Path, tmp_path: Path
         publish.pull(pushed.reference, tmp_path / "vm")
     monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / "other-runner-cache"))
     path = publish.pull_kernel(f"oci://{registry.host}/kernels/xen:6.1")
-    assert path.name == "vmlinux" and _digests(path.parent) == before
+    pulled = _digests(path.parent)
+    # push recorded the sha256 of each file in kernel.json (the cache record, checked on use): pulled as is
+    assert path.name == "vmlinux" and pulled == _digests(kernel.path.parent)
+    assert pulled.pop("kernel.json") != before.pop("kernel.json") and pulled == before
+    assert json.loads((path.parent / "kernel.json").read_text())["sha256"] == pulled
     assert [k.key for k in list_kernels()] == [kernel.key]
 
 

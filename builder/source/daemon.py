@@ -16,7 +16,6 @@ import json
 import os
 import posixpath
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ import docker
 import requests
 from docker.errors import DockerException, ImageNotFound
 
-from ..blobs import CHUNK, blob_path, diff_path, verify_bytes
+from ..blobs import CHUNK, blob_bytes, blob_path, diff_path, present, verify_bytes
 from ..cache import atomic_file, cache_dir
 from ..errors import SourceError
-from ..image import DOCKER_CONFIG, DOCKER_MANIFEST, Image, Platform, build_image
+from ..image import CONFIG_LIMIT, DOCKER_CONFIG, DOCKER_MANIFEST, Image, Platform, build_image
 from ..reference import ImageRef
 from . import SourceOptions
 
@@ -96,20 +95,33 @@ def load(ref: ImageRef, options: SourceOptions) -> Image:
         image = client.images.get(daemon_name(ref))
         config_digest = str(image.id)
         diff_ids = [str(d) for d in (image.attrs.get("RootFS") or {}).get("Layers") or []]
-        if blob_path(config_digest).exists() and all(diff_path(d).exists() for d in diff_ids):
-            blobs = [_Blob(d, diff_path(d).stat().st_size, "none", diff_path(d)) for d in diff_ids]
-        else:
+        saved: list[_Blob] = []
+
+        def save() -> None:
             total = int(image.attrs.get("Size") or 0)
             advance = options.progress(f"docker save {daemon_name(ref)}", total) if options.progress else None
             named = daemon_name(ref) if daemon_name(ref) in image.tags else False
-            blobs = _save(image.save(chunk_size=CHUNK, named=named), config_digest, what, advance)
+            try:
+                saved[:] = _save(image.save(chunk_size=CHUNK, named=named), config_digest, what, advance)
+            except (DockerException, requests.RequestException) as e:
+                raise SourceError(f"{what}: docker save from the daemon at {host} failed ({_first_line(e)})"
+                                  ) from None
+
+        # the cached config is verified (a corrupt one is removed and saved again from the daemon); the
+        # cached diffs are verified as flatten reads them
+        config_raw = blob_bytes(config_digest, f"{what} config", save, CONFIG_LIMIT)
+        if not saved:
+            if all(present(diff_path(d)) for d in diff_ids):
+                saved[:] = [_Blob(d, diff_path(d).stat().st_size, "none", diff_path(d)) for d in diff_ids]
+            else:
+                save()
+        blobs = saved
     except ImageNotFound:
         raise SourceError(f"{what}: no such image in the Docker daemon at {host}") from None
     except (DockerException, requests.RequestException) as e:
         raise SourceError(f"{what}: Docker daemon at {host} failed ({_first_line(e)})") from None
     finally:
         client.close()
-    config_raw = verify_bytes(blob_path(config_digest).read_bytes(), config_digest, f"{what} config")
     # the same manifest the docker-archive reader makes of `docker save` output, so digests agree
     layers = [{"mediaType": _TAR_TYPES[b.compression], "digest": b.digest, "size": b.size} for b in blobs]
     manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
@@ -152,7 +164,7 @@ def _save(chunks: Iterator[bytes], config_digest: str, what: str,
           advance: Callable[[int], None] | None) -> list[_Blob]:
     """Read a `docker save` stream, caching the config and every layer; the layers in image order."""
     small: dict[str, bytes] = {}
-    spooled: dict[str, tuple[str, int, str, Path]] = {}     # name -> (digest, size, compression, temp file)
+    spooled: dict[str, tuple[str, int, str, Path]] = {}     # name -> (digest, size, compression, entry)
     links: dict[str, str] = {}      # docker writes a layer seen before (same diff_id) as a symlink to it
     tmp = cache_dir("tmp")
     try:
@@ -169,7 +181,7 @@ def _save(chunks: Iterator[bytes], config_digest: str, what: str,
                 if member.size <= SMALL:
                     small[name] = f.read()
                 else:
-                    spooled[name] = _spool(f, tmp)
+                    spooled[name] = _spool(f, tmp / name.replace("/", "_"))
         entry = _entry(small, config_digest, what)
         config_name = str(entry.get("Config"))
         config_raw = small.get(config_name)
@@ -187,19 +199,13 @@ def _save(chunks: Iterator[bytes], config_digest: str, what: str,
                 _put(final, data)
                 size = len(data)
             elif name in spooled:
-                digest, size, compression, path = spooled[name]
-                final = _final(digest, compression)
-                if not final.exists():
-                    os.replace(path, final)
+                digest, size, compression, final = spooled[name]
             else:
                 raise SourceError(f"{what}: docker save output has no layer {name}")
             blobs.append(_Blob(digest, size, compression, final))
         return blobs
     except tarfile.TarError as e:
         raise SourceError(f"{what}: docker save output is not a readable tar ({e})") from None
-    finally:
-        for *_, path in spooled.values():
-            path.unlink(missing_ok=True)
 
 
 def _entry(small: dict[str, bytes], config_digest: str, what: str) -> dict[str, Any]:
@@ -223,7 +229,7 @@ def _final(digest: str, compression: str) -> Path:
 
 
 def _put(final: Path, data: bytes) -> None:
-    if not final.exists():
+    if not present(final):
         with atomic_file(final) as out:
             out.write(data)
 
@@ -232,18 +238,16 @@ def _compression(head: bytes) -> str:
     return "gzip" if head[:2] == b"\x1f\x8b" else "zstd" if head[:4] == b"\x28\xb5\x2f\xfd" else "none"
 
 
-def _spool(f: IO[bytes], tmp: Path) -> tuple[str, int, str, Path]:
-    """Copy a member into a temp file of the cache while hashing it: (digest, size, compression, path)."""
+def _spool(f: IO[bytes], name: Path) -> tuple[str, int, str, Path]:
+    """Copy a member into the cache while hashing it: (digest, size, compression, its cache entry). Written
+    as a flocked temp beside `name` (in the cache's tmp/) and renamed to the entry its digest names (a layer
+    listed nowhere is then only an unused entry); a full disk is one line naming `name`."""
     h, size, head = hashlib.sha256(), 0, b""
-    fd, name = tempfile.mkstemp(prefix=".save.", dir=tmp)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := f.read(CHUNK):
-                head = head or chunk[:4]
-                h.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
-    except BaseException:
-        os.unlink(name)
-        raise
-    return "sha256:" + h.hexdigest(), size, _compression(head), Path(name)
+    with atomic_file(name, place=lambda: _final("sha256:" + h.hexdigest(), _compression(head))) as out:
+        while chunk := f.read(CHUNK):
+            head = head or chunk[:4]
+            h.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    digest = "sha256:" + h.hexdigest()
+    return digest, size, _compression(head), _final(digest, _compression(head))

@@ -251,12 +251,13 @@ def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = 
     r = target(ref)
     prepare_output(dest, force)
 
-    def have(config_raw: bytes) -> bool:
-        return reuse and (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == config_raw
+    def have(config_raw: bytes, layers: list[Blob]) -> bool:
+        return reuse and (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == config_raw \
+            and _intact(dest, layers, _vm_manifest(json.loads(config_raw), layers, "").disk)
 
     with _Session(r, insecure, push=False) as session:
         config_raw, meta, layers = _fetch(session, VM, _vm_manifest, skip=have)
-        if have(config_raw):
+        if have(config_raw, layers):
             return dest
         with atomic_dir(dest) as tmp:
             disk = _vm_manifest(meta, layers, session.what).disk
@@ -264,6 +265,19 @@ def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = 
             open_artifact(tmp)
             prepare_output(dest, force)   # again: the directory may have changed during the download
     return dest
+
+
+def _intact(directory: Path, layers: list[Blob], disk: DiskInfo | None) -> bool:
+    """Whether every file of a pulled copy is still what was pulled: each layer's file hashes to the layer's
+    digest (the root disk, pushed compressed, to the sha256 its manifest records). A copy kept in the
+    cache is checked each time it is reused, so a flipped bit there is pulled again, never booted."""
+    for blob in layers:
+        assert blob.title is not None
+        want = disk.sha256 if disk and blob.title == disk.file else blob.digest[7:]
+        path = directory / blob.title
+        if not path.is_file() or path.is_symlink() or file_sha256(path) != want:
+            return False
+    return True
 
 
 def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
@@ -361,10 +375,11 @@ def _push(ref: ImageRef, kind: _Kind, config: Blob, layers: list[Blob], annotati
 
 def _fetch(session: _Session, kind: _Kind,
            check: Callable[[dict[str, Any], list[Blob], str], object] = lambda meta, layers, what: None,
-           skip: Callable[[bytes], bool] = lambda config_raw: False,
+           skip: Callable[[bytes, list[Blob]], bool] = lambda config_raw, layers: False,
            ) -> tuple[bytes, dict[str, Any], list[Blob]]:
     """(config bytes, config, layers) of the artifact, checked to be of `kind` (and by `check`, before the
-    layers are downloaded); blobs land in the cache, unless `skip(config bytes)` says they are not needed."""
+    layers are downloaded); blobs land in the cache, unless `skip(config bytes, layers)` says they are not
+    needed."""
     doc = session.get_manifest()
     what = session.what
     config: dict[str, Any] = doc["config"] if isinstance(doc.get("config"), dict) else {}
@@ -394,7 +409,7 @@ def _fetch(session: _Session, kind: _Kind,
     if not isinstance(meta, dict):
         raise PublishError(f"{what}: malformed artifact ({kind.config_file} is not a JSON object)")
     check(meta, layers, what)
-    if not skip(config_raw):
+    if not skip(config_raw, layers):
         for blob in layers:
             session.fetch_blob(blob)
     return config_raw, meta, layers

@@ -20,6 +20,7 @@ from builder import publish
 from builder.artifact import (
     CMDLINE,
     DISK,
+    INITRD,
     KERNEL,
     MANIFEST,
     XEN_CFG,
@@ -433,6 +434,15 @@ def test_disk_round_trip(fmt: str, artifact: Path, registry: Registry, tmp_path:
     assert publish.pull(ref, dest, reuse=True) == dest
     after = (dest / DISK).stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # ... unless a file of the kept copy changed (a flipped bit in the disk, then in the initrd): pulled again
+    for name in (DISK, INITRD):
+        with open(dest / name, "r+b") as f:
+            f.seek(1024)
+            byte = f.read(1)
+            f.seek(1024)
+            f.write(bytes([byte[0] ^ 1]))
+        assert publish.pull(ref, dest, reuse=True) == dest
+        assert _digests(dest) == _digests(art)
     # ... but a plain pull replaces it
     publish.pull(ref, dest)
     assert (dest / DISK).stat().st_ino != before.st_ino and _digests(dest) == _digests(art)

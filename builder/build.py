@@ -53,6 +53,7 @@ from .init import init_binary
 from .minimize import minimize
 from .probe import check_probe_host
 from .recipes import Recipe, load_recipe, recipe_for_ref
+from .text import is_decimal
 from .tree import Tree
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -95,7 +96,7 @@ def source_date_epoch(image: Image, given: int | None) -> int | None:
         return given
     env = os.environ.get("SOURCE_DATE_EPOCH")
     if env:
-        if not env.isdigit():
+        if not is_decimal(env):
             raise BadInput(f"SOURCE_DATE_EPOCH={env!r}: not a number of seconds")
         return int(env)
     if image.created:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 from .image import ImageConfig
+from .text import is_decimal
 from .tree import CHAR, DIR, Inode, Tree, directory, regular
 
 INIT_PATH = ".xbuild/init"
@@ -113,7 +114,7 @@ class GuestConfig:
             return f.get(k, [default])[-1]
 
         def num(v: str) -> int:
-            if not _decimal(v):
+            if not is_decimal(v):
                 raise ConfigError(f"guest config: {v!r} is not a number")
             return int(v)
 
@@ -131,7 +132,7 @@ def parse_signal(text: str) -> int:
     s = text.strip()
     if not s:
         return SIGNALS["TERM"]
-    if _decimal(s):
+    if is_decimal(s):
         n = int(s)
         if 1 <= n <= SIGRTMAX:
             return n
@@ -144,7 +145,7 @@ def parse_signal(text: str) -> int:
     for base, sign, start in (("RTMIN", 1, SIGRTMIN), ("RTMAX", -1, SIGRTMAX)):
         if name == base:
             return start
-        if name.startswith(base + ("+" if sign > 0 else "-")) and _decimal(name[len(base) + 1:]):
+        if name.startswith(base + ("+" if sign > 0 else "-")) and is_decimal(name[len(base) + 1:]):
             n = start + sign * int(name[len(base) + 1:])
             if SIGRTMIN <= n <= SIGRTMAX:
                 return n
@@ -166,11 +167,6 @@ class _Group:
     members: tuple[str, ...]
 
 
-def _decimal(s: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses."""
-    return s.isascii() and s.isdigit()
-
-
 def _read(tree: Tree, path: str) -> list[list[str]]:
     try:
         text = tree.read(path).decode("utf-8", "surrogateescape")
@@ -188,7 +184,7 @@ def _read(tree: Tree, path: str) -> list[list[str]]:
 def _passwd(tree: Tree) -> list[_Passwd]:
     out = []
     for f in _read(tree, "etc/passwd"):
-        if len(f) < 4 or not _decimal(f[2]) or not _decimal(f[3]):
+        if len(f) < 4 or not is_decimal(f[2]) or not is_decimal(f[3]):
             continue  # runc skips what it cannot parse, too
         out.append(_Passwd(f[0], int(f[2]), int(f[3]), f[5] if len(f) > 5 else ""))
     return out
@@ -197,7 +193,7 @@ def _passwd(tree: Tree) -> list[_Passwd]:
 def _groups(tree: Tree) -> list[_Group]:
     out = []
     for f in _read(tree, "etc/group"):
-        if len(f) < 3 or not _decimal(f[2]):
+        if len(f) < 3 or not is_decimal(f[2]):
             continue
         members = tuple(m.strip() for m in f[3].split(",") if m.strip()) if len(f) > 3 else ()
         out.append(_Group(f[0], int(f[2]), members))
@@ -216,7 +212,7 @@ def resolve_user(user: str, tree: Tree) -> tuple[int, int, tuple[int, ...], str]
     entries = _passwd(tree)
     if not user_arg:
         match = next((p for p in entries if p.uid == 0), None)
-    elif _decimal(user_arg):
+    elif is_decimal(user_arg):
         uid = int(user_arg)
         match = next((p for p in entries if p.uid == uid), None)
     else:
@@ -230,7 +226,7 @@ def resolve_user(user: str, tree: Tree) -> tuple[int, int, tuple[int, ...], str]
     groups = _groups(tree)
     extra: list[int] = []
     if has_group:
-        if _decimal(group_arg):
+        if is_decimal(group_arg):
             gid = int(group_arg)
         else:
             grp = next((g for g in groups if g.name == group_arg), None)

@@ -48,6 +48,7 @@ from . import __version__
 from .blobs import CHUNK, blob_path, check_digest, store_blob
 from .errors import BadInput, RegistryUnavailable, SourceError, XbuildError
 from .source import auth
+from .text import is_decimal
 
 RETRIES = 4                                   # tries per request for transient failures
 RETRY_DELAY_ENV = "XBUILD_REGISTRY_RETRY_DELAY"   # first backoff delay in seconds (default 0.5), then doubled
@@ -316,7 +317,7 @@ class RegistryClient:
                 raise failure(self._kept(resp))
             too_large = self.error(f"{self.what}: {what} larger than {_size(limit)}")
             length = resp.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > limit and "Content-Encoding" not in resp.headers:
+            if is_decimal(length) and int(length) > limit and "Content-Encoding" not in resp.headers:
                 raise too_large
             body = bytearray()
             for chunk in self._body(resp, what):
@@ -391,7 +392,7 @@ class RegistryClient:
                 if attempt >= RETRIES:
                     raise RegistryUnavailable(f"{self.what}: {what}: {who} {failure} after {RETRIES} tries")
                 delay = float(os.environ.get(RETRY_DELAY_ENV) or 0.5) * 2 ** (attempt - 1)
-                if retry_after and retry_after.isdigit():
+                if retry_after and is_decimal(retry_after):
                     wait = min(float(retry_after), RETRY_AFTER_MAX)
                     if time.monotonic() + wait > deadline:
                         raise RegistryUnavailable(f"{self.what}: {what}: {who} {failure} and asks to retry "

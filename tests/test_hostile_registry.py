@@ -399,3 +399,9 @@ def test_build_interrupted_mid_download_leaves_nothing(sandbox: Sandbox, fault: 
     assert sandbox.stale_temps() == []
     fault.clear()
     assert sandbox.good_build(f"docker://{fault.host}/{REPO}:v1", *CHEAP) == served["initrd"]
+
+
+def test_build_retry_after_that_is_not_ascii(sandbox: Sandbox, fault: Fault, served: Served) -> None:
+    """`Retry-After: ²` (a digit to str.isdigit, not to float) is an ordinary 429: retried, then one line."""
+    fault.fault(r"/v2/", hr.status(429, {"Retry-After": "²"}))
+    build_refused(sandbox, fault, served, 2, "HTTP 429")

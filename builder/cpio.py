@@ -13,6 +13,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import lz4.block
 import zstandard
@@ -59,6 +60,14 @@ def pack(tree: Tree, out: Path, compression: str = DEFAULT_COMPRESSION, level: i
     except OSError as e:
         raise PackError(f"cannot write {out}: {e}") from None
     return Packed(out, compression, lvl, hashing.count, writer.offset, hashing.hash.hexdigest(), count)
+
+
+def write_cpio(out: BinaryIO, tree: Tree, epoch: int | None = None) -> int:
+    """Write `tree` as one uncompressed newc archive (the rules above) to the open `out`; return its size
+    (a multiple of 4: another archive can follow, as the kernel reads concatenated ones)."""
+    writer = _CpioWriter(out, epoch, None)
+    writer.write_tree(tree)
+    return writer.offset
 
 
 class _Lz4Legacy:

@@ -41,6 +41,7 @@ from elftools.elf.enums import ENUM_NOTE_N_TYPE
 
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, is_temp, lock_shared, remove_entry, touch
 from .errors import CacheError, KernelError
+from .proc import run_tool
 from .resources import data_dir
 
 KERNELS_DIR = data_dir("kernels")
@@ -319,10 +320,7 @@ def _file_digest(path: Path) -> bytes:
 
 
 def _toolchain() -> str:
-    try:
-        return subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise KernelError(f"no working gcc to build the kernel: {e}") from None
+    return run_tool(["gcc", "--version"], KernelError, hint="apt-get install build-essential").stdout
 
 
 def build(
@@ -388,15 +386,10 @@ def _build(final: Path, key: str, fragments: tuple[str, ...], source: Path, text
                     + " | ".join(map(str, dropped))
                 )
             run("make", f"O={obj}", f"-j{os.cpu_count() or 1}", "bzImage", cwd=src)
-            release = subprocess.run(
-                ["make", "-s", f"O={obj}", "kernelrelease"],
-                cwd=src,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
+            release = run_tool(["make", "-s", f"O={obj}", "kernelrelease"], KernelError, cwd=src).stdout
+            release = release.strip()
             shutil.copy(obj / "arch/x86/boot/bzImage", out / "bzImage")
-            subprocess.run(["strip", "-o", str(out / "vmlinux"), str(obj / "vmlinux")], check=True)
+            run_tool(["strip", "-o", str(out / "vmlinux"), str(obj / "vmlinux")], KernelError)
             shutil.copy(obj / ".config", out / "config")
             shutil.copy(obj / "System.map", out / "System.map")
         log.close()
@@ -558,6 +551,7 @@ def cmdline() -> str:
 
 # ---------------------------------------------------------------------------------------------- verify
 
+ELF_MAGIC = b"\x7fELF"
 XEN_ELFNOTE_ENTRY = 1
 XEN_ELFNOTE_GUEST_OS = 6
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -571,12 +565,7 @@ def verify(path: Path, require: tuple[str, ...] = ("pv", "pvh")) -> KernelInfo:
         data = path.read_bytes()
     except OSError as e:
         raise KernelError(f"kernel {path}: cannot read: {e.strerror}") from None
-    if data[:4] == b"\x7fELF":
-        fmt, elf = "elf", data
-    elif data[0x202:0x206] == b"HdrS":
-        fmt, elf = "bzimage", _bzimage_payload(path, data)
-    else:
-        raise KernelError(f"kernel {path}: neither an ELF file nor a bzImage")
+    fmt, elf = ("elf" if data[:4] == ELF_MAGIC else "bzimage"), vmlinux(path, data)
     notes = dict(_xen_notes(path, elf))
     entry = _addr(notes.get(XEN_ELFNOTE_ENTRY))
     phys32 = _addr(notes.get(XEN_ELFNOTE_PHYS32_ENTRY))
@@ -619,6 +608,19 @@ def _addr(desc: bytes | None) -> int | None:
     if desc is None or len(desc) not in (4, 8):
         return None
     return int.from_bytes(desc, "little")
+
+
+def vmlinux(path: Path, data: bytes) -> bytes:
+    """The vmlinux ELF of the kernel file `path` holding `data`: an ELF as it is, a bzImage's payload
+    decompressed (gzip, xz, zstd, lz4, bzip2, lzma); KernelError for anything else."""
+    if data[:4] == ELF_MAGIC:
+        return data
+    if data[0x202:0x206] != b"HdrS":
+        raise KernelError(f"kernel {path}: neither an ELF file nor a bzImage")
+    elf = _bzimage_payload(path, data)
+    if elf[:4] != ELF_MAGIC:
+        raise KernelError(f"kernel {path}: the bzImage payload is not an ELF vmlinux")
+    return elf
 
 
 def _bzimage_payload(path: Path, data: bytes) -> bytes:

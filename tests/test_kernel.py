@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import lzma
 import struct
 import sys
 from pathlib import Path
@@ -206,6 +207,18 @@ def test_verify_bzimage_payload(tmp_path: Path, compress) -> None:
     path.write_bytes(_bzimage(compress(_elf(ALL_NOTES))))
     info = kern.verify(path)
     assert (info.fmt, info.modes) == ("bzimage", ("pv", "pvh", "qemu"))
+
+
+def test_vmlinux_from_an_xz_bzimage() -> None:
+    """The one bzImage unpacker (the nested rig unpacks dom0's vmlinuz with it): ELF as is, payload out."""
+    elf = b"\x7fELF" + bytes(range(256)) * 64
+    payload = lzma.compress(elf, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    assert kern.vmlinux(Path("bz"), _bzimage(payload)) == elf
+    assert kern.vmlinux(Path("elf"), elf) == elf
+    with pytest.raises(KernelError, match="neither an ELF file nor a bzImage"):
+        kern.vmlinux(Path("zeros"), b"\0" * 4096)
+    with pytest.raises(KernelError, match="not an ELF vmlinux"):
+        kern.vmlinux(Path("bz"), _bzimage(gzip.compress(b"no elf here")))
 
 
 def test_verify_bzimage_without_pvh(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from builder.artifact import Artifact, DiskInfo
-from builder.errors import RunError
+from builder.errors import BadInput, RunError
 from builder.run import qemu
 from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
 from tests.fixtures import images as fx
@@ -65,7 +65,7 @@ def test_guest_cmdline() -> None:
     # the artifact's own `-- words` are kept, or replaced by extra_args; ip= always before `--`
     assert guest_cmdline(base + " -- a b", network=True) == f"{std} {NET_CMDLINE} -- a b"
     assert guest_cmdline(base + " -- a b", extra_args=["c"]).endswith(" -- c")
-    with pytest.raises(RunError, match="quotes"):
+    with pytest.raises(BadInput, match="quotes"):
         guest_cmdline(base, extra_args=['say "hi"'])
 
 

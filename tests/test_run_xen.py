@@ -8,13 +8,11 @@ The guest is Debian's cloud kernel with a tiny static /init that speaks the init
 from __future__ import annotations
 
 import io
-import lzma
 import os
 import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tarfile
@@ -33,6 +31,7 @@ from builder.cache import cache_dir
 from builder.errors import BadInput, RunError
 from builder.run import xen
 from builder.run.console import RunResult
+from builder.run.rig import Rig, ensure_rig
 from tests.fixtures.artifacts import fake_artifact
 
 GUEST_INIT = r"""
@@ -82,16 +81,6 @@ def _xl_entries(text: str) -> dict[str, str]:
     return dict(line.split(" = ", 1) for line in text.splitlines())
 
 
-def test_with_args_replaces_the_words_after_the_separator() -> None:
-    assert xen.with_args("console=hvc0", []) == "console=hvc0"
-    assert xen.with_args("console=hvc0 -- nginx -g x", ["sh", "a b"]) == 'console=hvc0 -- sh "a b"'
-    assert xen.with_args("console=hvc0", ["x"]) == "console=hvc0 -- x"
-    with_env = xen.with_args("console=hvc0 -- cmd", [], ["xbuild.env=A=1"])
-    assert with_env == "console=hvc0 xbuild.env=A=1 -- cmd"
-    with pytest.raises(BadInput):
-        xen.with_args("console=hvc0", ['say "hi"'])
-
-
 def test_guest_config_for_the_rig(tmp_path: Path) -> None:
     art = _fake_artifact(tmp_path)
     text = xen.guest_config(art, name="xbuild", kernel="/guest/kernel", ramdisk="/guest/initrd.img",
@@ -120,19 +109,6 @@ def test_run_xl_needs_a_dom0(tmp_path: Path) -> None:
         xen.run_xl(_fake_artifact(tmp_path))
 
 
-def test_extract_vmlinux_from_an_xz_bzimage() -> None:
-    elf = b"\x7fELF" + bytes(range(256)) * 64
-    payload = lzma.compress(elf, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
-    setup = bytearray(2 * 512)
-    setup[0x1F1] = 1  # setup_sects: the protected-mode code starts at (1 + 1) * 512
-    setup[0x202:0x206] = b"HdrS"
-    struct.pack_into("<II", setup, 0x248, 0x10, len(payload))
-    image = bytes(setup) + bytes(0x10) + payload + bytes(100)
-    assert xen.extract_vmlinux(image) == elf
-    with pytest.raises(RunError):
-        xen.extract_vmlinux(b"\0" * 4096)
-
-
 def _fake_artifact(tmp_path: Path) -> Artifact:
     return fake_artifact(tmp_path / "art", kernel=b"k", initrd=b"i", cmdline="console=hvc0 quiet panic=-1")
 
@@ -147,8 +123,8 @@ needs_rig = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def rig() -> xen.Rig:
-    return xen.ensure_rig()
+def rig() -> Rig:
+    return ensure_rig()
 
 
 @pytest.fixture(scope="session")
@@ -257,10 +233,10 @@ def _processes_mentioning(text: str) -> list[str]:
 
 @pytest.mark.slow
 @needs_rig
-def test_rig_is_cached(rig: xen.Rig) -> None:
+def test_rig_is_cached(rig: Rig) -> None:
     stamp = (rig.xen.parent / "rig.json").stat().st_mtime_ns
     t0 = time.monotonic()
-    assert xen.ensure_rig() == rig
+    assert ensure_rig() == rig
     assert time.monotonic() - t0 < 5
     assert (rig.xen.parent / "rig.json").stat().st_mtime_ns == stamp
     assert rig.dom0_kernel.read_bytes()[:4] == b"\x7fELF"
@@ -268,7 +244,7 @@ def test_rig_is_cached(rig: xen.Rig) -> None:
 
 @pytest.mark.slow
 @needs_rig
-def test_pv_boot_streams_only_the_guest(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
+def test_pv_boot_streams_only_the_guest(rig: Rig, artifact: Artifact, own_tmp: Path) -> None:
     out = io.BytesIO()
     result = xen.run_nested(artifact, "pv", timeout=240, extra_args=["first", "two words"], console=out)
     assert result.exit_status == 7
@@ -285,7 +261,7 @@ def test_pv_boot_streams_only_the_guest(rig: xen.Rig, artifact: Artifact, own_tm
 
 @pytest.mark.slow
 @needs_rig
-def test_pvh_boot(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
+def test_pvh_boot(rig: Rig, artifact: Artifact, own_tmp: Path) -> None:
     result = xen.run_nested(artifact, "pvh", timeout=240, console=io.BytesIO())
     assert result.exit_status == 7
     assert result.boot_us is not None
@@ -294,7 +270,7 @@ def test_pvh_boot(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
 
 @pytest.mark.slow
 @needs_rig
-def test_bad_kernel_fails_with_dom0s_reason(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
+def test_bad_kernel_fails_with_dom0s_reason(rig: Rig, artifact: Artifact, own_tmp: Path) -> None:
     bad = own_tmp / "bad"
     shutil.copytree(artifact.path, bad)
     (bad / "kernel").write_bytes(b"not a kernel" * 1000)
@@ -308,7 +284,7 @@ def test_bad_kernel_fails_with_dom0s_reason(rig: xen.Rig, artifact: Artifact, ow
 
 @pytest.mark.slow
 @needs_rig
-def test_timeout_shuts_the_guest_down_gracefully(rig: xen.Rig, artifact: Artifact, own_tmp: Path) -> None:
+def test_timeout_shuts_the_guest_down_gracefully(rig: Rig, artifact: Artifact, own_tmp: Path) -> None:
     t0 = time.monotonic()
     result = xen.run_nested(artifact, "pv", timeout=45, extra_args=["hang"], console=io.BytesIO())
     assert result.boot_us is not None  # the timeout came after the guest started, even on a loaded host
@@ -331,7 +307,7 @@ print(f"RESULT {r.exit_status} {r.error}", flush=True)
 @pytest.mark.slow
 @needs_rig
 @pytest.mark.parametrize(("sig", "guest"), [(signal.SIGTERM, "ignore"), (signal.SIGINT, "hang")])
-def test_signals_stop_the_guest_and_leave_nothing(rig: xen.Rig, artifact: Artifact, tmp_path: Path,
+def test_signals_stop_the_guest_and_leave_nothing(rig: Rig, artifact: Artifact, tmp_path: Path,
                                                   sig: signal.Signals, guest: str) -> None:
     """SIGTERM: stop, return the result. Ctrl-C: stop, re-raise. A guest ignoring the stop is destroyed."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -360,7 +336,7 @@ def test_signals_stop_the_guest_and_leave_nothing(rig: xen.Rig, artifact: Artifa
 
 @pytest.mark.slow
 @needs_rig
-def test_qemu_dies_with_a_killed_runner(rig: xen.Rig, artifact: Artifact, tmp_path: Path) -> None:
+def test_qemu_dies_with_a_killed_runner(rig: Rig, artifact: Artifact, tmp_path: Path) -> None:
     code = ("import sys; from pathlib import Path; from builder.run.xen import run_nested; "
             "from builder.artifact import open_artifact; run_nested(open_artifact(Path(sys.argv[1])), 'pv')")
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -383,7 +359,7 @@ def _wait_for(condition: Callable[[], bool], seconds: float) -> None:
 
 @pytest.mark.slow
 @needs_rig
-def test_port_forwarding_reaches_the_guest(rig: xen.Rig, net_artifact: Artifact, own_tmp: Path) -> None:
+def test_port_forwarding_reaches_the_guest(rig: Rig, net_artifact: Artifact, own_tmp: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -418,7 +394,7 @@ def test_port_forwarding_reaches_the_guest(rig: xen.Rig, net_artifact: Artifact,
 @pytest.mark.slow
 @needs_rig
 @pytest.mark.parametrize(("fmt", "mode", "xen_type"), [("qcow2", "rw", "pv"), ("raw", "ro", "pvh")])
-def test_disk_guest_on_nested_xen(fmt: str, mode: str, xen_type: Literal["pv", "pvh"], rig: xen.Rig,
+def test_disk_guest_on_nested_xen(fmt: str, mode: str, xen_type: Literal["pv", "pvh"], rig: Rig,
                                   tmp_path: Path, own_tmp: Path, default_kernel_path: Path) -> None:
     """`xbuild IMAGE --format disk` on the rig: the disk goes to the outer QEMU (qcow2 opened there), dom0
     serves it with blkback, the guest mounts /dev/xvda. rw: the write works and is thrown away; ro: EROFS.

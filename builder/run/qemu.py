@@ -25,14 +25,10 @@ running `stop_grace` seconds later, its process group is killed. No QEMU outlive
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
 import json
 import os
-import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,14 +36,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..artifact import Artifact, disk_virtual_size
+from ..artifact import DEFAULT_MEMORY_MB, Artifact, disk_virtual_size
 from ..cache import atomic_file, cache_dir
 from ..disk import FORMATS as DISK_FORMATS
 from ..errors import ArtifactError, RunError
+from ..options import Accel, choices
+from ..proc import Supervisor, run_tool
+from . import cmdline
 from .console import ConsoleWatcher, RunResult
 
 QEMU = "qemu-system-x86_64"
@@ -94,12 +93,8 @@ class Disk:
         if not self.readonly:
             overlay = scratch / f"overlay{index}.qcow2"
             size = self.size or self.path.stat().st_size
-            try:
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), str(size)],
-                               check=True, capture_output=True, text=True)
-            except (OSError, subprocess.CalledProcessError) as e:
-                raise RunError(f"cannot create the overlay for {self.path.name}: "
-                               f"{getattr(e, 'stderr', '') or e}".strip()) from None
+            run_tool(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), str(size)], RunError,
+                     hint="apt-get install qemu-utils")
             # cache no-flush: no flushes to an overlay that is thrown away anyway
             nodes.append({"node-name": f"disk{index}rw", "driver": "qcow2", "backing": top,
                           "cache": {"no-flush": True}, "file": {"driver": "file", "filename": str(overlay)}})
@@ -116,21 +111,11 @@ def root_disks(art: Artifact) -> tuple[Disk, ...]:
     return (Disk(art.disk, d.format, d.mode == "ro", disk_virtual_size(art)),)
 
 
-def _quote(word: str) -> str:
-    if '"' in word or "\n" in word or "\0" in word:
-        raise RunError(f"cannot pass {word!r} on the kernel command line (no quotes or newlines)")
-    return f'"{word}"' if (not word or any(c.isspace() for c in word)) else word
-
-
 def guest_cmdline(base: str, *, network: bool = False, kernel_args: Sequence[str] = (),
                   extra_args: Sequence[str] = ()) -> str:
-    """The artifact's command line + console + ip= + kernel_args, then ` -- extra_args` (they replace Cmd)."""
-    words = base.split()
-    if "--" in words:
-        i = words.index("--")
-        head, tail = words[:i], words[i + 1:]
-    else:
-        head, tail = words, []
+    """The artifact's command line + console + ip= + kernel_args, then ` -- extra_args` (they replace Cmd);
+    the user's words are quoted for the init (builder/run/cmdline.py)."""
+    head, tail = cmdline.split(base)
     if not any(w.startswith("console=") for w in head):
         head.append("console=ttyS0")
     if not any(w.startswith("rdinit=") for w in head):
@@ -144,37 +129,30 @@ def guest_cmdline(base: str, *, network: bool = False, kernel_args: Sequence[str
         head.append("no_timer_check")
     if network and not any(w.startswith("ip=") for w in head):
         head.append(NET_CMDLINE)
-    head += [_quote(w) for w in kernel_args]
-    if extra_args:
-        tail = [_quote(w) for w in extra_args]
-    return " ".join(head + (["--", *tail] if tail else []))
+    return cmdline.with_args(" ".join(head + ([cmdline.SEPARATOR, *tail] if tail else [])), kernel_args,
+                             extra_args)
 
 
 def qemu_version() -> str:
     exe = shutil.which(QEMU)
     if not exe:
         raise RunError(f"{QEMU} not found (Debian: apt-get install qemu-system-x86)")
-    r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
-    return r.stdout.splitlines()[0] if r.stdout else "unknown"
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL QEMU if the process that started it dies (even by SIGKILL)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    out = run_tool([exe, "--version"], RunError, timeout=30).stdout
+    return out.splitlines()[0] if out else "unknown"
 
 
 class Qemu:
-    """One QEMU guest: start(), pump()/wait(), stop() (graceful), kill(). Use as a context manager."""
+    """One QEMU guest: start(), pump()/wait(), stop() (graceful), kill(). Use as a context manager.
 
-    def __init__(self, artifact: Path, *, ports: Sequence[tuple[int, int]] = (), memory_mb: int = 256,
-                 kernel_args: Sequence[str] = (), extra_args: Sequence[str] = (),
-                 console: BinaryIO | None = None, accel: str = "tcg", icount: bool = False,
-                 network: bool = False, initrd: Path | None = None, cmdline: str | None = None,
-                 disks: Sequence[Disk] = (), vcpus: int = 1, kernel: Path | None = None):
+    The process is run by a builder.proc.Supervisor (session, parent-death kill, signals, grace, console
+    into the marker watcher); this class knows QEMU's command line and its QMP monitor."""
+
+    def __init__(self, artifact: Path, *, ports: Sequence[tuple[int, int]] = (),
+                 memory_mb: int = DEFAULT_MEMORY_MB, kernel_args: Sequence[str] = (),
+                 extra_args: Sequence[str] = (), console: BinaryIO | None = None, accel: str = Accel.TCG,
+                 icount: bool = False, network: bool = False, initrd: Path | None = None,
+                 cmdline: str | None = None, disks: Sequence[Disk] = (), vcpus: int = 1,
+                 kernel: Path | None = None, stop_grace: float = DEFAULT_STOP_GRACE):
         """Boot the bare directory `artifact` (see the module docstring); for an artifact: for_artifact."""
         self.artifact = Path(artifact)
         self.kernel = kernel or kernel_path(self.artifact)
@@ -187,24 +165,21 @@ class Qemu:
             except OSError:
                 cmdline = ""
         self.network = network or bool(ports)
-        if accel == "tcg" and "noapictimer" not in cmdline.split():
+        if accel == Accel.TCG and "noapictimer" not in cmdline.split():
             # TCG only: the LAPIC timer calibration costs ~100 ms and makes jiffies (and so the boot
             # clock the init's marker reads) run fast; Xen and KVM never calibrate it this way
             kernel_args = ("noapictimer", *kernel_args)
         self.cmdline = guest_cmdline(cmdline, network=self.network, kernel_args=kernel_args,
                                      extra_args=extra_args)
-        self.ports, self.memory_mb, self.console = tuple(ports), memory_mb, console
+        self.ports, self.memory_mb = tuple(ports), memory_mb
         self.disks, self.vcpus = tuple(disks), vcpus
         self.accel, self.icount = accel, icount
-        self.watcher = ConsoleWatcher()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.stderr = bytearray()
-        self.stop_requested_at: float | None = None
         self._tmp = tempfile.mkdtemp(prefix="xbq.")
         self.qmp_path = os.path.join(self._tmp, "qmp.sock")
-        self._sel: selectors.BaseSelector | None = None
-        self._open = 0
-        self.interrupted = False
+        self._power_button_only = False
+        # init powers off right after its status line: QEMU gets 10 s to exit by itself
+        self.supervisor = Supervisor(console=console, stop=self._stop_guest, grace=stop_grace,
+                                     settle=10.0)
 
     @classmethod
     def for_artifact(cls, art: Artifact, **kw: Any) -> Qemu:
@@ -215,7 +190,7 @@ class Qemu:
                    vcpus=art.manifest.guest.vcpus, **kw)
 
     def command(self) -> list[str]:
-        kvm = self.accel == "kvm"
+        kvm = self.accel == Accel.KVM
         cmd = [QEMU, "-M", "pc", "-accel", "kvm" if kvm else "tcg", "-cpu", "host" if kvm else "max",
                "-m", str(self.memory_mb), "-smp", str(self.vcpus), "-nodefaults", "-no-user-config",
                "-display", "none",
@@ -234,20 +209,10 @@ class Qemu:
     def start(self) -> Qemu:
         if not shutil.which(QEMU):
             raise RunError(f"{QEMU} not found (Debian: apt-get install qemu-system-x86)")
-        self.watcher = ConsoleWatcher()
         try:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.supervisor.start(self.command())
         except OSError as e:
             raise RunError(f"cannot start {QEMU}: {e}") from None
-        atexit.register(self.kill)
-        self._sel = selectors.DefaultSelector()
-        assert self.proc.stdout and self.proc.stderr
-        for f in (self.proc.stdout, self.proc.stderr):
-            os.set_blocking(f.fileno(), False)
-            self._sel.register(f, selectors.EVENT_READ)
-        self._open = 2
         return self
 
     def __enter__(self) -> Qemu:
@@ -257,45 +222,32 @@ class Qemu:
         self.kill()
 
     @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.supervisor.proc
+
+    @property
+    def watcher(self) -> ConsoleWatcher:
+        return self.supervisor.watcher
+
+    @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.supervisor.running
 
     def pump(self, timeout: float = 0.2) -> bool:
         """Read what the guest printed (up to `timeout` s); False once QEMU exited and output is drained."""
-        assert self.proc is not None and self._sel is not None
-        if self._open == 0:
-            if self.proc.poll() is None:
-                time.sleep(timeout)
-                return True
-            return False
-        for key, _ in self._sel.select(timeout):
-            f = key.fileobj
-            try:
-                data = os.read(key.fd, 65536)
-            except BlockingIOError:
-                continue
-            if not data:
-                self._sel.unregister(f)
-                self._open -= 1
-                continue
-            if f is self.proc.stdout:
-                self.watcher.feed(data)
-                if self.console is not None:
-                    try:
-                        self.console.write(data)
-                        self.console.flush()
-                    except (OSError, ValueError):
-                        pass
-            else:
-                self.stderr += data
-        return self._open > 0 or self.proc.poll() is None
+        return self.supervisor.pump(timeout)
 
-    def stop(self) -> None:
-        """Ask the guest to shut down: ACPI power button + ctrl-alt-del, over QMP."""
-        if self.stop_requested_at is None:
-            self.stop_requested_at = time.monotonic()
-        keys = [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]
-        self.qmp([("system_powerdown", None), ("send-key", {"keys": keys})])
+    def stop(self, power_button_only: bool = False) -> None:
+        """Ask the guest to shut down: ACPI power button + ctrl-alt-del (or the button alone), over QMP."""
+        self._power_button_only = power_button_only
+        self.supervisor.stop()
+
+    def _stop_guest(self, _sup: Supervisor) -> None:
+        commands: list[tuple[str, dict | None]] = [("system_powerdown", None)]
+        if not self._power_button_only:
+            keys = [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]
+            commands.append(("send-key", {"keys": keys}))
+        self.qmp(commands)
 
     def qmp(self, commands: list[tuple[str, dict | None]], timeout: float = 3.0) -> list[dict]:
         """Run QMP commands; returns their replies ([] if the monitor is not reachable)."""
@@ -326,87 +278,62 @@ class Qemu:
 
     def kill(self) -> None:
         """Kill QEMU's process group (no-op when it is gone) and clean up."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
-            for f in (self.proc.stdout, self.proc.stderr):
-                if f is not None:
-                    f.close()
-        if self._sel is not None:
-            self._sel.close()
-            self._sel = None
-            self._open = 0
-        atexit.unregister(self.kill)
+        self.supervisor.kill()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def wait(self, timeout: float | None = None, stop_grace: float = DEFAULT_STOP_GRACE,
-             stop_event: threading.Event | None = None) -> RunResult:
-        """Stream until QEMU exits. A stop (after `timeout` s, when `stop_event` is set, or on the first
-        KeyboardInterrupt) is graceful; QEMU is killed `stop_grace` s after it, or on a second interrupt.
-        `self.interrupted` tells whether a KeyboardInterrupt happened (the caller re-raises it)."""
-        assert self.proc is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        timed_out = False
-        while True:
-            try:
-                if not self.pump(0.2):
-                    break
-                now = time.monotonic()
-                if self.stop_requested_at is None:
-                    if stop_event is not None and stop_event.is_set():
-                        self.stop()
-                    elif deadline is not None and now > deadline:
-                        timed_out = True
-                        self.stop()
-                    elif self.watcher.finished and self.running:
-                        # init powers off right after its status line: give QEMU 10 s to exit by itself
-                        self.stop_requested_at = now - stop_grace + 10.0
-                elif now - self.stop_requested_at > stop_grace:
-                    break
-            except KeyboardInterrupt:
-                if self.interrupted or self.stop_requested_at is not None:
-                    self.interrupted = True
-                    break
-                self.interrupted = True
-                self.stop()
-        self.kill()
-        result = self.watcher.result()
-        rc = self.proc.returncode
-        if result.exit_status is None and not result.console and rc not in (0, None, -signal.SIGKILL):
+    def wait(self, timeout: float | None = None, stop_event: threading.Event | None = None) -> RunResult:
+        """Stream until QEMU exits: builder.proc.Supervisor.wait (a stop after `timeout` s, on `stop_event`,
+        SIGTERM or SIGINT; killed the stop grace later; KeyboardInterrupt re-raised after a SIGINT).
+        RunError when QEMU exited by itself with a failure status before the guest printed anything."""
+        try:
+            result = self.supervisor.wait(timeout, stop_event)
+        finally:
+            self.kill()
+        rc = self.supervisor.proc.returncode if self.supervisor.proc else None
+        if result.exit_status is None and not result.console and not self.supervisor.killed and rc:
             raise RunError(f"{QEMU} failed (status {rc}): "
-                           f"{bytes(self.stderr).decode(errors='replace').strip()[-500:]}")
-        if timed_out and result.error is None:
-            result = replace(result, error=f"timed out after {timeout:g}s")
+                           f"{bytes(self.supervisor.stderr).decode(errors='replace').strip()[-500:]}")
         return result
 
 
 # ------------------------------------------------------------------------------------------- KVM probe
 
 def _probe_key() -> str:
-    kvm = os.path.exists("/dev/kvm")
-    return hashlib.sha256(f"{qemu_version()}\nkvm={kvm}".encode()).hexdigest()[:16]
+    usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    return hashlib.sha256(f"{qemu_version()}\n{os.uname().release}\nkvm={usable}".encode()).hexdigest()[:16]
 
 
-def kvm_works(kernel: Path) -> bool:
-    """Whether KVM boots a guest here (cached per QEMU version + /dev/kvm presence)."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+def host_kernel() -> Path | None:
+    """The host's newest /boot/vmlinuz-* (the kernel libguestfs's appliance boots), if any."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    return kernels[-1] if kernels else None
+
+
+def kvm_works(kernel: Path | None = None) -> bool:
+    """Whether KVM boots a guest on this host: the one KVM probe, for the runner and the disk writer.
+
+    False without a usable /dev/kvm or QEMU. Else the verdict cached in cache_dir("probe")/kvm-KEY.json,
+    KEY from the QEMU version, the host kernel's release and /dev/kvm (a property of the host, not of the
+    kernel booted), or a probe boot of `kernel` (default: host_kernel(); none: False) that is cached."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or not shutil.which(QEMU):
         return False
     cached = cache_dir("probe") / f"kvm-{_probe_key()}.json"
     try:
         return bool(json.loads(cached.read_text())["kvm"])
     except (OSError, ValueError, KeyError):
         pass
+    kernel = kernel or host_kernel()
+    if kernel is None:
+        return False
     ok = _probe_kvm(kernel)
     with atomic_file(cached, "w") as f:
-        json.dump({"kvm": ok, "qemu": qemu_version(), "probed": time.time()}, f)
+        json.dump({"kvm": ok, "qemu": qemu_version(), "kernel": str(kernel), "probed": time.time()}, f)
     return ok
 
 
 def _probe_kvm(kernel: Path) -> bool:
-    """Boot `kernel` with an initrd whose init only reports a missing program and powers off."""
+    """Boot `kernel` under KVM with an initrd whose init only reports a missing program and powers off:
+    KVM works when the init's exit status line arrives within PROBE_TIMEOUT (a broken KVM hangs)."""
     from ..cpio import pack
     from ..guest import GuestConfig, install
     from ..init import init_binary
@@ -414,17 +341,16 @@ def _probe_kvm(kernel: Path) -> bool:
 
     with tempfile.TemporaryDirectory(prefix="xbuild-probe.") as tmp:
         d = Path(tmp)
-        os.symlink(kernel.resolve(), d / "kernel")
         tree = Tree()
         gc = GuestConfig(argv=("/probe",), env=(), cwd="/", uid=0, gid=0, groups=(0,), stop_signal=15,
                          hostname="probe")
         install(tree, gc, init_binary())
         pack(tree, d / "initrd.img", "none")
-        (d / "cmdline").write_text("console=ttyS0 quiet panic=-1\n")
-        guest = Qemu(d, accel="kvm", memory_mb=128, disks=())
+        guest = Qemu(d, kernel=kernel.resolve(), cmdline="console=ttyS0 quiet panic=-1", accel=Accel.KVM,
+                     memory_mb=128, stop_grace=1.0)
         try:
             guest.start()
-            result = guest.wait(timeout=PROBE_TIMEOUT, stop_grace=1.0)
+            result = guest.wait(timeout=PROBE_TIMEOUT)
         except RunError:
             return False
         finally:
@@ -433,22 +359,22 @@ def _probe_kvm(kernel: Path) -> bool:
 
 
 def choose_accel(accel: str, kernel: Path, icount: bool) -> str:
-    if accel not in ("auto", "kvm", "tcg"):
-        raise RunError(f"unknown accelerator {accel!r} (auto, kvm or tcg)")
+    if accel not in choices(Accel):
+        raise RunError(f"unknown accelerator {accel!r} ({', '.join(choices(Accel))})")
     if icount:
-        if accel == "kvm":
+        if accel == Accel.KVM:
             raise RunError("-icount needs TCG: use accel='tcg' or 'auto'")
-        return "tcg"
-    if accel == "auto":
-        return "kvm" if kvm_works(kernel) else "tcg"
+        return Accel.TCG
+    if accel == Accel.AUTO:
+        return Accel.KVM if kvm_works(kernel) else Accel.TCG
     return accel
 
 
 # ----------------------------------------------------------------------------------------------- run
 
-def run(artifact: Artifact | Path, *, ports: Sequence[tuple[int, int]] = (), memory_mb: int = 256,
-        timeout: float | None = None, extra_args: Sequence[str] = (),
-        console: BinaryIO | None = sys.stdout.buffer, accel: str = "auto", icount: bool = False,
+def run(artifact: Artifact | Path, *, ports: Sequence[tuple[int, int]] = (),
+        memory_mb: int = DEFAULT_MEMORY_MB, timeout: float | None = None, extra_args: Sequence[str] = (),
+        console: BinaryIO | None = sys.stdout.buffer, accel: str = Accel.AUTO, icount: bool = False,
         kernel_args: Sequence[str] = (), network: bool = False,
         stop_grace: float = DEFAULT_STOP_GRACE) -> RunResult:
     """Boot `artifact` and return the entrypoint's result (exit_status None: no status line seen).
@@ -457,24 +383,13 @@ def run(artifact: Artifact | Path, *, ports: Sequence[tuple[int, int]] = (), mem
 
     `extra_args` go after `--` on the kernel command line (they replace the image's Cmd);
     `kernel_args` before it (e.g. `xbuild.env=K=V`, `xbuild.grace=2`, `xbuild.debug`).
-    Timeout, KeyboardInterrupt and SIGTERM stop the guest gracefully; KeyboardInterrupt is re-raised.
+    Timeout, SIGINT and SIGTERM stop the guest gracefully; after a SIGINT, KeyboardInterrupt is raised.
     """
     kernel = artifact.kernel if isinstance(artifact, Artifact) else kernel_path(Path(artifact))
     kw: dict[str, Any] = dict(ports=ports, memory_mb=memory_mb, kernel_args=kernel_args,
                               extra_args=extra_args, console=console, icount=icount, network=network,
-                              accel=choose_accel(accel, kernel, icount))
+                              accel=choose_accel(accel, kernel, icount), stop_grace=stop_grace)
     guest = Qemu.for_artifact(artifact, **kw) if isinstance(artifact, Artifact) else \
         Qemu(Path(artifact), **kw)
-    term = threading.Event()
-    main = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.set()) if main else None
-    try:
-        guest.start()
-        result = guest.wait(timeout, stop_grace, stop_event=term)
-    finally:
-        guest.kill()
-        if main:
-            signal.signal(signal.SIGTERM, old_handler if old_handler is not None else signal.SIG_DFL)
-    if guest.interrupted:
-        raise KeyboardInterrupt
-    return result
+    with guest:
+        return guest.wait(timeout)

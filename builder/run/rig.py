@@ -1,0 +1,213 @@
+"""The nested Xen rig: Xen, a dom0 kernel and a dom0 initramfs, built once into the cache from Debian
+packages.
+
+`ensure_rig` returns the rig for the apt mirror's current package versions (Xen 4.17, Debian's standard
+kernel as dom0: it has XEN_DOM0, the cloud kernel does not), building it the first time: the packages are
+downloaded with `apt-get download` and unpacked with `dpkg-deb -x` (no root, nothing installed), Xen is
+gunzipped, dom0's vmlinuz unpacked to its ELF (builder.kernel.vmlinux), and dom0's initramfs written with
+builder.cpio.write_cpio: busybox, the Xen modules, the toolstack and its library closure (ldd), and
+`xenrig/dom0-init.sh` as /init. builder/run/xen.py runs guests on it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache import atomic_dir, atomic_file, cache_dir
+from ..cpio import write_cpio
+from ..errors import RunError
+from ..kernel import vmlinux
+from ..proc import run_tool
+from ..tree import CHAR, DIR, FILE, SYMLINK, Content, Inode, Tree, directory, regular
+
+RIG_RECIPE = 2  # bump when the rig's layout changes: it is part of the cache key
+XEN_PACKAGES = (
+    "xen-hypervisor-4.17-amd64", "xen-utils-4.17", "xen-utils-common", "xenstore-utils", "libxenstore4",
+    "libxencall1", "libxenevtchn1", "libxenforeignmemory1", "libxengnttab1", "libxenmisc4.17",
+    "libxentoollog1", "libyajl2", "libxendevicemodel1", "libxenhypfs1", "libxentoolcore1", "busybox-static",
+)
+DOM0_KERNEL_META = "linux-image-amd64"
+DOM0_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs")
+NET_MODULES = ("e1000", "xen-netback")  # loaded only when ports are forwarded
+# loaded in this order only when the guest has disks: virtio-blk for QEMU's disks, blkback to serve them
+BLK_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+               "virtio_blk", "xen-blkback")
+TOOLS = ("xl", "xenstored", "xenconsoled", "xenconsole", "xen-init-dom0")
+DOM0_INIT = Path(__file__).with_name("xenrig") / "dom0-init.sh"
+VIF_SCRIPT = Path(__file__).with_name("xenrig") / "vif-xbuild.sh"
+BLOCK_SCRIPT = Path(__file__).with_name("xenrig") / "block-xbuild.sh"  # dom0's /etc/xen/scripts/block
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Rig:
+    """A built nested-Xen rig: the hypervisor, dom0's uncompressed kernel and dom0's initramfs."""
+
+    xen: Path
+    dom0_kernel: Path
+    dom0_initrd: Path
+
+
+def ensure_rig(progress: Progress | None = None) -> Rig:
+    """Return the cached rig for the mirror's current package versions, building it once if needed."""
+    say = progress or (lambda _msg: None)
+    for tool in ("apt-get", "apt-cache", "dpkg-deb", "ldd"):
+        if shutil.which(tool) is None:
+            raise RunError(f"the nested Xen rig is built from Debian packages and needs {tool} on PATH")
+    recipe = [RIG_RECIPE, DOM0_INIT.read_text(), VIF_SCRIPT.read_text(), BLOCK_SCRIPT.read_text(),
+              DOM0_MODULES, NET_MODULES, BLK_MODULES]
+    # resolving versions costs seconds of apt-cache: remember the answer until the apt lists change
+    lists = os.stat("/var/lib/apt/lists").st_mtime_ns
+    pointer = cache_dir("xenrig") / f"resolved-{_digest([*recipe, lists])}"
+    if pointer.exists() and (cache_dir("xenrig") / pointer.read_text() / "rig.json").exists():
+        return _rig(cache_dir("xenrig") / pointer.read_text())
+    kernel_pkg = _dom0_kernel_package()
+    versions = _candidate_versions([*XEN_PACKAGES, kernel_pkg])
+    final = cache_dir("xenrig") / _digest([*recipe, versions])
+    if not (final / "rig.json").exists():
+        say(f"building the nested Xen rig in {final}")
+        _build_rig(final, kernel_pkg, versions, say)
+    with atomic_file(pointer, "w") as f:
+        f.write(final.name)
+    return _rig(final)
+
+
+def _build_rig(final: Path, kernel_pkg: str, versions: list[str], say: Progress) -> None:
+    """Download, unpack and assemble the rig into `final` (atomically)."""
+    with atomic_dir(final) as out:
+        debs, root = out / "debs", out / "root"
+        debs.mkdir()
+        say(f"downloading {len(versions)} Debian packages")
+        run_tool(["apt-get", "download", "-q", *versions], RunError, cwd=debs)
+        for deb in sorted(debs.glob("*.deb")):
+            run_tool(["dpkg-deb", "-x", str(deb), str(root)], RunError)
+        (out / "xen.elf").write_bytes(gzip.decompress(_one(root.glob("boot/xen-4*-amd64.gz")).read_bytes()))
+        kver = kernel_pkg.removeprefix("linux-image-")
+        config = (root / "boot" / f"config-{kver}").read_text()
+        if "CONFIG_XEN_DOM0=y" not in config:
+            raise RunError(f"{kernel_pkg} lacks CONFIG_XEN_DOM0: it cannot be the rig's dom0")
+        say("extracting the dom0 vmlinux")
+        vmlinuz = root / "boot" / f"vmlinuz-{kver}"
+        (out / "vmlinux-dom0").write_bytes(vmlinux(vmlinuz, vmlinuz.read_bytes()))
+        say("writing the dom0 initramfs")
+        with open(out / "dom0-initrd.img", "wb") as f:
+            write_cpio(f, dom0_tree(root, root / "lib" / "modules" / kver))
+        shutil.rmtree(debs)
+        shutil.rmtree(root)
+        (out / "rig.json").write_text(json.dumps({"recipe": RIG_RECIPE, "packages": versions}, indent=1))
+
+
+def _rig(d: Path) -> Rig:
+    return Rig(d / "xen.elf", d / "vmlinux-dom0", d / "dom0-initrd.img")
+
+
+def _digest(parts: list[object]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dom0_kernel_package() -> str:
+    out = run_tool(["apt-cache", "depends", DOM0_KERNEL_META], RunError).stdout
+    names = re.findall(r"Depends: (linux-image-\S+)", out)
+    if not names:
+        raise RunError(f"apt-cache knows no {DOM0_KERNEL_META}: run apt-get update")
+    return names[0]
+
+
+def _candidate_versions(packages: Sequence[str]) -> list[str]:
+    """`name=version` of each package's apt candidate (what `apt-get download` fetches)."""
+    out = run_tool(["apt-cache", "policy", *packages], RunError).stdout
+    found = dict(re.findall(r"^(\S+):\n\s+Installed: .*\n\s+Candidate: (\S+)", out, re.MULTILINE))
+    missing = [p for p in packages if found.get(p, "(none)") == "(none)"]
+    if missing:
+        raise RunError(f"apt has no candidate for {', '.join(missing)}: run apt-get update")
+    return [f"{p}={found[p]}" for p in packages]
+
+
+def host_file(path: Path, mode: int | None = None) -> Inode:
+    """A regular file whose content is read from the host's `path` when written (mode: the file's own)."""
+    size = path.stat().st_size
+    perm = stat.S_IMODE(path.stat().st_mode) if mode is None else mode
+    return Inode(FILE, perm, size=size, content=Content(str(path), 0, size))
+
+
+def _symlink(target: str) -> Inode:
+    return Inode(SYMLINK, 0o777, target=target)
+
+
+def dom0_tree(root: Path, moddir: Path) -> Tree:
+    """busybox, the Xen modules, the toolstack binaries and their library closure, /init."""
+    tree = Tree()
+    entries: dict[str, Inode] = {
+        "init": regular(DOM0_INIT.read_bytes(), 0o755),
+        "bin/busybox": host_file(root / "bin" / "busybox", 0o755),
+        "bin/sh": _symlink("busybox"),
+        "dev/console": Inode(CHAR, 0o600, rdev=(5, 1)),
+        "dev/null": Inode(CHAR, 0o666, rdev=(1, 3)),
+        "var/run": _symlink("../run"),
+        "var/lock": _symlink("../run/lock"),
+        "usr/bin/xenstore": host_file(root / "usr" / "bin" / "xenstore"),
+        "usr/bin/xenstore-ls": _symlink("xenstore"),
+        "usr/bin/xenstore-write": _symlink("xenstore"),
+        "usr/bin/xenstore-read": _symlink("xenstore"),
+        "etc/xen/scripts/vif-xbuild": regular(VIF_SCRIPT.read_bytes(), 0o755),
+        "etc/xen/scripts/block": regular(BLOCK_SCRIPT.read_bytes(), 0o755),
+        "etc/xen/xl.conf": regular(b"", 0o644),
+    }
+    for d in ("proc", "sys", "run", "tmp", "root", "guest", "sbin", "usr/sbin"):
+        entries[d] = directory()
+    for name in DOM0_MODULES:
+        entries[f"lib/modules/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
+    for name in NET_MODULES:
+        entries[f"lib/modules/net/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
+    for i, name in enumerate(BLK_MODULES):  # numbered: dom0-init.sh loads them in glob order
+        entries[f"lib/modules/blk/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
+    bindir = _one(root.glob("usr/lib/xen-4*/bin"))
+    binaries = [bindir / t for t in TOOLS] + [root / "usr" / "bin" / "xenstore"]
+    for t in binaries:
+        entries[str(t.relative_to(root))] = host_file(t)
+    for dest, src in _library_closure(binaries, root).items():
+        entries[dest] = host_file(src)
+    # glibc dlopen()s libgcc_s for pthread_cancel: xl aborts without it
+    entries["lib/x86_64-linux-gnu/libgcc_s.so.1"] = host_file(_host_lib("libgcc_s.so.1"))
+    for path in sorted(entries, key=lambda p: p.count("/")):  # a directory before what it holds
+        if entries[path].kind != DIR or tree.lookup(path) is None:
+            tree.add(path, entries[path])
+    return tree
+
+
+def _library_closure(binaries: Sequence[Path], root: Path) -> dict[str, Path]:
+    """Initramfs path → source of every shared library the binaries load (ldd, unpacked Xen libs first)."""
+    env = {**os.environ, "LD_LIBRARY_PATH": str(root / "usr" / "lib" / "x86_64-linux-gnu")}
+    libs: dict[str, Path] = {}
+    for b in binaries:
+        out = run_tool(["ldd", str(b)], RunError, env=env).stdout
+        if "not found" in out:
+            raise RunError(f"{b.name} needs libraries that are neither unpacked nor on the host:\n{out}")
+        for path in re.findall(r"^\s*(?:\S+ => )?(/\S+) \(0x", out, re.MULTILINE):
+            src = Path(path)
+            dest = src.relative_to(root) if src.is_relative_to(root) else src.relative_to("/")
+            libs[str(dest)] = src
+    return libs
+
+
+def _host_lib(name: str) -> Path:
+    for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64"):
+        if (p := Path(d) / name).exists():
+            return p
+    raise RunError(f"the host has no {name} (Debian: libgcc-s1) for the rig's xl")
+
+
+def _one(paths: Iterator[Path]) -> Path:
+    found = sorted(paths)
+    if len(found) != 1:
+        raise RunError(f"expected one match in the unpacked packages, found {[str(p) for p in found]}")
+    return found[0]

@@ -47,12 +47,13 @@ from .cache import no_space
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import ArtifactError
+from .options import DEFAULT_XEN_TYPE, XenType, choices
 
 INITRD, KERNEL, CMDLINE, XEN_CFG, MANIFEST = "initrd.img", "kernel", "cmdline", "xen.cfg", "manifest.json"
 DISK = "disk.img"
 NAMES = (MANIFEST, KERNEL, INITRD, CMDLINE, XEN_CFG, DISK)  # every file an artifact may hold
 DISK_MODES = ("rw", "ro")   # how the guest mounts its root disk
-XEN_TYPES = ("pvh", "pv")
+XEN_TYPES = tuple(choices(XenType))
 SCHEMA = "xbuild.artifact.v1"
 MEMORY_MB = (16, 65536)     # guest memory bounds (MiB) an artifact may ask for; `run --memory` is the user's
 DEFAULT_MEMORY_MB = 256
@@ -271,7 +272,7 @@ class Guest(_Section):
     stop_signal: int
     hostname: str
     memory_mb: int = DEFAULT_MEMORY_MB
-    xen_type: str = "pvh"
+    xen_type: str = DEFAULT_XEN_TYPE.value
     vcpus: int = 1
     recipe: str | None = None
 
@@ -567,9 +568,10 @@ def _xl_str(value: str, quote: str = '"') -> str:
     return f"{quote}{value}{quote}"
 
 
-def xen_config(name: str, extra: str, memory_mb: int, vcpus: int = 1, xen_type: str = "pvh", *,
-               kernel: str = KERNEL, ramdisk: str | None = INITRD, disks: tuple[XlDisk, ...] = (),
-               vif: str | None = None, maxmem: bool = False, tsc_native: bool = False) -> str:
+def xen_config(name: str, extra: str, memory_mb: int, vcpus: int = 1,
+               xen_type: str = DEFAULT_XEN_TYPE.value, *, kernel: str = KERNEL, ramdisk: str | None = INITRD,
+               disks: tuple[XlDisk, ...] = (), vif: str | None = None, maxmem: bool = False,
+               tsc_native: bool = False) -> str:
     """The one xl config writer: for the artifact's xen.cfg (kernel, ramdisk and disk paths relative to
     the directory, so `cd DIR && xl create xen.cfg` works wherever it was copied) and for the runners,
     which pass absolute or dom0 paths. Only these keys are ever written; every value is quoted."""

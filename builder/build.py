@@ -51,6 +51,7 @@ from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
 from .image import Image, Platform
 from .init import init_binary
 from .minimize import minimize
+from .options import DEFAULT_XEN_TYPE
 from .probe import check_probe_host
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .text import is_decimal
@@ -75,7 +76,7 @@ class BuildOptions:
     recipe: str | None = None             # a recipe name or file; None: matched by repository
     kernel: str | None = "default"        # "default", a path, oci://REF, or None for no kernel
     memory_mb: int | None = None          # None: the recipe's, else DEFAULT_MEMORY_MB
-    xen_type: str = "pvh"
+    xen_type: str = DEFAULT_XEN_TYPE.value
     hostname: str | None = None           # None: the image's short name
     format: str = "initramfs"             # initramfs | disk
     disk_format: str = "raw"              # raw | qcow2 (format "disk")

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .artifact import DISK_MODES, MEMORY_MB
+from .artifact import DEFAULT_MEMORY_MB, DISK_MODES, MEMORY_MB
 from .build import FORMATS, BuildOptions, build
 from .cache import parse_size
 from .cache_cli import cache_cmd
@@ -26,9 +26,10 @@ from .host import apt_line, doctor, missing_packages
 from .image import Platform
 from .kernel_cli import kernel
 from .minimize import MODES
+from .options import DEFAULT_XEN_TYPE, VERIFY_HYPERVISORS, Hypervisor, XenType, choices
 from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd
 from .run_cli import run_cmd
-from .verify import HYPERVISORS, verify_artifact
+from .verify import verify_artifact
 
 
 class _DefaultBuild(click.Group):
@@ -98,8 +99,9 @@ def main() -> None:
               metavar="default|PATH|oci://REF|none",
               help="Kernel to pair: the cached trimmed one (built once), a file, a pushed kernel, or none.")
 @click.option("--memory", type=click.IntRange(*MEMORY_MB), metavar="MB",
-              help="Guest memory in xen.cfg [recipe's or 256].")
-@click.option("--xen-type", type=click.Choice(["pvh", "pv"]), default="pvh", show_default=True,
+              help=f"Guest memory in xen.cfg [recipe's or {DEFAULT_MEMORY_MB}].")
+@click.option("--xen-type", type=click.Choice(choices(XenType)), default=DEFAULT_XEN_TYPE.value,
+              show_default=True,
               help="Guest type written to xen.cfg.")
 @click.option("--hostname", help="Guest hostname [the image's short name].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="initramfs", show_default=True,
@@ -111,7 +113,7 @@ def main() -> None:
 @click.option("--max-layer-size", metavar="SIZE",
               help="Refuse a layer whose tar expands past SIZE (e.g. 64G) [$XBUILD_MAX_LAYER_SIZE or 16G].")
 @click.option("--verify", is_flag=True, help="Boot the result under QEMU and run the recipe's smoke test.")
-@click.option("--verify-on", type=click.Choice(HYPERVISORS),
+@click.option("--verify-on", type=click.Choice(choices(VERIFY_HYPERVISORS)),
               help="Verify under this hypervisor instead (implies --verify; xen-nested: the nested Xen rig).")
 @click.option("--push", "push_ref", metavar="REF", help="Push the artifact to an OCI registry when built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
@@ -142,7 +144,7 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
                         progress=_progress(not silent), log=say)
     art = build(image, opts)
     if verify or verify_on:
-        say(verify_artifact(art, say, verify_on or "qemu"))
+        say(verify_artifact(art, say, verify_on or Hypervisor.QEMU))
     if push_ref:
         from .publish import push
 

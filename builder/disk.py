@@ -11,23 +11,20 @@ times), and debugfs sets every inode's atime/ctime/crtime to its clamped mtime, 
 random i_generation, and pins the superblock's mount bookkeeping to the epoch. Left to chance: the block
 and inode allocation of the appliance's kernel (deterministic in our runs, not guaranteed).
 
-libguestfs cannot use a KVM that hangs guests (nested virtualisation without the needed support): the KVM
-is probed once by booting the host kernel, the one supermin gives the appliance, for a few seconds, and the
-verdict is cached; a broken or missing KVM means `force_tcg`.
+libguestfs cannot use a KVM that hangs guests (nested virtualisation without the needed support): the one
+KVM probe (builder.run.qemu.kvm_works: a boot of the host kernel, the one supermin gives the appliance, with
+a cached verdict shared with `xbuild run`) decides; a broken or missing KVM means `force_tcg`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import threading
-import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -35,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .cache import atomic_file, cache_dir
 from .errors import DiskError, DiskInputError
+from .proc import run_tool
 from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Content, Inode, Tree
 
 FORMATS = ("raw", "qcow2")
@@ -46,8 +43,6 @@ MIB = 1 << 20
 MARGIN_RATIO = 0.25           # auto size: 25 % of the need on top ...
 MARGIN_FIXED = 32 * MIB       # ... plus 32 MiB (journal, ext4 metadata, free room for the guest)
 LAUNCH_ESTIMATE = 30          # seconds the appliance takes to start under TCG here
-PROBE_SECONDS = 10.0          # a working KVM prints the kernel banner well within this
-QEMU = "qemu-system-x86_64"
 APT_HINT = "apt-get install python3-guestfs linux-image-amd64, then `make venv` to link it into the venv"
 FEATURES = "extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
 MKE2FS_CONF = f"""[defaults]
@@ -246,18 +241,18 @@ def _debugfs(raw: Path, commands: list[str], mkfs: _Mkfs) -> None:
 
 
 def _tool(cmd: list[str], fs_time: int | None = None, conf: Path | None = None) -> None:
+    """Run an e2fsprogs/qemu-img/tar step (builder.proc.run_tool); e2fsck's status 1 (fixed) is success,
+    and debugfs, which exits 0 whatever failed, fails on any stderr line but its banner."""
     env = dict(os.environ, LC_ALL="C")
     if fs_time is not None:
         env["E2FSPROGS_FAKE_TIME"] = env["E2FSCK_TIME"] = str(fs_time)
     if conf is not None:
         env["MKE2FS_CONFIG"] = str(conf)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, check=False)
-    except FileNotFoundError:
-        raise DiskInputError(f"{cmd[0]} not found: apt-get install e2fsprogs qemu-utils") from None
-    errors = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("debugfs ")]
-    if proc.returncode > (1 if cmd[0] == "e2fsck" else 0) or (cmd[0] == "debugfs" and errors):
-        raise DiskError(f"{cmd[0]} failed: {(errors or [f'status {proc.returncode}'])[-1]}")
+    done = run_tool(cmd, DiskError, env=env, max_status=1 if cmd[0] == "e2fsck" else 0,
+                    missing=DiskInputError, hint="apt-get install e2fsprogs qemu-utils")
+    errors = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("debugfs ")]
+    if cmd[0] == "debugfs" and errors:
+        raise DiskError(f"debugfs failed: {errors[-1]}")
 
 
 def _round_mib(n: int) -> int:
@@ -423,44 +418,11 @@ def _ticking(progress: Progress | None, label: str, seconds: int) -> Iterator[No
 
 
 def force_tcg() -> bool:
-    """Whether the appliance must run under TCG: /dev/kvm unusable, or a KVM that hangs a booting kernel
-    (probed once per QEMU version and host kernel, cached in the cache's probe/ dir)."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or not shutil.which(QEMU):
-        return True
-    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
-    if not kernels:
-        return True
-    version = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(f"{version}\n{kernels[-1].name}\n{os.uname().release}".encode()).hexdigest()[:16]
-    cached = cache_dir("probe") / f"guestfs-kvm-{key}.json"
-    with suppress(OSError, ValueError, KeyError):
-        return not json.loads(cached.read_text())["kvm"]
-    works = _kvm_boots(kernels[-1])
-    with atomic_file(cached, "w") as f:
-        json.dump({"kvm": works, "qemu": version.strip(), "kernel": kernels[-1].name}, f)
-    return not works
+    """Whether the appliance must run under TCG: KVM unusable or hanging guests here (the one KVM probe,
+    builder.run.qemu.kvm_works, booting the host kernel the appliance boots)."""
+    from .run.qemu import kvm_works
 
-
-def _kvm_boots(kernel: Path) -> bool:
-    """Boot `kernel` under KVM without a root: a working KVM prints the kernel banner within seconds; a
-    broken one stops after the real-mode setup, printing nothing more."""
-    with tempfile.TemporaryDirectory(prefix="xbuild-kvm.") as tmp:
-        console = Path(tmp) / "console"
-        console.touch()
-        cmd = [QEMU, "-accel", "kvm", "-cpu", "host", "-M", "pc", "-m", "128", "-nodefaults", "-display",
-               "none", "-no-reboot", "-serial", f"file:{console}", "-kernel", str(kernel),
-               "-append", "console=ttyS0 earlyprintk=serial panic=-1"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + PROBE_SECONDS
-            while time.monotonic() < deadline and proc.poll() is None:
-                if b"Linux version" in console.read_bytes():
-                    return True
-                time.sleep(0.1)
-            return b"Linux version" in console.read_bytes()
-        finally:
-            proc.kill()
-            proc.wait()
+    return not kvm_works()
 
 
 # ------------------------------------------------------------------------------------- mkfs.ext4 -d path

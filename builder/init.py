@@ -11,13 +11,13 @@ import errno
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from .cache import atomic_file, cache_dir, is_temp, mount_point, no_space, remove_entry, touch
 from .errors import NoSpaceError, PackError
+from .proc import run_tool
 from .resources import data_dir
 
 SOURCE = data_dir("initramfs") / "init.c"
@@ -42,10 +42,7 @@ def build_command(cc: str, source: Path, out: Path) -> list[str]:
 
 
 def _version(cc: str) -> str:
-    try:
-        r = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-    except OSError as e:
-        raise PackError(f"cannot run {cc}: {e}") from None
+    r = run_tool([cc, "--version"], PackError, timeout=30, check=False)
     # musl-gcc is a wrapper around gcc: name the wrapper too, so the two never share a cache entry
     return f"{Path(cc).name}\n{r.stdout}"
 
@@ -76,10 +73,7 @@ def init_binary() -> bytes:
     with no_space(tmpdir), tempfile.TemporaryDirectory(prefix="xbuild-init.") as tmp:
         out = Path(tmp) / "init"
         cmd = build_command(cc, SOURCE, out)
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except OSError as e:
-            raise PackError(f"cannot run {cc}: {e}") from None
+        r = run_tool(cmd, PackError, timeout=300, check=False)
         if r.returncode != 0:
             if os.strerror(errno.ENOSPC) in r.stderr + r.stdout:
                 raise NoSpaceError(f"no space left on {mount_point(tmpdir)} (compiling the guest init)")

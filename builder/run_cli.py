@@ -14,9 +14,8 @@ from .artifact import XEN_TYPES, Artifact, open_artifact
 from .build import BuildOptions, build
 from .cache import cache_dir
 from .errors import BadInput, PublishError, RunError
+from .options import NESTED_XEN_TYPE, Accel, Hypervisor, choices
 from .run.console import RunResult
-
-HYPERVISORS = ("auto", "qemu", "xen", "xen-nested")
 
 
 def is_dom0() -> bool:
@@ -63,7 +62,8 @@ def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ign
 @click.command("run", context_settings={"ignore_unknown_options": False})
 @click.argument("target", metavar="ARTIFACT")
 @click.argument("args", nargs=-1, metavar="[-- ARGS...]")
-@click.option("--hypervisor", type=click.Choice(HYPERVISORS), default="auto", show_default=True,
+@click.option("--hypervisor", type=click.Choice(choices(Hypervisor)), default=Hypervisor.AUTO.value,
+              show_default=True,
               help="auto: xl on a Xen dom0, else QEMU.")
 @click.option("-p", "--publish", "ports", multiple=True, metavar="HOST:GUEST",
               help="Forward 127.0.0.1:HOST to the guest's GUEST port (QEMU user networking).")
@@ -71,8 +71,9 @@ def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ign
               help="Set a variable for the program.")
 @click.option("--memory", type=click.IntRange(32), metavar="MB", help="Guest memory [the artifact's].")
 @click.option("--timeout", type=float, metavar="S", help="Stop the guest (gracefully) after S seconds.")
-@click.option("--xen-type", type=click.Choice(XEN_TYPES), help="Xen guest type [the artifact's; pv nested].")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+@click.option("--xen-type", type=click.Choice(XEN_TYPES),
+              help=f"Xen guest type [the artifact's; {NESTED_XEN_TYPE} nested].")
+@click.option("--accel", type=click.Choice(choices(Accel)), default=Accel.AUTO.value, show_default=True,
               help="QEMU accelerator; auto uses KVM only where a probe boot proved it works.")
 @click.option("--icount", is_flag=True, help="QEMU: deterministic guest time (-icount), for boot benchmarks.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP to the registry when pulling.")
@@ -96,8 +97,8 @@ def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[st
     art = resolve_artifact(target, insecure, log)
     if not art.has_kernel:
         raise BadInput(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
-    if hypervisor == "auto":
-        hypervisor = "xen" if is_dom0() else "qemu"
+    if hypervisor == Hypervisor.AUTO:
+        hypervisor = Hypervisor.XEN if is_dom0() else Hypervisor.QEMU
     console = sys.stderr.buffer if as_json else sys.stdout.buffer
     memory = memory or art.manifest.guest.memory_mb
     result = _boot(art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel,
@@ -118,15 +119,15 @@ def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[st
 def _boot(art: Artifact, hypervisor: str, ports: list[tuple[int, int]], memory: int, timeout: float | None,
           args: list[str], kernel_args: list[str], console, accel: str, icount: bool,  # type: ignore
           xen_type: str | None) -> RunResult:
-    if hypervisor == "qemu":
+    if hypervisor == Hypervisor.QEMU:
         from .run import qemu
 
         return qemu.run(art, ports=ports, memory_mb=memory, timeout=timeout, extra_args=args,
                         console=console, accel=accel, icount=icount, kernel_args=kernel_args)
     from .run import xen
 
-    if hypervisor == "xen-nested":
-        return xen.run_nested(art, xen_type or "pv", memory, timeout, args, console,  # type: ignore
+    if hypervisor == Hypervisor.XEN_NESTED:
+        return xen.run_nested(art, xen_type or NESTED_XEN_TYPE, memory, timeout, args, console,
                               ports=ports, kernel_args=kernel_args)
     if ports:
         raise BadInput("-p with --hypervisor xen: forward ports with the dom0's own bridge/vif set-up")

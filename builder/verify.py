@@ -15,11 +15,11 @@ from typing import Any
 from .artifact import Artifact
 from .errors import XbuildError
 from .explain import likely_missing
+from .options import VERIFY_HYPERVISORS, Accel, Hypervisor, choices
 from .recipes import Recipe, load_recipe, smoke_test
 from .run.console import RunResult
 from .run.qemu import Qemu, choose_accel
 
-HYPERVISORS = ("qemu", "xen-nested")
 NESTED_SLACK_S = 90
 
 
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
-                    hypervisor: str = "qemu") -> str:
+                    hypervisor: str = Hypervisor.QEMU) -> str:
     """Boot `art` under `hypervisor` (qemu, or xen-nested as the artifact's xen_type) and check its
     recipe's smoke test; return a one-line verdict or raise VerifyError."""
     guest = art.manifest.guest
@@ -42,21 +42,22 @@ def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
     recipe: Recipe | None = load_recipe(name) if name else None
     if not art.has_kernel:
         raise VerifyError(f"{art.path}: --verify needs a kernel in the artifact (built with --kernel none?)")
-    if hypervisor not in HYPERVISORS:
-        raise VerifyError(f"cannot verify under {hypervisor!r}: choose from {', '.join(HYPERVISORS)}")
+    if hypervisor not in choices(VERIFY_HYPERVISORS):
+        raise VerifyError(f"cannot verify under {hypervisor!r}: choose from "
+                          f"{', '.join(choices(VERIFY_HYPERVISORS))}")
     smoke = recipe.smoke if recipe else None
     ports = [(free_port(), p) for p in (recipe.guest_ports if recipe else ())]
     console = io.BytesIO()
     memory = max(guest.memory_mb, 64)
     # the nested rig boots Xen and dom0 (~10 s under TCG) before the guest
-    slack = NESTED_SLACK_S if hypervisor == "xen-nested" else 0
+    slack = NESTED_SLACK_S if hypervisor == Hypervisor.XEN_NESTED else 0
     limit = (smoke.timeout if smoke else 60) + 30 + slack
     stop = threading.Event()
     result: list[Any] = []
     xen_type = guest.xen_type
     qemu = Qemu.for_artifact(art, ports=ports, memory_mb=memory, console=console,
-                             accel=choose_accel("auto", art.kernel, False), network=bool(ports)) \
-        if hypervisor == "qemu" else None
+                             accel=choose_accel(Accel.AUTO, art.kernel, False), network=bool(ports)) \
+        if hypervisor == Hypervisor.QEMU else None
 
     def wait() -> None:
         from .run.xen import run_nested

@@ -216,8 +216,7 @@ def test_power_button_and_port_forwarding(tmp_path: Path, trimmed_kernel: Path,
                 continue
             with contextlib.suppress(OSError):
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
-        guest.stop_requested_at = time.monotonic()
-        guest.qmp([("system_powerdown", None)])
+        guest.stop(power_button_only=True)
         r = guest.wait(timeout=60)
     assert body == b"hello-from-guest\n", r.console.decode(errors="replace")
     assert b"nameserver 10.0.2.3" in r.console

@@ -102,7 +102,8 @@ class Supervisor:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr = bytearray()
         self.stop_requested_at: float | None = None
-        self.killed = False          # kill() had to signal a live process
+        self.killed = False          # kill() found the process still running
+        self._ended = False
         self.interrupted = False     # a SIGINT arrived during wait()
         self._signals = 0
         self._sel: selectors.BaseSelector | None = None
@@ -146,14 +147,14 @@ class Supervisor:
     def kill(self) -> None:
         """End the process group: SIGTERM, then SIGKILL KILL_WAIT_S later; close the pipes. Idempotent."""
         proc = self.proc
-        if proc is not None:
+        if proc is not None and not self._ended:
+            self._ended = True  # once: a reaped leader's pid may be reused
+            self.killed = proc.poll() is None
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     break
-                if proc.poll() is None:
-                    self.killed = True
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=KILL_WAIT_S)
                 try:  # the leader is gone; anything left in its group still gets the next signal

@@ -13,14 +13,16 @@ throwaway qcow2 overlay in $TMPDIR for an rw one, so a run never changes the art
 A bare boot directory (kernel, initrd.img, cmdline; the KVM probe, tests) can be booted with `Qemu(path)`:
 nothing of it is validated and no disk is attached unless given.
 
-KVM is used only when it really works: `accel="auto"` boots the artifact's kernel once with a tiny
-initrd under KVM and a short timeout, and caches the verdict in cache_dir("probe") keyed by the QEMU
-version and /dev/kvm's presence. Where KVM is broken (guests hang), the probe times out and TCG is used.
+KVM is used only when it really works (`kvm_works`, the one KVM probe, also deciding for the disk writer's
+libguestfs appliance): `accel="auto"` boots a kernel once with a tiny initrd under KVM and a short timeout,
+and caches the verdict in cache_dir("probe") keyed by the QEMU version, the host kernel's release and
+/dev/kvm. Where KVM is broken (guests hang), the probe times out and TCG is used.
 
-A graceful stop (timeout, KeyboardInterrupt, SIGTERM, `Qemu.stop()`) sends `system_powerdown` (ACPI
-power button, seen by init when the kernel has ACPI_BUTTON + INPUT_EVDEV) and ctrl-alt-del (i8042;
-init gets SIGINT) over QMP; init gives the program its StopSignal and a grace period. If QEMU is still
-running `stop_grace` seconds later, its process group is killed. No QEMU outlives `run()`.
+QEMU runs under a builder.proc.Supervisor (own session, killed with its runner, console into the marker
+watcher). A graceful stop (timeout, SIGINT, SIGTERM, `Qemu.stop()`) sends `system_powerdown` (ACPI power
+button, seen by init when the kernel has ACPI_BUTTON + INPUT_EVDEV) and ctrl-alt-del (i8042; init gets
+SIGINT) over QMP; init gives the program its StopSignal and a grace period. If QEMU is still running
+`stop_grace` seconds later, its process group is killed. No QEMU outlives `run()`.
 """
 
 from __future__ import annotations

@@ -157,16 +157,9 @@ def _drain(fd: int, into: bytearray) -> None:
     os.close(fd)
 
 
-@slow
-def test_sigterm_to_the_runner_stops_the_guest(tmp_path: Path, cloud_kernel: Path,  # noqa: F811
-                                               probe_binary: bytes) -> None:  # noqa: F811
-    """SIGTERM to the process running `run()` → graceful stop → the program gets its StopSignal;
-    no QEMU is left behind."""
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]},
-                           probe_members(probe_binary))
-    script = (f"import sys; from pathlib import Path; from builder.run.qemu import run\n"
-              f"r = run(Path({str(art)!r}), accel='tcg', timeout=120)\n"
-              f"print('RESULT', r.exit_status, r.error, file=sys.stderr)\n")
+def _runner_until_ready(code: str) -> tuple[subprocess.Popen[bytes], bytearray]:
+    """A python process running `code` (a run() of a probe guest), once its guest printed `probe: ready`."""
+    script = "import sys; from pathlib import Path; from builder.run.qemu import run\n" + code
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          cwd=Path(__file__).parent.parent)
     out = bytearray()
@@ -176,6 +169,19 @@ def test_sigterm_to_the_runner_stops_the_guest(tmp_path: Path, cloud_kernel: Pat
     while b"probe: ready" not in out and time.monotonic() < deadline:
         time.sleep(0.1)
         out += p.stdout.read() or b""
+    assert b"probe: ready" in out
+    return p, out
+
+
+@slow
+def test_sigterm_to_the_runner_stops_the_guest(tmp_path: Path, cloud_kernel: Path,  # noqa: F811
+                                               probe_binary: bytes) -> None:  # noqa: F811
+    """SIGTERM to the process running `run()` → graceful stop → the program gets its StopSignal;
+    no QEMU is left behind."""
+    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]},
+                           probe_members(probe_binary))
+    p, out = _runner_until_ready(f"r = run(Path({str(art)!r}), accel='tcg', timeout=120)\n"
+                                 "print('RESULT', r.exit_status, r.error, file=sys.stderr)\n")
     p.send_signal(signal.SIGTERM)
     rest, err = p.communicate(timeout=60)
     out += rest
@@ -229,18 +235,7 @@ def test_qemu_dies_with_a_killed_runner(tmp_path: Path, cloud_kernel: Path,  # n
                                         probe_binary: bytes) -> None:  # noqa: F811
     art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]},
                            probe_members(probe_binary))
-    script = ("from pathlib import Path; from builder.run.qemu import run\n"
-              f"run(Path({str(art)!r}), accel='tcg')")
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                         cwd=Path(__file__).parent.parent)
-    out = bytearray()
-    assert p.stdout is not None
-    os.set_blocking(p.stdout.fileno(), False)
-    deadline = time.monotonic() + 120
-    while b"probe: ready" not in out and time.monotonic() < deadline:
-        time.sleep(0.1)
-        out += p.stdout.read() or b""
-    assert b"probe: ready" in out
+    p, _ = _runner_until_ready(f"run(Path({str(art)!r}), accel='tcg')\n")
     p.kill()
     p.wait()
     for _ in range(50):

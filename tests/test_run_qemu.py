@@ -69,6 +69,14 @@ def test_guest_cmdline() -> None:
         guest_cmdline(base, extra_args=['say "hi"'])
 
 
+def _command(guest: Qemu) -> list[str]:
+    """The guest's QEMU command line; its temp directory (QMP socket, overlays) removed."""
+    try:
+        return guest.command()
+    finally:
+        guest.kill()
+
+
 def test_qemu_command(tmp_path: Path) -> None:
     for name in ("bzImage", "initrd.img"):
         (tmp_path / name).write_bytes(b"x")
@@ -83,7 +91,7 @@ def test_qemu_command(tmp_path: Path) -> None:
     assert "virtio-net-pci,netdev=n0" in cmd
     assert NET_CMDLINE in cmd[cmd.index("-append") + 1]
     g.kill()
-    plain = Qemu(tmp_path).command()
+    plain = _command(Qemu(tmp_path))
     assert "-netdev" not in plain and "-icount" not in plain
     assert NET_CMDLINE not in plain[plain.index("-append") + 1]
 
@@ -275,7 +283,7 @@ def test_the_artifacts_disk_is_attached_as_vda(tmp_path: Path) -> None:
     assert "-drive" not in rw
     guest.kill()
     assert not Path(guest._tmp).exists()
-    ro = Qemu.for_artifact(_disk_artifact(tmp_path, "qcow2", "ro")).command()
+    ro = _command(Qemu.for_artifact(_disk_artifact(tmp_path, "qcow2", "ro")))
     (node,) = _nodes(ro)
     assert node["driver"] == "qcow2" and node["backing"] is None and node["read-only"] is True
     assert ro[ro.index("-device") + 1] == "virtio-blk-pci,drive=disk0"
@@ -290,4 +298,4 @@ def test_the_artifacts_disk_is_attached_as_vda(tmp_path: Path) -> None:
     # a bare directory: no disk unless given
     for name in ("bzImage", "initrd.img"):
         (tmp_path / name).write_bytes(b"x")
-    assert "-blockdev" not in Qemu(tmp_path).command()
+    assert "-blockdev" not in _command(Qemu(tmp_path))

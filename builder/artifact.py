@@ -344,6 +344,8 @@ class Manifest(_Section):
             obj = json.loads(raw)
         except ValueError as e:
             raise ArtifactError(f"{where}: malformed ({e})") from None
+        except RecursionError:
+            raise ArtifactError(f"{where}: nested too deeply") from None
         if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
             raise ArtifactError(f"{where}: not an xbuild artifact manifest (schema {SCHEMA} expected)")
         try:

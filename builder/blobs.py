@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Self
 
 import zstandard
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from .cache import atomic_file, cache_dir, is_temp, lock_shared, parse_size, remove_entry, touch
 from .errors import CacheError, SourceError, XbuildError
@@ -279,7 +279,7 @@ def _decompress(layer: Layer, final: Path, progress: Callable[[int], None] | Non
                 blob.check()
                 if "sha256:" + diff_hash.hexdigest() != layer.diff_id:
                     raise SourceError(f"{what}: uncompressed content does not match diff_id {layer.diff_id}")
-        except (SourceError, OSError, EOFError, zstandard.ZstdError) as e:
+        except (SourceError, OSError, EOFError, zstandard.ZstdError, isal_zlib.error) as e:
             if cached is not None and not _intact(blob):
                 raise _BadCachedBlob(cached) from None
             if isinstance(e, SourceError):

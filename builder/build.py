@@ -24,6 +24,7 @@ from .artifact import (
     DEFAULT_MEMORY_MB,
     DISK,
     DISK_MODES,
+    HOSTNAME,
     INITRD,
     KERNEL,
     XEN_CFG,
@@ -89,6 +90,13 @@ class BuildOptions:
 
 def default_output(ref: reference.ImageRef) -> Path:
     return Path("out") / ref.short_name
+
+
+def default_hostname(ref: reference.ImageRef) -> str:
+    """The image's short name made a valid hostname (artifact.HOSTNAME): other characters become '-',
+    at most 63, starting with a letter or digit; `xbuild` when nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", ref.short_name).lstrip("_.-")[:63]
+    return name or "xbuild"
 
 
 def source_date_epoch(image: Image, given: int | None) -> int | None:
@@ -158,6 +166,9 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         raise BadInput(f"--format {opts.format}: choose from {', '.join(FORMATS)}")
     if opts.disk_mode not in DISK_MODES:
         raise BadInput(f"--disk-mode {opts.disk_mode}: choose from {', '.join(DISK_MODES)}")
+    if opts.hostname is not None and not HOSTNAME.fullmatch(opts.hostname):
+        raise BadInput(f"--hostname {opts.hostname!r}: letters, digits, '_', '.' and '-', at most 63, "
+                       "starting with a letter or digit")
     disk = opts.format == "disk"
     if disk:
         from .disk import check_available
@@ -173,7 +184,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     opts.log(f"image {ref} ({image.manifest_digest[:19]}, {len(image.layers)} layers, {image.platform})")
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
     flat = flatten(image, progress, opts.max_layer_size)
-    hostname = opts.hostname or ref.short_name
+    hostname = opts.hostname or default_hostname(ref)
     gc = guest_config(image.config, flat.tree, hostname)
     if disk:
         gc = dataclasses.replace(gc, root_devices=ROOT_DEVICES, root_mode=opts.disk_mode)

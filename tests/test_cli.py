@@ -125,3 +125,19 @@ def test_build_push_then_run_the_pushed_ref(tmp_path: Path, default_kernel_path:
     r = xbuild("run", ref, "--timeout", "120")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "pulled the VM image" in r.stderr and "pushed and pulled" in r.stdout
+
+
+def test_a_layout_whose_name_is_no_hostname_builds(tmp_path: Path, xbuild_cache: Path) -> None:
+    """The default hostname is the image's short name made valid ('My Images~2' -> 'My-Images-2')."""
+    img = make_busybox_image(tmp_path / "My Images~2")
+    r = xbuild(f"oci:{img.layout}", "-o", str(tmp_path / "out"), "--kernel", "none", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["guest"]["hostname"] == "My-Images-2"
+
+
+def test_a_bad_hostname_is_refused_before_the_image_is_read(tmp_path: Path, xbuild_cache: Path) -> None:
+    r = xbuild("oci:/nonexistent/layout", "--hostname", "a b;c", "-o", str(tmp_path / "out"),
+               "--kernel", "none")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "xbuild: error: --hostname 'a b;c': letters, digits, '_', '.' and '-', at most 63, starting with a "
+        "letter or digit"], r.stderr

@@ -7,6 +7,7 @@ written outside the cache; a case xbuild must take asserts exit 0 and what the i
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -478,3 +479,16 @@ def test_archive_blob_member_that_is_a_symlink_is_missing(sandbox: Sandbox) -> N
     _refused_ref(sandbox, f"oci-archive:{archive}:t", f"missing blobs/sha256/{digest}")
 
 
+
+
+def test_broken_deflate_stream_is_a_corrupt_layer(sandbox: Sandbox) -> None:
+    """A gzip layer whose digest matches but whose deflate stream is broken (isal's own error, not an
+    OSError): one line, exit 2, nothing cached."""
+    top = [file(f"data/f{i}", b"%d hello world " % i * 50) for i in range(50)]
+    blob = bytearray(gzip.compress(layer_tar(top), compresslevel=6, mtime=0))
+    blob[20] ^= 1                                 # inside the first deflate block header
+    layout = sandbox.root / "image"
+    write_oci_image(layout, "t", [busybox_members(), top], BUSYBOX_CONFIG,
+                    layer_blobs=[gzip.compress(layer_tar(busybox_members()), compresslevel=1, mtime=0),
+                                 bytes(blob)])
+    _refused_ref(sandbox, f"oci:{layout}:t", "corrupt or truncated gzip data")

@@ -279,7 +279,7 @@ def _decompress(layer: Layer, final: Path, progress: Callable[[int], None] | Non
                 blob.check()
                 if "sha256:" + diff_hash.hexdigest() != layer.diff_id:
                     raise SourceError(f"{what}: uncompressed content does not match diff_id {layer.diff_id}")
-        except (SourceError, OSError, EOFError, zstandard.ZstdError, isal_zlib.error) as e:
+        except (SourceError, OSError, EOFError, zstandard.ZstdError, isal_zlib.error) as e:  # type: ignore[misc]
             if cached is not None and not _intact(blob):
                 raise _BadCachedBlob(cached) from None
             if isinstance(e, SourceError):

@@ -108,7 +108,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(final: Path, mode: str = "wb", place: Callable[[], Path] | None = None) -> Iterator:
-    """Open a temp file beside `final`; on success fsync-less rename it into place. `place`, for a file
+    """Open a temp file beside `final`; on success fsync-less rename it into place (over a directory
+    standing there too: in the cache that is a damaged entry). `place`, for a file
     named by its content (a digest known once written), is called after the body for the path to rename
     to instead (on the same file system); `final` then only names the write (in a NoSpaceError)."""
     with no_space(final):
@@ -120,7 +121,11 @@ def atomic_file(final: Path, mode: str = "wb", place: Callable[[], Path] | None 
             with os.fdopen(fd, mode) as f:
                 yield f
                 f.flush()
-                os.replace(name, place() if place else final)
+                target = place() if place else final
+                with suppress(FileNotFoundError):
+                    if stat.S_ISDIR(target.lstat().st_mode):   # a directory where a file belongs: damage
+                        remove_entry(target)
+                os.replace(name, target)
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(name)

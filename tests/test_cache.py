@@ -239,7 +239,7 @@ def test_diff_symlinked_outside_is_replaced_not_followed(sandbox: Sandbox, image
     assert not diff.is_symlink() and outside.read_bytes() == precious
 
 
-@pytest.mark.parametrize("damage", ["flip", "directory", "symlink"])
+@pytest.mark.parametrize("damage", ["flip", "directory", "symlink", "sum a directory"])
 def test_damaged_compiled_init_is_rebuilt(sandbox: Sandbox, image: OciImage, damage: str) -> None:
     good = sandbox.good_build(image.ref)
     binary = init_entry(sandbox) / "init"
@@ -248,6 +248,9 @@ def test_damaged_compiled_init_is_rebuilt(sandbox: Sandbox, image: OciImage, dam
     elif damage == "directory":
         binary.unlink()
         binary.mkdir()
+    elif damage == "sum a directory":
+        (binary.parent / "init.sha256").unlink()
+        (binary.parent / "init.sha256" / "x").mkdir(parents=True)
     else:
         target = sandbox.root / "work" / "not-an-init"
         target.write_bytes(b"#!/bin/sh\n")

@@ -89,6 +89,13 @@ def test_a_separator_among_kernel_args_and_an_overlong_line_are_refused() -> Non
         with_args("q", (), ["x" * 2048])
 
 
+def test_more_words_than_the_kernel_hands_init_are_refused() -> None:
+    """Linux panics at boot past 31 init arguments (CONFIG_INIT_ENV_ARG_LIMIT): refused instead."""
+    assert with_args("q", (), [str(i) for i in range(31)]).endswith(" -- " + " ".join(map(str, range(31))))
+    with pytest.raises(BadInput, match="32 words after `--`"):
+        with_args("q", (), [str(i) for i in range(32)])
+
+
 def test_the_init_reads_the_artifacts_words_and_keeps_its_cmd(init_parser: Path) -> None:
     assert after_init(init_parser, with_args(BASE)) == (BASE.split()[:3], ["nginx", "-g", "daemon"])
     assert init_reads(init_parser, 'a "b  c"d "" e') == ["a", "b  cd", "", "e"]  # the parser's own rules

@@ -6,7 +6,8 @@ the init reads (xbuild.env=, xbuild.grace=, ...), everything after it replaces t
 reaches the init unchanged when it is written bare, or between double quotes when it is empty or holds a
 space. A word holding a double quote or any other character that is not printable cannot be written
 (BadInput), nor a `--` among the words before the separator (it would become the separator). The whole line
-is at most CMDLINE_MAX bytes: x86's boot protocol cuts a longer one without a word.
+is at most CMDLINE_MAX bytes: x86's boot protocol cuts a longer one without a word; at most INIT_ARGS_MAX
+words follow `--`.
 
 Both runners use `with_args` (QEMU's `-append`, the `extra=` of the xl config Xen boots); the artifact's
 own words are validated already (builder/artifact.py, CMDLINE_WORD) and are kept as they are.
@@ -20,6 +21,8 @@ from ..artifact import CMDLINE_MAX
 from ..errors import ConfigError
 
 SEPARATOR = "--"
+INIT_ARGS_MAX = 31    # Linux hands init at most CONFIG_INIT_ENV_ARG_LIMIT (32) argv words, its name first,
+                      # and panics at boot past that: the words after `--` are refused beyond this
 
 
 def split(cmdline: str) -> tuple[list[str], list[str]]:
@@ -49,6 +52,9 @@ def with_args(base: str, kernel_args: Sequence[str] = (), extra_args: Sequence[s
     head += [quote(w) for w in kernel_args]
     if extra_args:
         tail = [quote(w) for w in extra_args]
+    if len(tail) > INIT_ARGS_MAX:
+        raise ConfigError(f"{len(tail)} words after `--`: a guest kernel hands its init at most "
+                          f"{INIT_ARGS_MAX} (it panics past that)")
     line = " ".join(head + ([SEPARATOR, *tail] if tail else []))
     if len(line.encode()) > CMDLINE_MAX:
         raise ConfigError(f"the kernel command line would be {len(line.encode())} bytes, more than the "

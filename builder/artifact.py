@@ -514,9 +514,16 @@ def prepare_output(out: Path, force: bool = False, flag: str = "-o") -> None:
 
     Allowed: a path that does not exist, an empty directory, an xbuild artifact (a directory holding a
     valid manifest.json and only artifact files: it is replaced atomically), and with `force` any other
-    directory. Never: a file or a symlink (not even with `force`), `/`, the home directory, the current
-    directory or one of its ancestors."""
-    where = f"{flag} {out}"
+    directory. Never: a file or a symlink (not even with `force`), a mount point (it cannot be replaced
+    atomically: give a directory inside it), `/`, the home directory, the current directory or one of its
+    ancestors. A path that cannot be looked at (EACCES...) is refused too."""
+    try:
+        _check_output(out, force, f"{flag} {out}")
+    except OSError as e:
+        raise ArtifactError(f"{flag} {out}: {e.strerror or e}") from None
+
+
+def _check_output(out: Path, force: bool, where: str) -> None:
     if out.is_symlink():
         raise ArtifactError(f"{where}: is a symlink; give the directory itself")
     real = Path(os.path.realpath(out))
@@ -528,6 +535,9 @@ def prepare_output(out: Path, force: bool = False, flag: str = "-o") -> None:
         return
     if not out.is_dir():
         raise ArtifactError(f"{where}: is a file, not an artifact directory; refusing to replace it")
+    if os.path.ismount(out):
+        raise ArtifactError(f"{where}: is a mount point, which cannot be replaced atomically; give a "
+                            "directory inside it")
     names = sorted(p.name for p in out.iterdir())
     if not names or force or _is_artifact(out):
         return

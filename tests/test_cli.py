@@ -4,6 +4,7 @@ and (slow) build + run of a real guest with its exit status."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,20 @@ def test_a_bad_hostname_is_refused_before_the_image_is_read(tmp_path: Path, xbui
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "xbuild: error: --hostname 'a b;c': letters, digits, '_', '.' and '-', at most 63, starting with a "
         "letter or digit"], r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_output_onto_a_mount_point_is_refused_before_the_build(busybox_image: OciImage, tmp_path: Path,
+                                                               xbuild_cache: Path) -> None:
+    """A volume mounted at -o cannot be renamed over: one line, exit 2, the volume untouched."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(vol)], check=True)
+    try:
+        r = xbuild(busybox_image.ref, "-o", str(vol), "--kernel", "none")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "is a mount point" in r.stderr
+        assert list(vol.iterdir()) == []
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    finally:
+        subprocess.run(["umount", str(vol)], check=True)

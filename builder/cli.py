@@ -22,7 +22,7 @@ from .cache_cli import cache_cmd
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import BadInput, XbuildError
-from .host import apt_line, doctor, missing_packages
+from .host import apt_line, check, missing_packages
 from .image import Platform
 from .kernel_cli import kernel
 from .minimize import MODES
@@ -230,7 +230,7 @@ def doctor_cmd(as_json: bool) -> None:
 
     Exit 0 when everything but the optional (a dom0's `xl`) is there, else 1.
     """
-    checks = doctor()
+    checks = check()
     missing = missing_packages(checks)
     if as_json:
         click.echo(json.dumps({"checks": [{"name": c.need.name, "package": c.need.package,

@@ -1,8 +1,9 @@
 """What xbuild needs from the build host, in one table: each tool, the feature that uses it and the Debian
 package that provides it.
 
-`require(name, error)` is how a stage asks for a tool: it returns the tool's path or raises `error`
-naming the apt line. `doctor()` checks the whole table for `xbuild doctor`.
+`check()` looks for every need (or the named ones): `xbuild doctor` shows the whole table, and a stage
+that needs tools (the trace probe) asks for its own and names `missing_packages` in its error. Older
+stages still name their packages in their own messages (disk.py, kernel.py, init.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import importlib.util
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from .errors import XbuildError
 
 
 @dataclass(frozen=True)
@@ -83,22 +82,8 @@ def need(name: str) -> Need:
     return _BY_NAME[name]
 
 
-def packages_missing(names: tuple[str, ...]) -> list[str]:
-    """The Debian packages of those of `names` this host lacks, sorted."""
-    return sorted({need(n).package for n in names if need(n).find() is None})
-
-
 def apt_line(packages: list[str]) -> str:
     return "apt-get install " + " ".join(dict.fromkeys(packages))
-
-
-def require(name: str, error: type[XbuildError]) -> str:
-    """Where the host's `name` is (a path); `error` naming the Debian package when it is missing."""
-    n = need(name)
-    found = n.find()
-    if found is None:
-        raise error(f"{n.name} not found, needed for {n.feature} (Debian: {apt_line([n.package])})")
-    return found
 
 
 @dataclass(frozen=True)
@@ -107,12 +92,13 @@ class Check:
     found: str | None
 
 
-def doctor() -> list[Check]:
-    """Every need, checked."""
-    return [Check(n, n.find()) for n in NEEDS]
+def check(names: tuple[str, ...] | None = None) -> list[Check]:
+    """Every need, or those named, looked for."""
+    return [Check(n, n.find()) for n in (NEEDS if names is None else [need(x) for x in names])]
 
 
 def missing_packages(checks: list[Check], optional: bool = False) -> list[str]:
+    """The Debian packages of what `checks` did not find (the optional ones too with `optional`), once each."""
     return list(dict.fromkeys(c.need.package for c in checks
                               if c.found is None and (optional or not c.need.optional)))
 

@@ -72,7 +72,7 @@ from typing import IO
 
 from .errors import MinimizeError
 from .guest import guest_config
-from .host import packages_missing
+from .host import check, missing_packages
 from .image import ImageConfig
 from .recipes import Recipe, Smoke
 from .tree import DIR, FILE, SYMLINK, Inode, Tree, split
@@ -108,7 +108,7 @@ class ProbeResult:
 def check_probe_host(trace: bool) -> None:
     """MinimizeError (one line naming what to install) unless this host can run the probe."""
     what = "trace" if trace else "smoke"
-    missing = packages_missing(TOOLS + (("strace",) if trace else ()))
+    missing = sorted(missing_packages(check(TOOLS + (("strace",) if trace else ()))))
     if os.geteuid() != 0:
         why = "(not root): it maps the sandbox's user ids as root"
     elif missing:

@@ -188,8 +188,9 @@ def run_xl(art: Artifact, xen_type: str | None = None, memory_mb: int | None = N
     absolute path, the guest by a name of its own (domain_name: no other domain's, never taken for a domid)
     and no device but the root disk: an rw disk is a throwaway sparse copy (reflinked where the filesystem
     can) in a temp directory beside the artifact directory, on its filesystem ($TMPDIR when that directory
-    is read-only), like `docker run`, so the run leaves disk.img as it was; an ro disk is used in place. The temp directory is removed
-    after the run. `xl shutdown` and `xl destroy` only ever name the domain this run's `xl create` made.
+    is read-only), like `docker run`, so the run leaves disk.img as it was; an ro disk is used in place.
+    The temp directory is removed after the run. `xl shutdown` and `xl destroy` only ever name the domain
+    this run's `xl create` made.
     The artifact's xen.cfg is not read.
     """
     caps = Path("/proc/xen/capabilities")

@@ -304,7 +304,11 @@ def _run(tree: Tree, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, reci
     try:
         try:
             if not _ready(ready_r):
-                proc.wait()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:  # alive but silent for 60 s: hung
+                    proc.kill()                    # the chain dies with it (pdeathsig)
+                    proc.wait()
                 reader.join(timeout=10)
                 why = (bytes(out).decode("utf-8", "replace").strip().splitlines() or ["it ended"])[-1]
                 raise MinimizeError(f"probe: cannot mount its tmpfs: {why}")
@@ -323,7 +327,8 @@ def _run(tree: Tree, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, reci
             child = _sandbox_pid(info_r)
             if child is not None:
                 _map_ids(child)
-            os.write(block_w, b"1")
+            with contextlib.suppress(BrokenPipeError):  # bwrap ended before --info-fd: its line says why
+                os.write(block_w, b"1")
             os.close(block_w)
             block_w = -1
             if child is not None and recipe and recipe.smoke and recipe.smoke.kind != "console":

@@ -555,3 +555,15 @@ def test_limits_hold(tmp_path: Path, escape_binary: bytes, host: Path) -> None:
     sizes = {x.split()[0]: int(x.split()[1]) for x in out if x.startswith("/")}
     assert out.count("No space left on device") == 3, out
     assert sizes["/big"] <= 64 + 2 and sizes["/tmp/big"] <= 64 and sizes["/dev/shm/big"] <= 64, sizes
+
+
+@needs_probe
+@pytest.mark.parametrize("trace", [False, True])
+def test_sandbox_that_cannot_start_is_one_line(trace: bool) -> None:
+    """bwrap dies before it reports its pid (here: it refuses an env entry with an empty name): its own
+    line in one MinimizeError, no BrokenPipeError from unblocking a sandbox that is gone."""
+    tree = Tree()
+    add_file(tree, "bin/true", b"#!/bin/sh\n", 0o755)
+    with pytest.raises(MinimizeError, match=r"^probe: the sandbox did not start the entrypoint: bwrap: "
+                                            r"setenv failed$"):
+        probe(tree, ImageConfig(entrypoint=("/bin/true",), env=("=x",)), None, seconds=5, trace=trace)

@@ -27,6 +27,7 @@ from builder.run import qemu
 from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
 from tests.fixtures import images as fx
 from tests.fixtures.artifacts import fake_artifact
+from tests.fixtures.hostile import Sandbox, assert_refused
 from tests.test_init import (  # noqa: F401
     CMDLINE,
     artifact_from,
@@ -299,3 +300,13 @@ def test_the_artifacts_disk_is_attached_as_vda(tmp_path: Path) -> None:
     for name in ("bzImage", "initrd.img"):
         (tmp_path / name).write_bytes(b"x")
     assert "-blockdev" not in _command(Qemu(tmp_path))
+
+
+def test_run_without_qemu_leaves_no_temp_dir(sandbox: Sandbox, tmp_path: Path) -> None:
+    """QEMU missing from PATH: `xbuild run DIR` exits with one line; the guest's temp dir is removed."""
+    fake_artifact(tmp_path / "art", kernel=b"k", initrd=b"i", cmdline="console=ttyS0")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    r = sandbox.xbuild("run", str(tmp_path / "art"), env=sandbox.env(PATH=str(bindir)))
+    assert_refused(r, 1, "qemu-system-x86_64 not found")
+    assert sandbox.stale_temps() == []

@@ -417,3 +417,15 @@ def test_disk_guest_on_nested_xen(fmt: str, mode: str, xen_type: Literal["pv", "
     check_disk_probe(result.console, "/dev/xvda", mode)
     assert file_sha256(art.path / "disk.img") == digest
     assert not _processes_mentioning(str(own_tmp))
+
+
+def test_run_xl_domain_names_are_unique_and_never_a_domid(tmp_path: Path) -> None:
+    """Each run names its own domain (xl shutdown/destroy never reach another guest); never all digits."""
+    names = {xen.domain_name("3") for _ in range(20)}
+    assert len(names) == 20
+    assert all(re.fullmatch(rf"xbuild-3-{os.getpid()}-[0-9a-f]{{8}}", n) for n in names)
+    long = xen.domain_name("h" * 63)
+    assert long.startswith("xbuild-" + "h" * 32 + "-") and len(long) <= 7 + 32 + 1 + 10 + 1 + 8
+    cfg = _xl_entries(xen.guest_config(_fake_artifact(tmp_path), name=long, kernel="/k", ramdisk="/r",
+                                       xen_type="pv", memory_mb=128))
+    assert cfg["name"] == f'"{long}"'

@@ -209,12 +209,18 @@ class Qemu:
         return cmd
 
     def start(self) -> Qemu:
-        if not shutil.which(QEMU):
-            raise RunError(f"{QEMU} not found (Debian: apt-get install qemu-system-x86)")
+        """Start QEMU (its overlays made by qemu-img first). On any failure, the guest's temp directory
+        is removed (kill) before the exception propagates: nothing is left when start() raises."""
         try:
-            self.supervisor.start(self.command())
-        except OSError as e:
-            raise RunError(f"cannot start {QEMU}: {e}") from None
+            if not shutil.which(QEMU):
+                raise RunError(f"{QEMU} not found (Debian: apt-get install qemu-system-x86)")
+            try:
+                self.supervisor.start(self.command())
+            except OSError as e:
+                raise RunError(f"cannot start {QEMU}: {e}") from None
+        except BaseException:
+            self.kill()
+            raise
         return self
 
     def __enter__(self) -> Qemu:

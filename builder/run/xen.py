@@ -20,7 +20,9 @@ later, the process group killed EXIT_WAIT_S after that or after the guest's exit
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -122,7 +124,7 @@ def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | 
     work = Path(tempfile.mkdtemp(prefix="xbuild-xen-"))
     log, initrd, overlays = work / "xen-console.log", work / "dom0-initrd.img", work / "overlays"
     overlays.mkdir()
-    keep = True
+    keep = False  # True only once the log is named in an error or the result
     try:
         with open(initrd, "wb") as f, open(rig.dom0_initrd, "rb") as base:
             shutil.copyfileobj(base, f)  # a multiple of 4 bytes: the appended archive starts aligned
@@ -155,9 +157,9 @@ def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | 
                              stderr=err)
             result = _supervise(sup, argv, timeout, stop_event)
         xl_failed = re.search(rb"xl exited [1-9]", log.read_bytes()) is not None
-        if result.exit_status is None and (xl_failed or not result.console):
-            raise RunError(f"the guest could not be created or printed nothing{_dom0_says(log)}; log: {log}")
         keep = result.exit_status is None
+        if keep and (xl_failed or not result.console):
+            raise RunError(f"the guest could not be created or printed nothing{_dom0_says(log)}; log: {log}")
         if keep:
             result = replace(result, error=f"{result.error or 'no exit status'} (Xen and dom0 log: {log})")
         return result
@@ -183,9 +185,13 @@ def run_xl(art: Artifact, xen_type: str | None = None, memory_mb: int | None = N
     """`xl create -c` of a config generated from the validated artifact, on this host, a Xen dom0.
 
     Same contract as run_nested. The config (guest_config) names the artifact's kernel and initrd by
-    absolute path, the guest by its hostname, and no device but the root disk: an rw disk is a throwaway
-    sparse copy (reflinked where the filesystem can) in a temp directory, like `docker run`, so the run
-    leaves disk.img as it was; an ro disk is used in place. The artifact's xen.cfg is not read.
+    absolute path, the guest by a name of its own (domain_name: no other domain's, never taken for a domid)
+    and no device but the root disk: an rw disk is a throwaway sparse copy (reflinked where the filesystem
+    can) in a temp directory beside the artifact directory, on its filesystem ($TMPDIR when that directory
+    is read-only), like `docker run`, so the run leaves disk.img as it was; an ro disk is used in place.
+    The temp directory is removed after the run. `xl shutdown` and `xl destroy` only ever name the domain
+    this run's `xl create` made.
+    The artifact's xen.cfg is not read.
     """
     caps = Path("/proc/xen/capabilities")
     if shutil.which("xl") is None or not caps.exists() or "control_d" not in caps.read_text():
@@ -194,27 +200,47 @@ def run_xl(art: Artifact, xen_type: str | None = None, memory_mb: int | None = N
         raise ConfigError(f"xen type must be pv or pvh, not {xen_type!r}")
     if not art.has_kernel:
         raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
-    guest = art.manifest.guest
-    scratch = Path(tempfile.mkdtemp(prefix="xbuild-run-"))
+    guest, d = art.manifest.guest, art.manifest.disk
+    disk = art.disk.resolve() if art.disk is not None and d is not None else None
+    # beside the artifact directory, not in it: an artifact holds only its own files (open_artifact)
+    scratch = _scratch_dir(art.path.resolve().parent if disk and d and d.mode == "rw" else None)
     try:
-        disk = None
-        if art.disk is not None and art.manifest.disk is not None:
-            disk = art.disk.resolve()
-            if art.manifest.disk.mode == "rw":
-                disk = _throwaway_copy(disk, scratch)
+        if disk and d and d.mode == "rw":
+            disk = _throwaway_copy(disk, scratch)
+        name = domain_name(guest.hostname)
         cfg = scratch / "guest.cfg"
-        cfg.write_text(guest_config(art, name=guest.hostname, kernel=str(art.kernel.resolve()),
+        cfg.write_text(guest_config(art, name=name, kernel=str(art.kernel.resolve()),
                                     ramdisk=str(art.initrd.resolve()), xen_type=xen_type or guest.xen_type,
                                     memory_mb=memory_mb or guest.memory_mb, extra_args=extra_args,
                                     kernel_args=kernel_args, disk=str(disk) if disk else None))
-        name = guest.hostname
         sup = Supervisor(console=console or sys.stdout.buffer, stop=lambda _s: _xl("shutdown", name),
                          force=lambda _s: _xl("destroy", name), grace=GRACE_S, settle=EXIT_WAIT_S,
                          stdin=None, stderr=None, cwd=scratch)
-        return _supervise(sup, ["xl", "create", "-c", str(cfg)], timeout, stop_event)
+        try:
+            return _supervise(sup, ["xl", "create", "-c", str(cfg)], timeout, stop_event)
+        finally:
+            if sup.proc is not None:  # xl create ran: a domain of this name is this run's
+                _xl("destroy", name)
     finally:
-        _xl("destroy", guest.hostname)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def domain_name(hostname: str) -> str:
+    """A domain name for one run: `xbuild-HOSTNAME-PID-RANDOM` (the hostname cut to 32 characters). Unique,
+    so `xl create` never meets an existing domain and `xl shutdown`/`xl destroy` never reach another
+    one; never all digits, which xl would take for a domid."""
+    return f"xbuild-{hostname[:32]}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _scratch_dir(beside: Path | None) -> Path:
+    """A new temp directory in `beside` (so a reflink copy of a disk there is instant and never lands on
+    a tmpfs $TMPDIR), or in $TMPDIR when `beside` is None or cannot take one."""
+    if beside is not None:
+        try:
+            return Path(tempfile.mkdtemp(prefix=".xbuild-run-", dir=beside))
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="xbuild-run-"))
 
 
 def _supervise(sup: Supervisor, argv: list[str], timeout: float | None,

@@ -98,7 +98,7 @@ def check(names: tuple[str, ...] | None = None) -> list[Check]:
 
 
 def missing_packages(checks: list[Check], optional: bool = False) -> list[str]:
-    """The Debian packages of what `checks` did not find (the optional ones too with `optional`), once each."""
+    """The Debian packages of what `checks` did not find (with `optional`, the optional ones too), once."""
     return list(dict.fromkeys(c.need.package for c in checks
                               if c.found is None and (optional or not c.need.optional)))
 

@@ -33,6 +33,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Self
 
@@ -54,8 +55,8 @@ from .artifact import (
     open_artifact,
     prepare_output,
 )
-from .blobs import CHUNK, HashingWriter, blob_path, check_digest
-from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, remove_entry
+from .blobs import CHUNK, HashingReader, HashingWriter, blob_bytes, blob_path, check_digest, present
+from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, lock_shared, remove_entry
 from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
 from .image import ACCEPT, CONFIG_LIMIT, DOCKER_CONFIG, MANIFEST_LIMIT, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
@@ -247,21 +248,19 @@ def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = 
     `force` as for `-o`); return `dest`. The manifest is validated (Manifest) before any layer is fetched,
     the directory (open_artifact) before it is renamed into place.
     `reuse`: keep `dest` as it is when it holds this very artifact already (its manifest.json is the
-    pushed one byte for byte), so only the manifest and config are fetched: for caches nothing writes to."""
+    pushed one byte for byte and every file still hashes to what was pushed: one sha256 pass over the copy),
+    so only the manifest and config are fetched: for caches nothing writes to.
+    Every cached blob used is checked against its digest as it is read (`_from_cache`)."""
     r = target(ref)
     prepare_output(dest, force)
-
-    def have(config_raw: bytes, layers: list[Blob]) -> bool:
-        return reuse and (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == config_raw \
-            and _intact(dest, layers, _vm_manifest(json.loads(config_raw), layers, "").disk)
-
     with _Session(r, insecure, push=False) as session:
-        config_raw, meta, layers = _fetch(session, VM, _vm_manifest, skip=have)
-        if have(config_raw, layers):
+        config_raw, meta, layers, _ = _fetch(session, VM)
+        disk = _vm_manifest(meta, layers, session.what).disk
+        if reuse and (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == config_raw \
+                and _intact(dest, layers, disk):
             return dest
         with atomic_dir(dest) as tmp:
-            disk = _vm_manifest(meta, layers, session.what).disk
-            _materialise(config_raw, layers, tmp, VM, disk, session.what)
+            _materialise(session, config_raw, layers, tmp, VM, disk)
             open_artifact(tmp)
             prepare_output(dest, force)   # again: the directory may have changed during the download
     return dest
@@ -297,37 +296,28 @@ def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
 
 
 def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
-    """Pull a kernel artifact into the kernel cache (`kernels/<key>/`); return its bootable file.
+    """Pull a kernel artifact into the kernel cache; return its bootable file.
 
+    The entry is `kernels/oci-<hex of the manifest digest>/`, a name no local build uses (those are
+    `kernels/<key>/`, key a bare sha256), so a pulled kernel whatever its kernel.json says never stands in
+    for a built one; `xbuild kernel list`, `cache verify` and `cache prune` see it as any kernel entry.
     A cached entry is checked (`kernel.cached`) and used, held, when good; a bad one is removed and pulled
-    again. Each file is checked against its layer digest as it lands in the entry (a corrupt cached blob is
-    fetched once more; corrupt again: CacheError naming it) and kernel.json records the sha256 of each."""
+    again. Each file is checked against its layer digest as it lands in the entry (`_from_cache`) and
+    kernel.json records the sha256 of each."""
     with _Session(target(ref), insecure, push=False) as session:
-        config_raw, meta, layers = _fetch(session, KERNEL_KIND)
+        config_raw, meta, layers, digest = _fetch(session, KERNEL_KIND)
         key, name = str(meta.get("key") or ""), Path(str(meta.get("path") or "")).name
         if not key.isalnum() or name not in {b.title for b in layers}:
             raise PublishError(f"{session.what}: malformed kernel artifact "
                                f"({KERNEL_JSON} names no key or file)")
-        final = cache_dir("kernels") / key
+        final = cache_dir("kernels") / f"oci-{digest[7:]}"
         try:
             have = kernel_cache.cached(final)
         except CacheError:        # removed: pulled again below
             have = None
         if have is None:
             with atomic_dir(final) as tmp:
-                _materialise(config_raw, layers, tmp, KERNEL_KIND)
-                for blob in layers:
-                    assert blob.title is not None
-                    if file_sha256(tmp / blob.title) != blob.digest[7:]:      # the cached blob is corrupt
-                        remove_entry(blob.path)
-                        try:
-                            session.fetch_blob(blob)
-                        except XbuildError as e:
-                            raise CacheError(f"{blob.path}: corrupt cache entry (removed); fetching it "
-                                             f"again failed: {e}") from None
-                        shutil.copyfile(blob.path, tmp / blob.title)
-                        if file_sha256(tmp / blob.title) != blob.digest[7:]:
-                            raise CacheError(f"{blob.path}: corrupt again right after it was fetched")
+                _materialise(session, config_raw, layers, tmp, KERNEL_KIND)
                 # kernel.json is kept as pushed when it records what was pulled
                 if meta.get(kernel_cache.RECORD) != {b.title: b.digest[7:] for b in layers}:
                     kernel_cache.write_record(tmp, meta)
@@ -373,14 +363,11 @@ def _push(ref: ImageRef, kind: _Kind, config: Blob, layers: list[Blob], annotati
                   counts["mounted"], sent, disk)
 
 
-def _fetch(session: _Session, kind: _Kind,
-           check: Callable[[dict[str, Any], list[Blob], str], object] = lambda meta, layers, what: None,
-           skip: Callable[[bytes, list[Blob]], bool] = lambda config_raw, layers: False,
-           ) -> tuple[bytes, dict[str, Any], list[Blob]]:
-    """(config bytes, config, layers) of the artifact, checked to be of `kind` (and by `check`, before the
-    layers are downloaded); blobs land in the cache, unless `skip(config bytes, layers)` says they are not
-    needed."""
-    doc = session.get_manifest()
+def _fetch(session: _Session, kind: _Kind) -> tuple[bytes, dict[str, Any], list[Blob], str]:
+    """(config bytes, config, layers, manifest digest) of the artifact, checked to be of `kind`; the config
+    is read through the blob cache, verified (`blob_bytes`); layers are fetched as they are used
+    (`_from_cache`)."""
+    doc, digest = session.get_manifest()
     what = session.what
     config: dict[str, Any] = doc["config"] if isinstance(doc.get("config"), dict) else {}
     atype, ctype = doc.get("artifactType"), config.get("mediaType")
@@ -400,19 +387,15 @@ def _fetch(session: _Session, kind: _Kind,
     titles = [b.title for b in layers]
     if len(set(titles)) != len(titles) or kind.config_file in titles:
         raise PublishError(f"{what}: malformed artifact (duplicate file names)")
-    session.fetch_blob(cfg)
-    config_raw = cfg.path.read_bytes()
+    config_raw = blob_bytes(cfg.digest, f"{what} {kind.config_file}", lambda: session.fetch_blob(cfg),
+                            CONFIG_LIMIT)
     try:
         meta = json.loads(config_raw)
     except ValueError:
         meta = None
     if not isinstance(meta, dict):
         raise PublishError(f"{what}: malformed artifact ({kind.config_file} is not a JSON object)")
-    check(meta, layers, what)
-    if not skip(config_raw, layers):
-        for blob in layers:
-            session.fetch_blob(blob)
-    return config_raw, meta, layers
+    return config_raw, meta, layers, digest
 
 
 def _descriptor(d: Any, what: str, title_key: str | None) -> Blob:
@@ -458,31 +441,78 @@ def _vm_manifest(meta: dict[str, Any], layers: list[Blob], what: str) -> Manifes
     return manifest
 
 
-def _materialise(config_raw: bytes, layers: list[Blob], out: Path, kind: _Kind,
-                 disk: DiskInfo | None = None, what: str = "") -> None:
-    """Write the config and the layers from the blob cache into the directory `out` (the root disk
-    `disk` describes decompressed and checked)."""
+def _materialise(session: _Session, config_raw: bytes, layers: list[Blob], out: Path, kind: _Kind,
+                 disk: DiskInfo | None = None) -> None:
+    """Write the config and the layers, through the blob cache (`_from_cache`), into the directory `out`
+    (the root disk `disk` describes decompressed and checked)."""
     (out / kind.config_file).write_bytes(config_raw)
     for blob in layers:
         assert blob.title is not None
         if disk and blob.title == DISK:
-            _unpack_disk(blob, out / blob.title, disk, what)
+            _from_cache(session, blob, partial(_unpack_disk, blob=blob, dest=out / blob.title, section=disk,
+                                               what=session.what))
         else:
-            shutil.copyfile(blob.path, out / blob.title)
+            _from_cache(session, blob, partial(_copy, dest=out / blob.title))
+
+
+def _from_cache(session: _Session, blob: Blob, use: Callable[[IO[bytes]], None]) -> None:
+    """Feed the blob `blob`, from the blob cache (downloaded first when missing), to `use`, hashing it as it
+    is read. A cached blob that does not hash to its digest is removed and fetched once more, and `use` runs
+    again (it must start its output afresh); bad again, or that fetch fails: CacheError naming the file.
+    An error `use` raises while the blob is intact is the artifact's (PublishError), passed on."""
+    healing = False
+    while True:
+        if not present(blob.path):
+            try:
+                session.fetch_blob(blob)
+            except XbuildError as e:
+                if healing:
+                    raise CacheError(f"{blob.path}: corrupt cache entry (removed); fetching it again failed: "
+                                     f"{e}") from None
+                raise
+        with open(blob.path, "rb") as f:
+            lock_shared(f.fileno())          # `xbuild cache prune` leaves it alone while it is read
+            src = HashingReader(f, blob.digest, str(blob.path), blob.size)
+            failure: PublishError | None = None
+            try:
+                use(src)  # type: ignore[arg-type]  # a readable stream: what use() reads
+            except PublishError as e:
+                failure = e
+            while src.read(CHUNK):           # the rest (trailing bytes after a compressed stream) counts too
+                pass
+            try:
+                src.check()
+            except SourceError:
+                pass
+            else:
+                if failure is not None:
+                    raise failure
+                return
+        remove_entry(blob.path)
+        if healing:
+            raise CacheError(f"{blob.path}: corrupt again right after it was fetched")
+        healing = True
+
+
+def _copy(src: IO[bytes], dest: Path) -> None:
+    with open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, CHUNK)
 
 
 _ZERO_CHUNK, _ZERO_BLOCK = bytes(CHUNK), bytes(HOLE)
 
 
-def _unpack_disk(blob: Blob, dest: Path, section: DiskInfo, what: str) -> None:
-    """Write the disk layer to `dest`, decompressed (unless it was pushed as is), with a hole for every
-    all-zero block; streamed, no larger than the `file_size` recorded; its sha256 must be the section's."""
+def _unpack_disk(raw: IO[bytes], blob: Blob, dest: Path, section: DiskInfo, what: str) -> None:
+    """Write the disk layer `blob`, read from `raw`, to `dest`, decompressed (unless it was pushed as is),
+    with a hole for every all-zero block; streamed, no larger than the `file_size` recorded; its sha256 must
+    be the section's (PublishError otherwise)."""
     name, want, limit = dest.name, section.sha256, section.file_size
     h, size = hashlib.sha256(), 0
     try:
-        with open(blob.path, "rb") as raw, open(dest, "wb") as out:
+        with open(dest, "wb") as out:
             src: IO[bytes] = raw if blob.media_type == VM_OTHER_FILE else \
-                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,  # type: ignore
+                                                           closefd=False)
             while chunk := _read_full(src, CHUNK):
                 h.update(chunk)
                 _write_sparse(out.fileno(), chunk, size)
@@ -615,8 +645,8 @@ class _Session:
 
     # -- pull -----------------------------------------------------------------------------------------------
 
-    def get_manifest(self) -> dict[str, Any]:
-        """The manifest `ref` names, its digest verified (against the ref's digest when pinned)."""
+    def get_manifest(self) -> tuple[dict[str, Any], str]:
+        """(the manifest `ref` names, its digest), the digest verified (against the ref's when pinned)."""
         reference = self.ref.digest or str(self.ref.tag)
         raw, headers = self.http.fetch(f"{self.base}/manifests/{reference}", "manifest", MANIFEST_LIMIT,
                                        lambda resp: self._failure(resp, "manifest"),
@@ -635,11 +665,12 @@ class _Session:
         if doc.get("mediaType", OCI_MANIFEST) != OCI_MANIFEST or doc.get("schemaVersion") != 2:
             raise PublishError(f"{self.what}: not an xbuild artifact "
                                f"(manifest type {doc.get('mediaType')!r})")
-        return doc
+        return doc, actual
 
     def fetch_blob(self, blob: Blob) -> None:
-        """Download `blob` into the blob cache (verified), unless it is there."""
-        if blob.path.exists():
+        """Download `blob` into the blob cache (verified), unless it is there (unchecked here: whoever reads
+        it checks it, `blob_bytes` or `_from_cache`)."""
+        if present(blob.path):
             return
         name = blob.title or "config"
         self.http.download(f"{self.base}/blobs/{blob.digest}", blob.digest, blob.size, f"{self.what} {name}",

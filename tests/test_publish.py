@@ -30,9 +30,11 @@ from builder.artifact import (
 from builder.build import BuildOptions, build
 from builder.cache import cache_dir, file_sha256
 from builder.errors import ArtifactError, PublishError, RegistryUnavailable
-from builder.kernel import Kernel, list_kernels
+from builder.kernel import Kernel, list_kernels, verify_cached
+from builder.kernel import cached as kernel_cached
 from builder.publish_cli import kernel_push_cmd, pull_cmd, push_cmd
 from builder.reference import parse
+from tests.fixtures.hostile import Sandbox, assert_refused
 from tests.fixtures.images import OciImage, make_busybox_image
 from tests.fixtures.registry import Registry, RegistryProxy, TokenIssuer, free_port
 
@@ -550,3 +552,70 @@ def test_disk_pushed_as_a_plain_file_still_pulls(disk_artifact: Path, registry: 
     registry.put_manifest("vm/plain", "old", doc, publish.OCI_MANIFEST)
     dest = publish.pull(f"{registry.host}/vm/plain:old", tmp_path / "dest")
     assert _digests(dest) == _digests(disk_artifact)
+
+
+# ---- cached blobs used by a pull are checked as they are read; a corrupt one heals -----------------------
+
+def _blob_of(registry: Registry, repo: str, victim: str) -> str:
+    """The digest of the artifact's config ("config") or of its layer titled `victim`."""
+    doc = json.loads(registry.manifest(repo, "v1")[0])
+    if victim == "config":
+        return doc["config"]["digest"]
+    return next(x["digest"] for x in doc["layers"] if x["annotations"][publish.TITLE] == victim)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("victim", ["config", INITRD, DISK])
+def test_corrupt_cached_blob_heals_on_pull(victim: str, reuse: bool, disk_artifact: Path, registry: Registry,
+                                           tmp_path: Path, xbuild_cache: Path) -> None:
+    """A flipped bit in a cached blob is never copied into a pull: the blob is removed and fetched again."""
+    pushed = publish.push(disk_artifact, f"{registry.host}/vm/heal:v1")
+    want = _digests(publish.pull(pushed.reference, tmp_path / "first"))
+    digest = _blob_of(registry, "vm/heal", victim)
+    blob = cache_dir("blobs", "sha256") / digest[7:]
+    _flip(blob)
+    assert _digests(publish.pull(pushed.reference, tmp_path / "second", reuse=reuse)) == want
+    assert file_sha256(blob) == digest[7:]
+
+
+@pytest.mark.parametrize("victim", ["config", INITRD, DISK])
+def test_corrupt_cached_blob_the_registry_lost_names_it(victim: str, disk_artifact: Path,
+                                                        registry_factory, sandbox: Sandbox) -> None:
+    reg = registry_factory()
+    pushed = publish.push(disk_artifact, f"{reg.host}/vm/gone:v1")
+    r = sandbox.xbuild("pull", pushed.reference, "-o", str(sandbox.root / "work" / "first"))
+    assert r.returncode == 0, r.stderr
+    digest = _blob_of(reg, "vm/gone", victim)
+    blob = sandbox.cache / "blobs" / "sha256" / digest[7:]
+    _flip(blob)
+    reg.blob_file(digest).unlink()          # the registry no longer has it (the manifest is still there)
+    before = sandbox.snapshot()
+    r = sandbox.xbuild("pull", pushed.reference, "-o", str(sandbox.out))
+    assert_refused(r, 1, str(blob), "corrupt cache entry (removed)", "fetching it again failed")
+    assert sandbox.changes(before) == []
+    assert sandbox.stale_temps() == []
+    assert not blob.exists()
+
+
+def test_pulled_kernel_never_stands_in_for_a_built_one(registry: Registry, xbuild_cache: Path,
+                                                       tmp_path: Path) -> None:
+    """A kernel artifact whose kernel.json claims a local kernel's key lands in a namespace of its own."""
+    built_kernel = _fake_kernel("ef" * 32)
+    evil = _fake_kernel("01" * 32)
+    meta = json.loads((evil.path.parent / "kernel.json").read_text())
+    (evil.path.parent / "kernel.json").write_text(json.dumps(meta | {"key": built_kernel.key}))
+    pushed = publish.push_kernel(evil, f"{registry.host}/kernels/evil:1")
+    shutil.rmtree(evil.path.parent)
+    good = _digests(built_kernel.path.parent)
+    path = publish.pull_kernel(f"oci://{registry.host}/kernels/evil:1")
+    assert path.parent == cache_dir("kernels") / f"oci-{pushed.digest[7:]}"
+    assert _digests(built_kernel.path.parent) == good
+    assert kernel_cached(built_kernel.path.parent) == built_kernel
+    assert sorted(k.path for k in list_kernels()) == sorted([path, built_kernel.path])
+    assert dict(verify_cached()) == {path.parent: None, built_kernel.path.parent: None}

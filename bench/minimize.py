@@ -28,7 +28,8 @@ from builder.cpio import pack  # noqa: E402
 from builder.errors import MinimizeError  # noqa: E402
 from builder.flatten import flatten  # noqa: E402
 from builder.image import ImageConfig  # noqa: E402
-from builder.minimize import minimize, probe  # noqa: E402
+from builder.minimize import minimize  # noqa: E402
+from builder.minimize.probe import probe  # noqa: E402
 from builder.recipes import Recipe, load_recipe, smoke_test  # noqa: E402
 from builder.reference import parse  # noqa: E402
 from builder.source import load  # noqa: E402

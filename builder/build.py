@@ -52,8 +52,8 @@ from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
 from .image import Image, Platform
 from .init import init_binary
 from .minimize import minimize
+from .minimize.probe import check_probe_host
 from .options import DEFAULT_XEN_TYPE
-from .probe import check_probe_host
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .text import is_decimal
 from .tree import Tree

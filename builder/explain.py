@@ -9,48 +9,7 @@ import re
 from typing import Any
 
 from .errors import BadInput
-
-_RULES = {
-    "entrypoint": "the image's Entrypoint/Cmd argv[0], resolved on PATH inside the image",
-    "cmd": "Cmd[0], which the entrypoint script is expected to exec",
-    "argv": "a file or directory named by an argument of the entrypoint",
-    "workdir": "in the image's WorkingDir (the application's own files)",
-    "elf-closure": "needed to load a kept program (PT_INTERP / DT_NEEDED, searched like ld.so)",
-    "shebang": "the interpreter of a kept script",
-    "script": "named by a kept shell script (a command it runs, a file it sources or mentions)",
-    "glibc-nss": "glibc loads it for a service named in /etc/nsswitch.conf",
-    "glibc-gconv": "glibc's iconv modules, kept because a kept program imports iconv_open",
-    "locale": "the locale named by LANG / LC_* in the image's Env",
-    "etc": "everything under /etc is kept",
-    "etc-link": "the target of a symlink under /etc",
-    "symlink": "symlinks are kept unless they point at a dropped file",
-    "device": "device nodes and fifos are always kept",
-    "recipe": "the recipe's keep list",
-    "trace": "opened by the entrypoint in the trace probe",
-    "none": "minimize was off (--minimize none)",
-    "unreferenced": "no rule reached it (not an entrypoint dependency, not in /etc, "
-                    "not in an owning package)",
-    "doc": "documentation, man pages and locales are never kept",
-    "dev": "headers and static libraries are never kept",
-    "init-system": "service-manager files (systemd units...): the guest's init runs the entrypoint directly",
-    "gconv-unused": "glibc's iconv modules, dropped because no kept program imports iconv_open",
-    "interpreter-cache": "bytecode caches; the interpreter rebuilds them",
-    "interpreter-tests": "an interpreter's test suite, IDE or GUI toolkit",
-    "dangling-after-minimize": "a symlink whose target was dropped",
-}
-
-
-def _rule(reason: str) -> str:
-    if reason in _RULES:
-        return _RULES[reason]
-    kind, _, name = reason.partition(":")
-    return {
-        "package": f"a data/config file of the package {name}, which owns a kept file",
-        "package-command": f"a command of the package {name} that nothing runs (commands enter only "
-                           "when something names them)",
-        "package-library": f"a library or plugin of the package {name} that no kept program loads",
-        "interpreter": f"the standard library / packages of the interpreter {name}",
-    }.get(kind, reason)
+from .minimize.report import reason_text
 
 
 def explain(section: dict[str, Any] | None, path: str) -> str:
@@ -72,7 +31,7 @@ def explain(section: dict[str, Any] | None, path: str) -> str:
         return f"{p}: not in the source image (or a directory, which is always kept)"
     status, reason, detail = (list(entry) + ["", "", ""])[:3]
     verb = "KEPT" if status == "kept" else "DROPPED"
-    out = f"{p}: {verb} ({reason}): {_rule(reason)}"
+    out = f"{p}: {verb} ({reason}): {reason_text(reason)}"
     if detail:
         out += f"\n  because: {detail}"
     if status == "dropped":

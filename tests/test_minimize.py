@@ -388,7 +388,7 @@ def test_nginx_lookalike_size_goal(nginx_layout: str, tmp_path: Path) -> None:
                                             ("static_layout", "static-hello")])
 def test_fixture_smoke_in_chroot_probe(fixture: str, recipe: str, request: pytest.FixtureRequest) -> None:
     """The minimized root fs passes the recipe's smoke test (in the sandboxed probe on the host's
-    kernel, builder/probe.py; the QEMU boot of the full artifact is `xbuild IMAGE --verify`)."""
+    kernel, builder/minimize/probe.py; the QEMU boot of the full artifact is `xbuild IMAGE --verify`)."""
     if os.geteuid() != 0 or shutil.which("bwrap") is None:
         pytest.skip("the probe needs root and bwrap")
     ref = request.getfixturevalue(fixture)

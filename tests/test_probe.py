@@ -1,5 +1,5 @@
-"""The trace probe (builder/probe.py): its log parser, its staging, and (root, bwrap, strace) its sandbox
-against an entrypoint that tries the known escapes.
+"""The trace probe (builder/minimize/probe.py): its log parser, its staging, and (root, bwrap, strace) its
+sandbox against an entrypoint that tries the known escapes.
 
 Every hostile case builds a busybox image whose entrypoint is a shell script, runs the real CLI with
 `--minimize trace` in a `sandbox`, and asserts: exit 0 (a hostile entrypoint only fails its own
@@ -29,7 +29,7 @@ import pytest
 
 from builder.errors import MinimizeError
 from builder.image import ImageConfig
-from builder.probe import (
+from builder.minimize.probe import (
     CAPS,
     HOST_ID_BASE,
     ID_COUNT,
@@ -535,7 +535,7 @@ def test_limits_hold(tmp_path: Path, escape_binary: bytes, host: Path) -> None:
     """Each limit, as the entrypoint meets it: processes, address space, the staged copy's and the
     tmpfs sizes, the output kept."""
     from builder.flatten import flatten
-    from builder.probe import AS_MAX, NPROC_MAX, OUTPUT_MAX
+    from builder.minimize.probe import AS_MAX, NPROC_MAX, OUTPUT_MAX
     from builder.reference import parse
     from builder.source import load
 

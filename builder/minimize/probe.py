@@ -70,12 +70,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import MinimizeError
-from .guest import guest_config
-from .host import check, missing_packages
-from .image import ImageConfig
-from .recipes import Recipe, Smoke
-from .tree import DIR, FILE, SYMLINK, Inode, Tree, split
+from ..errors import MinimizeError
+from ..guest import guest_config
+from ..host import check, missing_packages
+from ..image import ImageConfig
+from ..recipes import Recipe, Smoke
+from ..tree import DIR, FILE, SYMLINK, Inode, Tree, split
 
 HOST_ID_BASE = 1_878_982_656        # 0x6FFF0000: the top 64 Ki of systemd's container range (UIDS-GIDS.md)
 ID_COUNT = 65536
@@ -442,9 +442,9 @@ def _smoke_in_netns(pid: int, recipe: Recipe, smoke: Smoke, seconds: float) -> t
     """Run the recipe's http/tcp smoke test from inside the sandbox's network namespace (nsenter --net
     only: the test process keeps the host's files; its memory is capped with prlimit)."""
     spec = dict(asdict(smoke), send=smoke.send.hex())
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[2])
     cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "prlimit", f"--as={1 << 30}", "--",
-           sys.executable, "-m", "builder.probe", json.dumps({"name": recipe.name, "smoke": spec,
+           sys.executable, "-m", "builder.minimize.smoke", json.dumps({"name": recipe.name, "smoke": spec,
                                                                "seconds": seconds})]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, cwd=repo,
@@ -486,17 +486,3 @@ def traced_paths(lines: Iterable[str], cwd: str, skip: set[int]) -> set[str]:
                 p = s.group(1).encode().decode("unicode_escape", "replace")
                 paths.add("/".join(split(p if p.startswith("/") else f"{base}/{p}")))
     return {p for p in paths if p}
-
-
-def _smoke_main(arg: str) -> None:
-    """`python -m builder.probe SPEC`: the smoke test, run by _smoke_in_netns inside the sandbox's net."""
-    from .recipes import smoke_test
-    spec = json.loads(arg)
-    s = dict(spec["smoke"], send=bytes.fromhex(spec["smoke"]["send"]))
-    rec = Recipe(spec["name"], smoke=Smoke(**s))
-    ok, msg = smoke_test(rec, b"", {s["port"]: s["port"]}, deadline=time.monotonic() + spec["seconds"])
-    print(json.dumps([ok, msg]), flush=True)
-
-
-if __name__ == "__main__":
-    _smoke_main(sys.argv[1])

@@ -1,70 +1,25 @@
-"""Minimize: keep what the entrypoint needs, drop the rest, and account for every byte.
+"""The rule engine: which paths of an image its entrypoint needs, and the minimized tree.
 
-`minimize(tree, config, recipe, mode)` returns a new Tree (directories are new inodes, every kept
-file/symlink/device inode is shared with the input, so hardlinks stay shared; the input is never
-mutated) and a Report. Mode `none` keeps everything; `auto` applies these rules, each path taking the
-first reason that reaches it:
-
-  entrypoint / cmd  argv[0] of Entrypoint+Cmd resolved like runc (Env PATH, WorkingDir, symlinks inside
-                    the tree); a missing one is a MinimizeError. When an Entrypoint is set, Cmd[0] is
-                    resolved too (entrypoint scripts usually end in `exec "$@"`).
-  argv / workdir    other argv words naming a file (kept, and followed if it is a program or script) or
-                    a directory (kept with everything below), and everything below WorkingDir: the
-                    application's own files. System directories (/, /usr, /etc, /var, /lib...) are never
-                    taken whole this way.
-  elf-closure       PT_INTERP + DT_NEEDED, transitively, searched like ld.so (see elf.py). Missing
-                    libraries of the entrypoint's closure are a MinimizeError; of anything reached only
-                    heuristically (script commands, plugins) they are a note in the report.
-  shebang / script  `#!` interpreters (`/usr/bin/env NAME` resolved on PATH); for shell scripts the
-                    commands they name in command position, the files they source (`.`/`source`), and
-                    absolute paths they mention: a file is kept (and followed if executable), a directory
-                    such as /docker-entrypoint.d/ contributes its executable files and *.sh. Only the
-                    first MiB of a script is read (a script with a payload is not parsed whole).
-  glibc-nss         libnss_<service> for each service named in /etc/nsswitch.conf (glibc dlopen()s them).
-  glibc-gconv       the gconv modules, only when a kept object imports iconv_open (else "gconv-unused").
-  locale            /usr/lib/locale/<name> for a LANG / LC_* locale set in Env.
-  interpreter:X     python: its stdlib and site/dist-packages (minus tests, idlelib, tkinter, ensurepip,
-                    __pycache__), with the ELF closure of their extension modules.
-  package:P         Tinyx's idea, narrowed to what is not code: for every dpkg/apk package P owning a
-                    kept file, P's other files, EXCEPT docs/man/info/locales ("doc"), headers and static
-                    libs ("dev"), systemd units and the like ("init-system"), files in bin/sbin dirs
-                    ("package-command": a command enters only when something names it), ELF files
-                    ("package-library": libraries enter only through a DT_NEEDED; only packages owning an
-                    executed program keep the plugin ELFs in their library subdirectories and libexec),
-                    and gconv (rule above). The package of argv[0]/Cmd[0] also brings the packages it
-                    Depends on that come from the same source name (one level:
-                    nginx -> nginx-common, redis-server -> redis-tools; not iproute2 or libc6's data).
-                    This is what keeps the nginx look-alike near its floor: libc6's gconv (8 MB),
-                    coreutils' other commands etc. never ride along.
-  etc / etc-link    all of /etc; the target of a symlink in /etc (e.g. /etc/localtime) except
-                    /etc/alternatives (commands) and /etc/ssl/certs (hash links duplicating the bundle).
-  directory / symlink / device
-                    every directory (mode, owner kept); a symlink unless it points at a dropped file
-                    ("dangling-after-minimize"); device nodes and fifos.
-  recipe            the recipe's keep paths (with everything below) and globs, plus their ELF closure.
-  trace             (mode trace only) on top of auto: every path the entrypoint's processes touched
-                    while it ran for [trace] seconds in a sandbox on the build host (builder/probe.py:
-                    bubblewrap with user/pid/net/mount namespaces, a staged copy of the whole tree,
-                    strace -f), with the recipe's network smoke test exercising it meanwhile
-                    (SlimToolkit's idea).
-Anything else is dropped as "unreferenced".
+`Minimizer(tree, config, recipe)` applies the rules listed in builder/minimize/__init__.py: `run()` for
+mode auto, `keep`/`need` + `drain()` for what the trace probe adds, `mark` for mode none; `result(mode)`
+builds the new Tree (new directory inodes, every other inode shared with the input) and the Report. Each
+path keeps the first reason that reaches it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
-from . import elf
-from .errors import MinimizeError
-from .image import ImageConfig
-from .probe import check_probe_host, probe
-from .recipes import Recipe
-from .tree import DIR, FILE, SYMLINK, Inode, Tree, split
+from .. import elf
+from ..errors import MinimizeError
+from ..image import ImageConfig
+from ..recipes import Recipe
+from ..tree import DIR, FILE, SYMLINK, Inode, Tree, split
+from . import shell
+from .packages import package_db, stem
+from .report import Report
 
-MODES = ("auto", "none", "trace")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BIN_DIRS = {"bin", "sbin", "usr/bin", "usr/sbin", "usr/local/bin", "usr/local/sbin", "usr/games"}
 LIB_ROOTS = ("lib", "lib32", "lib64", "usr/lib", "usr/lib32", "usr/lib64", "usr/local/lib")
@@ -81,114 +36,8 @@ SYSTEM_TOPS = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "
 # /etc symlinks whose targets are not kept: commands, certificate hash links duplicating the bundle,
 # service-manager wiring
 ETC_LINKS_NOT_FOLLOWED = ("etc/alternatives/", "etc/ssl/certs/", "etc/systemd/", "etc/rc", "etc/init.d/")
-SHELLS = {"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "busybox"}
-SH_BUILTINS = {"echo", "printf", "test", "[", "[[", "cd", "set", "export", "exit", "return", "shift",
-               "read", "local", "eval", "trap", "wait", "true", "false", ":", "unset", "readonly",
-               "break", "continue", "umask", "ulimit", "getopts", "type", "alias", "hash", "jobs", "fg",
-               "bg", "pwd", "times", "for", "in", "case", "esac", "fi", "done", "function", "select",
-               "declare", "typeset", "let", "shopt", "source", ".", "then", "do", "else", "elif", "if",
-               "while", "until", "!", "{", "}", "exec", "command", "builtin", "mapfile", "kill"}
-# words after which the next word is again in command position
-SH_PREFIX = {"then", "do", "else", "elif", "if", "while", "until", "!", "exec", "command", "nohup", "env",
-             "time", "xargs", "nice", "builtin", "-exec", "-execdir", "su-exec", "gosu", "chroot",
-             "setpriv", "tini", "dumb-init", "sudo", "doas", "timeout"}
-SH_OPS = {";", "&", "|", "&&", "||", "(", ")", "{", "}", "\n", "$(", "`", ";;"}
 SCRIPT_MAX = 1 << 20     # bytes of a script read for its shebang and the commands it names
 PY_DROP = ("test/", "tests/", "idlelib/", "tkinter/", "turtledemo/", "ensurepip/", "lib2to3/tests/")
-
-
-@dataclass(frozen=True)
-class Report:
-    """What minimize kept and dropped. `paths` maps '/path' -> (status, reason, detail) where status
-    is 'kept' or 'dropped'; `kept`/`dropped` map reason -> (files, bytes) (regular-file bytes, a
-    hardlinked file counted under each of its names)."""
-
-    mode: str
-    kept: dict[str, tuple[int, int]]
-    dropped: dict[str, tuple[int, int]]
-    paths: dict[str, tuple[str, str, str]] = field(repr=False)
-    notes: tuple[str, ...] = ()
-    recipe: str | None = None
-
-    @property
-    def kept_files(self) -> int:
-        return sum(n for n, _ in self.kept.values())
-
-    @property
-    def kept_bytes(self) -> int:
-        return sum(b for _, b in self.kept.values())
-
-    @property
-    def dropped_files(self) -> int:
-        return sum(n for n, _ in self.dropped.values())
-
-    @property
-    def dropped_bytes(self) -> int:
-        return sum(b for _, b in self.dropped.values())
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest.json "minimize" section (explain.py reads it back)."""
-        return {
-            "mode": self.mode, "recipe": self.recipe,
-            "kept": {"files": self.kept_files, "bytes": self.kept_bytes,
-                     "by_reason": {r: {"files": n, "bytes": b} for r, (n, b) in sorted(self.kept.items())}},
-            "dropped": {"files": self.dropped_files, "bytes": self.dropped_bytes,
-                        "by_reason": {r: {"files": n, "bytes": b}
-                                      for r, (n, b) in sorted(self.dropped.items())}},
-            "notes": list(self.notes),
-            "paths": {p: list(v) for p, v in sorted(self.paths.items())},
-        }
-
-    def summary(self, top: int = 12) -> str:
-        """A human summary: totals, then the biggest reasons each way."""
-        def mb(b: int) -> str:
-            return f"{b / 1e6:.2f} MB" if b >= 100_000 else f"{b / 1e3:.1f} KB"
-
-        lines = [f"minimize ({self.mode}{', recipe ' + self.recipe if self.recipe else ''}): "
-                 f"kept {self.kept_files} files, {mb(self.kept_bytes)}; "
-                 f"dropped {self.dropped_files} files, {mb(self.dropped_bytes)}"]
-        for title, d in (("kept", self.kept), ("dropped", self.dropped)):
-            items = sorted(d.items(), key=lambda kv: (-kv[1][1], kv[0]))
-            for r, (n, b) in items[:top]:
-                lines.append(f"  {title:7} {mb(b):>10} {n:6} files  {r}")
-
-            if len(items) > top:
-                rest = items[top:]
-                lines.append(f"  {title:7} {mb(sum(b for _, (_, b) in rest)):>10} "
-                             f"{sum(n for _, (n, _) in rest):6} files  ({len(rest)} more reasons)")
-        for note in self.notes:
-            lines.append(f"  note: {note}")
-        return "\n".join(lines)
-
-
-def minimize(tree: Tree, config: ImageConfig, recipe: Recipe | None = None,
-             mode: str = "auto") -> tuple[Tree, Report]:
-    """Keep what `config`'s entrypoint needs (see the module doc); never mutates `tree`."""
-    if mode not in MODES:
-        raise MinimizeError(f"unknown minimize mode {mode!r} (choose from {', '.join(MODES)})")
-    m = _Minimizer(tree, config, recipe)
-    if mode == "none":
-        for path, node in tree.walk():
-            if path and node.kind != DIR:
-                m.mark(path, "none", "minimize disabled")
-        return m.result(mode)
-    if mode == "trace":
-        check_probe_host(trace=True)
-    m.run()
-    if mode == "trace":
-        seconds = recipe.trace_seconds if recipe else 5.0
-        result = probe(tree, config, recipe, seconds=seconds, trace=True)
-        for p in sorted(result.opened):
-            hit = tree.lookup(p, follow=False)
-            if hit is not None and hit.kind != DIR:
-                m.keep(p, "trace", f"opened by the entrypoint in the {seconds:g}s trace probe")
-                m.need(p, "trace", "opened in the trace probe")
-        m.drain()
-        m.notes.append(f"trace probe: ran {seconds:g}s, {len(result.opened)} paths seen"
-                       + (f"; smoke: {result.smoke[1]}" if result.smoke else "")
-                       + ("; its trace log reached the size cap, later accesses were not seen"
-                          if result.log_full else ""))
-    return m.result(mode)
 
 
 def _is_doc(path: str) -> bool:
@@ -207,7 +56,9 @@ def _in_lib(path: str) -> tuple[bool, bool]:
     return False, False
 
 
-class _Minimizer:
+class Minimizer:
+    """One minimization of one tree (module doc); the input tree is never mutated."""
+
     def __init__(self, tree: Tree, config: ImageConfig, recipe: Recipe | None):
         self.tree, self.config, self.recipe = tree, config, recipe
         self.env = dict(e.split("=", 1) for e in config.env if "=" in e)
@@ -310,7 +161,7 @@ class _Minimizer:
                 self.need(cmd0, "cmd", f"Cmd[0] {c.cmd[0]!r}", strict=True)
         base = argv[0].rsplit("/", 1)[-1]
         for i, word in enumerate(argv[1:], 1):
-            if base in SHELLS and argv[i - 1] == "-c":
+            if base in shell.SHELLS and argv[i - 1] == "-c":
                 self.shell_text(word, f"{base} -c", data=True)
                 continue
             p = word if word.startswith("/") else f"{self.cwd}/{word}"
@@ -412,50 +263,22 @@ class _Minimizer:
                 return
             self.need(target, "shebang", f"#! /usr/bin/env {args[0]} of /{real}", strict)
             name = args[0]
-        if name in SHELLS or re.fullmatch(r"(ba|da|a|k|mk|z)?sh", name):
+        if name in shell.SHELLS or re.fullmatch(r"(ba|da|a|k|mk|z)?sh", name):
             self.shell_text(text.decode("utf-8", "replace"), f"/{real}")
 
     def shell_text(self, text: str, where: str, data: bool = False) -> None:
-        """Commands named in command position, sourced files, absolute paths mentioned."""
-        reason = "script"
-        lines = []
-        for ln in text.splitlines():
-            s = ln.lstrip()
-            if s.startswith("#"):
-                continue
-            lines.append(re.sub(r"\s#.*$", "", ln))
-        tokens = re.findall(r"\$\(|`|&&|\|\||;;|[;&|(){}\n]|(?:[^\s;&|()`]|\$\()+", "\n".join(lines))
-        at_cmd = True
-        source_next = False
-        for tok in tokens:
-            if tok in SH_OPS:
-                at_cmd = True
-                continue
-            word = tok.strip("\"'")
-            if "/" in word and word.startswith("/"):
-                self.mentioned(word.rstrip(";\"'"), where, data)
-            if source_next:
-                source_next = False
-                if word.startswith("/"):
-                    self.need("/".join(split(word)), reason, f"sourced by {where}")
-                at_cmd = False
-                continue
-            if at_cmd:
-                if "=" in word and not word.startswith("="):
-                    continue                                   # FOO=bar cmd
-                if word in (".", "source"):
-                    source_next = True
-                    at_cmd = False
-                    continue
-                if word in SH_PREFIX:
-                    continue
-                at_cmd = False
-                if "$" in word or "`" in word or word in SH_BUILTINS or not word:
-                    continue
-                p = self.command(word)
+        """Follow what a shell script (or `sh -c` text) names (shell.uses): the commands it runs, the files
+        it sources, the absolute paths it mentions."""
+        for use in shell.uses(text):
+            if use.kind == "path":
+                self.mentioned(use.word, where, data)
+            elif use.kind == "source":
+                if use.word.startswith("/"):
+                    self.need("/".join(split(use.word)), "script", f"sourced by {where}")
+            else:
+                p = self.command(use.word)
                 if p is not None:
-                    self.need(p, reason, f"command {word!r} in {where}")
-                continue
+                    self.need(p, "script", f"command {use.word!r} in {where}")
 
     def mentioned(self, word: str, where: str, data: bool = False) -> None:
         """An absolute path a script mentions: a file is kept, a directory gives its scripts; a directory
@@ -557,23 +380,23 @@ class _Minimizer:
                         self.keep_tree(f"{base}/{c}", "locale", f"Env {n}")
 
     def packages(self) -> None:
-        owners, files, depends = _package_db(self.tree)
-        if not owners:
+        db = package_db(self.tree)
+        if not db.owners:
             return
         kept_pkgs: dict[str, str] = {}
         apps: set[str] = set()
         for real in list(self.kept):
-            for pkg in owners.get(real, ()):
+            for pkg in db.owners.get(real, ()):
                 kept_pkgs.setdefault(pkg, f"owns /{real}")
                 if real in self.executed:
                     apps.add(pkg)
         for prog in sorted(self.primary):
-            for pkg in owners.get(prog, ()):
-                for dep in depends.get(pkg, ()):
-                    if dep in files and _stem(dep) == _stem(pkg):
+            for pkg in db.owners.get(prog, ()):
+                for dep in db.depends.get(pkg, ()):
+                    if dep in db.files and stem(dep) == stem(pkg):
                         kept_pkgs.setdefault(dep, f"{pkg} depends on it (runs /{prog})")
         for pkg, why in sorted(kept_pkgs.items()):
-            for real in files.get(pkg, ()):
+            for real in db.files.get(pkg, ()):
                 if real in self.kept:
                     continue
                 node = self.tree.lookup(real)
@@ -709,11 +532,6 @@ def _copy_dirs(root: Inode, keep: set[str]) -> Inode:
     return new_root
 
 
-def _stem(pkg: str) -> str:
-    """'nginx-common' -> 'nginx', 'libpython3.11-stdlib' -> 'python3.11': packages of one source."""
-    return re.sub(r"^lib", "", pkg).split("-", 1)[0]
-
-
 def _walk_from(node: Inode, base: str) -> Iterable[tuple[str, Inode]]:
     """(path, inode) of everything below a directory (not following symlinks), depth first."""
     stack = [(base, node)]
@@ -725,75 +543,3 @@ def _walk_from(node: Inode, base: str) -> Iterable[tuple[str, Inode]]:
                 yield p, c
                 if c.kind == DIR:
                     stack.append((p, c))
-
-
-def _package_db(tree: Tree) -> tuple[dict[str, set[str]], dict[str, list[str]], dict[str, list[str]]]:
-    """(real path -> owning packages, package -> its real file paths, package -> Depends) from dpkg's
-    /var/lib/dpkg/info/*.list + status, or apk's /lib/apk/db/installed. Empty without a database."""
-    owners: dict[str, set[str]] = {}
-    files: dict[str, list[str]] = {}
-    depends: dict[str, list[str]] = {}
-
-    def add(pkg: str, path: str) -> None:
-        try:
-            real = tree.real_path(path, follow=False)     # a package owns its symlinks, not their targets
-        except LookupError:
-            return
-        n = tree.lookup(real)
-        if n is None or n.kind == DIR:
-            return
-        if n.kind == SYMLINK:
-            t = tree.lookup(real, follow=True)
-            if t is not None and t.kind == DIR:    # /bin -> usr/bin is listed by every package in /bin
-                return
-        owners.setdefault(real, set()).add(pkg)
-        files.setdefault(pkg, []).append(real)
-
-    info = tree.lookup("var/lib/dpkg/info", follow=True)
-    if info is not None and info.children:
-        for name in sorted(info.children):
-            if name.endswith(".list"):
-                pkg = name[:-5].split(":", 1)[0]
-                files.setdefault(pkg, [])
-                try:
-                    listed = tree.read(f"var/lib/dpkg/info/{name}")
-                except FileNotFoundError:   # a directory, a dangling or looping symlink: no file list
-                    continue
-                for line in listed.decode("utf-8", "replace").splitlines():
-                    if line.strip() and line != "/.":
-                        add(pkg, line.strip().lstrip("/"))
-        try:
-            status = tree.read("var/lib/dpkg/status").decode("utf-8", "replace")
-        except FileNotFoundError:
-            status = ""
-        for para in status.split("\n\n"):
-            fields = dict(re.findall(r"^([A-Za-z-]+): ?(.*)$", para, re.M))
-            if "Package" in fields:
-                deps = []
-                for key in ("Pre-Depends", "Depends"):
-                    for alt in fields.get(key, "").split(","):
-                        first = alt.split("|")[0].strip().split(" ")[0].split(":")[0]
-                        if first:
-                            deps.append(first)
-                depends[fields["Package"]] = deps
-    try:
-        apk = tree.read("lib/apk/db/installed").decode("utf-8", "replace")
-    except FileNotFoundError:
-        apk = ""
-    for para in apk.split("\n\n"):
-        pkg, d = "", ""
-        deps = []
-        for line in para.splitlines():
-            if line.startswith("P:"):
-                pkg = line[2:]
-                files.setdefault(pkg, [])
-            elif line.startswith("F:"):
-                d = line[2:]
-            elif line.startswith("R:") and pkg:
-                add(pkg, f"{d}/{line[2:]}" if d else line[2:])
-            elif line.startswith("D:"):
-                deps = [w for w in line[2:].split() if not w.startswith(("so:", "cmd:", "pc:", "!"))]
-        if pkg:
-            depends[pkg] = [re.split(r"[<>=~]", x)[0] for x in deps]
-    return owners, files, depends
-

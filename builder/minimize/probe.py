@@ -65,7 +65,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -366,17 +366,22 @@ def _run(tree: Tree, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, reci
 
 def _ready(ready_r: int, timeout: float = 60.0) -> bool:
     """Whether the helper said "ready" (its tmpfs are mounted) before it ended or `timeout` passed."""
+    return _read_until(ready_r, lambda data: data.endswith(b"\n"), timeout) == b"ready\n"
+
+
+def _read_until(fd: int, complete: Callable[[bytes], bool], timeout: float) -> bytes | None:
+    """What `fd` gives until `complete(data)` holds, or None if it ends or `timeout` passes first."""
     data = b""
     end = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
+    while not complete(data):
         left = end - time.monotonic()
-        if left <= 0 or not select.select([ready_r], [], [], left)[0]:
-            return False
-        chunk = os.read(ready_r, 64)
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
         if not chunk:
-            return False
+            return None
         data += chunk
-    return data == b"ready\n"
+    return data
 
 
 def _read_capped(stream: IO[bytes], out: bytearray) -> None:
@@ -407,16 +412,9 @@ def _running(pid: int) -> bool:
 
 def _sandbox_pid(info_r: int, timeout: float = 30.0) -> int | None:
     """The host pid of the sandbox's pid 1 from bwrap's --info-fd JSON, or None if bwrap ended first."""
-    data = b""
-    end = time.monotonic() + timeout
-    while not data.rstrip().endswith(b"}"):
-        left = end - time.monotonic()
-        if left <= 0 or not select.select([info_r], [], [], left)[0]:
-            return None
-        chunk = os.read(info_r, 4096)
-        if not chunk:
-            return None
-        data += chunk
+    data = _read_until(info_r, lambda data: data.rstrip().endswith(b"}"), timeout)
+    if data is None:
+        return None
     pid = json.loads(data).get("child-pid")
     return pid if isinstance(pid, int) and pid > 0 else None
 

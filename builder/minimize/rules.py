@@ -103,6 +103,13 @@ class Minimizer:
         """Keep `path` and whatever running it needs (ELF closure, shebang, script contents)."""
         self.todo.append((path, reason, detail, strict))
 
+    def missing(self, msg: str, strict: bool) -> None:
+        """Something a kept path needs is not in the image: a MinimizeError if `strict` (the
+        entrypoint's own closure), else a note in the report."""
+        if strict:
+            raise MinimizeError(msg) from None
+        self.notes.append(msg)
+
     # -- the rules ------------------------------------------------------------------------------
     def run(self) -> None:
         self.entry()
@@ -206,10 +213,7 @@ class Minimizer:
             try:
                 real = self.tree.real_path(path)
             except LookupError:
-                msg = f"/{path}: too many levels of symbolic links ({reason} {detail})"
-                if strict:
-                    raise MinimizeError(msg) from None
-                self.notes.append(msg)
+                self.missing(f"/{path}: too many levels of symbolic links ({reason} {detail})", strict)
                 continue
             self.keep(path, reason, detail)
             if real in self.done:
@@ -245,10 +249,7 @@ class Minimizer:
         interp = words[0]
         ip = self.command(interp) if interp.startswith("/") else None
         if ip is None:
-            msg = f"/{real}: interpreter {interp} is not in the image"
-            if strict:
-                raise MinimizeError(msg)
-            self.notes.append(msg)
+            self.missing(f"/{real}: interpreter {interp} is not in the image", strict)
             return
         self.need(ip, "shebang", f"#! of /{real}", strict)
         name = interp.rsplit("/", 1)[-1]
@@ -256,10 +257,7 @@ class Minimizer:
         if name == "env" and args:
             target = self.command(args[0])
             if target is None:
-                msg = f"/{real}: interpreter {args[0]!r} (via env) not found on PATH"
-                if strict:
-                    raise MinimizeError(msg)
-                self.notes.append(msg)
+                self.missing(f"/{real}: interpreter {args[0]!r} (via env) not found on PATH", strict)
                 return
             self.need(target, "shebang", f"#! /usr/bin/env {args[0]} of /{real}", strict)
             name = args[0]

@@ -17,6 +17,7 @@ from builder.errors import MinimizeError
 from builder.explain import explain
 from builder.image import ImageConfig
 from builder.minimize import Report, minimize
+from builder.minimize.shell import uses
 from builder.recipes import Recipe, load_recipe
 from builder.tree import DIR, Inode, Tree
 from tests.fixtures.minimize_images import add_file, add_host_file, add_link, host_tree
@@ -166,6 +167,19 @@ def test_sh_dash_c() -> None:
     assert status(rep, "/usr/bin/sort") == ("kept", "script")
     assert status(rep, "/usr/bin/cat") == ("kept", "script")
 
+
+def test_shell_uses_is_the_interface_the_minimizer_follows() -> None:
+    """builder.minimize.shell.uses: in script order, every absolute path word (before the command or source
+    use of the same word), the program of each simple command (no builtins, no expansions), the file after
+    `.`; comments are not read."""
+    text = ('#!/bin/sh\n# a comment naming /etc/nothing\nset -e\n. /lib/funcs.sh\n'
+            'FOO=1 exec /usr/bin/app --conf=/x "/etc/app.conf"  # trailing /etc/ignored\n'
+            'if [ -f "$X" ]; then nginx -g "daemon off;" | $PAGER; fi\n'
+            'sh -c "$(cat /run/cmd)"\n')
+    assert [(u.kind, u.word) for u in uses(text)] == [
+        ("path", "/lib/funcs.sh"), ("source", "/lib/funcs.sh"),
+        ("path", "/usr/bin/app"), ("command", "/usr/bin/app"), ("path", "/etc/app.conf"),
+        ("command", "nginx"), ("command", "sh"), ("command", "cat"), ("path", "/run/cmd")]
 
 # -- package knowledge ----------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ from ..errors import MinimizeError
 from ..image import ImageConfig
 from ..recipes import Recipe
 from ..tree import DIR, Tree
-from .probe import check_probe_host, probe
+from . import probe
 from .report import Report
 from .rules import Minimizer
 
@@ -80,11 +80,11 @@ def minimize(tree: Tree, config: ImageConfig, recipe: Recipe | None = None,
                 m.mark(path, "none", "minimize disabled")
         return m.result(mode)
     if mode == "trace":
-        check_probe_host(trace=True)
+        probe.check_probe_host(trace=True)
     m.run()
     if mode == "trace":
         seconds = recipe.trace_seconds if recipe else 5.0
-        result = probe(tree, config, recipe, seconds=seconds, trace=True)
+        result = probe.probe(tree, config, recipe, seconds=seconds, trace=True)
         for p in sorted(result.opened):
             hit = tree.lookup(p, follow=False)
             if hit is not None and hit.kind != DIR:

@@ -8,10 +8,12 @@
                         then, ...), when it can name a program: not a builtin or keyword, no $ or `;
   Use("source", WORD)   the word after `.` / `source`.
 
-Words have their surrounding quotes stripped and are otherwise literal (no expansion). The minimizer
-resolves them in the image (commands on PATH, paths and sourced files as tree paths); this module knows
-only shell syntax. Today this is a tokenizer, not a parser: comments are dropped line by line, and
-operators (; & | && || ( ) { } $( ` ;; newline) end a simple command.
+A word that is both a path and a command or sourced file gives its "path" use first (the minimizer keeps
+the first reason that reaches a file, so the order shows in the report's details). Words have their
+surrounding quotes stripped and are otherwise literal (no expansion). The minimizer resolves them in the
+image (commands on PATH, paths and sourced files as tree paths); this module knows only shell syntax.
+Today this is a tokenizer, not a parser: comments are dropped line by line, and operators
+(; & | && || ( ) { } $( ` ;; newline) end a simple command.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ import struct
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -47,6 +47,7 @@ from .cache import no_space
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import ArtifactError
+from .guest import GuestConfig
 from .options import DEFAULT_XEN_TYPE, XenType, choices
 
 INITRD, KERNEL, CMDLINE, XEN_CFG, MANIFEST = "initrd.img", "kernel", "cmdline", "xen.cfg", "manifest.json"
@@ -95,6 +96,7 @@ def cmdline_words(text: str, where: str) -> str:
 # ---- the typed manifest ------------------------------------------------------------------------------------
 
 _T = TypeVar("_T", bound="_Section")
+_D = TypeVar("_D")
 
 
 class _Section:
@@ -106,27 +108,35 @@ class _Section:
 
     @classmethod
     def from_json(cls: type[_T], obj: object, where: str | None = None) -> _T:
-        where = cls.NAME if where is None else where
-        if not isinstance(obj, Mapping):
-            raise _bad(where, "not a JSON object")
-        hints = _hints(cls)
-        kw: dict[str, Any] = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            if f.name not in obj:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    raise _bad(where, f"no {f.name}")
-                continue
-            kw[f.name] = _typed(obj[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name)
-        return cls(**kw)
+        return _from_json(cls, obj, cls.NAME if where is None else where)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if value is None and f.default is None:
-                continue
-            out[f.name] = _plain(value)
-        return out
+        return _to_json(self)
+
+
+def _from_json(cls: type[_D], obj: object, where: str) -> _D:
+    """A dataclass (a section, or a dataclass a section holds, like guest.Health) from a JSON object."""
+    if not isinstance(obj, Mapping):
+        raise _bad(where, "not a JSON object")
+    hints = _hints(cls)
+    kw: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in obj:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise _bad(where, f"no {f.name}")
+            continue
+        kw[f.name] = _typed(obj[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name)
+    return cls(**kw)
+
+
+def _to_json(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None and f.default is None:
+            continue
+        out[f.name] = _plain(value)
+    return out
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -140,8 +150,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, _Section):
-        return value.to_json()
+    if is_dataclass(value) and not isinstance(value, type):
+        return _to_json(value)
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):
@@ -168,6 +178,8 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         return value
     if isinstance(hint, type) and issubclass(hint, _Section):
         return hint.from_json(value, where)
+    if isinstance(hint, type) and is_dataclass(hint):
+        return _from_json(hint, value, where)
     ok = {str: isinstance(value, str), bool: isinstance(value, bool),
           int: isinstance(value, int) and not isinstance(value, bool)}.get(hint)
     if not ok:
@@ -259,24 +271,26 @@ class KernelInfo(_Section):
 
 
 @dataclass(frozen=True)
-class Guest(_Section):
-    """What the init runs and what the runners give the guest (memory, vcpus, Xen type, hostname)."""
+class Guest(GuestConfig, _Section):
+    """What the init runs (the GuestConfig that is also the initrd's /.xbuild/config, field for field) and
+    what the runners give the guest (memory, vcpus, Xen type; the hostname is the init's)."""
 
     NAME: ClassVar[str] = "guest"
-    argv: tuple[str, ...]
-    env: tuple[str, ...]
-    cwd: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    stop_signal: int
-    hostname: str
     memory_mb: int = DEFAULT_MEMORY_MB
     xen_type: str = DEFAULT_XEN_TYPE.value
     vcpus: int = 1
     recipe: str | None = None
 
+    @classmethod
+    def of(cls, gc: GuestConfig, **runner: Any) -> Guest:
+        """The manifest's section for the init config `gc` and the runners' settings (memory_mb, …)."""
+        return cls(**{f.name: getattr(gc, f.name) for f in fields(GuestConfig)}, **runner)
+
     def __post_init__(self) -> None:
+        if self.health:
+            for name, value in vars(self.health).items():
+                if isinstance(value, int):
+                    _count(value, f"guest.health.{name}")
         lo, hi = MEMORY_MB
         if not lo <= self.memory_mb <= hi:
             raise _bad("guest.memory_mb", f"{self.memory_mb} MiB is outside {lo}..{hi}")

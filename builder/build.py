@@ -49,7 +49,7 @@ from .cpio import DEFAULT_COMPRESSION, pack
 from .errors import BadInput
 from .flatten import flatten
 from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
-from .image import Image, Platform
+from .image import Healthcheck, Image, Platform
 from .init import init_binary
 from .minimize import minimize
 from .minimize.probe import check_probe_host
@@ -84,6 +84,7 @@ class BuildOptions:
     disk_size: int | None = None          # bytes; None: auto (builder/disk.py auto_size)
     disk_mode: str = "rw"                 # rw | ro: how the guest mounts its root disk
     max_layer_size: int | None = None     # decompressed bytes per layer; None: blobs.max_layer_size()
+    healthcheck: Healthcheck | None = None  # docker run's --health-*/--no-healthcheck over the image's
     progress: Progress | None = field(default=None, compare=False)
     log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
 
@@ -185,7 +186,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
     flat = flatten(image, progress, opts.max_layer_size)
     hostname = opts.hostname or default_hostname(ref)
-    gc = guest_config(image.config, flat.tree, hostname)
+    gc = guest_config(image.config, flat.tree, hostname, opts.healthcheck)
     if disk:
         gc = dataclasses.replace(gc, root_devices=ROOT_DEVICES, root_mode=opts.disk_mode)
     tree, report = minimize(flat.tree, image.config, recipe, opts.minimize)
@@ -197,9 +198,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     memory = opts.memory_mb or _default_memory(recipe, disk)
     flags = cmdline_words(" ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
                           "the kernel command line")
-    guest = Guest(argv=gc.argv, env=gc.env, cwd=gc.cwd, uid=gc.uid, gid=gc.gid, groups=gc.groups,
-                  stop_signal=gc.stop_signal, hostname=gc.hostname, memory_mb=memory, xen_type=opts.xen_type,
-                  recipe=recipe.name if recipe else None)
+    guest = Guest.of(gc, memory_mb=memory, xen_type=opts.xen_type, recipe=recipe.name if recipe else None)
     with atomic_dir(out) as tmp:
         disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
         packed = pack(boot_tree(tree) if disk else tree, tmp / INITRD, opts.compression, opts.level, epoch)

@@ -16,6 +16,10 @@ and runc's/docker's user resolution against the image's own /etc/passwd and /etc
     /etc/group entry listing the user's name (file order, no duplicates). Including the primary gid is
     what containerd/moby do since GHSA-hmfx-3pcx-653p (CVE-2023-25173).
 - StopSignal: a number or a name with or without SIG (any case), SIGRTMIN+n / RTMAX-n; empty → SIGTERM.
+- Healthcheck (Docker's, merged under `docker run`-style overrides): NONE or none → no probe; CMD runs its
+  words, CMD-SHELL runs them after the image's Shell (default `/bin/sh -c`), as the program's user, in its
+  working directory, with its environment; Docker's defaults (interval 30 s, timeout 30 s, start period 0,
+  start interval 5 s, retries 3) are filled in here, durations rounded up to milliseconds for the init.
 
 `install(tree, gc, init)` puts the init at /.xbuild/init, the encoded config at /.xbuild/config, a /init
 symlink when the image has none, and /dev/console so the kernel hands init a console.
@@ -29,7 +33,7 @@ import posixpath
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .image import ImageConfig
+from .image import Healthcheck, ImageConfig
 from .text import is_decimal
 from .tree import CHAR, DIR, Inode, Tree, directory, regular
 
@@ -51,6 +55,46 @@ SIGNALS = {
     "SYS": 31, "UNUSED": 31,
 }
 SIGRTMIN, SIGRTMAX = 34, 64
+DEFAULT_SHELL = ("/bin/sh", "-c")
+# Docker's defaults (moby daemon/health.go), in ms
+HEALTH_INTERVAL_MS, HEALTH_TIMEOUT_MS, HEALTH_START_PERIOD_MS, HEALTH_START_INTERVAL_MS = 30000, 30000, 0, 5000
+HEALTH_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Health:
+    """The health probe the init runs: `argv` exec'd (CMD-SHELL already behind its shell), Docker's
+    defaults applied. The init prints `xbuild: health: healthy|unhealthy` on each change of state."""
+
+    argv: tuple[str, ...]
+    interval_ms: int = HEALTH_INTERVAL_MS
+    timeout_ms: int = HEALTH_TIMEOUT_MS
+    start_period_ms: int = HEALTH_START_PERIOD_MS
+    start_interval_ms: int = HEALTH_START_INTERVAL_MS
+    retries: int = HEALTH_RETRIES
+
+    def records(self) -> list[tuple[str, str]]:
+        return [("health", a) for a in self.argv] + [
+            ("healthinterval", str(self.interval_ms)), ("healthtimeout", str(self.timeout_ms)),
+            ("healthstart", str(self.start_period_ms)), ("healthstartint", str(self.start_interval_ms)),
+            ("healthretries", str(self.retries))]
+
+
+def _ms(ns: int, default_ms: int) -> int:
+    """Nanoseconds (0 = default) as whole milliseconds, rounded up."""
+    return -(-ns // 1_000_000) if ns else default_ms
+
+
+def health_probe(config: ImageConfig, override: Healthcheck | None = None) -> Health | None:
+    """The probe for the image's Healthcheck under `override` (docker run's --health-*/--no-healthcheck,
+    merged field by field as dockerd merges a container's over the image's); None when there is none."""
+    hc = override.merged(config.healthcheck) if override else config.healthcheck
+    if hc is None or not hc.test or hc.disabled:
+        return None
+    argv = hc.test[1:] if hc.test[0] == "CMD" else (config.shell or DEFAULT_SHELL) + hc.test[1:]
+    return Health(argv, _ms(hc.interval_ns, HEALTH_INTERVAL_MS), _ms(hc.timeout_ns, HEALTH_TIMEOUT_MS),
+                  _ms(hc.start_period_ns, HEALTH_START_PERIOD_MS),
+                  _ms(hc.start_interval_ns, HEALTH_START_INTERVAL_MS), hc.retries or HEALTH_RETRIES)
 
 
 @dataclass(frozen=True)
@@ -68,6 +112,7 @@ class GuestConfig:
     root_devices: tuple[str, ...] = ()  # `--format disk`: mount the first of these as / (ext4)
     root_mode: str = "rw"               # ro | rw
     root_wait_s: int = DEFAULT_ROOT_WAIT_S
+    health: Health | None = None        # the image's HEALTHCHECK, if any
 
     def encode(self) -> bytes:
         """`KEY NUL VALUE NUL` records (see init.c's header comment)."""
@@ -82,6 +127,8 @@ class GuestConfig:
         if self.root_devices:
             recs += [("root", d) for d in self.root_devices]
             recs += [("rootmode", self.root_mode), ("rootwait", str(self.root_wait_s))]
+        if self.health:
+            recs += self.health.records()
         out = bytearray()
         for k, v in recs:
             try:
@@ -118,11 +165,16 @@ class GuestConfig:
                 raise ConfigError(f"guest config: {v!r} is not a number")
             return int(v)
 
+        health = Health(tuple(f["health"]), num(one("healthinterval", str(HEALTH_INTERVAL_MS))),
+                        num(one("healthtimeout", str(HEALTH_TIMEOUT_MS))),
+                        num(one("healthstart", str(HEALTH_START_PERIOD_MS))),
+                        num(one("healthstartint", str(HEALTH_START_INTERVAL_MS))),
+                        num(one("healthretries", str(HEALTH_RETRIES)))) if "health" in f else None
         return cls(tuple(f.get("arg", [])), tuple(f.get("env", [])), one("cwd", "/"), num(one("uid", "0")),
                    num(one("gid", "0")), tuple(num(g) for g in f.get("group", [])),
                    num(one("stopsig", "15")), one("hostname", ""), num(one("cmd", "0")),
                    num(one("grace", str(DEFAULT_GRACE_S))), tuple(f.get("root", [])), one("rootmode", "rw"),
-                   num(one("rootwait", str(DEFAULT_ROOT_WAIT_S))))
+                   num(one("rootwait", str(DEFAULT_ROOT_WAIT_S))), health)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -261,8 +313,10 @@ def merge_env(base: list[str], updates: tuple[str, ...] | list[str]) -> list[str
     return env
 
 
-def guest_config(config: ImageConfig, tree: Tree, hostname: str) -> GuestConfig:
-    """Resolve the image config against the image's files into what init runs."""
+def guest_config(config: ImageConfig, tree: Tree, hostname: str,
+                 healthcheck: Healthcheck | None = None) -> GuestConfig:
+    """Resolve the image config against the image's files into what init runs; `healthcheck` overrides
+    the image's as `docker run --health-*` does."""
     argv = tuple(config.entrypoint) + tuple(config.cmd)
     if not argv:
         raise ConfigError("the image has neither Entrypoint nor Cmd: nothing to run")
@@ -276,7 +330,7 @@ def guest_config(config: ImageConfig, tree: Tree, hostname: str) -> GuestConfig:
     cwd = "/" + cwd.lstrip("/")
     return GuestConfig(argv=argv, env=tuple(env), cwd=cwd, uid=uid, gid=gid, groups=groups,
                        stop_signal=parse_signal(config.stop_signal), hostname=hostname,
-                       cmd_index=len(config.entrypoint))
+                       cmd_index=len(config.entrypoint), health=health_probe(config, healthcheck))
 
 
 def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:

@@ -69,9 +69,67 @@ class Descriptor:
     platform: dict[str, Any] | None = field(default=None, compare=False)
 
 
+NS_MAX = (1 << 63) - 1       # Go's time.Duration (int64 nanoseconds): the largest Docker can store
+MAX_ARG_STRLEN = 128 << 10   # Linux refuses an execve word longer than this (E2BIG)
+HEALTH_KINDS = ("NONE", "CMD", "CMD-SHELL")
+
+
+@dataclass(frozen=True)
+class Healthcheck:
+    """The image config's Healthcheck (Docker's HealthConfig), checked as `docker create` checks it.
+
+    `test`: () = none given (inherit), ("NONE",) = disabled, ("CMD", prog, args…), ("CMD-SHELL", command…).
+    Durations are nanoseconds, `retries` a count; 0 means "Docker's default" (30 s interval, 30 s timeout,
+    0 start period, 5 s start interval, 3 retries). A duration must be 0 or at least 1 ms and fit Go's
+    int64; a probe word longer than Linux's MAX_ARG_STRLEN could never be executed: SourceError for all.
+    """
+
+    test: tuple[str, ...] = ()
+    interval_ns: int = 0
+    timeout_ns: int = 0
+    start_period_ns: int = 0
+    start_interval_ns: int = 0
+    retries: int = 0
+
+    def __post_init__(self) -> None:
+        if self.test:
+            if self.test[0] not in HEALTH_KINDS:
+                raise SourceError(f"Healthcheck.Test[0] {self.test[0][:40]!r} is not one of "
+                                  f"{', '.join(HEALTH_KINDS)}")
+            if self.test[0] != "NONE" and (len(self.test) < 2 or not self.test[1]):
+                raise SourceError(f"Healthcheck.Test: {self.test[0]} without a command")
+            long = next((w for w in self.test if len(w.encode("utf-8", "surrogateescape")) > MAX_ARG_STRLEN),
+                        None)
+            if long is not None:
+                raise SourceError(f"Healthcheck.Test: a word of {len(long.encode('utf-8', 'surrogateescape'))}"
+                                  f" bytes (Linux executes words of at most {MAX_ARG_STRLEN})")
+        for name in ("interval_ns", "timeout_ns", "start_period_ns", "start_interval_ns"):
+            v = getattr(self, name)
+            label = "".join(w.capitalize() for w in name[:-3].split("_"))
+            if not 0 <= v <= NS_MAX:
+                raise SourceError(f"Healthcheck.{label} {v} is outside 0..{NS_MAX} ns")
+            if 0 < v < 1_000_000:
+                raise SourceError(f"Healthcheck.{label} {v} ns: Docker refuses less than 1ms (0 = default)")
+        if not 0 <= self.retries <= NS_MAX:
+            raise SourceError(f"Healthcheck.Retries {self.retries} is outside 0..{NS_MAX}")
+
+    @property
+    def disabled(self) -> bool:
+        return self.test[:1] == ("NONE",)
+
+    def merged(self, base: Healthcheck | None) -> Healthcheck:
+        """Docker's merge of a container's Healthcheck over the image's: every empty/0 field is `base`'s."""
+        if base is None:
+            return self
+        return Healthcheck(self.test or base.test, self.interval_ns or base.interval_ns,
+                           self.timeout_ns or base.timeout_ns, self.start_period_ns or base.start_period_ns,
+                           self.start_interval_ns or base.start_interval_ns, self.retries or base.retries)
+
+
 @dataclass(frozen=True)
 class ImageConfig:
-    """The runtime part of the image config (OCI image-spec `config` object)."""
+    """The runtime part of the image config (OCI image-spec `config` object; Healthcheck and Shell are
+    Docker's additions)."""
 
     entrypoint: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
@@ -81,6 +139,8 @@ class ImageConfig:
     stop_signal: str = ""
     exposed_ports: tuple[str, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
+    healthcheck: Healthcheck | None = None
+    shell: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,11 +259,34 @@ def parse_config(raw: bytes, what: str) -> tuple[ImageConfig, list[str], str | N
         entrypoint=strings("Entrypoint"), cmd=strings("Cmd"), env=strings("Env"),
         working_dir=string("WorkingDir"), user=string("User"), stop_signal=string("StopSignal"),
         exposed_ports=tuple(sorted(ports)), labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+        healthcheck=_healthcheck(c.get("Healthcheck"), what), shell=strings("Shell"),
     )
     plat = Platform(str(doc.get("os") or "linux"), str(doc.get("architecture") or "amd64"),
                     doc.get("variant"))
     created = doc.get("created") if isinstance(doc.get("created"), str) else None
     return cfg, [str(d) for d in rootfs["diff_ids"]], created, plat
+
+
+def _healthcheck(h: Any, what: str) -> Healthcheck | None:
+    """config.Healthcheck: null/absent, or an object of Test (strings) and integer durations/retries."""
+    if h is None:
+        return None
+    if not isinstance(h, dict):
+        raise SourceError(f"{what}: config.Healthcheck must be an object")
+    test = h.get("Test") or []
+    if not isinstance(test, list) or not all(isinstance(w, str) for w in test):
+        raise SourceError(f"{what}: config.Healthcheck.Test must be a list of strings")
+    nums = {}
+    for key in ("Interval", "Timeout", "StartPeriod", "StartInterval", "Retries"):
+        v = h.get(key) or 0
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise SourceError(f"{what}: config.Healthcheck.{key} must be an integer")
+        nums[key] = v
+    try:
+        return Healthcheck(tuple(test), nums["Interval"], nums["Timeout"], nums["StartPeriod"],
+                           nums["StartInterval"], nums["Retries"])
+    except SourceError as e:
+        raise SourceError(f"{what}: config.{e}") from None
 
 
 def build_image(ref: ImageRef, manifest_digest: str, manifest: dict[str, Any], config_raw: bytes,

@@ -21,6 +21,10 @@
  *   root      <device>         a root disk candidate (`--format disk`), one per record, tried in order
  *   rootmode  ro|rw            mount the root disk read-only or read-write (rw if absent)
  *   rootwait  <seconds>        how long to wait for a root disk to appear (10 if absent)
+ *   health    <string>         the health probe's argv, one record per word (CMD-SHELL: behind its shell)
+ *   healthinterval, healthtimeout, healthstart, healthstartint <ms>
+ *                              Docker's Interval, Timeout, StartPeriod, StartInterval (defaults filled in)
+ *   healthretries <n>          consecutive failures that make the program unhealthy
  * Unknown keys are ignored, so newer builders can add records.
  *
  * ---- Root disk (`--format disk`) ----
@@ -34,6 +38,8 @@
  *   xbuild.env=KEY=VALUE       add or replace a variable of the program's env; xbuild.env=KEY removes it
  *   xbuild.grace=S             stop grace period in seconds
  *   xbuild.hostname=NAME       override the hostname
+ *   xbuild.health.interval=S, .timeout=S, .start_period=S, .start_interval=S, .retries=N
+ *                              override the health probe's timing (seconds), as docker run's --health-*
  *   -- WORD...                 replace Cmd (Entrypoint is kept), like `docker run IMAGE WORD...`
  * Plain KEY=VALUE words that the kernel hands to init as environment are ignored: the program's env is
  * the config's (plus xbuild.env).
@@ -44,6 +50,18 @@
  *   xbuild: killed by signal <N> (<NAME>)   the program died of signal N
  *   xbuild: error: <message>                a failure before exec; followed by `exit status` 125 (setup),
  *                                           126 (cannot execute) or 127 (not found), as docker run uses
+ *   xbuild: health: healthy|unhealthy       the health state changed (only with a `health` probe)
+ *   xbuild: health: probe ...               on becoming unhealthy: how the last probe ended and its output
+ *
+ * ---- Health probe (the image's HEALTHCHECK, as moby's daemon/health.go runs it) ----
+ * The state starts as "starting". The first probe runs one interval after the program started; each next
+ * one an interval after the previous ended (StartInterval instead while still starting inside the start
+ * period). A probe runs like `docker exec`: the program's user, groups, working directory and
+ * environment, stdin /dev/null, its own session; stdout and stderr go to a pipe (the first 4096 bytes
+ * are kept, as Docker keeps them). It is SIGKILLed (its whole process group) past Timeout, which counts
+ * as a failure. Exit 0 makes the state healthy and resets the failure streak; any other end is a
+ * failure, not counted while the state is still starting and the probe began inside StartPeriod;
+ * `retries` consecutive counted failures make it unhealthy. No probe starts once a stop was requested.
  *
  * ---- Shutdown ----
  * The program exiting ends the guest: every other process is killed, the status line printed, the
@@ -250,12 +268,15 @@ static void __attribute__((noreturn)) power_off(void)
 		pause();
 }
 
+/* Prefix of a failure line: the program's are console markers, a health probe's are its output. */
+static const char *fail_prefix = "xbuild: error: ";
+
 /* The one `xbuild: error: ...` line of a failure before exec. */
 static void error_line(const char *fmt, va_list ap)
 {
 	char msg[768];
 	vsnprintf(msg, sizeof msg, fmt, ap);
-	out("xbuild: error: %s\n", msg);
+	out("%s%s\n", fail_prefix, msg);
 }
 
 /* A failure in init itself (before the program runs): one error line, a status line, power off. */
@@ -384,7 +405,10 @@ static struct {
 	struct strv roots;
 	int root_ro;
 	int rootwait;
-} cfg = { .cwd = "/", .stopsig = SIGTERM, .grace = 10, .rootwait = 10 };
+	struct strv health;
+	long long h_interval, h_timeout, h_start, h_startint, h_retries; /* ms, ms, ms, ms, count */
+} cfg = { .cwd = "/", .stopsig = SIGTERM, .grace = 10, .rootwait = 10,
+	  .h_interval = 30000, .h_timeout = 30000, .h_start = 0, .h_startint = 5000, .h_retries = 3 };
 
 static long parse_num(const char *key, const char *v)
 {
@@ -446,6 +470,18 @@ static void read_config(void)
 			cfg.root_ro = !strcmp(val, "ro");
 		} else if (!strcmp(key, "rootwait")) {
 			cfg.rootwait = parse_num(key, val);
+		} else if (!strcmp(key, "health")) {
+			strv_push(&cfg.health, val);
+		} else if (!strcmp(key, "healthinterval")) {
+			cfg.h_interval = parse_num(key, val);
+		} else if (!strcmp(key, "healthtimeout")) {
+			cfg.h_timeout = parse_num(key, val);
+		} else if (!strcmp(key, "healthstart")) {
+			cfg.h_start = parse_num(key, val);
+		} else if (!strcmp(key, "healthstartint")) {
+			cfg.h_startint = parse_num(key, val);
+		} else if (!strcmp(key, "healthretries")) {
+			cfg.h_retries = parse_num(key, val);
 		}
 	}
 	if (first)
@@ -454,6 +490,8 @@ static void read_config(void)
 		cfg.stopsig = SIGTERM;
 	if (cfg.cmd_index > cfg.argv.n)
 		cfg.cmd_index = cfg.argv.n;
+	if (cfg.h_retries <= 0)
+		cfg.h_retries = 3;
 }
 
 /* Add, replace (KEY=VALUE) or remove (KEY) a variable. */
@@ -536,6 +574,22 @@ static void apply_cmdline(struct strv *words)
 				cfg.grace = g;
 		} else if (!strncmp(w, "xbuild.hostname=", 16)) {
 			cfg.hostname = w + 16;
+		} else if (!strncmp(w, "xbuild.health.", 14)) {
+			static const struct { const char *name; long long *v; long long unit; } keys[] = {
+				{ "interval=", &cfg.h_interval, 1000 }, { "timeout=", &cfg.h_timeout, 1000 },
+				{ "start_period=", &cfg.h_start, 1000 }, { "start_interval=", &cfg.h_startint, 1000 },
+				{ "retries=", &cfg.h_retries, 1 },
+			};
+			for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+				size_t kl = strlen(keys[k].name);
+				if (strncmp(w + 14, keys[k].name, kl))
+					continue;
+				char *end;
+				errno = 0;
+				long long v = strtoll(w + 14 + kl, &end, 10);
+				if (!errno && end != w + 14 + kl && !*end && v >= 0 && v <= 1000000000LL)
+					*keys[k].v = v * keys[k].unit;
+			}
 		}
 	}
 	if (cmd.n) {
@@ -734,7 +788,9 @@ static void __attribute__((noreturn)) child_fail(int status, const char *fmt, ..
 	_exit(status);
 }
 
-static void __attribute__((noreturn)) run_program(void)
+/* In a child of init: become what `docker run` makes of the image (signals, session, umask, stdin,
+ * working directory, user and groups), as the program and each health probe run. */
+static void enter_container(void)
 {
 	sigset_t none;
 	sigemptyset(&none);
@@ -765,23 +821,157 @@ static void __attribute__((noreturn)) run_program(void)
 	/* as runc: retry the chdir as the user (a directory only the user may enter) */
 	if (!cwd_ok && chdir(cwd) < 0)
 		child_fail(EXIT_SETUP, "cannot change to working directory %s: %s", cwd, strerror(cwd_err));
+}
 
-	if (cfg.argv.n == 0)
+/* Exec `argv` with the program's environment, found on its PATH; `marker`: print the exec line first. */
+static void __attribute__((noreturn)) exec_argv(struct strv *argv, int marker)
+{
+	if (argv->n == 0)
 		child_fail(EXIT_SETUP, "no command: the image has neither Entrypoint nor Cmd");
 	const char *path_env = env_get(&cfg.env, "PATH");
-	const char *name = cfg.argv.v[0];
+	const char *name = argv->v[0];
 	char *prog = look_path(name, path_env ? path_env : DEFAULT_PATH);
 	if (!prog)
 		child_fail(EXIT_NOTFOUND, "%s: executable file not found in $PATH", name);
 
-	out("xbuild: exec %s at %lluus\n", prog, boot_us());
-	execve(prog, cfg.argv.v, cfg.env.v);
+	if (marker)
+		out("xbuild: exec %s at %lluus\n", prog, boot_us());
+	execve(prog, argv->v, cfg.env.v);
 	int e = errno;
 	struct stat st;
 	if (e == ENOENT && stat(prog, &st) == 0)
 		child_fail(EXIT_NOTFOUND, "%s: no such file or directory (its interpreter or dynamic loader is missing)",
 			   prog);
 	child_fail(e == ENOENT ? EXIT_NOTFOUND : EXIT_NOEXEC, "%s: %s", prog, strerror(e));
+}
+
+/* ---------------------------------------------------------------------------------- health probe */
+
+enum { H_STARTING = 1, H_HEALTHY, H_UNHEALTHY };
+static const char *const hstate_name[] = { "none", "starting", "healthy", "unhealthy" };
+
+static struct {
+	int state;                  /* 0: no probe configured */
+	long long started;          /* when the program started (ms, CLOCK_MONOTONIC) */
+	long long next;             /* when the next probe starts (no probe running) */
+	long long probe_start, deadline;
+	long long streak;           /* consecutive counted failures */
+	pid_t pid;                  /* the running probe, 0 if none */
+	int fd, timed_out, truncated;
+	size_t len;
+	char out[4096];             /* Docker's maxOutputLen */
+} hl = { .fd = -1 };
+
+/* Time until the next probe (moby's getInterval; a probe is never scheduled past the start period's
+ * end unless the state is still starting, when StartInterval applies). */
+static long long health_interval(void)
+{
+	long long elapsed = now_ms() - hl.started;
+	if (elapsed >= cfg.h_start)
+		return cfg.h_interval;
+	if (hl.state == H_STARTING)
+		return cfg.h_startint;
+	long long left = cfg.h_start - elapsed;
+	return left < cfg.h_interval ? left : cfg.h_interval;
+}
+
+static void health_read(void)
+{
+	char buf[1024];
+	for (;;) {
+		ssize_t r = read(hl.fd, buf, sizeof buf);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			if (r == 0 || errno != EAGAIN) {
+				close(hl.fd);
+				hl.fd = -1;
+			}
+			return;
+		}
+		size_t keep = sizeof hl.out - hl.len < (size_t)r ? sizeof hl.out - hl.len : (size_t)r;
+		memcpy(hl.out + hl.len, buf, keep);
+		hl.len += keep;
+		if (keep < (size_t)r)
+			hl.truncated = 1;
+	}
+}
+
+static void health_start(void)
+{
+	int p[2];
+	hl.len = 0;
+	hl.truncated = hl.timed_out = 0;
+	hl.probe_start = now_ms();
+	hl.deadline = hl.probe_start + cfg.h_timeout;
+	if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) {
+		DBG("health: pipe: %s\n", strerror(errno));
+		return;
+	}
+	pid_t pid = fork();
+	if (pid == 0) {
+		fail_prefix = "";
+		int fl = fcntl(p[1], F_GETFL);
+		fcntl(p[1], F_SETFL, fl & ~O_NONBLOCK);
+		dup2(p[1], 1);
+		dup2(p[1], 2);
+		enter_container();
+		exec_argv(&cfg.health, 0);
+	}
+	close(p[1]);
+	if (pid < 0) {
+		DBG("health: fork: %s\n", strerror(errno));
+		close(p[0]);
+		return;
+	}
+	hl.pid = pid;
+	hl.fd = p[0];
+	DBG("health: probe %d started\n", (int)pid);
+}
+
+/* A probe ended (`st` from waitpid; -1: it could not start): update the state as handleProbeResult. */
+static void health_result(int st)
+{
+	if (hl.fd >= 0) {
+		health_read();
+		if (hl.fd >= 0) {   /* something the probe started still holds the pipe */
+			close(hl.fd);
+			hl.fd = -1;
+		}
+	}
+	int ok = !hl.timed_out && st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+	int old = hl.state;
+	if (ok) {
+		hl.streak = 0;
+		hl.state = H_HEALTHY;
+	} else if (!(hl.state == H_STARTING && hl.probe_start - hl.started < cfg.h_start)) {
+		if (++hl.streak >= cfg.h_retries)
+			hl.state = H_UNHEALTHY;
+	}
+	DBG("health: probe ended (%s, streak %lld)\n", ok ? "ok" : "failed", hl.streak);
+	if (hl.state != old) {
+		out("xbuild: health: %s\n", hstate_name[hl.state]);
+		if (hl.state == H_UNHEALTHY) {
+			if (hl.timed_out)
+				out("xbuild: health: probe timed out after %lldms\n", cfg.h_timeout);
+			else if (st == -1)
+				out("xbuild: health: probe could not start\n");
+			else if (WIFSIGNALED(st))
+				out("xbuild: health: probe killed by signal %d (%s)\n", WTERMSIG(st), signame(WTERMSIG(st)));
+			else
+				out("xbuild: health: probe exit status %d\n", WEXITSTATUS(st));
+			for (size_t i = 0; i < hl.len;) {
+				size_t e = i;
+				while (e < hl.len && hl.out[e] != '\n')
+					e++;
+				out("xbuild: health: probe: %.*s%s\n", (int)(e - i), hl.out + i,
+				    e >= hl.len && hl.truncated ? "..." : "");
+				i = e + 1;
+			}
+		}
+	}
+	hl.pid = 0;
+	hl.next = now_ms() + health_interval();
 }
 
 /* ----------------------------------------------------------------------------------------- main */
@@ -842,6 +1032,11 @@ int main(int argc, char **argv)
 			DBG("env %s\n", cfg.env.v[i]);
 		DBG("cwd %s uid %u gid %u groups %d stopsig %d grace %ds\n", cfg.cwd, (unsigned)cfg.uid,
 		    (unsigned)cfg.gid, cfg.ngroups, cfg.stopsig, cfg.grace);
+		for (int i = 0; i < cfg.health.n; i++)
+			DBG("health[%d] = %s\n", i, cfg.health.v[i]);
+		if (cfg.health.n)
+			DBG("health interval %lldms timeout %lldms start period %lldms start interval %lldms retries %lld\n",
+			    cfg.h_interval, cfg.h_timeout, cfg.h_start, cfg.h_startint, cfg.h_retries);
 	}
 
 	pid_t child = fork();
@@ -849,25 +1044,53 @@ int main(int argc, char **argv)
 		die(EXIT_SETUP, "fork: %s", strerror(errno));
 	if (child == 0) {
 		close(sfd);
-		run_program();
+		enter_container();
+		exec_argv(&cfg.argv, 1);
+	}
+	if (cfg.health.n) {
+		hl.state = H_STARTING;
+		hl.started = now_ms();
+		hl.next = hl.started + health_interval();
 	}
 
 	int status = 0, done = 0, killed = 0;
 	long long deadline = -1;
 	while (!done) {
-		struct pollfd pfd[5];
+		struct pollfd pfd[6];
 		int n = 0;
 		pfd[n++] = (struct pollfd){ .fd = sfd, .events = POLLIN };
 		for (int i = 0; i < nbuttons; i++)
 			pfd[n++] = (struct pollfd){ .fd = buttons[i], .events = POLLIN };
+		int nwatch = n;
+		if (hl.fd >= 0)
+			pfd[n++] = (struct pollfd){ .fd = hl.fd, .events = POLLIN };
+		/* wake for the stop deadline, the next probe (none once stopping) or the running probe's timeout */
+		long long wake = deadline;
+		long long hwake = !hl.state || deadline >= 0 ? -1 : hl.pid ? (hl.timed_out ? -1 : hl.deadline) : hl.next;
+		if (hwake >= 0 && (wake < 0 || hwake < wake))
+			wake = hwake;
 		int timeout = -1;
-		if (deadline >= 0) {
-			long long left = deadline - now_ms();
-			timeout = left < 0 ? 0 : (int)left;
+		if (wake >= 0) {
+			long long left = wake - now_ms();
+			timeout = left < 0 ? 0 : left > 1000000000LL ? 1000000000 : (int)left;
 		}
 		int r = poll(pfd, n, timeout);
 		if (r < 0 && errno != EINTR)
 			die(EXIT_SETUP, "poll: %s", strerror(errno));
+		if (n > nwatch && pfd[nwatch].revents)
+			health_read();
+		if (hl.state && deadline < 0) {
+			if (!hl.pid && now_ms() >= hl.next) {
+				health_start();
+				if (!hl.pid)
+					health_result(-1);
+			} else if (hl.pid && !hl.timed_out && now_ms() >= hl.deadline) {
+				DBG("health: probe %d timed out\n", (int)hl.pid);
+				kill(-hl.pid, SIGKILL);
+				kill(hl.pid, SIGKILL);
+				hl.timed_out = 1;
+			}
+		}
 		int stop = 0;
 		if (deadline >= 0 && now_ms() >= deadline) {
 			if (killed) {
@@ -880,7 +1103,7 @@ int main(int argc, char **argv)
 			killed = 1;
 			deadline = now_ms() + 5000;
 		}
-		for (int i = 1; i < n; i++) {
+		for (int i = 1; i < nwatch; i++) {
 			struct evdev_event ev;
 			while (pfd[i].revents && read(pfd[i].fd, &ev, sizeof ev) == (ssize_t)sizeof ev)
 				if (ev.type == EV_KEY && ev.code == KEY_POWER && ev.value == 1)
@@ -913,6 +1136,8 @@ int main(int argc, char **argv)
 			if (p == child) {
 				status = st;
 				done = 1;
+			} else if (p == hl.pid) {
+				health_result(st);
 			}
 		}
 	}

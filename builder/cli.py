@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -21,15 +22,15 @@ from .cache import parse_size
 from .cache_cli import cache_cmd
 from .cpio import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
-from .errors import BadInput, XbuildError
+from .errors import BadInput, SourceError, XbuildError
 from .host import apt_line, check, missing_packages
-from .image import Platform
+from .image import Healthcheck, Platform
 from .kernel_cli import kernel
 from .minimize import MODES
 from .options import DEFAULT_XEN_TYPE, VERIFY_HYPERVISORS, Hypervisor, XenType, choices
 from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd
 from .run_cli import run_cmd
-from .verify import verify_artifact
+from .verify import plan, skip_reason, verify_artifact
 
 
 class _DefaultBuild(click.Group):
@@ -112,9 +113,22 @@ def main() -> None:
 @click.option("--disk-mode", type=click.Choice(DISK_MODES), help="The guest mounts its disk rw or ro [rw].")
 @click.option("--max-layer-size", metavar="SIZE",
               help="Refuse a layer whose tar expands past SIZE (e.g. 64G) [$XBUILD_MAX_LAYER_SIZE or 16G].")
-@click.option("--verify", is_flag=True, help="Boot the result under QEMU and run the recipe's smoke test.")
+@click.option("--verify/--no-verify", default=None,
+              help="Boot the result under QEMU and check the recipe's smoke test and the image's HEALTHCHECK "
+                   "[on when it has one of them; --verify without them: the entrypoint must exit 0].")
 @click.option("--verify-on", type=click.Choice(choices(VERIFY_HYPERVISORS)),
               help="Verify under this hypervisor instead (implies --verify; xen-nested: the nested Xen rig).")
+@click.option("--health-cmd", metavar="CMD", help="Health probe, run with /bin/sh -c (the image's Shell) "
+              "[the image's HEALTHCHECK].")
+@click.option("--health-interval", metavar="DURATION", help="Time between probes, e.g. 30s, 1m30s [30s].")
+@click.option("--health-timeout", metavar="DURATION", help="A probe running longer is killed [30s].")
+@click.option("--health-start-period", metavar="DURATION",
+              help="Failures inside it do not count until the first success [0s].")
+@click.option("--health-start-interval", metavar="DURATION",
+              help="Time between probes in the start period [5s].")
+@click.option("--health-retries", type=click.IntRange(0), metavar="N",
+              help="Consecutive failures that make the guest unhealthy [3].")
+@click.option("--no-healthcheck", is_flag=True, help="Disable the image's HEALTHCHECK.")
 @click.option("--push", "push_ref", metavar="REF", help="Push the artifact to an OCI registry when built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
@@ -122,10 +136,15 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
               minimize: str,
               recipe: str | None, kernel_opt: str, memory: int | None, xen_type: str, hostname: str | None,
               fmt: str, disk_format: str | None, disk_size: str | None, disk_mode: str | None,
-              max_layer_size: str | None, verify: bool,
-              verify_on: str | None, push_ref: str | None, as_json: bool, quiet: bool) -> None:
-    """Build IMAGE into an artifact directory."""
+              max_layer_size: str | None, verify: bool | None,
+              verify_on: str | None, health_cmd: str | None, health_interval: str | None,
+              health_timeout: str | None, health_start_period: str | None, health_start_interval: str | None,
+              health_retries: int | None, no_healthcheck: bool,
+              push_ref: str | None, as_json: bool, quiet: bool) -> None:
+    """Build IMAGE into an artifact directory, then verify it when it knows how (see --verify)."""
     comp, level = _compression(compression)
+    healthcheck = _healthcheck(health_cmd, health_interval, health_timeout, health_start_period,
+                               health_start_interval, health_retries, no_healthcheck)
     if fmt != "disk":
         given = [n for n, v in (("--disk-format", disk_format), ("--disk-size", disk_size),
                                 ("--disk-mode", disk_mode)) if v is not None]
@@ -141,10 +160,14 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
                         disk_size=_disk_size(disk_size), disk_mode=disk_mode or "rw",
                         max_layer_size=parse_size(max_layer_size, "--max-layer-size") if max_layer_size
                         else None,
-                        progress=_progress(not silent), log=say)
+                        healthcheck=healthcheck, progress=_progress(not silent), log=say)
     art = build(image, opts)
     if verify or verify_on:
         say(verify_artifact(art, say, verify_on or Hypervisor.QEMU))
+    elif verify is None and (checks := plan(art)):
+        reason = skip_reason(art)
+        say(f"verify: skipped: {reason} (it would check {' and '.join(checks)})" if reason
+            else verify_artifact(art, say))
     if push_ref:
         from .publish import push
 
@@ -172,6 +195,51 @@ def explain_cmd(artifact: Path, path: str) -> None:
     from .explain import explain
 
     click.echo(explain(open_artifact(artifact).manifest.minimize, path))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_NS = {"ns": 1, "us": 1000, "µs": 1000, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+def parse_duration(text: str, flag: str) -> int:
+    """A Go duration (docker run's --health-* values: 30s, 1m30s, 1.5h, 250ms, 0) in nanoseconds."""
+    if text == "0":
+        return 0
+    pos, total = 0, 0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += int(float(m.group(1)) * _UNIT_NS[m.group(2)])
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise BadInput(f"{flag} {text!r}: expected a duration like 30s, 1m30s or 500ms")
+    return total
+
+
+def _healthcheck(cmd: str | None, interval: str | None, timeout: str | None, start_period: str | None,
+                 start_interval: str | None, retries: int | None, none: bool) -> Healthcheck | None:
+    """docker run's --health-* / --no-healthcheck as a Healthcheck to merge over the image's (None: none
+    given)."""
+    given = [f for f, v in (("--health-cmd", cmd), ("--health-interval", interval),
+                            ("--health-timeout", timeout), ("--health-start-period", start_period),
+                            ("--health-start-interval", start_interval), ("--health-retries", retries))
+             if v is not None]
+    if none:
+        if given:
+            raise BadInput(f"--no-healthcheck conflicts with {given[0]}")
+        return Healthcheck(("NONE",))
+    if not given:
+        return None
+    if cmd == "":
+        raise BadInput("--health-cmd: an empty command")
+    ns = {f: parse_duration(v, f) if v is not None else 0
+          for f, v in (("--health-interval", interval), ("--health-timeout", timeout),
+                       ("--health-start-period", start_period), ("--health-start-interval", start_interval))}
+    try:
+        return Healthcheck(("CMD-SHELL", cmd) if cmd else (), ns["--health-interval"], ns["--health-timeout"],
+                           ns["--health-start-period"], ns["--health-start-interval"], retries or 0)
+    except SourceError as e:
+        raise BadInput(f"--health-* options: {e}") from None
 
 
 def _disk_size(text: str | None) -> int | None:

@@ -43,17 +43,18 @@ _PATH_HINT = re.compile(rb"(/[\w.+@%=,:~-]+(?:/[\w.+@%=,:~-]+)+)")
 _NAME_HINTS = (
     re.compile(rb"error while loading shared libraries: ([^:\s]+)"),
     re.compile(rb"No module named '([\w.]+)'"),
-    re.compile(rb"(?:^|\s)([\w.+-]+): (?:command )?not found"),
+    re.compile(rb"(?:^|\s)([\w.+-]+): (?:command |executable file )?not found"),
     re.compile(rb"can't load library '([^']+)'"),
 )
 _FAILURE_WORDS = (b"No such file", b"not found", b"cannot open", b"can't open", b"Cannot open",
                   b"failed to open", b"could not open", b"No module named", b"error while loading")
 
 
-def likely_missing(section: dict[str, Any] | None, console: bytes, limit: int = 10) -> list[str]:
-    """Dropped files that a failed guest's console output points at (for `--verify` failures): paths
-    and library/module/command names on lines that report a missing file, matched against the
-    report's dropped paths. Each item reads '/path (dropped: reason)'."""
+def likely_missing(section: dict[str, Any] | None, console: bytes, limit: int = 10) -> list[tuple[str, str]]:
+    """Dropped files that a failed guest's console output points at (for verify failures): paths
+    and library/module/command names on lines that report a missing file (the shell's and the init's
+    "not found", exit 127, "No such file", "cannot open shared object file"…), matched against the
+    report's dropped paths. Each item is (path, the reason it was dropped)."""
     paths = (section or {}).get("paths")
     paths = paths if isinstance(paths, dict) else {}
     dropped = {p: v[1] for p, v in paths.items() if isinstance(v, list) and len(v) > 1 and v[0] == "dropped"}
@@ -81,4 +82,4 @@ def likely_missing(section: dict[str, Any] | None, console: bytes, limit: int = 
                             add(p)
                 for p in by_base.get(name, []):
                     add(p)
-    return [f"{p} (dropped: {dropped[p]})" for p in found[:limit]]
+    return [(p, dropped[p]) for p in found[:limit]]

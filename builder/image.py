@@ -98,11 +98,10 @@ class Healthcheck:
                                   f"{', '.join(HEALTH_KINDS)}")
             if self.test[0] != "NONE" and (len(self.test) < 2 or not self.test[1]):
                 raise SourceError(f"Healthcheck.Test: {self.test[0]} without a command")
-            long = next((w for w in self.test if len(w.encode("utf-8", "surrogateescape")) > MAX_ARG_STRLEN),
-                        None)
-            if long is not None:
-                raise SourceError(f"Healthcheck.Test: a word of {len(long.encode('utf-8', 'surrogateescape'))}"
-                                  f" bytes (Linux executes words of at most {MAX_ARG_STRLEN})")
+            longest = max(len(w.encode("utf-8", "surrogateescape")) for w in self.test)
+            if longest > MAX_ARG_STRLEN:
+                raise SourceError(f"Healthcheck.Test: a word of {longest} bytes (Linux executes words of "
+                                  f"at most {MAX_ARG_STRLEN})")
         for name in ("interval_ns", "timeout_ns", "start_period_ns", "start_interval_ns"):
             v = getattr(self, name)
             label = "".join(w.capitalize() for w in name[:-3].split("_"))

@@ -103,17 +103,29 @@ def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[st
     memory = memory or art.manifest.guest.memory_mb
     result = _boot(art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel,
                    icount, xen_type)
+    health = health_state(art, result)
     report = {"hypervisor": hypervisor, "exit_status": result.exit_status, "signal": result.signal,
-              "boot_ms": result.boot_ms, "launch_to_exec_s": result.launch_to_exec_s, "error": result.error}
+              "boot_ms": result.boot_ms, "launch_to_exec_s": result.launch_to_exec_s, "error": result.error,
+              "health": health}
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         if result.boot_us is not None:
             launch = f", {result.launch_to_exec_s:.2f} s from launch" if result.launch_to_exec_s else ""
             log(f"booted to exec in {result.boot_ms:.0f} ms guest time{launch} ({hypervisor})")
+        if health != "none":
+            log(f"health: {health} (last state of the image's HEALTHCHECK)")
     if result.exit_status is None:
         raise RunError(f"the guest ended without an exit status{': ' + result.error if result.error else ''}")
     sys.exit(result.exit_status)
+
+
+def health_state(art: Artifact, result: RunResult) -> str:
+    """none (the artifact has no health probe), starting (no probe decided yet), healthy or unhealthy
+    (the last state the init reported on the console)."""
+    if art.manifest.guest.health is None:
+        return "none"
+    return result.health or "starting"
 
 
 def _boot(art: Artifact, hypervisor: str, ports: list[tuple[int, int]], memory: int, timeout: float | None,

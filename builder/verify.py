@@ -1,11 +1,23 @@
-"""`--verify`: boot a built artifact under QEMU (or nested Xen) and run its recipe's smoke test against it.
+"""Proof by booting: `xbuild IMAGE` verifies its result when it knows how, `--verify` always.
 
-A failure is a VerifyError naming the likely missing files (from the console and the minimize report).
+`plan(art)` says what a verification of the artifact checks: its recipe's smoke test and/or the image's
+HEALTHCHECK (the init's health probe). A build verifies by default when the plan is not empty
+(`--no-verify` skips it); `skip_reason` says why it cannot (no kernel in the artifact, no QEMU): one line,
+not an error. `--verify` forces a boot even without a plan (then the entrypoint must exit 0).
+
+`verify_artifact` boots the artifact under QEMU (or the nested Xen rig), runs the smoke test, then waits
+for the health probe's verdict: the init reports `xbuild: health: healthy|unhealthy`; under verify the
+probe runs every second (`xbuild.health.interval=1`, `.start_interval=1`) and failures start counting only
+after a start period of at least VERIFY_START_PERIOD_S (a slow emulated boot is not a sick program), so a
+healthy program is found within a second of being ready and a sick one after the start period plus its
+retries. A failure is a VerifyError (exit 1) naming the files minimize dropped that the console points
+at (`explain.likely_missing`: not found / No such file / cannot open shared object / exit 127 lines).
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import threading
 import time
@@ -17,14 +29,16 @@ from .errors import XbuildError
 from .explain import likely_missing
 from .options import VERIFY_HYPERVISORS, Accel, Hypervisor, choices
 from .recipes import Recipe, load_recipe, smoke_test
-from .run.console import RunResult
-from .run.qemu import Qemu, choose_accel
+from .run.console import HEALTH_RE, RunResult
+from .run.qemu import QEMU, Qemu, choose_accel
 
 NESTED_SLACK_S = 90
+VERIFY_START_PERIOD_S = 60      # failures of the health probe count only after this (or the image's)
+HEALTH_WAIT_MAX_S = 600         # the longest verify waits for a health verdict
 
 
 class VerifyError(XbuildError):
-    """The booted guest failed its smoke test."""
+    """The booted guest failed its smoke test or its HEALTHCHECK (exit 1)."""
 
 
 def free_port() -> int:
@@ -33,29 +47,72 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def plan(art: Artifact) -> list[str]:
+    """What verifying `art` checks: 'the recipe NAME smoke test (KIND)', 'the image's HEALTHCHECK'."""
+    guest = art.manifest.guest
+    recipe = load_recipe(guest.recipe) if guest.recipe else None
+    out = [f"the recipe {recipe.name} smoke test ({recipe.smoke.kind})"] if recipe and recipe.smoke else []
+    return out + (["the image's HEALTHCHECK"] if guest.health else [])
+
+
+def skip_reason(art: Artifact, hypervisor: str = Hypervisor.QEMU) -> str | None:
+    """Why `art` cannot be booted here (None: it can)."""
+    if not art.has_kernel:
+        return "the artifact has no kernel (--kernel none)"
+    if hypervisor == Hypervisor.QEMU and shutil.which(QEMU) is None:
+        return f"{QEMU} is not installed (Debian: qemu-system-x86)"
+    return None
+
+
+def _health_args(art: Artifact) -> tuple[list[str], float]:
+    """The probe's command-line overrides under verify and how long a verdict may take (seconds)."""
+    h = art.manifest.guest.health
+    if h is None:
+        return [], 0.0
+    start_s = max(-(-h.start_period_ms // 1000), VERIFY_START_PERIOD_S)
+    timeout_s = h.timeout_ms / 1000
+    wait = min(start_s + h.retries * (1 + timeout_s) + 5, HEALTH_WAIT_MAX_S)
+    return ["xbuild.health.interval=1", "xbuild.health.start_interval=1",
+            f"xbuild.health.start_period={start_s}"], wait
+
+
+def _health_verdict(console: io.BytesIO, waiter: threading.Thread, deadline: float) -> str | None:
+    """The first health state the init reports (None: the guest ended or `deadline` passed first)."""
+    while True:
+        m = next((m for m in map(HEALTH_RE.search, console.getvalue().splitlines()) if m), None)
+        if m:
+            return m["state"].decode()
+        if not waiter.is_alive() or time.monotonic() >= deadline:
+            return None
+        waiter.join(0.25)
+
+
 def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
                     hypervisor: str = Hypervisor.QEMU) -> str:
-    """Boot `art` under `hypervisor` (qemu, or xen-nested as the artifact's xen_type) and check its
-    recipe's smoke test; return a one-line verdict or raise VerifyError."""
+    """Boot `art` under `hypervisor` (qemu, or xen-nested as the artifact's xen_type), check its recipe's
+    smoke test and its HEALTHCHECK (the entrypoint's exit status 0 when it has neither); return a
+    one-line verdict or raise VerifyError."""
     guest = art.manifest.guest
     name = guest.recipe
     recipe: Recipe | None = load_recipe(name) if name else None
-    if not art.has_kernel:
-        raise VerifyError(f"{art.path}: --verify needs a kernel in the artifact (built with --kernel none?)")
+    reason = skip_reason(art, hypervisor)
+    if reason:
+        raise VerifyError(f"{art.path}: cannot verify: {reason}")
     if hypervisor not in choices(VERIFY_HYPERVISORS):
         raise VerifyError(f"cannot verify under {hypervisor!r}: choose from "
                           f"{', '.join(choices(VERIFY_HYPERVISORS))}")
     smoke = recipe.smoke if recipe else None
+    health_args, health_wait = _health_args(art)
     ports = [(free_port(), p) for p in (recipe.guest_ports if recipe else ())]
     console = io.BytesIO()
     memory = max(guest.memory_mb, 64)
     # the nested rig boots Xen and dom0 (~10 s under TCG) before the guest
     slack = NESTED_SLACK_S if hypervisor == Hypervisor.XEN_NESTED else 0
-    limit = (smoke.timeout if smoke else 60) + 30 + slack
+    limit = (smoke.timeout if smoke else 60) + health_wait + 30 + slack
     stop = threading.Event()
     result: list[Any] = []
     xen_type = guest.xen_type
-    qemu = Qemu.for_artifact(art, ports=ports, memory_mb=memory, console=console,
+    qemu = Qemu.for_artifact(art, ports=ports, memory_mb=memory, console=console, kernel_args=health_args,
                              accel=choose_accel(Accel.AUTO, art.kernel, False), network=bool(ports)) \
         if hypervisor == Hypervisor.QEMU else None
 
@@ -65,7 +122,7 @@ def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
         try:
             result.append(qemu.wait(limit, stop_event=stop) if qemu else
                           run_nested(art, xen_type, memory, limit, console=console, ports=ports,
-                                     stop_event=stop))
+                                     kernel_args=health_args, stop_event=stop))
         except XbuildError as e:
             result.append(e)
 
@@ -73,31 +130,52 @@ def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
     if qemu:
         qemu.start()
 
-    log(f"verify: booting {art.path} under {where}" + (f" (smoke test: {smoke.kind})" if smoke else ""))
+    checks = plan(art)
+    log(f"verify: booting {art.path} under {where}" + (f" ({', '.join(checks)})" if checks else ""))
     waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
+    verdicts: list[str] = []
     try:
-        if recipe is None or smoke is None:
+        if smoke is None and guest.health is None:
             waiter.join()
             status = result[0].exit_status if result and isinstance(result[0], RunResult) else None
             ok = status == 0
-            msg = f"entrypoint exit status {status}"
-        elif smoke.kind == "console":
-            waiter.join(smoke.timeout + slack)
-            ok, msg = smoke_test(recipe, console.getvalue())
+            verdicts.append(f"entrypoint exit status {status}")
         else:
-            ok, msg = smoke_test(recipe, b"", {guest_port: host for host, guest_port in ports},
-                                 deadline=time.monotonic() + smoke.timeout + slack)
+            ok = True
+            if recipe is not None and smoke is not None:
+                if smoke.kind == "console":
+                    waiter.join(smoke.timeout + slack)
+                    ok, msg = smoke_test(recipe, console.getvalue())
+                else:
+                    ok, msg = smoke_test(recipe, b"", {guest_port: host for host, guest_port in ports},
+                                         deadline=time.monotonic() + smoke.timeout + slack)
+                verdicts.append(msg)
+            if ok and guest.health is not None:
+                state = _health_verdict(console, waiter, time.monotonic() + health_wait + slack)
+                ok = state == "healthy"
+                verdicts.append(f"HEALTHCHECK {state}" if state else
+                                "HEALTHCHECK gave no verdict" + (" (the guest ended first)"
+                                                                 if not waiter.is_alive() else ""))
     finally:
         if waiter.is_alive():
             stop.set()
             waiter.join(60)
         if qemu:
             qemu.kill()
+    msg = "; ".join(verdicts)
     if result and isinstance(result[0], XbuildError) and not ok:
         msg += f" ({result[0]})"
     if not ok:
-        missing = likely_missing(art.manifest.minimize, console.getvalue())
-        hint = f"; likely missing: {', '.join(missing)}" if missing else ""
-        raise VerifyError(f"verify failed for {art.path}: {msg}{hint}")
+        raise VerifyError(f"verify failed for {art.path}: {msg}{dropped_hint(art, console.getvalue())}")
     return f"verify: passed ({msg})"
+
+
+def dropped_hint(art: Artifact, console: bytes) -> str:
+    """'; dropped by minimize: /p (reason), …; keep …' for the dropped files a failed boot's console
+    points at ('' when it points at none)."""
+    items = [f"{path} ({reason})" for path, reason in likely_missing(art.manifest.minimize, console)]
+    if not items:
+        return ""
+    return (f"; dropped by minimize: {', '.join(items)}; keep "
+            f"{'it' if len(items) == 1 else 'them'} with the recipe's [keep] paths, or --minimize none")

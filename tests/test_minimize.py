@@ -465,9 +465,9 @@ def test_likely_missing_from_console() -> None:
                b"open(/usr/share/other/data) failed: No such file or directory\n"
                b"all fine: /usr/share/web/mime.types\n")
     hints = likely_missing(m, console)
-    assert hints == ["/usr/lib/x86_64-linux-gnu/libm.so.6 (dropped: package-library:libc6)",
-                     "/usr/bin/web-helper (dropped: package-command:web)",
-                     "/usr/share/other/data (dropped: unreferenced)"]
+    assert hints == [("/usr/lib/x86_64-linux-gnu/libm.so.6", "package-library:libc6"),
+                     ("/usr/bin/web-helper", "package-command:web"),
+                     ("/usr/share/other/data", "unreferenced")]
     assert likely_missing(m, b"everything worked\n") == []
 
 

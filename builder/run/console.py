@@ -5,6 +5,9 @@ The init (initramfs/init.c) prints exactly these lines on the console:
     xbuild: exit status <N>               the entrypoint exited with N
     xbuild: killed by signal <N> (<NAME>) the entrypoint died of signal N
     xbuild: error: <message>              a failure before exec (followed by an exit status line)
+    xbuild: health: healthy|unhealthy     the image's HEALTHCHECK changed state
+    xbuild: health: probe…                after `unhealthy`: how the last probe ended, then its output
+Health lines are read only as health lines (a probe's output can hold any text, markers included).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ EXEC_RE = re.compile(rb"xbuild: exec (?P<path>\S.*?) at (?P<us>\d+)us")
 EXIT_RE = re.compile(rb"xbuild: exit status (?P<code>\d+)")
 SIGNAL_RE = re.compile(rb"xbuild: killed by signal (?P<sig>\d+)")
 ERROR_RE = re.compile(rb"xbuild: error: (?P<msg>.*)")
+HEALTH_PREFIX = b"xbuild: health: "
+HEALTH_RE = re.compile(rb"xbuild: health: (?P<state>healthy|unhealthy)\s*$")
+HEALTH_STATES = ("healthy", "unhealthy")
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class RunResult:
     launch_to_exec_s: float | None
     error: str | None
     console: bytes
+    health: str | None = None      # the last health state the init reported (None: none reported)
 
     @property
     def boot_ms(self) -> float | None:
@@ -46,6 +53,7 @@ class ConsoleWatcher:
     exit_status: int | None = None
     signal: int | None = None
     error: str | None = None
+    health: str | None = None
     _scan: int = 0
 
     def feed(self, data: bytes) -> None:
@@ -58,6 +66,10 @@ class ConsoleWatcher:
             self._scan = nl + 1
 
     def _line(self, line: bytes) -> None:
+        if HEALTH_PREFIX in line:
+            if m := HEALTH_RE.search(line):
+                self.health = m["state"].decode()
+            return
         if self.boot_us is None and (m := EXEC_RE.search(line)):
             self.boot_us = int(m["us"])
             self.exec_seen_at = time.monotonic()
@@ -78,4 +90,5 @@ class ConsoleWatcher:
             self._line(bytes(self.buf[self._scan:]))
             self._scan = len(self.buf)
         launch = None if self.exec_seen_at is None else self.exec_seen_at - self.started
-        return RunResult(self.exit_status, self.signal, self.boot_us, launch, self.error, bytes(self.buf))
+        return RunResult(self.exit_status, self.signal, self.boot_us, launch, self.error, bytes(self.buf),
+                         self.health)

@@ -34,7 +34,8 @@ def health_lines(console: bytes) -> list[str]:
 
 
 def states(console: bytes) -> list[str]:
-    return [m[1] for ln in health_lines(console) if (m := re.search(r"xbuild: health: (healthy|unhealthy)$", ln))]
+    found = (re.search(r"xbuild: health: (healthy|unhealthy)$", ln) for ln in health_lines(console))
+    return [m[1] for m in found if m]
 
 
 def busybox_artifact(tmp: Path, kernel: Path, script: str, health: dict, user: str = "") -> Path:
@@ -49,7 +50,8 @@ def busybox_artifact(tmp: Path, kernel: Path, script: str, health: dict, user: s
 
 def test_docker_defaults_and_shell() -> None:
     cfg = ImageConfig(cmd=("x",), healthcheck=Healthcheck(("CMD-SHELL", "curl -f localhost || exit 1")))
-    assert health_probe(cfg) == Health(("/bin/sh", "-c", "curl -f localhost || exit 1"), 30000, 30000, 0, 5000, 3)
+    assert health_probe(cfg) == Health(("/bin/sh", "-c", "curl -f localhost || exit 1"),
+                                       30000, 30000, 0, 5000, 3)
     shell = ImageConfig(cmd=("x",), shell=("/bin/bash", "-eo", "pipefail", "-c"),
                         healthcheck=Healthcheck(("CMD-SHELL", "true"), 1500 * MS, 1 * MS, 2 * MS, 0, 7))
     assert health_probe(shell) == Health(("/bin/bash", "-eo", "pipefail", "-c", "true"), 1500, 1, 2, 5000, 7)
@@ -76,7 +78,8 @@ def test_init_config_round_trip() -> None:
                      health=Health(("/bin/sh", "-c", "x y"), 1, 2, 3, 4, 5))
     assert GuestConfig.decode(gc.encode()) == gc
     huge = Health(("p",), (1 << 63) // MS + 1, 1, 0, 1, (1 << 63) - 1)
-    assert GuestConfig.decode(GuestConfig(("a",), (), "/", 0, 0, (), 15, "h", health=huge).encode()).health == huge
+    encoded = GuestConfig(("a",), (), "/", 0, 0, (), 15, "h", health=huge).encode()
+    assert GuestConfig.decode(encoded).health == huge
 
 
 @pytest.mark.parametrize("health,needle", [
@@ -108,7 +111,8 @@ def test_giant_but_runnable_command_and_huge_interval_are_accepted(sandbox: Sand
     r = sandbox.xbuild(img.ref, "-o", str(sandbox.out), "--kernel", "none", "--json")
     assert r.returncode == 0, r.stderr
     h = json.loads(r.stdout)["guest"]["health"]
-    assert h["interval_ms"] == 9223372036855 and h["retries"] == (1 << 63) - 1 and len(h["argv"][2]) == 128 << 10
+    assert h["interval_ms"] == 9223372036855 and h["retries"] == (1 << 63) - 1
+    assert len(h["argv"][2]) == 128 << 10
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -142,7 +142,7 @@ def test_health_flags_and_no_verify_without_kernel(sandbox: Sandbox) -> None:
     assert h == {"argv": ["/bin/true"], "interval_ms": 90000, "timeout_ms": 30000, "start_period_ms": 1500,
                  "start_interval_ms": 5000, "retries": 9}
     r = sandbox.xbuild(img.ref, "-o", str(sandbox.out), "--kernel", "none", "--no-healthcheck")
-    assert r.returncode == 0 and "verify" not in r.stderr, r.stderr
+    assert r.returncode == 0 and "xbuild: verify" not in r.stderr, r.stderr
     assert "health" not in json.loads((sandbox.out / "manifest.json").read_text())["guest"]
 
 
@@ -251,16 +251,15 @@ def test_verify_by_default_names_the_dropped_file(sandbox: Sandbox, default_kern
                          "Retries": 2}},
         extra_layers=[[fx.dir("srv/"), fx.file("srv/ready.txt", b"ok\n")]])
     kernel = ("--kernel", str(default_kernel_path))
-    r = sandbox.xbuild(img.ref, "-o", str(sandbox.out), *kernel)
+    r = sandbox.xbuild(img.ref, "-o", str(sandbox.out), *kernel, "-q")
     line = assert_refused(r, 1, "verify failed for", "HEALTHCHECK unhealthy",
                           "dropped by minimize: /srv/ready.txt (unreferenced)", "--minimize none")
     assert "keep it with the recipe's [keep] paths" in line
-    assert "xbuild: verify: booting" in r.stderr
     r = sandbox.xbuild(img.ref, "-o", str(sandbox.out), *kernel, "--minimize", "none")
     assert r.returncode == 0, r.stderr
     assert "xbuild: verify: passed (HEALTHCHECK healthy)" in r.stderr, r.stderr
     r = sandbox.xbuild(img.ref, "-o", str(sandbox.out), *kernel, "--no-verify")
-    assert r.returncode == 0 and "verify" not in r.stderr, r.stderr
+    assert r.returncode == 0 and "xbuild: verify" not in r.stderr, r.stderr
 
 
 @slow

@@ -186,10 +186,14 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
     flat = flatten(image, progress, opts.max_layer_size)
     hostname = opts.hostname or default_hostname(ref)
-    gc = guest_config(image.config, flat.tree, hostname, opts.healthcheck)
+    # what the guest runs: the image's config with docker run's --health-* merged over its Healthcheck
+    config = image.config
+    if opts.healthcheck:
+        config = dataclasses.replace(config, healthcheck=opts.healthcheck.merged(config.healthcheck))
+    gc = guest_config(config, flat.tree, hostname)
     if disk:
         gc = dataclasses.replace(gc, root_devices=ROOT_DEVICES, root_mode=opts.disk_mode)
-    tree, report = minimize(flat.tree, image.config, recipe, opts.minimize)
+    tree, report = minimize(flat.tree, config, recipe, opts.minimize)
     if opts.minimize != "none":
         opts.log(report.summary().splitlines()[0])
     install(tree, gc, init_binary())

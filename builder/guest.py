@@ -16,10 +16,11 @@ and runc's/docker's user resolution against the image's own /etc/passwd and /etc
     /etc/group entry listing the user's name (file order, no duplicates). Including the primary gid is
     what containerd/moby do since GHSA-hmfx-3pcx-653p (CVE-2023-25173).
 - StopSignal: a number or a name with or without SIG (any case), SIGRTMIN+n / RTMAX-n; empty → SIGTERM.
-- Healthcheck (Docker's, merged under `docker run`-style overrides): NONE or none → no probe; CMD runs its
-  words, CMD-SHELL runs them after the image's Shell (default `/bin/sh -c`), as the program's user, in its
-  working directory, with its environment; Docker's defaults (interval 30 s, timeout 30 s, start period 0,
-  start interval 5 s, retries 3) are filled in here, durations rounded up to milliseconds for the init.
+- Healthcheck (Docker's; build merges `--health-*` over it as dockerd does): NONE or none → no probe;
+  CMD runs its words, CMD-SHELL runs them after the image's Shell (default `/bin/sh -c`), as the
+  program's user, in its working directory, with its environment; Docker's defaults (interval 30 s,
+  timeout 30 s, start period 0, start interval 5 s, retries 3) are filled in here, durations rounded up
+  to milliseconds for the init.
 
 `install(tree, gc, init)` puts the init at /.xbuild/init, the encoded config at /.xbuild/config, a /init
 symlink when the image has none, and /dev/console so the kernel hands init a console.
@@ -33,7 +34,7 @@ import posixpath
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .image import Healthcheck, ImageConfig
+from .image import ImageConfig
 from .text import is_decimal
 from .tree import CHAR, DIR, Inode, Tree, directory, regular
 
@@ -85,10 +86,9 @@ def _ms(ns: int, default_ms: int) -> int:
     return -(-ns // 1_000_000) if ns else default_ms
 
 
-def health_probe(config: ImageConfig, override: Healthcheck | None = None) -> Health | None:
-    """The probe for the image's Healthcheck under `override` (docker run's --health-*/--no-healthcheck,
-    merged field by field as dockerd merges a container's over the image's); None when there is none."""
-    hc = override.merged(config.healthcheck) if override else config.healthcheck
+def health_probe(config: ImageConfig) -> Health | None:
+    """The probe for the config's Healthcheck (None when it has none or NONE)."""
+    hc = config.healthcheck
     if hc is None or not hc.test or hc.disabled:
         return None
     argv = hc.test[1:] if hc.test[0] == "CMD" else (config.shell or DEFAULT_SHELL) + hc.test[1:]
@@ -313,10 +313,8 @@ def merge_env(base: list[str], updates: tuple[str, ...] | list[str]) -> list[str
     return env
 
 
-def guest_config(config: ImageConfig, tree: Tree, hostname: str,
-                 healthcheck: Healthcheck | None = None) -> GuestConfig:
-    """Resolve the image config against the image's files into what init runs; `healthcheck` overrides
-    the image's as `docker run --health-*` does."""
+def guest_config(config: ImageConfig, tree: Tree, hostname: str) -> GuestConfig:
+    """Resolve the image config against the image's files into what init runs."""
     argv = tuple(config.entrypoint) + tuple(config.cmd)
     if not argv:
         raise ConfigError("the image has neither Entrypoint nor Cmd: nothing to run")
@@ -330,7 +328,7 @@ def guest_config(config: ImageConfig, tree: Tree, hostname: str,
     cwd = "/" + cwd.lstrip("/")
     return GuestConfig(argv=argv, env=tuple(env), cwd=cwd, uid=uid, gid=gid, groups=groups,
                        stop_signal=parse_signal(config.stop_signal), hostname=hostname,
-                       cmd_index=len(config.entrypoint), health=health_probe(config, healthcheck))
+                       cmd_index=len(config.entrypoint), health=health_probe(config))
 
 
 def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:

@@ -6,12 +6,13 @@ HEALTHCHECK (the init's health probe). A build verifies by default when the plan
 not an error. `--verify` forces a boot even without a plan (then the entrypoint must exit 0).
 
 `verify_artifact` boots the artifact under QEMU (or the nested Xen rig), runs the smoke test, then waits
-for the health probe's verdict: the init reports `xbuild: health: healthy|unhealthy`; under verify the
-probe runs every second (`xbuild.health.interval=1`, `.start_interval=1`) and failures start counting only
-after a start period of at least VERIFY_START_PERIOD_S (a slow emulated boot is not a sick program), so a
-healthy program is found within a second of being ready and a sick one after the start period plus its
-retries. A failure is a VerifyError (exit 1) naming the files minimize dropped that the console points
-at (`explain.likely_missing`: not found / No such file / cannot open shared object / exit 127 lines).
+for the health probe's verdict: the init reports `xbuild: health: healthy|unhealthy`. Under verify the
+probe runs every second (`xbuild.health.interval=1`, `.start_interval=1`) and its failures count only
+after the time Docker would give the program before calling it unhealthy (start period + retries x
+interval; `.start_period=` that many seconds), so a healthy program is found within a second of being
+ready, and a sick one is not called so earlier than under Docker. A failure is a VerifyError (exit 1)
+naming the files minimize dropped that the console points at (`explain.likely_missing`: "not found",
+exit 127, "No such file or directory", "cannot open shared object file" lines).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from .run.console import HEALTH_RE, RunResult
 from .run.qemu import QEMU, Qemu, choose_accel
 
 NESTED_SLACK_S = 90
-VERIFY_START_PERIOD_S = 60      # failures of the health probe count only after this (or the image's)
 HEALTH_WAIT_MAX_S = 600         # the longest verify waits for a health verdict
 
 
@@ -69,9 +69,8 @@ def _health_args(art: Artifact) -> tuple[list[str], float]:
     h = art.manifest.guest.health
     if h is None:
         return [], 0.0
-    start_s = max(-(-h.start_period_ms // 1000), VERIFY_START_PERIOD_S)
-    timeout_s = h.timeout_ms / 1000
-    wait = min(start_s + h.retries * (1 + timeout_s) + 5, HEALTH_WAIT_MAX_S)
+    start_s = min(-(-(h.start_period_ms + h.retries * h.interval_ms) // 1000), HEALTH_WAIT_MAX_S)
+    wait = min(start_s + h.retries * (1 + h.timeout_ms / 1000) + 5, HEALTH_WAIT_MAX_S)
     return ["xbuild.health.interval=1", "xbuild.health.start_interval=1",
             f"xbuild.health.start_period={start_s}"], wait
 

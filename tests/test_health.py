@@ -65,12 +65,14 @@ def test_docker_defaults_and_shell() -> None:
 
 def test_overrides_merge_like_docker_run() -> None:
     """docker run --health-* replaces only the fields it gives; --no-healthcheck disables."""
-    image = ImageConfig(cmd=("x",), healthcheck=Healthcheck(("CMD", "/ok"), 10_000 * MS, 0, 0, 0, 5))
-    merged = health_probe(image, Healthcheck((), 2000 * MS))
-    assert merged == Health(("/ok",), 2000, 30000, 0, 5000, 5)
-    assert health_probe(image, Healthcheck(("NONE",))) is None
-    assert health_probe(ImageConfig(cmd=("x",)), Healthcheck(("CMD-SHELL", "true"))) == \
-        Health(("/bin/sh", "-c", "true"))
+    image = Healthcheck(("CMD", "/ok"), 10_000 * MS, 0, 0, 0, 5)
+
+    def probe(override: Healthcheck, base: Healthcheck | None) -> Health | None:
+        return health_probe(ImageConfig(cmd=("x",), healthcheck=override.merged(base)))
+
+    assert probe(Healthcheck((), 2000 * MS), image) == Health(("/ok",), 2000, 30000, 0, 5000, 5)
+    assert probe(Healthcheck(("NONE",)), image) is None
+    assert probe(Healthcheck(("CMD-SHELL", "true")), None) == Health(("/bin/sh", "-c", "true"))
 
 
 def test_init_config_round_trip() -> None:

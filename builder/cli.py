@@ -166,7 +166,7 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
         say(verify_artifact(art, say, verify_on or Hypervisor.QEMU))
     elif verify is None and (checks := plan(art)):
         reason = skip_reason(art)
-        say(f"verify: skipped: {reason} (it would check {' and '.join(checks)})" if reason
+        say(f"verify: skipped, {reason}; it would check {' and '.join(checks)}" if reason
             else verify_artifact(art, say))
     if push_ref:
         from .publish import push

@@ -48,10 +48,10 @@ def free_port() -> int:
 
 
 def plan(art: Artifact) -> list[str]:
-    """What verifying `art` checks: 'the recipe NAME smoke test (KIND)', 'the image's HEALTHCHECK'."""
+    """What verifying `art` checks: "recipe NAME's KIND smoke test", "the image's HEALTHCHECK"."""
     guest = art.manifest.guest
     recipe = load_recipe(guest.recipe) if guest.recipe else None
-    out = [f"the recipe {recipe.name} smoke test ({recipe.smoke.kind})"] if recipe and recipe.smoke else []
+    out = [f"recipe {recipe.name}'s {recipe.smoke.kind} smoke test"] if recipe and recipe.smoke else []
     return out + (["the image's HEALTHCHECK"] if guest.health else [])
 
 

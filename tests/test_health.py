@@ -148,6 +148,32 @@ def test_health_flags_and_no_verify_without_kernel(sandbox: Sandbox) -> None:
     assert "health" not in json.loads((sandbox.out / "manifest.json").read_text())["guest"]
 
 
+@pytest.mark.parametrize("test,kept", [
+    (["CMD", "/usr/local/bin/healthy", "/srv/probe.conf"],
+     {"usr/local/bin/healthy": "healthcheck", "srv/probe.conf": "healthcheck", "srv/data": "script"}),
+    (["CMD-SHELL", "healthy --quick || exit 1"], {"usr/local/bin/healthy": "script", "srv/data": "script"}),
+    (["NONE"], {}),
+])
+def test_minimize_keeps_what_the_probe_runs(tmp_path: Path, test: list[str], kept: dict[str, str]) -> None:
+    """The probe's program (CMD) or what its shell text runs (CMD-SHELL), and their closure, survive auto."""
+    from builder.flatten import flatten
+    from builder.minimize import minimize
+    from builder.reference import parse
+    from builder.source import load
+
+    extra = [fx.dir("usr/local/bin/"), fx.file("usr/local/bin/healthy", b"#!/bin/sh\ncat /srv/data\n", 0o755),
+             fx.dir("srv/"), fx.file("srv/data", b"ok\n"), fx.file("srv/probe.conf", b"x\n")]
+    config = {"Cmd": ["sleep", "60"], "Healthcheck": {"Test": test}}
+    img = fx.make_busybox_image(tmp_path / "layout", "bb", config, extra_layers=[extra])
+    image = load(parse(img.ref))
+    _, report = minimize(flatten(image).tree, image.config)
+    paths = report.to_json()["paths"]
+    for path in ("usr/local/bin/healthy", "srv/data", "srv/probe.conf"):
+        want = kept.get(path)
+        got = paths[f"/{path}"]
+        assert (got[0], got[1]) == (("kept", want) if want else ("dropped", "unreferenced")), (path, got)
+
+
 # ------------------------------------------------------------------------------------- init, booted
 
 @slow

@@ -16,6 +16,7 @@ REASONS = {
     "entrypoint": "the image's Entrypoint/Cmd argv[0], resolved on PATH inside the image",
     "cmd": "Cmd[0], which the entrypoint script is expected to exec",
     "argv": "a file or directory named by an argument of the entrypoint",
+    "healthcheck": "the image's HEALTHCHECK probe (its program, or its shell and what the text runs)",
     "workdir": "in the image's WorkingDir (the application's own files)",
     "elf-closure": "needed to load a kept program (PT_INTERP / DT_NEEDED, searched like ld.so)",
     "shebang": "the interpreter of a kept script",

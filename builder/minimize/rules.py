@@ -113,6 +113,7 @@ class Minimizer:
     # -- the rules ------------------------------------------------------------------------------
     def run(self) -> None:
         self.entry()
+        self.healthcheck()
         self.drain()
         for args in self.data_dirs:
             self.data_dir(*args)
@@ -179,6 +180,27 @@ class Minimizer:
                 self.data_dirs.append((p, "argv", f"argv[{i}] {word!r} names a directory"))
         if self.cwd:
             self.data_dirs.append((self.cwd, "workdir", f"WorkingDir {c.working_dir}"))
+
+    def healthcheck(self) -> None:
+        """The HEALTHCHECK's probe runs in the guest too (guest.health_probe): CMD's program and the files
+        its words name, or CMD-SHELL's shell and what its text runs. A probe command that is not in the
+        image is a note (Docker would run it and call the container unhealthy), not an error."""
+        hc = self.config.healthcheck
+        if hc is None or not hc.test or hc.disabled:
+            return
+        shell_form = hc.test[0] == "CMD-SHELL"
+        argv = [*(self.config.shell or ("/bin/sh", "-c")), *hc.test[1:2]] if shell_form else list(hc.test[1:])
+        first = self.command(argv[0])
+        if first is None:
+            self.missing(f"HEALTHCHECK: {argv[0]!r} is not in the image", strict=False)
+            return
+        self.need(first, "healthcheck", f"HEALTHCHECK argv[0] {argv[0]!r}")
+        if shell_form:
+            self.shell_text(argv[-1], "HEALTHCHECK")
+            return
+        for word in argv[1:]:
+            if word.startswith("/") and (node := self.tree.lookup(word, follow=True)) and node.kind == FILE:
+                self.need("/".join(split(word)), "healthcheck", f"HEALTHCHECK word {word!r}")
 
     def data_dir(self, path: str, reason: str, detail: str) -> None:
         """Keep an application's data directory (an argv word, WorkingDir) with everything below,

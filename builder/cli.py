@@ -143,6 +143,8 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
               push_ref: str | None, as_json: bool, quiet: bool) -> None:
     """Build IMAGE into an artifact directory, then verify it when it knows how (see --verify)."""
     comp, level = _compression(compression)
+    if verify is False and verify_on:
+        raise BadInput("--no-verify conflicts with --verify-on")
     healthcheck = _healthcheck(health_cmd, health_interval, health_timeout, health_start_period,
                                health_start_interval, health_retries, no_healthcheck)
     if fmt != "disk":

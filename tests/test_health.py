@@ -123,6 +123,7 @@ def test_giant_but_runnable_command_and_huge_interval_are_accepted(sandbox: Sand
     (["--health-timeout", "-1s"], "--health-timeout '-1s': expected a duration"),
     (["--health-interval", "10us"], "less than 1ms"),
     (["--health-cmd", ""], "--health-cmd: an empty command"),
+    (["--no-verify", "--verify-on", "qemu"], "--no-verify conflicts with --verify-on"),
 ])
 def test_health_flags_refused(sandbox: Sandbox, args: list[str], needle: str) -> None:
     img = fx.make_busybox_image(sandbox.root / "layout", "bb")

@@ -436,12 +436,13 @@ def test_grace_period_then_kill(tmp_path: Path, cloud_kernel: Path, probe_binary
     art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "ignore-signals"]},
                            probe_members(probe_binary))
     t0 = time.monotonic()
-    # the timeout counts from launch: leave a loaded machine's TCG boot (up to ~11 s seen) time to reach exec
-    r = boot(art, timeout=20, kernel_args=["xbuild.grace=1"])
+    # the timeout counts from launch: leave a loaded machine's TCG boot (over 20 s seen at load 14) time to
+    # reach exec
+    r = boot(art, timeout=45, kernel_args=["xbuild.grace=1"])
     assert r.signal == 9 and r.exit_status == 137, r.console.decode(errors="replace")
     assert b"xbuild: killed by signal 9 (SIGKILL)" in r.console
     assert r.error and "timed out" in r.error
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 90
 
 
 @slow

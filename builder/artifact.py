@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .cache import no_space
-from .cpio import COMPRESSIONS
+from .compression import COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import ArtifactError
 from .guest import GuestConfig

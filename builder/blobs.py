@@ -22,10 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Self
 
-import zstandard
-from isal import igzip, isal_zlib
-
 from .cache import atomic_file, cache_dir, is_temp, lock_shared, parse_size, remove_entry, touch
+from .compression import CorruptData, reader
 from .errors import CacheError, SourceError, XbuildError
 from .image import Layer
 
@@ -204,16 +202,6 @@ def store_blob(stream: IO[bytes], digest: str, what: str, size: int | None = Non
     return final
 
 
-def _decompressor(stream: IO[bytes], compression: str, what: str) -> IO[bytes]:
-    if compression == "gzip":
-        return igzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type, return-value]
-    if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)  # type: ignore
-    if compression == "none":
-        return stream
-    raise SourceError(f"{what}: unsupported compression {compression!r}")
-
-
 class _BadCachedBlob(Exception):
     """The cached layer blob read by `_decompress` does not match its digest."""
 
@@ -266,7 +254,7 @@ def _decompress(layer: Layer, final: Path, progress: Callable[[int], None] | Non
         blob = HashingReader(raw, layer.digest, what, layer.size, progress)
         diff_hash, count = hashlib.sha256(), 0
         try:
-            with _decompressor(blob, layer.compression, what) as plain, atomic_file(final) as out:  # type: ignore
+            with reader(layer.compression, blob) as plain, atomic_file(final) as out:  # type: ignore[arg-type]
                 while chunk := plain.read(CHUNK):
                     count += len(chunk)
                     if count > cap:
@@ -279,7 +267,7 @@ def _decompress(layer: Layer, final: Path, progress: Callable[[int], None] | Non
                 blob.check()
                 if "sha256:" + diff_hash.hexdigest() != layer.diff_id:
                     raise SourceError(f"{what}: uncompressed content does not match diff_id {layer.diff_id}")
-        except (SourceError, OSError, EOFError, zstandard.ZstdError, isal_zlib.error) as e:  # type: ignore[misc]
+        except (SourceError, OSError, CorruptData) as e:
             if cached is not None and not _intact(blob):
                 raise _BadCachedBlob(cached) from None
             if isinstance(e, SourceError):

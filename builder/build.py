@@ -45,7 +45,8 @@ from .artifact import (
 )
 from .blobs import check_unchanged
 from .cache import atomic_dir, file_sha256
-from .cpio import DEFAULT_COMPRESSION, pack
+from .compression import DEFAULT_COMPRESSION
+from .cpio import pack
 from .errors import BadInput
 from .flatten import flatten
 from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install

@@ -20,7 +20,7 @@ from .artifact import DEFAULT_MEMORY_MB, DISK_MODES, MEMORY_MB
 from .build import FORMATS, BuildOptions, build
 from .cache import parse_size
 from .cache_cli import cache_cmd
-from .cpio import COMPRESSIONS
+from .compression import CODECS, COMPRESSIONS
 from .disk import FORMATS as DISK_FORMATS
 from .errors import BadInput, SourceError, XbuildError
 from .host import apt_line, check, missing_packages
@@ -65,7 +65,10 @@ def _compression(value: str) -> tuple[str, int | None]:
     name, _, level = value.partition(":")
     if name not in COMPRESSIONS or (level and not level.lstrip("-").isdigit()):
         raise click.BadParameter(f"{value!r}: expected one of {', '.join(COMPRESSIONS)}, optionally :LEVEL")
-    return name, int(level) if level else None
+    try:
+        return name, CODECS[name].level(int(level)) if level else None
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r}: {e}") from None
 
 
 @click.group(cls=_DefaultBuild, context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,22 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import lz4.block
-import zstandard
-from isal import isal_zlib
-
 from .blobs import HashingWriter
 from .cache import atomic_file
+from .compression import CODECS, COMPRESSIONS, DEFAULT_COMPRESSION, compressor
 from .errors import PackError
-from .tree import DIR, FILE, Content, Inode, Tree
+from .tree import DIR, FILE, SYMLINK, Content, ContentReader, Tree, entries
 
-COMPRESSIONS = ("zstd", "lz4", "gzip", "none")
-DEFAULT_COMPRESSION = "zstd"
-DEFAULT_LEVELS = {"zstd": 19, "lz4": 9, "gzip": 3, "none": 0}
-LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
-LZ4_LEGACY_CHUNK = 8 << 20          # the kernel's unlz4 reads 8 MiB blocks
 TRAILER = "TRAILER!!!"
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -46,14 +37,17 @@ class Packed:
 
 def pack(tree: Tree, out: Path, compression: str = DEFAULT_COMPRESSION, level: int | None = None,
          epoch: int | None = None, progress: Callable[[int], None] | None = None) -> Packed:
-    """Write `tree` to `out` (atomically) and return what was written."""
+    """Write `tree` to `out` (atomically), compressed (builder.compression), and return what was written."""
     if compression not in COMPRESSIONS:
         raise PackError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
-    lvl = DEFAULT_LEVELS[compression] if level is None else level
+    try:
+        lvl = CODECS[compression].level(level)
+    except ValueError as e:
+        raise PackError(str(e)) from None
     try:
         with atomic_file(out) as f:
             hashing = HashingWriter(f)
-            sink = _compressor(compression, lvl, hashing)
+            sink = compressor(compression, hashing, lvl)
             writer = _CpioWriter(sink, epoch, progress)
             count = writer.write_tree(tree)
             sink.close()
@@ -70,85 +64,10 @@ def write_cpio(out: BinaryIO, tree: Tree, epoch: int | None = None) -> int:
     return writer.offset
 
 
-class _Lz4Legacy:
-    """The lz4 'legacy' frame the kernel's initramfs unpacker reads (`lz4 -l`)."""
-
-    def __init__(self, out: HashingWriter, level: int):
-        self.out, self.level, self.buf = out, level, bytearray()
-        out.write(LZ4_LEGACY_MAGIC)
-
-    def write(self, b: bytes) -> int:
-        self.buf += b
-        while len(self.buf) >= LZ4_LEGACY_CHUNK:
-            self._block(bytes(self.buf[:LZ4_LEGACY_CHUNK]))
-            del self.buf[:LZ4_LEGACY_CHUNK]
-        return len(b)
-
-    def _block(self, data: bytes) -> None:
-        mode = "high_compression" if self.level > 2 else "default"
-        comp = lz4.block.compress(data, mode=mode, compression=self.level, store_size=False)
-        self.out.write(len(comp).to_bytes(4, "little") + comp)
-
-    def close(self) -> None:
-        if self.buf:
-            self._block(bytes(self.buf))
-            self.buf.clear()
-
-
-class _Gzip:
-    def __init__(self, out: HashingWriter, level: int):
-        self.out = out
-        # wbits 31: gzip container with a zeroed mtime, so the output is reproducible
-        self.z = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
-
-    def write(self, b: bytes) -> int:
-        self.out.write(self.z.compress(b))
-        return len(b)
-
-    def close(self) -> None:
-        self.out.write(self.z.flush())
-
-
-class _Plain:
-    def __init__(self, out: HashingWriter):
-        self.out = out
-
-    def write(self, b: bytes) -> int:
-        return self.out.write(b)
-
-    def close(self) -> None:
-        pass
-
-
-class _Zstd:
-    def __init__(self, out: HashingWriter, level: int):
-        # multi-threaded zstd output depends only on the parameters, never on the thread count (>= 1)
-        params = zstandard.ZstdCompressionParameters.from_level(level, threads=max(1, os.cpu_count() or 1))
-        self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(
-            out, closefd=False)  # type: ignore[arg-type]
-
-    def write(self, b: bytes) -> int:
-        return self.w.write(b)
-
-    def close(self) -> None:
-        self.w.close()
-
-
-def _compressor(name: str, level: int, out: HashingWriter):  # type: ignore[no-untyped-def]
-    if name == "zstd":
-        return _Zstd(out, level)
-    if name == "lz4":
-        return _Lz4Legacy(out, level)
-    if name == "gzip":
-        return _Gzip(out, level)
-    return _Plain(out)
-
-
 class _CpioWriter:
     def __init__(self, out, epoch: int | None, progress: Callable[[int], None] | None):  # type: ignore
         self.out, self.epoch, self.progress = out, epoch, progress
         self.offset = 0
-        self.fds: dict[str, int] = {}
 
     def _emit(self, b: bytes) -> None:
         self.out.write(b)
@@ -169,56 +88,29 @@ class _CpioWriter:
         self._pad()
 
     def write_tree(self, tree: Tree) -> int:
-        entries = list(tree.walk())
-        # group hardlinks: paths sharing an Inode object; the data goes with the last one
-        links: dict[int, list[int]] = {}
-        for i, (_, node) in enumerate(entries):
-            if node.kind != DIR:
-                links.setdefault(id(node), []).append(i)
-        inos: dict[int, int] = {}
-        try:
-            for i, (path, node) in enumerate(entries):
-                ino = inos.setdefault(id(node), len(inos) + 1)
-                group = links.get(id(node), [i])
-                data_here = group[-1] == i
-                mtime = node.mtime if self.epoch is None else min(node.mtime, self.epoch)
-                mtime = min(max(mtime, 0), 0xFFFFFFFF)
+        walked = entries(tree, self.epoch)
+        with ContentReader() as contents:
+            for e in walked:
+                node = e.node
                 if node.kind == FILE:
-                    size = node.size if data_here else 0
-                elif node.kind == "symlink":
+                    size = node.size if e.last else 0
+                elif node.kind == SYMLINK:
                     size = len(os.fsencode(node.target))
                 else:
                     size = 0
-                self.header(path or ".", ino, node.st_mode, node.uid, node.gid,
-                            len(group) if node.kind != DIR else 2, mtime, size, node.rdev)
-                if size:
-                    self._body(node)
+                mtime = min(max(e.mtime, 0), 0xFFFFFFFF)
+                self.header(e.path or ".", e.ino, node.st_mode, node.uid, node.gid,
+                            e.links if node.kind != DIR else 2, mtime, size, node.rdev)
+                if node.kind == SYMLINK:
+                    self._emit(os.fsencode(node.target))
+                elif size:
+                    for chunk in contents.chunks(node):
+                        self._emit(chunk)
+                    if self.progress and isinstance(node.content, Content):
+                        self.progress(node.size)
+                self._pad()
             self.header(TRAILER, 0, 0, 0, 0, 1, 0, 0)
-        finally:
-            for fd in self.fds.values():
-                os.close(fd)
-        return len(entries)
-
-    def _body(self, node: Inode) -> None:
-        if node.kind == "symlink":
-            self._emit(os.fsencode(node.target))
-        elif isinstance(node.content, bytes):
-            self._emit(node.content)
-        elif isinstance(node.content, Content):
-            c = node.content
-            fd = self.fds.get(c.source)
-            if fd is None:
-                fd = self.fds[c.source] = os.open(c.source, os.O_RDONLY)
-            pos, end = c.offset, c.offset + c.size
-            while pos < end:
-                chunk = os.pread(fd, min(CHUNK, end - pos), pos)
-                if not chunk:
-                    raise PackError(f"{c.source}: content ends early (cache corrupted?)")
-                self._emit(chunk)
-                pos += len(chunk)
-            if self.progress:
-                self.progress(c.size)
-        self._pad()
+        return len(walked)
 
 
 def read_cpio(data: bytes) -> list[dict[str, object]]:

@@ -19,7 +19,6 @@ a cached verdict shared with `xbuild run`) decides; a broken or missing KVM mean
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import tarfile
@@ -30,11 +29,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .errors import DiskError, DiskInputError
 from .proc import run_tool
-from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Content, Inode, Tree
+from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, ContentReader, Entry, Tree, entries
 
 FORMATS = ("raw", "qcow2")
 BLOCK_SIZE = 4096
@@ -98,12 +97,11 @@ class Usage:
 
 
 def usage(tree: Tree) -> Usage:
-    seen: set[int] = set()
-    data = content = 0
-    for _, node in tree.walk():
-        if id(node) in seen:
+    data = content = inodes = 0
+    for e in entries(tree):
+        if not e.is_leader:
             continue
-        seen.add(id(node))
+        node, inodes = e.node, inodes + 1
         if node.kind == FILE:
             data += _blocks(node.size)
             content += node.size
@@ -114,7 +112,7 @@ def usage(tree: Tree) -> Usage:
             data += BLOCK_SIZE
         if node.xattrs and sum(len(k) + len(v) + 20 for k, v in node.xattrs.items()) > 96:
             data += BLOCK_SIZE  # does not fit in the inode's spare 96 bytes
-    return Usage(data, len(seen), content)
+    return Usage(data, inodes, content)
 
 
 def auto_size(tree: Tree) -> int:
@@ -220,10 +218,10 @@ def _settle(raw: Path, tree: Tree, epoch: int | None, mkfs: _Mkfs) -> None:
     t = mkfs.fs_time
     lines = [*(f"ssv {f} @{t}" for f in ("mtime", "wtime", "lastcheck", "mkfs_time")),
              "ssv mnt_count 0", "ssv kbytes_written 0", 'ssv last_mounted ""']
-    for path, node in [*tree.walk(), ("lost+found", Inode(DIR, mtime=t))]:
+    lost_found = ("lost+found", t if epoch is None else min(t, epoch))
+    for path, mtime in [*((e.path, e.mtime) for e in entries(tree, epoch)), lost_found]:
         if "\n" in path:
             continue  # debugfs reads one command a line: such a name keeps the time of unpacking
-        mtime = node.mtime if epoch is None else min(node.mtime, epoch)
         quoted = '"/' + path.replace('"', '""') + '"'
         lines += [f"sif {quoted} {f} @{mtime}" for f in ("atime", "ctime", "crtime", "mtime")]
         lines += [f"sif {quoted} {f} 0" for f in ("atime_extra", "ctime_extra", "crtime_extra", "mtime_extra",
@@ -266,32 +264,31 @@ def _blocks(n: int) -> int:
 # ------------------------------------------------------------------------------------------ tar stream
 
 def _write_tar(tree: Tree, path: Path, epoch: int | None, progress: Progress | None) -> str:
-    """Write `tree` as a PAX tar (pack's order and clamping; a hardlink group's first name carries the
-    data, later ones link to it); return its sha256."""
-    first: dict[int, str] = {}
+    """Write `tree` as a PAX tar (builder.tree.entries: pack's order and clamping; a hardlinked file's first
+    name carries the data, later ones link to it); return its sha256."""
     tick = progress("disk: tar", usage(tree).content_bytes) if progress else None
-    with _Sources() as sources, tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, node in tree.walk():
-            info = _tarinfo(name or ".", node, epoch)
+    with ContentReader() as contents, tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for e in entries(tree, epoch):
+            info = _tarinfo(e)
             body = None
-            if node.kind == FILE:
-                if id(node) in first:
-                    info.type, info.linkname, info.size = tarfile.LNKTYPE, first[id(node)], 0
+            if e.node.kind == FILE:
+                if e.is_leader:
+                    body = contents.open(e.node)
                 else:
-                    first[id(node)] = info.name
-                    body = sources.open(node)
+                    info.type, info.linkname, info.size = tarfile.LNKTYPE, e.leader, 0
             tar.addfile(info, body)
             if body is not None and tick:
-                tick(node.size)
+                tick(e.node.size)
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _tarinfo(name: str, node: Inode, epoch: int | None) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
+def _tarinfo(e: Entry) -> tarfile.TarInfo:
+    node = e.node
+    info = tarfile.TarInfo(e.path or ".")
     info.mode, info.uid, info.gid = node.mode & 0o7777, node.uid, node.gid
     info.uname = info.gname = ""
-    info.mtime = node.mtime if epoch is None else min(node.mtime, epoch)
+    info.mtime = e.mtime
     kind = node.kind
     if kind == FILE:
         info.type, info.size = tarfile.REGTYPE, node.size
@@ -307,30 +304,6 @@ def _tarinfo(name: str, node: Inode, epoch: int | None) -> tarfile.TarInfo:
     info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
                         for k, v in sorted((node.xattrs or {}).items())}
     return info
-
-
-class _Sources:
-    """File objects positioned at a node's content; layer tars are opened once each."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, IO[bytes]] = {}
-
-    def __enter__(self) -> _Sources:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for f in self.files.values():
-            f.close()
-
-    def open(self, node: Inode) -> IO[bytes]:
-        c = node.content
-        if isinstance(c, Content):
-            f = self.files.get(c.source)
-            if f is None:
-                f = self.files[c.source] = open(c.source, "rb")  # noqa: SIM115 - closed in __exit__
-            f.seek(c.offset)
-            return f
-        return io.BytesIO(c or b"")
 
 
 # ------------------------------------------------------------------------------------------- libguestfs

@@ -13,13 +13,11 @@ is recorded from its files on first use (trust on first use; see `cached`).
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
 import glob
 import hashlib
 import io
 import json
-import lzma
 import os
 import re
 import shutil
@@ -27,19 +25,17 @@ import stat
 import struct
 import subprocess
 import tempfile
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lz4.block
-import zstandard
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_NOTE_N_TYPE
 
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, is_temp, lock_shared, remove_entry, touch
+from .compression import CorruptData, decompress, sniff
 from .errors import CacheError, KernelError
 from .proc import run_tool
 from .resources import data_dir
@@ -624,53 +620,16 @@ def vmlinux(path: Path, data: bytes) -> bytes:
 
 
 def _bzimage_payload(path: Path, data: bytes) -> bytes:
-    """The vmlinux ELF inside a bzImage: the setup header's payload, decompressed."""
+    """The vmlinux ELF inside a bzImage: the setup header's payload, decompressed (builder.compression)."""
     setup_sects = data[0x1F1] or 4
     offset, length = struct.unpack_from("<II", data, 0x248)
     start = (setup_sects + 1) * 512 + offset
     payload = data[start : start + length]
+    codec = sniff(payload)
+    if codec == "none":
+        raise KernelError(f"kernel {path}: unsupported bzImage compression "
+                          f"(payload starts {payload[:4].hex()})")
     try:
-        return _decompress(payload)
-    except KernelError as e:
-        raise KernelError(f"kernel {path}: {e}") from None
-    except (
-        OSError,
-        EOFError,
-        ValueError,
-        zlib.error,
-        lzma.LZMAError,
-        zstandard.ZstdError,
-        RuntimeError,
-    ) as e:
+        return decompress(codec, payload)
+    except CorruptData as e:
         raise KernelError(f"kernel {path}: cannot decompress the bzImage payload: {e}") from None
-
-
-def _decompress(payload: bytes) -> bytes:
-    if payload[:2] == b"\x1f\x8b":
-        return zlib.decompressobj(wbits=31).decompress(payload)
-    if payload[:6] == b"\xfd7zXZ\x00":
-        return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload)
-    if payload[:4] == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
-    if payload[:4] == b"\x02\x21\x4c\x18":
-        return _lz4_legacy(payload)
-    if payload[:3] == b"BZh":
-        return bz2.BZ2Decompressor().decompress(payload)
-    if payload[:1] == b"\x5d":
-        return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(payload)
-    raise KernelError(f"unsupported bzImage compression (payload starts {payload[:4].hex()})")
-
-
-def _lz4_legacy(payload: bytes) -> bytes:
-    """LZ4's legacy frame (what the kernel uses): magic, then (u32 size, block) up to 8 MiB each."""
-    out, pos = [], 4
-    while pos + 4 <= len(payload):
-        (size,) = struct.unpack_from("<I", payload, pos)
-        if size == 0x184C2102:  # a concatenated stream
-            pos += 4
-            continue
-        if pos + 4 + size > len(payload):  # the 4-byte uncompressed size the kernel appends
-            break
-        out.append(lz4.block.decompress(payload[pos + 4 : pos + 4 + size], uncompressed_size=8 << 20))
-        pos += 4 + size
-    return b"".join(out)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import IO, Any, Self
 
 import httpx
-import zstandard
 
 from . import __version__
 from . import kernel as kernel_cache
@@ -57,6 +56,7 @@ from .artifact import (
 )
 from .blobs import CHUNK, HashingReader, HashingWriter, blob_bytes, blob_path, check_digest, present
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, lock_shared, remove_entry
+from .compression import CorruptData, compressor, reader
 from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
 from .image import ACCEPT, CONFIG_LIMIT, DOCKER_CONFIG, MANIFEST_LIMIT, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
@@ -77,7 +77,6 @@ DISK_TYPES = {      # the root disk's layer by its format: the blob is the file 
     "qcow2": "application/vnd.xbuild.vm.disk.qcow2.v1+zstd",
 }
 DISK_LEVEL = 9      # zstd level of disk layers: 512 MiB of ext4 holding 106 MB of files → 24 MB in ~1 s
-DISK_THREADS = 8    # at most: ~300 MB of memory (the blob is the same for any number of threads >= 1)
 HOLE = 4096         # a pulled disk gets a hole for every all-zero block of this size
 KERNEL_ARTIFACT = "application/vnd.xbuild.kernel.v1+json"
 KERNEL_CONFIG = "application/vnd.xbuild.kernel.config.v1+json"
@@ -214,21 +213,17 @@ def disk_blob(directory: Path, section: DiskInfo, log: Callable[[str], None] = l
 def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
     """Compress `path` with zstd into the blob cache, streamed; (blob digest, blob size). Raises `changed`,
     storing nothing, unless the file's sha256 is `want`."""
-    # multi-threaded zstd output depends only on the parameters, never on the thread count (>= 1); each
-    # thread holds ~20 MB, so no more than DISK_THREADS
-    threads = max(1, min(os.cpu_count() or 1, DISK_THREADS))
-    params = zstandard.ZstdCompressionParameters.from_level(DISK_LEVEL, threads=threads, write_checksum=True)
-    compressor = zstandard.ZstdCompressor(compression_params=params)
     raw, digest = hashlib.sha256(), ""
     # named by its digest, known once written: a flocked temp of the store (a full disk is one line naming
     # the blob being written) renamed to `blob_path(digest)`
     with atomic_file(cache_dir("blobs", "sha256") / f"zstd-of-{want}", place=lambda: blob_path(digest)) as f:
         with open(path, "rb") as src:
             out = HashingWriter(f)
-            with compressor.stream_writer(out, closefd=False) as w:  # type: ignore[arg-type]
-                while chunk := src.read(CHUNK):
-                    raw.update(chunk)
-                    w.write(chunk)
+            w = compressor("zstd", out, DISK_LEVEL, checksum=True)
+            while chunk := src.read(CHUNK):
+                raw.update(chunk)
+                w.write(chunk)
+            w.close()
         if raw.hexdigest() != want:
             raise changed
         digest = "sha256:" + out.hash.hexdigest()
@@ -510,30 +505,19 @@ def _unpack_disk(raw: IO[bytes], blob: Blob, dest: Path, section: DiskInfo, what
     h, size = hashlib.sha256(), 0
     try:
         with open(dest, "wb") as out:
-            src: IO[bytes] = raw if blob.media_type == VM_OTHER_FILE else \
-                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,  # type: ignore
-                                                           closefd=False)
-            while chunk := _read_full(src, CHUNK):
+            src = reader("none" if blob.media_type == VM_OTHER_FILE else "zstd", raw)
+            while chunk := src.read(CHUNK):
                 h.update(chunk)
                 _write_sparse(out.fileno(), chunk, size)
                 size += len(chunk)
                 if size > limit:
                     raise PublishError(f"{what}: {name} is larger than the {limit} bytes {MANIFEST} records")
             os.ftruncate(out.fileno(), size)
-    except zstandard.ZstdError as e:
+    except CorruptData as e:
         raise PublishError(f"{what}: {name}: corrupt zstd data ({e})") from None
     if h.hexdigest() != want:
         raise PublishError(f"{what}: {name} does not match the sha256 in {MANIFEST} "
                            f"(expected {want}, got {h.hexdigest()})")
-
-
-def _read_full(src: IO[bytes], n: int) -> bytes:
-    """`n` bytes of `src` (fewer only at its end), so blocks stay aligned whatever a decompressor returns."""
-    parts, got = [], 0
-    while got < n and (b := src.read(n - got)):
-        parts.append(b)
-        got += len(b)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _write_sparse(fd: int, data: bytes, offset: int) -> None:

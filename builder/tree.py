@@ -4,6 +4,12 @@ A `Tree` is a root directory `Inode`; directories map names to inodes. Hardlinke
 `Inode` object, so a hardlink keeps its content even when the original name is later replaced.
 File content is a `Content` (a byte range in a cached layer tar) or, for small generated files, bytes.
 Paths are POSIX strings relative to the root without a leading slash; the root is "".
+
+Every writer of a tree (the initramfs, the disk's tar, the probe's copy) walks it through `entries`, the one
+walk with the reproducibility rules: depth first, names in byte order; inode numbers from 1 in that order;
+a hardlink group (paths sharing a non-directory Inode) known by its first path (the leader) and its last;
+mtimes clamped to the epoch (SOURCE_DATE_EPOCH). Content is read through one `ContentReader` per writer:
+each layer tar opened once, and one that ends before a file's content does is a CacheError.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from .errors import CacheError
+
 FILE, DIR, SYMLINK, CHAR, BLOCK, FIFO = "file", "dir", "symlink", "char", "block", "fifo"
 KIND_BITS = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
              BLOCK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 MAX_SYMLINKS = 40
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +174,97 @@ class Tree:
                 prefix = path + "/" if path else ""
                 for name in sorted(node.children, key=os.fsencode, reverse=True):
                     stack.append((prefix + name, node.children[name]))
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One path of a tree as every writer writes it (`entries`)."""
+
+    path: str           # "" for the root
+    node: Inode
+    ino: int            # 1, 2, ... in walk order; the paths of a hardlink group share one
+    links: int          # how many paths share `node` (1 for a directory)
+    leader: str         # the first path of its hardlink group (later ones link to it); `path` when alone
+    last: bool          # the last path of its group (where cpio puts the data)
+    mtime: int          # node.mtime, clamped to the epoch when one is given
+
+    @property
+    def is_leader(self) -> bool:
+        return self.path == self.leader
+
+
+def entries(tree: Tree, epoch: int | None = None) -> list[Entry]:
+    """Every path of `tree` in `Tree.walk` order, with its inode number, hardlink group and clamped mtime
+    (module doc). Directories are never grouped."""
+    walked = list(tree.walk())
+    groups: dict[int, list[str]] = {}
+    for path, node in walked:
+        if node.kind != DIR:
+            groups.setdefault(id(node), []).append(path)
+    inos: dict[int, int] = {}
+    out = []
+    for path, node in walked:
+        group = groups.get(id(node), [path])
+        mtime = node.mtime if epoch is None else min(node.mtime, epoch)
+        out.append(Entry(path, node, inos.setdefault(id(node), len(inos) + 1), len(group), group[0],
+                         group[-1] == path, mtime))
+    return out
+
+
+class ContentReader:
+    """Regular files' content for a writer, read with pread: each source (a cached layer tar) is opened once
+    and closed on exit; a source that ends before a file's content does is a CacheError naming it."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def __enter__(self) -> ContentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def chunks(self, node: Inode) -> Iterator[bytes]:
+        """The content of the regular file `node`, in pieces of at most CHUNK bytes."""
+        c = node.content
+        if not isinstance(c, Content):
+            if c:
+                yield c
+            return
+        fd = self.fds.get(c.source)
+        if fd is None:
+            fd = self.fds[c.source] = os.open(c.source, os.O_RDONLY)
+        pos, end = c.offset, c.offset + c.size
+        while pos < end:
+            chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+            if not chunk:
+                raise CacheError(f"{c.source}: content ends early (cache corrupted?)")
+            yield chunk
+            pos += len(chunk)
+
+    def open(self, node: Inode) -> IO[bytes]:
+        """The content of `node` as a file object read front to back (for tarfile)."""
+        return io.BufferedReader(_Chunks(self.chunks(node)), CHUNK)
+
+
+class _Chunks(io.RawIOBase):
+    """A read-once stream over an iterator of byte strings."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks, self.rest = chunks, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if not self.rest:
+            self.rest = memoryview(next(self.chunks, b""))
+        n = min(len(b), len(self.rest))
+        b[:n] = self.rest[:n]
+        self.rest = self.rest[n:]
+        return n
 
 
 def read_content(node: Inode) -> bytes:

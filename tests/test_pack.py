@@ -14,7 +14,8 @@ import pytest
 import zstandard
 
 from builder.build import source_date_epoch
-from builder.cpio import COMPRESSIONS, LZ4_LEGACY_MAGIC, pack, read_cpio
+from builder.compression import COMPRESSIONS, LZ4_LEGACY_MAGIC
+from builder.cpio import pack, read_cpio
 from builder.errors import BadInput, PackError
 from builder.flatten import flatten
 from builder.reference import parse

@@ -27,6 +27,7 @@ from docker.errors import DockerException, ImageNotFound
 
 from ..blobs import CHUNK, blob_bytes, blob_path, diff_path, present, verify_bytes
 from ..cache import atomic_file, cache_dir
+from ..compression import LAYER_CODECS, sniff
 from ..errors import SourceError
 from ..image import CONFIG_LIMIT, DOCKER_CONFIG, DOCKER_MANIFEST, Image, Platform, build_image
 from ..reference import ImageRef
@@ -235,7 +236,7 @@ def _put(final: Path, data: bytes) -> None:
 
 
 def _compression(head: bytes) -> str:
-    return "gzip" if head[:2] == b"\x1f\x8b" else "zstd" if head[:4] == b"\x28\xb5\x2f\xfd" else "none"
+    return sniff(head, LAYER_CODECS)
 
 
 def _spool(f: IO[bytes], name: Path) -> tuple[str, int, str, Path]:

@@ -17,6 +17,7 @@ from typing import IO
 
 from .. import tarread
 from ..blobs import check_digest, verify_bytes
+from ..compression import LAYER_CODECS, sniff
 from ..errors import SourceError
 from ..image import (
     CONFIG_LIMIT,
@@ -190,10 +191,10 @@ def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
             raise SourceError(f"{what}: missing layer {name}")
         with files.opener(name)() as f:
             head = f.read(4)
-        mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if head[:2] == b"\x1f\x8b" else
-                                                         "+zstd" if head == b"\x28\xb5\x2f\xfd" else "")
+        codec = sniff(head, LAYER_CODECS)
+        mt = "application/vnd.oci.image.layer.v1.tar" + ("" if codec == "none" else f"+{codec}")
         # an uncompressed layer's digest is its diff_id, which flatten verifies anyway
-        digest = diff_id if not mt.endswith(("gzip", "zstd")) else _file_digest(files, name)
+        digest = diff_id if codec == "none" else _file_digest(files, name)
         off_size = files.members[name] if files.members else (0, 0)
         layers.append({"mediaType": mt, "digest": digest, "size": off_size[1], "name": name})
     manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,

@@ -1,0 +1,255 @@
+"""Compression: the one table of the codecs xbuild reads and writes (CODECS), found by their magic bytes.
+
+Detection (`sniff`) tries the table in order; lzma's one-byte magic (a properties byte) comes last. A caller
+that knows the data can be only some codecs says which: a layer is a tar, gzip or zstd (LAYER_CODECS), and
+a tar's first bytes are a file name, which may spell another codec's magic.
+
+Writing (`compressor`) is streamed and reproducible: the same bytes and level give the same output on any
+machine. gzip is one member with a zeroed mtime and no name (ISA-L); zstd is multi-threaded (at most
+ZSTD_THREADS), and its output depends on the parameters only, never on the thread count; lz4 is the legacy
+frame the kernel's initramfs unpacker reads (`lz4 -l`: 8 MiB blocks, high compression above level 2). The
+initrd is any of COMPRESSIONS, at a level of the codec's `levels` (`default_level` when none is asked for).
+
+Reading: `reader` streams every member or frame of a gzip or zstd stream (layer blobs, pushed disks), and
+its `read(n)` returns n bytes unless the data ends first; `decompress` gives the first stream of any codec,
+trailing bytes ignored (a bzImage's payload). Corrupt data is a `CorruptData` from both, with the codec's
+own message.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Protocol, Self
+
+import lz4.block
+import zstandard
+from isal import igzip, isal_zlib
+
+LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+LZ4_LEGACY_CHUNK = 8 << 20          # the kernel's unlz4 reads 8 MiB blocks
+ZSTD_THREADS = 8                    # at most: each holds ~20 MB at level 9 (more at 19)
+
+
+class CorruptData(ValueError):
+    """Data a decoder refuses (the codec's message); each stage reports it as its own error."""
+
+
+class Writable(Protocol):
+    def write(self, b: bytes) -> int: ...
+
+
+class Sink(Protocol):
+    """A compressing writer: `write` everything, then `close` once to flush the end of the stream (the
+    underlying file stays open)."""
+
+    def write(self, b: bytes) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str                                           # as in --compression, Layer.compression, media types
+    magic: bytes                                        # what its data starts with (b"": none)
+    first: Callable[[bytes], bytes]                     # the first stream of the data, decompressed
+    errors: tuple[type[Exception], ...] = ()            # what its decoders raise on corrupt data
+    stream: Callable[[IO[bytes]], IO[bytes]] | None = None        # every member/frame, streamed
+    writer: Callable[[Writable, int, bool], Sink] | None = None  # (out, level, checksum) → Sink
+    levels: range = range(0)                            # the levels it can be written at
+    default_level: int = 0
+
+    def level(self, level: int | None) -> int:
+        """`level`, or the default when None; ValueError naming the range when the codec has no such level."""
+        if level is None:
+            return self.default_level
+        if level not in self.levels:
+            raise ValueError(f"{self.name} levels are {self.levels.start} to {self.levels.stop - 1}, "
+                             f"not {level}")
+        return level
+
+
+# ------------------------------------------------------------------------------------------- writers
+
+class _Plain:
+    def __init__(self, out: Writable, level: int, checksum: bool):
+        self.out = out
+
+    def write(self, b: bytes) -> int:
+        return self.out.write(b)
+
+    def close(self) -> None:
+        pass
+
+
+class _Gzip:
+    def __init__(self, out: Writable, level: int, checksum: bool):
+        self.out = out
+        # wbits 31: a gzip container with a zeroed mtime, so the output is reproducible
+        self.z = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
+
+    def write(self, b: bytes) -> int:
+        self.out.write(self.z.compress(b))
+        return len(b)
+
+    def close(self) -> None:
+        self.out.write(self.z.flush())
+
+
+class _Zstd:
+    def __init__(self, out: Writable, level: int, checksum: bool):
+        threads = max(1, min(os.cpu_count() or 1, ZSTD_THREADS))
+        params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads,
+                                                                write_checksum=checksum)
+        self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(
+            out, closefd=False)  # type: ignore[arg-type]
+
+    def write(self, b: bytes) -> int:
+        return self.w.write(b)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class _Lz4Legacy:
+    """The lz4 'legacy' frame: magic, then (u32 size, block) of LZ4_LEGACY_CHUNK bytes each."""
+
+    def __init__(self, out: Writable, level: int, checksum: bool):
+        self.out, self.level, self.buf = out, level, bytearray()
+        out.write(LZ4_LEGACY_MAGIC)
+
+    def write(self, b: bytes) -> int:
+        self.buf += b
+        while len(self.buf) >= LZ4_LEGACY_CHUNK:
+            self._block(bytes(self.buf[:LZ4_LEGACY_CHUNK]))
+            del self.buf[:LZ4_LEGACY_CHUNK]
+        return len(b)
+
+    def _block(self, data: bytes) -> None:
+        mode = "high_compression" if self.level > 2 else "default"
+        comp = lz4.block.compress(data, mode=mode, compression=self.level, store_size=False)
+        self.out.write(len(comp).to_bytes(4, "little") + comp)
+
+    def close(self) -> None:
+        if self.buf:
+            self._block(bytes(self.buf))
+            self.buf.clear()
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+def _lz4_legacy(data: bytes) -> bytes:
+    """The legacy frame's blocks decompressed, up to the end or the 4-byte size the kernel appends."""
+    out, pos = [], 4
+    while pos + 4 <= len(data):
+        (size,) = struct.unpack_from("<I", data, pos)
+        if size == 0x184C2102:  # a concatenated stream
+            pos += 4
+            continue
+        if pos + 4 + size > len(data):
+            break
+        out.append(lz4.block.decompress(data[pos + 4 : pos + 4 + size], uncompressed_size=LZ4_LEGACY_CHUNK))
+        pos += 4 + size
+    return b"".join(out)
+
+
+def _gzip_stream(stream: IO[bytes]) -> IO[bytes]:
+    return igzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type, return-value]
+
+
+def _zstd_stream(stream: IO[bytes]) -> IO[bytes]:
+    return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True,  # type: ignore
+                                                      closefd=False)
+
+
+def _zstd_first(data: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+_ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]
+NONE = Codec("none", b"", bytes, stream=lambda s: s, writer=_Plain, levels=range(1))
+GZIP = Codec("gzip", b"\x1f\x8b", lambda d: isal_zlib.decompressobj(wbits=31).decompress(d),
+             (gzip.BadGzipFile, EOFError, _ISAL_ERROR), _gzip_stream, _Gzip, range(4), 3)
+XZ = Codec("xz", b"\xfd7zXZ\x00", lambda d: lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(d),
+           (lzma.LZMAError, EOFError))
+ZSTD = Codec("zstd", b"\x28\xb5\x2f\xfd", _zstd_first, (zstandard.ZstdError,), _zstd_stream, _Zstd,
+             range(-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL + 1), 19)
+LZ4 = Codec("lz4", LZ4_LEGACY_MAGIC, _lz4_legacy, (lz4.block.LZ4BlockError,), writer=_Lz4Legacy,
+            levels=range(13), default_level=9)
+BZIP2 = Codec("bzip2", b"BZh", lambda d: bz2.BZ2Decompressor().decompress(d), (OSError, EOFError))
+LZMA = Codec("lzma", b"\x5d", lambda d: lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(d),
+             (lzma.LZMAError, EOFError))
+
+CODECS = {c.name: c for c in (GZIP, XZ, ZSTD, LZ4, BZIP2, LZMA, NONE)}   # sniff's order: lzma's magic late
+COMPRESSIONS = ("zstd", "lz4", "gzip", "none")      # what an initrd can be, the default first
+DEFAULT_COMPRESSION = COMPRESSIONS[0]
+LAYER_CODECS = ("gzip", "zstd")                     # what a layer can be, besides an uncompressed tar
+
+
+def sniff(head: bytes, among: tuple[str, ...] | None = None) -> str:
+    """The name of the codec (of `among`, default all) whose magic `head` starts with, else "none"."""
+    for c in CODECS.values():
+        if c.magic and (among is None or c.name in among) and head.startswith(c.magic):
+            return c.name
+    return "none"
+
+
+def compressor(name: str, out: Writable, level: int | None = None, checksum: bool = False) -> Sink:
+    """A `Sink` writing `name`-compressed data to `out` at `level` (the codec's default when None), with a
+    content checksum where the format makes it optional (zstd). ValueError for a level the codec lacks."""
+    codec = CODECS[name]
+    assert codec.writer is not None, f"xbuild does not write {name}"
+    return codec.writer(out, codec.level(level), checksum)
+
+
+def decompress(name: str, data: bytes) -> bytes:
+    """The first `name` stream of `data`, decompressed (trailing bytes ignored); CorruptData if refused."""
+    codec = CODECS[name]
+    try:
+        return codec.first(data)
+    except codec.errors as e:
+        raise CorruptData(str(e)) from None
+
+
+class Decoded:
+    """`stream` decompressed by `codec`, every member or frame of it (`reader`)."""
+
+    def __init__(self, stream: IO[bytes], codec: Codec):
+        assert codec.stream is not None, f"xbuild does not stream {codec.name}"
+        self.stream, self.errors = stream, codec.errors
+        self.inner = codec.stream(stream)
+
+    def read(self, n: int) -> bytes:
+        """`n` bytes (fewer only at the end), so blocks stay aligned whatever the decoder returns."""
+        try:
+            first = self.inner.read(n)
+            if len(first) in (0, n):
+                return first
+            parts, got = [first], len(first)
+            while got < n and (b := self.inner.read(n - got)):
+                parts.append(b)
+                got += len(b)
+            return b"".join(parts)
+        except self.errors as e:
+            raise CorruptData(str(e)) from None
+
+    def close(self) -> None:
+        """Close the decoder; the stream it reads stays open."""
+        if self.inner is not self.stream:
+            self.inner.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def reader(name: str, stream: IO[bytes]) -> Decoded:
+    """`stream` decompressed as `name` (LAYER_CODECS or none); closing the reader leaves `stream` open."""
+    return Decoded(stream, CODECS[name])

@@ -75,7 +75,7 @@ from ..guest import guest_config
 from ..host import check, missing_packages
 from ..image import ImageConfig
 from ..recipes import Recipe, Smoke
-from ..tree import DIR, FILE, SYMLINK, Inode, Tree, split
+from ..tree import DIR, FILE, SYMLINK, ContentReader, Inode, Tree, entries, split
 
 HOST_ID_BASE = 1_878_982_656        # 0x6FFF0000: the top 64 Ki of systemd's container range (UIDS-GIDS.md)
 ID_COUNT = 65536
@@ -142,49 +142,41 @@ def extract(tree: Tree, dest: Path, id_base: int | None = None) -> None:
     def owner(node: Inode) -> tuple[int, int]:
         return (node.uid, node.gid) if id_base is None else (host_id(node.uid), host_id(node.gid))
 
-    links: dict[int, str] = {}
+    written: set[str] = set()   # paths of a hardlink group's first name, once made (not a skipped device)
     dirs: list[tuple[str, Inode]] = []
-    for path, node in tree.walk():
-        full = os.path.join(dest, path) if path else str(dest)
-        if node.kind == DIR:
-            if path:
-                os.mkdir(full)
-            dirs.append((full, node))
-            continue
-        if node.kind == SYMLINK:
-            os.symlink(node.target, full)
-            if root:
-                os.lchown(full, *owner(node))
-            continue
-        if id(node) in links:
-            os.link(links[id(node)], full)
-            continue
-        if node.kind == FILE:
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                c = node.content
-                if isinstance(c, bytes):
-                    os.write(fd, c)
-                elif c is not None:
-                    with open(c.source, "rb") as src:
-                        off, left = c.offset, c.size
-                        while left:
-                            chunk = os.pread(src.fileno(), min(left, 1 << 20), off)
-                            if not chunk:
-                                break
-                            os.write(fd, chunk)
-                            off, left = off + len(chunk), left - len(chunk)
-            finally:
-                os.close(fd)
-        else:
-            kind = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[node.kind]
-            if not root and node.kind != "fifo":
+    with ContentReader() as contents:
+        for e in entries(tree):
+            path, node = e.path, e.node
+            full = os.path.join(dest, path) if path else str(dest)
+            if node.kind == DIR:
+                if path:
+                    os.mkdir(full)
+                dirs.append((full, node))
                 continue
-            os.mknod(full, kind | 0o600, os.makedev(*node.rdev))
-        if root:
-            os.chown(full, *owner(node))
-        os.chmod(full, node.mode & 0o7777)
-        links[id(node)] = full
+            if node.kind == SYMLINK:
+                os.symlink(node.target, full)
+                if root:
+                    os.lchown(full, *owner(node))
+                continue
+            if e.leader in written:
+                os.link(os.path.join(dest, e.leader), full)
+                continue
+            if node.kind == FILE:
+                fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    for chunk in contents.chunks(node):
+                        os.write(fd, chunk)
+                finally:
+                    os.close(fd)
+            else:
+                kind = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[node.kind]
+                if not root and node.kind != "fifo":
+                    continue
+                os.mknod(full, kind | 0o600, os.makedev(*node.rdev))
+            if root:
+                os.chown(full, *owner(node))
+            os.chmod(full, node.mode & 0o7777)
+            written.add(path)
     for full, node in reversed(dirs):
         if root:
             os.chown(full, *owner(node))

@@ -28,7 +28,8 @@ from docker.errors import DockerException, ImageNotFound
 from ..blobs import CHUNK, blob_bytes, blob_path, diff_path, present, verify_bytes
 from ..cache import atomic_file, cache_dir
 from ..errors import SourceError
-from ..image import CONFIG_LIMIT, DOCKER_CONFIG, DOCKER_MANIFEST, Image, Platform, build_image
+from ..image import Image, Platform
+from ..oci.manifest import CONFIG_LIMIT, DOCKER_CONFIG, DOCKER_MANIFEST, build_image
 from ..reference import ImageRef
 from . import SourceOptions
 

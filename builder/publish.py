@@ -128,12 +128,8 @@ class Blob:
 
     @classmethod
     def of(cls, path: Path, media_type: str, title: str | None = None) -> Blob:
-        h, size = hashlib.sha256(), 0
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        return cls(media_type, "sha256:" + h.hexdigest(), size, path, title)
+        """The file `path` as a blob as it is (its sha256 and size)."""
+        return cls(media_type, "sha256:" + file_sha256(path), path.stat().st_size, path, title)
 
     def descriptor(self) -> dict[str, Any]:
         d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}

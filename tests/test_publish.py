@@ -488,8 +488,8 @@ def test_disk_push_refuses_a_changed_disk(disk_artifact: Path, registry: Registr
 def _upload(registry: Registry, repo: str, path: Path, media_type: str, title: str | None) -> dict:
     """Upload a file as a blob of `repo`; its descriptor."""
     blob = publish.Blob.of(path, media_type, title)
-    with publish._Session(publish.target(f"{registry.host}/{repo}:x"), False, push=True) as session:
-        session.ensure_blob(blob, title or "config")
+    with publish._repository(publish.target(f"{registry.host}/{repo}:x"), False, push=True) as session:
+        session.ensure_blob(blob.digest, blob.size, blob.path, title or "config")
     return blob.descriptor()
 
 

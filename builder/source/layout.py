@@ -17,6 +17,7 @@ from typing import IO
 
 from .. import tarread
 from ..blobs import check_digest, verify_bytes
+from ..cache import format_size
 from ..errors import SourceError
 from ..image import Image, Platform
 from ..oci.manifest import (
@@ -86,7 +87,7 @@ class _Files:
         with self.opener(name)() as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise SourceError(f"{what}: {name} is larger than {limit >> 20} MiB")
+            raise SourceError(f"{what}: {name} is larger than {format_size(limit)}")
         return data
 
 

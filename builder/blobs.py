@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Self
 
-from .cache import atomic_file, cache_dir, is_temp, lock_shared, parse_size, remove_entry, touch
+from .cache import atomic_file, cache_dir, format_size, is_temp, lock_shared, parse_size, remove_entry, touch
 from .compression import CorruptData, reader
 from .errors import CacheError, SourceError, XbuildError
 from .image import Layer
@@ -258,7 +258,7 @@ def _decompress(layer: Layer, final: Path, progress: Callable[[int], None] | Non
                 while chunk := plain.read(CHUNK):
                     count += len(chunk)
                     if count > cap:
-                        raise SourceError(f"{what}: expands past the {_size(cap)} layer size cap "
+                        raise SourceError(f"{what}: expands past the {format_size(cap)} layer size cap "
                                           f"(--max-layer-size or ${MAX_LAYER_SIZE_ENV} raise it)")
                     diff_hash.update(chunk)
                     out.write(chunk)
@@ -285,13 +285,6 @@ def _intact(blob: HashingReader) -> bool:
     except (SourceError, OSError):
         return False
     return True
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
 
 
 class DiffChanged(CacheError):

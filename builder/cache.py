@@ -221,6 +221,14 @@ def parse_size(text: str, what: str) -> int:
     return int(m.group(1)) * units[m.group(2).upper()]
 
 
+def format_size(n: int) -> str:
+    """`n` bytes as parse_size reads it back, for messages: `16 GiB`, `4 MiB`, `512 KiB`, else `n bytes`."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
 def _rmtree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 

@@ -1,4 +1,6 @@
-"""Push and pull VM images and kernels as OCI artifacts (distribution API v2 over httpx).
+"""Push and pull VM images and kernels as OCI artifacts: the mapping between an artifact directory and one
+OCI manifest; the registry's side (manifest fetch and verification, blobs, uploads, mounts) is
+`oci.repository`'s.
 
 One artifact is one OCI image manifest with an `artifactType` of our own; its config is the directory's
 JSON description (the artifact's `manifest.json`, a kernel's `kernel.json`) and every other file is a
@@ -35,9 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, Self
-
-import httpx
+from typing import IO, Any
 
 from . import __version__
 from . import kernel as kernel_cache
@@ -54,14 +54,14 @@ from .artifact import (
     open_artifact,
     prepare_output,
 )
-from .blobs import CHUNK, HashingReader, HashingWriter, blob_bytes, blob_path, check_digest, present
+from .blobs import CHUNK, HashingReader, HashingWriter, blob_path, check_digest, present
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, lock_shared, remove_entry
 from .compression import CorruptData, compressor, reader
 from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
-from .image import ACCEPT, CONFIG_LIMIT, DOCKER_CONFIG, MANIFEST_LIMIT, OCI_CONFIG, OCI_MANIFEST
 from .kernel import Kernel
+from .oci.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST, Descriptor, manifest_parts
+from .oci.repository import Repository
 from .reference import ImageRef, parse
-from .registry_client import RegistryClient, errors, status
 
 VM_ARTIFACT = "application/vnd.xbuild.vm.v1+json"
 VM_CONFIG = "application/vnd.xbuild.vm.config.v1+json"
@@ -126,12 +126,8 @@ class Blob:
 
     @classmethod
     def of(cls, path: Path, media_type: str, title: str | None = None) -> Blob:
-        h, size = hashlib.sha256(), 0
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        return cls(media_type, "sha256:" + h.hexdigest(), size, path, title)
+        """The file `path` as a blob as it is (its sha256 and size)."""
+        return cls(media_type, "sha256:" + file_sha256(path), path.stat().st_size, path, title)
 
     def descriptor(self) -> dict[str, Any]:
         d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
@@ -248,14 +244,14 @@ def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = 
     Every cached blob used is checked against its digest as it is read (`_from_cache`)."""
     r = target(ref)
     prepare_output(dest, force)
-    with _Session(r, insecure, push=False) as session:
-        config_raw, meta, layers, _ = _fetch(session, VM)
-        disk = _vm_manifest(meta, layers, session.what).disk
+    with _repository(r, insecure, push=False) as repo:
+        config_raw, meta, layers, _ = _fetch(repo, r, VM)
+        disk = _vm_manifest(meta, layers, repo.what).disk
         if reuse and (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == config_raw \
                 and _intact(dest, layers, disk):
             return dest
         with atomic_dir(dest) as tmp:
-            _materialise(session, config_raw, layers, tmp, VM, disk)
+            _materialise(repo, config_raw, layers, tmp, VM, disk)
             open_artifact(tmp)
             prepare_output(dest, force)   # again: the directory may have changed during the download
     return dest
@@ -299,11 +295,12 @@ def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
     A cached entry is checked (`kernel.cached`) and used, held, when good; a bad one is removed and pulled
     again. Each file is checked against its layer digest as it lands in the entry (`_from_cache`) and
     kernel.json records the sha256 of each."""
-    with _Session(target(ref), insecure, push=False) as session:
-        config_raw, meta, layers, digest = _fetch(session, KERNEL_KIND)
+    r = target(ref)
+    with _repository(r, insecure, push=False) as repo:
+        config_raw, meta, layers, digest = _fetch(repo, r, KERNEL_KIND)
         key, name = str(meta.get("key") or ""), Path(str(meta.get("path") or "")).name
         if not key.isalnum() or name not in {b.title for b in layers}:
-            raise PublishError(f"{session.what}: malformed kernel artifact "
+            raise PublishError(f"{repo.what}: malformed kernel artifact "
                                f"({KERNEL_JSON} names no key or file)")
         final = cache_dir("kernels") / f"oci-{digest[7:]}"
         try:
@@ -312,7 +309,7 @@ def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
             have = None
         if have is None:
             with atomic_dir(final) as tmp:
-                _materialise(session, config_raw, layers, tmp, KERNEL_KIND)
+                _materialise(repo, config_raw, layers, tmp, KERNEL_KIND)
                 # kernel.json is kept as pushed when it records what was pulled
                 if meta.get(kernel_cache.RECORD) != {b.title: b.digest[7:] for b in layers}:
                     kernel_cache.write_record(tmp, meta)
@@ -343,27 +340,27 @@ def _push(ref: ImageRef, kind: _Kind, config: Blob, layers: list[Blob], annotati
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     counts = {"uploaded": 0, "present": 0, "mounted": 0}
     sent = 0
-    with _Session(ref, insecure, push=True) as session:
+    with _repository(ref, insecure, push=True) as repo:
         for blob in [config, *layers]:
             name = blob.title or kind.config_file
-            how = session.ensure_blob(blob, name)
+            how = repo.ensure_blob(blob.digest, blob.size, blob.path, name)
             counts[how] += 1
             sent += blob.size if how == "uploaded" else 0
             of = f", zstd of {blob.file_size / 1e6:.1f} MB" if blob.file_size is not None else ""
             log(f"{how} {name} ({blob.size / 1e6:.1f} MB{of})")
-        session.put_manifest(str(ref.tag), raw, digest)
+        repo.put_manifest(str(ref.tag), raw, digest)
     disk = next(({"file": b.title, "media_type": b.media_type, "file_size": b.file_size, "blob_size": b.size}
                  for b in layers if b.file_size is not None), None)
     return Pushed(f"{ref.docker_name}@{digest}", digest, counts["uploaded"], counts["present"],
                   counts["mounted"], sent, disk)
 
 
-def _fetch(session: _Session, kind: _Kind) -> tuple[bytes, dict[str, Any], list[Blob], str]:
-    """(config bytes, config, layers, manifest digest) of the artifact, checked to be of `kind`; the config
-    is read through the blob cache, verified (`blob_bytes`); layers are fetched as they are used
-    (`_from_cache`)."""
-    doc, digest = session.get_manifest()
-    what = session.what
+def _fetch(repo: Repository, ref: ImageRef, kind: _Kind) -> tuple[bytes, dict[str, Any], list[Blob], str]:
+    """(config bytes, config, layers, manifest digest) of the artifact `ref` names, checked to be of `kind`;
+    the manifest and config are read through the blob cache, verified (`Repository.manifest`, `.config`);
+    layers are fetched as they are used (`_from_cache`)."""
+    manifest = repo.manifest(ref, None)
+    doc, what = manifest.doc, repo.what
     config: dict[str, Any] = doc["config"] if isinstance(doc.get("config"), dict) else {}
     atype, ctype = doc.get("artifactType"), config.get("mediaType")
     if atype != kind.artifact_type or ctype != kind.config_type:
@@ -375,39 +372,33 @@ def _fetch(session: _Session, kind: _Kind) -> tuple[bytes, dict[str, Any], list[
         else:
             found = f"artifactType {atype!r}, config {ctype!r}"
         raise PublishError(f"{what}: not an xbuild {kind.name} artifact (it is {found})")
-    cfg = _descriptor(config, what, None)
-    if cfg.size > CONFIG_LIMIT:
-        raise PublishError(f"{what}: config larger than {CONFIG_LIMIT >> 20} MiB")
-    layers = [_descriptor(d, what, TITLE) for d in doc.get("layers") or []]
+    with repo.own_errors():
+        cfg, descriptors = manifest_parts(doc, what)
+    layers = [_layer(d, what) for d in descriptors]
     titles = [b.title for b in layers]
     if len(set(titles)) != len(titles) or kind.config_file in titles:
         raise PublishError(f"{what}: malformed artifact (duplicate file names)")
-    config_raw = blob_bytes(cfg.digest, f"{what} {kind.config_file}", lambda: session.fetch_blob(cfg),
-                            CONFIG_LIMIT)
+    config_raw = repo.config(cfg, kind.config_file)
     try:
         meta = json.loads(config_raw)
     except ValueError:
         meta = None
     if not isinstance(meta, dict):
         raise PublishError(f"{what}: malformed artifact ({kind.config_file} is not a JSON object)")
-    return config_raw, meta, layers, digest
+    return config_raw, meta, layers, manifest.digest
 
 
-def _descriptor(d: Any, what: str, title_key: str | None) -> Blob:
-    """A descriptor as a Blob (path = where it lands in the blob cache); layers need a safe file name."""
-    if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
-        raise PublishError(f"{what}: malformed descriptor {d!r}")
+def _layer(d: Descriptor, what: str) -> Blob:
+    """A layer's descriptor as a Blob (path: where it lands in the blob cache), with a safe file name."""
     try:
-        check_digest(d["digest"], what)
+        check_digest(d.digest, what)
     except SourceError as e:
         raise PublishError(str(e)) from None
-    title = None
-    if title_key:
-        title = str((d.get("annotations") or {}).get(title_key) or "")
-        if not title or "/" in title or "\0" in title or title.startswith("."):
-            raise PublishError(f"{what}: malformed artifact (layer {d['digest'][:19]} has no usable "
-                               f"file name {title!r})")
-    return Blob(str(d.get("mediaType") or ""), d["digest"], d["size"], blob_path(d["digest"]), title)
+    title = str(d.annotations.get(TITLE) or "")
+    if not title or "/" in title or "\0" in title or title.startswith("."):
+        raise PublishError(f"{what}: malformed artifact (layer {d.digest[:19]} has no usable "
+                           f"file name {title!r})")
+    return Blob(d.media_type, d.digest, d.size, blob_path(d.digest), title)
 
 
 def _vm_manifest(meta: dict[str, Any], layers: list[Blob], what: str) -> Manifest:
@@ -436,7 +427,7 @@ def _vm_manifest(meta: dict[str, Any], layers: list[Blob], what: str) -> Manifes
     return manifest
 
 
-def _materialise(session: _Session, config_raw: bytes, layers: list[Blob], out: Path, kind: _Kind,
+def _materialise(repo: Repository, config_raw: bytes, layers: list[Blob], out: Path, kind: _Kind,
                  disk: DiskInfo | None = None) -> None:
     """Write the config and the layers, through the blob cache (`_from_cache`), into the directory `out`
     (the root disk `disk` describes decompressed and checked)."""
@@ -444,13 +435,13 @@ def _materialise(session: _Session, config_raw: bytes, layers: list[Blob], out: 
     for blob in layers:
         assert blob.title is not None
         if disk and blob.title == DISK:
-            _from_cache(session, blob, partial(_unpack_disk, blob=blob, dest=out / blob.title, section=disk,
-                                               what=session.what))
+            _from_cache(repo, blob, partial(_unpack_disk, blob=blob, dest=out / blob.title, section=disk,
+                                            what=repo.what))
         else:
-            _from_cache(session, blob, partial(_copy, dest=out / blob.title))
+            _from_cache(repo, blob, partial(_copy, dest=out / blob.title))
 
 
-def _from_cache(session: _Session, blob: Blob, use: Callable[[IO[bytes]], None]) -> None:
+def _from_cache(repo: Repository, blob: Blob, use: Callable[[IO[bytes]], None]) -> None:
     """Feed the blob `blob`, from the blob cache (downloaded first when missing), to `use`, hashing it as it
     is read. A cached blob that does not hash to its digest is removed and fetched once more, and `use` runs
     again (it must start its output afresh); bad again, or that fetch fails: CacheError naming the file.
@@ -459,7 +450,7 @@ def _from_cache(session: _Session, blob: Blob, use: Callable[[IO[bytes]], None])
     while True:
         if not present(blob.path):
             try:
-                session.fetch_blob(blob)
+                _download(repo, blob)
             except XbuildError as e:
                 if healing:
                     raise CacheError(f"{blob.path}: corrupt cache entry (removed); fetching it again failed: "
@@ -541,122 +532,18 @@ def _pwrite(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[done:], offset + done
 
 
-def _known_dir(registry: str) -> Path:
-    return cache_dir("publish", registry.replace(":", "_").replace("/", "_"))
+def _repository(ref: ImageRef, insecure: bool, push: bool) -> Repository:
+    """The registry repository `ref` names (a context manager), its failures PublishErrors."""
+    repo = str(ref.repository)
+    return Repository(str(ref.registry), repo, what=str(ref.docker_name), insecure=insecure,
+                      scopes={repo: "pull,push" if push else "pull"}, error=PublishError, stall=STALL,
+                      check_hint="check {config} (docker login)")
 
 
-class _Session:
-    """One repository of a registry, through a RegistryClient (auth, retries), failures as PublishErrors;
-    remembers which repository holds which blob, for cross-repository mounts."""
-
-    def __init__(self, ref: ImageRef, insecure: bool, push: bool):
-        self.ref, self.what = ref, str(ref.docker_name)
-        self.registry, self.repo = str(ref.registry), str(ref.repository)
-        self.http = RegistryClient(self.registry, self.repo, what=self.what, insecure=insecure,
-                                   scopes={self.repo: "pull,push" if push else "pull"}, error=PublishError,
-                                   stall=STALL, check_hint="check {config} (docker login)")
-        self.base = self.http.base
-
-    def __enter__(self) -> Self:
-        self.http.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.__exit__(*exc)
-
-    def _failure(self, resp: httpx.Response, action: str) -> PublishError:
-        codes = errors(resp)[0]
-        if resp.status_code == 413:
-            return PublishError(f"{self.what}: the registry refused {action}: too large ({status(resp)})")
-        if resp.status_code == 405 or "UNSUPPORTED" in codes:
-            return PublishError(f"{self.what}: the registry refused {action} ({status(resp)}); "
-                                "is the registry or repository read-only?")
-        if resp.status_code == 404 or codes & {"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"}:
-            return PublishError(f"{self.what}: {action}: not found ({status(resp)})")
-        return PublishError(f"{self.what}: {action} failed ({status(resp)})")
-
-    # -- push -----------------------------------------------------------------------------------------------
-
-    def ensure_blob(self, blob: Blob, name: str) -> str:
-        """Make the repository hold `blob` (file `name`): "present" (HEAD), "mounted" or "uploaded"."""
-        resp = self.http.send("HEAD", f"{self.base}/blobs/{blob.digest}")
-        if resp.status_code == 200:
-            self._remember(blob.digest)
-            return "present"
-        location = None
-        known = self._known(blob.digest)
-        if known and known != self.repo:
-            try:
-                resp = self.http.send("POST", httpx.URL(f"{self.base}/blobs/uploads/",
-                                                        params={"mount": blob.digest, "from": known}))
-            except PublishError:      # no access to the other repository: upload instead
-                self.http.authorization = None
-            else:
-                if resp.status_code == 201:
-                    self._remember(blob.digest)
-                    return "mounted"
-                if resp.status_code == 202:
-                    location = resp.headers.get("Location")
-        if location is None:
-            resp = self.http.send("POST", f"{self.base}/blobs/uploads/", {"Content-Length": "0"})
-            if resp.status_code != 202 or not resp.headers.get("Location"):
-                raise self._failure(resp, f"upload of {name}")
-            location = resp.headers["Location"]
-        url = httpx.URL(self.base).join(location).copy_merge_params({"digest": blob.digest})
-        resp = self.http.send("PUT", url, {"Content-Type": "application/octet-stream",
-                                           "Content-Length": str(blob.size)}, blob.path)
-        if resp.status_code != 201:
-            raise self._failure(resp, f"upload of {name}")
-        self._remember(blob.digest)
-        return "uploaded"
-
-    def put_manifest(self, tag: str, raw: bytes, digest: str) -> None:
-        resp = self.http.send("PUT", f"{self.base}/manifests/{tag}", {"Content-Type": OCI_MANIFEST}, raw)
-        if resp.status_code != 201:
-            raise self._failure(resp, "manifest upload")
-        answered = resp.headers.get("Docker-Content-Digest")
-        if answered and answered != digest:
-            raise PublishError(f"{self.what}: the registry stored the manifest as {answered}, not {digest}")
-
-    def _known(self, digest: str) -> str | None:
-        p = _known_dir(self.registry) / check_digest(digest, "blob")
-        return p.read_text().strip() if p.is_file() else None
-
-    def _remember(self, digest: str) -> None:
-        """Note that this repository holds `digest`, for cross-repository mounts by later pushes."""
-        with atomic_file(_known_dir(self.registry) / check_digest(digest, "blob"), "w") as f:
-            f.write(self.repo)
-
-    # -- pull -----------------------------------------------------------------------------------------------
-
-    def get_manifest(self) -> tuple[dict[str, Any], str]:
-        """(the manifest `ref` names, its digest), the digest verified (against the ref's when pinned)."""
-        reference = self.ref.digest or str(self.ref.tag)
-        raw, headers = self.http.fetch(f"{self.base}/manifests/{reference}", "manifest", MANIFEST_LIMIT,
-                                       lambda resp: self._failure(resp, "manifest"),
-                                       {"Accept": f"{OCI_MANIFEST}, {ACCEPT}"})
-        header = headers.get("Docker-Content-Digest", "")
-        expected = self.ref.digest or (header if header.startswith("sha256:") else None)
-        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
-        if expected and actual != expected:
-            raise PublishError(f"{self.what}: manifest digest mismatch (expected {expected}, got {actual})")
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
-            raise PublishError(f"{self.what}: the manifest is not a JSON object")
-        if doc.get("mediaType", OCI_MANIFEST) != OCI_MANIFEST or doc.get("schemaVersion") != 2:
-            raise PublishError(f"{self.what}: not an xbuild artifact "
-                               f"(manifest type {doc.get('mediaType')!r})")
-        return doc, actual
-
-    def fetch_blob(self, blob: Blob) -> None:
-        """Download `blob` into the blob cache (verified), unless it is there (unchecked here: whoever reads
-        it checks it, `blob_bytes` or `_from_cache`)."""
-        if present(blob.path):
-            return
-        name = blob.title or "config"
-        self.http.download(f"{self.base}/blobs/{blob.digest}", blob.digest, blob.size, f"{self.what} {name}",
-                           lambda resp: self._failure(resp, f"blob {name} ({blob.digest[:19]})"))
-        self._remember(blob.digest)
+def _download(repo: Repository, blob: Blob) -> None:
+    """Download `blob` into the blob cache (verified) and remember where it was seen, unless it is in the
+    cache (unchecked here: `_from_cache` checks it as it reads it)."""
+    if present(blob.path):
+        return
+    repo.blob(Descriptor(blob.media_type, blob.digest, blob.size), blob.title or "config")
+    repo.remember(blob.digest)

@@ -36,7 +36,8 @@ from builder.cpio import pack
 from builder.errors import ArtifactError, BadInput, ConfigError, ReferenceError_
 from builder.flatten import flatten_tars
 from builder.guest import GuestConfig
-from builder.image import Platform, descriptor, load_json, manifest_parts, parse_config, select_platform
+from builder.image import Platform
+from builder.oci.manifest import descriptor, load_json, manifest_parts, parse_config, select_platform
 from builder.reference import ImageRef, parse
 from builder.tarread import TarFormatError, read_members
 from builder.tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Inode, Tree, read_content

@@ -32,6 +32,8 @@ from builder.cache import cache_dir, file_sha256
 from builder.errors import ArtifactError, PublishError, RegistryUnavailable
 from builder.kernel import Kernel, list_kernels, verify_cached
 from builder.kernel import cached as kernel_cached
+from builder.oci.client import Body
+from builder.oci.repository import Repository
 from builder.publish_cli import kernel_push_cmd, pull_cmd, push_cmd
 from builder.reference import parse
 from tests.fixtures.hostile import Sandbox, assert_refused
@@ -138,14 +140,14 @@ def test_failed_push_leaves_tag(artifact: Path, registry: Registry, monkeypatch:
     ref = f"{registry.host}/vm/half:t"
     before = publish.push(artifact, ref)
     (artifact / KERNEL).write_bytes(b"another kernel")
-    real = publish._Session.ensure_blob
+    real = Repository.ensure_blob
 
-    def refuse_kernel(self: publish._Session, blob: publish.Blob, name: str) -> str:
+    def refuse_kernel(self: Repository, digest: str, size: int, content: Body, name: str) -> str:
         if name == KERNEL:
             raise PublishError(f"{ref}: the registry refused upload of kernel: too large (HTTP 413)")
-        return real(self, blob, name)
+        return real(self, digest, size, content, name)
 
-    monkeypatch.setattr(publish._Session, "ensure_blob", refuse_kernel)
+    monkeypatch.setattr(Repository, "ensure_blob", refuse_kernel)
     with pytest.raises(PublishError, match="413"):
         publish.push(artifact, ref)
     assert "sha256:" + hashlib.sha256(registry.manifest("vm/half", "t")[0]).hexdigest() == before.digest
@@ -211,7 +213,7 @@ def test_pull_rejects_other_things(artifact: Path, registry: Registry, tmp_path:
     dest = tmp_path / "dest"
     with pytest.raises(PublishError, match=r"not an xbuild VM image artifact \(it is a container image\)"):
         publish.pull(f"{registry.host}/plain/busybox:1", dest)
-    with pytest.raises(PublishError, match="no-such:tag: manifest: not found"):
+    with pytest.raises(PublishError, match="no-such:tag: manifest unknown"):
         publish.pull(f"{registry.host}/plain/no-such:tag", dest)
     (tmp_path / "not-an-artifact").mkdir()
     (tmp_path / "not-an-artifact" / "precious").write_text("keep me")
@@ -486,8 +488,8 @@ def test_disk_push_refuses_a_changed_disk(disk_artifact: Path, registry: Registr
 def _upload(registry: Registry, repo: str, path: Path, media_type: str, title: str | None) -> dict:
     """Upload a file as a blob of `repo`; its descriptor."""
     blob = publish.Blob.of(path, media_type, title)
-    with publish._Session(publish.target(f"{registry.host}/{repo}:x"), False, push=True) as session:
-        session.ensure_blob(blob, title or "config")
+    with publish._repository(publish.target(f"{registry.host}/{repo}:x"), False, push=True) as session:
+        session.ensure_blob(blob.digest, blob.size, blob.path, title or "config")
     return blob.descriptor()
 
 

@@ -18,10 +18,11 @@ import pytest
 
 from builder.blobs import blob_path
 from builder.errors import RegistryUnavailable, SourceError
-from builder.image import OCI_INDEX, Platform
+from builder.image import Platform
+from builder.oci import auth, client
+from builder.oci.manifest import OCI_INDEX
 from builder.reference import parse
-from builder.source import SourceOptions, auth, load
-from builder.source import registry as registry_source
+from builder.source import SourceOptions, load
 from tests.fixtures.images import file, write_oci_image
 from tests.fixtures.registry import Registry, RegistryProxy, TokenIssuer, free_port
 
@@ -32,7 +33,7 @@ LAYERS = [[file("etc/a.txt", b"a" * 1000)], [file("etc/b.txt", b"b\n")], [file("
 def _isolated(xbuild_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh cache, no docker credentials of the user's, fast retries."""
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
-    monkeypatch.setenv(registry_source.RETRY_DELAY_ENV, "0.01")
+    monkeypatch.setenv(client.RETRY_DELAY_ENV, "0.01")
 
 
 @pytest.fixture
@@ -233,7 +234,7 @@ def test_persistent_5xx_gives_up(registry: Registry) -> None:
     try:
         with pytest.raises(RegistryUnavailable, match=r"failing \(HTTP 502\) after 4 tries$"):
             load(parse(f"{proxy.host}/any/app:v1"), SourceOptions())
-        assert len(proxy.requests) == registry_source.RETRIES
+        assert len(proxy.requests) == client.RETRIES
     finally:
         proxy.close()
 
@@ -305,11 +306,11 @@ def test_schema1_manifest_is_refused() -> None:
 
 
 def test_endpoint_scheme() -> None:
-    assert registry_source.endpoint("docker.io") == "https://registry-1.docker.io"
-    assert registry_source.endpoint("ghcr.io") == "https://ghcr.io"
-    assert registry_source.endpoint("registry.lan:5000", insecure=True) == "http://registry.lan:5000"
+    assert client.endpoint("docker.io") == "https://registry-1.docker.io"
+    assert client.endpoint("ghcr.io") == "https://ghcr.io"
+    assert client.endpoint("registry.lan:5000", insecure=True) == "http://registry.lan:5000"
     for host in ("localhost:5000", "localhost", "127.0.0.1:5000", "127.3.2.1", "[::1]:5000"):
-        assert registry_source.endpoint(host).startswith("http://"), host
+        assert client.endpoint(host).startswith("http://"), host
 
 
 # ---- auth -----------------------------------------------------------------------------------------

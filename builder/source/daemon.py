@@ -29,7 +29,8 @@ from ..blobs import CHUNK, blob_bytes, blob_path, diff_path, present, verify_byt
 from ..cache import atomic_file, cache_dir
 from ..compression import LAYER_CODECS, sniff
 from ..errors import SourceError
-from ..image import CONFIG_LIMIT, DOCKER_CONFIG, DOCKER_MANIFEST, Image, Platform, build_image
+from ..image import Image, Platform
+from ..oci.manifest import CONFIG_LIMIT, DOCKER_CONFIG, DOCKER_MANIFEST, build_image
 from ..reference import ImageRef
 from . import SourceOptions
 

@@ -17,23 +17,20 @@ from typing import IO
 
 from .. import tarread
 from ..blobs import check_digest, verify_bytes
+from ..cache import format_size
 from ..compression import LAYER_CODECS, sniff
 from ..errors import SourceError
-from ..image import (
+from ..image import Image, Platform
+from ..oci.manifest import (
     CONFIG_LIMIT,
     DOCKER_MANIFEST,
-    INDEX_TYPES,
     MANIFEST_LIMIT,
-    MANIFEST_TYPES,
     Descriptor,
-    Image,
-    Platform,
     build_image,
     descriptor,
     load_json,
-    media_type_of,
     parse_json,
-    select_platform,
+    resolve,
 )
 from ..reference import ImageRef
 from ..tarread import TarFormatError, read_members
@@ -91,7 +88,7 @@ class _Files:
         with self.opener(name)() as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise SourceError(f"{what}: {name} is larger than {limit >> 20} MiB")
+            raise SourceError(f"{what}: {name} is larger than {format_size(limit)}")
         return data
 
 
@@ -134,28 +131,22 @@ def _oci(ref: ImageRef, files: _Files, platform: Platform) -> Image:
 
 
 def _resolve(ref: ImageRef, files: _Files, desc: Descriptor, platform: Platform, what: str) -> Image:
-    for _ in range(4):  # index -> (nested index ->) manifest
-        raw = verify_bytes(files.read(_blob_name(desc.digest, what), what, MANIFEST_LIMIT), desc.digest,
-                           f"{what} manifest")
-        doc = load_json(raw, f"{what} manifest {desc.digest[:19]}")
-        mt = media_type_of(doc, desc.media_type or None)
-        if mt in INDEX_TYPES:
-            desc = select_platform(doc, platform, what)
-            continue
-        if mt not in MANIFEST_TYPES:
-            raise SourceError(f"{what}: unsupported manifest media type {mt!r}")
-        cfg = descriptor(doc.get("config"), f"{what} config")
-        config_raw = verify_bytes(files.read(_blob_name(cfg.digest, what), what, CONFIG_LIMIT), cfg.digest,
-                                  f"{what} config")
+    def read(digest: str) -> bytes:
+        raw = files.read(_blob_name(digest, what), what, MANIFEST_LIMIT)
+        return verify_bytes(raw, digest, f"{what} manifest")
 
-        def opener(d: Descriptor) -> Callable[[], IO[bytes]]:
-            name = _blob_name(d.digest, what)
-            if not files.exists(name):
-                raise SourceError(f"{what}: missing layer blob {d.digest}")
-            return files.opener(name)
+    manifest = resolve(read(desc.digest), desc.digest, read, platform, what, desc.media_type or None)
+    cfg = descriptor(manifest.doc.get("config"), f"{what} config")
+    config_raw = verify_bytes(files.read(_blob_name(cfg.digest, what), what, CONFIG_LIMIT), cfg.digest,
+                              f"{what} config")
 
-        return build_image(ref, desc.digest, doc, config_raw, opener, what, platform)
-    raise SourceError(f"{what}: index nesting too deep")
+    def opener(d: Descriptor) -> Callable[[], IO[bytes]]:
+        name = _blob_name(d.digest, what)
+        if not files.exists(name):
+            raise SourceError(f"{what}: missing layer blob {d.digest}")
+        return files.opener(name)
+
+    return build_image(ref, manifest.digest, manifest.doc, config_raw, opener, what, platform)
 
 
 def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:

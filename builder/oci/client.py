@@ -1,5 +1,5 @@
-"""One HTTP client for the distribution API v2: image pulls (`source/registry.py`) and artifact pushes and
-pulls (`publish.py`) both go through it.
+"""The one HTTP client of the distribution API v2: every request of `oci.repository` (image pulls, artifact
+pushes and pulls) goes through it.
 
 It answers 401 challenges (Basic with docker's configured credentials, or a Bearer token asked for the
 client's scopes plus whatever other repositories the challenge names, e.g. the source of a cross-repository
@@ -44,11 +44,12 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from . import __version__
-from .blobs import CHUNK, blob_path, check_digest, store_blob
-from .errors import BadInput, RegistryUnavailable, SourceError, XbuildError
-from .source import auth
-from .text import is_decimal
+from .. import __version__
+from ..blobs import CHUNK, blob_path, check_digest, store_blob
+from ..cache import format_size
+from ..errors import BadInput, RegistryUnavailable, SourceError, XbuildError
+from ..text import is_decimal
+from . import auth
 
 RETRIES = 4                                   # tries per request for transient failures
 RETRY_DELAY_ENV = "XBUILD_REGISTRY_RETRY_DELAY"   # first backoff delay in seconds (default 0.5), then doubled
@@ -95,10 +96,6 @@ def status(resp: httpx.Response) -> str:
     """`HTTP <code>`, with the registry's first error message if it gave one."""
     message = errors(resp)[1]
     return f"HTTP {resp.status_code}" + (f": {message}" if message else "")
-
-
-def _size(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
 def _seconds(env: str, default: float) -> float:
@@ -315,7 +312,7 @@ class RegistryClient:
         def read(resp: httpx.Response) -> tuple[bytes, httpx.Headers]:
             if resp.status_code != 200:
                 raise failure(self._kept(resp))
-            too_large = self.error(f"{self.what}: {what} larger than {_size(limit)}")
+            too_large = self.error(f"{self.what}: {what} larger than {format_size(limit)}")
             length = resp.headers.get("Content-Length", "")
             if is_decimal(length) and int(length) > limit and "Content-Encoding" not in resp.headers:
                 raise too_large
@@ -337,14 +334,14 @@ class RegistryClient:
         path = blob_path(digest)
         if path.exists():
             return path
-        with self._own_errors():
+        with self.own_errors():
             check_digest(digest, what)
         subject = what.removeprefix(f"{self.what} ")     # `what` may name the image: messages do first
 
         def store(resp: httpx.Response) -> Path:
             if resp.status_code != 200:
                 raise failure(self._kept(resp))
-            with self._own_errors():     # a download that does not match its digest or size
+            with self.own_errors():     # a download that does not match its digest or size
                 body = io.BufferedReader(_Body(self._body(resp, subject), size), CHUNK)
                 return store_blob(body, digest, what, size, progress)
 
@@ -460,13 +457,13 @@ class RegistryClient:
     def credentials(self) -> auth.Credentials | None:
         """The registry's credentials from docker's config (read once), or None."""
         if not self._creds_read:
-            with self._own_errors():
+            with self.own_errors():
                 self._creds = auth.credentials(self.registry)
             self._creds_read = True
         return self._creds
 
     @contextlib.contextmanager
-    def _own_errors(self) -> Iterator[None]:
+    def own_errors(self) -> Iterator[None]:
         """SourceErrors (of the blob store, of docker's config) raised as `error` instead."""
         try:
             yield

@@ -14,10 +14,10 @@ one place that reads a directory, and everything else works on the validated `Ar
 - the directory holds only the names above, each a regular file (not a symlink, a device or a directory);
   the manifest names its files by these fixed names only, so no path from an artifact ever reaches a
   command line;
-- `Manifest.from_json` checks every field the runners use: memory within MEMORY_MB, vcpus within
-  VCPUS, xen_type, disk format and mode from their fixed sets, the hostname from HOSTNAME's alphabet, sizes
-  non-negative integers, digests well-formed; `cmdline` is one line of at most CMDLINE_MAX bytes from
-  CMDLINE_WORD's alphabet (no quotes, backslashes or control characters);
+- `Manifest.from_json` checks every field the runners use: memory within options.MEMORY_MB, vcpus within
+  VCPUS, xen_type, disk format and mode from their enums (builder/options.py), the hostname from
+  HOSTNAME's alphabet, sizes non-negative integers, digests well-formed; `cmdline` is one line of at most
+  CMDLINE_MAX bytes from CMDLINE_WORD's alphabet (no quotes, backslashes or control characters);
 - the recorded sizes match the files; a qcow2 disk has no backing file, no external data file and no
   incompatible feature bit this reader does not know (`check_qcow2`), so no host file can be reached
   through it (the runners also open disks with an explicit driver and `backing: null`).
@@ -40,24 +40,28 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .cache import no_space
 from .compression import COMPRESSIONS
-from .disk import FORMATS as DISK_FORMATS
 from .errors import ArtifactError
 from .guest import GuestConfig
-from .options import DEFAULT_XEN_TYPE, XenType, choices
+from .options import (
+    DEFAULT_MEMORY_MB,
+    DEFAULT_XEN_TYPE,
+    DiskFormat,
+    DiskMode,
+    XenType,
+    choices,
+    memory_outside,
+)
 
 INITRD, KERNEL, CMDLINE, XEN_CFG, MANIFEST = "initrd.img", "kernel", "cmdline", "xen.cfg", "manifest.json"
 DISK = "disk.img"
 NAMES = (MANIFEST, KERNEL, INITRD, CMDLINE, XEN_CFG, DISK)  # every file an artifact may hold
-DISK_MODES = ("rw", "ro")   # how the guest mounts its root disk
-XEN_TYPES = tuple(choices(XenType))
 SCHEMA = "xbuild.artifact.v1"
-MEMORY_MB = (16, 65536)     # guest memory bounds (MiB) an artifact may ask for; `run --memory` is the user's
-DEFAULT_MEMORY_MB = 256
 VCPUS = (1, 64)
 MANIFEST_LIMIT = 64 << 20   # a manifest.json larger than this is not read
 CMDLINE_MAX = 2048          # x86 COMMAND_LINE_SIZE
@@ -74,6 +78,11 @@ def _bad(where: str, what: str) -> ArtifactError:
 def _count(value: int, where: str) -> None:
     if value < 0:
         raise _bad(where, f"{value} is negative")
+
+
+def _one_of(value: str, members: type[StrEnum], where: str) -> None:
+    if value not in choices(members):
+        raise _bad(where, f"{value[:40]!r} is not one of {', '.join(choices(members))}")
 
 
 def _file_name(value: str, expected: str, where: str) -> None:
@@ -291,13 +300,11 @@ class Guest(GuestConfig, _Section):
             for name, value in vars(self.health).items():
                 if isinstance(value, int):
                     _count(value, f"guest.health.{name}")
-        lo, hi = MEMORY_MB
-        if not lo <= self.memory_mb <= hi:
-            raise _bad("guest.memory_mb", f"{self.memory_mb} MiB is outside {lo}..{hi}")
+        if why := memory_outside(self.memory_mb):
+            raise _bad("guest.memory_mb", why)
         if not VCPUS[0] <= self.vcpus <= VCPUS[1]:
             raise _bad("guest.vcpus", f"{self.vcpus} is outside {VCPUS[0]}..{VCPUS[1]}")
-        if self.xen_type not in XEN_TYPES:
-            raise _bad("guest.xen_type", f"{self.xen_type!r} is not one of {', '.join(XEN_TYPES)}")
+        _one_of(self.xen_type, XenType, "guest.xen_type")
         if not HOSTNAME.fullmatch(self.hostname):
             raise _bad("guest.hostname", f"{self.hostname[:80]!r} is not a hostname "
                        "(letters, digits, '.', '_', '-'; at most 63)")
@@ -321,10 +328,8 @@ class DiskInfo(_Section):
 
     def __post_init__(self) -> None:
         _file_name(self.file, DISK, "disk.file")
-        if self.format not in DISK_FORMATS:
-            raise _bad("disk.format", f"{self.format!r} is not one of {', '.join(DISK_FORMATS)}")
-        if self.mode not in DISK_MODES:
-            raise _bad("disk.mode", f"{self.mode!r} is not one of {', '.join(DISK_MODES)}")
+        _one_of(self.format, DiskFormat, "disk.format")
+        _one_of(self.mode, DiskMode, "disk.mode")
         if self.size <= 0 or self.file_size <= 0:
             raise _bad("disk.size", f"sizes {self.size}, {self.file_size} must be positive")
         if not SHA256_HEX.fullmatch(self.sha256):
@@ -432,14 +437,15 @@ def _regular_files(path: Path) -> dict[str, os.stat_result]:
     return found
 
 
-def _read(path: Path, limit: int) -> bytes:
-    """At most `limit` bytes of a file opened without following a symlink."""
+def _read(path: Path, limit: int, *, head: bool = False) -> bytes:
+    """At most `limit` bytes of a file opened without following a symlink: the whole file (a larger one is
+    an ArtifactError), or with `head` its first `limit` bytes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         raise ArtifactError(f"{path}: cannot read ({e.strerror})") from None
     with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
+        data = f.read(limit if head else limit + 1)
     if len(data) > limit:
         raise ArtifactError(f"{path}: larger than {limit} bytes")
     return data
@@ -466,7 +472,7 @@ def open_artifact(path: Path) -> Artifact:
     if CMDLINE in files:
         cmdline = cmdline_words(_read(path / CMDLINE, CMDLINE_MAX + 1).decode("ascii", "replace"),
                                 str(path / CMDLINE))
-    if manifest.disk and manifest.disk.format == "qcow2":
+    if manifest.disk and manifest.disk.format == DiskFormat.QCOW2:
         check_qcow2(path / DISK)
     return Artifact(path, manifest, cmdline)
 
@@ -482,7 +488,7 @@ def check_qcow2(path: Path) -> int:
     """Check a qcow2 header (QEMU docs/interop/qcow2.txt) and return the virtual size. ArtifactError for a
     backing file (backing_file_offset or _size non-zero), an external data file (incompatible bit 2), an
     unknown incompatible feature bit, a version other than 2 or 3, or a header that is not qcow2."""
-    head = _read_head(path, 104)
+    head = _read(path, 104, head=True)
     if len(head) < 72 or head[:4] != QCOW2_MAGIC:
         raise ArtifactError(f"{path}: not a qcow2 image (bad magic)")
     version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
@@ -503,19 +509,10 @@ def check_qcow2(path: Path) -> int:
     return int(size)
 
 
-def _read_head(path: Path, n: int) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot read ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        return f.read(n)
-
-
 def disk_virtual_size(art: Artifact) -> int:
     """The guest-visible size of the artifact's root disk: the qcow2 header's, or a raw file's length."""
     assert art.disk is not None and art.manifest.disk is not None
-    if art.manifest.disk.format == "qcow2":
+    if art.manifest.disk.format == DiskFormat.QCOW2:
         return check_qcow2(art.disk)
     return art.disk.stat().st_size
 
@@ -579,8 +576,8 @@ class XlDisk:
     """One `disk` entry of an xl config."""
 
     target: str
-    format: str = "raw"
-    access: str = "rw"
+    format: str = DiskFormat.RAW
+    access: str = DiskMode.RW
     vdev: str = "xvda"
 
 
@@ -601,8 +598,7 @@ def xen_config(name: str, extra: str, memory_mb: int, vcpus: int = 1,
     """The one xl config writer: for the artifact's xen.cfg (kernel, ramdisk and disk paths relative to
     the directory, so `cd DIR && xl create xen.cfg` works wherever it was copied) and for the runners,
     which pass absolute or dom0 paths. Only these keys are ever written; every value is quoted."""
-    if xen_type not in XEN_TYPES:
-        raise ArtifactError(f"xen type {xen_type!r} is not one of {', '.join(XEN_TYPES)}")
+    _one_of(xen_type, XenType, "xen type")
     lines = [f"name = {_xl_str(name)}", f"type = {_xl_str(xen_type)}", f"kernel = {_xl_str(kernel)}"]
     if ramdisk is not None:
         lines.append(f"ramdisk = {_xl_str(ramdisk)}")
@@ -616,8 +612,8 @@ def xen_config(name: str, extra: str, memory_mb: int, vcpus: int = 1,
     if disks:
         specs = []
         for d in disks:
-            if d.format not in DISK_FORMATS or d.access not in DISK_MODES:
-                raise ArtifactError(f"xl disk {d}: raw or qcow2, rw or ro")
+            _one_of(d.format, DiskFormat, f"xl disk {d.target[:80]!r} format")
+            _one_of(d.access, DiskMode, f"xl disk {d.target[:80]!r} access")
             specs.append(_xl_str(f"format={d.format}, vdev={d.vdev}, access={d.access}, target={d.target}",
                                  "'"))
         lines.append(f"disk = [ {', '.join(specs)} ]")

@@ -1,6 +1,6 @@
 """The build: reference → image → tree → minimized tree + init → initramfs (or disk) + kernel → artifact.
 
-With `format="disk"` the installed tree is written to an ext4 disk image (builder/disk.py) and the
+With `format=OutputFormat.DISK` the installed tree is written to an ext4 disk image (builder/disk.py) and the
 initramfs holds only the init and its config, which tells the init to mount the disk as its root.
 
 `build()` runs the stages in order and writes the artifact into a temp directory that is renamed
@@ -13,17 +13,15 @@ import dataclasses
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 
 from . import __version__, reference, source
 from .artifact import (
     CMDLINE,
-    DEFAULT_MEMORY_MB,
     DISK,
-    DISK_MODES,
     HOSTNAME,
     INITRD,
     KERNEL,
@@ -54,14 +52,23 @@ from .image import Healthcheck, Image, Platform
 from .init import init_binary
 from .minimize import minimize
 from .minimize.probe import check_probe_host
-from .options import DEFAULT_XEN_TYPE
+from .options import (
+    DEFAULT_MEMORY_MB,
+    DEFAULT_XEN_TYPE,
+    DISK_MEMORY_MB,
+    DiskFormat,
+    DiskMode,
+    MinimizeMode,
+    OutputFormat,
+    Progress,
+    Say,
+    XenType,
+    choices,
+)
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .text import is_decimal
 from .tree import Tree
 
-Progress = Callable[[str, int], Callable[[int], None]]
-DISK_MEMORY_MB = 128      # with a root disk the files are not in RAM: the default and the recipe's cap
-FORMATS = ("initramfs", "disk")
 QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
 
 
@@ -74,20 +81,35 @@ class BuildOptions:
     epoch: int | None = None              # None: SOURCE_DATE_EPOCH, else the image's created time
     platform: Platform = field(default_factory=Platform)
     insecure: bool = False
-    minimize: str = "auto"                # auto | none | trace
+    minimize: MinimizeMode = MinimizeMode.AUTO
     recipe: str | None = None             # a recipe name or file; None: matched by repository
     kernel: str | None = "default"        # "default", a path, oci://REF, or None for no kernel
     memory_mb: int | None = None          # None: the recipe's, else DEFAULT_MEMORY_MB
-    xen_type: str = DEFAULT_XEN_TYPE.value
+    xen_type: XenType = DEFAULT_XEN_TYPE
     hostname: str | None = None           # None: the image's short name
-    format: str = "initramfs"             # initramfs | disk
-    disk_format: str = "raw"              # raw | qcow2 (format "disk")
+    format: OutputFormat = OutputFormat.INITRAMFS
+    disk_format: DiskFormat = DiskFormat.RAW  # with format disk
     disk_size: int | None = None          # bytes; None: auto (builder/disk.py auto_size)
-    disk_mode: str = "rw"                 # rw | ro: how the guest mounts its root disk
+    disk_mode: DiskMode = DiskMode.RW     # with format disk
     max_layer_size: int | None = None     # decompressed bytes per layer; None: blobs.max_layer_size()
     healthcheck: Healthcheck | None = None  # docker run's --health-*/--no-healthcheck over the image's
     progress: Progress | None = field(default=None, compare=False)
-    log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
+    log: Say = field(default=lambda msg: None, compare=False)
+
+    def __post_init__(self) -> None:
+        """The choices made members of their enums (a caller may pass their values as strings); BadInput
+        naming the flag for a value that is none of them."""
+        for name, (flag, members) in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices(members):
+                raise BadInput(f"{flag} {value}: choose from {', '.join(choices(members))}")
+            object.__setattr__(self, name, members(value))
+
+
+_CHOICES: dict[str, tuple[str, type[StrEnum]]] = {   # BuildOptions' enum fields and their flags
+    "minimize": ("--minimize", MinimizeMode), "xen_type": ("--xen-type", XenType),
+    "format": ("--format", OutputFormat), "disk_format": ("--disk-format", DiskFormat),
+    "disk_mode": ("--disk-mode", DiskMode)}
 
 
 def default_output(ref: reference.ImageRef) -> Path:
@@ -164,19 +186,15 @@ def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, KernelInfo
 
 def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     """Build the artifact for `ref_text` and return it."""
-    if opts.format not in FORMATS:
-        raise BadInput(f"--format {opts.format}: choose from {', '.join(FORMATS)}")
-    if opts.disk_mode not in DISK_MODES:
-        raise BadInput(f"--disk-mode {opts.disk_mode}: choose from {', '.join(DISK_MODES)}")
     if opts.hostname is not None and not HOSTNAME.fullmatch(opts.hostname):
         raise BadInput(f"--hostname {opts.hostname!r}: letters, digits, '_', '.' and '-', at most 63, "
                        "starting with a letter or digit")
-    disk = opts.format == "disk"
+    disk = opts.format == OutputFormat.DISK
     if disk:
         from .disk import check_available
 
         check_available()
-    if opts.minimize == "trace":
+    if opts.minimize == MinimizeMode.TRACE:
         check_probe_host(trace=True)                # before any pull: a host that cannot trace is refused
     ref = resolve_ref(ref_text, opts)
     recipe = _recipe(ref, opts)
@@ -195,7 +213,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     if disk:
         gc = dataclasses.replace(gc, root_devices=ROOT_DEVICES, root_mode=opts.disk_mode)
     tree, report = minimize(flat.tree, config, recipe, opts.minimize)
-    if opts.minimize != "none":
+    if opts.minimize != MinimizeMode.NONE:
         opts.log(report.summary().splitlines()[0])
     install(tree, gc, init_binary())
     kernel = _kernel(opts, recipe)

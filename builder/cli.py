@@ -16,18 +16,29 @@ from typing import Any
 import click
 
 from . import __version__
-from .artifact import DEFAULT_MEMORY_MB, DISK_MODES, MEMORY_MB
-from .build import FORMATS, BuildOptions, build
+from .build import BuildOptions, build
 from .cache import parse_size
 from .cache_cli import cache_cmd
 from .compression import CODECS, COMPRESSIONS
-from .disk import FORMATS as DISK_FORMATS
 from .errors import BadInput, SourceError, XbuildError
 from .host import apt_line, check, missing_packages
 from .image import Healthcheck, Platform
 from .kernel_cli import kernel
-from .minimize import MODES
-from .options import DEFAULT_XEN_TYPE, VERIFY_HYPERVISORS, Hypervisor, XenType, choices
+from .options import (
+    DEFAULT_MEMORY_MB,
+    DEFAULT_XEN_TYPE,
+    MEMORY_MB,
+    VERIFY_HYPERVISORS,
+    DiskFormat,
+    DiskMode,
+    Hypervisor,
+    MinimizeMode,
+    OutputFormat,
+    Progress,
+    XenType,
+    choices,
+    stderr_say,
+)
 from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd
 from .run_cli import run_cmd
 from .verify import plan, skip_reason, verify_artifact
@@ -44,7 +55,7 @@ class _DefaultBuild(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _progress(enabled: bool) -> Callable[[str, int], Callable[[int], None]] | None:
+def _progress(enabled: bool) -> Progress | None:
     """A tqdm progress factory when stderr is a terminal, else None."""
     if not enabled or not sys.stderr.isatty():
         return None
@@ -55,10 +66,6 @@ def _progress(enabled: bool) -> Callable[[str, int], Callable[[int], None]] | No
         return bar.update
 
     return factory
-
-
-def _say(quiet: bool) -> Callable[[str], None]:
-    return (lambda msg: None) if quiet else (lambda msg: click.echo(f"xbuild: {msg}", err=True))
 
 
 def _compression(value: str) -> tuple[str, int | None]:
@@ -96,7 +103,8 @@ def main() -> None:
               help="Platform to pick from a manifest list.")
 @click.option("--insecure", is_flag=True,
               help="Talk plain HTTP to the registry (localhost and 127.0.0.0/8 always do).")
-@click.option("--minimize", type=click.Choice(MODES), default="auto", show_default=True,
+@click.option("--minimize", type=click.Choice(choices(MinimizeMode)), default=MinimizeMode.AUTO.value,
+              show_default=True,
               help="Keep only what the entrypoint needs (auto: static analysis; trace: also run it).")
 @click.option("--recipe", metavar="NAME|FILE", help="Recipe to apply [matched by repository name].")
 @click.option("--kernel", "kernel_opt", default="default", show_default=True,
@@ -108,12 +116,15 @@ def main() -> None:
               show_default=True,
               help="Guest type written to xen.cfg.")
 @click.option("--hostname", help="Guest hostname [the image's short name].")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="initramfs", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(choices(OutputFormat)),
+              default=OutputFormat.INITRAMFS.value, show_default=True,
               help="Where the files go: the initramfs (in guest RAM) or an ext4 root disk (disk.img).")
-@click.option("--disk-format", type=click.Choice(DISK_FORMATS), help="Disk image format [raw].")
+@click.option("--disk-format", type=click.Choice(choices(DiskFormat)),
+              help=f"Disk image format [{DiskFormat.RAW}].")
 @click.option("--disk-size", metavar="auto|N[KMG]",
               help="Disk size [auto: the files + 25% + 32 MiB].")
-@click.option("--disk-mode", type=click.Choice(DISK_MODES), help="The guest mounts its disk rw or ro [rw].")
+@click.option("--disk-mode", type=click.Choice(choices(DiskMode)),
+              help=f"The guest mounts its disk rw or ro [{DiskMode.RW}].")
 @click.option("--max-layer-size", metavar="SIZE",
               help="Refuse a layer whose tar expands past SIZE (e.g. 64G) [$XBUILD_MAX_LAYER_SIZE or 16G].")
 @click.option("--verify/--no-verify", default=None,
@@ -150,19 +161,20 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
         raise BadInput("--no-verify conflicts with --verify-on")
     healthcheck = _healthcheck(health_cmd, health_interval, health_timeout, health_start_period,
                                health_start_interval, health_retries, no_healthcheck)
-    if fmt != "disk":
+    if fmt != OutputFormat.DISK:
         given = [n for n, v in (("--disk-format", disk_format), ("--disk-size", disk_size),
                                 ("--disk-mode", disk_mode)) if v is not None]
         if given:
             raise BadInput(f"{given[0]} needs --format disk")
     silent = quiet or as_json
-    say = _say(silent)
+    say = stderr_say(silent)
     opts = BuildOptions(output=output, force=force, compression=comp, level=level,
                         platform=Platform.parse(platform),
-                        insecure=insecure, minimize=minimize, recipe=recipe,
+                        insecure=insecure, minimize=MinimizeMode(minimize), recipe=recipe,
                         kernel=None if kernel_opt == "none" else kernel_opt, memory_mb=memory,
-                        xen_type=xen_type, hostname=hostname, format=fmt, disk_format=disk_format or "raw",
-                        disk_size=_disk_size(disk_size), disk_mode=disk_mode or "rw",
+                        xen_type=XenType(xen_type), hostname=hostname, format=OutputFormat(fmt),
+                        disk_format=DiskFormat(disk_format or DiskFormat.RAW),
+                        disk_size=_disk_size(disk_size), disk_mode=DiskMode(disk_mode or DiskMode.RW),
                         max_layer_size=parse_size(max_layer_size, "--max-layer-size") if max_layer_size
                         else None,
                         healthcheck=healthcheck, progress=_progress(not silent), log=say)

@@ -32,17 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiskError, DiskInputError
+from .host import install_hint, require
+from .options import DiskFormat, Progress, choices
 from .proc import run_tool
 from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, ContentReader, Entry, Tree, entries
 
-FORMATS = ("raw", "qcow2")
 BLOCK_SIZE = 4096
 INODE_SIZE = 256
 MIB = 1 << 20
 MARGIN_RATIO = 0.25           # auto size: 25 % of the need on top ...
 MARGIN_FIXED = 32 * MIB       # ... plus 32 MiB (journal, ext4 metadata, free room for the guest)
 LAUNCH_ESTIMATE = 30          # seconds the appliance takes to start under TCG here
-APT_HINT = "apt-get install python3-guestfs linux-image-amd64, then `make venv` to link it into the venv"
 FEATURES = "extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
 MKE2FS_CONF = f"""[defaults]
 \tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
@@ -60,8 +60,6 @@ MKE2FS_CONF = f"""[defaults]
 \tfloppy = {{
 \t}}
 """
-
-Progress = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass(frozen=True)
@@ -122,15 +120,15 @@ def auto_size(tree: Tree) -> int:
     return _round_mib(need + int(need * MARGIN_RATIO) + MARGIN_FIXED)
 
 
-def write_disk(tree: Tree, out: Path, fmt: str = "raw", size: int | None = None, epoch: int | None = None,
-               progress: Progress | None = None) -> DiskImage:
+def write_disk(tree: Tree, out: Path, fmt: str = DiskFormat.RAW, size: int | None = None,
+               epoch: int | None = None, progress: Progress | None = None) -> DiskImage:
     """Write `tree` into a new ext4 disk image at `out` (atomically: temp + rename) through libguestfs."""
     check_available()
     return _build(tree, out, fmt, size, epoch, progress, _fill_guestfs)
 
 
-def mkfs_fast(tree: Tree, out: Path, fmt: str = "raw", size: int | None = None, epoch: int | None = None,
-              progress: Progress | None = None) -> DiskImage:
+def mkfs_fast(tree: Tree, out: Path, fmt: str = DiskFormat.RAW, size: int | None = None,
+              epoch: int | None = None, progress: Progress | None = None) -> DiskImage:
     """The same image through `mkfs.ext4 -d`: root only (the tree is unpacked to a temp dir first)."""
     if os.geteuid() != 0:
         raise DiskInputError("mkfs_fast needs root (the tree is unpacked with its owners and devices)")
@@ -162,8 +160,8 @@ class _Mkfs:
 
 def _build(tree: Tree, out: Path, fmt: str, size: int | None, epoch: int | None, progress: Progress | None,
            fill: Filler) -> DiskImage:
-    if fmt not in FORMATS:
-        raise DiskInputError(f"unknown disk format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt not in choices(DiskFormat):
+        raise DiskInputError(f"unknown disk format {fmt!r} (choose from {', '.join(choices(DiskFormat))})")
     need = usage(tree)
     size = auto_size(tree) if size is None else size
     if size < need.minimum:
@@ -180,10 +178,10 @@ def _build(tree: Tree, out: Path, fmt: str, size: int | None, epoch: int | None,
         fs_uuid = str(uuidlib.UUID(bytes=bytes.fromhex(digest)[:16], version=4))
         inodes = max(need.inodes + need.inodes // 4 + 256, size // 16384)
         mkfs = _Mkfs(size, fs_uuid, inodes, need.journal_bytes, max(fs_time, 0), conf)
-        raw = final if fmt == "raw" else tmp / "disk.raw"
+        raw = final if fmt == DiskFormat.RAW else tmp / "disk.raw"
         fill(tmp / "tree.tar", raw, mkfs, need, progress)
         _settle(raw, tree, epoch, mkfs)
-        if fmt == "qcow2":
+        if fmt == DiskFormat.QCOW2:
             _tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(final)])
     return DiskImage(out, fmt, size, need.content_bytes, fs_uuid)
 
@@ -247,7 +245,7 @@ def _tool(cmd: list[str], fs_time: int | None = None, conf: Path | None = None) 
     if conf is not None:
         env["MKE2FS_CONFIG"] = str(conf)
     done = run_tool(cmd, DiskError, env=env, max_status=1 if cmd[0] == "e2fsck" else 0,
-                    missing=DiskInputError, hint="apt-get install e2fsprogs qemu-utils")
+                    missing=DiskInputError, hint=install_hint("e2fsck", "qemu-img"))
     errors = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("debugfs ")]
     if cmd[0] == "debugfs" and errors:
         raise DiskError(f"debugfs failed: {errors[-1]}")
@@ -310,17 +308,15 @@ def _tarinfo(e: Entry) -> tarfile.TarInfo:
 
 def check_available() -> None:
     """DiskInputError naming the Debian packages when libguestfs (or its appliance kernel) is missing."""
-    _guestfs()
+    require("guestfs", "/boot/vmlinuz-*", "e2fsck", error=DiskInputError)
 
 
 def _guestfs() -> Any:
+    check_available()
     try:
         import guestfs  # type: ignore[import-not-found]
-    except ImportError:
-        raise DiskInputError(f"libguestfs is not available to Python: {APT_HINT}") from None
-    if not list(Path("/boot").glob("vmlinuz-*")):
-        raise DiskInputError("libguestfs needs a kernel in /boot for its appliance: "
-                             "apt-get install linux-image-amd64")
+    except ImportError as e:
+        raise DiskInputError(f"libguestfs' Python binding cannot be loaded: {e}") from None
     return guestfs
 
 

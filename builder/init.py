@@ -17,24 +17,25 @@ from pathlib import Path
 
 from .cache import atomic_file, cache_dir, is_temp, mount_point, no_space, remove_entry, touch
 from .errors import NoSpaceError, PackError
+from .host import require
 from .proc import run_tool
 from .resources import data_dir
 
 SOURCE = data_dir("initramfs") / "init.c"
 FLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-ffunction-sections", "-fdata-sections",
          "-fno-asynchronous-unwind-tables", "-Wl,--gc-sections", "-Wl,--build-id=none")
-COMPILERS = ("musl-gcc", "gcc")
 
 
 def compiler() -> str:
-    """The compiler used: $XBUILD_INIT_CC, else musl-gcc, else gcc."""
+    """The compiler used: $XBUILD_INIT_CC, else musl-gcc, else gcc (builder/host.py's "musl-gcc or gcc")."""
     cc = os.environ.get("XBUILD_INIT_CC")
-    for c in ((cc,) if cc else COMPILERS):
-        path = shutil.which(c)
-        if path:
-            return path
-    raise PackError("no C compiler to build the guest init: install musl-tools (musl-gcc) or gcc "
-                    "(Debian: apt-get install musl-tools)")
+    if not cc:
+        (path,) = require("musl-gcc or gcc", error=PackError)
+        return path
+    found = shutil.which(cc)
+    if found is None:
+        raise PackError(f"no C compiler to build the guest init: XBUILD_INIT_CC={cc} is not found")
+    return found
 
 
 def build_command(cc: str, source: Path, out: Path) -> list[str]:

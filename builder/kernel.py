@@ -37,6 +37,8 @@ from elftools.elf.enums import ENUM_NOTE_N_TYPE
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, is_temp, lock_shared, remove_entry, touch
 from .compression import CorruptData, decompress, sniff
 from .errors import CacheError, KernelError
+from .host import KERNEL, KERNEL_SOURCES, install_hint, needs_of, require
+from .options import Say
 from .proc import run_tool
 from .resources import data_dir
 
@@ -47,10 +49,6 @@ ARTIFACT_FORMAT = "elf"
 _RECIPE = "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage"
 KERNEL_JSON = "kernel.json"
 RECORD = "sha256"   # kernel.json: {file name: hex sha256} of every other file of the entry
-
-Progress = Callable[[str], None]
-"""Receives every line of the build's output (and a few `xbuild: ...` phase lines)."""
-
 
 @dataclass(frozen=True)
 class Kernel:
@@ -285,9 +283,9 @@ def _eval(expr: str, config: Mapping[str, str]) -> int:
 
 def default_source() -> Path:
     """The newest `/usr/src/linux-source-*.tar.*` (Debian's linux-source-X.Y package)."""
-    found = glob.glob("/usr/src/linux-source-*.tar.*")
+    found = glob.glob(KERNEL_SOURCES)
     if not found:
-        raise KernelError("no kernel source: install linux-source-6.1 (apt) or pass --source")
+        raise KernelError(f"no kernel source: {install_hint('linux-source')} or pass --source")
 
     def version(p: str) -> tuple[int, ...]:
         return tuple(int(x) for x in re.findall(r"\d+", Path(p).name.split(".tar")[0]))
@@ -316,17 +314,18 @@ def _file_digest(path: Path) -> bytes:
 
 
 def _toolchain() -> str:
-    return run_tool(["gcc", "--version"], KernelError, hint="apt-get install build-essential").stdout
+    return run_tool(["gcc", "--version"], KernelError, hint=install_hint("gcc")).stdout
 
 
 def build(
     fragments: tuple[str, ...] = DEFAULT_FRAGMENTS,
     source: Path | None = None,
-    progress: Progress | None = None,
+    progress: Say | None = None,
 ) -> Kernel:
     """Build (or reuse from the cache) the kernel for `fragments` from `source` (tarball or clean tree).
 
-    `fragments`: names of `kernels/<name>.config` or paths to fragments. `progress` gets every output line.
+    `fragments`: names of `kernels/<name>.config` or paths to fragments. `progress` gets every line of the
+    build's output (and a few `xbuild: ...` phase lines).
     The result lands in `$XBUILD_CACHE/kernels/<key>/`: vmlinux (stripped), bzImage, config, System.map,
     build.log, kernel.json. A failed build leaves `<key>.log` (and `<key>.config`) beside it.
     """
@@ -347,7 +346,8 @@ def build(
 
 
 def _build(final: Path, key: str, fragments: tuple[str, ...], source: Path, texts: dict[str, str],
-           progress: Progress | None) -> Kernel:
+           progress: Say | None) -> Kernel:
+    require(*(n for n in needs_of(KERNEL) if n != "linux-source"), error=KernelError)
     say = progress or (lambda line: None)
     log_path = cache_dir("kernels") / f"{key}.log"
     with atomic_dir(final) as out, log_path.open("w") as log:
@@ -534,7 +534,7 @@ def verify_cached() -> Iterator[tuple[Path, str | None]]:
         yield d, _check(d)[1]
 
 
-def default_kernel(progress: Progress | None = None) -> Kernel:
+def default_kernel(progress: Say | None = None) -> Kernel:
     """The kernel for DEFAULT_FRAGMENTS from the default source; built on first use."""
     return build(DEFAULT_FRAGMENTS, None, progress)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -13,6 +12,7 @@ import click
 from . import kernel as kern
 from . import publish
 from .errors import PublishError
+from .options import stderr_say
 
 
 def _report(pushed: publish.Pushed, seconds: float, as_json: bool) -> None:
@@ -27,10 +27,6 @@ def _report(pushed: publish.Pushed, seconds: float, as_json: bool) -> None:
     click.echo(pushed.reference)
 
 
-def _say(quiet: bool) -> Callable[[str], None]:
-    return (lambda msg: None) if quiet else (lambda msg: click.echo(f"xbuild: {msg}", err=True))
-
-
 @click.command("push")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("ref")
@@ -40,7 +36,7 @@ def _say(quiet: bool) -> Callable[[str], None]:
 def push_cmd(artifact: Path, ref: str, insecure: bool, as_json: bool, quiet: bool) -> None:
     """Push the ARTIFACT directory to REF (REGISTRY/REPO:TAG) as an OCI artifact; prints REF@DIGEST."""
     start = time.monotonic()
-    pushed = publish.push(artifact, ref, insecure, _say(quiet or as_json))
+    pushed = publish.push(artifact, ref, insecure, stderr_say(quiet or as_json))
     _report(pushed, time.monotonic() - start, as_json)
 
 
@@ -71,5 +67,5 @@ def kernel_push_cmd(ref: str, key: str | None, insecure: bool, as_json: bool) ->
     if key and len(kernels) > 1:
         raise PublishError(f"{len(kernels)} cached kernels match key {key!r}; give more of it")
     start = time.monotonic()
-    pushed = publish.push_kernel(kernels[0], ref, insecure, _say(as_json))
+    pushed = publish.push_kernel(kernels[0], ref, insecure, stderr_say(as_json))
     _report(pushed, time.monotonic() - start, as_json)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInput
+from .options import memory_outside
 from .reference import ImageRef
 from .resources import data_dir
 
@@ -108,8 +109,10 @@ def parse_recipe(doc: Mapping[str, Any], name: str, source: str = "") -> Recipe:
         return ps
 
     memory = doc.get("guest", {}).get("memory")
-    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory < 16):
-        raise fail("guest.memory must be an integer number of MiB >= 16")
+    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool)):
+        raise fail("guest.memory must be an integer number of MiB")
+    if memory is not None and (why := memory_outside(memory)):
+        raise fail(f"guest.memory: {why}")
     seconds = doc.get("trace", {}).get("seconds", 5)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
         raise fail("trace.seconds must be a positive number")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import click
 
-from .artifact import XEN_TYPES, Artifact, open_artifact
+from .artifact import Artifact, open_artifact
 from .build import BuildOptions, build
 from .cache import cache_dir
 from .errors import BadInput, PublishError, RunError
-from .options import NESTED_XEN_TYPE, Accel, Hypervisor, choices
+from .options import MEMORY_MB, NESTED_XEN_TYPE, Accel, Hypervisor, Say, XenType, choices, stderr_say
 from .run.console import RunResult
 
 
@@ -36,7 +36,7 @@ def _port(text: str) -> tuple[int, int]:
     return pair
 
 
-def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ignore[no-untyped-def]
+def resolve_artifact(target: str, insecure: bool, log: Say) -> Artifact:
     """A directory as is; a registry REF pulled when it is an xbuild VM image, else built like `xbuild`."""
     path = Path(target)
     if path.is_dir():
@@ -69,9 +69,10 @@ def resolve_artifact(target: str, insecure: bool, log) -> Artifact:  # type: ign
               help="Forward 127.0.0.1:HOST to the guest's GUEST port (QEMU user networking).")
 @click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE",
               help="Set a variable for the program.")
-@click.option("--memory", type=click.IntRange(32), metavar="MB", help="Guest memory [the artifact's].")
+@click.option("--memory", type=click.IntRange(*MEMORY_MB), metavar="MB",
+              help="Guest memory [the artifact's].")
 @click.option("--timeout", type=float, metavar="S", help="Stop the guest (gracefully) after S seconds.")
-@click.option("--xen-type", type=click.Choice(XEN_TYPES),
+@click.option("--xen-type", type=click.Choice(choices(XenType)),
               help=f"Xen guest type [the artifact's; {NESTED_XEN_TYPE} nested].")
 @click.option("--accel", type=click.Choice(choices(Accel)), default=Accel.AUTO.value, show_default=True,
               help="QEMU accelerator; auto uses KVM only where a probe boot proved it works.")
@@ -86,9 +87,7 @@ def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[st
     ARTIFACT is an artifact directory, a VM image pushed with `xbuild push`, or any image reference
     (built first). Words after `--` replace the image's Cmd.
     """
-    def log(msg: str) -> None:
-        click.echo(f"xbuild: {msg}", err=True)
-
+    log = stderr_say()
     forwards = [_port(p) for p in ports]
     for e in envs:
         if "=" not in e or e.startswith("="):

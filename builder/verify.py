@@ -22,13 +22,12 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from .artifact import Artifact
 from .errors import XbuildError
 from .explain import likely_missing
-from .options import VERIFY_HYPERVISORS, Accel, Hypervisor, choices
+from .options import VERIFY_HYPERVISORS, VERIFY_MEMORY_MB, Accel, Hypervisor, Say, choices
 from .recipes import Recipe, load_recipe, smoke_test
 from .run.console import HEALTH_RE, RunResult
 from .run.qemu import QEMU, Qemu, choose_accel
@@ -86,7 +85,7 @@ def _health_verdict(console: io.BytesIO, waiter: threading.Thread, deadline: flo
         waiter.join(0.25)
 
 
-def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
+def verify_artifact(art: Artifact, log: Say = lambda m: None,
                     hypervisor: str = Hypervisor.QEMU) -> str:
     """Boot `art` under `hypervisor` (qemu, or xen-nested as the artifact's xen_type), check its recipe's
     smoke test and its HEALTHCHECK (the entrypoint's exit status 0 when it has neither); return a
@@ -104,7 +103,7 @@ def verify_artifact(art: Artifact, log: Callable[[str], None] = lambda m: None,
     health_args, health_wait = _health_args(art)
     ports = [(free_port(), p) for p in (recipe.guest_ports if recipe else ())]
     console = io.BytesIO()
-    memory = max(guest.memory_mb, 64)
+    memory = max(guest.memory_mb, VERIFY_MEMORY_MB)
     # the nested rig boots Xen and dom0 (~10 s under TCG) before the guest
     slack = NESTED_SLACK_S if hypervisor == Hypervisor.XEN_NESTED else 0
     limit = (smoke.timeout if smoke else 60) + health_wait + 30 + slack

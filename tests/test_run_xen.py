@@ -99,7 +99,7 @@ def test_guest_config_for_the_rig(tmp_path: Path) -> None:
 
 def test_bad_artifact_and_options(tmp_path: Path) -> None:
     art = _fake_artifact(tmp_path)
-    with pytest.raises(BadInput, match="pv or pvh"):
+    with pytest.raises(BadInput, match="xen type must be pvh or pv"):
         xen.run_nested(art, xen_type="hvm")
 
 

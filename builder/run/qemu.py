@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..artifact import DEFAULT_MEMORY_MB, Artifact, disk_virtual_size
+from ..artifact import Artifact, disk_virtual_size
 from ..cache import atomic_file, cache_dir
-from ..disk import FORMATS as DISK_FORMATS
 from ..errors import ArtifactError, RunError
-from ..options import Accel, choices
+from ..host import install_hint, require
+from ..options import DEFAULT_MEMORY_MB, Accel, DiskFormat, DiskMode, choices
 from ..proc import Supervisor, run_tool
 from . import cmdline
 from .console import ConsoleWatcher, RunResult
@@ -76,19 +76,20 @@ class Disk:
     the runner's temp directory, whose backing is the read-only image node (given by name, not by path)."""
 
     path: Path
-    format: str = "raw"       # raw | qcow2
+    format: str = DiskFormat.RAW
     readonly: bool = False    # False: writable, but the writes go to a throwaway overlay
     size: int = 0             # the guest-visible size (for the overlay); 0: the file's size
 
     def qemu_args(self, index: int, scratch: Path, serial: str | None = None) -> list[str]:
         """-blockdev nodes + -device virtio-blk-pci; `scratch` holds the overlay of a writable disk;
         `serial` names it in the guest's /sys/block/vdX/serial."""
-        if self.format not in DISK_FORMATS:
-            raise RunError(f"{self.path}: disk format {self.format!r} (raw or qcow2 expected)")
+        if self.format not in choices(DiskFormat):
+            raise RunError(f"{self.path}: disk format {self.format!r} ({' or '.join(choices(DiskFormat))} "
+                           "expected)")
         image: dict[str, object] = {
             "node-name": f"disk{index}", "driver": self.format, "read-only": True,
             "file": {"driver": "file", "filename": str(self.path.resolve()), "read-only": True}}
-        if self.format == "qcow2":
+        if self.format == DiskFormat.QCOW2:
             image["backing"] = None
         nodes = [image]
         top = f"disk{index}"
@@ -96,7 +97,7 @@ class Disk:
             overlay = scratch / f"overlay{index}.qcow2"
             size = self.size or self.path.stat().st_size
             run_tool(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), str(size)], RunError,
-                     hint="apt-get install qemu-utils")
+                     hint=install_hint("qemu-img"))
             # cache no-flush: no flushes to an overlay that is thrown away anyway
             nodes.append({"node-name": f"disk{index}rw", "driver": "qcow2", "backing": top,
                           "cache": {"no-flush": True}, "file": {"driver": "file", "filename": str(overlay)}})
@@ -110,7 +111,7 @@ def root_disks(art: Artifact) -> tuple[Disk, ...]:
     if art.disk is None or art.manifest.disk is None:
         return ()
     d = art.manifest.disk
-    return (Disk(art.disk, d.format, d.mode == "ro", disk_virtual_size(art)),)
+    return (Disk(art.disk, d.format, d.mode == DiskMode.RO, disk_virtual_size(art)),)
 
 
 def guest_cmdline(base: str, *, network: bool = False, kernel_args: Sequence[str] = (),
@@ -135,11 +136,14 @@ def guest_cmdline(base: str, *, network: bool = False, kernel_args: Sequence[str
                              extra_args)
 
 
+def qemu_binary() -> str:
+    """Where QEMU is; RunError naming its Debian package when it is not installed (builder/host.py)."""
+    (exe,) = require(QEMU, error=RunError)
+    return exe
+
+
 def qemu_version() -> str:
-    exe = shutil.which(QEMU)
-    if not exe:
-        raise RunError(f"{QEMU} not found (Debian: apt-get install qemu-system-x86)")
-    out = run_tool([exe, "--version"], RunError, timeout=30).stdout
+    out = run_tool([qemu_binary(), "--version"], RunError, timeout=30).stdout
     return out.splitlines()[0] if out else "unknown"
 
 
@@ -212,8 +216,7 @@ class Qemu:
         """Start QEMU (its overlays made by qemu-img first). On any failure, the guest's temp directory
         is removed (kill) before the exception propagates: nothing is left when start() raises."""
         try:
-            if not shutil.which(QEMU):
-                raise RunError(f"{QEMU} not found (Debian: apt-get install qemu-system-x86)")
+            qemu_binary()
             try:
                 self.supervisor.start(self.command())
             except OSError as e:

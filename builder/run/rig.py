@@ -18,14 +18,16 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import atomic_dir, atomic_file, cache_dir
 from ..cpio import write_cpio
 from ..errors import RunError
+from ..host import NESTED, needs_of, require
 from ..kernel import vmlinux
+from ..options import Say
 from ..proc import run_tool
 from ..tree import CHAR, DIR, FILE, SYMLINK, Content, Inode, Tree, directory, regular
 
@@ -45,7 +47,6 @@ TOOLS = ("xl", "xenstored", "xenconsoled", "xenconsole", "xen-init-dom0")
 DOM0_INIT = Path(__file__).with_name("xenrig") / "dom0-init.sh"
 VIF_SCRIPT = Path(__file__).with_name("xenrig") / "vif-xbuild.sh"
 BLOCK_SCRIPT = Path(__file__).with_name("xenrig") / "block-xbuild.sh"  # dom0's /etc/xen/scripts/block
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,10 @@ class Rig:
     dom0_initrd: Path
 
 
-def ensure_rig(progress: Progress | None = None) -> Rig:
+def ensure_rig(progress: Say | None = None) -> Rig:
     """Return the cached rig for the mirror's current package versions, building it once if needed."""
     say = progress or (lambda _msg: None)
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "ldd"):
-        if shutil.which(tool) is None:
-            raise RunError(f"the nested Xen rig is built from Debian packages and needs {tool} on PATH")
+    require(*needs_of(NESTED), error=RunError)   # the rig is built from Debian packages
     recipe = [RIG_RECIPE, DOM0_INIT.read_text(), VIF_SCRIPT.read_text(), BLOCK_SCRIPT.read_text(),
               DOM0_MODULES, NET_MODULES, BLK_MODULES]
     # resolving versions costs seconds of apt-cache: remember the answer until the apt lists change
@@ -81,7 +80,7 @@ def ensure_rig(progress: Progress | None = None) -> Rig:
     return _rig(final)
 
 
-def _build_rig(final: Path, kernel_pkg: str, versions: list[str], say: Progress) -> None:
+def _build_rig(final: Path, kernel_pkg: str, versions: list[str], say: Say) -> None:
     """Download, unpack and assemble the rig into `final` (atomically)."""
     with atomic_dir(final) as out:
         debs, root = out / "debs", out / "root"

@@ -33,16 +33,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from ..artifact import XEN_TYPES, Artifact, XlDisk, xen_config
+from ..artifact import Artifact, XlDisk, xen_config
 from ..cpio import write_cpio
 from ..errors import ArtifactError, ConfigError, RunError
-from ..options import NESTED_XEN_TYPE
+from ..options import (
+    NESTED_MEMORY_MB,
+    NESTED_XEN_TYPE,
+    DiskFormat,
+    DiskMode,
+    Say,
+    XenType,
+    choices,
+    memory_outside,
+)
 from ..proc import Supervisor, run_tool
 from ..tree import Tree, regular
 from . import cmdline
 from .console import RunResult
-from .qemu import QEMU, root_disks
-from .rig import Progress, ensure_rig, host_file
+from .qemu import qemu_binary, root_disks
+from .rig import ensure_rig, host_file
 
 DOM0_DISK = "/dev/xbuild-disk{}"  # dom0's name of the outer QEMU's Nth virtio disk (its serial)
 GUEST_IP, DOM0_VIF_IP = "10.0.3.2", "10.0.3.1"  # a point-to-point link dom0 ↔ guest (see vif-xbuild.sh)
@@ -60,6 +69,11 @@ EXIT_WAIT_S = 30.0  # after the guest is done (or forced off): time for dom0 and
 # Generated from the validated manifest by the one xl config writer (builder.artifact.xen_config): the
 # artifact's own xen.cfg is never read, so nothing it says (bootloader, device_model, scripts, absolute
 # paths) reaches xl or dom0.
+
+
+def _check_xen_type(xen_type: str) -> None:
+    if xen_type not in choices(XenType):
+        raise ConfigError(f"xen type must be {' or '.join(choices(XenType))}, not {xen_type!r}")
 
 
 def xen_extra(art: Artifact) -> str:
@@ -80,7 +94,7 @@ def guest_config(art: Artifact, *, name: str, kernel: str, ramdisk: str, xen_typ
         kernel_args = [*kernel_args, f"ip={GUEST_IP}::{DOM0_VIF_IP}:255.255.255.0::eth0:off"]
         extra = " ".join(w for w in extra.split() if not w.startswith("ip="))
     d = art.manifest.disk
-    disks = (XlDisk(disk, "raw" if rig else d.format, d.mode),) if d and disk else ()
+    disks = (XlDisk(disk, DiskFormat.RAW if rig else d.format, d.mode),) if d and disk else ()
     line = cmdline.with_args(extra, kernel_args, extra_args)
     return xen_config(name, line, memory_mb, art.manifest.guest.vcpus, xen_type, kernel=kernel,
                       ramdisk=ramdisk, disks=disks, vif=vif, maxmem=True,
@@ -93,7 +107,7 @@ def guest_config(art: Artifact, *, name: str, kernel: str, ramdisk: str, xen_typ
 def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | None = None,
                timeout: float | None = None, extra_args: Sequence[str] = (),
                console: BinaryIO | None = None, ports: Sequence[tuple[int, int]] = (),
-               kernel_args: Sequence[str] = (), progress: Progress | None = None,
+               kernel_args: Sequence[str] = (), progress: Say | None = None,
                stop_event: threading.Event | None = None) -> RunResult:
     """Boot the validated artifact as a `xen_type` guest of Xen nested in QEMU (TCG), stream its console.
 
@@ -106,15 +120,13 @@ def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | 
     when xl could not create the guest or it printed nothing. Only the artifact's kernel and initrd go into
     dom0, with a config generated from its manifest (guest_config); its root disk goes to the outer QEMU.
     """
-    if xen_type not in XEN_TYPES:
-        raise ConfigError(f"xen type must be pv or pvh, not {xen_type!r}")
+    _check_xen_type(xen_type)
     guest_mb = memory_mb or art.manifest.guest.memory_mb
-    if not 32 <= guest_mb <= 16384:
-        raise ConfigError(f"guest memory must be 32 to 16384 MiB under the nested rig, not {guest_mb}")
+    if why := memory_outside(guest_mb, NESTED_MEMORY_MB):
+        raise ConfigError(f"guest memory under the nested rig: {why}")
     if not art.has_kernel:
         raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
-    if shutil.which(QEMU) is None:
-        raise RunError(f"the nested Xen runner needs {QEMU} (Debian: qemu-system-x86)")
+    qemu = qemu_binary()
     # the outer QEMU opens the disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-disk0
     outer_disks = root_disks(art)
     cfg = guest_config(art, name=GUEST_NAME, kernel="/guest/kernel", ramdisk="/guest/initrd.img",
@@ -144,7 +156,7 @@ def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | 
             dom0 += f" xenrig.guest={GUEST_IP} xenrig.ports={','.join(str(g) for _h, g in ports)}"
             fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in ports)
             net = ["-netdev", f"user,id=net0{fwd}", "-device", "e1000,netdev=net0"]
-        argv = [QEMU, "-accel", "tcg", "-cpu", "max,-smap", "-smp", "2",
+        argv = [qemu, "-accel", "tcg", "-cpu", "max,-smap", "-smp", "2",
                 "-m", str(max(1024, DOM0_MEM_MB + guest_mb + 256)), "-nodefaults", "-display", "none",
                 "-no-reboot", "-chardev", f"file,id=xen,path={log},append=on", "-serial", "chardev:xen",
                 "-chardev", "stdio,id=guest,signal=off", "-serial", "chardev:guest",
@@ -196,16 +208,16 @@ def run_xl(art: Artifact, xen_type: str | None = None, memory_mb: int | None = N
     caps = Path("/proc/xen/capabilities")
     if shutil.which("xl") is None or not caps.exists() or "control_d" not in caps.read_text():
         raise RunError("not a Xen dom0 (no /proc/xen/capabilities with control_d)")
-    if xen_type not in (None, *XEN_TYPES):
-        raise ConfigError(f"xen type must be pv or pvh, not {xen_type!r}")
+    if xen_type is not None:
+        _check_xen_type(xen_type)
     if not art.has_kernel:
         raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
     guest, d = art.manifest.guest, art.manifest.disk
     disk = art.disk.resolve() if art.disk is not None and d is not None else None
     # beside the artifact directory, not in it: an artifact holds only its own files (open_artifact)
-    scratch = _scratch_dir(art.path.resolve().parent if disk and d and d.mode == "rw" else None)
+    scratch = _scratch_dir(art.path.resolve().parent if disk and d and d.mode == DiskMode.RW else None)
     try:
-        if disk and d and d.mode == "rw":
+        if disk and d and d.mode == DiskMode.RW:
             disk = _throwaway_copy(disk, scratch)
         name = domain_name(guest.hostname)
         cfg = scratch / "guest.cfg"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import SourceError
 from ..image import Image, Platform
+from ..options import Progress
 from ..reference import ImageRef
 
 
@@ -14,7 +14,7 @@ from ..reference import ImageRef
 class SourceOptions:
     platform: Platform = Platform()
     insecure: bool = False                                 # plain HTTP for any registry
-    progress: Callable[[str, int], Callable[[int], None]] | None = None   # (label, total) -> advance(n)
+    progress: Progress | None = None
 
 
 def load(ref: ImageRef, options: SourceOptions = SourceOptions()) -> Image:

@@ -7,10 +7,17 @@ import json
 import os
 import subprocess
 import sys
+from enum import StrEnum
 from pathlib import Path
 
+import click
 import pytest
 
+from builder import options
+from builder.build import BuildOptions
+from builder.cli import build_cmd
+from builder.errors import BadInput
+from builder.run_cli import run_cmd
 from tests.fixtures.images import OciImage, make_busybox_image
 
 XBUILD = [sys.executable, "-c", "from builder.cli import run; run()"]
@@ -43,6 +50,7 @@ def test_bare_image_means_build_and_json_is_the_manifest(busybox_image: OciImage
     (["oci:{layout}", "--format", "disk", "--disk-size", "lots"], "--disk-size 'lots'"),
     (["oci:{layout}", "--disk-mode", "ro"], "--disk-mode needs --format disk"),
     (["oci:{layout}", "--format", "squashfs"], "'squashfs' is not one of"),
+    (["oci:{layout}", "--memory", "100000"], "100000 is not in the range 16<=x<=65536"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(args: list[str], message: str, busybox_image: OciImage,
                                                       tmp_path: Path, xbuild_cache: Path) -> None:
@@ -53,6 +61,46 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args: list[str], message: 
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 or "Usage:" in r.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("command, flag, members", [
+    (build_cmd, "minimize", options.MinimizeMode), (build_cmd, "fmt", options.OutputFormat),
+    (build_cmd, "disk_format", options.DiskFormat), (build_cmd, "disk_mode", options.DiskMode),
+    (build_cmd, "xen_type", options.XenType), (build_cmd, "verify_on", options.VERIFY_HYPERVISORS),
+    (run_cmd, "hypervisor", options.Hypervisor), (run_cmd, "accel", options.Accel),
+    (run_cmd, "xen_type", options.XenType),
+])
+def test_every_choice_flag_offers_its_enum(command: click.Command, flag: str,
+                                           members: type[StrEnum] | tuple[StrEnum, ...]) -> None:
+    """The CLI's choices are the option enums' values (builder/options.py), in order, and a default is one."""
+    (param,) = [p for p in command.params if p.name == flag]
+    assert isinstance(param.type, click.Choice)
+    assert list(param.type.choices) == options.choices(members)
+    assert not isinstance(param.default, str) or param.default in param.type.choices  # str: it has one
+
+
+def test_memory_bounds_are_the_artifacts() -> None:
+    """Both --memory flags take exactly what an artifact may hold (options.MEMORY_MB)."""
+    for command in (build_cmd, run_cmd):
+        (param,) = [p for p in command.params if p.name == "memory"]
+        assert isinstance(param.type, click.IntRange)
+        assert (param.type.min, param.type.max) == options.MEMORY_MB
+    assert options.memory_outside(options.DEFAULT_MEMORY_MB) is None
+    assert options.memory_outside(options.DISK_MEMORY_MB) is None
+    assert options.memory_outside(15) == "15 MiB is outside 16..65536"
+
+
+def test_build_options_hold_enum_members() -> None:
+    """A library caller's strings become the enums' members; anything else is BadInput naming the flag."""
+    o = BuildOptions(minimize="trace", format="disk", disk_format="qcow2", disk_mode="ro", xen_type="pv")
+    assert (o.minimize, o.format, o.disk_format, o.disk_mode, o.xen_type) == (
+        options.MinimizeMode.TRACE, options.OutputFormat.DISK, options.DiskFormat.QCOW2, options.DiskMode.RO,
+        options.XenType.PV)
+    assert type(o.format) is options.OutputFormat
+    for field, flag in (("format", "--format"), ("disk_format", "--disk-format"), ("minimize", "--minimize"),
+                        ("disk_mode", "--disk-mode"), ("xen_type", "--xen-type")):
+        with pytest.raises(BadInput, match=f"^{flag} vmdk: choose from "):
+            BuildOptions(**{field: "vmdk"})
 
 
 def test_user_that_cannot_be_resolved_fails_the_build(tmp_path: Path, xbuild_cache: Path) -> None:

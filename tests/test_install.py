@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.images import make_busybox_image
+from tests.fixtures.hostile import Sandbox, assert_refused
+from tests.fixtures.images import OciImage, make_busybox_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,27 @@ def test_doctor_names_every_missing_package_in_one_apt_line(tmp_path: Path) -> N
         assert package in last.split()
     assert "xen-utils-4.17" not in last.split()       # optional: only a dom0 has xl
     assert "MISSING  qemu-system-x86_64" in r.stdout
+
+
+@pytest.mark.parametrize("args, code, needles", [
+    ((), 1, ("musl-gcc or gcc not found (needed for build (the guest init)): apt-get install musl-tools",)),
+    (("--format", "disk"), 2, ("not found (needed for --format disk", "apt-get install", "e2fsprogs")),
+])
+def test_a_stage_names_what_it_lacks_from_the_one_table(args: tuple[str, ...], code: int,
+                                                        needles: tuple[str, ...], sandbox: Sandbox,
+                                                        busybox_image: OciImage, tmp_path: Path) -> None:
+    """A build on a host without the stage's tools (an empty PATH, an empty cache: the init must be
+    compiled) fails in one line naming the tool, the feature and the apt line from builder/host.py, and
+    writes nothing."""
+    bare = tmp_path / "bare-bin"
+    bare.mkdir()
+    env = sandbox.env(PATH=str(bare))
+    env.pop("XBUILD_INIT_CC", None)
+    before = sandbox.snapshot()
+    r = sandbox.xbuild(busybox_image.ref, "-o", str(sandbox.out), "--kernel", "none", "-q", *args, env=env)
+    assert_refused(r, code, *needles)
+    assert sandbox.changes(before) == []
+    assert sandbox.stale_temps() == []
 
 
 @pytest.mark.slow

@@ -59,6 +59,8 @@ BAD = [
     ("[keep]\npath = ['/x']\n", "unknown key keep.path"),
     ("[kepp]\n", r"unknown table \[kepp\]"),
     ("[guest]\nmemory = 'lots'\n", "guest.memory must be an integer"),
+    ("[guest]\nmemory = 8\n", r"guest.memory: 8 MiB is outside 16\.\.65536"),
+    ("[guest]\nmemory = 100000\n", r"guest.memory: 100000 MiB is outside 16\.\.65536"),
     ("[smoke]\nconsole = 'a'\nhttp = {port = 80}\n", "exactly one of"),
     ("[smoke]\nhttp = {port = 0}\n", "smoke.http.port must be a port"),
     ("[smoke]\nhttp = {port = 80, path = 'x'}\n", "must start with '/'"),

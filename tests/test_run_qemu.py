@@ -308,5 +308,6 @@ def test_run_without_qemu_leaves_no_temp_dir(sandbox: Sandbox, tmp_path: Path) -
     bindir = tmp_path / "bin"
     bindir.mkdir()
     r = sandbox.xbuild("run", str(tmp_path / "art"), env=sandbox.env(PATH=str(bindir)))
-    assert_refused(r, 1, "qemu-system-x86_64 not found")
+    assert_refused(r, 1, "qemu-system-x86_64 not found (needed for run / --verify under QEMU): "
+                         "apt-get install qemu-system-x86")
     assert sandbox.stale_temps() == []

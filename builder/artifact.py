@@ -405,6 +405,13 @@ class Artifact:
     def has_kernel(self) -> bool:
         return (self.path / KERNEL).is_file()
 
+    def bootable(self) -> Artifact:
+        """This artifact, or ArtifactError (exit 2) when it has no kernel to boot (a `--kernel none` build):
+        the runners' one check."""
+        if not self.has_kernel:
+            raise ArtifactError(f"{self.path}: no kernel in the artifact (it was built with --kernel none)")
+        return self
+
     @property
     def disk(self) -> Path | None:
         """The root disk of a `--format disk` artifact; None for an initramfs-only one."""

@@ -93,9 +93,7 @@ def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[st
         if "=" not in e or e.startswith("="):
             raise BadInput(f"--env {e!r}: expected KEY=VALUE")
     kernel_args = [f"xbuild.env={e}" for e in envs]
-    art = resolve_artifact(target, insecure, log)
-    if not art.has_kernel:
-        raise BadInput(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
+    art = resolve_artifact(target, insecure, log).bootable()
     if hypervisor == Hypervisor.AUTO:
         hypervisor = Hypervisor.XEN if is_dom0() else Hypervisor.QEMU
     console = sys.stderr.buffer if as_json else sys.stdout.buffer

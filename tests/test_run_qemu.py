@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from builder.artifact import Artifact, DiskInfo
-from builder.errors import BadInput, RunError
+from builder.errors import ArtifactError, BadInput, RunError
 from builder.run import qemu
 from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
 from tests.fixtures import images as fx
@@ -300,6 +300,18 @@ def test_the_artifacts_disk_is_attached_as_vda(tmp_path: Path) -> None:
     for name in ("bzImage", "initrd.img"):
         (tmp_path / name).write_bytes(b"x")
     assert "-blockdev" not in _command(Qemu(tmp_path))
+
+
+def test_an_artifact_without_a_kernel_is_refused_by_every_runner(sandbox: Sandbox, tmp_path: Path) -> None:
+    """`--kernel none` artifacts: `xbuild run` says so in one line (exit 2); so do the runners."""
+    from builder.run import xen
+
+    art = fake_artifact(tmp_path / "art", initrd=b"i", cmdline="console=ttyS0")
+    r = sandbox.xbuild("run", str(art.path))
+    assert_refused(r, 2, f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
+    for runner in (lambda: Qemu.for_artifact(art), lambda: xen.run_nested(art)):
+        with pytest.raises(ArtifactError, match="no kernel in the artifact"):
+            runner()
 
 
 def test_run_without_qemu_leaves_no_temp_dir(sandbox: Sandbox, tmp_path: Path) -> None:

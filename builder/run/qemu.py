@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 
 from ..artifact import Artifact, disk_virtual_size
 from ..cache import atomic_file, cache_dir
-from ..errors import ArtifactError, RunError
+from ..errors import RunError
 from ..host import install_hint, require
 from ..options import DEFAULT_MEMORY_MB, Accel, DiskFormat, DiskMode, choices
 from ..proc import Supervisor, run_tool
@@ -190,8 +190,7 @@ class Qemu:
     @classmethod
     def for_artifact(cls, art: Artifact, **kw: Any) -> Qemu:
         """A guest for a validated artifact: its kernel, initrd, command line, vcpus and root disk."""
-        if not art.has_kernel:
-            raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
+        art.bootable()
         return cls(art.path, kernel=art.kernel, initrd=art.initrd, cmdline=art.cmdline, disks=root_disks(art),
                    vcpus=art.manifest.guest.vcpus, **kw)
 

@@ -35,7 +35,7 @@ from typing import BinaryIO
 
 from ..artifact import Artifact, XlDisk, xen_config
 from ..cpio import write_cpio
-from ..errors import ArtifactError, ConfigError, RunError
+from ..errors import ConfigError, RunError
 from ..options import (
     NESTED_MEMORY_MB,
     NESTED_XEN_TYPE,
@@ -124,8 +124,7 @@ def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | 
     guest_mb = memory_mb or art.manifest.guest.memory_mb
     if why := memory_outside(guest_mb, NESTED_MEMORY_MB):
         raise ConfigError(f"guest memory under the nested rig: {why}")
-    if not art.has_kernel:
-        raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
+    art.bootable()
     qemu = qemu_binary()
     # the outer QEMU opens the disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-disk0
     outer_disks = root_disks(art)
@@ -210,8 +209,7 @@ def run_xl(art: Artifact, xen_type: str | None = None, memory_mb: int | None = N
         raise RunError("not a Xen dom0 (no /proc/xen/capabilities with control_d)")
     if xen_type is not None:
         _check_xen_type(xen_type)
-    if not art.has_kernel:
-        raise ArtifactError(f"{art.path}: no kernel in the artifact (it was built with --kernel none)")
+    art.bootable()
     guest, d = art.manifest.guest, art.manifest.disk
     disk = art.disk.resolve() if art.disk is not None and d is not None else None
     # beside the artifact directory, not in it: an artifact holds only its own files (open_artifact)

@@ -11,11 +11,11 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
 from . import __version__
+from .artifact import Manifest
 from .build import BuildOptions, build
 from .cache import parse_size
 from .cache_cli import cache_cmd
@@ -192,7 +192,7 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
     if as_json:
         click.echo(json.dumps(art.manifest.to_json(), indent=2, sort_keys=True))
     elif not quiet:
-        _summary(art.path, art.manifest.to_json())
+        _summary(art.path, art.manifest)
 
 
 main.add_command(push_cmd)
@@ -266,18 +266,16 @@ def _disk_size(text: str | None) -> int | None:
     return parse_size(text, "--disk-size")
 
 
-def _summary(path: Path, m: dict[str, Any]) -> None:
-    i = m["initrd"]
-    click.echo(f"{path}/initrd.img  {i['size'] / 1e6:.2f} MB {i['compression']} "
-               f"({i['uncompressed_size'] / 1e6:.1f} MB, {i['entries']} entries)  sha256:{i['sha256'][:12]}")
-    if "disk" in m:
-        d = m["disk"]
-        click.echo(f"{path}/disk.img    {d['size'] / 1e6:.1f} MB {d['format']} ext4, mounted {d['mode']} "
-                   f"({d['content_bytes'] / 1e6:.1f} MB of files)  sha256:{d['sha256'][:12]}")
-    if "kernel" in m:
-        k = m["kernel"]
-        click.echo(f"{path}/kernel      {k['size'] / 1e6:.2f} MB {k['format']}"
-                   + (f" {k['release']} ({'+'.join(k['fragments'])})" if "release" in k else ""))
+def _summary(path: Path, m: Manifest) -> None:
+    i = m.initrd
+    click.echo(f"{path}/initrd.img  {i.size / 1e6:.2f} MB {i.compression} "
+               f"({i.uncompressed_size / 1e6:.1f} MB, {i.entries} entries)  sha256:{i.sha256[:12]}")
+    if d := m.disk:
+        click.echo(f"{path}/disk.img    {d.size / 1e6:.1f} MB {d.format} ext4, mounted {d.mode} "
+                   f"({(d.content_bytes or 0) / 1e6:.1f} MB of files)  sha256:{d.sha256[:12]}")
+    if k := m.kernel:
+        click.echo(f"{path}/kernel      {k.size / 1e6:.2f} MB {k.format}"
+                   + (f" {k.release} ({'+'.join(k.fragments or ())})" if k.release is not None else ""))
         click.echo(f"{path}/xen.cfg     xl create {path}/xen.cfg   (or: xbuild run {path})")
 
 

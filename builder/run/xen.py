@@ -98,7 +98,7 @@ def guest_config(art: Artifact, *, name: str, kernel: str, ramdisk: str, xen_typ
     line = cmdline.with_args(extra, kernel_args, extra_args)
     return xen_config(name, line, memory_mb, art.manifest.guest.vcpus, xen_type, kernel=kernel,
                       ramdisk=ramdisk, disks=disks, vif=vif, maxmem=True,
-                      tsc_native=rig and xen_type == "pvh")
+                      tsc_native=rig and xen_type == XenType.PVH)
 
 
 # ---- running -------------------------------------------------------------------------------------------

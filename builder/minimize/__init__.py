@@ -59,30 +59,30 @@ from __future__ import annotations
 
 from ..errors import MinimizeError
 from ..image import ImageConfig
+from ..options import MinimizeMode, choices
 from ..recipes import Recipe
 from ..tree import DIR, Tree
 from . import probe
 from .report import Report
 from .rules import Minimizer
 
-MODES = ("auto", "none", "trace")
-
 
 def minimize(tree: Tree, config: ImageConfig, recipe: Recipe | None = None,
-             mode: str = "auto") -> tuple[Tree, Report]:
+             mode: str = MinimizeMode.AUTO) -> tuple[Tree, Report]:
     """Keep what `config`'s entrypoint needs (see the module doc); never mutates `tree`."""
-    if mode not in MODES:
-        raise MinimizeError(f"unknown minimize mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode not in choices(MinimizeMode):
+        raise MinimizeError(f"unknown minimize mode {mode!r} "
+                            f"(choose from {', '.join(choices(MinimizeMode))})")
     m = Minimizer(tree, config, recipe)
-    if mode == "none":
+    if mode == MinimizeMode.NONE:
         for path, node in tree.walk():
             if path and node.kind != DIR:
                 m.mark(path, "none", "minimize disabled")
         return m.result(mode)
-    if mode == "trace":
+    if mode == MinimizeMode.TRACE:
         probe.check_probe_host(trace=True)
     m.run()
-    if mode == "trace":
+    if mode == MinimizeMode.TRACE:
         seconds = recipe.trace_seconds if recipe else 5.0
         result = probe.probe(tree, config, recipe, seconds=seconds, trace=True)
         for p in sorted(result.opened):

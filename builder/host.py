@@ -65,7 +65,7 @@ NEEDS: tuple[Need, ...] = (
     Need("openssl/ssl.h", "libssl-dev", KERNEL, _file("/usr/include/openssl/ssl.h")),
     Need("guestfs", "python3-guestfs", f"{DISK}; a venv sees it with --system-site-packages",
          _module("guestfs")),
-    Need("/boot/vmlinuz-*", "linux-image-amd64", f"{DISK}: the libguestfs appliance's kernel",
+    Need("/boot/vmlinuz-*", "linux-image-amd64", f"{DISK}: the appliance's kernel",
          _file("/boot/vmlinuz-*")),
     Need("e2fsck", "e2fsprogs", DISK, _tool("e2fsck")),
     Need("strace", "strace", TRACE, _tool("strace")),

@@ -61,6 +61,7 @@ from .errors import ArtifactError, CacheError, PublishError, SourceError, Xbuild
 from .kernel import Kernel
 from .oci.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST, Descriptor, manifest_parts
 from .oci.repository import Repository
+from .options import DiskFormat, Say
 from .reference import ImageRef, parse
 
 VM_ARTIFACT = "application/vnd.xbuild.vm.v1+json"
@@ -72,9 +73,9 @@ VM_FILE_TYPES = {
     XEN_CFG: "application/vnd.xbuild.vm.xen-cfg.v1",
 }
 VM_OTHER_FILE = "application/vnd.xbuild.vm.file.v1"
-DISK_TYPES = {      # the root disk's layer by its format: the blob is the file compressed with zstd
-    "raw": "application/vnd.xbuild.vm.disk.raw.v1+zstd",
-    "qcow2": "application/vnd.xbuild.vm.disk.qcow2.v1+zstd",
+DISK_TYPES: dict[str, str] = {      # the root disk's layer by its format: the blob is the file compressed with zstd
+    DiskFormat.RAW: "application/vnd.xbuild.vm.disk.raw.v1+zstd",
+    DiskFormat.QCOW2: "application/vnd.xbuild.vm.disk.qcow2.v1+zstd",
 }
 DISK_LEVEL = 9      # zstd level of disk layers: 512 MiB of ext4 holding 106 MB of files → 24 MB in ~1 s
 HOLE = 4096         # a pulled disk gets a hole for every all-zero block of this size
@@ -160,7 +161,7 @@ def target(text: str | ImageRef) -> ImageRef:
     return ref
 
 
-def vm_blobs(directory: Path, log: Callable[[str], None] = lambda msg: None,
+def vm_blobs(directory: Path, log: Say = lambda msg: None,
              ) -> tuple[Blob, list[Blob], dict[str, str]]:
     """(config, layers, annotations) of an artifact directory (validated by open_artifact: only its fixed
     file names, regular files), in a fixed order."""
@@ -180,7 +181,7 @@ def vm_blobs(directory: Path, log: Callable[[str], None] = lambda msg: None,
     return Blob.of(directory / MANIFEST, VM_CONFIG), layers, annotations
 
 
-def disk_blob(directory: Path, section: DiskInfo, log: Callable[[str], None] = lambda msg: None,
+def disk_blob(directory: Path, section: DiskInfo, log: Say = lambda msg: None,
               ) -> Blob:
     """The root disk as a layer: its file compressed into the blob cache (once per content), its digest
     checked against the sha256 the manifest records (pull checks what it unpacks against that)."""
@@ -227,7 +228,7 @@ def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
 
 
 def push(directory: Path, ref: str | ImageRef, insecure: bool = False,
-         log: Callable[[str], None] = lambda msg: None) -> Pushed:
+         log: Say = lambda msg: None) -> Pushed:
     """Push the artifact directory to `ref` (REGISTRY/REPO:TAG) as one OCI artifact."""
     config, layers, annotations = vm_blobs(directory, log)
     return _push(target(ref), VM, config, layers, annotations, insecure, log)
@@ -271,7 +272,7 @@ def _intact(directory: Path, layers: list[Blob], disk: DiskInfo | None) -> bool:
 
 
 def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
-                log: Callable[[str], None] = lambda msg: None) -> Pushed:
+                log: Say = lambda msg: None) -> Pushed:
     """Push a cached kernel (its directory: kernel.json as config, the files as layers)."""
     d = kernel.path.parent
     if not (d / KERNEL_JSON).is_file():
@@ -330,7 +331,7 @@ def _files(directory: Path, config_file: str, order: tuple[str, ...]) -> list[st
 
 
 def _push(ref: ImageRef, kind: _Kind, config: Blob, layers: list[Blob], annotations: dict[str, str],
-          insecure: bool, log: Callable[[str], None]) -> Pushed:
+          insecure: bool, log: Say) -> Pushed:
     if ref.digest:
         raise PublishError(f"{ref}: push needs a tag, not a digest")
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": kind.artifact_type,

@@ -27,6 +27,7 @@ from typing import Any
 from .artifact import Artifact
 from .errors import XbuildError
 from .explain import likely_missing
+from .host import install_hint
 from .options import VERIFY_HYPERVISORS, VERIFY_MEMORY_MB, Accel, Hypervisor, Say, choices
 from .recipes import Recipe, load_recipe, smoke_test
 from .run.console import HEALTH_RE, RunResult
@@ -59,7 +60,7 @@ def skip_reason(art: Artifact, hypervisor: str = Hypervisor.QEMU) -> str | None:
     if not art.has_kernel:
         return "the artifact has no kernel (--kernel none)"
     if hypervisor == Hypervisor.QEMU and shutil.which(QEMU) is None:
-        return f"{QEMU} is not installed (Debian: qemu-system-x86)"
+        return f"{QEMU} is not installed ({install_hint(QEMU)})"
     return None
 
 

@@ -73,7 +73,7 @@ VM_FILE_TYPES = {
     XEN_CFG: "application/vnd.xbuild.vm.xen-cfg.v1",
 }
 VM_OTHER_FILE = "application/vnd.xbuild.vm.file.v1"
-DISK_TYPES: dict[str, str] = {      # the root disk's layer by its format: the blob is the file compressed with zstd
+DISK_TYPES: dict[str, str] = {  # the root disk's layer by its format: the file compressed with zstd
     DiskFormat.RAW: "application/vnd.xbuild.vm.disk.raw.v1+zstd",
     DiskFormat.QCOW2: "application/vnd.xbuild.vm.disk.qcow2.v1+zstd",
 }

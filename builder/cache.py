@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from .errors import BadInput, NoSpaceError
 
@@ -107,7 +108,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(final: Path, mode: str = "wb", place: Callable[[], Path] | None = None) -> Iterator:
+def atomic_file(final: Path, mode: str = "wb", place: Callable[[], Path] | None = None) -> Iterator[IO[Any]]:
     """Open a temp file beside `final`; on success fsync-less rename it into place (over a directory
     standing there too: in the cache that is a damaged entry). `place`, for a file
     named by its content (a digest known once written), is called after the body for the path to rename

@@ -63,7 +63,8 @@ def _progress(enabled: bool) -> Progress | None:
 
     def factory(label: str, total: int) -> Callable[[int], None]:
         bar = tqdm(total=total or None, desc=label, unit="B", unit_scale=True, leave=False, file=sys.stderr)
-        return bar.update
+        update: Callable[[int], None] = bar.update
+        return update
 
     return factory
 

@@ -113,7 +113,7 @@ class _Zstd:
         return self.w.write(b)
 
     def close(self) -> None:
-        self.w.close()
+        self.w.close()  # type: ignore[no-untyped-call]
 
 
 class _Lz4Legacy:
@@ -159,11 +159,11 @@ def _lz4_legacy(data: bytes) -> bytes:
 
 
 def _gzip_stream(stream: IO[bytes]) -> IO[bytes]:
-    return igzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type, return-value]
+    return igzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[no-untyped-call, return-value]
 
 
 def _zstd_stream(stream: IO[bytes]) -> IO[bytes]:
-    return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True,  # type: ignore
+    return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True,
                                                       closefd=False)
 
 

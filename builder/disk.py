@@ -314,7 +314,7 @@ def check_available() -> None:
 def _guestfs() -> Any:
     check_available()
     try:
-        import guestfs  # type: ignore[import-not-found]
+        import guestfs
     except ImportError as e:
         raise DiskInputError(f"libguestfs' Python binding cannot be loaded: {e}") from None
     return guestfs

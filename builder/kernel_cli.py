@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from . import kernel as kern
 
 
-def _as_json(k: kern.Kernel) -> dict:
+def _as_json(k: kern.Kernel) -> dict[str, Any]:
     return {f.name: getattr(k, f.name) for f in dataclasses.fields(k)} | {
         "path": str(k.path),
         "bzimage": str(k.bzimage),

@@ -7,6 +7,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -126,7 +127,7 @@ def health_state(art: Artifact, result: RunResult) -> str:
 
 
 def _boot(art: Artifact, hypervisor: str, ports: list[tuple[int, int]], memory: int, timeout: float | None,
-          args: list[str], kernel_args: list[str], console, accel: str, icount: bool,  # type: ignore
+          args: list[str], kernel_args: list[str], console: BinaryIO | None, accel: str, icount: bool,
           xen_type: str | None) -> RunResult:
     if hypervisor == Hypervisor.QEMU:
         from .run import qemu
@@ -140,4 +141,4 @@ def _boot(art: Artifact, hypervisor: str, ports: list[tuple[int, int]], memory: 
                               ports=ports, kernel_args=kernel_args)
     if ports:
         raise BadInput("-p with --hypervisor xen: forward ports with the dom0's own bridge/vif set-up")
-    return xen.run_xl(art, xen_type, memory, timeout, args, console, kernel_args)  # type: ignore
+    return xen.run_xl(art, xen_type, memory, timeout, args, console, kernel_args)

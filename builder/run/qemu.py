@@ -253,15 +253,16 @@ class Qemu:
         self.supervisor.stop()
 
     def _stop_guest(self, _sup: Supervisor) -> None:
-        commands: list[tuple[str, dict | None]] = [("system_powerdown", None)]
+        commands: list[tuple[str, dict[str, Any] | None]] = [("system_powerdown", None)]
         if not self._power_button_only:
             keys = [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]
             commands.append(("send-key", {"keys": keys}))
         self.qmp(commands)
 
-    def qmp(self, commands: list[tuple[str, dict | None]], timeout: float = 3.0) -> list[dict]:
+    def qmp(self, commands: list[tuple[str, dict[str, Any] | None]],
+            timeout: float = 3.0) -> list[dict[str, Any]]:
         """Run QMP commands; returns their replies ([] if the monitor is not reachable)."""
-        replies: list[dict] = []
+        replies: list[dict[str, Any]] = []
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
@@ -269,7 +270,7 @@ class Qemu:
                 f = s.makefile("rwb")
                 f.readline()  # greeting
                 for name, args in [("qmp_capabilities", None), *commands]:
-                    msg: dict = {"execute": name}
+                    msg: dict[str, Any] = {"execute": name}
                     if args:
                         msg["arguments"] = args
                     f.write(json.dumps(msg).encode() + b"\r\n")

@@ -118,7 +118,7 @@ def _dom0_kernel_package() -> str:
     names = re.findall(r"Depends: (linux-image-\S+)", out)
     if not names:
         raise RunError(f"apt-cache knows no {DOM0_KERNEL_META}: run apt-get update")
-    return names[0]
+    return str(names[0])
 
 
 def _candidate_versions(packages: Sequence[str]) -> list[str]:

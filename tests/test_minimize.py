@@ -17,7 +17,7 @@ from builder.errors import MinimizeError
 from builder.explain import explain
 from builder.image import ImageConfig
 from builder.minimize import Report, minimize
-from builder.minimize.shell import uses
+from builder.minimize.shell import scan
 from builder.recipes import Recipe, load_recipe
 from builder.tree import DIR, Inode, Tree
 from tests.fixtures.minimize_images import add_file, add_host_file, add_link, host_tree
@@ -168,18 +168,20 @@ def test_sh_dash_c() -> None:
     assert status(rep, "/usr/bin/cat") == ("kept", "script")
 
 
-def test_shell_uses_is_the_interface_the_minimizer_follows() -> None:
-    """builder.minimize.shell.uses: in script order, every absolute path word (before the command or source
-    use of the same word), the program of each simple command (no builtins, no expansions), the file after
-    `.`; comments are not read."""
+def test_shell_scan_is_the_interface_the_minimizer_follows() -> None:
+    """builder.minimize.shell.scan: the program of each simple command with the construct that runs it
+    (no builtins; an expansion is `dynamic`), the file after `.`, every absolute path word; comments are
+    not read. (tests/test_shell.py has the parser's own tests.)"""
     text = ('#!/bin/sh\n# a comment naming /etc/nothing\nset -e\n. /lib/funcs.sh\n'
             'FOO=1 exec /usr/bin/app --conf=/x "/etc/app.conf"  # trailing /etc/ignored\n'
             'if [ -f "$X" ]; then nginx -g "daemon off;" | $PAGER; fi\n'
             'sh -c "$(cat /run/cmd)"\n')
-    assert [(u.kind, u.word) for u in uses(text)] == [
-        ("path", "/lib/funcs.sh"), ("source", "/lib/funcs.sh"),
-        ("path", "/usr/bin/app"), ("command", "/usr/bin/app"), ("path", "/etc/app.conf"),
-        ("command", "nginx"), ("command", "sh"), ("command", "cat"), ("path", "/run/cmd")]
+    s = scan(text.encode())
+    assert [(c.construct(), c.line) for c in s.commands] == [
+        ("exec /usr/bin/app", 5), ("nginx", 6), ("sh", 7), ("$(…) cat", 7)]
+    assert [c.construct() for c in s.scripts] == [". /lib/funcs.sh"]
+    assert [c.construct() for c in s.dynamic] == ['sh -c "$(cat /run/cmd)"', "$PAGER"]
+    assert s.paths == ("/lib/funcs.sh", "/usr/bin/app", "/etc/app.conf", "/run/cmd")
 
 # -- package knowledge ----------------------------------------------------------------------------
 

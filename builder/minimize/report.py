@@ -20,7 +20,8 @@ REASONS = {
     "workdir": "in the image's WorkingDir (the application's own files)",
     "elf-closure": "needed to load a kept program (PT_INTERP / DT_NEEDED, searched like ld.so)",
     "shebang": "the interpreter of a kept script",
-    "script": "named by a kept shell script (a command it runs, a file it sources or mentions)",
+    "script": "named by shell code: a kept script, or the image's command line (`sh -c TEXT`, a program "
+              "run by tini/gosu/env/...): a command it runs or looks up, a file it sources or mentions",
     "glibc-nss": "glibc loads it for a service named in /etc/nsswitch.conf",
     "glibc-gconv": "glibc's iconv modules, kept because a kept program imports iconv_open",
     "locale": "the locale named by LANG / LC_* in the image's Env",

@@ -9,6 +9,7 @@ path keeps the first reason that reaches it.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Iterable
 
 from .. import elf
@@ -37,6 +38,7 @@ SYSTEM_TOPS = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "
 # service-manager wiring
 ETC_LINKS_NOT_FOLLOWED = ("etc/alternatives/", "etc/ssl/certs/", "etc/systemd/", "etc/rc", "etc/init.d/")
 SCRIPT_MAX = 1 << 20     # bytes of a script read for its shebang and the commands it names
+POSITIONAL = re.compile(r'"?\$\{?[@*0-9][^}"]*\}?"?')   # "$@", $1, "${@:2}": the image's Cmd, its args
 PY_DROP = ("test/", "tests/", "idlelib/", "tkinter/", "turtledemo/", "ensurepip/", "lib2to3/tests/")
 
 
@@ -74,6 +76,8 @@ class Minimizer:
         self.executed: set[str] = set()                   # real paths of programs something runs
         self.primary: set[str] = set()                    # argv[0] / Cmd[0]
         self.data_dirs: list[tuple[str, str, str]] = []   # argv / WorkingDir directories
+        self.scanned: set[str] = set()                    # real paths of files read as shell code
+        self.shell_files: list[str] = []                  # sourced / `sh FILE`: to read as shell code
 
     # -- bookkeeping --------------------------------------------------------------------------
     def mark(self, real: str, reason: str, detail: str = "") -> None:
@@ -170,7 +174,6 @@ class Minimizer:
         base = argv[0].rsplit("/", 1)[-1]
         for i, word in enumerate(argv[1:], 1):
             if base in shell.SHELLS and argv[i - 1] == "-c":
-                self.shell_text(word, f"{base} -c", data=True)
                 continue
             p = word if word.startswith("/") else f"{self.cwd}/{word}"
             node = self.tree.lookup(p, follow=True)
@@ -178,6 +181,9 @@ class Minimizer:
                 self.need("/".join(split(p)), "argv", f"argv[{i}] {word!r}")
             elif node is not None and node.kind == DIR and ("/" in word or word == "."):
                 self.data_dirs.append((p, "argv", f"argv[{i}] {word!r} names a directory"))
+        # the command line as shell code: the program a wrapper runs (tini -- X, gosu U X), `sh -c TEXT`
+        self.shell_text(shlex.join(argv).encode("utf-8", "surrogateescape"), "the image's Entrypoint+Cmd",
+                        data=True, inline=True)
         if self.cwd:
             self.data_dirs.append((self.cwd, "workdir", f"WorkingDir {c.working_dir}"))
 
@@ -230,7 +236,10 @@ class Minimizer:
         return None
 
     def drain(self) -> None:
-        while self.todo:
+        while self.todo or self.shell_files:
+            if not self.todo:
+                self.shell_file(self.shell_files.pop(0))
+                continue
             path, reason, detail, strict = self.todo.pop(0)
             try:
                 real = self.tree.real_path(path)
@@ -283,22 +292,60 @@ class Minimizer:
                 return
             self.need(target, "shebang", f"#! /usr/bin/env {args[0]} of /{real}", strict)
             name = args[0]
-        if name in shell.SHELLS or re.fullmatch(r"(ba|da|a|k|mk|z)?sh", name):
-            self.shell_text(text.decode("utf-8", "replace"), f"/{real}")
+        if name in shell.SHELLS or name == "busybox" or re.fullmatch(r"(ba|da|a|k|mk|z)?sh", name):
+            self.shell_file(real, text)
 
-    def shell_text(self, text: str, where: str, data: bool = False) -> None:
-        """Follow what a shell script (or `sh -c` text) names (shell.uses): the commands it runs, the files
-        it sources, the absolute paths it mentions."""
-        for use in shell.uses(text):
-            if use.kind == "path":
-                self.mentioned(use.word, where, data)
-            elif use.kind == "source":
-                if use.word.startswith("/"):
-                    self.need("/".join(split(use.word)), "script", f"sourced by {where}")
-            else:
-                p = self.command(use.word)
-                if p is not None:
-                    self.need(p, "script", f"command {use.word!r} in {where}")
+    def shell_file(self, path: str, text: bytes | None = None) -> None:
+        """Read a file as shell code once (its first MiB: a script with a payload is not read whole)."""
+        try:
+            real = self.tree.real_path(path)
+        except LookupError:
+            return
+        node = self.tree.lookup(real)
+        if real in self.scanned or node is None or node.kind != FILE:
+            return
+        self.scanned.add(real)
+        self.shell_text(elf._head(node, SCRIPT_MAX) if text is None else text, f"/{real}")
+
+    def shell_text(self, text: bytes, where: str, data: bool = False, inline: bool = False) -> None:
+        """Follow what shell code runs and names (shell.scan): every command it can run is kept with the
+        construct that runs it (detail "`exec gosu` in /docker-entrypoint.sh"), files it sources or runs
+        with a shell (`. FILE`, `sh FILE`) are kept and read as shell code whatever their first line, the
+        absolute paths it mentions are followed (`mentioned`). Commands named by an expansion other than
+        the positional parameters, and what the scan could not read, are notes. `inline`: code from a
+        command line, where $0 is not a script."""
+        s = shell.scan(text, inline=inline)
+        for c in s.commands:
+            p = self.command(c.name)
+            if p is not None:
+                self.need(p, "script", f"`{c.construct()}` in {where}")
+        for c in s.scripts:
+            p = self.script_file(c.name)
+            if p is None:
+                self.notes.append(f"{where}: `{c.construct()}`: {c.name} is not in the image")
+                continue
+            self.need(p, "script", f"`{c.construct()}` in {where}")
+            self.shell_files.append(p)
+        for path in s.paths:
+            self.mentioned(path, where, data)
+        unknown = [c for c in s.dynamic if not POSITIONAL.fullmatch(c.name)]
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            self.notes.append(f"{where}: commands named by expansions are not followed: "
+                              + ", ".join(f"`{c.construct()}` (line {c.line})" for c in unknown[:5]) + more)
+        self.notes += [f"{where}: {p}" for p in s.problems]
+
+    def script_file(self, name: str) -> str | None:
+        """A file read as shell code (`. NAME`, `sh NAME`) as a tree path: a path (relative to the
+        WorkingDir), else searched on PATH and then in the WorkingDir as bash's `.` does."""
+        dirs = [""] if "/" in name else [*self.path_dirs, "."]
+        for d in dirs:
+            full = f"{d}/{name}" if d else name
+            p = "/".join(split(full if full.startswith("/") else f"{self.cwd}/{full}"))
+            node = self.tree.lookup(p, follow=True)
+            if node is not None and node.kind == FILE:
+                return p
+        return None
 
     def mentioned(self, word: str, where: str, data: bool = False) -> None:
         """An absolute path a script mentions: a file is kept, a directory gives its scripts; a directory

@@ -1,4 +1,4 @@
-"""The shell analysis (builder/shellscan.py) finds every command a script can run.
+"""The shell analysis (builder/minimize/shell.py) finds every command a script can run.
 
 - each construct of the issue, one script each (unit);
 - entrypoint scripts written here with the constructs the official postgres, redis, mariadb and rabbitmq
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder.shellscan import Scan, scan
+from builder.minimize.shell import Scan, scan
 
 
 def found(script: str, **kw: object) -> set[str]:
@@ -447,8 +447,8 @@ def test_hostile_memory_is_bounded() -> None:
     code = textwrap.dedent("""
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-        from builder.shellscan import scan
-        from tests.test_shellscan import HOSTILE
+        from builder.minimize.shell import scan
+        from tests.test_shell import HOSTILE
         for data in HOSTILE.values():
             scan(data, deadline=2.0)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap umoci docker-registry skopeo \
 	musl-tools busybox-static cpio zstd lz4 xz-utils strace bubblewrap apache2-utils openssl docker.io \
-	python3-guestfs linux-image-amd64 \
+	python3-guestfs linux-image-amd64 gosu \
 	linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves
 export XBUILD_CACHE ?= $(HOME)/.cache/xbuild
 

@@ -183,6 +183,29 @@ def test_shell_scan_is_the_interface_the_minimizer_follows() -> None:
     assert [c.construct() for c in s.dynamic] == ['sh -c "$(cat /run/cmd)"', "$PAGER"]
     assert s.paths == ("/lib/funcs.sh", "/usr/bin/app", "/etc/app.conf", "/run/cmd")
 
+def test_wrapped_programs_sourced_files_and_unknown_names() -> None:
+    """The program a wrapper runs is kept with its construct, in a script and in the image's own command
+    line; a sourced file without a #! line is read as shell code too; a command named by an expansion is
+    a note (the positional parameters, which carry Cmd, are not)."""
+    t = base_tree()
+    add_host_file(t, "usr/bin/tini", "/usr/bin/ls")
+    add_host_file(t, "usr/bin/gosu", "/usr/bin/ls")
+    add_host_file(t, "usr/bin/server", "/usr/bin/cat")
+    add_file(t, "entry.sh", b'#!/bin/sh\n. /usr/lib/funcs.sh\n$RUNNER x\nexec gosu app "$@"\n', 0o755)
+    add_file(t, "usr/lib/funcs.sh", b"helper() { sort -u \"$1\"; }\n")
+    new, rep = entry(t, "tini", "--", "/entry.sh", cmd=("server",))
+    assert rep.paths["/usr/bin/tini"][:2] == ("kept", "entrypoint")
+    assert rep.paths["/entry.sh"] == ("kept", "argv", "argv[2] '/entry.sh'")
+    assert rep.paths["/usr/bin/gosu"] == ("kept", "script", "`exec gosu` in /entry.sh")
+    assert rep.paths["/usr/lib/funcs.sh"] == ("kept", "script", "`. /usr/lib/funcs.sh` in /entry.sh")
+    assert rep.paths["/usr/bin/sort"] == ("kept", "script", "`sort` in /usr/lib/funcs.sh")
+    assert "/entry.sh: commands named by expansions are not followed: `$RUNNER` (line 3)" in rep.notes
+    assert not any('"$@"' in n for n in rep.notes)
+    # no script: tini runs the program directly
+    new, rep = entry(t, "tini", "-s", "--", "server", "--port", "1")
+    assert rep.paths["/usr/bin/server"] == ("kept", "script", "`tini server` in the image's Entrypoint+Cmd")
+
+
 # -- package knowledge ----------------------------------------------------------------------------
 
 def dpkg_tree() -> Tree:
@@ -490,3 +513,51 @@ def test_fixture_boots_minimized_under_qemu(fixture: str, recipe: str, request: 
                 BuildOptions(output=tmp_path / "art", recipe=recipe, kernel=str(default_kernel_path)))
     assert art.manifest.guest.recipe == recipe
     assert verify_artifact(art).startswith("verify: passed")
+
+
+# -- slow: privilege-dropping hand-overs survive `auto` -------------------------------------------
+
+HANDOVER_SH = b"""#!/usr/bin/dash
+set -e
+# the official images' two hand-overs: re-run this script through setpriv, then exec gosu
+if [ "$1" != again ]; then
+\texec setpriv --reuid=0 --regid=0 --clear-groups "$0" again "$@"
+fi
+shift
+echo "entrypoint: run again by setpriv as uid $(id -u)"
+exec gosu nobody "$@"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/sbin/gosu").exists(), reason="needs Debian's gosu (make apt)")
+def test_exec_gosu_and_setpriv_survive_auto_and_boot(tmp_path: Path, default_kernel_path: Path) -> None:
+    """A busybox image plus Debian's dash, gosu and util-linux's setpriv (with their libraries), whose
+    entrypoint (dash: busybox sh would run its own setpriv applet) hands over with `exec setpriv … "$0"
+    "$@"` and `exec gosu nobody "$@"`: the real CLI keeps both under `auto`, naming the construct, and the
+    minimized guest runs Cmd as nobody under QEMU."""
+    from tests.fixtures.images import file, make_busybox_image
+    from tests.test_cli import xbuild
+
+    libdir = "usr/lib/x86_64-linux-gnu"
+    extra = [file("usr/sbin/gosu", Path("/usr/sbin/gosu").read_bytes(), mode=0o755),
+             file("usr/bin/setpriv", Path("/usr/bin/setpriv").read_bytes(), mode=0o755),
+             file("usr/bin/dash", Path("/usr/bin/dash").read_bytes(), mode=0o755),
+             file("docker-entrypoint.sh", HANDOVER_SH, mode=0o755)]
+    extra += [file(f"{libdir}/{n}", Path(f"/{libdir}/{n}").read_bytes(), mode=0o755)
+              for n in ("libc.so.6", "libcap-ng.so.0", "ld-linux-x86-64.so.2")]
+    extra += [file("lib64/ld-linux-x86-64.so.2", Path(f"/{libdir}/ld-linux-x86-64.so.2").read_bytes(),
+                   mode=0o755)]
+    img = make_busybox_image(tmp_path / "oci", config_overrides={
+        "Entrypoint": ["/docker-entrypoint.sh"], "Cmd": ["id"]}, extra_layers=[extra])
+    out = tmp_path / "art"
+    r = xbuild(img.ref, "-o", str(out), "--kernel", str(default_kernel_path), "--minimize", "auto")
+    assert r.returncode == 0, r.stderr
+    paths = json.loads((out / "manifest.json").read_text())["minimize"]["paths"]
+    assert paths["/usr/sbin/gosu"] == ["kept", "script", "`exec gosu` in /docker-entrypoint.sh"]
+    assert paths["/usr/bin/setpriv"] == ["kept", "script", "`exec setpriv` in /docker-entrypoint.sh"]
+    assert paths[f"/{libdir}/libcap-ng.so.0"][:2] == ["kept", "elf-closure"]
+    r = xbuild("run", str(out), "--timeout", "180")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "entrypoint: run again by setpriv as uid 0" in r.stdout
+    assert "uid=65534(nobody) gid=65534(nogroup)" in r.stdout

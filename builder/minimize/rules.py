@@ -202,7 +202,7 @@ class Minimizer:
             return
         self.need(first, "healthcheck", f"HEALTHCHECK argv[0] {argv[0]!r}")
         if shell_form:
-            self.shell_text(argv[-1], "HEALTHCHECK")
+            self.shell_text(argv[-1].encode("utf-8", "surrogateescape"), "HEALTHCHECK", inline=True)
             return
         for word in argv[1:]:
             if word.startswith("/") and (node := self.tree.lookup(word, follow=True)) and node.kind == FILE:

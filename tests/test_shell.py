@@ -8,11 +8,14 @@
   with every leaf command a recorder on PATH; every command that ran was found, and so was every
   command the script names (property);
 - hostile input: deep nesting, huge scripts, binary garbage, unterminated quotes and here-docs, a
-  parser-pathological input: a Scan within the CPU budget, never an exception.
+  parser-pathological input: a Scan within the CPU budget, never an exception; and through the real CLI
+  (tests/fixtures/hostile.py's sandbox), an image whose entrypoint script is hostile builds, with the
+  scan's limits as notes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -25,7 +28,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from builder.minimize.rules import SCRIPT_MAX
 from builder.minimize.shell import Scan, scan
+from tests.fixtures.hostile import Sandbox
+from tests.fixtures.images import file, make_busybox_image
 
 
 def found(script: str, **kw: object) -> set[str]:
@@ -464,3 +470,22 @@ def test_hostile_memory_is_bounded() -> None:
                                                  max_size=400).map(str.encode))
 def test_any_bytes_give_a_scan(data: bytes) -> None:
     assert isinstance(scan(data, deadline=1.0), Scan)
+
+
+@pytest.mark.parametrize("name", ["nested arrays (slow for the parser)", "garbage", "nested $(",
+                                  "unterminated double quote"])
+def test_hostile_entrypoint_script_through_the_cli(name: str, sandbox: Sandbox) -> None:
+    """The real CLI builds an image whose entrypoint script is hostile: exit 0, no traceback, the scan's
+    limits are notes in the report, nothing left in TMPDIR; the script's own bytes stay the script."""
+    script = b"#!/bin/sh\n" + HOSTILE[name][:SCRIPT_MAX - 10]
+    img = make_busybox_image(sandbox.root / "layout", config_overrides={"Entrypoint": ["/entry.sh"]},
+                             extra_layers=[[file("entry.sh", script, mode=0o755)]])
+    t0 = time.monotonic()
+    r = sandbox.xbuild(img.ref, "-o", str(sandbox.out), "--kernel", "none", "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 120
+    report = json.loads(r.stdout)["minimize"]
+    assert report["paths"]["/entry.sh"][:2] == ["kept", "entrypoint"]
+    if name.startswith("nested arrays"):
+        assert any("analysis stopped after 5 s of CPU time" in n for n in report["notes"]), report["notes"]
+    assert sandbox.stale_temps() == []

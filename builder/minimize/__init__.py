@@ -15,11 +15,15 @@ first reason that reaches it:
   elf-closure       PT_INTERP + DT_NEEDED, transitively, searched like ld.so (see elf.py). Missing
                     libraries of the entrypoint's closure are a MinimizeError; of anything reached only
                     heuristically (script commands, plugins) they are a note in the report.
-  shebang / script  `#!` interpreters (`/usr/bin/env NAME` resolved on PATH); for shell scripts the
-                    commands they name in command position, the files they source (`.`/`source`), and
-                    absolute paths they mention: a file is kept (and followed if executable), a directory
-                    such as /docker-entrypoint.d/ contributes its executable files and *.sh. Only the
-                    first MiB of a script is read (a script with a payload is not parsed whole).
+  shebang / script  `#!` interpreters (`/usr/bin/env NAME` resolved on PATH); for shell scripts (and
+                    the image's own command line, `sh -c TEXT`, a CMD-SHELL HEALTHCHECK) every command
+                    shell.scan finds they can run, with the construct as the detail ("`exec gosu` in
+                    /docker-entrypoint.sh": after exec/env/gosu/setpriv/tini/…, in $(…), sh -c, eval,
+                    find -exec, xargs, functions), names they look up (`command -v X`), the files they
+                    source or run with a shell (read as shell code too), and absolute paths they mention:
+                    a file is kept (and followed if executable), a directory such as /docker-entrypoint.d/
+                    contributes its executable files and *.sh. Commands named by an expansion are a note.
+                    Only the first MiB of a script is read (a script with a payload is not parsed whole).
   glibc-nss         libnss_<service> for each service named in /etc/nsswitch.conf (glibc dlopen()s them).
   glibc-gconv       the gconv modules, only when a kept object imports iconv_open (else "gconv-unused").
   locale            /usr/lib/locale/<name> for a LANG / LC_* locale set in Env.

@@ -43,7 +43,7 @@ from .proc import run_tool
 from .resources import data_dir
 
 KERNELS_DIR = data_dir("kernels")
-DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu", "block")
+DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu", "block", "compat")
 # The file the artifact boots: the stripped vmlinux ELF (see kernels/README.md for the measurement).
 ARTIFACT_FORMAT = "elf"
 _RECIPE = "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage"

@@ -280,6 +280,120 @@ def test_default_kernel_verifies_and_boots() -> None:
     assert 0 < result.marker_us < 1_000_000
 
 
+COMPAT_C = r"""/* xbuild test program: calls what kernels/compat.config provides; one line per call,
+   exits with the number of failures. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <mqueue.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/inotify.h>
+#include <sys/ipc.h>
+#include <sys/mman.h>
+#include <sys/msg.h>
+#include <sys/prctl.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* the seccomp/BPF ABI of linux/filter.h and linux/seccomp.h, which musl-gcc cannot include */
+struct sock_filter { unsigned short code; unsigned char jt, jf; unsigned int k; };
+struct sock_fprog { unsigned short len; struct sock_filter *filter; };
+#define LOAD_NR {0x20, 0, 0, 0}                 /* BPF_LD|BPF_W|BPF_ABS, seccomp_data.nr at offset 0 */
+#define JEQ(k, jt, jf) {0x15, jt, jf, k}        /* BPF_JMP|BPF_JEQ|BPF_K */
+#define RET(k) {0x06, 0, 0, k}                  /* BPF_RET|BPF_K */
+#define SECCOMP_SET_MODE_FILTER 1
+#define SECCOMP_RET_ERRNO 0x00050000U
+#define SECCOMP_RET_ALLOW 0x7fff0000U
+
+static int failures;
+
+static void check(const char *what, int ok) {
+    printf("compat: %s %s\n", what, ok ? "ok" : strerror(errno));
+    failures += !ok;
+}
+
+int main(void) {
+    int shm = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+    char *p = shm >= 0 ? shmat(shm, NULL, 0) : (void *)-1;
+    check("shmget", p != (void *)-1 && strcpy(p, "x") && shmdt(p) == 0 && shmctl(shm, IPC_RMID, NULL) == 0);
+
+    int sem = semget(IPC_PRIVATE, 1, IPC_CREAT | 0600);
+    struct sembuf up = {0, 1, 0};
+    check("semget", sem >= 0 && semop(sem, &up, 1) == 0 && semctl(sem, 0, GETVAL) == 1
+                    && semctl(sem, 0, IPC_RMID) == 0);
+
+    int q = msgget(IPC_PRIVATE, IPC_CREAT | 0600);
+    struct { long type; char text[8]; } msg = {1, "hello"}, got = {0, ""};
+    check("msgget", q >= 0 && msgsnd(q, &msg, sizeof msg.text, 0) == 0
+                    && msgrcv(q, &got, sizeof got.text, 1, 0) == sizeof got.text
+                    && strcmp(got.text, "hello") == 0 && msgctl(q, IPC_RMID, NULL) == 0);
+
+    struct mq_attr attr = {.mq_maxmsg = 4, .mq_msgsize = 16};
+    char buf[16] = "";
+    mqd_t mq = mq_open("/xbuild-compat", O_CREAT | O_RDWR, 0600, &attr);
+    check("mq_open", mq != (mqd_t)-1 && mq_send(mq, "hello", 6, 0) == 0
+                     && mq_receive(mq, buf, sizeof buf, NULL) == 6 && strcmp(buf, "hello") == 0
+                     && mq_close(mq) == 0 && mq_unlink("/xbuild-compat") == 0);
+
+    int mfd = memfd_create("xbuild-compat", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    check("memfd_create", mfd >= 0 && write(mfd, "hello", 5) == 5
+                          && fcntl(mfd, F_ADD_SEALS, F_SEAL_WRITE) == 0 && write(mfd, "x", 1) == -1
+                          && close(mfd) == 0);
+
+    char ev[sizeof(struct inotify_event) + 256];
+    int in = inotify_init1(IN_CLOEXEC);
+    int ok = in >= 0 && inotify_add_watch(in, "/tmp", IN_CREATE) >= 0;
+    int fd = ok ? open("/tmp/xbuild-compat", O_CREAT | O_WRONLY, 0600) : -1;
+    ok = ok && fd >= 0 && read(in, ev, sizeof ev) > 0 && ((struct inotify_event *)ev)->mask & IN_CREATE
+            && strcmp(((struct inotify_event *)ev)->name, "xbuild-compat") == 0;
+    check("inotify_init1", ok);
+
+    struct { struct file_handle h; unsigned char bytes[128]; } fh = {.h.handle_bytes = 128};
+    int mount_id, hfd = -1;
+    ok = name_to_handle_at(AT_FDCWD, "/tmp/xbuild-compat", &fh.h, &mount_id, 0) == 0;
+    if (ok) {   /* open_by_handle_at needs a descriptor on the same mount */
+        int dir = open("/tmp", O_RDONLY | O_DIRECTORY);
+        hfd = open_by_handle_at(dir, &fh.h, O_RDONLY);
+        ok = hfd >= 0;
+    }
+    check("name_to_handle_at", ok);
+
+    struct sock_filter insns[] = {LOAD_NR, JEQ(SYS_getppid, 0, 1), RET(SECCOMP_RET_ERRNO | 99),
+                                  RET(SECCOMP_RET_ALLOW)};
+    struct sock_fprog prog = {sizeof insns / sizeof insns[0], insns};
+    ok = prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+         && syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0;
+    check("seccomp", ok && syscall(SYS_getppid) == -1 && errno == 99);
+    return failures;
+}
+"""
+COMPAT_CALLS = ("shmget", "semget", "msgget", "mq_open", "memfd_create", "inotify_init1", "name_to_handle_at",
+                "seccomp")
+
+
+@pytest.mark.slow
+def test_default_kernel_has_what_servers_call(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                                              default_kernel_path: Path) -> None:
+    """The default kernel (with `compat`) runs System V IPC, POSIX message queues, memfd, inotify, file
+    handles and seccomp filters: a static program calls each through the real CLI's build and run."""
+    from tests.fixtures import images as fx
+    from tests.test_cli import xbuild
+
+    probe = fx.static_binary(COMPAT_C, "compat", tmp_path_factory)
+    members = [fx.dir("bin/"), fx.file("bin/compat", probe, mode=0o755), fx.dir("tmp/", mode=0o1777)]
+    fx.write_oci_image(tmp_path / "oci", "compat", [members], {"Entrypoint": ["/bin/compat"]})
+    out = tmp_path / "art"
+    r = xbuild(f"oci:{tmp_path / 'oci'}:compat", "-o", str(out), "--kernel", str(default_kernel_path), "-q")
+    assert r.returncode == 0, r.stderr
+    r = xbuild("run", str(out), "--timeout", "120")
+    lines = [line.strip() for line in r.stdout.splitlines() if line.startswith("compat: ")]
+    assert lines == [f"compat: {call} ok" for call in COMPAT_CALLS], r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # ---------------------------------------------------------------------------------------------- cli
 
 

@@ -5,6 +5,11 @@ initramfs: static busybox plus kernels/marker.c as /init, which prints `xbuild: 
 (N = CLOCK_BOOTTIME) and the TSC, then powers off. With `-icount shift=0,sleep=off` guest time is
 deterministic and the TSC counts guest nanoseconds since reset, so it also covers firmware and the bzImage
 decompressor; CLOCK_BOOTTIME is inflated under TCG (see kernels/README.md).
+
+`python bench/kernel_boot.py --cost FRAGMENT...` prices fragments instead: the default kernel without them
+against the one with them (both built and cached by builder.kernel.build): stripped vmlinux and bzImage
+sizes, TSC and marker times of one boot each (deterministic), the .config symbols that change, and the
+initcalls only the larger kernel runs with their µs (one `initcall_debug` boot each, names from System.map).
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cache import atomic_file, cache_dir
-from builder.kernel import KERNELS_DIR, cmdline, default_kernel
+from builder.kernel import (
+    DEFAULT_FRAGMENTS,
+    KERNELS_DIR,
+    Kernel,
+    build,
+    cmdline,
+    default_kernel,
+    parse_config,
+)
 
 QEMU = [
     "qemu-system-x86_64",
@@ -123,10 +136,69 @@ def boot(kernel: Path, initrd: Path, append: str, timeout: float = 300) -> Boot:
     return Boot(int(m[2]), int(t[1]) // 1000 if t else None, wall, console)
 
 
+INITCALL = re.compile(r"initcall (\S+) returned -?\d+ after (\d+) usecs")
+
+
+def initcalls(kernel: Kernel, initrd: Path) -> dict[str, int]:
+    """µs per initcall (named from the kernel's System.map) in one boot with `initcall_debug`."""
+    names: dict[int, str] = {}
+    for line in (kernel.path.parent / "System.map").read_text().splitlines():
+        addr, _, name = line.split(maxsplit=2)
+        names.setdefault(int(addr, 16), name)
+    b = boot(kernel.path, initrd, f"console=ttyS0 panic=-1 {cmdline()} initcall_debug loglevel=8")
+    out: dict[str, int] = {}
+    for m in INITCALL.finditer(b.console):
+        fn = names.get(int(m[1], 16), m[1]) if m[1].startswith("0x") else m[1].split("+")[0]
+        out[fn] = out.get(fn, 0) + int(m[2])
+    return out
+
+
+def fragment_cost(names: list[str]) -> None:
+    """Price fragments: the kernel of DEFAULT_FRAGMENTS without `names` against the kernel with them (both
+    built by builder.kernel.build, so cached), as Markdown: sizes, boot time, the .config symbols that
+    change, and the initcalls only the larger kernel runs (µs under initcall_debug)."""
+    initrd = marker_initramfs()
+
+    def say(line: str) -> None:
+        if line.startswith("xbuild:"):
+            print(line, file=sys.stderr)
+
+    smaller = tuple(f for f in DEFAULT_FRAGMENTS if f not in names)
+    larger = DEFAULT_FRAGMENTS + tuple(n for n in names if n not in DEFAULT_FRAGMENTS)
+    kernels = [build(smaller, None, say), build(larger, None, say)]
+    append = f"console=ttyS0 panic=-1 {cmdline()}"
+    print(f"initramfs {initrd}; append: {append} [+ noapictimer]")
+    print("| kernel | vmlinux MB | bzImage MB | TSC ms | marker ms | TSC ms, noapictimer |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for k in kernels:
+        shipped, nolapic = boot(k.path, initrd, append), boot(k.path, initrd, f"{append} noapictimer")
+        rows.append((k.size / 1e6, k.bzimage.stat().st_size / 1e6, (shipped.tsc_us or 0) / 1e3,
+                     shipped.marker_us / 1e3, (nolapic.tsc_us or 0) / 1e3))
+        cells = " | ".join(f"{v:.3f}" for v in rows[-1])
+        print(f"| {'+'.join(k.fragments)} ({k.key[:12]}) | {cells} |")
+    print("| difference | " + " | ".join(f"{b - a:+.3f}" for a, b in zip(*rows, strict=True)) + " |")
+    before, after = (parse_config((k.path.parent / "config").read_text()) for k in kernels)
+    changed = sorted(s for s in before.keys() | after.keys() if before.get(s, "n") != after.get(s, "n"))
+    print("\n.config symbols that change: " + " ".join(
+        f"{s}={before.get(s, 'n')}->{after.get(s, 'n')}" for s in changed))
+    calls = [initcalls(k, initrd) for k in kernels]
+    new = sorted(((us, fn) for fn, us in calls[1].items() if fn not in calls[0]), reverse=True)
+    print(f"\ninitcalls only in the larger kernel: {sum(us for us, _ in new)} µs in all")
+    for us, fn in new:
+        print(f"  {us:>6} µs  {fn}")
+    print(f"all initcalls: {sum(calls[0].values())} µs -> {sum(calls[1].values())} µs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=1, help="boots per kernel and flag set (the median is shown)")
+    ap.add_argument("--cost", nargs="+", metavar="FRAGMENT",
+                    help="price these fragments: the default kernel without them against the one with them")
     args = ap.parse_args()
+    if args.cost:
+        fragment_cost(args.cost)
+        return
 
     kernel = default_kernel(progress=lambda line: print(line, file=sys.stderr))
     stock = stock_kernel()

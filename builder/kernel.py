@@ -366,7 +366,10 @@ def _build(final: Path, key: str, fragments: tuple[str, ...], source: Path, text
                 tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
                 raise KernelError(f"kernel build failed: {' '.join(cmd)} (log: {log_path})\n{tail}")
 
-        with tempfile.TemporaryDirectory(prefix=".work.", dir=final.parent) as work_s:
+        # the work tree lives inside `out`, which atomic_dir holds under a flock: a temp beside it would be
+        # collected (collect_temps) by any xbuild started once its directory has not changed for an hour,
+        # and on a loaded machine a build takes longer than that
+        with tempfile.TemporaryDirectory(prefix=".work.", dir=out) as work_s:
             work = Path(work_s)
             src = _unpack(source, work, run)
             obj = work / "obj"

@@ -40,6 +40,7 @@ from .options import (
     stderr_say,
 )
 from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd
+from .recipes import load_recipe
 from .run_cli import run_cmd
 from .verify import plan, skip_reason, verify_artifact
 
@@ -180,12 +181,13 @@ def build_cmd(image: str, output: Path | None, force: bool, compression: str, pl
                         else None,
                         healthcheck=healthcheck, progress=_progress(not silent), log=say)
     art = build(image, opts)
+    own_recipe = load_recipe(recipe) if recipe else None
     if verify or verify_on:
-        say(verify_artifact(art, say, verify_on or Hypervisor.QEMU))
-    elif verify is None and (checks := plan(art)):
+        say(verify_artifact(art, say, verify_on or Hypervisor.QEMU, own_recipe))
+    elif verify is None and (checks := plan(art, own_recipe)):
         reason = skip_reason(art)
         say(f"verify: skipped, {reason}; it would check {' and '.join(checks)}" if reason
-            else verify_artifact(art, say))
+            else verify_artifact(art, say, given=own_recipe))
     if push_ref:
         from .publish import push
 

@@ -47,10 +47,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def plan(art: Artifact) -> list[str]:
+def artifact_recipe(art: Artifact, given: Recipe | None = None) -> Recipe | None:
+    """The recipe `art` was built with: `given` (the build's own, e.g. from a --recipe FILE), else the
+    shipped recipe its manifest names."""
+    return given or (load_recipe(art.manifest.guest.recipe) if art.manifest.guest.recipe else None)
+
+
+def plan(art: Artifact, given: Recipe | None = None) -> list[str]:
     """What verifying `art` checks: "recipe NAME's KIND smoke test", "the image's HEALTHCHECK"."""
     guest = art.manifest.guest
-    recipe = load_recipe(guest.recipe) if guest.recipe else None
+    recipe = artifact_recipe(art, given)
     out = [f"recipe {recipe.name}'s {recipe.smoke.kind} smoke test"] if recipe and recipe.smoke else []
     return out + (["the image's HEALTHCHECK"] if guest.health else [])
 
@@ -87,13 +93,12 @@ def _health_verdict(console: io.BytesIO, waiter: threading.Thread, deadline: flo
 
 
 def verify_artifact(art: Artifact, log: Say = lambda m: None,
-                    hypervisor: str = Hypervisor.QEMU) -> str:
+                    hypervisor: str = Hypervisor.QEMU, given: Recipe | None = None) -> str:
     """Boot `art` under `hypervisor` (qemu, or xen-nested as the artifact's xen_type), check its recipe's
     smoke test and its HEALTHCHECK (the entrypoint's exit status 0 when it has neither); return a
     one-line verdict or raise VerifyError."""
     guest = art.manifest.guest
-    name = guest.recipe
-    recipe: Recipe | None = load_recipe(name) if name else None
+    recipe = artifact_recipe(art, given)
     reason = skip_reason(art, hypervisor)
     if reason:
         raise VerifyError(f"{art.path}: cannot verify: {reason}")

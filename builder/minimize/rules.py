@@ -182,7 +182,7 @@ class Minimizer:
             elif node is not None and node.kind == DIR and ("/" in word or word == "."):
                 self.data_dirs.append((p, "argv", f"argv[{i}] {word!r} names a directory"))
         # the command line as shell code: the program a wrapper runs (tini -- X, gosu U X), `sh -c TEXT`
-        self.shell_text(shlex.join(argv).encode("utf-8", "surrogateescape"), "the image's Entrypoint+Cmd",
+        self.shell_text(shlex.join(argv).encode("utf-8", "replace"), "the image's Entrypoint+Cmd",
                         data=True, inline=True)
         if self.cwd:
             self.data_dirs.append((self.cwd, "workdir", f"WorkingDir {c.working_dir}"))

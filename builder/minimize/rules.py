@@ -606,12 +606,13 @@ class Minimizer:
 
     def link_targets(self) -> None:
         """No kept symlink dangles: a kept symlink whose target file was dropped gets its target when it
-        is data (a config or sample linked into place, a CA certificate behind an /etc/ssl/certs hash
-        link); one that points at a program nothing runs (an /etc/alternatives link), a service-manager
-        unit or a doc is dropped in result()."""
+        is data (a config or sample linked into place); one that points at a program nothing runs, a
+        service-manager unit or a doc, and the links of ETC_LINKS_NOT_FOLLOWED (/etc/alternatives, the
+        /etc/ssl/certs hash links whose certificates the kept bundle already holds) are dropped in
+        result()."""
         for path in sorted(self.kept):
             node = self.tree.lookup(path)
-            if node is None or node.kind != SYMLINK:
+            if node is None or node.kind != SYMLINK or path.startswith(ETC_LINKS_NOT_FOLLOWED):
                 continue
             try:
                 t = self.tree.real_path(path)

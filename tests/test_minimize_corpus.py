@@ -112,6 +112,21 @@ def test_locale_archive_follows_env() -> None:
     assert rep.paths["/usr/lib/locale/locale-archive"][0] == "dropped"
 
 
+def test_data_directory_named_by_the_entrypoint_script_is_kept() -> None:
+    """haproxy's entrypoint starts its upstream with `busybox httpd -h /srv/upstream`: the pages are data."""
+    t = base_tree()
+    add_file(t, "entry.sh", b"#!/bin/sh\nls -l /srv/upstream\nexec sort /etc/passwd\n", 0o755)
+    add_file(t, "srv/upstream/index.html", b"hello from the upstream\n")
+    add_file(t, "hooks.d/10-a.sh", b"#!/bin/sh\necho hi\n", 0o755)
+    add_file(t, "hooks.d/README", b"not a script")
+    add_file(t, "hooks.sh", b"#!/bin/sh\nfor f in $(find /hooks.d/ -type f); do \"$f\"; done\n", 0o755)
+    _, rep = entry(t, "/entry.sh")
+    assert status(rep, "/srv/upstream/index.html") == ("kept", "script")
+    _, rep = entry(t, "/hooks.sh")
+    assert status(rep, "/hooks.d/10-a.sh") == ("kept", "script")
+    assert status(rep, "/hooks.d/README") == ("dropped", "unreferenced")      # a hook directory: scripts only
+
+
 # ------------------------------------------------------------------------------------------------ slow
 
 # (app, path the app needs at run time that auto used to drop, the rule that keeps it now)
@@ -121,7 +136,9 @@ NEEDED = [
     ("perl-tini", "/usr/share/perl5/HTTP/Daemon.pm", "interpreter:perl"),
     ("ruby-webrick", "/usr/lib/ruby/vendor_ruby/webrick.rb", "interpreter:ruby3.1"),
     ("php-cli", "/usr/lib/php/20220829/sockets.so", "interpreter:php8.2"),
-    ("postgres", "/usr/lib/locale/locale-archive", "locale"),                          # LANG=en_US.utf8
+    ("postgres", "/usr/lib/locale/locale-archive", "locale"),                  # LANG=en_US.utf8
+    ("haproxy", "/srv/upstream/index.html", "script"),                         # httpd -h /srv/upstream
+    ("py-asgi", "/opt/venv/lib/python3.11/site-packages/uvicorn/main.py", "interpreter:python3.11"),
 ]
 
 

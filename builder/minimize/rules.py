@@ -293,7 +293,7 @@ class Minimizer:
             self.keep(o.path, "elf-closure", f"{why} of /{o.needed_by}")
         self.objects += objs
         self.executed.add(objs[0].real if objs else path)
-        self.python(objs[0].real if objs else path)
+        self.python(objs[0].real if objs else path, via=path)
 
     def script(self, real: str, node: Inode, strict: bool) -> None:
         self.executed.add(real)
@@ -373,8 +373,9 @@ class Minimizer:
         return None
 
     def mentioned(self, word: str, where: str, data: bool = False) -> None:
-        """An absolute path a script mentions: a file is kept, a directory gives its scripts; a directory
-        named by the image's own command line (`sh -c TEXT`) is data, kept whole like an argv directory."""
+        """An absolute path a script mentions: a file is kept, a directory of hooks gives its scripts, a
+        directory without scripts is data (`httpd -h /srv/www`) and kept whole, as is a directory named
+        by the image's own command line (`sh -c TEXT`), like an argv directory."""
         word = word.split("$", 1)[0]
         if not word or word == "/":
             return
@@ -391,9 +392,12 @@ class Minimizer:
                 if data:
                     self.data_dirs.append((real, "argv", f"/{p} named in {where}"))
                     continue
-                for sub, n in _walk_from(node, real):
-                    if n.kind == FILE and (n.mode & 0o111 or sub.endswith(".sh")):
-                        self.need(sub, "script", f"in /{p}, mentioned in {where}")
+                hooks = [sub for sub, n in _walk_from(node, real)
+                         if n.kind == FILE and (n.mode & 0o111 or sub.endswith(".sh"))]
+                if not hooks:     # no scripts in it: data the script hands a program (httpd -h /srv/www)
+                    self.keep_tree(real, "script", f"data directory /{p} named in {where}")
+                for sub in hooks:
+                    self.need(sub, "script", f"in /{p}, mentioned in {where}")
 
     def interpreter(self, real: str) -> None:
         """An executed interpreter of INTERPRETERS: its module directories, ELF extensions followed."""
@@ -414,14 +418,19 @@ class Minimizer:
                         if n.kind == FILE and ".so" in sub.rsplit("/", 1)[-1]:
                             self.need(sub, f"interpreter:{name}", f"{why} (/{d}, for /{real})")
 
-    def python(self, real: str) -> None:
+    def python(self, real: str, via: str = "") -> None:
+        """Python's stdlib and site/dist-packages; `via` (the path it was run as) in a virtual environment
+        (DIR/bin/python next to DIR/pyvenv.cfg: `python -m venv`, uvicorn's #!/opt/venv/bin/python3)
+        adds that environment's site-packages."""
         name = real.rsplit("/", 1)[-1]
         m = re.fullmatch(r"python(\d(?:\.\d+)?)?m?", name)
         if not m:
             self.interpreter(real)
             return
         prefix = real.rsplit("/", 2)[0] if real.count("/") >= 1 else ""
-        prefixes = list(dict.fromkeys([prefix, "usr", "usr/local"]))
+        venv = "/".join(split(via)[:-2])
+        prefixes = list(dict.fromkeys([prefix, "usr", "usr/local"]
+                                      + ([venv] if venv and self.tree.lookup(f"{venv}/pyvenv.cfg") else [])))
         ver = m.group(1) or ""
         dirs: list[str] = []
         for pre in prefixes:

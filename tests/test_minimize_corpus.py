@@ -139,6 +139,7 @@ NEEDED = [
     ("postgres", "/usr/lib/locale/locale-archive", "locale"),                  # LANG=en_US.utf8
     ("haproxy", "/srv/upstream/index.html", "script"),                         # httpd -h /srv/upstream
     ("py-asgi", "/opt/venv/lib/python3.11/site-packages/uvicorn/main.py", "interpreter:python3.11"),
+    ("py-asgi", "/opt/venv/pyvenv.cfg", "interpreter:python3.11"),            # else no site-packages
 ]
 
 

@@ -429,8 +429,10 @@ class Minimizer:
             return
         prefix = real.rsplit("/", 2)[0] if real.count("/") >= 1 else ""
         venv = "/".join(split(via)[:-2])
-        prefixes = list(dict.fromkeys([prefix, "usr", "usr/local"]
-                                      + ([venv] if venv and self.tree.lookup(f"{venv}/pyvenv.cfg") else [])))
+        in_venv = bool(venv) and self.tree.lookup(f"{venv}/pyvenv.cfg") is not None
+        if in_venv:     # without it python does not know it runs in the venv: no site-packages
+            self.keep(f"{venv}/pyvenv.cfg", f"interpreter:{name}", f"marks /{venv} as the venv of /{via}")
+        prefixes = list(dict.fromkeys([prefix, "usr", "usr/local"] + ([venv] if in_venv else [])))
         ver = m.group(1) or ""
         dirs: list[str] = []
         for pre in prefixes:

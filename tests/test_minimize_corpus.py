@@ -69,7 +69,9 @@ def test_pthread_exit_keeps_libgcc_s(tmp_path: Path) -> None:
     assert rep.paths[f"{LIBDIR}/libgcc_s.so.1"][0] == "dropped"
 
 
-def _dangling(new: Tree) -> list[str]:
+def _dangling(new: Tree, source: Tree) -> list[str]:
+    """Symlinks of the minimized tree whose target the source tree has but the minimized one lacks
+    (links that already dangled in the image, such as /dev/fd or excluded man pages, are not counted)."""
     bad = []
     for path, node in new.walk():
         if node.kind == SYMLINK:
@@ -77,7 +79,7 @@ def _dangling(new: Tree) -> list[str]:
                 real = new.real_path(path)
             except LookupError:
                 continue
-            if new.lookup(real) is None:
+            if new.lookup(real) is None and source.lookup(real) is not None:
                 bad.append(path)
     return bad
 
@@ -96,7 +98,7 @@ def test_no_kept_symlink_dangles() -> None:
     assert status(rep, "/etc/alternatives/pager") == ("dropped", "dangling-after-minimize")
     assert status(rep, "/etc/systemd/system/multi-user.target.wants/x.service") == \
         ("dropped", "dangling-after-minimize")
-    assert _dangling(new) == []
+    assert _dangling(new, t) == []
 
 
 def test_locale_archive_follows_env() -> None:
@@ -134,7 +136,8 @@ NEEDED = [
     ("node-express", "/usr/share/nodejs/cjs-module-lexer/lexer.js", "path-string"),   # else SIGABRT
     ("node-express", "/usr/share/nodejs/undici/undici-fetch.js", "path-string"),
     ("perl-tini", "/usr/share/perl5/HTTP/Daemon.pm", "interpreter:perl"),
-    ("ruby-webrick", "/usr/lib/ruby/vendor_ruby/webrick.rb", "interpreter:ruby3.1"),
+    ("ruby-webrick", "/usr/share/rubygems-integration/all/gems/webrick-1.8.1/lib/webrick.rb",
+     "interpreter:ruby3.1"),
     ("php-cli", "/usr/lib/php/20220829/sockets.so", "interpreter:php8.2"),
     ("postgres", "/usr/lib/locale/locale-archive", "locale"),                  # LANG=en_US.utf8
     ("haproxy", "/srv/upstream/index.html", "script"),                         # httpd -h /srv/upstream
@@ -149,8 +152,9 @@ def test_corpus_file_needed_at_run_time_is_kept(app: str, path: str, reason: str
     if os.geteuid() != 0:
         pytest.skip("the corpus fixtures need root")
     image = load(parse(layout_ref(APPS[app])))
-    new, rep = minimize(flatten(image).tree, image.config)
+    source = flatten(image).tree
+    new, rep = minimize(source, image.config)
     assert rep.paths[path][:2] == ("kept", reason), rep.paths[path]
-    assert _dangling(new) == []
+    assert _dangling(new, source) == []
     node = new.lookup(path.lstrip("/"), follow=True)
     assert node is not None and node.kind == FILE

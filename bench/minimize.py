@@ -5,6 +5,13 @@ probe (builder.minimize.probe: netns + chroot) and checks the recipe's smoke tes
 the QEMU --verify boot: same files, the host's kernel).
 
     python bench/minimize.py [--smoke] [--json] [NAME=oci:LAYOUT:TAG ...]
+    python bench/minimize.py --corpus [--json] [APP ...]
+
+--corpus: the compatibility corpus (tests/fixtures/corpus.py, layouts built on first use): per app the
+flattened image (uncompressed cpio) -> the initrd `xbuild build --minimize auto` writes (zstd -19), the
+build's wall time (the real CLI), and launch -> first good answer: `xbuild run -p` under QEMU until the
+app's real client (HTTP GET, psql, the redis/memcached protocol) gets a good answer. Exits 1 when an app
+fails or a size limit (LIMITS: nginx look-alike <= 4.5 MB, redis <= 7 MB) is exceeded.
 
 Without arguments it uses the fixture layouts NAME-layout under $XBUILD_FIXTURES (default
 $XBUILD_CACHE/fixtures, where the slow tests build them with tests/fixtures/build-*-oci.sh).
@@ -34,6 +41,7 @@ from builder.recipes import Recipe, load_recipe, smoke_test  # noqa: E402
 from builder.reference import parse  # noqa: E402
 from builder.source import load  # noqa: E402
 from builder.tree import Tree  # noqa: E402
+from tests.fixtures.corpus import APPS, build, layout_ref, serve  # noqa: E402
 
 FIXTURES = Path(os.environ.get("XBUILD_FIXTURES") or Path(os.environ.get(
     "XBUILD_CACHE", Path.home() / ".cache" / "xbuild")) / "fixtures")
@@ -91,12 +99,56 @@ def bench_one(name: str, ref: str, recipe_name: str, smoke: bool) -> dict[str, o
     return row
 
 
+LIMITS = {"nginx": 4_500_000, "redis": 7_000_000}   # initrd (zstd-19) bytes, issue 13
+
+
+def corpus_row(name: str) -> dict[str, object]:
+    """One corpus app: flattened size, auto-minimized initrd size, build time, launch -> first answer."""
+    app = APPS[name]
+    ref = layout_ref(app)
+    row: dict[str, object] = {"app": name, "ref": ref}
+    with tempfile.TemporaryDirectory() as tmp:
+        row["flat_bytes"] = pack(flatten(load(parse(ref))).tree, Path(tmp) / "full", "none").uncompressed_size
+        built = build(ref, Path(tmp) / "artifact")
+        row["build_s"] = round(built.seconds, 1)
+        if built.returncode:
+            row["result"] = "BUILD FAILED " + built.stderr.strip()[-300:]
+            return row
+        row["initrd_zstd"] = (built.artifact / "initrd.img").stat().st_size
+        served = serve(app, built.artifact)
+    row["answer_s"] = round(served.seconds, 1) if served.ok else None
+    limit = LIMITS.get(name)
+    over = limit is not None and int(row["initrd_zstd"]) > limit    # type: ignore[call-overload]
+    row["result"] = ("PASS " if served.ok and not over else "FAIL ") + served.answer[:120] \
+        + (f" (initrd over the {limit / 1e6:.1f} MB limit)" if over and limit else "")
+    return row
+
+
+def corpus_table(names: list[str], as_json: bool) -> int:
+    rows = [corpus_row(n) for n in names or list(APPS)]
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'app':14} {'flattened':>10} {'initrd':>9} {'ratio':>6} {'build s':>8} {'answer s':>9}"
+              "  result")
+        for r in rows:
+            flat, initrd = int(r["flat_bytes"]), int(r.get("initrd_zstd", 0))   # type: ignore[call-overload]
+            ratio = f"{flat / initrd:5.1f}x" if initrd else "     -"
+            print(f"{r['app']:14} {flat / 1e6:>8.1f}MB {initrd / 1e6:>7.2f}MB {ratio:>6} {r['build_s']:>8} "
+                  f"{r.get('answer_s') or '-':>9}  {r['result']}")
+    return 0 if all(str(r["result"]).startswith("PASS") for r in rows) else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("fixtures", nargs="*", help="NAME=REF[@RECIPE]")
     ap.add_argument("--smoke", action="store_true", help="run the chroot smoke probe (root)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--corpus", action="store_true",
+                    help="the compatibility corpus table (FIXTURES are app names, default all)")
     a = ap.parse_args()
+    if a.corpus:
+        return corpus_table(a.fixtures, a.json)
     todo = []
     if a.fixtures:
         for spec in a.fixtures:

@@ -40,7 +40,12 @@ REASONS = {
     "gconv-unused": "glibc's iconv modules, dropped because no kept program imports iconv_open",
     "interpreter-cache": "bytecode caches; the interpreter rebuilds them",
     "interpreter-tests": "an interpreter's test suite, IDE or GUI toolkit",
-    "dangling-after-minimize": "a symlink whose target was dropped",
+    "dangling-after-minimize": "a symlink whose target was dropped (no kept symlink dangles)",
+    "path-string": "named by its absolute path as a string in a kept program, library or script (a data "
+                   "file it opens by path, e.g. Debian libnode's externalized builtins in /usr/share/nodejs)",
+    "symlink-target": "the data file a kept symlink points at (no kept symlink dangles)",
+    "glibc-libgcc": "glibc dlopen()s libgcc_s.so.1 to unwind threads: a kept object imports pthread_cancel "
+                    "or pthread_exit (without it: 'libgcc_s.so.1 must be installed', abort)",
 }
 # KIND of the reasons KIND:NAME -> their text, NAME filled in
 NAMED_REASONS = {
@@ -48,7 +53,8 @@ NAMED_REASONS = {
     "package-command": "a command of the package {name} that nothing runs (commands enter only "
                        "when something names them)",
     "package-library": "a library or plugin of the package {name} that no kept program loads",
-    "interpreter": "the standard library / packages of the interpreter {name}",
+    "interpreter": "the standard library / module directories of the interpreter {name} (it loads them by "
+                   "name at run time)",
 }
 
 

@@ -39,6 +39,27 @@ SYSTEM_TOPS = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "
 ETC_LINKS_NOT_FOLLOWED = ("etc/alternatives/", "etc/ssl/certs/", "etc/systemd/", "etc/rc", "etc/init.d/")
 SCRIPT_MAX = 1 << 20     # bytes of a script read for its shebang and the commands it names
 POSITIONAL = re.compile(r'"?\$\{?[@*0-9][^}"]*\}?"?')   # "$@", $1, "${@:2}": the image's Cmd, its args
+# An absolute path as a string inside a kept ELF file or script: at least two components
+PATH_STRING = re.compile(rb"/[A-Za-z0-9_.+@-]+(?:/[A-Za-z0-9_.+@-]+)+")
+# Paths whose keeping another rule decides (locale follows Env, gconv follows iconv_open, docs never)
+PATH_STRING_SKIP = ("usr/lib/locale/", "usr/share/zoneinfo/", "proc/", "sys/", "dev/")
+# Interpreters that find their modules by name at run time, in directories compiled into them: the
+# executed program's name -> (globs of those directories, why). Their ELF extensions enter with their
+# closure. (Python has its own rule: python(), which also drops tests and bytecode caches.)
+INTERPRETERS = (
+    (r"perl(5[\d.]*)?", ("usr/share/perl5", "usr/share/perl/*", "usr/lib/*-linux-gnu/perl5/*",
+                         "usr/lib/*-linux-gnu/perl/*", "usr/lib/*-linux-gnu/perl-base",
+                         "usr/local/share/perl/*", "usr/local/lib/*-linux-gnu/perl/*"),
+     "Perl's @INC: `use`/`require` load modules (and their XS .so) by name at run time"),
+    (r"ruby[\d.]*", ("usr/lib/ruby", "usr/lib/*-linux-gnu/ruby", "usr/share/rubygems-integration",
+                     "var/lib/gems", "usr/local/lib/site_ruby"),
+     "Ruby's $LOAD_PATH and gem directories: `require` loads files (and ext .so) by name at run time"),
+    (r"php[\d.]*", ("usr/lib/php", "usr/share/php"),
+     "PHP's extension_dir and include_path: php.ini's extension= lines load .so modules by name"),
+)
+# glibc dlopen()s libgcc_s.so.1 to unwind the stack when a thread is cancelled or exits early
+# ("libgcc_s.so.1 must be installed for pthread_cancel to work", then abort)
+GLIBC_UNWIND_USERS = {"pthread_cancel", "pthread_exit"}
 PY_DROP = ("test/", "tests/", "idlelib/", "tkinter/", "turtledemo/", "ensurepip/", "lib2to3/tests/")
 
 
@@ -135,6 +156,10 @@ class Minimizer:
         self.drain()
         self.etc()
         self.glibc()          # packages may have added objects importing iconv_open
+        self.drain()
+        self.path_strings()
+        self.drain()
+        self.link_targets()
         self.drain()
 
     def keep_tree(self, path: str, reason: str, detail: str) -> None:
@@ -268,7 +293,7 @@ class Minimizer:
             self.keep(o.path, "elf-closure", f"{why} of /{o.needed_by}")
         self.objects += objs
         self.executed.add(objs[0].real if objs else path)
-        self.python(objs[0].real if objs else path)
+        self.python(objs[0].real if objs else path, via=path)
 
     def script(self, real: str, node: Inode, strict: bool) -> None:
         self.executed.add(real)
@@ -348,8 +373,9 @@ class Minimizer:
         return None
 
     def mentioned(self, word: str, where: str, data: bool = False) -> None:
-        """An absolute path a script mentions: a file is kept, a directory gives its scripts; a directory
-        named by the image's own command line (`sh -c TEXT`) is data, kept whole like an argv directory."""
+        """An absolute path a script mentions: a file is kept, a directory of hooks gives its scripts, a
+        directory without scripts is data (`httpd -h /srv/www`) and kept whole, as is a directory named
+        by the image's own command line (`sh -c TEXT`), like an argv directory."""
         word = word.split("$", 1)[0]
         if not word or word == "/":
             return
@@ -366,17 +392,47 @@ class Minimizer:
                 if data:
                     self.data_dirs.append((real, "argv", f"/{p} named in {where}"))
                     continue
-                for sub, n in _walk_from(node, real):
-                    if n.kind == FILE and (n.mode & 0o111 or sub.endswith(".sh")):
-                        self.need(sub, "script", f"in /{p}, mentioned in {where}")
+                hooks = [sub for sub, n in _walk_from(node, real)
+                         if n.kind == FILE and (n.mode & 0o111 or sub.endswith(".sh"))]
+                if not hooks:     # no scripts in it: data the script hands a program (httpd -h /srv/www)
+                    self.keep_tree(real, "script", f"data directory /{p} named in {where}")
+                for sub in hooks:
+                    self.need(sub, "script", f"in /{p}, mentioned in {where}")
 
-    def python(self, real: str) -> None:
+    def interpreter(self, real: str) -> None:
+        """An executed interpreter of INTERPRETERS: its module directories, ELF extensions followed."""
+        name = real.rsplit("/", 1)[-1]
+        for pattern, globs, why in INTERPRETERS:
+            if not re.fullmatch(pattern, name):
+                continue
+            for g in globs:
+                for d in elf.glob(self.tree, g):
+                    node = self.tree.lookup(d, follow=True)
+                    if node is None or node.kind != DIR:
+                        continue
+                    rd = self.tree.real_path(d)
+                    for sub, n in _walk_from(node, rd):
+                        if n.kind == DIR:
+                            continue
+                        self.mark(sub, f"interpreter:{name}", f"{why} (/{d}, for /{real})")
+                        if n.kind == FILE and ".so" in sub.rsplit("/", 1)[-1]:
+                            self.need(sub, f"interpreter:{name}", f"{why} (/{d}, for /{real})")
+
+    def python(self, real: str, via: str = "") -> None:
+        """Python's stdlib and site/dist-packages; `via` (the path it was run as) in a virtual environment
+        (DIR/bin/python next to DIR/pyvenv.cfg: `python -m venv`, uvicorn's #!/opt/venv/bin/python3)
+        adds that environment's site-packages."""
         name = real.rsplit("/", 1)[-1]
         m = re.fullmatch(r"python(\d(?:\.\d+)?)?m?", name)
         if not m:
+            self.interpreter(real)
             return
         prefix = real.rsplit("/", 2)[0] if real.count("/") >= 1 else ""
-        prefixes = list(dict.fromkeys([prefix, "usr", "usr/local"]))
+        venv = "/".join(split(via)[:-2])
+        in_venv = bool(venv) and self.tree.lookup(f"{venv}/pyvenv.cfg") is not None
+        if in_venv:     # without it python does not know it runs in the venv: no site-packages
+            self.keep(f"{venv}/pyvenv.cfg", f"interpreter:{name}", f"marks /{venv} as the venv of /{via}")
+        prefixes = list(dict.fromkeys([prefix, "usr", "usr/local"] + ([venv] if in_venv else [])))
         ver = m.group(1) or ""
         dirs: list[str] = []
         for pre in prefixes:
@@ -421,6 +477,10 @@ class Minimizer:
             for p in elf.glob(self.tree, f"{libdir}/libnss_{svc}.so*"):
                 if p not in self.done:
                     self.need(p, "glibc-nss", f"service {svc!r} of /etc/nsswitch.conf")
+        unwinders = [o.path for o in self.objects if o.info.undefined & GLIBC_UNWIND_USERS]
+        for p in elf.glob(self.tree, f"{libdir}/libgcc_s.so.1") if unwinders else []:
+            if p not in self.done:
+                self.need(p, "glibc-libgcc", f"/{unwinders[0]} imports pthread_cancel/pthread_exit")
         # libstdc++ imports iconv_open only for the codecvt facets of named locales (which need locale
         # data we only keep for LANG/LC_*); glibc's built-in converters (UTF-8, ASCII, ISO-8859-1, UCS-2/4,
         # UTF-16/32) need no module. So gconv is kept only for another importer of iconv_open.
@@ -441,10 +501,17 @@ class Minimizer:
         names = {v for k, v in self.env.items() if k == "LANG" or k.startswith("LC_")} - {"", "C", "POSIX"}
         for n in sorted(names):
             cands = {n, n.replace("UTF-8", "utf8"), n.replace("utf8", "UTF-8")}
+            found = False
             for c in sorted(cands):
                 for base in ("usr/lib/locale", "usr/local/lib/locale"):
                     if self.tree.lookup(f"{base}/{c}", follow=True) is not None:
                         self.keep_tree(f"{base}/{c}", "locale", f"Env {n}")
+                        found = True
+            # not a directory of its own: glibc looks it up in the archive localedef builds by default
+            archive = "usr/lib/locale/locale-archive"
+            if not found and self.tree.lookup(archive, follow=True) is not None:
+                self.keep(archive, "locale", f"Env {n}: not a directory in /usr/lib/locale, so glibc reads "
+                          "it from the locale archive")
 
     def packages(self) -> None:
         db = package_db(self.tree)
@@ -518,6 +585,57 @@ class Minimizer:
                         and elf._head(tn, 4) != elf.ELF_MAGIC:
                     self.keep(sub, "etc-link", f"target of /{sub}")
 
+    def path_strings(self) -> None:
+        """Absolute paths written as strings in kept ELF files and scripts (Debian's libnode loads its
+        externalized builtins from /usr/share/nodejs/... by a path compiled in; programs open data files
+        of other packages by absolute path): each that names an existing regular file that is data (not
+        ELF; its keeping not decided by another rule) is kept. Only what runs is read: the loaded ELF
+        objects and the executed scripts (not every script under /etc). Directories are not taken whole."""
+        for real in sorted({o.real for o in self.objects} | self.executed):
+            node = self.tree.lookup(real)
+            if node is None or node.kind != FILE:
+                continue
+            head = elf._head(node, 4)
+            if head != elf.ELF_MAGIC and head[:2] != b"#!":
+                continue
+            data = elf._head(node, node.size if head == elf.ELF_MAGIC else SCRIPT_MAX)
+            for m in sorted(set(PATH_STRING.findall(data))):
+                p = "/".join(split(m.decode("ascii")))
+                if p in self.kept or p.startswith(PATH_STRING_SKIP) or _is_doc(p) or "/gconv/" in f"/{p}":
+                    continue
+                hit = self.tree.lookup(p, follow=True)
+                if hit is None or hit.kind != FILE or elf._head(hit, 4) == elf.ELF_MAGIC:
+                    continue
+                try:
+                    target = self.tree.real_path(p)
+                except LookupError:
+                    continue
+                if target in self.kept:
+                    self.keep(p, "path-string", f"named as a string in /{real}")
+                else:
+                    self.need(p, "path-string", f"named as a string in /{real}")
+
+    def link_targets(self) -> None:
+        """No kept symlink dangles: a kept symlink whose target file was dropped gets its target when it
+        is data (a config or sample linked into place); one that points at a program nothing runs, a
+        service-manager unit or a doc, and the links of ETC_LINKS_NOT_FOLLOWED (/etc/alternatives, the
+        /etc/ssl/certs hash links whose certificates the kept bundle already holds) are dropped in
+        result()."""
+        for path in sorted(self.kept):
+            node = self.tree.lookup(path)
+            if node is None or node.kind != SYMLINK or path.startswith(ETC_LINKS_NOT_FOLLOWED):
+                continue
+            try:
+                t = self.tree.real_path(path)
+            except LookupError:
+                continue
+            tn = self.tree.lookup(t)
+            if tn is None or tn.kind != FILE or t in self.kept:
+                continue
+            if not (tn.mode & 0o111 or t.startswith(INIT_PREFIXES) or _is_doc(t)) \
+                    and elf._head(tn, 4) != elf.ELF_MAGIC:
+                self.keep(t, "symlink-target", f"target of the kept symlink /{path}")
+
     # -- the new tree and the report -------------------------------------------------------------
     def result(self, mode: str) -> tuple[Tree, Report]:
         tree = self.tree
@@ -533,11 +651,11 @@ class Minimizer:
             if node.kind == DIR:
                 keep_set.add(path)
                 continue
-            if path in self.kept:
-                r, d = self.kept[path]
-            elif node.kind == SYMLINK:
+            if node.kind == SYMLINK:
                 symlinks.append((path, node))
                 continue
+            if path in self.kept:
+                r, d = self.kept[path]
             elif node.kind != FILE:
                 r, d = "device", "device nodes and fifos are always kept"
             else:
@@ -561,7 +679,8 @@ class Minimizer:
             if tn is not None and tn.kind != DIR and t not in keep_set:
                 r, d, status = "dangling-after-minimize", f"points at dropped /{t}", "dropped"
             else:
-                r, d, status = "symlink", "symlinks are kept unless their target was dropped", "kept"
+                r, d = self.kept.get(path, ("symlink", "symlinks are kept unless their target was dropped"))
+                status = "kept"
                 keep_set.add(path)
             paths["/" + path] = (status, r, d)
             tgt = kept if status == "kept" else dropped

@@ -9,7 +9,7 @@ APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap umoci docker
 	linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves
 export XBUILD_CACHE ?= $(HOME)/.cache/xbuild
 
-.PHONY: fuzz setup apt venv test test-fast demo bench lint clean
+.PHONY: fuzz setup apt venv test test-corpus test-fast demo bench lint clean
 
 setup: apt venv
 
@@ -39,7 +39,11 @@ $(VENV)/.stamp: pyproject.toml Makefile | apt
 
 # Everything: unit tests and the slow ones (boots, kernel build, debootstrap fixtures, registry).
 test: setup
-	$(PY) -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 0; }; exit $$rc
+	$(PY) -m pytest -q -m 'not corpus'; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 0; }; exit $$rc
+
+# The compatibility corpus of real applications (README: "What runs where"; hours cold on 2 cores).
+test-corpus: setup
+	$(PY) -m pytest -q -m corpus
 
 # The pure parts only, for quick iteration.
 test-fast: setup

@@ -21,7 +21,7 @@ import pytest
 from tests.fixtures.corpus import APPS, App, Built, build, layout_ref, serve
 from tests.fixtures.dockerd import Dockerd
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.corpus]   # `make test-corpus`, not `make test` (README: cold cost)
 REPO = Path(__file__).resolve().parent.parent
 NAMES = list(APPS)
 
@@ -78,16 +78,18 @@ def test_docker_run(corpus_app: tuple[App, str], docker_host: Dockerd, tmp_path:
         docker_host.docker("rm", "-f", name)
 
 
-@pytest.fixture
-def auto_artifact(corpus_app: tuple[App, str], tmp_path_factory: pytest.TempPathFactory,
-                  default_kernel_path: Path) -> Built:
-    app, ref = corpus_app
-    built = built_auto(app, ref, tmp_path_factory)
-    assert built.returncode == 0, built.stderr
-    return built
+# PostgreSQL does not serve yet after auto (README, issue 13); strict, so a fix shows as XPASS and fails
+SERVES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="postgres: not yet green under auto"))
+          if n == "postgres" else n for n in APPS]
 
 
-def test_auto_serves_under_qemu(corpus_app: tuple[App, str], auto_artifact: Built) -> None:
+@pytest.mark.parametrize("name", SERVES)
+def test_auto_serves_under_qemu(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                default_kernel_path: Path) -> None:
     """`--minimize auto`, booted under QEMU, answers the app's real client."""
-    served = serve(corpus_app[0], auto_artifact.artifact)
+    _root_tools()
+    app = APPS[name]
+    built = built_auto(app, layout_ref(app), tmp_path_factory)
+    assert built.returncode == 0, built.stderr
+    served = serve(app, built.artifact)
     assert served.ok, f"{served.answer}\n--- console:\n{served.console[-6000:]}"

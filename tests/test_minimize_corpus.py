@@ -147,6 +147,7 @@ NEEDED = [
 
 
 @pytest.mark.slow
+@pytest.mark.corpus
 @pytest.mark.parametrize("app,path,reason", NEEDED, ids=[f"{a}:{p.rsplit('/', 1)[-1]}" for a, p, _ in NEEDED])
 def test_corpus_file_needed_at_run_time_is_kept(app: str, path: str, reason: str) -> None:
     if os.geteuid() != 0:

@@ -75,6 +75,7 @@ fuzz: venv
 
 lint: venv
 	$(VENV)/bin/ruff check builder tests bench
+	$(VENV)/bin/ruff format --check builder tests bench
 	$(VENV)/bin/mypy builder
 
 clean:

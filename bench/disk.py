@@ -28,14 +28,17 @@ from tests.fixtures.images import nginx_layout
 EPOCH = 1_700_000_000
 
 
-def timed(label: str, write: Callable[..., disk.DiskImage], tree: Tree, out: Path,
-          fmt: str) -> tuple[float, disk.DiskImage]:
+def timed(
+    label: str, write: Callable[..., disk.DiskImage], tree: Tree, out: Path, fmt: str
+) -> tuple[float, disk.DiskImage]:
     start = time.perf_counter()
     image = write(tree, out, fmt=fmt, epoch=EPOCH)
     seconds = time.perf_counter() - start
     on_disk = out.stat().st_blocks * 512
-    print(f"{label:<22} {seconds:7.1f} s   virtual {image.size_bytes / 1e6:7.1f} MB   "
-          f"allocated {on_disk / 1e6:6.1f} MB   sha256 {hashlib.sha256(out.read_bytes()).hexdigest()[:12]}")
+    print(
+        f"{label:<22} {seconds:7.1f} s   virtual {image.size_bytes / 1e6:7.1f} MB   "
+        f"allocated {on_disk / 1e6:6.1f} MB   sha256 {hashlib.sha256(out.read_bytes()).hexdigest()[:12]}"
+    )
     return seconds, image
 
 
@@ -49,17 +52,21 @@ def main() -> int:
     start = time.perf_counter()
     tree = flatten(load(parse(ref))).tree
     use = disk.usage(tree)
-    print(f"{ref}: flattened in {time.perf_counter() - start:.1f} s; {use.inodes} inodes, "
-          f"{use.content_bytes / 1e6:.1f} MB content, auto size {disk.auto_size(tree) / 1e6:.1f} MB, "
-          f"KVM {'unusable: TCG' if disk.force_tcg() else 'works'}")
+    print(
+        f"{ref}: flattened in {time.perf_counter() - start:.1f} s; {use.inodes} inodes, "
+        f"{use.content_bytes / 1e6:.1f} MB content, auto size {disk.auto_size(tree) / 1e6:.1f} MB, "
+        f"KVM {'unusable: TCG' if disk.force_tcg() else 'works'}"
+    )
     with tempfile.TemporaryDirectory(prefix="xbuild-bench-") as tmp:
         ext = "img" if args.format == "raw" else "qcow2"
         d = Path(tmp)
         guest_s, guest = timed("libguestfs tar_in", disk.write_disk, tree, d / f"g.{ext}", args.format)
         fast_s, fast = timed("mkfs.ext4 -d (root)", disk.mkfs_fast, tree, d / f"m.{ext}", args.format)
         same = (d / f"g.{ext}").read_bytes() == (d / f"m.{ext}").read_bytes()
-    print(f"ratio libguestfs / mkfs -d: {guest_s / fast_s:.1f}x; same UUID: {guest.uuid == fast.uuid}; "
-          f"byte-identical: {same}")
+    print(
+        f"ratio libguestfs / mkfs -d: {guest_s / fast_s:.1f}x; same UUID: {guest.uuid == fast.uuid}; "
+        f"byte-identical: {same}"
+    )
     return 0
 
 

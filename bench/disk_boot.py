@@ -25,8 +25,19 @@ from builder.artifact import Artifact
 from builder.build import BuildOptions, build
 from tests.fixtures.minimize_images import fixture_layout
 
-QEMU = ["qemu-system-x86_64", "-accel", "tcg", "-icount", "shift=0,sleep=off", "-M", "pc", "-nographic",
-        "-no-reboot", "-net", "none"]
+QEMU = [
+    "qemu-system-x86_64",
+    "-accel",
+    "tcg",
+    "-icount",
+    "shift=0,sleep=off",
+    "-M",
+    "pc",
+    "-nographic",
+    "-no-reboot",
+    "-net",
+    "none",
+]
 MARKER = re.compile(r"xbuild: exec \S+ at (\d+)us")
 MEM = re.compile(r"(MemTotal|MemAvailable):\s+(\d+) kB")
 PROBE = '-- sh -c "grep Mem /proc/meminfo"'
@@ -35,8 +46,17 @@ PROBE = '-- sh -c "grep Mem /proc/meminfo"'
 def boot(art: Artifact, memory_mb: int) -> str:
     """One boot; a line: exec time, MemTotal/MemAvailable, wall time, or why it did not get there."""
     cmdline = f"{(art.path / 'cmdline').read_text().strip()} noapictimer {PROBE}"
-    argv = [*QEMU, "-m", str(memory_mb), "-kernel", str(art.kernel), "-initrd", str(art.initrd),
-            "-append", cmdline]
+    argv = [
+        *QEMU,
+        "-m",
+        str(memory_mb),
+        "-kernel",
+        str(art.kernel),
+        "-initrd",
+        str(art.initrd),
+        "-append",
+        cmdline,
+    ]
     if art.disk:
         argv += ["-drive", f"file={art.disk},if=virtio,format={art.disk_format},snapshot=on"]
     t0 = time.monotonic()
@@ -51,8 +71,10 @@ def boot(art: Artifact, memory_mb: int) -> str:
     if not mem:
         said = [line.strip() for line in out.splitlines() if "xbuild: error" in line or "panic" in line]
         return f"exec at {int(m[1]) / 1000:7.1f} ms, the program failed: {' | '.join(said[-1:])[:100]}"
-    return (f"exec at {int(m[1]) / 1000:7.1f} ms   MemTotal {mem.get('MemTotal', 0):4d} MB   "
-            f"MemAvailable {mem.get('MemAvailable', 0):4d} MB   wall {wall:5.1f} s")
+    return (
+        f"exec at {int(m[1]) / 1000:7.1f} ms   MemTotal {mem.get('MemTotal', 0):4d} MB   "
+        f"MemAvailable {mem.get('MemAvailable', 0):4d} MB   wall {wall:5.1f} s"
+    )
 
 
 def main() -> int:
@@ -64,13 +86,24 @@ def main() -> int:
         arts = {}
         for fmt in ("initramfs", "disk"):
             t0 = time.monotonic()
-            arts[fmt] = build(ref, BuildOptions(output=Path(tmp) / fmt, format=fmt, minimize="none",
-                                                recipe="python-web", compression="zstd", level=3))
+            arts[fmt] = build(
+                ref,
+                BuildOptions(
+                    output=Path(tmp) / fmt,
+                    format=fmt,
+                    minimize="none",
+                    recipe="python-web",
+                    compression="zstd",
+                    level=3,
+                ),
+            )
             m = arts[fmt].manifest.to_json()
             disk = f", disk {m['disk']['size'] / 1e6:.1f} MB" if "disk" in m else ""
             took = time.monotonic() - t0
-            print(f"{fmt:<9} built in {took:5.1f} s: initrd {m['initrd']['size'] / 1e6:.1f} MB"
-                  f" ({m['initrd']['uncompressed_size'] / 1e6:.1f} MB uncompressed){disk}")
+            print(
+                f"{fmt:<9} built in {took:5.1f} s: initrd {m['initrd']['size'] / 1e6:.1f} MB"
+                f" ({m['initrd']['uncompressed_size'] / 1e6:.1f} MB uncompressed){disk}"
+            )
         for memory in args.memory:
             for fmt, art in arts.items():
                 print(f"{memory:4d} MB  {fmt:<9}  {boot(art, memory)}")

@@ -84,8 +84,13 @@ def bomb_layout(layout: Path, mib: int) -> None:
         sink.finish()
     digest = sink.packed.hexdigest()
     tmp.rename(layout / "blobs" / "sha256" / digest)
-    manifest["layers"].append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                               "digest": f"sha256:{digest}", "size": sink.size})
+    manifest["layers"].append(
+        {
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": f"sha256:{digest}",
+            "size": sink.size,
+        }
+    )
     config["rootfs"]["diff_ids"].append(f"sha256:{sink.plain.hexdigest()}")
     config["history"].append(config["history"][-1])
     manifest["config"] = write_blob(layout, json.dumps(config).encode(), manifest["config"]["mediaType"])
@@ -97,8 +102,13 @@ def bomb_layout(layout: Path, mib: int) -> None:
 
 def config_layout(layout: Path, mb: int) -> None:
     """An OCI layout tagged `bigconfig` whose image config is `mb` MB (one huge label)."""
-    write_oci_image(layout, "bigconfig", [[file("hello", b"hi\n")]], {"Cmd": ["/hello"]},
-                    image_config={"config": {"Cmd": ["/hello"], "Labels": {"big": "x" * (mb * 10**6)}}})
+    write_oci_image(
+        layout,
+        "bigconfig",
+        [[file("hello", b"hi\n")]],
+        {"Cmd": ["/hello"]},
+        image_config={"config": {"Cmd": ["/hello"], "Labels": {"big": "x" * (mb * 10**6)}}},
+    )
 
 
 def build(image: str, out: Path, cache: Path, *args: str) -> tuple[int, float, int, str]:
@@ -106,13 +116,21 @@ def build(image: str, out: Path, cache: Path, *args: str) -> tuple[int, float, i
     exe = Path(sys.executable).with_name("xbuild")
     env = dict(os.environ, XBUILD_CACHE=str(cache))
     start = time.perf_counter()
-    proc = subprocess.Popen([str(exe), "build", image, "-o", str(out), "--kernel", "none", "-q", *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(exe), "build", image, "-o", str(out), "--kernel", "none", "-q", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stderr is not None
     err = proc.stderr.read().decode(errors="replace").strip()
     _, status, usage = os.wait4(proc.pid, 0)
-    return (os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss * 1024,
-            err.splitlines()[-1] if err else "")
+    return (
+        os.waitstatus_to_exitcode(status),
+        time.perf_counter() - start,
+        usage.ru_maxrss * 1024,
+        err.splitlines()[-1] if err else "",
+    )
 
 
 def main() -> int:
@@ -121,22 +139,36 @@ def main() -> int:
     parser.add_argument("--config-mb", type=int, default=50)
     parser.add_argument("--generate", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.generate:     # in a child: the builds' peak RSS must not start from the generator's memory
+    if args.generate:  # in a child: the builds' peak RSS must not start from the generator's memory
         bomb_layout(Path(args.generate) / "bomb", args.expand_mib)
         config_layout(Path(args.generate) / "config", args.config_mb)
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="xbuild-bench-hostile-") as tmp:
         scratch = Path(tmp)
-        subprocess.run([sys.executable, __file__, "--generate", tmp, "--expand-mib", str(args.expand_mib),
-                        "--config-mb", str(args.config_mb)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--generate",
+                tmp,
+                "--expand-mib",
+                str(args.expand_mib),
+                "--config-mb",
+                str(args.config_mb),
+            ],
+            check=True,
+        )
         bomb, big = f"oci:{scratch}/bomb:bomb", f"oci:{scratch}/config:bigconfig"
         below = f"{args.expand_mib // 2}M"
         above = f"{args.expand_mib * 2}M"
         cases = [
             (f"layer x1000, cap {below} (refused)", bomb, ("--max-layer-size", below)),
-            (f"layer x1000, cap {above} (accepted)", bomb,
-             ("--max-layer-size", above, "--minimize", "none", "--compression", "none")),
+            (
+                f"layer x1000, cap {above} (accepted)",
+                bomb,
+                ("--max-layer-size", above, "--minimize", "none", "--compression", "none"),
+            ),
             (f"config {args.config_mb} MB", big, ()),
         ]
         for i, (what, image, extra) in enumerate(cases):

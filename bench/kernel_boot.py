@@ -173,15 +173,24 @@ def fragment_cost(names: list[str]) -> None:
     rows = []
     for k in kernels:
         shipped, nolapic = boot(k.path, initrd, append), boot(k.path, initrd, f"{append} noapictimer")
-        rows.append((k.size / 1e6, k.bzimage.stat().st_size / 1e6, (shipped.tsc_us or 0) / 1e3,
-                     shipped.marker_us / 1e3, (nolapic.tsc_us or 0) / 1e3))
+        rows.append(
+            (
+                k.size / 1e6,
+                k.bzimage.stat().st_size / 1e6,
+                (shipped.tsc_us or 0) / 1e3,
+                shipped.marker_us / 1e3,
+                (nolapic.tsc_us or 0) / 1e3,
+            )
+        )
         cells = " | ".join(f"{v:.3f}" for v in rows[-1])
         print(f"| {'+'.join(k.fragments)} ({k.key[:12]}) | {cells} |")
     print("| difference | " + " | ".join(f"{b - a:+.3f}" for a, b in zip(*rows, strict=True)) + " |")
     before, after = (parse_config((k.path.parent / "config").read_text()) for k in kernels)
     changed = sorted(s for s in before.keys() | after.keys() if before.get(s, "n") != after.get(s, "n"))
-    print("\n.config symbols that change: " + " ".join(
-        f"{s}={before.get(s, 'n')}->{after.get(s, 'n')}" for s in changed))
+    print(
+        "\n.config symbols that change: "
+        + " ".join(f"{s}={before.get(s, 'n')}->{after.get(s, 'n')}" for s in changed)
+    )
     calls = [initcalls(k, initrd) for k in kernels]
     new = sorted(((us, fn) for fn, us in calls[1].items() if fn not in calls[0]), reverse=True)
     print(f"\ninitcalls only in the larger kernel: {sum(us for us, _ in new)} µs in all")
@@ -193,8 +202,12 @@ def fragment_cost(names: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=1, help="boots per kernel and flag set (the median is shown)")
-    ap.add_argument("--cost", nargs="+", metavar="FRAGMENT",
-                    help="price these fragments: the default kernel without them against the one with them")
+    ap.add_argument(
+        "--cost",
+        nargs="+",
+        metavar="FRAGMENT",
+        help="price these fragments: the default kernel without them against the one with them",
+    )
     args = ap.parse_args()
     if args.cost:
         fragment_cost(args.cost)

@@ -43,8 +43,10 @@ from builder.source import load  # noqa: E402
 from builder.tree import Tree  # noqa: E402
 from tests.fixtures.corpus import APPS, build, layout_ref, serve  # noqa: E402
 
-FIXTURES = Path(os.environ.get("XBUILD_FIXTURES") or Path(os.environ.get(
-    "XBUILD_CACHE", Path.home() / ".cache" / "xbuild")) / "fixtures")
+FIXTURES = Path(
+    os.environ.get("XBUILD_FIXTURES")
+    or Path(os.environ.get("XBUILD_CACHE", Path.home() / ".cache" / "xbuild")) / "fixtures"
+)
 DEFAULT = {  # name -> (layout dir, tag, recipe); built by tests/fixtures/build-*-oci.sh
     "nginx": ("nginx-layout", "nginx", "nginx"),
     "redis": ("redis-layout", "redis", "redis"),
@@ -87,10 +89,10 @@ def bench_one(name: str, ref: str, recipe_name: str, smoke: bool) -> dict[str, o
             row[f"initrd_{comp}"] = p.size
             if comp == "zstd":
                 row["pack_zstd_s"] = round(time.monotonic() - t, 2)
-    row["ratio"] = round(int(row["source_bytes"]) / int(row["initrd_zstd"]), 1)    # type: ignore[call-overload]
+    row["ratio"] = round(int(row["source_bytes"]) / int(row["initrd_zstd"]), 1)  # type: ignore[call-overload]
     row["flatten_s"] = round(t1 - t0, 2)
     row["minimize_s"] = round(t2 - t1, 2)
-    row["build_s"] = round(t2 - t0 + float(row["pack_zstd_s"]), 2)   # type: ignore[arg-type]
+    row["build_s"] = round(t2 - t0 + float(row["pack_zstd_s"]), 2)  # type: ignore[arg-type]
     row["kept_files"] = report.kept_files
     row["dropped_files"] = report.dropped_files
     if smoke:
@@ -99,7 +101,7 @@ def bench_one(name: str, ref: str, recipe_name: str, smoke: bool) -> dict[str, o
     return row
 
 
-LIMITS = {"nginx": 4_500_000, "redis": 7_000_000}   # initrd (zstd-19) bytes, issue 13
+LIMITS = {"nginx": 4_500_000, "redis": 7_000_000}  # initrd (zstd-19) bytes, issue 13
 
 
 def corpus_row(name: str) -> dict[str, object]:
@@ -118,9 +120,12 @@ def corpus_row(name: str) -> dict[str, object]:
         served = serve(app, built.artifact)
     row["answer_s"] = round(served.seconds, 1) if served.ok else None
     limit = LIMITS.get(name)
-    over = limit is not None and int(row["initrd_zstd"]) > limit    # type: ignore[call-overload]
-    row["result"] = ("PASS " if served.ok and not over else "FAIL ") + served.answer[:120] \
+    over = limit is not None and int(row["initrd_zstd"]) > limit  # type: ignore[call-overload]
+    row["result"] = (
+        ("PASS " if served.ok and not over else "FAIL ")
+        + served.answer[:120]
         + (f" (initrd over the {limit / 1e6:.1f} MB limit)" if over and limit else "")
+    )
     return row
 
 
@@ -129,13 +134,16 @@ def corpus_table(names: list[str], as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"{'app':14} {'flattened':>10} {'initrd':>9} {'ratio':>6} {'build s':>8} {'answer s':>9}"
-              "  result")
+        print(
+            f"{'app':14} {'flattened':>10} {'initrd':>9} {'ratio':>6} {'build s':>8} {'answer s':>9}  result"
+        )
         for r in rows:
-            flat, initrd = int(r["flat_bytes"]), int(r.get("initrd_zstd", 0))   # type: ignore[call-overload]
+            flat, initrd = int(r["flat_bytes"]), int(r.get("initrd_zstd", 0))  # type: ignore[call-overload]
             ratio = f"{flat / initrd:5.1f}x" if initrd else "     -"
-            print(f"{r['app']:14} {flat / 1e6:>8.1f}MB {initrd / 1e6:>7.2f}MB {ratio:>6} {r['build_s']:>8} "
-                  f"{r.get('answer_s') or '-':>9}  {r['result']}")
+            print(
+                f"{r['app']:14} {flat / 1e6:>8.1f}MB {initrd / 1e6:>7.2f}MB {ratio:>6} {r['build_s']:>8} "
+                f"{r.get('answer_s') or '-':>9}  {r['result']}"
+            )
     return 0 if all(str(r["result"]).startswith("PASS") for r in rows) else 1
 
 
@@ -144,8 +152,11 @@ def main() -> int:
     ap.add_argument("fixtures", nargs="*", help="NAME=REF[@RECIPE]")
     ap.add_argument("--smoke", action="store_true", help="run the chroot smoke probe (root)")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--corpus", action="store_true",
-                    help="the compatibility corpus table (FIXTURES are app names, default all)")
+    ap.add_argument(
+        "--corpus",
+        action="store_true",
+        help="the compatibility corpus table (FIXTURES are app names, default all)",
+    )
     a = ap.parse_args()
     if a.corpus:
         return corpus_table(a.fixtures, a.json)
@@ -160,19 +171,25 @@ def main() -> int:
             if (FIXTURES / d).is_dir():
                 todo.append((name, f"oci:{FIXTURES / d}:{tag}", rec))
             else:
-                print(f"skip {name}: no {FIXTURES / d} (build it with tests/fixtures/build-*-oci.sh)",
-                      file=sys.stderr)
+                print(
+                    f"skip {name}: no {FIXTURES / d} (build it with tests/fixtures/build-*-oci.sh)",
+                    file=sys.stderr,
+                )
     rows = [bench_one(n, r, rec, a.smoke) for n, r, rec in todo]
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    hdr = (f"{'fixture':15} {'source':>10} {'zstd-19':>10} {'lz4':>10} {'cpio':>10} {'ratio':>6} "
-           f"{'min s':>6} {'build s':>8}")
+    hdr = (
+        f"{'fixture':15} {'source':>10} {'zstd-19':>10} {'lz4':>10} {'cpio':>10} {'ratio':>6} "
+        f"{'min s':>6} {'build s':>8}"
+    )
     print(hdr)
     for r in rows:
-        print(f"{r['fixture']:15} {r['source_bytes']:>10} {r['initrd_zstd']:>10} {r['initrd_lz4']:>10} "
-              f"{r['initrd_none']:>10} {r['ratio']:>5}x {r['minimize_s']:>6} {r['build_s']:>8}"
-              + (f"  {r['smoke']}" if "smoke" in r else ""))
+        print(
+            f"{r['fixture']:15} {r['source_bytes']:>10} {r['initrd_zstd']:>10} {r['initrd_lz4']:>10} "
+            f"{r['initrd_none']:>10} {r['ratio']:>5}x {r['minimize_s']:>6} {r['build_s']:>8}"
+            + (f"  {r['smoke']}" if "smoke" in r else "")
+        )
     return 0 if all(str(r.get("smoke", "PASS")).startswith("PASS") for r in rows) else 1
 
 

@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fixtures.images import nginx_layout
 
 TIME_GOAL, RSS_GOAL_MB = 0.5, 150
-PIPELINE = ("set -euo pipefail; umoci unpack --image \"$IMAGE\" \"$WORK/bundle\" >/dev/null; "
-            "cd \"$WORK/bundle/rootfs\"; "
-            "find . | LC_ALL=C sort | cpio -o -H newc --quiet | zstd -3 -q -o \"$OUT\"")
+PIPELINE = (
+    'set -euo pipefail; umoci unpack --image "$IMAGE" "$WORK/bundle" >/dev/null; '
+    'cd "$WORK/bundle/rootfs"; '
+    'find . | LC_ALL=C sort | cpio -o -H newc --quiet | zstd -3 -q -o "$OUT"'
+)
 
 
 def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
@@ -45,8 +47,22 @@ def xbuild(image: str, out: Path) -> tuple[float, int, int]:
     """(seconds, peak RSS, initrd bytes) of one `xbuild build`."""
     shutil.rmtree(out, ignore_errors=True)
     exe = Path(sys.executable).with_name("xbuild")
-    seconds, rss = run_child([str(exe), "build", image, "-o", str(out), "--compression", "zstd:3",
-                              "--minimize", "none", "--kernel", "none", "-q"])
+    seconds, rss = run_child(
+        [
+            str(exe),
+            "build",
+            image,
+            "-o",
+            str(out),
+            "--compression",
+            "zstd:3",
+            "--minimize",
+            "none",
+            "--kernel",
+            "none",
+            "-q",
+        ]
+    )
     return seconds, rss, (out / "initrd.img").stat().st_size
 
 
@@ -70,7 +86,7 @@ def main() -> int:
     umoci_image, xbuild_image = f"{layout}:{tag or 'latest'}", f"oci:{layout}" + (f":{tag}" if tag else "")
     with tempfile.TemporaryDirectory(prefix="xbuild-bench-") as tmp:
         scratch = Path(tmp)
-        xbuild(xbuild_image, scratch / "warm")   # fills the layer cache
+        xbuild(xbuild_image, scratch / "warm")  # fills the layer cache
         ours, theirs, rss = [], [], []
         for i in range(args.runs):
             seconds, peak, our_size = xbuild(xbuild_image, scratch / f"out{i}")
@@ -85,8 +101,10 @@ def main() -> int:
     print(f"{'time':10} {a:21.2f}s {b:21.2f}s")
     print(f"{'output':10} {our_size / 1e6:20.1f}MB {their_size / 1e6:20.1f}MB")
     print(f"ratio      {a / b:.2f}  (goal <= {TIME_GOAL})  {'ok' if a / b <= TIME_GOAL else 'MISSED'}")
-    print(f"peak RSS   {peak_mb:.0f} MB (xbuild)  (goal < {RSS_GOAL_MB} MB)  "
-          f"{'ok' if peak_mb < RSS_GOAL_MB else 'MISSED'}")
+    print(
+        f"peak RSS   {peak_mb:.0f} MB (xbuild)  (goal < {RSS_GOAL_MB} MB)  "
+        f"{'ok' if peak_mb < RSS_GOAL_MB else 'MISSED'}"
+    )
     print("runs       xbuild", *(f"{s:.2f}" for s in ours), " pipeline", *(f"{s:.2f}" for s in theirs))
     return 0
 

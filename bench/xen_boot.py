@@ -28,8 +28,9 @@ from tests.fixtures.images import make_busybox_image  # noqa: E402
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="xbuild-xen-bench-") as tmp:
         work = Path(tmp)
-        img = make_busybox_image(work / "oci", config_overrides={"Entrypoint": ["/bin/sh", "-c"],
-                                                                 "Cmd": ["true"]})
+        img = make_busybox_image(
+            work / "oci", config_overrides={"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["true"]}
+        )
         trimmed = build(img.ref, BuildOptions(output=work / "trimmed", kernel=str(default_kernel().path)))
         stock = work / "stock"
         shutil.copytree(trimmed.path, stock)

@@ -63,8 +63,8 @@ DISK = "disk.img"
 NAMES = (MANIFEST, KERNEL, INITRD, CMDLINE, XEN_CFG, DISK)  # every file an artifact may hold
 SCHEMA = "xbuild.artifact.v1"
 VCPUS = (1, 64)
-MANIFEST_LIMIT = 64 << 20   # a manifest.json larger than this is not read
-CMDLINE_MAX = 2048          # x86 COMMAND_LINE_SIZE
+MANIFEST_LIMIT = 64 << 20  # a manifest.json larger than this is not read
+CMDLINE_MAX = 2048  # x86 COMMAND_LINE_SIZE
 HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 CMDLINE_WORD = re.compile(r"[A-Za-z0-9_.,:/=+@%~-]+")
 DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Za-z0-9=_-]{32,}")
@@ -113,7 +113,7 @@ class _Section:
     the annotations (int is never a bool, tuples are lists, nested sections are objects), ignores unknown
     keys, then `__post_init__` checks the values; `to_json` leaves out optional fields that are None."""
 
-    NAME: ClassVar[str] = ""   # where errors point when read on its own
+    NAME: ClassVar[str] = ""  # where errors point when read on its own
 
     @classmethod
     def from_json(cls: type[_T], obj: object, where: str | None = None) -> _T:
@@ -189,8 +189,11 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         return hint.from_json(value, where)
     if isinstance(hint, type) and is_dataclass(hint):
         return _from_json(hint, value, where)
-    ok = {str: isinstance(value, str), bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool)}.get(hint)
+    ok = {
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+    }.get(hint)
     if not ok:
         raise _bad(where, f"expected {getattr(hint, '__name__', hint)}, not {type(value).__name__}")
     return value
@@ -253,8 +256,9 @@ class Initrd(_Section):
     def __post_init__(self) -> None:
         _file_name(self.file, INITRD, "initrd.file")
         if self.compression not in COMPRESSIONS:
-            raise _bad("initrd.compression", f"{self.compression[:40]!r} is not one of "
-                       f"{', '.join(COMPRESSIONS)}")
+            raise _bad(
+                "initrd.compression", f"{self.compression[:40]!r} is not one of {', '.join(COMPRESSIONS)}"
+            )
         if not SHA256_HEX.fullmatch(self.sha256):
             raise _bad("initrd.sha256", "not a hex sha256")
         for name in ("size", "uncompressed_size", "entries"):
@@ -306,8 +310,10 @@ class Guest(GuestConfig, _Section):
             raise _bad("guest.vcpus", f"{self.vcpus} is outside {VCPUS[0]}..{VCPUS[1]}")
         _one_of(self.xen_type, XenType, "guest.xen_type")
         if not HOSTNAME.fullmatch(self.hostname):
-            raise _bad("guest.hostname", f"{self.hostname[:80]!r} is not a hostname "
-                       "(letters, digits, '.', '_', '-'; at most 63)")
+            raise _bad(
+                "guest.hostname",
+                f"{self.hostname[:80]!r} is not a hostname (letters, digits, '.', '_', '-'; at most 63)",
+            )
 
 
 @dataclass(frozen=True)
@@ -391,7 +397,7 @@ class Artifact:
 
     path: Path
     manifest: Manifest
-    cmdline: str = ""          # the validated kernel command line ("" without a cmdline file)
+    cmdline: str = ""  # the validated kernel command line ("" without a cmdline file)
 
     @property
     def initrd(self) -> Path:
@@ -434,8 +440,10 @@ def _regular_files(path: Path) -> dict[str, os.stat_result]:
         raise ArtifactError(f"{path}: cannot read the artifact directory ({e.strerror})") from None
     for entry in entries:
         if entry.name not in NAMES:
-            raise ArtifactError(f"{path}: {entry.name[:80]!r} is not an artifact file "
-                                f"(an artifact holds only {', '.join(NAMES)})")
+            raise ArtifactError(
+                f"{path}: {entry.name[:80]!r} is not an artifact file "
+                f"(an artifact holds only {', '.join(NAMES)})"
+            )
         st = entry.stat(follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
@@ -468,17 +476,22 @@ def open_artifact(path: Path) -> Artifact:
     manifest = Manifest.parse(_read(path / MANIFEST, MANIFEST_LIMIT), str(path / MANIFEST))
     for name in manifest.files():
         if name not in files:
-            raise ArtifactError(f"{path}: missing {name}" + (" (the manifest names a root disk)"
-                                                             if name == DISK else ""))
-    sizes = {INITRD: manifest.initrd.size, KERNEL: manifest.kernel and manifest.kernel.size,
-             DISK: manifest.disk and manifest.disk.file_size}
+            raise ArtifactError(
+                f"{path}: missing {name}" + (" (the manifest names a root disk)" if name == DISK else "")
+            )
+    sizes = {
+        INITRD: manifest.initrd.size,
+        KERNEL: manifest.kernel and manifest.kernel.size,
+        DISK: manifest.disk and manifest.disk.file_size,
+    }
     for name, size in sizes.items():
         if size is not None and name in files and files[name].st_size != size:
             raise ArtifactError(f"{path}: {name} is {files[name].st_size} bytes, {MANIFEST} records {size}")
     cmdline = ""
     if CMDLINE in files:
-        cmdline = cmdline_words(_read(path / CMDLINE, CMDLINE_MAX + 1).decode("ascii", "replace"),
-                                str(path / CMDLINE))
+        cmdline = cmdline_words(
+            _read(path / CMDLINE, CMDLINE_MAX + 1).decode("ascii", "replace"), str(path / CMDLINE)
+        )
     if manifest.disk and manifest.disk.format == DiskFormat.QCOW2:
         check_qcow2(path / DISK)
     return Artifact(path, manifest, cmdline)
@@ -487,7 +500,7 @@ def open_artifact(path: Path) -> Artifact:
 # ---- qcow2 -----------------------------------------------------------------------------------------------
 
 QCOW2_MAGIC = b"QFI\xfb"
-QCOW2_INCOMPAT_KNOWN = 0b1_1011   # dirty, corrupt, compression type, extended L2 (bit 2, data file: refused)
+QCOW2_INCOMPAT_KNOWN = 0b1_1011  # dirty, corrupt, compression type, extended L2 (bit 2, data file: refused)
 QCOW2_DATA_FILE = 1 << 2
 
 
@@ -509,8 +522,9 @@ def check_qcow2(path: Path) -> int:
             raise ArtifactError(f"{path}: truncated qcow2 v3 header")
         incompatible = struct.unpack_from(">Q", head, 72)[0]
         if incompatible & QCOW2_DATA_FILE:
-            raise ArtifactError(f"{path}: a qcow2 image with an external data file: refused "
-                                "(it would open a host file)")
+            raise ArtifactError(
+                f"{path}: a qcow2 image with an external data file: refused (it would open a host file)"
+            )
         if incompatible & ~QCOW2_INCOMPAT_KNOWN:
             raise ArtifactError(f"{path}: qcow2 incompatible features {incompatible:#x} not supported")
     return int(size)
@@ -547,23 +561,31 @@ def _check_output(out: Path, force: bool, where: str) -> None:
     real = Path(os.path.realpath(out))
     cwd = Path(os.path.realpath(Path.cwd()))
     if real == Path("/") or real == Path(os.path.realpath(Path.home())) or cwd.is_relative_to(real):
-        raise ArtifactError(f"{where}: refusing to replace {'/' if real == Path('/') else real} "
-                            "(the root, the home directory, or the current directory or one of its parents)")
+        raise ArtifactError(
+            f"{where}: refusing to replace {'/' if real == Path('/') else real} "
+            "(the root, the home directory, or the current directory or one of its parents)"
+        )
     if not out.exists():
         return
     if not out.is_dir():
         raise ArtifactError(f"{where}: is a file, not an artifact directory; refusing to replace it")
     if os.path.ismount(out):
-        raise ArtifactError(f"{where}: is a mount point, which cannot be replaced atomically; give a "
-                            "directory inside it")
+        raise ArtifactError(
+            f"{where}: is a mount point, which cannot be replaced atomically; give a directory inside it"
+        )
     names = sorted(p.name for p in out.iterdir())
     if not names or force or _is_artifact(out):
         return
     foreign = [n for n in names if n not in NAMES]
-    why = f"it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}" if foreign else \
-        f"no valid {MANIFEST}"
-    raise ArtifactError(f"{where}: a directory that is not an xbuild artifact ({why}); refusing to replace "
-                        "it (--force replaces it anyway)")
+    why = (
+        f"it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+        if foreign
+        else f"no valid {MANIFEST}"
+    )
+    raise ArtifactError(
+        f"{where}: a directory that is not an xbuild artifact ({why}); refusing to replace "
+        "it (--force replaces it anyway)"
+    )
 
 
 def _is_artifact(path: Path) -> bool:
@@ -598,10 +620,20 @@ def _xl_str(value: str, quote: str = '"') -> str:
     return f"{quote}{value}{quote}"
 
 
-def xen_config(name: str, extra: str, memory_mb: int, vcpus: int = 1,
-               xen_type: str = DEFAULT_XEN_TYPE.value, *, kernel: str = KERNEL, ramdisk: str | None = INITRD,
-               disks: tuple[XlDisk, ...] = (), vif: str | None = None, maxmem: bool = False,
-               tsc_native: bool = False) -> str:
+def xen_config(
+    name: str,
+    extra: str,
+    memory_mb: int,
+    vcpus: int = 1,
+    xen_type: str = DEFAULT_XEN_TYPE.value,
+    *,
+    kernel: str = KERNEL,
+    ramdisk: str | None = INITRD,
+    disks: tuple[XlDisk, ...] = (),
+    vif: str | None = None,
+    maxmem: bool = False,
+    tsc_native: bool = False,
+) -> str:
     """The one xl config writer: for the artifact's xen.cfg (kernel, ramdisk and disk paths relative to
     the directory, so `cd DIR && xl create xen.cfg` works wherever it was copied) and for the runners,
     which pass absolute or dom0 paths. Only these keys are ever written; every value is quoted."""
@@ -612,8 +644,12 @@ def xen_config(name: str, extra: str, memory_mb: int, vcpus: int = 1,
     lines += [f"extra = {_xl_str(extra)}", f"memory = {int(memory_mb)}"]
     if maxmem:
         lines.append(f"maxmem = {int(memory_mb)}")
-    lines += [f"vcpus = {int(vcpus)}", 'on_poweroff = "destroy"', 'on_reboot = "destroy"',
-              'on_crash = "destroy"']
+    lines += [
+        f"vcpus = {int(vcpus)}",
+        'on_poweroff = "destroy"',
+        'on_reboot = "destroy"',
+        'on_crash = "destroy"',
+    ]
     if tsc_native:
         lines.append('tsc_mode = "native"')  # TCG's SVM cannot have Xen emulate RDTSCP
     if disks:
@@ -621,8 +657,9 @@ def xen_config(name: str, extra: str, memory_mb: int, vcpus: int = 1,
         for d in disks:
             _one_of(d.format, DiskFormat, f"xl disk {d.target[:80]!r} format")
             _one_of(d.access, DiskMode, f"xl disk {d.target[:80]!r} access")
-            specs.append(_xl_str(f"format={d.format}, vdev={d.vdev}, access={d.access}, target={d.target}",
-                                 "'"))
+            specs.append(
+                _xl_str(f"format={d.format}, vdev={d.vdev}, access={d.access}, target={d.target}", "'")
+            )
         lines.append(f"disk = [ {', '.join(specs)} ]")
     if vif is not None:
         lines.append("vif = [ " + _xl_str(vif, "'") + " ]")

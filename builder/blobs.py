@@ -28,7 +28,7 @@ from .errors import CacheError, SourceError, XbuildError
 from .image import Layer
 
 CHUNK = 1 << 20
-MAX_LAYER_SIZE = 16 << 30                   # decompressed bytes per layer, unless raised
+MAX_LAYER_SIZE = 16 << 30  # decompressed bytes per layer, unless raised
 MAX_LAYER_SIZE_ENV = "XBUILD_MAX_LAYER_SIZE"
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 
@@ -77,8 +77,14 @@ class HashingWriter:
 class HashingReader:
     """Wrap a stream, hashing what is read; `check()` after EOF raises on a digest or size mismatch."""
 
-    def __init__(self, raw: IO[bytes], digest: str, what: str, size: int | None = None,
-                 progress: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        raw: IO[bytes],
+        digest: str,
+        what: str,
+        size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ):
         self.raw, self.digest, self.what, self.size = raw, digest, what, size
         self.progress = progress
         self.hash = hashlib.sha256()
@@ -111,8 +117,9 @@ class HashingReader:
         if self.size is not None and self.count != self.size:
             raise SourceError(f"{self.what}: size mismatch (expected {self.size} bytes, got {self.count})")
         if "sha256:" + self.hash.hexdigest() != self.digest:
-            raise SourceError(f"{self.what}: digest mismatch (expected {self.digest}, "
-                              f"got sha256:{self.hash.hexdigest()})")
+            raise SourceError(
+                f"{self.what}: digest mismatch (expected {self.digest}, got sha256:{self.hash.hexdigest()})"
+            )
 
 
 def max_layer_size() -> int:
@@ -188,8 +195,13 @@ def present(path: Path) -> bool:
     return True
 
 
-def store_blob(stream: IO[bytes], digest: str, what: str, size: int | None = None,
-               progress: Callable[[int], None] | None = None) -> Path:
+def store_blob(
+    stream: IO[bytes],
+    digest: str,
+    what: str,
+    size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
     """Copy `stream` into the blob store, verifying digest and size; return its path."""
     final = blob_path(digest)
     if present(final):
@@ -209,8 +221,9 @@ class _BadCachedBlob(Exception):
         self.path = path
 
 
-def ensure_diff(layer: Layer, progress: Callable[[int], None] | None = None,
-                max_size: int | None = None) -> Path:
+def ensure_diff(
+    layer: Layer, progress: Callable[[int], None] | None = None, max_size: int | None = None
+) -> Path:
     """The uncompressed tar of `layer` in the cache, decompressed and verified on first use.
 
     Both digests are checked: the blob's (compressed bytes) and the diff_id (uncompressed tar); nothing is
@@ -233,8 +246,9 @@ def ensure_diff(layer: Layer, progress: Callable[[int], None] | None = None,
             raise CacheError(f"{bad.path}: corrupt again right after it was fetched") from None
 
 
-def _decompress(layer: Layer, final: Path, progress: Callable[[int], None] | None, cap: int,
-                healing: Path | None = None) -> Path:
+def _decompress(
+    layer: Layer, final: Path, progress: Callable[[int], None] | None, cap: int, healing: Path | None = None
+) -> Path:
     what = f"layer {layer.digest[:19]}"
     try:
         raw = layer.open()
@@ -247,10 +261,13 @@ def _decompress(layer: Layer, final: Path, progress: Callable[[int], None] | Non
         raise _refetch_failed(healing, why) from None
     with raw:
         name = getattr(raw, "name", None)
-        cached = Path(name) if isinstance(name, str) and Path(name).parent == blob_path(layer.digest).parent \
+        cached = (
+            Path(name)
+            if isinstance(name, str) and Path(name).parent == blob_path(layer.digest).parent
             else None
+        )
         if cached is not None:
-            lock_shared(raw.fileno())     # `xbuild cache prune` leaves it alone while it is read
+            lock_shared(raw.fileno())  # `xbuild cache prune` leaves it alone while it is read
         blob = HashingReader(raw, layer.digest, what, layer.size, progress)
         diff_hash, count = hashlib.sha256(), 0
         try:
@@ -258,8 +275,10 @@ def _decompress(layer: Layer, final: Path, progress: Callable[[int], None] | Non
                 while chunk := plain.read(CHUNK):
                     count += len(chunk)
                     if count > cap:
-                        raise SourceError(f"{what}: expands past the {format_size(cap)} layer size cap "
-                                          f"(--max-layer-size or ${MAX_LAYER_SIZE_ENV} raise it)")
+                        raise SourceError(
+                            f"{what}: expands past the {format_size(cap)} layer size cap "
+                            f"(--max-layer-size or ${MAX_LAYER_SIZE_ENV} raise it)"
+                        )
                     diff_hash.update(chunk)
                     out.write(chunk)
                 while blob.read(CHUNK):  # trailing bytes after the compressed stream count for the digest
@@ -291,8 +310,8 @@ class DiffChanged(CacheError):
     """A cached diff that does not hash to its diff_id (it was removed); flatten decompresses it again."""
 
 
-_held: dict[Path, int] = {}     # diff path -> the fd kept open for the life of the process
-_verified: dict[int, tuple[Path, tuple[int, int]]] = {}   # fd -> (path, its stamp when verified)
+_held: dict[Path, int] = {}  # diff path -> the fd kept open for the life of the process
+_verified: dict[int, tuple[Path, tuple[int, int]]] = {}  # fd -> (path, its stamp when verified)
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int]:
@@ -314,14 +333,15 @@ def check_unchanged() -> None:
             raise CacheError(f"{path}: cached layer diff was modified in place during the build; build again")
 
 
-def open_diff(layer: Layer, progress: Callable[[int], None] | None = None,
-              max_size: int | None = None) -> Diff:
+def open_diff(
+    layer: Layer, progress: Callable[[int], None] | None = None, max_size: int | None = None
+) -> Diff:
     """The diff of `layer` (made by `ensure_diff` if needed), open for flatten to read and verify."""
     path = ensure_diff(layer, progress, max_size)
     fd = _held.get(path)
     if fd is not None:
         st, held = os.lstat(path), os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):   # replaced since: open the new one
+        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):  # replaced since: open the new one
             fd = None
     if fd is None:
         fd = _entry_fd(path)
@@ -347,7 +367,7 @@ class Diff:
         self.source = f"/proc/self/fd/{fd}"
         self.size = os.fstat(fd).st_size
         self._hash = hashlib.sha256()
-        self._mark = self._pos = 0        # bytes [0, _mark) are hashed; _pos is where read() reads
+        self._mark = self._pos = 0  # bytes [0, _mark) are hashed; _pos is where read() reads
 
     def read(self, n: int = -1) -> bytes:
         data = os.pread(self.fd, n if n >= 0 else max(self.size - self._pos, 0), self._pos)
@@ -355,7 +375,7 @@ class Diff:
             self._hash_to(self._pos)
         end = self._pos + len(data)
         if end > self._mark >= self._pos:
-            self._hash.update(memoryview(data)[self._mark - self._pos:])
+            self._hash.update(memoryview(data)[self._mark - self._pos :])
             self._mark = end
         self._pos = end
         return data
@@ -388,8 +408,10 @@ class Diff:
                 remove_entry(self.path)
         except FileNotFoundError:
             pass
-        raise DiffChanged(f"{self.path}: cached layer diff does not match its diff_id {self.diff_id} "
-                          "(corrupt cache entry, removed)")
+        raise DiffChanged(
+            f"{self.path}: cached layer diff does not match its diff_id {self.diff_id} "
+            "(corrupt cache entry, removed)"
+        )
 
 
 def verify_store() -> Iterator[tuple[Path, str | None]]:
@@ -408,7 +430,7 @@ def _bad_entry(path: Path) -> str | None:
     """Why the entry at `path` is not the content its name says, or None."""
     if not re.fullmatch(r"[a-f0-9]{64}", path.name):
         return "not named by a sha256"
-    fd = _entry_fd(path)    # removes a non-file
+    fd = _entry_fd(path)  # removes a non-file
     if fd is None:
         return "not a regular file"
     with os.fdopen(fd, "rb") as f:

@@ -75,23 +75,23 @@ QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
 @dataclass(frozen=True)
 class BuildOptions:
     output: Path | None = None
-    force: bool = False                   # -o may replace a directory that is not an artifact
+    force: bool = False  # -o may replace a directory that is not an artifact
     compression: str = DEFAULT_COMPRESSION
     level: int | None = None
-    epoch: int | None = None              # None: SOURCE_DATE_EPOCH, else the image's created time
+    epoch: int | None = None  # None: SOURCE_DATE_EPOCH, else the image's created time
     platform: Platform = field(default_factory=Platform)
     insecure: bool = False
     minimize: MinimizeMode = MinimizeMode.AUTO
-    recipe: str | None = None             # a recipe name or file; None: matched by repository
-    kernel: str | None = "default"        # "default", a path, oci://REF, or None for no kernel
-    memory_mb: int | None = None          # None: the recipe's, else DEFAULT_MEMORY_MB
+    recipe: str | None = None  # a recipe name or file; None: matched by repository
+    kernel: str | None = "default"  # "default", a path, oci://REF, or None for no kernel
+    memory_mb: int | None = None  # None: the recipe's, else DEFAULT_MEMORY_MB
     xen_type: XenType = DEFAULT_XEN_TYPE
-    hostname: str | None = None           # None: the image's short name
+    hostname: str | None = None  # None: the image's short name
     format: OutputFormat = OutputFormat.INITRAMFS
     disk_format: DiskFormat = DiskFormat.RAW  # with format disk
-    disk_size: int | None = None          # bytes; None: auto (builder/disk.py auto_size)
-    disk_mode: DiskMode = DiskMode.RW     # with format disk
-    max_layer_size: int | None = None     # decompressed bytes per layer; None: blobs.max_layer_size()
+    disk_size: int | None = None  # bytes; None: auto (builder/disk.py auto_size)
+    disk_mode: DiskMode = DiskMode.RW  # with format disk
+    max_layer_size: int | None = None  # decompressed bytes per layer; None: blobs.max_layer_size()
     healthcheck: Healthcheck | None = None  # docker run's --health-*/--no-healthcheck over the image's
     progress: Progress | None = field(default=None, compare=False)
     log: Say = field(default=lambda msg: None, compare=False)
@@ -106,10 +106,13 @@ class BuildOptions:
             object.__setattr__(self, name, members(value))
 
 
-_CHOICES: dict[str, tuple[str, type[StrEnum]]] = {   # BuildOptions' enum fields and their flags
-    "minimize": ("--minimize", MinimizeMode), "xen_type": ("--xen-type", XenType),
-    "format": ("--format", OutputFormat), "disk_format": ("--disk-format", DiskFormat),
-    "disk_mode": ("--disk-mode", DiskMode)}
+_CHOICES: dict[str, tuple[str, type[StrEnum]]] = {  # BuildOptions' enum fields and their flags
+    "minimize": ("--minimize", MinimizeMode),
+    "xen_type": ("--xen-type", XenType),
+    "format": ("--format", OutputFormat),
+    "disk_format": ("--disk-format", DiskFormat),
+    "disk_mode": ("--disk-mode", DiskMode),
+}
 
 
 def default_output(ref: reference.ImageRef) -> Path:
@@ -166,8 +169,9 @@ def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, KernelInfo
     if opts.kernel is None:
         return None
     if opts.kernel == "default":
-        fragments = kern.DEFAULT_FRAGMENTS + tuple(f for f in (recipe.kernel_fragments if recipe else ())
-                                                   if f not in kern.DEFAULT_FRAGMENTS)
+        fragments = kern.DEFAULT_FRAGMENTS + tuple(
+            f for f in (recipe.kernel_fragments if recipe else ()) if f not in kern.DEFAULT_FRAGMENTS
+        )
         if not any(k.fragments == fragments for k in kern.list_kernels()):
             opts.log(f"building the kernel ({' '.join(fragments)}) once; it is cached afterwards")
         k = kern.build(fragments)
@@ -187,15 +191,17 @@ def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, KernelInfo
 def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     """Build the artifact for `ref_text` and return it."""
     if opts.hostname is not None and not HOSTNAME.fullmatch(opts.hostname):
-        raise BadInput(f"--hostname {opts.hostname!r}: letters, digits, '_', '.' and '-', at most 63, "
-                       "starting with a letter or digit")
+        raise BadInput(
+            f"--hostname {opts.hostname!r}: letters, digits, '_', '.' and '-', at most 63, "
+            "starting with a letter or digit"
+        )
     disk = opts.format == OutputFormat.DISK
     if disk:
         from .disk import check_available
 
         check_available()
     if opts.minimize == MinimizeMode.TRACE:
-        check_probe_host(trace=True)                # before any pull: a host that cannot trace is refused
+        check_probe_host(trace=True)  # before any pull: a host that cannot trace is refused
     ref = resolve_ref(ref_text, opts)
     recipe = _recipe(ref, opts)
     out = opts.output or default_output(ref)
@@ -219,15 +225,23 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     kernel = _kernel(opts, recipe)
     epoch = source_date_epoch(image, opts.epoch)
     memory = opts.memory_mb or _default_memory(recipe, disk)
-    flags = cmdline_words(" ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
-                          "the kernel command line")
+    flags = cmdline_words(
+        " ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
+        "the kernel command line",
+    )
     guest = Guest.of(gc, memory_mb=memory, xen_type=opts.xen_type, recipe=recipe.name if recipe else None)
     with atomic_dir(out) as tmp:
         disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
         packed = pack(boot_tree(tree) if disk else tree, tmp / INITRD, opts.compression, opts.level, epoch)
-        check_unchanged()       # the diffs pack and the disk read from are still the ones flatten verified
-        initrd = Initrd(sha256=packed.sha256, size=packed.size, uncompressed_size=packed.uncompressed_size,
-                        compression=packed.compression, level=packed.level, entries=packed.entries)
+        check_unchanged()  # the diffs pack and the disk read from are still the ones flatten verified
+        initrd = Initrd(
+            sha256=packed.sha256,
+            size=packed.size,
+            uncompressed_size=packed.uncompressed_size,
+            compression=packed.compression,
+            level=packed.level,
+            entries=packed.entries,
+        )
         kernel_info = None
         cmdline = ""
         if kernel:
@@ -235,14 +249,28 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             kernel_info = dataclasses.replace(kernel[1], size=(tmp / KERNEL).stat().st_size)
             cmdline = f"{QEMU_CONSOLE} {flags}"
             (tmp / CMDLINE).write_text(cmdline + "\n")
-            (tmp / XEN_CFG).write_text(xen_config(
-                gc.hostname, f"{XEN_CONSOLE} {flags}", memory, xen_type=opts.xen_type,
-                disks=(XlDisk(DISK, opts.disk_format, opts.disk_mode),) if disk else ()))
-        manifest = Manifest(tool=Tool("xbuild", __version__), source=_source(ref, image), initrd=initrd,
-                            guest=guest, image_config=_image_config(image), source_date_epoch=epoch,
-                            minimize=report.to_json(), disk=disk_section, kernel=kernel_info)
+            (tmp / XEN_CFG).write_text(
+                xen_config(
+                    gc.hostname,
+                    f"{XEN_CONSOLE} {flags}",
+                    memory,
+                    xen_type=opts.xen_type,
+                    disks=(XlDisk(DISK, opts.disk_format, opts.disk_mode),) if disk else (),
+                )
+            )
+        manifest = Manifest(
+            tool=Tool("xbuild", __version__),
+            source=_source(ref, image),
+            initrd=initrd,
+            guest=guest,
+            image_config=_image_config(image),
+            source_date_epoch=epoch,
+            minimize=report.to_json(),
+            disk=disk_section,
+            kernel=kernel_info,
+        )
         write_manifest(tmp, manifest)
-        prepare_output(out, opts.force)   # again: the directory may have changed during the build
+        prepare_output(out, opts.force)  # again: the directory may have changed during the build
     return Artifact(out, manifest, cmdline)
 
 
@@ -257,9 +285,17 @@ def _write_disk(tree: Tree, tmp: Path, opts: BuildOptions, epoch: int | None) ->
     from .disk import write_disk
 
     img = write_disk(tree, tmp / DISK, opts.disk_format, opts.disk_size, epoch, opts.progress)
-    return DiskInfo(format=img.format, mode=opts.disk_mode, size=img.size_bytes,
-                    file_size=img.path.stat().st_size, sha256=file_sha256(img.path), uuid=img.uuid,
-                    content_bytes=img.content_bytes, fstype="ext4", devices=tuple(ROOT_DEVICES))
+    return DiskInfo(
+        format=img.format,
+        mode=opts.disk_mode,
+        size=img.size_bytes,
+        file_size=img.path.stat().st_size,
+        sha256=file_sha256(img.path),
+        uuid=img.uuid,
+        content_bytes=img.content_bytes,
+        fstype="ext4",
+        devices=tuple(ROOT_DEVICES),
+    )
 
 
 def _kernel_flags() -> str:
@@ -280,9 +316,14 @@ def _check_output(out: Path, force: bool) -> None:
 
 
 def _source(ref: reference.ImageRef, image: Image) -> Source:
-    return Source(reference=str(ref), manifest_digest=image.manifest_digest,
-                  config_digest=image.config_digest, platform=str(image.platform), created=image.created,
-                  layers=tuple(SourceLayer(x.digest, x.size, x.media_type, x.diff_id) for x in image.layers))
+    return Source(
+        reference=str(ref),
+        manifest_digest=image.manifest_digest,
+        config_digest=image.config_digest,
+        platform=str(image.platform),
+        created=image.created,
+        layers=tuple(SourceLayer(x.digest, x.size, x.media_type, x.diff_id) for x in image.layers),
+    )
 
 
 def _image_config(image: Image) -> dict[str, object]:

@@ -30,9 +30,9 @@ from typing import IO, Any
 
 from .errors import BadInput, NoSpaceError
 
-TEMP_AGE = 3600.0          # seconds; a temp this old with a free flock was left by a killed process
-_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")   # tempfile.mkstemp/mkdtemp(prefix=".NAME.") names
-_TEMP_DEPTH = 3            # temps sit at most this deep: blobs/sha256/.X, init/KEY/.X, pulled/.X
+TEMP_AGE = 3600.0  # seconds; a temp this old with a free flock was left by a killed process
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")  # tempfile.mkstemp/mkdtemp(prefix=".NAME.") names
+_TEMP_DEPTH = 3  # temps sit at most this deep: blobs/sha256/.X, init/KEY/.X, pulled/.X
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _collected: set[Path] = set()
 
@@ -97,7 +97,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
                 _rmtree(old)
             else:
                 tmp.rename(final)
-        except NoSpaceError as e:    # of a file written inside: named by where it was going
+        except NoSpaceError as e:  # of a file written inside: named by where it was going
             _rmtree(tmp)
             raise NoSpaceError(str(e).replace(str(tmp), str(final))) from None
         except BaseException:
@@ -117,14 +117,14 @@ def atomic_file(final: Path, mode: str = "wb", place: Callable[[], Path] | None 
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)    # released when the file is closed, after the rename
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed, after the rename
             os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, mode) as f:
                 yield f
                 f.flush()
                 target = place() if place else final
                 with suppress(FileNotFoundError):
-                    if stat.S_ISDIR(target.lstat().st_mode):   # a directory where a file belongs: damage
+                    if stat.S_ISDIR(target.lstat().st_mode):  # a directory where a file belongs: damage
                         remove_entry(target)
                 os.replace(name, target)
         except BaseException:
@@ -153,7 +153,7 @@ def remove_unlocked(path: Path) -> bool:
         fd = os.open(path, flags)
     except FileNotFoundError:
         return True
-    except OSError:           # a symlink (ELOOP) or a special file: nobody holds it
+    except OSError:  # a symlink (ELOOP) or a special file: nobody holds it
         remove_entry(path)
         return True
     try:
@@ -163,7 +163,7 @@ def remove_unlocked(path: Path) -> bool:
         return False
     try:
         remove_entry(path)
-    except OSError:          # not ours to remove (permissions): left as it is
+    except OSError:  # not ours to remove (permissions): left as it is
         return False
     finally:
         os.close(fd)
@@ -248,7 +248,7 @@ def file_sha256(path: Path) -> str:
 
 # ---- the cache as a whole: what `xbuild cache du|prune` see ------------------------------------------
 
-NAMESPACES = ("blobs/sha256", "diffs/sha256")   # kinds whose entries sit one level further down
+NAMESPACES = ("blobs/sha256", "diffs/sha256")  # kinds whose entries sit one level further down
 
 
 @dataclass(frozen=True)
@@ -256,9 +256,9 @@ class Entry:
     """One removable unit of the cache: a blob, a diff, an init or kernel directory, a pulled artifact..."""
 
     path: Path
-    kind: str          # the top-level directory: blobs, diffs, init, kernels, pulled, xenrig...
-    size: int          # bytes on disk (allocated blocks), the whole tree for a directory
-    used: float        # last use: the later of atime and mtime (see `touch`)
+    kind: str  # the top-level directory: blobs, diffs, init, kernels, pulled, xenrig...
+    size: int  # bytes on disk (allocated blocks), the whole tree for a directory
+    used: float  # last use: the later of atime and mtime (see `touch`)
 
 
 def disk_usage(path: Path) -> int:
@@ -287,8 +287,11 @@ def entries(root: Path) -> list[Entry]:
         for parent in spaces or [kind_dir]:
             if parent.is_dir():
                 found += [_entry(p, kind_dir.name) for p in parent.iterdir() if not is_temp(p.name)]
-        found += [_entry(p, kind_dir.name) for p in kind_dir.iterdir()
-                  if spaces and p not in spaces and not is_temp(p.name)]
+        found += [
+            _entry(p, kind_dir.name)
+            for p in kind_dir.iterdir()
+            if spaces and p not in spaces and not is_temp(p.name)
+        ]
     return sorted(found, key=lambda e: (e.used, str(e.path)))
 
 
@@ -299,10 +302,10 @@ def _entry(path: Path, kind: str) -> Entry:
 
 @dataclass(frozen=True)
 class Pruned:
-    temps: tuple[Path, ...]        # stale temps removed
-    removed: tuple[Entry, ...]     # least recently used entries removed for --max-size
-    in_use: tuple[Entry, ...]      # entries a running xbuild holds, left in place
-    size: int                      # bytes on disk after pruning
+    temps: tuple[Path, ...]  # stale temps removed
+    removed: tuple[Entry, ...]  # least recently used entries removed for --max-size
+    in_use: tuple[Entry, ...]  # entries a running xbuild holds, left in place
+    size: int  # bytes on disk after pruning
 
 
 def prune(root: Path, max_size: int | None, age: float = TEMP_AGE) -> Pruned:

@@ -39,8 +39,9 @@ def du_cmd(as_json: bool) -> None:
     kinds["temps"] = {"entries": len(temps), "bytes": sum(cache.disk_usage(t) for t in temps)}
     total = cache.disk_usage(root)
     if as_json:
-        click.echo(json.dumps({"root": str(root), "kinds": dict(sorted(kinds.items())), "total": total},
-                              indent=2))
+        click.echo(
+            json.dumps({"root": str(root), "kinds": dict(sorted(kinds.items())), "total": total}, indent=2)
+        )
         return
     for kind, k in sorted(kinds.items()):
         click.echo(f"{kind:<12} {k['entries']:>6} entries  {_mb(k['bytes'])}")
@@ -64,13 +65,18 @@ def verify_cmd(as_json: bool) -> None:
             click.echo(f"removed {b['path']}: {b['problem']}")
         click.echo(f"checked {checked} entries, {len(bad)} bad")
     if bad:
-        raise CacheError(f"{len(bad)} corrupt cache entr{'y' if len(bad) == 1 else 'ies'} removed: "
-                         + ", ".join(b["path"] for b in bad))
+        raise CacheError(
+            f"{len(bad)} corrupt cache entr{'y' if len(bad) == 1 else 'ies'} removed: "
+            + ", ".join(b["path"] for b in bad)
+        )
 
 
 @cache_cmd.command("prune")
-@click.option("--max-size", metavar="SIZE",
-              help="Also remove least recently used entries until the cache takes at most SIZE (e.g. 10G).")
+@click.option(
+    "--max-size",
+    metavar="SIZE",
+    help="Also remove least recently used entries until the cache takes at most SIZE (e.g. 10G).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 def prune_cmd(max_size: str | None, as_json: bool) -> None:
     """Remove temp files left by killed runs (older than an hour, not being written) and, with --max-size,
@@ -80,7 +86,10 @@ def prune_cmd(max_size: str | None, as_json: bool) -> None:
     report: dict[str, Any] = {
         "temps": [str(p) for p in r.temps],
         "removed": [{"path": str(e.path), "kind": e.kind, "bytes": e.size} for e in r.removed],
-        "in_use": [str(e.path) for e in r.in_use], "size": r.size, "max_size": limit}
+        "in_use": [str(e.path) for e in r.in_use],
+        "size": r.size,
+        "max_size": limit,
+    }
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -111,8 +120,10 @@ def _verify_pulled() -> Iterator[tuple[Path, str | None]]:
             for name, want in recorded:
                 actual = cache.file_sha256(d / name)
                 if actual != want:
-                    why = (f"{d / name}: content hashes to sha256:{actual[:12]}…, "
-                           f"manifest.json records {want[:12]}…")
+                    why = (
+                        f"{d / name}: content hashes to sha256:{actual[:12]}…, "
+                        f"manifest.json records {want[:12]}…"
+                    )
                     break
         if why:
             cache.remove_entry(d)

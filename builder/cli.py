@@ -50,8 +50,12 @@ class _DefaultBuild(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         first = next((a for a in args if not a.startswith("-")), None)
-        if first is not None and first not in self.commands and args and args[0] not in ("--help", "-h",
-                                                                                          "--version"):
+        if (
+            first is not None
+            and first not in self.commands
+            and args
+            and args[0] not in ("--help", "-h", "--version")
+        ):
             args = ["build", *args]
         return super().parse_args(ctx, args)
 
@@ -94,100 +98,207 @@ def main() -> None:
 
 @main.command("build")
 @click.argument("image")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Artifact directory [./out/NAME]; an earlier artifact there is replaced, anything else is "
-                   "refused.")
-@click.option("--force", is_flag=True,
-              help="Let -o replace a directory that is not an artifact (never a file).")
-@click.option("--compression", default="zstd", show_default=True, metavar="NAME[:LEVEL]",
-              help=f"initrd compression: {', '.join(COMPRESSIONS)}; zstd defaults to level 19.")
-@click.option("--platform", default="linux/amd64", show_default=True,
-              help="Platform to pick from a manifest list.")
-@click.option("--insecure", is_flag=True,
-              help="Talk plain HTTP to the registry (localhost and 127.0.0.0/8 always do).")
-@click.option("--minimize", type=click.Choice(choices(MinimizeMode)), default=MinimizeMode.AUTO.value,
-              show_default=True,
-              help="Keep only what the entrypoint needs (auto: static analysis; trace: also run it).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Artifact directory [./out/NAME]; an earlier artifact there is replaced, anything else is refused.",
+)
+@click.option(
+    "--force", is_flag=True, help="Let -o replace a directory that is not an artifact (never a file)."
+)
+@click.option(
+    "--compression",
+    default="zstd",
+    show_default=True,
+    metavar="NAME[:LEVEL]",
+    help=f"initrd compression: {', '.join(COMPRESSIONS)}; zstd defaults to level 19.",
+)
+@click.option(
+    "--platform", default="linux/amd64", show_default=True, help="Platform to pick from a manifest list."
+)
+@click.option(
+    "--insecure", is_flag=True, help="Talk plain HTTP to the registry (localhost and 127.0.0.0/8 always do)."
+)
+@click.option(
+    "--minimize",
+    type=click.Choice(choices(MinimizeMode)),
+    default=MinimizeMode.AUTO.value,
+    show_default=True,
+    help="Keep only what the entrypoint needs (auto: static analysis; trace: also run it).",
+)
 @click.option("--recipe", metavar="NAME|FILE", help="Recipe to apply [matched by repository name].")
-@click.option("--kernel", "kernel_opt", default="default", show_default=True,
-              metavar="default|PATH|oci://REF|none",
-              help="Kernel to pair: the cached trimmed one (built once), a file, a pushed kernel, or none.")
-@click.option("--memory", type=click.IntRange(*MEMORY_MB), metavar="MB",
-              help=f"Guest memory in xen.cfg [recipe's or {DEFAULT_MEMORY_MB}].")
-@click.option("--xen-type", type=click.Choice(choices(XenType)), default=DEFAULT_XEN_TYPE.value,
-              show_default=True,
-              help="Guest type written to xen.cfg.")
+@click.option(
+    "--kernel",
+    "kernel_opt",
+    default="default",
+    show_default=True,
+    metavar="default|PATH|oci://REF|none",
+    help="Kernel to pair: the cached trimmed one (built once), a file, a pushed kernel, or none.",
+)
+@click.option(
+    "--memory",
+    type=click.IntRange(*MEMORY_MB),
+    metavar="MB",
+    help=f"Guest memory in xen.cfg [recipe's or {DEFAULT_MEMORY_MB}].",
+)
+@click.option(
+    "--xen-type",
+    type=click.Choice(choices(XenType)),
+    default=DEFAULT_XEN_TYPE.value,
+    show_default=True,
+    help="Guest type written to xen.cfg.",
+)
 @click.option("--hostname", help="Guest hostname [the image's short name].")
-@click.option("--format", "fmt", type=click.Choice(choices(OutputFormat)),
-              default=OutputFormat.INITRAMFS.value, show_default=True,
-              help="Where the files go: the initramfs (in guest RAM) or an ext4 root disk (disk.img).")
-@click.option("--disk-format", type=click.Choice(choices(DiskFormat)),
-              help=f"Disk image format [{DiskFormat.RAW}].")
-@click.option("--disk-size", metavar="auto|N[KMG]",
-              help="Disk size [auto: the files + 25% + 32 MiB].")
-@click.option("--disk-mode", type=click.Choice(choices(DiskMode)),
-              help=f"The guest mounts its disk rw or ro [{DiskMode.RW}].")
-@click.option("--max-layer-size", metavar="SIZE",
-              help="Refuse a layer whose tar expands past SIZE (e.g. 64G) [$XBUILD_MAX_LAYER_SIZE or 16G].")
-@click.option("--verify/--no-verify", default=None,
-              help="Boot the result under QEMU and check the recipe's smoke test and the image's HEALTHCHECK "
-                   "[on when it has one of them; --verify without them: the entrypoint must exit 0].")
-@click.option("--verify-on", type=click.Choice(choices(VERIFY_HYPERVISORS)),
-              help="Verify under this hypervisor instead (implies --verify; xen-nested: the nested Xen rig).")
-@click.option("--health-cmd", metavar="CMD", help="Health probe, run with /bin/sh -c (the image's Shell) "
-              "[the image's HEALTHCHECK].")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(choices(OutputFormat)),
+    default=OutputFormat.INITRAMFS.value,
+    show_default=True,
+    help="Where the files go: the initramfs (in guest RAM) or an ext4 root disk (disk.img).",
+)
+@click.option(
+    "--disk-format", type=click.Choice(choices(DiskFormat)), help=f"Disk image format [{DiskFormat.RAW}]."
+)
+@click.option("--disk-size", metavar="auto|N[KMG]", help="Disk size [auto: the files + 25% + 32 MiB].")
+@click.option(
+    "--disk-mode",
+    type=click.Choice(choices(DiskMode)),
+    help=f"The guest mounts its disk rw or ro [{DiskMode.RW}].",
+)
+@click.option(
+    "--max-layer-size",
+    metavar="SIZE",
+    help="Refuse a layer whose tar expands past SIZE (e.g. 64G) [$XBUILD_MAX_LAYER_SIZE or 16G].",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=None,
+    help="Boot the result under QEMU and check the recipe's smoke test and the image's HEALTHCHECK "
+    "[on when it has one of them; --verify without them: the entrypoint must exit 0].",
+)
+@click.option(
+    "--verify-on",
+    type=click.Choice(choices(VERIFY_HYPERVISORS)),
+    help="Verify under this hypervisor instead (implies --verify; xen-nested: the nested Xen rig).",
+)
+@click.option(
+    "--health-cmd",
+    metavar="CMD",
+    help="Health probe, run with /bin/sh -c (the image's Shell) [the image's HEALTHCHECK].",
+)
 @click.option("--health-interval", metavar="DURATION", help="Time between probes, e.g. 30s, 1m30s [30s].")
 @click.option("--health-timeout", metavar="DURATION", help="A probe running longer is killed [30s].")
-@click.option("--health-start-period", metavar="DURATION",
-              help="Failures inside it do not count until the first success [0s].")
-@click.option("--health-start-interval", metavar="DURATION",
-              help="Time between probes in the start period [5s].")
-@click.option("--health-retries", type=click.IntRange(0), metavar="N",
-              help="Consecutive failures that make the guest unhealthy [3].")
+@click.option(
+    "--health-start-period",
+    metavar="DURATION",
+    help="Failures inside it do not count until the first success [0s].",
+)
+@click.option(
+    "--health-start-interval", metavar="DURATION", help="Time between probes in the start period [5s]."
+)
+@click.option(
+    "--health-retries",
+    type=click.IntRange(0),
+    metavar="N",
+    help="Consecutive failures that make the guest unhealthy [3].",
+)
 @click.option("--no-healthcheck", is_flag=True, help="Disable the image's HEALTHCHECK.")
 @click.option("--push", "push_ref", metavar="REF", help="Push the artifact to an OCI registry when built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
-def build_cmd(image: str, output: Path | None, force: bool, compression: str, platform: str, insecure: bool,
-              minimize: str,
-              recipe: str | None, kernel_opt: str, memory: int | None, xen_type: str, hostname: str | None,
-              fmt: str, disk_format: str | None, disk_size: str | None, disk_mode: str | None,
-              max_layer_size: str | None, verify: bool | None,
-              verify_on: str | None, health_cmd: str | None, health_interval: str | None,
-              health_timeout: str | None, health_start_period: str | None, health_start_interval: str | None,
-              health_retries: int | None, no_healthcheck: bool,
-              push_ref: str | None, as_json: bool, quiet: bool) -> None:
+def build_cmd(
+    image: str,
+    output: Path | None,
+    force: bool,
+    compression: str,
+    platform: str,
+    insecure: bool,
+    minimize: str,
+    recipe: str | None,
+    kernel_opt: str,
+    memory: int | None,
+    xen_type: str,
+    hostname: str | None,
+    fmt: str,
+    disk_format: str | None,
+    disk_size: str | None,
+    disk_mode: str | None,
+    max_layer_size: str | None,
+    verify: bool | None,
+    verify_on: str | None,
+    health_cmd: str | None,
+    health_interval: str | None,
+    health_timeout: str | None,
+    health_start_period: str | None,
+    health_start_interval: str | None,
+    health_retries: int | None,
+    no_healthcheck: bool,
+    push_ref: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Build IMAGE into an artifact directory, then verify it when it knows how (see --verify)."""
     comp, level = _compression(compression)
     if verify is False and verify_on:
         raise BadInput("--no-verify conflicts with --verify-on")
-    healthcheck = _healthcheck(health_cmd, health_interval, health_timeout, health_start_period,
-                               health_start_interval, health_retries, no_healthcheck)
+    healthcheck = _healthcheck(
+        health_cmd,
+        health_interval,
+        health_timeout,
+        health_start_period,
+        health_start_interval,
+        health_retries,
+        no_healthcheck,
+    )
     if fmt != OutputFormat.DISK:
-        given = [n for n, v in (("--disk-format", disk_format), ("--disk-size", disk_size),
-                                ("--disk-mode", disk_mode)) if v is not None]
+        given = [
+            n
+            for n, v in (
+                ("--disk-format", disk_format),
+                ("--disk-size", disk_size),
+                ("--disk-mode", disk_mode),
+            )
+            if v is not None
+        ]
         if given:
             raise BadInput(f"{given[0]} needs --format disk")
     silent = quiet or as_json
     say = stderr_say(silent)
-    opts = BuildOptions(output=output, force=force, compression=comp, level=level,
-                        platform=Platform.parse(platform),
-                        insecure=insecure, minimize=MinimizeMode(minimize), recipe=recipe,
-                        kernel=None if kernel_opt == "none" else kernel_opt, memory_mb=memory,
-                        xen_type=XenType(xen_type), hostname=hostname, format=OutputFormat(fmt),
-                        disk_format=DiskFormat(disk_format or DiskFormat.RAW),
-                        disk_size=_disk_size(disk_size), disk_mode=DiskMode(disk_mode or DiskMode.RW),
-                        max_layer_size=parse_size(max_layer_size, "--max-layer-size") if max_layer_size
-                        else None,
-                        healthcheck=healthcheck, progress=_progress(not silent), log=say)
+    opts = BuildOptions(
+        output=output,
+        force=force,
+        compression=comp,
+        level=level,
+        platform=Platform.parse(platform),
+        insecure=insecure,
+        minimize=MinimizeMode(minimize),
+        recipe=recipe,
+        kernel=None if kernel_opt == "none" else kernel_opt,
+        memory_mb=memory,
+        xen_type=XenType(xen_type),
+        hostname=hostname,
+        format=OutputFormat(fmt),
+        disk_format=DiskFormat(disk_format or DiskFormat.RAW),
+        disk_size=_disk_size(disk_size),
+        disk_mode=DiskMode(disk_mode or DiskMode.RW),
+        max_layer_size=parse_size(max_layer_size, "--max-layer-size") if max_layer_size else None,
+        healthcheck=healthcheck,
+        progress=_progress(not silent),
+        log=say,
+    )
     art = build(image, opts)
     own_recipe = load_recipe(recipe) if recipe else None
     if verify or verify_on:
         say(verify_artifact(art, say, verify_on or Hypervisor.QEMU, own_recipe))
     elif verify is None and (checks := plan(art, own_recipe)):
         reason = skip_reason(art)
-        say(f"verify: skipped, {reason}; it would check {' and '.join(checks)}" if reason
-            else verify_artifact(art, say, given=own_recipe))
+        say(
+            f"verify: skipped, {reason}; it would check {' and '.join(checks)}"
+            if reason
+            else verify_artifact(art, say, given=own_recipe)
+        )
     if push_ref:
         from .publish import push
 
@@ -236,14 +347,29 @@ def parse_duration(text: str, flag: str) -> int:
     return total
 
 
-def _healthcheck(cmd: str | None, interval: str | None, timeout: str | None, start_period: str | None,
-                 start_interval: str | None, retries: int | None, none: bool) -> Healthcheck | None:
+def _healthcheck(
+    cmd: str | None,
+    interval: str | None,
+    timeout: str | None,
+    start_period: str | None,
+    start_interval: str | None,
+    retries: int | None,
+    none: bool,
+) -> Healthcheck | None:
     """docker run's --health-* / --no-healthcheck as a Healthcheck to merge over the image's (None: none
     given)."""
-    given = [f for f, v in (("--health-cmd", cmd), ("--health-interval", interval),
-                            ("--health-timeout", timeout), ("--health-start-period", start_period),
-                            ("--health-start-interval", start_interval), ("--health-retries", retries))
-             if v is not None]
+    given = [
+        f
+        for f, v in (
+            ("--health-cmd", cmd),
+            ("--health-interval", interval),
+            ("--health-timeout", timeout),
+            ("--health-start-period", start_period),
+            ("--health-start-interval", start_interval),
+            ("--health-retries", retries),
+        )
+        if v is not None
+    ]
     if none:
         if given:
             raise BadInput(f"--no-healthcheck conflicts with {given[0]}")
@@ -252,12 +378,24 @@ def _healthcheck(cmd: str | None, interval: str | None, timeout: str | None, sta
         return None
     if cmd == "":
         raise BadInput("--health-cmd: an empty command")
-    ns = {f: parse_duration(v, f) if v is not None else 0
-          for f, v in (("--health-interval", interval), ("--health-timeout", timeout),
-                       ("--health-start-period", start_period), ("--health-start-interval", start_interval))}
+    ns = {
+        f: parse_duration(v, f) if v is not None else 0
+        for f, v in (
+            ("--health-interval", interval),
+            ("--health-timeout", timeout),
+            ("--health-start-period", start_period),
+            ("--health-start-interval", start_interval),
+        )
+    }
     try:
-        return Healthcheck(("CMD-SHELL", cmd) if cmd else (), ns["--health-interval"], ns["--health-timeout"],
-                           ns["--health-start-period"], ns["--health-start-interval"], retries or 0)
+        return Healthcheck(
+            ("CMD-SHELL", cmd) if cmd else (),
+            ns["--health-interval"],
+            ns["--health-timeout"],
+            ns["--health-start-period"],
+            ns["--health-start-interval"],
+            retries or 0,
+        )
     except SourceError as e:
         raise BadInput(f"--health-* options: {e}") from None
 
@@ -271,14 +409,20 @@ def _disk_size(text: str | None) -> int | None:
 
 def _summary(path: Path, m: Manifest) -> None:
     i = m.initrd
-    click.echo(f"{path}/initrd.img  {i.size / 1e6:.2f} MB {i.compression} "
-               f"({i.uncompressed_size / 1e6:.1f} MB, {i.entries} entries)  sha256:{i.sha256[:12]}")
+    click.echo(
+        f"{path}/initrd.img  {i.size / 1e6:.2f} MB {i.compression} "
+        f"({i.uncompressed_size / 1e6:.1f} MB, {i.entries} entries)  sha256:{i.sha256[:12]}"
+    )
     if d := m.disk:
-        click.echo(f"{path}/disk.img    {d.size / 1e6:.1f} MB {d.format} ext4, mounted {d.mode} "
-                   f"({(d.content_bytes or 0) / 1e6:.1f} MB of files)  sha256:{d.sha256[:12]}")
+        click.echo(
+            f"{path}/disk.img    {d.size / 1e6:.1f} MB {d.format} ext4, mounted {d.mode} "
+            f"({(d.content_bytes or 0) / 1e6:.1f} MB of files)  sha256:{d.sha256[:12]}"
+        )
     if k := m.kernel:
-        click.echo(f"{path}/kernel      {k.size / 1e6:.2f} MB {k.format}"
-                   + (f" {k.release} ({'+'.join(k.fragments or ())})" if k.release is not None else ""))
+        click.echo(
+            f"{path}/kernel      {k.size / 1e6:.2f} MB {k.format}"
+            + (f" {k.release} ({'+'.join(k.fragments or ())})" if k.release is not None else "")
+        )
         click.echo(f"{path}/xen.cfg     xl create {path}/xen.cfg   (or: xbuild run {path})")
 
 
@@ -301,7 +445,7 @@ def run() -> None:
     except XbuildError as e:
         click.echo(f"xbuild: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):      # click turns KeyboardInterrupt into Abort
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns KeyboardInterrupt into Abort
         click.echo(f"xbuild: interrupted ({_stopped_by.name})", err=True)
         sys.exit(128 + _stopped_by)
     except click.ClickException as e:
@@ -319,10 +463,24 @@ def doctor_cmd(as_json: bool) -> None:
     checks = check()
     missing = missing_packages(checks)
     if as_json:
-        click.echo(json.dumps({"checks": [{"name": c.need.name, "package": c.need.package,
-                                           "feature": c.need.feature, "found": c.found,
-                                           "optional": c.need.optional} for c in checks],
-                               "missing_packages": missing}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "checks": [
+                        {
+                            "name": c.need.name,
+                            "package": c.need.package,
+                            "feature": c.need.feature,
+                            "found": c.found,
+                            "optional": c.need.optional,
+                        }
+                        for c in checks
+                    ],
+                    "missing_packages": missing,
+                },
+                indent=2,
+            )
+        )
     else:
         for c in checks:
             state = "ok" if c.found else ("absent" if c.need.optional else "MISSING")

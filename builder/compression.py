@@ -32,8 +32,8 @@ import zstandard
 from isal import igzip, isal_zlib
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
-LZ4_LEGACY_CHUNK = 8 << 20          # the kernel's unlz4 reads 8 MiB blocks
-ZSTD_THREADS = 8                    # at most: each holds ~20 MB at level 9 (more at 19)
+LZ4_LEGACY_CHUNK = 8 << 20  # the kernel's unlz4 reads 8 MiB blocks
+ZSTD_THREADS = 8  # at most: each holds ~20 MB at level 9 (more at 19)
 
 
 class CorruptData(ValueError):
@@ -55,13 +55,13 @@ class Sink(Protocol):
 
 @dataclass(frozen=True)
 class Codec:
-    name: str                                           # as in --compression, Layer.compression, media types
-    magic: bytes                                        # what its data starts with (b"": none)
-    first: Callable[[bytes], bytes]                     # the first stream of the data, decompressed
-    errors: tuple[type[Exception], ...] = ()            # what its decoders raise on corrupt data
-    stream: Callable[[IO[bytes]], IO[bytes]] | None = None        # every member/frame, streamed
+    name: str  # as in --compression, Layer.compression, media types
+    magic: bytes  # what its data starts with (b"": none)
+    first: Callable[[bytes], bytes]  # the first stream of the data, decompressed
+    errors: tuple[type[Exception], ...] = ()  # what its decoders raise on corrupt data
+    stream: Callable[[IO[bytes]], IO[bytes]] | None = None  # every member/frame, streamed
     writer: Callable[[Writable, int, bool], Sink] | None = None  # (out, level, checksum) → Sink
-    levels: range = range(0)                            # the levels it can be written at
+    levels: range = range(0)  # the levels it can be written at
     default_level: int = 0
 
     def level(self, level: int | None) -> int:
@@ -69,12 +69,14 @@ class Codec:
         if level is None:
             return self.default_level
         if level not in self.levels:
-            raise ValueError(f"{self.name} levels are {self.levels.start} to {self.levels.stop - 1}, "
-                             f"not {level}")
+            raise ValueError(
+                f"{self.name} levels are {self.levels.start} to {self.levels.stop - 1}, not {level}"
+            )
         return level
 
 
 # ------------------------------------------------------------------------------------------- writers
+
 
 class _Plain:
     def __init__(self, out: Writable, level: int, checksum: bool):
@@ -104,10 +106,10 @@ class _Gzip:
 class _Zstd:
     def __init__(self, out: Writable, level: int, checksum: bool):
         threads = max(1, min(os.cpu_count() or 1, ZSTD_THREADS))
-        params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads,
-                                                                write_checksum=checksum)
-        self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(
-            out, closefd=False)  # type: ignore[arg-type]
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=threads, write_checksum=checksum
+        )
+        self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False)  # type: ignore[arg-type]
 
     def write(self, b: bytes) -> int:
         return self.w.write(b)
@@ -143,6 +145,7 @@ class _Lz4Legacy:
 
 # ------------------------------------------------------------------------------------------- readers
 
+
 def _lz4_legacy(data: bytes) -> bytes:
     """The legacy frame's blocks decompressed, up to the end or the 4-byte size the kernel appends."""
     out, pos = [], 4
@@ -163,8 +166,7 @@ def _gzip_stream(stream: IO[bytes]) -> IO[bytes]:
 
 
 def _zstd_stream(stream: IO[bytes]) -> IO[bytes]:
-    return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True,
-                                                      closefd=False)
+    return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True, closefd=False)
 
 
 def _zstd_first(data: bytes) -> bytes:
@@ -173,22 +175,53 @@ def _zstd_first(data: bytes) -> bytes:
 
 _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]
 NONE = Codec("none", b"", bytes, stream=lambda s: s, writer=_Plain, levels=range(1))
-GZIP = Codec("gzip", b"\x1f\x8b", lambda d: isal_zlib.decompressobj(wbits=31).decompress(d),
-             (gzip.BadGzipFile, EOFError, _ISAL_ERROR), _gzip_stream, _Gzip, range(4), 3)
-XZ = Codec("xz", b"\xfd7zXZ\x00", lambda d: lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(d),
-           (lzma.LZMAError, EOFError))
-ZSTD = Codec("zstd", b"\x28\xb5\x2f\xfd", _zstd_first, (zstandard.ZstdError,), _zstd_stream, _Zstd,
-             range(-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL + 1), 19)
-LZ4 = Codec("lz4", LZ4_LEGACY_MAGIC, _lz4_legacy, (lz4.block.LZ4BlockError,), writer=_Lz4Legacy,
-            levels=range(13), default_level=9)
+GZIP = Codec(
+    "gzip",
+    b"\x1f\x8b",
+    lambda d: isal_zlib.decompressobj(wbits=31).decompress(d),
+    (gzip.BadGzipFile, EOFError, _ISAL_ERROR),
+    _gzip_stream,
+    _Gzip,
+    range(4),
+    3,
+)
+XZ = Codec(
+    "xz",
+    b"\xfd7zXZ\x00",
+    lambda d: lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(d),
+    (lzma.LZMAError, EOFError),
+)
+ZSTD = Codec(
+    "zstd",
+    b"\x28\xb5\x2f\xfd",
+    _zstd_first,
+    (zstandard.ZstdError,),
+    _zstd_stream,
+    _Zstd,
+    range(-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL + 1),
+    19,
+)
+LZ4 = Codec(
+    "lz4",
+    LZ4_LEGACY_MAGIC,
+    _lz4_legacy,
+    (lz4.block.LZ4BlockError,),
+    writer=_Lz4Legacy,
+    levels=range(13),
+    default_level=9,
+)
 BZIP2 = Codec("bzip2", b"BZh", lambda d: bz2.BZ2Decompressor().decompress(d), (OSError, EOFError))
-LZMA = Codec("lzma", b"\x5d", lambda d: lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(d),
-             (lzma.LZMAError, EOFError))
+LZMA = Codec(
+    "lzma",
+    b"\x5d",
+    lambda d: lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(d),
+    (lzma.LZMAError, EOFError),
+)
 
-CODECS = {c.name: c for c in (GZIP, XZ, ZSTD, LZ4, BZIP2, LZMA, NONE)}   # sniff's order: lzma's magic late
-COMPRESSIONS = ("zstd", "lz4", "gzip", "none")      # what an initrd can be, the default first
+CODECS = {c.name: c for c in (GZIP, XZ, ZSTD, LZ4, BZIP2, LZMA, NONE)}  # sniff's order: lzma's magic late
+COMPRESSIONS = ("zstd", "lz4", "gzip", "none")  # what an initrd can be, the default first
 DEFAULT_COMPRESSION = COMPRESSIONS[0]
-LAYER_CODECS = ("gzip", "zstd")                     # what a layer can be, besides an uncompressed tar
+LAYER_CODECS = ("gzip", "zstd")  # what a layer can be, besides an uncompressed tar
 
 
 def sniff(head: bytes, among: tuple[str, ...] | None = None) -> str:

@@ -29,14 +29,20 @@ class Packed:
     path: Path
     compression: str
     level: int
-    size: int                 # compressed bytes
-    uncompressed_size: int    # cpio bytes
+    size: int  # compressed bytes
+    uncompressed_size: int  # cpio bytes
     sha256: str
     entries: int
 
 
-def pack(tree: Tree, out: Path, compression: str = DEFAULT_COMPRESSION, level: int | None = None,
-         epoch: int | None = None, progress: Callable[[int], None] | None = None) -> Packed:
+def pack(
+    tree: Tree,
+    out: Path,
+    compression: str = DEFAULT_COMPRESSION,
+    level: int | None = None,
+    epoch: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Packed:
     """Write `tree` to `out` (atomically), compressed (builder.compression), and return what was written."""
     if compression not in COMPRESSIONS:
         raise PackError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
@@ -77,13 +83,24 @@ class _CpioWriter:
         if self.offset % 4:
             self._emit(b"\0" * (4 - self.offset % 4))
 
-    def header(self, name: str, ino: int, mode: int, uid: int, gid: int, nlink: int, mtime: int, size: int,
-               rdev: tuple[int, int] = (0, 0)) -> None:
+    def header(
+        self,
+        name: str,
+        ino: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        nlink: int,
+        mtime: int,
+        size: int,
+        rdev: tuple[int, int] = (0, 0),
+    ) -> None:
         raw = os.fsencode(name) + b"\0"
         fields = (ino, mode, uid, gid, nlink, mtime, size, 0, 0, rdev[0], rdev[1], len(raw), 0)
         if max(fields) > 0xFFFFFFFF:  # newc has 32-bit fields: never truncate silently
-            raise PackError(f"/{name}: too large for cpio newc's 32-bit fields (size {size}, uid {uid}, "
-                            f"gid {gid})")
+            raise PackError(
+                f"/{name}: too large for cpio newc's 32-bit fields (size {size}, uid {uid}, gid {gid})"
+            )
         self._emit(b"070701" + b"".join(b"%08X" % (v & 0xFFFFFFFF) for v in fields) + raw)
         self._pad()
 
@@ -99,8 +116,17 @@ class _CpioWriter:
                 else:
                     size = 0
                 mtime = min(max(e.mtime, 0), 0xFFFFFFFF)
-                self.header(e.path or ".", e.ino, node.st_mode, node.uid, node.gid,
-                            e.links if node.kind != DIR else 2, mtime, size, node.rdev)
+                self.header(
+                    e.path or ".",
+                    e.ino,
+                    node.st_mode,
+                    node.uid,
+                    node.gid,
+                    e.links if node.kind != DIR else 2,
+                    mtime,
+                    size,
+                    node.rdev,
+                )
                 if node.kind == SYMLINK:
                     self._emit(os.fsencode(node.target))
                 elif size:
@@ -117,16 +143,29 @@ def read_cpio(data: bytes) -> list[dict[str, object]]:
     """Parse an uncompressed newc archive into a list of entries (for tests and `explain`)."""
     out: list[dict[str, object]] = []
     pos = 0
-    names = ("ino", "mode", "uid", "gid", "nlink", "mtime", "size", "devmajor", "devminor",
-             "rdevmajor", "rdevminor", "namesize", "check")
+    names = (
+        "ino",
+        "mode",
+        "uid",
+        "gid",
+        "nlink",
+        "mtime",
+        "size",
+        "devmajor",
+        "devminor",
+        "rdevmajor",
+        "rdevminor",
+        "namesize",
+        "check",
+    )
     while True:
-        if data[pos:pos + 6] != b"070701":
+        if data[pos : pos + 6] != b"070701":
             raise PackError(f"bad cpio magic at offset {pos}")
-        vals = {n: int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i, n in enumerate(names)}
+        vals = {n: int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i, n in enumerate(names)}
         pos += 110
-        name = data[pos:pos + vals["namesize"] - 1].decode("utf-8", "surrogateescape")
+        name = data[pos : pos + vals["namesize"] - 1].decode("utf-8", "surrogateescape")
         pos = (pos + vals["namesize"] + 3) & ~3
-        body = data[pos:pos + vals["size"]]
+        body = data[pos : pos + vals["size"]]
         pos = (pos + vals["size"] + 3) & ~3
         if name == TRAILER:
             return out

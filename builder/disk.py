@@ -40,9 +40,9 @@ from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, ContentReader, Entry, T
 BLOCK_SIZE = 4096
 INODE_SIZE = 256
 MIB = 1 << 20
-MARGIN_RATIO = 0.25           # auto size: 25 % of the need on top ...
-MARGIN_FIXED = 32 * MIB       # ... plus 32 MiB (journal, ext4 metadata, free room for the guest)
-LAUNCH_ESTIMATE = 30          # seconds the appliance takes to start under TCG here
+MARGIN_RATIO = 0.25  # auto size: 25 % of the need on top ...
+MARGIN_FIXED = 32 * MIB  # ... plus 32 MiB (journal, ext4 metadata, free room for the guest)
+LAUNCH_ESTIMATE = 30  # seconds the appliance takes to start under TCG here
 FEATURES = "extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
 MKE2FS_CONF = f"""[defaults]
 \tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
@@ -66,9 +66,9 @@ MKE2FS_CONF = f"""[defaults]
 class DiskImage:
     path: Path
     format: str
-    size_bytes: int          # the disk's virtual size (= the filesystem's)
-    content_bytes: int       # bytes of regular file content, each hardlinked file once
-    uuid: str                # the ext4 filesystem UUID
+    size_bytes: int  # the disk's virtual size (= the filesystem's)
+    content_bytes: int  # bytes of regular file content, each hardlinked file once
+    uuid: str  # the ext4 filesystem UUID
 
 
 @dataclass(frozen=True)
@@ -120,15 +120,27 @@ def auto_size(tree: Tree) -> int:
     return _round_mib(need + int(need * MARGIN_RATIO) + MARGIN_FIXED)
 
 
-def write_disk(tree: Tree, out: Path, fmt: str = DiskFormat.RAW, size: int | None = None,
-               epoch: int | None = None, progress: Progress | None = None) -> DiskImage:
+def write_disk(
+    tree: Tree,
+    out: Path,
+    fmt: str = DiskFormat.RAW,
+    size: int | None = None,
+    epoch: int | None = None,
+    progress: Progress | None = None,
+) -> DiskImage:
     """Write `tree` into a new ext4 disk image at `out` (atomically: temp + rename) through libguestfs."""
     check_available()
     return _build(tree, out, fmt, size, epoch, progress, _fill_guestfs)
 
 
-def mkfs_fast(tree: Tree, out: Path, fmt: str = DiskFormat.RAW, size: int | None = None,
-              epoch: int | None = None, progress: Progress | None = None) -> DiskImage:
+def mkfs_fast(
+    tree: Tree,
+    out: Path,
+    fmt: str = DiskFormat.RAW,
+    size: int | None = None,
+    epoch: int | None = None,
+    progress: Progress | None = None,
+) -> DiskImage:
     """The same image through `mkfs.ext4 -d`: root only (the tree is unpacked to a temp dir first)."""
     if os.geteuid() != 0:
         raise DiskInputError("mkfs_fast needs root (the tree is unpacked with its owners and devices)")
@@ -152,21 +164,53 @@ class _Mkfs:
     conf: Path
 
     def run(self, image: Path, *extra: str) -> None:
-        ext = (f"hash_seed={self.uuid},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard")
-        _tool(["mkfs.ext4", "-q", "-F", "-t", "ext4", "-m", "0", "-N", str(self.inodes), "-U", self.uuid,
-               "-O", "has_journal", "-J", f"size={self.journal_bytes // MIB}", "-E", ext, *extra,
-               str(image), f"{self.size // 1024}k"], self.fs_time, self.conf)
+        ext = f"hash_seed={self.uuid},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard"
+        _tool(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-m",
+                "0",
+                "-N",
+                str(self.inodes),
+                "-U",
+                self.uuid,
+                "-O",
+                "has_journal",
+                "-J",
+                f"size={self.journal_bytes // MIB}",
+                "-E",
+                ext,
+                *extra,
+                str(image),
+                f"{self.size // 1024}k",
+            ],
+            self.fs_time,
+            self.conf,
+        )
 
 
-def _build(tree: Tree, out: Path, fmt: str, size: int | None, epoch: int | None, progress: Progress | None,
-           fill: Filler) -> DiskImage:
+def _build(
+    tree: Tree,
+    out: Path,
+    fmt: str,
+    size: int | None,
+    epoch: int | None,
+    progress: Progress | None,
+    fill: Filler,
+) -> DiskImage:
     if fmt not in choices(DiskFormat):
         raise DiskInputError(f"unknown disk format {fmt!r} (choose from {', '.join(choices(DiskFormat))})")
     need = usage(tree)
     size = auto_size(tree) if size is None else size
     if size < need.minimum:
-        raise DiskInputError(f"--disk-size {size // MIB} MiB is too small for this image: it needs at least "
-                             f"{need.minimum // MIB} MiB (use auto, or at least that)")
+        raise DiskInputError(
+            f"--disk-size {size // MIB} MiB is too small for this image: it needs at least "
+            f"{need.minimum // MIB} MiB (use auto, or at least that)"
+        )
     size = -(-size // BLOCK_SIZE) * BLOCK_SIZE
     out = Path(out)
     fs_time = epoch if epoch is not None else max((n.mtime for _, n in tree.walk()), default=0)
@@ -214,16 +258,22 @@ def _settle(raw: Path, tree: Tree, epoch: int | None, mkfs: _Mkfs) -> None:
     A directory's generation seeds its blocks' checksums, so e2fsck redoes them; tune2fs then swaps the used
     journal for a zeroed one and copies the primary superblock over the backups the kernel touched."""
     t = mkfs.fs_time
-    lines = [*(f"ssv {f} @{t}" for f in ("mtime", "wtime", "lastcheck", "mkfs_time")),
-             "ssv mnt_count 0", "ssv kbytes_written 0", 'ssv last_mounted ""']
+    lines = [
+        *(f"ssv {f} @{t}" for f in ("mtime", "wtime", "lastcheck", "mkfs_time")),
+        "ssv mnt_count 0",
+        "ssv kbytes_written 0",
+        'ssv last_mounted ""',
+    ]
     lost_found = ("lost+found", t if epoch is None else min(t, epoch))
     for path, mtime in [*((e.path, e.mtime) for e in entries(tree, epoch)), lost_found]:
         if "\n" in path:
             continue  # debugfs reads one command a line: such a name keeps the time of unpacking
         quoted = '"/' + path.replace('"', '""') + '"'
         lines += [f"sif {quoted} {f} @{mtime}" for f in ("atime", "ctime", "crtime", "mtime")]
-        lines += [f"sif {quoted} {f} 0" for f in ("atime_extra", "ctime_extra", "crtime_extra", "mtime_extra",
-                                                  "generation")]
+        lines += [
+            f"sif {quoted} {f} 0"
+            for f in ("atime_extra", "ctime_extra", "crtime_extra", "mtime_extra", "generation")
+        ]
     _debugfs(raw, lines, mkfs)
     _tool(["e2fsck", "-f", "-y", str(raw)], t, mkfs.conf)
     _tool(["tune2fs", "-O", "^has_journal", str(raw)], t, mkfs.conf)
@@ -244,8 +294,14 @@ def _tool(cmd: list[str], fs_time: int | None = None, conf: Path | None = None) 
         env["E2FSPROGS_FAKE_TIME"] = env["E2FSCK_TIME"] = str(fs_time)
     if conf is not None:
         env["MKE2FS_CONFIG"] = str(conf)
-    done = run_tool(cmd, DiskError, env=env, max_status=1 if cmd[0] == "e2fsck" else 0,
-                    missing=DiskInputError, hint=install_hint("e2fsck", "qemu-img"))
+    done = run_tool(
+        cmd,
+        DiskError,
+        env=env,
+        max_status=1 if cmd[0] == "e2fsck" else 0,
+        missing=DiskInputError,
+        hint=install_hint("e2fsck", "qemu-img"),
+    )
     errors = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("debugfs ")]
     if cmd[0] == "debugfs" and errors:
         raise DiskError(f"debugfs failed: {errors[-1]}")
@@ -260,6 +316,7 @@ def _blocks(n: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ tar stream
+
 
 def _write_tar(tree: Tree, path: Path, epoch: int | None, progress: Progress | None) -> str:
     """Write `tree` as a PAX tar (builder.tree.entries: pack's order and clamping; a hardlinked file's first
@@ -299,12 +356,15 @@ def _tarinfo(e: Entry) -> tarfile.TarInfo:
         info.devmajor, info.devminor = node.rdev
     elif kind == FIFO:
         info.type = tarfile.FIFOTYPE
-    info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
-                        for k, v in sorted((node.xattrs or {}).items())}
+    info.pax_headers = {
+        f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
+        for k, v in sorted((node.xattrs or {}).items())
+    }
     return info
 
 
 # ------------------------------------------------------------------------------------------- libguestfs
+
 
 def check_available() -> None:
     """DiskInputError naming the Debian packages when libguestfs (or its appliance kernel) is missing."""
@@ -338,9 +398,10 @@ def _fill_guestfs(tar: Path, raw: Path, mkfs: _Mkfs, need: Usage, progress: Prog
             g.tar_in(str(tar), "/", xattrs=True, acls=False, selinux=False)
         except RuntimeError as e:
             if "No space left" in str(e) or "Wrote only" in str(e):  # GNU tar's two ways of saying ENOSPC
-                raise DiskInputError(f"the image does not fit in {mkfs.size // MIB} MiB (it needs about "
-                                     f"{need.minimum // MIB} MiB): use a larger --disk-size or auto"
-                                     ) from None
+                raise DiskInputError(
+                    f"the image does not fit in {mkfs.size // MIB} MiB (it needs about "
+                    f"{need.minimum // MIB} MiB): use a larger --disk-size or auto"
+                ) from None
             raise
         g.umount_all()
         g.shutdown()
@@ -396,10 +457,23 @@ def force_tcg() -> bool:
 
 # ------------------------------------------------------------------------------------- mkfs.ext4 -d path
 
+
 def _fill_mkfs_d(tar: Path, raw: Path, mkfs: _Mkfs, need: Usage, progress: Progress | None) -> None:
     root = raw.with_name("root")
     root.mkdir()
-    _tool(["tar", "-x", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-f", str(tar),
-           "-C", str(root)])
+    _tool(
+        [
+            "tar",
+            "-x",
+            "-p",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-f",
+            str(tar),
+            "-C",
+            str(root),
+        ]
+    )
     mkfs.run(raw, "-d", str(root))
     shutil.rmtree(root)

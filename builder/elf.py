@@ -35,26 +35,45 @@ from .errors import MinimizeError
 from .tree import DIR, FILE, Tree, open_content, split
 
 ELF_MAGIC = b"\x7fELF"
-MULTIARCH = {"EM_X86_64": "x86_64-linux-gnu", "EM_AARCH64": "aarch64-linux-gnu", "EM_386": "i386-linux-gnu",
-             "EM_ARM": "arm-linux-gnueabihf", "EM_RISCV": "riscv64-linux-gnu",
-             "EM_PPC64": "powerpc64le-linux-gnu",
-             "EM_S390": "s390x-linux-gnu"}
-PLATFORM = {"EM_X86_64": "x86_64", "EM_AARCH64": "aarch64", "EM_386": "i686", "EM_ARM": "armv7l",
-            "EM_RISCV": "riscv64", "EM_PPC64": "ppc64le", "EM_S390": "s390x"}
-MUSL_ARCH = {"EM_X86_64": "x86_64", "EM_AARCH64": "aarch64", "EM_386": "i386", "EM_ARM": "armhf",
-             "EM_RISCV": "riscv64", "EM_PPC64": "powerpc64le", "EM_S390": "s390x"}
+MULTIARCH = {
+    "EM_X86_64": "x86_64-linux-gnu",
+    "EM_AARCH64": "aarch64-linux-gnu",
+    "EM_386": "i386-linux-gnu",
+    "EM_ARM": "arm-linux-gnueabihf",
+    "EM_RISCV": "riscv64-linux-gnu",
+    "EM_PPC64": "powerpc64le-linux-gnu",
+    "EM_S390": "s390x-linux-gnu",
+}
+PLATFORM = {
+    "EM_X86_64": "x86_64",
+    "EM_AARCH64": "aarch64",
+    "EM_386": "i686",
+    "EM_ARM": "armv7l",
+    "EM_RISCV": "riscv64",
+    "EM_PPC64": "ppc64le",
+    "EM_S390": "s390x",
+}
+MUSL_ARCH = {
+    "EM_X86_64": "x86_64",
+    "EM_AARCH64": "aarch64",
+    "EM_386": "i386",
+    "EM_ARM": "armhf",
+    "EM_RISCV": "riscv64",
+    "EM_PPC64": "powerpc64le",
+    "EM_S390": "s390x",
+}
 
 
 @dataclass(frozen=True)
 class ElfInfo:
-    elfclass: int                  # 32 or 64
-    machine: str                   # e_machine, e.g. EM_X86_64
-    etype: str                     # ET_EXEC, ET_DYN, ...
+    elfclass: int  # 32 or 64
+    machine: str  # e_machine, e.g. EM_X86_64
+    etype: str  # ET_EXEC, ET_DYN, ...
     interp: str | None = None
     needed: tuple[str, ...] = ()
     rpath: tuple[str, ...] = ()
     runpath: tuple[str, ...] = ()
-    undefined: frozenset[str] = field(default=frozenset(), compare=False)   # imported dynamic symbols
+    undefined: frozenset[str] = field(default=frozenset(), compare=False)  # imported dynamic symbols
 
     @property
     def static(self) -> bool:
@@ -75,6 +94,7 @@ def _head(node, n: int) -> bytes:  # type: ignore[no-untyped-def]
     if isinstance(c, bytes):
         return c[:n]
     import os
+
     with open(c.source, "rb") as f:
         return os.pread(f.fileno(), min(n, c.size), c.offset)
 
@@ -107,13 +127,29 @@ def parse(data: bytes | IO[bytes], what: str = "ELF file") -> ElfInfo:
                     elif t == "DT_RUNPATH":
                         runpath += tag.runpath.split(":")  # type: ignore[attr-defined]
             elif sec.name == ".dynsym":
-                for sym in sec.iter_symbols():   # type: ignore[attr-defined]
+                for sym in sec.iter_symbols():  # type: ignore[attr-defined]
                     if sym["st_shndx"] == "SHN_UNDEF" and sym.name:
                         undefined.add(sym.name)
-        return ElfInfo(elf.elfclass, str(elf["e_machine"]), str(elf["e_type"]), interp, tuple(needed),
-                       tuple(rpath), tuple(runpath), frozenset(undefined))
-    except (ELFError, ConstructError, ValueError, KeyError, AssertionError, OverflowError, IndexError,
-            struct.error) as e:   # what pyelftools raises on a file whose tables lie
+        return ElfInfo(
+            elf.elfclass,
+            str(elf["e_machine"]),
+            str(elf["e_type"]),
+            interp,
+            tuple(needed),
+            tuple(rpath),
+            tuple(runpath),
+            frozenset(undefined),
+        )
+    except (
+        ELFError,
+        ConstructError,
+        ValueError,
+        KeyError,
+        AssertionError,
+        OverflowError,
+        IndexError,
+        struct.error,
+    ) as e:  # what pyelftools raises on a file whose tables lie
         raise MinimizeError(f"{what}: malformed ELF file ({e})") from None
 
 
@@ -132,8 +168,11 @@ def glob(tree: Tree, pattern: str) -> list[str]:
         nxt = []
         for base in found:
             if any(ch in part for ch in "*?["):
-                names = [n for n in _dir_entries(tree, base) if fnmatch.fnmatchcase(n, part)
-                         and (not n.startswith(".") or part.startswith("."))]
+                names = [
+                    n
+                    for n in _dir_entries(tree, base)
+                    if fnmatch.fnmatchcase(n, part) and (not n.startswith(".") or part.startswith("."))
+                ]
             else:
                 names = [part]
             for n in names:
@@ -176,11 +215,18 @@ def ld_so_conf(tree: Tree, path: str = "etc/ld.so.conf") -> list[str]:
             continue
         words = line.split()
         if words[0] == "include":
-            stack.append(lines([inc for pat in words[1:]
-                                for inc in glob(tree, pat if pat.startswith("/") else f"{base}/{pat}")]))
+            stack.append(
+                lines(
+                    [
+                        inc
+                        for pat in words[1:]
+                        for inc in glob(tree, pat if pat.startswith("/") else f"{base}/{pat}")
+                    ]
+                )
+            )
         elif words[0] != "hwcap":
             for d in line.replace(",", " ").replace(":", " ").split():
-                if "=" in d:          # old libc5 "dir=TYPE" syntax
+                if "=" in d:  # old libc5 "dir=TYPE" syntax
                     d = d.split("=", 1)[0]
                 dirs.append("/".join(split(d)))
     return list(dict.fromkeys(dirs))
@@ -197,11 +243,11 @@ def _safe_real(tree: Tree, path: str) -> str | None:
 class Loaded:
     """One object of the closure: the path it was found under, and who asked for it."""
 
-    path: str                      # as searched (may be a symlink); tree path without leading '/'
-    real: str                      # symlinks resolved
+    path: str  # as searched (may be a symlink); tree path without leading '/'
+    real: str  # symlinks resolved
     info: ElfInfo
-    needed_by: str | None          # path of the object with the DT_NEEDED, None for roots
-    name: str | None = None        # the DT_NEEDED / PT_INTERP string
+    needed_by: str | None  # path of the object with the DT_NEEDED, None for roots
+    name: str | None = None  # the DT_NEEDED / PT_INTERP string
 
 
 class Resolver:
@@ -215,7 +261,7 @@ class Resolver:
                 self.ld_library_path = [p for p in e.split("=", 1)[1].split(":") if p]
         self._conf: list[str] | None = None
         self._info: dict[str, ElfInfo | None] = {}
-        self.malformed: dict[str, str] = {}     # real path -> why it is not a loadable ELF object
+        self.malformed: dict[str, str] = {}  # real path -> why it is not a loadable ELF object
 
     def info(self, path: str) -> ElfInfo | None:
         """ElfInfo of the file at `path` (symlinks followed), None if it is not an ELF file or a
@@ -257,11 +303,13 @@ class Resolver:
     def expand(self, d: str, origin: str, info: ElfInfo) -> list[str]:
         """Tree directories for one RPATH/RUNPATH entry ($ORIGIN, $LIB, $PLATFORM substituted)."""
         if not d:
-            return [origin]       # an empty entry means the current directory; the closest is the origin
+            return [origin]  # an empty entry means the current directory; the closest is the origin
         outs = [d]
-        for var, values in (("ORIGIN", ["/" + origin]),
-                            ("LIB", ["lib", "lib64", f"lib/{MULTIARCH.get(info.machine, '')}".rstrip("/")]),
-                            ("PLATFORM", [PLATFORM.get(info.machine, "x86_64")])):
+        for var, values in (
+            ("ORIGIN", ["/" + origin]),
+            ("LIB", ["lib", "lib64", f"lib/{MULTIARCH.get(info.machine, '')}".rstrip("/")]),
+            ("PLATFORM", [PLATFORM.get(info.machine, "x86_64")]),
+        ):
             new = []
             for o in outs:
                 if f"${var}" in o or f"${{{var}}}" in o:
@@ -272,7 +320,7 @@ class Resolver:
             outs = new
         res = []
         for o in outs:
-            real = _safe_real(self.tree, o)   # '..' after $ORIGIN must resolve through real dirs
+            real = _safe_real(self.tree, o)  # '..' after $ORIGIN must resolve through real dirs
             res.append(real if real is not None else "/".join(split(o)))
         return res
 
@@ -284,7 +332,7 @@ class Resolver:
                 continue
             ci = self.info(cand)
             if ci is None or ci.elfclass != info.elfclass or ci.machine != info.machine:
-                continue          # ld.so skips objects of the wrong class or machine
+                continue  # ld.so skips objects of the wrong class or machine
             return cand
         return None
 
@@ -314,8 +362,7 @@ class Resolver:
                 out.append(Loaded(ip, r, ii, root, info.interp))
         # queue of (object path, its origin dir, its info, rpath chain of its loaders)
         exe_origin = real_root.rsplit("/", 1)[0] if "/" in real_root else ""
-        queue: list[tuple[str, str, ElfInfo, list[tuple[str, ElfInfo, str]]]] = [
-            (root, exe_origin, info, [])]
+        queue: list[tuple[str, str, ElfInfo, list[tuple[str, ElfInfo, str]]]] = [(root, exe_origin, info, [])]
         while queue:
             path, origin, oinfo, chain = queue.pop(0)
             mine = (origin, oinfo, path)
@@ -338,8 +385,10 @@ class Resolver:
                     dirs += self.default_dirs(info)
                     found = self.find(name, list(dict.fromkeys(dirs)), oinfo)
                 if found is None:
-                    msg = (f"/{path} needs the shared library {name}, which is not in the image "
-                           f"(searched: {', '.join('/' + d for d in dict.fromkeys(dirs)) or 'nothing'})")
+                    msg = (
+                        f"/{path} needs the shared library {name}, which is not in the image "
+                        f"(searched: {', '.join('/' + d for d in dict.fromkeys(dirs)) or 'nothing'})"
+                    )
                     if strict:
                         raise MinimizeError(msg)
                     missing.append(msg)

@@ -26,8 +26,10 @@ def explain(section: dict[str, Any] | None, path: str) -> str:
         under = [q for q in paths if q.startswith(p.rstrip("/") + "/")]
         if under:
             kept = sum(1 for q in under if paths[q][0] == "kept")
-            return (f"{p}: a directory (directories are always kept); below it {kept} of {len(under)} "
-                    f"entries are kept - ask about one of them")
+            return (
+                f"{p}: a directory (directories are always kept); below it {kept} of {len(under)} "
+                f"entries are kept - ask about one of them"
+            )
         return f"{p}: not in the source image (or a directory, which is always kept)"
     status, reason, detail = (list(entry) + ["", "", ""])[:3]
     verb = "KEPT" if status == "kept" else "DROPPED"
@@ -46,8 +48,17 @@ _NAME_HINTS = (
     re.compile(rb"(?:^|\s)([\w.+-]+): (?:command |executable file )?not found"),
     re.compile(rb"can't load library '([^']+)'"),
 )
-_FAILURE_WORDS = (b"No such file", b"not found", b"cannot open", b"can't open", b"Cannot open",
-                  b"failed to open", b"could not open", b"No module named", b"error while loading")
+_FAILURE_WORDS = (
+    b"No such file",
+    b"not found",
+    b"cannot open",
+    b"can't open",
+    b"Cannot open",
+    b"failed to open",
+    b"could not open",
+    b"No module named",
+    b"error while loading",
+)
 
 
 def likely_missing(section: dict[str, Any] | None, console: bytes, limit: int = 10) -> list[tuple[str, str]]:
@@ -76,7 +87,7 @@ def likely_missing(section: dict[str, Any] | None, console: bytes, limit: int = 
             for m in rx.finditer(line):
                 name = m.group(1).decode("utf-8", "replace")
                 if "." in name and not name.endswith((".so",)) and ".so." not in name and "/" not in name:
-                    mod = name.replace(".", "/")                 # a Python module
+                    mod = name.replace(".", "/")  # a Python module
                     for p in dropped:
                         if p.endswith((f"/{mod}.py", f"/{mod}/__init__.py")) or f"/{mod}." in p:
                             add(p)

@@ -27,21 +27,28 @@ from .tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Content, Inode, Tree, s
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-PATH_MAX, NAME_MAX = 4095, 255   # what Linux (and so the kernel's initramfs unpacker) can create
-MAX_ID = 0xFFFFFFFF          # uid, gid and device numbers travel in cpio newc's 32-bit fields
-_KINDS = {tarread.DIR: DIR, tarread.SYMLINK: SYMLINK, tarread.CHAR: CHAR, tarread.BLK: BLOCK,
-          tarread.FIFO: FIFO, tarread.REG: FILE}
+PATH_MAX, NAME_MAX = 4095, 255  # what Linux (and so the kernel's initramfs unpacker) can create
+MAX_ID = 0xFFFFFFFF  # uid, gid and device numbers travel in cpio newc's 32-bit fields
+_KINDS = {
+    tarread.DIR: DIR,
+    tarread.SYMLINK: SYMLINK,
+    tarread.CHAR: CHAR,
+    tarread.BLK: BLOCK,
+    tarread.FIFO: FIFO,
+    tarread.REG: FILE,
+}
 
 
 @dataclass(frozen=True)
 class Flattened:
     tree: Tree
-    entries: int          # tar members applied, over all layers
+    entries: int  # tar members applied, over all layers
     whiteouts: int
 
 
-def flatten(image: Image, progress: Callable[[int], None] | None = None,
-            max_layer_size: int | None = None) -> Flattened:
+def flatten(
+    image: Image, progress: Callable[[int], None] | None = None, max_layer_size: int | None = None
+) -> Flattened:
     """Fetch (if needed), verify and apply every layer of `image`; return the resulting tree.
 
     Each cached diff is hashed as it is read and checked against its diff_id; when one is bad (it is removed),
@@ -69,7 +76,7 @@ def flatten_tars(diffs: Sequence[tuple[Layer | str, Path | Diff]]) -> Flattened:
                     applier.apply(member)
         except (TarFormatError, FlattenError) as e:
             if diff:
-                diff.check()     # a corrupt cache entry rather than a bad layer?
+                diff.check()  # a corrupt cache entry rather than a bad layer?
             if isinstance(e, FlattenError):
                 raise
             raise FlattenError(f"{label}: {e}") from None
@@ -119,8 +126,12 @@ class _Applier:
             self.whiteouts += 1
             self.whiteout(path, base, m.name)
             return
-        for what, value in (("uid", m.uid), ("gid", m.gid), ("device major", m.devmajor),
-                            ("device minor", m.devminor)):
+        for what, value in (
+            ("uid", m.uid),
+            ("gid", m.gid),
+            ("device major", m.devmajor),
+            ("device minor", m.devminor),
+        ):
             if value > MAX_ID:
                 raise self.fail(m.name, f"{what} {value} is out of range (at most {MAX_ID})")
         if not path:  # "./": the root directory itself
@@ -134,7 +145,7 @@ class _Applier:
                 raise self.fail(m.name, "hardlink to itself")
             if not target_path:
                 raise self.fail(m.name, "hardlink to the root directory")
-            if target_path.startswith(path + "/"):   # replacing `path` removes the target (moby fails too)
+            if target_path.startswith(path + "/"):  # replacing `path` removes the target (moby fails too)
                 raise self.fail(m.name, f"hardlink to {m.linkname!r}, below the path it replaces")
             target = self.tree.lookup(target_path)
             if target is None:
@@ -186,9 +197,9 @@ class _Applier:
             return
         if base.startswith(WHITEOUT + WHITEOUT):  # other aufs metadata (.wh..wh.plnk, ...)
             return
-        if base[len(WHITEOUT):] in ("", ".", ".."):
+        if base[len(WHITEOUT) :] in ("", ".", ".."):
             raise self.fail(name, "whiteout of no name, '.' or '..'")
-        victim = (parent_path + "/" if parent_path else "") + base[len(WHITEOUT):]
+        victim = (parent_path + "/" if parent_path else "") + base[len(WHITEOUT) :]
         if victim in self.added or victim in self.parents:
             self.prune(victim, self.tree.lookup(victim))
         else:

@@ -43,17 +43,47 @@ CONFIG_PATH = ".xbuild/config"
 INIT_CMDLINE = "rdinit=/.xbuild/init"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_GRACE_S = 10
-ROOT_DEVICES = ("/dev/vda", "/dev/xvda")   # QEMU virtio-blk, Xen blkfront: the first that exists is mounted
+ROOT_DEVICES = ("/dev/vda", "/dev/xvda")  # QEMU virtio-blk, Xen blkfront: the first that exists is mounted
 DEFAULT_ROOT_WAIT_S = 10
 MAGIC = ("xbuild-guest-config", "1")
 
 # Linux x86-64 signal numbers (as docker's signal map; SIGRTMIN is 34 there as in glibc)
 SIGNALS = {
-    "HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "IOT": 6, "BUS": 7, "FPE": 8,
-    "KILL": 9, "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15, "STKFLT": 16,
-    "CHLD": 17, "CLD": 17, "CONT": 18, "STOP": 19, "TSTP": 20, "TTIN": 21, "TTOU": 22, "URG": 23,
-    "XCPU": 24, "XFSZ": 25, "VTALRM": 26, "PROF": 27, "WINCH": 28, "IO": 29, "POLL": 29, "PWR": 30,
-    "SYS": 31, "UNUSED": 31,
+    "HUP": 1,
+    "INT": 2,
+    "QUIT": 3,
+    "ILL": 4,
+    "TRAP": 5,
+    "ABRT": 6,
+    "IOT": 6,
+    "BUS": 7,
+    "FPE": 8,
+    "KILL": 9,
+    "USR1": 10,
+    "SEGV": 11,
+    "USR2": 12,
+    "PIPE": 13,
+    "ALRM": 14,
+    "TERM": 15,
+    "STKFLT": 16,
+    "CHLD": 17,
+    "CLD": 17,
+    "CONT": 18,
+    "STOP": 19,
+    "TSTP": 20,
+    "TTIN": 21,
+    "TTOU": 22,
+    "URG": 23,
+    "XCPU": 24,
+    "XFSZ": 25,
+    "VTALRM": 26,
+    "PROF": 27,
+    "WINCH": 28,
+    "IO": 29,
+    "POLL": 29,
+    "PWR": 30,
+    "SYS": 31,
+    "UNUSED": 31,
 }
 SIGRTMIN, SIGRTMAX = 34, 64
 DEFAULT_SHELL = ("/bin/sh", "-c")
@@ -76,9 +106,12 @@ class Health:
 
     def records(self) -> list[tuple[str, str]]:
         return [("health", a) for a in self.argv] + [
-            ("healthinterval", str(self.interval_ms)), ("healthtimeout", str(self.timeout_ms)),
-            ("healthstart", str(self.start_period_ms)), ("healthstartint", str(self.start_interval_ms)),
-            ("healthretries", str(self.retries))]
+            ("healthinterval", str(self.interval_ms)),
+            ("healthtimeout", str(self.timeout_ms)),
+            ("healthstart", str(self.start_period_ms)),
+            ("healthstartint", str(self.start_interval_ms)),
+            ("healthretries", str(self.retries)),
+        ]
 
 
 def _ms(ns: int, default_ms: int) -> int:
@@ -92,9 +125,14 @@ def health_probe(config: ImageConfig) -> Health | None:
     if hc is None or not hc.test or hc.disabled:
         return None
     argv = hc.test[1:] if hc.test[0] == "CMD" else (config.shell or DEFAULT_SHELL) + hc.test[1:]
-    return Health(argv, _ms(hc.interval_ns, HEALTH_INTERVAL_MS), _ms(hc.timeout_ns, HEALTH_TIMEOUT_MS),
-                  _ms(hc.start_period_ns, HEALTH_START_PERIOD_MS),
-                  _ms(hc.start_interval_ns, HEALTH_START_INTERVAL_MS), hc.retries or HEALTH_RETRIES)
+    return Health(
+        argv,
+        _ms(hc.interval_ns, HEALTH_INTERVAL_MS),
+        _ms(hc.timeout_ns, HEALTH_TIMEOUT_MS),
+        _ms(hc.start_period_ns, HEALTH_START_PERIOD_MS),
+        _ms(hc.start_interval_ns, HEALTH_START_INTERVAL_MS),
+        hc.retries or HEALTH_RETRIES,
+    )
 
 
 @dataclass(frozen=True)
@@ -107,12 +145,12 @@ class GuestConfig:
     groups: tuple[int, ...]
     stop_signal: int
     hostname: str
-    cmd_index: int = 0            # argv[cmd_index:] is Cmd: what `-- WORDS` on the command line replaces
+    cmd_index: int = 0  # argv[cmd_index:] is Cmd: what `-- WORDS` on the command line replaces
     grace_s: int = DEFAULT_GRACE_S
     root_devices: tuple[str, ...] = ()  # `--format disk`: mount the first of these as / (ext4)
-    root_mode: str = "rw"               # ro | rw
+    root_mode: str = "rw"  # ro | rw
     root_wait_s: int = DEFAULT_ROOT_WAIT_S
-    health: Health | None = None        # the image's HEALTHCHECK, if any
+    health: Health | None = None  # the image's HEALTHCHECK, if any
 
     def encode(self) -> bytes:
         """`KEY NUL VALUE NUL` records (see init.c's header comment)."""
@@ -122,8 +160,11 @@ class GuestConfig:
         recs += [("env", e) for e in self.env]
         recs += [("cwd", self.cwd), ("uid", str(self.uid)), ("gid", str(self.gid))]
         recs += [("group", str(g)) for g in self.groups]
-        recs += [("stopsig", str(self.stop_signal)), ("hostname", self.hostname),
-                 ("grace", str(self.grace_s))]
+        recs += [
+            ("stopsig", str(self.stop_signal)),
+            ("hostname", self.hostname),
+            ("grace", str(self.grace_s)),
+        ]
         if self.root_devices:
             recs += [("root", d) for d in self.root_devices]
             recs += [("rootmode", self.root_mode), ("rootwait", str(self.root_wait_s))]
@@ -133,7 +174,7 @@ class GuestConfig:
         for k, v in recs:
             try:
                 b = v.encode("utf-8", "surrogateescape")
-            except UnicodeEncodeError:      # a lone surrogate, e.g. "\ud800" in the image config's JSON
+            except UnicodeEncodeError:  # a lone surrogate, e.g. "\ud800" in the image config's JSON
                 raise ConfigError(f"{k} value is not valid Unicode (a lone surrogate): {v!r}") from None
             if b"\0" in b:
                 raise ConfigError(f"{k} value contains a NUL byte: {v!r}")
@@ -147,8 +188,10 @@ class GuestConfig:
         if len(parts) % 2 != 1 or parts[-1] != b"":
             raise ConfigError("guest config: truncated record")
         try:
-            recs = [(parts[i].decode(), parts[i + 1].decode("utf-8", "surrogateescape"))
-                    for i in range(0, len(parts) - 1, 2)]
+            recs = [
+                (parts[i].decode(), parts[i + 1].decode("utf-8", "surrogateescape"))
+                for i in range(0, len(parts) - 1, 2)
+            ]
         except UnicodeDecodeError:
             raise ConfigError("guest config: a key is not UTF-8") from None
         if not recs or recs[0] != MAGIC:
@@ -165,19 +208,38 @@ class GuestConfig:
                 raise ConfigError(f"guest config: {v!r} is not a number")
             return int(v)
 
-        health = Health(tuple(f["health"]), num(one("healthinterval", str(HEALTH_INTERVAL_MS))),
-                        num(one("healthtimeout", str(HEALTH_TIMEOUT_MS))),
-                        num(one("healthstart", str(HEALTH_START_PERIOD_MS))),
-                        num(one("healthstartint", str(HEALTH_START_INTERVAL_MS))),
-                        num(one("healthretries", str(HEALTH_RETRIES)))) if "health" in f else None
-        return cls(tuple(f.get("arg", [])), tuple(f.get("env", [])), one("cwd", "/"), num(one("uid", "0")),
-                   num(one("gid", "0")), tuple(num(g) for g in f.get("group", [])),
-                   num(one("stopsig", "15")), one("hostname", ""), num(one("cmd", "0")),
-                   num(one("grace", str(DEFAULT_GRACE_S))), tuple(f.get("root", [])), one("rootmode", "rw"),
-                   num(one("rootwait", str(DEFAULT_ROOT_WAIT_S))), health)
+        health = (
+            Health(
+                tuple(f["health"]),
+                num(one("healthinterval", str(HEALTH_INTERVAL_MS))),
+                num(one("healthtimeout", str(HEALTH_TIMEOUT_MS))),
+                num(one("healthstart", str(HEALTH_START_PERIOD_MS))),
+                num(one("healthstartint", str(HEALTH_START_INTERVAL_MS))),
+                num(one("healthretries", str(HEALTH_RETRIES))),
+            )
+            if "health" in f
+            else None
+        )
+        return cls(
+            tuple(f.get("arg", [])),
+            tuple(f.get("env", [])),
+            one("cwd", "/"),
+            num(one("uid", "0")),
+            num(one("gid", "0")),
+            tuple(num(g) for g in f.get("group", [])),
+            num(one("stopsig", "15")),
+            one("hostname", ""),
+            num(one("cmd", "0")),
+            num(one("grace", str(DEFAULT_GRACE_S))),
+            tuple(f.get("root", [])),
+            one("rootmode", "rw"),
+            num(one("rootwait", str(DEFAULT_ROOT_WAIT_S))),
+            health,
+        )
 
 
 # ------------------------------------------------------------------------------------------- parsing
+
 
 def parse_signal(text: str) -> int:
     """A StopSignal value as docker parses it: '9', 'SIGQUIT', 'quit', 'SIGRTMIN+3'; '' → SIGTERM."""
@@ -197,8 +259,8 @@ def parse_signal(text: str) -> int:
     for base, sign, start in (("RTMIN", 1, SIGRTMIN), ("RTMAX", -1, SIGRTMAX)):
         if name == base:
             return start
-        if name.startswith(base + ("+" if sign > 0 else "-")) and is_decimal(name[len(base) + 1:]):
-            n = start + sign * int(name[len(base) + 1:])
+        if name.startswith(base + ("+" if sign > 0 else "-")) and is_decimal(name[len(base) + 1 :]):
+            n = start + sign * int(name[len(base) + 1 :])
             if SIGRTMIN <= n <= SIGRTMAX:
                 return n
     raise ConfigError(f"invalid StopSignal {text!r}")
@@ -270,8 +332,9 @@ def resolve_user(user: str, tree: Tree) -> tuple[int, int, tuple[int, ...], str]
     else:
         match = next((p for p in entries if p.name == user_arg), None)
         if match is None:
-            raise ConfigError(f"cannot resolve User {user!r}: "
-                              f"no user {user_arg!r} in the image's /etc/passwd")
+            raise ConfigError(
+                f"cannot resolve User {user!r}: no user {user_arg!r} in the image's /etc/passwd"
+            )
     if match is not None:
         uid, gid, name = match.uid, match.gid, match.name
         home = match.home or "/"
@@ -283,8 +346,9 @@ def resolve_user(user: str, tree: Tree) -> tuple[int, int, tuple[int, ...], str]
         else:
             grp = next((g for g in groups if g.name == group_arg), None)
             if grp is None:
-                raise ConfigError(f"cannot resolve User {user!r}: "
-                                  f"no group {group_arg!r} in the image's /etc/group")
+                raise ConfigError(
+                    f"cannot resolve User {user!r}: no group {group_arg!r} in the image's /etc/group"
+                )
             gid = grp.gid
     elif name:
         extra = [g.gid for g in groups if name in g.members]
@@ -326,9 +390,18 @@ def guest_config(config: ImageConfig, tree: Tree, hostname: str) -> GuestConfig:
         env.append(f"HOME={home}")
     cwd = posixpath.normpath("/" + (config.working_dir or "/"))
     cwd = "/" + cwd.lstrip("/")
-    return GuestConfig(argv=argv, env=tuple(env), cwd=cwd, uid=uid, gid=gid, groups=groups,
-                       stop_signal=parse_signal(config.stop_signal), hostname=hostname,
-                       cmd_index=len(config.entrypoint), health=health_probe(config))
+    return GuestConfig(
+        argv=argv,
+        env=tuple(env),
+        cwd=cwd,
+        uid=uid,
+        gid=gid,
+        groups=groups,
+        stop_signal=parse_signal(config.stop_signal),
+        hostname=hostname,
+        cmd_index=len(config.entrypoint),
+        health=health_probe(config),
+    )
 
 
 def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
@@ -347,8 +420,9 @@ def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
     if tree.lookup("init") is None:
         tree.add("init", Inode("symlink", 0o777, target=INIT_PATH))
     dev = tree.lookup("dev", follow=True)
-    if ("dev" not in tree.root.children or dev is not None and dev.kind == DIR) \
-            and tree.lookup("dev/console") is None:
+    if ("dev" not in tree.root.children or dev is not None and dev.kind == DIR) and tree.lookup(
+        "dev/console"
+    ) is None:
         tree.add("dev/console", Inode(CHAR, 0o600, rdev=(5, 1)))
 
 

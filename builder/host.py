@@ -26,7 +26,7 @@ class Need:
     package: str
     feature: str
     find: Callable[[], str | None]
-    optional: bool = False      # only for a feature few hosts have (a real dom0)
+    optional: bool = False  # only for a feature few hosts have (a real dom0)
 
 
 def _tool(*names: str) -> Callable[[], str | None]:
@@ -44,12 +44,13 @@ def _module(name: str) -> Callable[[], str | None]:
         except (ImportError, ValueError):
             return None
         return spec.origin if spec else None
+
     return find
 
 
 BUILD, KERNEL, DISK = "build (the guest init)", "kernel build", "--format disk"
 TRACE, QEMU, NESTED = "--minimize trace", "run / --verify under QEMU", "run --hypervisor xen-nested"
-KERNEL_SOURCES = "/usr/src/linux-source-*.tar.*"   # Debian's linux-source-X.Y tarballs
+KERNEL_SOURCES = "/usr/src/linux-source-*.tar.*"  # Debian's linux-source-X.Y tarballs
 
 NEEDS: tuple[Need, ...] = (
     Need("musl-gcc or gcc", "musl-tools", BUILD, _tool("musl-gcc", "gcc")),
@@ -63,10 +64,13 @@ NEEDS: tuple[Need, ...] = (
     Need("flex", "flex", KERNEL, _tool("flex")),
     Need("libelf.h", "libelf-dev", KERNEL, _file("/usr/include/libelf.h")),
     Need("openssl/ssl.h", "libssl-dev", KERNEL, _file("/usr/include/openssl/ssl.h")),
-    Need("guestfs", "python3-guestfs", f"{DISK}; a venv sees it with --system-site-packages",
-         _module("guestfs")),
-    Need("/boot/vmlinuz-*", "linux-image-amd64", f"{DISK}: the appliance's kernel",
-         _file("/boot/vmlinuz-*")),
+    Need(
+        "guestfs",
+        "python3-guestfs",
+        f"{DISK}; a venv sees it with --system-site-packages",
+        _module("guestfs"),
+    ),
+    Need("/boot/vmlinuz-*", "linux-image-amd64", f"{DISK}: the appliance's kernel", _file("/boot/vmlinuz-*")),
     Need("e2fsck", "e2fsprogs", DISK, _tool("e2fsck")),
     Need("strace", "strace", TRACE, _tool("strace")),
     Need("bwrap", "bubblewrap", TRACE, _tool("bwrap")),
@@ -105,8 +109,10 @@ def require(*names: str, error: type[XbuildError]) -> list[str]:
     missing = [c for c in checks if c.found is None]
     if missing:
         first = missing[0].need
-        raise error(f"{first.name} not found (needed for {first.feature}): "
-                    f"{apt_line(missing_packages(missing, optional=True))}")
+        raise error(
+            f"{first.name} not found (needed for {first.feature}): "
+            f"{apt_line(missing_packages(missing, optional=True))}"
+        )
     return [c.found for c in checks if c.found is not None]
 
 
@@ -127,6 +133,6 @@ def check(names: tuple[str, ...] | None = None) -> list[Check]:
 
 def missing_packages(checks: list[Check], optional: bool = False) -> list[str]:
     """The Debian packages of what `checks` did not find (with `optional`, the optional ones too), once."""
-    return list(dict.fromkeys(c.need.package for c in checks
-                              if c.found is None and (optional or not c.need.optional)))
-
+    return list(
+        dict.fromkeys(c.need.package for c in checks if c.found is None and (optional or not c.need.optional))
+    )

@@ -34,8 +34,8 @@ class Platform:
         return self.variant is None or other.get("variant") in (None, self.variant)
 
 
-NS_MAX = (1 << 63) - 1       # Go's time.Duration (int64 nanoseconds): the largest Docker can store
-MAX_ARG_STRLEN = 128 << 10   # Linux refuses an execve word longer than this (E2BIG)
+NS_MAX = (1 << 63) - 1  # Go's time.Duration (int64 nanoseconds): the largest Docker can store
+MAX_ARG_STRLEN = 128 << 10  # Linux refuses an execve word longer than this (E2BIG)
 HEALTH_KINDS = ("NONE", "CMD", "CMD-SHELL")
 
 
@@ -59,14 +59,17 @@ class Healthcheck:
     def __post_init__(self) -> None:
         if self.test:
             if self.test[0] not in HEALTH_KINDS:
-                raise SourceError(f"Healthcheck.Test[0] {self.test[0][:40]!r} is not one of "
-                                  f"{', '.join(HEALTH_KINDS)}")
+                raise SourceError(
+                    f"Healthcheck.Test[0] {self.test[0][:40]!r} is not one of {', '.join(HEALTH_KINDS)}"
+                )
             if self.test[0] != "NONE" and (len(self.test) < 2 or not self.test[1]):
                 raise SourceError(f"Healthcheck.Test: {self.test[0]} without a command")
             longest = max(len(w.encode("utf-8", "surrogateescape")) for w in self.test)
             if longest > MAX_ARG_STRLEN:
-                raise SourceError(f"Healthcheck.Test: a word of {longest} bytes (Linux executes words of "
-                                  f"at most {MAX_ARG_STRLEN})")
+                raise SourceError(
+                    f"Healthcheck.Test: a word of {longest} bytes (Linux executes words of "
+                    f"at most {MAX_ARG_STRLEN})"
+                )
         for name in ("interval_ns", "timeout_ns", "start_period_ns", "start_interval_ns"):
             v = getattr(self, name)
             label = "".join(w.capitalize() for w in name[:-3].split("_"))
@@ -85,9 +88,14 @@ class Healthcheck:
         """Docker's merge of a container's Healthcheck over the image's: every empty/0 field is `base`'s."""
         if base is None:
             return self
-        return Healthcheck(self.test or base.test, self.interval_ns or base.interval_ns,
-                           self.timeout_ns or base.timeout_ns, self.start_period_ns or base.start_period_ns,
-                           self.start_interval_ns or base.start_interval_ns, self.retries or base.retries)
+        return Healthcheck(
+            self.test or base.test,
+            self.interval_ns or base.interval_ns,
+            self.timeout_ns or base.timeout_ns,
+            self.start_period_ns or base.start_period_ns,
+            self.start_interval_ns or base.start_interval_ns,
+            self.retries or base.retries,
+        )
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,18 @@ from .proc import run_tool
 from .resources import data_dir
 
 SOURCE = data_dir("initramfs") / "init.c"
-FLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-ffunction-sections", "-fdata-sections",
-         "-fno-asynchronous-unwind-tables", "-Wl,--gc-sections", "-Wl,--build-id=none")
+FLAGS = (
+    "-static",
+    "-Os",
+    "-s",
+    "-Wall",
+    "-Wextra",
+    "-ffunction-sections",
+    "-fdata-sections",
+    "-fno-asynchronous-unwind-tables",
+    "-Wl,--gc-sections",
+    "-Wl,--build-id=none",
+)
 
 
 def compiler() -> str:

@@ -48,7 +48,8 @@ DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu", "block", "compat")
 ARTIFACT_FORMAT = "elf"
 _RECIPE = "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage"
 KERNEL_JSON = "kernel.json"
-RECORD = "sha256"   # kernel.json: {file name: hex sha256} of every other file of the entry
+RECORD = "sha256"  # kernel.json: {file name: hex sha256} of every other file of the entry
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -337,7 +338,7 @@ def build(
     final = cache_dir("kernels") / key
     try:
         kernel = cached(final)
-    except CacheError as bad:      # removed: built again below; if that fails, the entry is named
+    except CacheError as bad:  # removed: built again below; if that fails, the entry is named
         try:
             return _build(final, key, fragments, source, texts, progress)
         except KernelError as e:
@@ -345,8 +346,14 @@ def build(
     return kernel or _build(final, key, fragments, source, texts, progress)
 
 
-def _build(final: Path, key: str, fragments: tuple[str, ...], source: Path, texts: dict[str, str],
-           progress: Say | None) -> Kernel:
+def _build(
+    final: Path,
+    key: str,
+    fragments: tuple[str, ...],
+    source: Path,
+    texts: dict[str, str],
+    progress: Say | None,
+) -> Kernel:
     require(*(n for n in needs_of(KERNEL) if n != "linux-source"), error=KernelError)
     say = progress or (lambda line: None)
     log_path = cache_dir("kernels") / f"{key}.log"
@@ -406,7 +413,7 @@ def _build(final: Path, key: str, fragments: tuple[str, ...], source: Path, text
         verify(out / name)
         meta = dataclasses.asdict(kernel) | {"source": str(source), "fragment_texts": texts}
         write_record(out, meta)
-    cached(final)     # hold it (shared flock) like any entry in use
+    cached(final)  # hold it (shared flock) like any entry in use
     return kernel
 
 
@@ -441,7 +448,7 @@ def list_kernels() -> list[Kernel]:
 
 # ---------------------------------------------------------------------------------------------- the cache
 
-_held: dict[Path, int] = {}     # kernel dir -> its fd, under a shared flock for the life of the process
+_held: dict[Path, int] = {}  # kernel dir -> its fd, under a shared flock for the life of the process
 
 
 def write_record(d: Path, meta: dict[str, Any]) -> None:
@@ -478,7 +485,7 @@ def _check(d: Path) -> tuple[Kernel | None, str | None]:
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None, None
-    except OSError:      # a symlink or a file where the directory should be
+    except OSError:  # a symlink or a file where the directory should be
         remove_entry(d)
         return None, f"{d} is not a directory"
     lock_shared(fd)
@@ -630,8 +637,9 @@ def _bzimage_payload(path: Path, data: bytes) -> bytes:
     payload = data[start : start + length]
     codec = sniff(payload)
     if codec == "none":
-        raise KernelError(f"kernel {path}: unsupported bzImage compression "
-                          f"(payload starts {payload[:4].hex()})")
+        raise KernelError(
+            f"kernel {path}: unsupported bzImage compression (payload starts {payload[:4].hex()})"
+        )
     try:
         return decompress(codec, payload)
     except CorruptData as e:

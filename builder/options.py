@@ -19,16 +19,16 @@ import click
 class MinimizeMode(StrEnum):
     """`--minimize`: what minimize keeps of the image."""
 
-    AUTO = "auto"      # static analysis: the entrypoint's closure, packages, the recipe's keep list
-    NONE = "none"      # everything
-    TRACE = "trace"    # auto, plus what the entrypoint opens when run in the probe
+    AUTO = "auto"  # static analysis: the entrypoint's closure, packages, the recipe's keep list
+    NONE = "none"  # everything
+    TRACE = "trace"  # auto, plus what the entrypoint opens when run in the probe
 
 
 class OutputFormat(StrEnum):
     """`--format`: where the guest's files go."""
 
-    INITRAMFS = "initramfs"   # all in the initramfs, in guest RAM
-    DISK = "disk"             # an ext4 root disk (disk.img); the initramfs holds only the init
+    INITRAMFS = "initramfs"  # all in the initramfs, in guest RAM
+    DISK = "disk"  # an ext4 root disk (disk.img); the initramfs holds only the init
 
 
 class DiskFormat(StrEnum):
@@ -53,7 +53,7 @@ class Hypervisor(StrEnum):
 
     AUTO = "auto"
     QEMU = "qemu"
-    XEN = "xen"                # xl on this host, a Xen dom0
+    XEN = "xen"  # xl on this host, a Xen dom0
     XEN_NESTED = "xen-nested"  # Xen and a dom0 nested in QEMU TCG (the rig)
 
 
@@ -76,7 +76,7 @@ class XenType(StrEnum):
 
 
 DEFAULT_XEN_TYPE = XenType.PVH  # what a build writes into the artifact
-NESTED_XEN_TYPE = XenType.PV    # what the nested rig boots when the run does not say
+NESTED_XEN_TYPE = XenType.PV  # what the nested rig boots when the run does not say
 
 
 def choices(members: type[StrEnum] | tuple[StrEnum, ...]) -> list[str]:
@@ -86,10 +86,10 @@ def choices(members: type[StrEnum] | tuple[StrEnum, ...]) -> list[str]:
 
 # ---- guest memory (MiB) -----------------------------------------------------------------------------------
 
-MEMORY_MB = (16, 65536)        # what an artifact, a recipe, `--memory` or `run --memory` may give a guest
-DEFAULT_MEMORY_MB = 256        # a build's when neither --memory nor the recipe says
-DISK_MEMORY_MB = 128           # a `--format disk` guest's default and cap: its files are not in RAM
-VERIFY_MEMORY_MB = 64          # `--verify` boots a guest with at least this much
+MEMORY_MB = (16, 65536)  # what an artifact, a recipe, `--memory` or `run --memory` may give a guest
+DEFAULT_MEMORY_MB = 256  # a build's when neither --memory nor the recipe says
+DISK_MEMORY_MB = 128  # a `--format disk` guest's default and cap: its files are not in RAM
+VERIFY_MEMORY_MB = 64  # `--verify` boots a guest with at least this much
 NESTED_MEMORY_MB = (32, 16384)  # what the nested Xen rig can give its guest (beside dom0, in its QEMU)
 
 
@@ -101,7 +101,7 @@ def memory_outside(mb: int, bounds: tuple[int, int] = MEMORY_MB) -> str | None:
 
 # ---- what the stages report through ------------------------------------------------------------------------
 
-Say = Callable[[str], None]                             # one line of news (`xbuild: …` on stderr, or nothing)
+Say = Callable[[str], None]  # one line of news (`xbuild: …` on stderr, or nothing)
 Progress = Callable[[str, int], Callable[[int], None]]  # a progress bar: (label, total) → advance it by n
 
 

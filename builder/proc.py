@@ -44,14 +44,22 @@ from .errors import XbuildError
 from .run.console import ConsoleWatcher, RunResult
 
 PR_SET_PDEATHSIG = 1
-KILL_WAIT_S = 5.0   # after SIGTERM to the group, before SIGKILL
+KILL_WAIT_S = 5.0  # after SIGTERM to the group, before SIGKILL
 CAPTURE = "capture"  # Supervisor(stderr=CAPTURE): keep what the process prints on stderr in `.stderr`
 
 
-def run_tool(argv: Sequence[str], error: type[XbuildError], *, cwd: Path | None = None,
-             env: Mapping[str, str] | None = None, timeout: float | None = None, max_status: int = 0,
-             check: bool = True, missing: type[XbuildError] | None = None,
-             hint: str = "") -> subprocess.CompletedProcess[str]:
+def run_tool(
+    argv: Sequence[str],
+    error: type[XbuildError],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    max_status: int = 0,
+    check: bool = True,
+    missing: type[XbuildError] | None = None,
+    hint: str = "",
+) -> subprocess.CompletedProcess[str]:
     """Run `argv` to completion, output captured as text (undecodable bytes replaced), and return it.
 
     Raises `error` when the tool times out, or (with `check`) exits with a status above `max_status`;
@@ -60,9 +68,17 @@ def run_tool(argv: Sequence[str], error: type[XbuildError], *, cwd: Path | None 
     """
     tool = Path(argv[0]).name
     try:
-        done = subprocess.run(list(argv), cwd=cwd, env=None if env is None else dict(env), text=True,
-                              errors="replace", capture_output=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, check=False)
+        done = subprocess.run(
+            list(argv),
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            text=True,
+            errors="replace",
+            capture_output=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except FileNotFoundError:
         raise (missing or error)(f"{tool} not found" + (f": {hint}" if hint else "")) from None
     except OSError as e:
@@ -92,9 +108,18 @@ class Supervisor:
     `stop` asks the guest to shut down (QMP power button, `xl shutdown`, a word on the rig's control
     line); `force` (optional) forces it off after `grace` (`xl destroy`). See the module docstring."""
 
-    def __init__(self, *, console: BinaryIO | None, stop: Hook, force: Hook | None = None, grace: float,
-                 settle: float, stdin: int | None = subprocess.DEVNULL,
-                 stderr: IO[bytes] | str | None = CAPTURE, cwd: Path | None = None):
+    def __init__(
+        self,
+        *,
+        console: BinaryIO | None,
+        stop: Hook,
+        force: Hook | None = None,
+        grace: float,
+        settle: float,
+        stdin: int | None = subprocess.DEVNULL,
+        stderr: IO[bytes] | str | None = CAPTURE,
+        cwd: Path | None = None,
+    ):
         self.console, self._stop_hook, self._force_hook = console, stop, force
         self.grace, self.settle = grace, settle
         self._stdin, self._stderr, self._cwd = stdin, stderr, cwd
@@ -102,9 +127,9 @@ class Supervisor:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr = bytearray()
         self.stop_requested_at: float | None = None
-        self.killed = False          # kill() found the process still running
+        self.killed = False  # kill() found the process still running
         self._ended = False
-        self.interrupted = False     # a SIGINT arrived during wait()
+        self.interrupted = False  # a SIGINT arrived during wait()
         self._signals = 0
         self._sel: selectors.BaseSelector | None = None
 
@@ -116,9 +141,15 @@ class Supervisor:
         capture = self._stderr == CAPTURE
         stderr = subprocess.PIPE if isinstance(self._stderr, str) else self._stderr
         self.watcher = ConsoleWatcher()  # at launch: the exec marker's arrival measures launch → exec
-        self.proc = subprocess.Popen(list(argv), stdin=self._stdin, stdout=subprocess.PIPE, stderr=stderr,
-                                     cwd=self._cwd, start_new_session=True,
-                                     preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL))  # noqa: PLW1509
+        self.proc = subprocess.Popen(
+            list(argv),
+            stdin=self._stdin,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=self._cwd,
+            start_new_session=True,
+            preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL),
+        )  # noqa: PLW1509
         atexit.register(self.kill)
         self._sel = selectors.DefaultSelector()
         for f in (self.proc.stdout, self.proc.stderr if capture else None):
@@ -204,7 +235,7 @@ class Supervisor:
         assert self.proc is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         timed_out = False
-        end_at: float | None = None      # kill the group then (the guest is done, or was forced off)
+        end_at: float | None = None  # kill the group then (the guest is done, or was forced off)
         forced = False
         previous = self._catch_signals()
         try:

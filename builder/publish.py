@@ -68,7 +68,7 @@ VM_ARTIFACT = "application/vnd.xbuild.vm.v1+json"
 VM_CONFIG = "application/vnd.xbuild.vm.config.v1+json"
 VM_FILE_TYPES = {
     KERNEL: "application/vnd.xbuild.vm.kernel.v1",
-    INITRD: "application/vnd.xbuild.vm.initrd.v1",          # + "+<compression>" unless uncompressed
+    INITRD: "application/vnd.xbuild.vm.initrd.v1",  # + "+<compression>" unless uncompressed
     CMDLINE: "application/vnd.xbuild.vm.cmdline.v1",
     XEN_CFG: "application/vnd.xbuild.vm.xen-cfg.v1",
 }
@@ -77,8 +77,8 @@ DISK_TYPES: dict[str, str] = {  # the root disk's layer by its format: the file 
     DiskFormat.RAW: "application/vnd.xbuild.vm.disk.raw.v1+zstd",
     DiskFormat.QCOW2: "application/vnd.xbuild.vm.disk.qcow2.v1+zstd",
 }
-DISK_LEVEL = 9      # zstd level of disk layers: 512 MiB of ext4 holding 106 MB of files → 24 MB in ~1 s
-HOLE = 4096         # a pulled disk gets a hole for every all-zero block of this size
+DISK_LEVEL = 9  # zstd level of disk layers: 512 MiB of ext4 holding 106 MB of files → 24 MB in ~1 s
+HOLE = 4096  # a pulled disk gets a hole for every all-zero block of this size
 KERNEL_ARTIFACT = "application/vnd.xbuild.kernel.v1+json"
 KERNEL_CONFIG = "application/vnd.xbuild.kernel.config.v1+json"
 KERNEL_JSON = "kernel.json"
@@ -95,8 +95,8 @@ CREATED = "org.opencontainers.image.created"
 BASE_DIGEST = "org.opencontainers.image.base.digest"
 BASE_NAME = "org.opencontainers.image.base.name"
 TOOL_VERSION = "io.xbuild.tool.version"
-IMAGE_CONFIGS = (OCI_CONFIG, DOCKER_CONFIG)     # what a container image's config is
-STALL = 300.0       # seconds a push or pull waits without a byte (a registry may think long after an upload)
+IMAGE_CONFIGS = (OCI_CONFIG, DOCKER_CONFIG)  # what a container image's config is
+STALL = 300.0  # seconds a push or pull waits without a byte (a registry may think long after an upload)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class Blob:
     size: int
     path: Path
     title: str | None = None
-    file_size: int | None = None        # when the blob is the file compressed: the file's size
+    file_size: int | None = None  # when the blob is the file compressed: the file's size
 
     @classmethod
     def of(cls, path: Path, media_type: str, title: str | None = None) -> Blob:
@@ -147,7 +147,7 @@ class Pushed:
     present: int
     mounted: int
     uploaded_bytes: int
-    disk: dict[str, Any] | None = None      # {file, media_type, file_size, blob_size} when there is a disk
+    disk: dict[str, Any] | None = None  # {file, media_type, file_size, blob_size} when there is a disk
 
 
 def target(text: str | ImageRef) -> ImageRef:
@@ -161,8 +161,10 @@ def target(text: str | ImageRef) -> ImageRef:
     return ref
 
 
-def vm_blobs(directory: Path, log: Say = lambda msg: None,
-             ) -> tuple[Blob, list[Blob], dict[str, str]]:
+def vm_blobs(
+    directory: Path,
+    log: Say = lambda msg: None,
+) -> tuple[Blob, list[Blob], dict[str, str]]:
     """(config, layers, annotations) of an artifact directory (validated by open_artifact: only its fixed
     file names, regular files), in a fixed order."""
     art = open_artifact(directory)
@@ -170,25 +172,36 @@ def vm_blobs(directory: Path, log: Say = lambda msg: None,
     types = dict(VM_FILE_TYPES)
     if m.initrd.compression != "none":
         types[INITRD] += f"+{m.initrd.compression}"
-    layers = [disk_blob(directory, m.disk, log) if name == DISK and m.disk else
-              Blob.of(directory / name, types.get(name, VM_OTHER_FILE), name)
-              for name in _files(directory, MANIFEST, order=(*VM_FILE_TYPES, DISK))]
-    annotations = {TOOL_VERSION: m.tool.version or __version__, BASE_DIGEST: m.source.manifest_digest,
-                   BASE_NAME: m.source.reference}
+    layers = [
+        disk_blob(directory, m.disk, log)
+        if name == DISK and m.disk
+        else Blob.of(directory / name, types.get(name, VM_OTHER_FILE), name)
+        for name in _files(directory, MANIFEST, order=(*VM_FILE_TYPES, DISK))
+    ]
+    annotations = {
+        TOOL_VERSION: m.tool.version or __version__,
+        BASE_DIGEST: m.source.manifest_digest,
+        BASE_NAME: m.source.reference,
+    }
     if m.source_date_epoch is not None:
         created = datetime.fromtimestamp(m.source_date_epoch, UTC)
         annotations[CREATED] = created.strftime("%Y-%m-%dT%H:%M:%SZ")
     return Blob.of(directory / MANIFEST, VM_CONFIG), layers, annotations
 
 
-def disk_blob(directory: Path, section: DiskInfo, log: Say = lambda msg: None,
-              ) -> Blob:
+def disk_blob(
+    directory: Path,
+    section: DiskInfo,
+    log: Say = lambda msg: None,
+) -> Blob:
     """The root disk as a layer: its file compressed into the blob cache (once per content), its digest
     checked against the sha256 the manifest records (pull checks what it unpacks against that)."""
     path = directory / DISK
     media_type, want = DISK_TYPES[section.format], section.sha256
-    changed = PublishError(f"{path}: does not match the sha256 in {MANIFEST} (changed since the build? "
-                           "`xl create xen.cfg` writes an rw disk in place); rebuild the artifact")
+    changed = PublishError(
+        f"{path}: does not match the sha256 in {MANIFEST} (changed since the build? "
+        "`xl create xen.cfg` writes an rw disk in place); rebuild the artifact"
+    )
     file_size = path.stat().st_size
     memo = cache_dir("compressed") / f"{want}.zstd{DISK_LEVEL}"
     try:
@@ -227,15 +240,15 @@ def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
     return digest, out.count
 
 
-def push(directory: Path, ref: str | ImageRef, insecure: bool = False,
-         log: Say = lambda msg: None) -> Pushed:
+def push(directory: Path, ref: str | ImageRef, insecure: bool = False, log: Say = lambda msg: None) -> Pushed:
     """Push the artifact directory to `ref` (REGISTRY/REPO:TAG) as one OCI artifact."""
     config, layers, annotations = vm_blobs(directory, log)
     return _push(target(ref), VM, config, layers, annotations, insecure, log)
 
 
-def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = False,
-         force: bool = False) -> Path:
+def pull(
+    ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = False, force: bool = False
+) -> Path:
     """Pull the VM artifact `ref` into `dest` (replacing an earlier artifact there: prepare_output decides,
     `force` as for `-o`); return `dest`. The manifest is validated (Manifest) before any layer is fetched,
     the directory (open_artifact) before it is renamed into place.
@@ -248,13 +261,17 @@ def pull(ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = 
     with _repository(r, insecure, push=False) as repo:
         config_raw, meta, layers, _ = _fetch(repo, r, VM)
         disk = _vm_manifest(meta, layers, repo.what).disk
-        if reuse and (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == config_raw \
-                and _intact(dest, layers, disk):
+        if (
+            reuse
+            and (dest / MANIFEST).is_file()
+            and (dest / MANIFEST).read_bytes() == config_raw
+            and _intact(dest, layers, disk)
+        ):
             return dest
         with atomic_dir(dest) as tmp:
             _materialise(repo, config_raw, layers, tmp, VM, disk)
             open_artifact(tmp)
-            prepare_output(dest, force)   # again: the directory may have changed during the download
+            prepare_output(dest, force)  # again: the directory may have changed during the download
     return dest
 
 
@@ -271,20 +288,27 @@ def _intact(directory: Path, layers: list[Blob], disk: DiskInfo | None) -> bool:
     return True
 
 
-def push_kernel(kernel: Kernel, ref: str | ImageRef, insecure: bool = False,
-                log: Say = lambda msg: None) -> Pushed:
+def push_kernel(
+    kernel: Kernel, ref: str | ImageRef, insecure: bool = False, log: Say = lambda msg: None
+) -> Pushed:
     """Push a cached kernel (its directory: kernel.json as config, the files as layers)."""
     d = kernel.path.parent
     if not (d / KERNEL_JSON).is_file():
         raise PublishError(f"{d}: not a kernel directory (no {KERNEL_JSON})")
-    kernel_cache.cached(d)       # never push a corrupt cache entry (CacheError names it); records an old one
-    layers = [Blob.of(d / name, KERNEL_FILE_TYPES.get(name, KERNEL_OTHER_FILE), name)
-              for name in _files(d, KERNEL_JSON, order=tuple(KERNEL_FILE_TYPES))]
-    annotations = {TOOL_VERSION: __version__, "io.xbuild.kernel.key": kernel.key,
-                   "io.xbuild.kernel.release": kernel.release,
-                   "io.xbuild.kernel.fragments": ",".join(kernel.fragments)}
-    return _push(target(ref), KERNEL_KIND, Blob.of(d / KERNEL_JSON, KERNEL_CONFIG), layers, annotations,
-                 insecure, log)
+    kernel_cache.cached(d)  # never push a corrupt cache entry (CacheError names it); records an old one
+    layers = [
+        Blob.of(d / name, KERNEL_FILE_TYPES.get(name, KERNEL_OTHER_FILE), name)
+        for name in _files(d, KERNEL_JSON, order=tuple(KERNEL_FILE_TYPES))
+    ]
+    annotations = {
+        TOOL_VERSION: __version__,
+        "io.xbuild.kernel.key": kernel.key,
+        "io.xbuild.kernel.release": kernel.release,
+        "io.xbuild.kernel.fragments": ",".join(kernel.fragments),
+    }
+    return _push(
+        target(ref), KERNEL_KIND, Blob.of(d / KERNEL_JSON, KERNEL_CONFIG), layers, annotations, insecure, log
+    )
 
 
 def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
@@ -301,12 +325,11 @@ def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
         config_raw, meta, layers, digest = _fetch(repo, r, KERNEL_KIND)
         key, name = str(meta.get("key") or ""), Path(str(meta.get("path") or "")).name
         if not key.isalnum() or name not in {b.title for b in layers}:
-            raise PublishError(f"{repo.what}: malformed kernel artifact "
-                               f"({KERNEL_JSON} names no key or file)")
+            raise PublishError(f"{repo.what}: malformed kernel artifact ({KERNEL_JSON} names no key or file)")
         final = cache_dir("kernels") / f"oci-{digest[7:]}"
         try:
             have = kernel_cache.cached(final)
-        except CacheError:        # removed: pulled again below
+        except CacheError:  # removed: pulled again below
             have = None
         if have is None:
             with atomic_dir(final) as tmp:
@@ -330,13 +353,25 @@ def _files(directory: Path, config_file: str, order: tuple[str, ...]) -> list[st
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
-def _push(ref: ImageRef, kind: _Kind, config: Blob, layers: list[Blob], annotations: dict[str, str],
-          insecure: bool, log: Say) -> Pushed:
+def _push(
+    ref: ImageRef,
+    kind: _Kind,
+    config: Blob,
+    layers: list[Blob],
+    annotations: dict[str, str],
+    insecure: bool,
+    log: Say,
+) -> Pushed:
     if ref.digest:
         raise PublishError(f"{ref}: push needs a tag, not a digest")
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": kind.artifact_type,
-                "config": config.descriptor(), "layers": [b.descriptor() for b in layers],
-                "annotations": annotations}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": kind.artifact_type,
+        "config": config.descriptor(),
+        "layers": [b.descriptor() for b in layers],
+        "annotations": annotations,
+    }
     raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     counts = {"uploaded": 0, "present": 0, "mounted": 0}
@@ -350,10 +385,23 @@ def _push(ref: ImageRef, kind: _Kind, config: Blob, layers: list[Blob], annotati
             of = f", zstd of {blob.file_size / 1e6:.1f} MB" if blob.file_size is not None else ""
             log(f"{how} {name} ({blob.size / 1e6:.1f} MB{of})")
         repo.put_manifest(str(ref.tag), raw, digest)
-    disk = next(({"file": b.title, "media_type": b.media_type, "file_size": b.file_size, "blob_size": b.size}
-                 for b in layers if b.file_size is not None), None)
-    return Pushed(f"{ref.docker_name}@{digest}", digest, counts["uploaded"], counts["present"],
-                  counts["mounted"], sent, disk)
+    disk = next(
+        (
+            {"file": b.title, "media_type": b.media_type, "file_size": b.file_size, "blob_size": b.size}
+            for b in layers
+            if b.file_size is not None
+        ),
+        None,
+    )
+    return Pushed(
+        f"{ref.docker_name}@{digest}",
+        digest,
+        counts["uploaded"],
+        counts["present"],
+        counts["mounted"],
+        sent,
+        disk,
+    )
 
 
 def _fetch(repo: Repository, ref: ImageRef, kind: _Kind) -> tuple[bytes, dict[str, Any], list[Blob], str]:
@@ -397,8 +445,9 @@ def _layer(d: Descriptor, what: str) -> Blob:
         raise PublishError(str(e)) from None
     title = str(d.annotations.get(TITLE) or "")
     if not title or "/" in title or "\0" in title or title.startswith("."):
-        raise PublishError(f"{what}: malformed artifact (layer {d.digest[:19]} has no usable "
-                           f"file name {title!r})")
+        raise PublishError(
+            f"{what}: malformed artifact (layer {d.digest[:19]} has no usable file name {title!r})"
+        )
     return Blob(d.media_type, d.digest, d.size, blob_path(d.digest), title)
 
 
@@ -420,24 +469,36 @@ def _vm_manifest(meta: dict[str, Any], layers: list[Blob], what: str) -> Manifes
         return manifest
     blob = next((b for b in layers if b.title == DISK), None)
     if blob is None:
-        raise PublishError(f"{what}: malformed artifact ({MANIFEST} names the disk {DISK!r}, "
-                           "no layer holds it)")
+        raise PublishError(
+            f"{what}: malformed artifact ({MANIFEST} names the disk {DISK!r}, no layer holds it)"
+        )
     if blob.media_type not in (DISK_TYPES[section.format], VM_OTHER_FILE):
-        raise PublishError(f"{what}: {DISK}: unsupported layer type {blob.media_type!r} for a "
-                           f"{section.format!r} disk (pushed by a newer xbuild?)")
+        raise PublishError(
+            f"{what}: {DISK}: unsupported layer type {blob.media_type!r} for a "
+            f"{section.format!r} disk (pushed by a newer xbuild?)"
+        )
     return manifest
 
 
-def _materialise(repo: Repository, config_raw: bytes, layers: list[Blob], out: Path, kind: _Kind,
-                 disk: DiskInfo | None = None) -> None:
+def _materialise(
+    repo: Repository,
+    config_raw: bytes,
+    layers: list[Blob],
+    out: Path,
+    kind: _Kind,
+    disk: DiskInfo | None = None,
+) -> None:
     """Write the config and the layers, through the blob cache (`_from_cache`), into the directory `out`
     (the root disk `disk` describes decompressed and checked)."""
     (out / kind.config_file).write_bytes(config_raw)
     for blob in layers:
         assert blob.title is not None
         if disk and blob.title == DISK:
-            _from_cache(repo, blob, partial(_unpack_disk, blob=blob, dest=out / blob.title, section=disk,
-                                            what=repo.what))
+            _from_cache(
+                repo,
+                blob,
+                partial(_unpack_disk, blob=blob, dest=out / blob.title, section=disk, what=repo.what),
+            )
         else:
             _from_cache(repo, blob, partial(_copy, dest=out / blob.title))
 
@@ -454,18 +515,19 @@ def _from_cache(repo: Repository, blob: Blob, use: Callable[[IO[bytes]], None]) 
                 _download(repo, blob)
             except XbuildError as e:
                 if healing:
-                    raise CacheError(f"{blob.path}: corrupt cache entry (removed); fetching it again failed: "
-                                     f"{e}") from None
+                    raise CacheError(
+                        f"{blob.path}: corrupt cache entry (removed); fetching it again failed: {e}"
+                    ) from None
                 raise
         with open(blob.path, "rb") as f:
-            lock_shared(f.fileno())          # `xbuild cache prune` leaves it alone while it is read
+            lock_shared(f.fileno())  # `xbuild cache prune` leaves it alone while it is read
             src = HashingReader(f, blob.digest, str(blob.path), blob.size)
             failure: PublishError | None = None
             try:
                 use(src)  # type: ignore[arg-type]  # a readable stream: what use() reads
             except PublishError as e:
                 failure = e
-            while src.read(CHUNK):           # the rest (trailing bytes after a compressed stream) counts too
+            while src.read(CHUNK):  # the rest (trailing bytes after a compressed stream) counts too
                 pass
             try:
                 src.check()
@@ -508,8 +570,9 @@ def _unpack_disk(raw: IO[bytes], blob: Blob, dest: Path, section: DiskInfo, what
     except CorruptData as e:
         raise PublishError(f"{what}: {name}: corrupt zstd data ({e})") from None
     if h.hexdigest() != want:
-        raise PublishError(f"{what}: {name} does not match the sha256 in {MANIFEST} "
-                           f"(expected {want}, got {h.hexdigest()})")
+        raise PublishError(
+            f"{what}: {name} does not match the sha256 in {MANIFEST} (expected {want}, got {h.hexdigest()})"
+        )
 
 
 def _write_sparse(fd: int, data: bytes, offset: int) -> None:
@@ -519,7 +582,7 @@ def _write_sparse(fd: int, data: bytes, offset: int) -> None:
         return
     view, start = memoryview(data), 0
     for i in range(0, n, HOLE):
-        if data[i:i + HOLE] == (_ZERO_BLOCK if i + HOLE <= n else bytes(n - i)):
+        if data[i : i + HOLE] == (_ZERO_BLOCK if i + HOLE <= n else bytes(n - i)):
             if start < i:
                 _pwrite(fd, view[start:i], offset + start)
             start = i + HOLE
@@ -536,9 +599,16 @@ def _pwrite(fd: int, data: memoryview, offset: int) -> None:
 def _repository(ref: ImageRef, insecure: bool, push: bool) -> Repository:
     """The registry repository `ref` names (a context manager), its failures PublishErrors."""
     repo = str(ref.repository)
-    return Repository(str(ref.registry), repo, what=str(ref.docker_name), insecure=insecure,
-                      scopes={repo: "pull,push" if push else "pull"}, error=PublishError, stall=STALL,
-                      check_hint="check {config} (docker login)")
+    return Repository(
+        str(ref.registry),
+        repo,
+        what=str(ref.docker_name),
+        insecure=insecure,
+        scopes={repo: "pull,push" if push else "pull"},
+        error=PublishError,
+        stall=STALL,
+        check_hint="check {config} (docker login)",
+    )
 
 
 def _download(repo: Repository, blob: Blob) -> None:

@@ -46,12 +46,12 @@ class RecipeError(BadInput):
 
 @dataclass(frozen=True)
 class Smoke:
-    kind: str                      # console | http | tcp
-    console: str = ""              # regex (console)
-    port: int = 0                  # guest port (http, tcp)
-    path: str = "/"                # http
-    send: bytes = b""              # tcp
-    expect: str = ""               # substring of the HTTP body / TCP answer
+    kind: str  # console | http | tcp
+    console: str = ""  # regex (console)
+    port: int = 0  # guest port (http, tcp)
+    path: str = "/"  # http
+    send: bytes = b""  # tcp
+    expect: str = ""  # substring of the HTTP body / TCP answer
     timeout: float = 60.0
 
 
@@ -75,8 +75,12 @@ class Recipe:
 
 
 _SCHEMA: dict[str, set[str]] = {
-    "match": {"repositories"}, "keep": {"paths", "globs"}, "kernel": {"fragments", "cmdline"},
-    "guest": {"memory"}, "smoke": {"console", "http", "tcp", "timeout"}, "trace": {"seconds"},
+    "match": {"repositories"},
+    "keep": {"paths", "globs"},
+    "kernel": {"fragments", "cmdline"},
+    "guest": {"memory"},
+    "smoke": {"console", "http", "tcp", "timeout"},
+    "trace": {"seconds"},
 }
 
 
@@ -116,10 +120,18 @@ def parse_recipe(doc: Mapping[str, Any], name: str, source: str = "") -> Recipe:
     seconds = doc.get("trace", {}).get("seconds", 5)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
         raise fail("trace.seconds must be a positive number")
-    return Recipe(name=name, repositories=strings("match", "repositories"), keep_paths=paths("paths"),
-                  keep_globs=paths("globs"), kernel_fragments=strings("kernel", "fragments"),
-                  cmdline=strings("kernel", "cmdline"), memory=memory,
-                  smoke=_smoke(doc.get("smoke"), fail), trace_seconds=float(seconds), source=source)
+    return Recipe(
+        name=name,
+        repositories=strings("match", "repositories"),
+        keep_paths=paths("paths"),
+        keep_globs=paths("globs"),
+        kernel_fragments=strings("kernel", "fragments"),
+        cmdline=strings("kernel", "cmdline"),
+        memory=memory,
+        smoke=_smoke(doc.get("smoke"), fail),
+        trace_seconds=float(seconds),
+        source=source,
+    )
 
 
 def _smoke(s: dict[str, Any] | None, fail: Any) -> Smoke | None:
@@ -198,7 +210,7 @@ def recipe_for(ref_repository: str, recipes_dir: Path | None = None) -> Recipe |
     want = _repo_name(ref_repository)
     forms = {want}
     if want.startswith("library/"):
-        forms.add(want[len("library/"):])
+        forms.add(want[len("library/") :])
     elif "/" not in want:
         forms.add("library/" + want)
     for p in sorted((recipes_dir or RECIPES_DIR).glob("*.toml")):
@@ -215,8 +227,12 @@ def recipe_for_ref(ref: ImageRef, recipes_dir: Path | None = None) -> Recipe | N
     return recipe_for(name, recipes_dir) if name else None
 
 
-def smoke_test(recipe: Recipe, console: bytes, host_port_map: Mapping[int, int] | None = None,
-               deadline: float | None = None) -> tuple[bool, str]:
+def smoke_test(
+    recipe: Recipe,
+    console: bytes,
+    host_port_map: Mapping[int, int] | None = None,
+    deadline: float | None = None,
+) -> tuple[bool, str]:
     """Check the recipe's smoke test against a running guest: the console output so far (console
     regex) or the guest port forwarded to 127.0.0.1:host_port_map[guest_port] (http / tcp). Retries
     network probes until `deadline` (time.monotonic(); default now + smoke.timeout).
@@ -254,7 +270,8 @@ def _http(s: Smoke, host_port: int) -> tuple[bool, str]:
     if s.expect and s.expect not in r.text:
         return False, f"GET {s.path} (guest port {s.port}): body lacks {s.expect!r}"
     return True, f"GET {s.path} (guest port {s.port}): HTTP {r.status_code}" + (
-        f", body has {s.expect!r}" if s.expect else "")
+        f", body has {s.expect!r}" if s.expect else ""
+    )
 
 
 def _tcp(s: Smoke, host_port: int) -> tuple[bool, str]:

@@ -1,9 +1,9 @@
 """Image references: docker's normalisation and skopeo's transports.
 
-    nginx                         -> docker://docker.io/library/nginx:latest
-    localhost:5000/team/app:v1    -> docker://localhost:5000/team/app:v1
-    repo@sha256:…                 -> pinned by digest
-    oci:DIR[:REF]  oci-archive:FILE[:REF]  docker-archive:FILE[:REF]  docker-daemon:NAME[:TAG]
+nginx                         -> docker://docker.io/library/nginx:latest
+localhost:5000/team/app:v1    -> docker://localhost:5000/team/app:v1
+repo@sha256:…                 -> pinned by digest
+oci:DIR[:REF]  oci-archive:FILE[:REF]  docker-archive:FILE[:REF]  docker-daemon:NAME[:TAG]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class ImageRef:
     digest: str | None = None
     path: str | None = None
     name: str | None = None
-    explicit: bool = field(default=False, compare=False)   # `docker://` was written out (no daemon look-up)
+    explicit: bool = field(default=False, compare=False)  # `docker://` was written out (no daemon look-up)
 
     @property
     def is_remote(self) -> bool:
@@ -64,8 +64,11 @@ class ImageRef:
 
     def __str__(self) -> str:
         if self.transport in ("docker", "docker-daemon"):
-            return f"{self.transport}://{self.docker_name}" if self.transport == "docker" else (
-                f"docker-daemon:{self.docker_name}")
+            return (
+                f"{self.transport}://{self.docker_name}"
+                if self.transport == "docker"
+                else (f"docker-daemon:{self.docker_name}")
+            )
         return f"{self.transport}:{self.path}" + (f":{self.name}" if self.name else "")
 
 
@@ -74,16 +77,17 @@ def parse(text: str) -> ImageRef:
     if not text or text != text.strip():
         raise ReferenceError_(f"invalid image reference {text!r}: empty or surrounded by spaces")
     if text.startswith("docker://"):
-        return replace(_docker("docker", text[len("docker://"):], text), explicit=True)
+        return replace(_docker("docker", text[len("docker://") :], text), explicit=True)
     for transport in ("oci-archive", "docker-archive", "oci", "docker-daemon"):
         if text.startswith(transport + ":"):
-            rest = text[len(transport) + 1:]
+            rest = text[len(transport) + 1 :]
             if transport == "docker-daemon":
                 return _docker("docker-daemon", rest, text)
             return _file(transport, rest, text)
     if re.match(r"^[a-z][a-z0-9+.-]*://", text):
-        raise ReferenceError_(f"invalid image reference {text!r}: unknown transport "
-                              f"(known: {', '.join(TRANSPORTS)})")
+        raise ReferenceError_(
+            f"invalid image reference {text!r}: unknown transport (known: {', '.join(TRANSPORTS)})"
+        )
     return _docker("docker", text, text)
 
 
@@ -121,8 +125,10 @@ def _docker(transport: str, rest: str, text: str) -> ImageRef:
     if registry == DEFAULT_REGISTRY and "/" not in repo:
         repo = f"library/{repo}"
     if not _REPO_RE.match(repo):
-        raise ReferenceError_(f"invalid image reference {text!r}: bad repository name {repo!r} "
-                              "(lowercase letters, digits and . _ - / only)")
+        raise ReferenceError_(
+            f"invalid image reference {text!r}: bad repository name {repo!r} "
+            "(lowercase letters, digits and . _ - / only)"
+        )
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return ImageRef(transport, registry=registry, repository=repo, tag=tag, digest=digest)

@@ -63,26 +63,57 @@ def resolve_artifact(target: str, insecure: bool, log: Say) -> Artifact:
 @click.command("run", context_settings={"ignore_unknown_options": False})
 @click.argument("target", metavar="ARTIFACT")
 @click.argument("args", nargs=-1, metavar="[-- ARGS...]")
-@click.option("--hypervisor", type=click.Choice(choices(Hypervisor)), default=Hypervisor.AUTO.value,
-              show_default=True,
-              help="auto: xl on a Xen dom0, else QEMU.")
-@click.option("-p", "--publish", "ports", multiple=True, metavar="HOST:GUEST",
-              help="Forward 127.0.0.1:HOST to the guest's GUEST port (QEMU user networking).")
-@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE",
-              help="Set a variable for the program.")
-@click.option("--memory", type=click.IntRange(*MEMORY_MB), metavar="MB",
-              help="Guest memory [the artifact's].")
+@click.option(
+    "--hypervisor",
+    type=click.Choice(choices(Hypervisor)),
+    default=Hypervisor.AUTO.value,
+    show_default=True,
+    help="auto: xl on a Xen dom0, else QEMU.",
+)
+@click.option(
+    "-p",
+    "--publish",
+    "ports",
+    multiple=True,
+    metavar="HOST:GUEST",
+    help="Forward 127.0.0.1:HOST to the guest's GUEST port (QEMU user networking).",
+)
+@click.option(
+    "-e", "--env", "envs", multiple=True, metavar="KEY=VALUE", help="Set a variable for the program."
+)
+@click.option(
+    "--memory", type=click.IntRange(*MEMORY_MB), metavar="MB", help="Guest memory [the artifact's]."
+)
 @click.option("--timeout", type=float, metavar="S", help="Stop the guest (gracefully) after S seconds.")
-@click.option("--xen-type", type=click.Choice(choices(XenType)),
-              help=f"Xen guest type [the artifact's; {NESTED_XEN_TYPE} nested].")
-@click.option("--accel", type=click.Choice(choices(Accel)), default=Accel.AUTO.value, show_default=True,
-              help="QEMU accelerator; auto uses KVM only where a probe boot proved it works.")
+@click.option(
+    "--xen-type",
+    type=click.Choice(choices(XenType)),
+    help=f"Xen guest type [the artifact's; {NESTED_XEN_TYPE} nested].",
+)
+@click.option(
+    "--accel",
+    type=click.Choice(choices(Accel)),
+    default=Accel.AUTO.value,
+    show_default=True,
+    help="QEMU accelerator; auto uses KVM only where a probe boot proved it works.",
+)
 @click.option("--icount", is_flag=True, help="QEMU: deterministic guest time (-icount), for boot benchmarks.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP to the registry when pulling.")
 @click.option("--json", "as_json", is_flag=True, help="Console to stderr; a JSON result on stdout.")
-def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[str, ...],
-            envs: tuple[str, ...], memory: int | None, timeout: float | None, xen_type: str | None,
-            accel: str, icount: bool, insecure: bool, as_json: bool) -> None:
+def run_cmd(
+    target: str,
+    args: tuple[str, ...],
+    hypervisor: str,
+    ports: tuple[str, ...],
+    envs: tuple[str, ...],
+    memory: int | None,
+    timeout: float | None,
+    xen_type: str | None,
+    accel: str,
+    icount: bool,
+    insecure: bool,
+    as_json: bool,
+) -> None:
     """Boot ARTIFACT, stream its console, exit with the entrypoint's status.
 
     ARTIFACT is an artifact directory, a VM image pushed with `xbuild push`, or any image reference
@@ -99,12 +130,19 @@ def run_cmd(target: str, args: tuple[str, ...], hypervisor: str, ports: tuple[st
         hypervisor = Hypervisor.XEN if is_dom0() else Hypervisor.QEMU
     console = sys.stderr.buffer if as_json else sys.stdout.buffer
     memory = memory or art.manifest.guest.memory_mb
-    result = _boot(art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel,
-                   icount, xen_type)
+    result = _boot(
+        art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel, icount, xen_type
+    )
     health = health_state(art, result)
-    report = {"hypervisor": hypervisor, "exit_status": result.exit_status, "signal": result.signal,
-              "boot_ms": result.boot_ms, "launch_to_exec_s": result.launch_to_exec_s, "error": result.error,
-              "health": health}
+    report = {
+        "hypervisor": hypervisor,
+        "exit_status": result.exit_status,
+        "signal": result.signal,
+        "boot_ms": result.boot_ms,
+        "launch_to_exec_s": result.launch_to_exec_s,
+        "error": result.error,
+        "health": health,
+    }
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -126,19 +164,46 @@ def health_state(art: Artifact, result: RunResult) -> str:
     return result.health or "starting"
 
 
-def _boot(art: Artifact, hypervisor: str, ports: list[tuple[int, int]], memory: int, timeout: float | None,
-          args: list[str], kernel_args: list[str], console: BinaryIO | None, accel: str, icount: bool,
-          xen_type: str | None) -> RunResult:
+def _boot(
+    art: Artifact,
+    hypervisor: str,
+    ports: list[tuple[int, int]],
+    memory: int,
+    timeout: float | None,
+    args: list[str],
+    kernel_args: list[str],
+    console: BinaryIO | None,
+    accel: str,
+    icount: bool,
+    xen_type: str | None,
+) -> RunResult:
     if hypervisor == Hypervisor.QEMU:
         from .run import qemu
 
-        return qemu.run(art, ports=ports, memory_mb=memory, timeout=timeout, extra_args=args,
-                        console=console, accel=accel, icount=icount, kernel_args=kernel_args)
+        return qemu.run(
+            art,
+            ports=ports,
+            memory_mb=memory,
+            timeout=timeout,
+            extra_args=args,
+            console=console,
+            accel=accel,
+            icount=icount,
+            kernel_args=kernel_args,
+        )
     from .run import xen
 
     if hypervisor == Hypervisor.XEN_NESTED:
-        return xen.run_nested(art, xen_type or NESTED_XEN_TYPE, memory, timeout, args, console,
-                              ports=ports, kernel_args=kernel_args)
+        return xen.run_nested(
+            art,
+            xen_type or NESTED_XEN_TYPE,
+            memory,
+            timeout,
+            args,
+            console,
+            ports=ports,
+            kernel_args=kernel_args,
+        )
     if ports:
         raise BadInput("-p with --hypervisor xen: forward ports with the dom0's own bridge/vif set-up")
     return xen.run_xl(art, xen_type, memory, timeout, args, console, kernel_args)

@@ -34,13 +34,21 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 BLOCK = 512
-MAX_SPECIAL = 1 << 20           # a PAX or GNU long-name header's data, as Go's maxSpecialFileSize
+MAX_SPECIAL = 1 << 20  # a PAX or GNU long-name header's data, as Go's maxSpecialFileSize
 REG, AREG, LINK, SYMLINK, CHAR, BLK, DIR, FIFO = b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6"
 MEMBER_TYPES = (REG, LINK, SYMLINK, CHAR, BLK, DIR, FIFO)
-HEADER_ONLY = (LINK, SYMLINK, CHAR, BLK, DIR, FIFO)     # their size field never counts (as in Go)
-_TYPE_NAMES = {b"7": "contiguous file", b"S": "GNU sparse file", b"M": "GNU multi-volume continuation",
-               b"V": "GNU volume header", b"N": "GNU old long name", b"D": "GNU dump directory",
-               b"X": "Solaris extended header", b"A": "Solaris ACL", b"E": "Solaris extended attributes"}
+HEADER_ONLY = (LINK, SYMLINK, CHAR, BLK, DIR, FIFO)  # their size field never counts (as in Go)
+_TYPE_NAMES = {
+    b"7": "contiguous file",
+    b"S": "GNU sparse file",
+    b"M": "GNU multi-volume continuation",
+    b"V": "GNU volume header",
+    b"N": "GNU old long name",
+    b"D": "GNU dump directory",
+    b"X": "Solaris extended header",
+    b"A": "Solaris ACL",
+    b"E": "Solaris extended attributes",
+}
 _PAX_RECORD = re.compile(rb"(\d+) ")
 _OCTAL = re.compile(rb"[0-7]+")
 _DECIMAL = re.compile(rb"\d{1,19}")
@@ -55,18 +63,18 @@ class TarFormatError(Exception):
 class Member:
     """One member: its header fields and where its data is (`offset`, `size` bytes) in the stream."""
 
-    name: str                   # as in the tar, decoded like os.fsdecode (undecodable bytes kept)
-    type: bytes                 # one of MEMBER_TYPES
+    name: str  # as in the tar, decoded like os.fsdecode (undecodable bytes kept)
+    type: bytes  # one of MEMBER_TYPES
     mode: int
     uid: int
     gid: int
     mtime: int
-    size: int                   # data bytes (0 for HEADER_ONLY types)
-    offset: int                 # of the data
+    size: int  # data bytes (0 for HEADER_ONLY types)
+    offset: int  # of the data
     linkname: str = ""
     devmajor: int = 0
     devminor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)   # PAX xattr records, raw values
+    xattrs: dict[str, bytes] = field(default_factory=dict)  # PAX xattr records, raw values
 
 
 def _bad(at: int, why: str) -> TarFormatError:
@@ -115,13 +123,13 @@ def _pax_records(data: bytes, at: int) -> dict[str, bytes]:
     pos = 0
     while pos < len(data):
         if data[pos] == 0 and not data[pos:].strip(b"\0"):
-            break                                       # NUL padding after the last record
+            break  # NUL padding after the last record
         m = _PAX_RECORD.match(data, pos)
         length = int(m.group(1)) if m else 0
         end = pos + length
         if not m or length < 5 or end > len(data) or data[end - 1] != 0x0A:
             raise _bad(at, f"malformed PAX record at byte {pos}")
-        key, eq, value = data[m.end():end - 1].partition(b"=")
+        key, eq, value = data[m.end() : end - 1].partition(b"=")
         if not eq or not key or b"\0" in key:
             raise _bad(at, f"malformed PAX record at byte {pos}")
         k = _fsdecode(key)
@@ -137,10 +145,10 @@ def _xattrs(pax: dict[str, bytes], at: int) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for key, value in pax.items():
         if key.startswith("SCHILY.xattr."):
-            out[key[len("SCHILY.xattr."):]] = value
+            out[key[len("SCHILY.xattr.") :]] = value
         elif key.startswith("LIBARCHIVE.xattr."):
             try:
-                out[key[len("LIBARCHIVE.xattr."):]] = base64.b64decode(value + b"==", validate=False)
+                out[key[len("LIBARCHIVE.xattr.") :]] = base64.b64decode(value + b"==", validate=False)
             except binascii.Error:
                 raise _bad(at, f"PAX record {key} is not base64") from None
     return out
@@ -174,7 +182,7 @@ def read_members(f: BinaryIO, total: int) -> Iterator[Member]:
         at = pos
         blk = f.read(BLOCK)
         if not blk and not (pax or long_name is not None or long_link is not None):
-            return                                      # EOF at a header boundary: Go accepts it
+            return  # EOF at a header boundary: Go accepts it
         if len(blk) != BLOCK:
             raise TarFormatError(f"truncated tar: header at offset {at} runs past the end")
         pos += BLOCK
@@ -197,7 +205,7 @@ def read_members(f: BinaryIO, total: int) -> Iterator[Member]:
             if typ == b"x":
                 pax.update(_pax_records(data, at))
             elif typ == b"g":
-                _pax_records(data, at)                 # checked, then ignored like containerd does
+                _pax_records(data, at)  # checked, then ignored like containerd does
                 pax, long_name, long_link = {}, None, None
             elif typ == b"L":
                 long_name = data.split(b"\0", 1)[0]
@@ -236,14 +244,19 @@ def read_members(f: BinaryIO, total: int) -> Iterator[Member]:
         if end > total:
             raise TarFormatError(f"member {name!r} at offset {at}: truncated tar (content runs past the end)")
         yield Member(
-            name=name, type=typ, mode=_number(blk[100:108], "mode", at),
+            name=name,
+            type=typ,
+            mode=_number(blk[100:108], "mode", at),
             uid=_number(blk[108:116], "uid", at) if uid is None else uid,
             gid=_number(blk[116:124], "gid", at) if gid is None else gid,
-            mtime=mtime, size=data_size, offset=pos, linkname=linkname,
+            mtime=mtime,
+            size=data_size,
+            offset=pos,
+            linkname=linkname,
             devmajor=_number(blk[329:337], "devmajor", at) if ustar or blk[257:263] == b"ustar " else 0,
             devminor=_number(blk[337:345], "devminor", at) if ustar or blk[257:263] == b"ustar " else 0,
-            xattrs=_xattrs(pax, at))
+            xattrs=_xattrs(pax, at),
+        )
         f.seek(end)
         pos = end
         pax, long_name, long_link = {}, None, None
-

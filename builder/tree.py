@@ -24,8 +24,14 @@ from typing import IO, Any
 from .errors import CacheError
 
 FILE, DIR, SYMLINK, CHAR, BLOCK, FIFO = "file", "dir", "symlink", "char", "block", "fifo"
-KIND_BITS = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
-             BLOCK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+KIND_BITS = {
+    FILE: stat.S_IFREG,
+    DIR: stat.S_IFDIR,
+    SYMLINK: stat.S_IFLNK,
+    CHAR: stat.S_IFCHR,
+    BLOCK: stat.S_IFBLK,
+    FIFO: stat.S_IFIFO,
+}
 MAX_SYMLINKS = 40
 CHUNK = 1 << 20
 
@@ -42,14 +48,14 @@ class Content:
 @dataclass(slots=True, eq=False)
 class Inode:
     kind: str
-    mode: int = 0o755                      # permission bits incl. setuid/setgid/sticky (0o7777)
+    mode: int = 0o755  # permission bits incl. setuid/setgid/sticky (0o7777)
     uid: int = 0
     gid: int = 0
     mtime: int = 0
     size: int = 0
     content: Content | bytes | None = None
-    target: str = ""                       # symlink target
-    rdev: tuple[int, int] = (0, 0)         # device major/minor
+    target: str = ""  # symlink target
+    rdev: tuple[int, int] = (0, 0)  # device major/minor
     xattrs: dict[str, bytes] | None = None
     children: dict[str, Inode] | None = None
 
@@ -101,7 +107,7 @@ class Tree:
     def real_path(self, path: str, follow: bool = True, links: list[str] | None = None) -> str:
         """The path with every symlink resolved inside the tree (like a chroot): '..' stops at '/'.
         Each symlink met on the way is appended to `links` when given."""
-        todo = split(path)[::-1]          # a stack: the next component last
+        todo = split(path)[::-1]  # a stack: the next component last
         done: list[str] = []
         hops = 0
         node = self.root
@@ -180,13 +186,13 @@ class Tree:
 class Entry:
     """One path of a tree as every writer writes it (`entries`)."""
 
-    path: str           # "" for the root
+    path: str  # "" for the root
     node: Inode
-    ino: int            # 1, 2, ... in walk order; the paths of a hardlink group share one
-    links: int          # how many paths share `node` (1 for a directory)
-    leader: str         # the first path of its hardlink group (later ones link to it); `path` when alone
-    last: bool          # the last path of its group (where cpio puts the data)
-    mtime: int          # node.mtime, clamped to the epoch when one is given
+    ino: int  # 1, 2, ... in walk order; the paths of a hardlink group share one
+    links: int  # how many paths share `node` (1 for a directory)
+    leader: str  # the first path of its hardlink group (later ones link to it); `path` when alone
+    last: bool  # the last path of its group (where cpio puts the data)
+    mtime: int  # node.mtime, clamped to the epoch when one is given
 
     @property
     def is_leader(self) -> bool:
@@ -206,8 +212,17 @@ def entries(tree: Tree, epoch: int | None = None) -> list[Entry]:
     for path, node in walked:
         group = groups.get(id(node), [path])
         mtime = node.mtime if epoch is None else min(node.mtime, epoch)
-        out.append(Entry(path, node, inos.setdefault(id(node), len(inos) + 1), len(group), group[0],
-                         group[-1] == path, mtime))
+        out.append(
+            Entry(
+                path,
+                node,
+                inos.setdefault(id(node), len(inos) + 1),
+                len(group),
+                group[0],
+                group[-1] == path,
+                mtime,
+            )
+        )
     return out
 
 

@@ -34,7 +34,7 @@ from .run.console import HEALTH_RE, RunResult
 from .run.qemu import QEMU, Qemu, choose_accel
 
 NESTED_SLACK_S = 90
-HEALTH_WAIT_MAX_S = 600         # the longest verify waits for a health verdict
+HEALTH_WAIT_MAX_S = 600  # the longest verify waits for a health verdict
 
 
 class VerifyError(XbuildError):
@@ -77,8 +77,11 @@ def _health_args(art: Artifact) -> tuple[list[str], float]:
         return [], 0.0
     start_s = min(-(-(h.start_period_ms + h.retries * h.interval_ms) // 1000), HEALTH_WAIT_MAX_S)
     wait = min(start_s + h.retries * (1 + h.timeout_ms / 1000) + 5, HEALTH_WAIT_MAX_S)
-    return ["xbuild.health.interval=1", "xbuild.health.start_interval=1",
-            f"xbuild.health.start_period={start_s}"], wait
+    return [
+        "xbuild.health.interval=1",
+        "xbuild.health.start_interval=1",
+        f"xbuild.health.start_period={start_s}",
+    ], wait
 
 
 def _health_verdict(console: io.BytesIO, waiter: threading.Thread, deadline: float) -> str | None:
@@ -92,8 +95,9 @@ def _health_verdict(console: io.BytesIO, waiter: threading.Thread, deadline: flo
         waiter.join(0.25)
 
 
-def verify_artifact(art: Artifact, log: Say = lambda m: None,
-                    hypervisor: str = Hypervisor.QEMU, given: Recipe | None = None) -> str:
+def verify_artifact(
+    art: Artifact, log: Say = lambda m: None, hypervisor: str = Hypervisor.QEMU, given: Recipe | None = None
+) -> str:
     """Boot `art` under `hypervisor` (qemu, or xen-nested as the artifact's xen_type), check its recipe's
     smoke test and its HEALTHCHECK (the entrypoint's exit status 0 when it has neither); return a
     one-line verdict or raise VerifyError."""
@@ -103,8 +107,9 @@ def verify_artifact(art: Artifact, log: Say = lambda m: None,
     if reason:
         raise VerifyError(f"{art.path}: cannot verify: {reason}")
     if hypervisor not in choices(VERIFY_HYPERVISORS):
-        raise VerifyError(f"cannot verify under {hypervisor!r}: choose from "
-                          f"{', '.join(choices(VERIFY_HYPERVISORS))}")
+        raise VerifyError(
+            f"cannot verify under {hypervisor!r}: choose from {', '.join(choices(VERIFY_HYPERVISORS))}"
+        )
     smoke = recipe.smoke if recipe else None
     health_args, health_wait = _health_args(art)
     ports = [(free_port(), p) for p in (recipe.guest_ports if recipe else ())]
@@ -116,17 +121,38 @@ def verify_artifact(art: Artifact, log: Say = lambda m: None,
     stop = threading.Event()
     result: list[Any] = []
     xen_type = guest.xen_type
-    qemu = Qemu.for_artifact(art, ports=ports, memory_mb=memory, console=console, kernel_args=health_args,
-                             accel=choose_accel(Accel.AUTO, art.kernel, False), network=bool(ports)) \
-        if hypervisor == Hypervisor.QEMU else None
+    qemu = (
+        Qemu.for_artifact(
+            art,
+            ports=ports,
+            memory_mb=memory,
+            console=console,
+            kernel_args=health_args,
+            accel=choose_accel(Accel.AUTO, art.kernel, False),
+            network=bool(ports),
+        )
+        if hypervisor == Hypervisor.QEMU
+        else None
+    )
 
     def wait() -> None:
         from .run.xen import run_nested
 
         try:
-            result.append(qemu.wait(limit, stop_event=stop) if qemu else
-                          run_nested(art, xen_type, memory, limit, console=console, ports=ports,
-                                     kernel_args=health_args, stop_event=stop))
+            result.append(
+                qemu.wait(limit, stop_event=stop)
+                if qemu
+                else run_nested(
+                    art,
+                    xen_type,
+                    memory,
+                    limit,
+                    console=console,
+                    ports=ports,
+                    kernel_args=health_args,
+                    stop_event=stop,
+                )
+            )
         except XbuildError as e:
             result.append(e)
 
@@ -152,15 +178,22 @@ def verify_artifact(art: Artifact, log: Say = lambda m: None,
                     waiter.join(smoke.timeout + slack)
                     ok, msg = smoke_test(recipe, console.getvalue())
                 else:
-                    ok, msg = smoke_test(recipe, b"", {guest_port: host for host, guest_port in ports},
-                                         deadline=time.monotonic() + smoke.timeout + slack)
+                    ok, msg = smoke_test(
+                        recipe,
+                        b"",
+                        {guest_port: host for host, guest_port in ports},
+                        deadline=time.monotonic() + smoke.timeout + slack,
+                    )
                 verdicts.append(msg)
             if ok and guest.health is not None:
                 state = _health_verdict(console, waiter, time.monotonic() + health_wait + slack)
                 ok = state == "healthy"
-                verdicts.append(f"HEALTHCHECK {state}" if state else
-                                "HEALTHCHECK gave no verdict" + (" (the guest ended first)"
-                                                                 if not waiter.is_alive() else ""))
+                verdicts.append(
+                    f"HEALTHCHECK {state}"
+                    if state
+                    else "HEALTHCHECK gave no verdict"
+                    + (" (the guest ended first)" if not waiter.is_alive() else "")
+                )
     finally:
         if waiter.is_alive():
             stop.set()
@@ -181,5 +214,7 @@ def dropped_hint(art: Artifact, console: bytes) -> str:
     items = [f"{path} ({reason})" for path, reason in likely_missing(art.manifest.minimize, console)]
     if not items:
         return ""
-    return (f"; dropped by minimize: {', '.join(items)}; keep "
-            f"{'it' if len(items) == 1 else 'them'} with the recipe's [keep] paths, or --minimize none")
+    return (
+        f"; dropped by minimize: {', '.join(items)}; keep "
+        f"{'it' if len(items) == 1 else 'them'} with the recipe's [keep] paths, or --minimize none"
+    )

@@ -39,6 +39,7 @@ HOUR = 3600
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def image(sandbox: Sandbox) -> OciImage:
     """A one-layer busybox image in an OCI layout inside the sandbox (outside its cache)."""
@@ -67,8 +68,9 @@ def init_entry(sandbox: Sandbox) -> Path:
     return entry
 
 
-def build(sandbox: Sandbox, ref: str, *args: str, env: dict[str, str] | None = None
-          ) -> subprocess.CompletedProcess[str]:
+def build(
+    sandbox: Sandbox, ref: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     out = sandbox.root / "work" / "out"
     return sandbox.xbuild(ref, "-o", str(out), "--kernel", "none", "-q", *args, env=env)
 
@@ -84,9 +86,11 @@ def registry_blobs(sandbox: Sandbox, ref: str) -> dict[str, Path]:
     """manifest, config and layer blob paths in the cache of a registry image."""
     digest = ref.rsplit("@", 1)[1]
     manifest = json.loads((sandbox.cache / "blobs/sha256" / digest[7:]).read_text())
-    return {"manifest": sandbox.cache / "blobs/sha256" / digest[7:],
-            "config": sandbox.cache / "blobs/sha256" / manifest["config"]["digest"][7:],
-            "layer": sandbox.cache / "blobs/sha256" / manifest["layers"][0]["digest"][7:]}
+    return {
+        "manifest": sandbox.cache / "blobs/sha256" / digest[7:],
+        "config": sandbox.cache / "blobs/sha256" / manifest["config"]["digest"][7:],
+        "layer": sandbox.cache / "blobs/sha256" / manifest["layers"][0]["digest"][7:],
+    }
 
 
 @contextmanager
@@ -102,15 +106,22 @@ def tmpfs(where: Path, size: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=True)
 
 
-def peak_rss(sandbox: Sandbox, *args: str, env: dict[str, str] | None = None
-             ) -> tuple[subprocess.CompletedProcess[str], int]:
+def peak_rss(
+    sandbox: Sandbox, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], int]:
     """Run the CLI under /usr/bin/time -v: (its result, its peak RSS in bytes)."""
     if not Path("/usr/bin/time").exists():
         pytest.skip("/usr/bin/time is needed (apt-get install time)")
     report = sandbox.root / "time.txt"
-    r = subprocess.run(["/usr/bin/time", "-v", "-o", str(report), *XBUILD, *args], capture_output=True,
-                       text=True, timeout=600, cwd=sandbox.root / "work", env=env or sandbox.env(),
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        ["/usr/bin/time", "-v", "-o", str(report), *XBUILD, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=sandbox.root / "work",
+        env=env or sandbox.env(),
+        stdin=subprocess.DEVNULL,
+    )
     kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report.read_text())
     report.unlink()
     assert kb, report
@@ -179,10 +190,16 @@ def add_bomb_layer(image: OciImage, size: int) -> int:
 def killed_writer(sandbox: Sandbox, digest: str) -> tuple[subprocess.Popen[bytes], Callable[[], Path]]:
     """A process storing blob `digest` from its stdin (the download path: blobs.store_blob), stuck after
     1.5 MiB; and a function that waits for its temp file in the cache and returns it."""
-    code = ("import sys; from builder.blobs import store_blob; "
-            f"store_blob(sys.stdin.buffer, {digest!r}, 'download')")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, env=sandbox.env(),
-                            cwd=Path(__file__).resolve().parent.parent)
+    code = (
+        "import sys; from builder.blobs import store_blob; "
+        f"store_blob(sys.stdin.buffer, {digest!r}, 'download')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        env=sandbox.env(),
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.stdin
     proc.stdin.write(b"x" * (3 << 19))
     proc.stdin.flush()
@@ -205,6 +222,7 @@ def age(path: Path, seconds: float) -> None:
 
 # ---- corrupt entries heal, from an OCI layout ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("damage", ["flip", "flip-header", "truncate", "empty", "directory"])
 def test_damaged_diff_heals(sandbox: Sandbox, image: OciImage, damage: str) -> None:
     good = sandbox.good_build(image.ref)
@@ -212,7 +230,7 @@ def test_damaged_diff_heals(sandbox: Sandbox, image: OciImage, damage: str) -> N
     if damage == "flip":
         flip(diff)
     elif damage == "flip-header":
-        flip(diff, at=100)       # inside the first member's name: a clean-looking, different tar
+        flip(diff, at=100)  # inside the first member's name: a clean-looking, different tar
     elif damage == "truncate":
         os.truncate(diff, diff.stat().st_size // 3)
     elif damage == "empty":
@@ -265,7 +283,8 @@ def test_damaged_compiled_init_is_rebuilt(sandbox: Sandbox, image: OciImage, dam
 
 
 def test_diff_replaced_after_flatten_does_not_reach_the_initrd(
-        sandbox: Sandbox, image: OciImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    sandbox: Sandbox, image: OciImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """pack reads the inode flatten verified (held by fd), not whatever is at the path by then."""
     from builder.build import BuildOptions
     from builder.build import build as run_build
@@ -282,7 +301,7 @@ def test_diff_replaced_after_flatten_does_not_reach_the_initrd(
         diff = the_diff(sandbox)
         bad = diff.with_name(".evil")
         bad.write_bytes(diff.read_bytes().replace(b"root:x:0:0", b"evil:x:0:0"))
-        os.replace(bad, diff)                    # a different file at the path, after verification
+        os.replace(bad, diff)  # a different file at the path, after verification
         return flat
 
     assert flatten is real
@@ -292,7 +311,8 @@ def test_diff_replaced_after_flatten_does_not_reach_the_initrd(
 
 
 def test_diff_written_in_place_after_flatten_fails_the_build(
-        sandbox: Sandbox, image: OciImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    sandbox: Sandbox, image: OciImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The verified inode itself written to between flatten and pack: the build fails, no output."""
     from builder.build import BuildOptions
     from builder.build import build as run_build
@@ -322,27 +342,30 @@ def test_diff_written_in_place_after_flatten_fails_the_build(
 
 # ---- corrupt entries heal from the registry, or fail naming the file when it is gone ------------------
 
+
 @pytest.mark.parametrize("kind", ["manifest", "config", "layer"])
-def test_corrupt_registry_blob_is_fetched_again(sandbox: Sandbox, image: OciImage, registry: Registry,
-                                                kind: str) -> None:
+def test_corrupt_registry_blob_is_fetched_again(
+    sandbox: Sandbox, image: OciImage, registry: Registry, kind: str
+) -> None:
     ref = pushed(registry, image, f"cache/heal-{kind}")
     good = sandbox.good_build(ref)
     blob = registry_blobs(sandbox, ref)[kind]
     flip(blob)
     if kind == "layer":
-        the_diff(sandbox).unlink()     # so the layer blob is read again
+        the_diff(sandbox).unlink()  # so the layer blob is read again
     assert sandbox.good_build(ref) == good
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
 
 
 @pytest.mark.parametrize("kind", ["manifest", "config", "layer", "diff+layer"])
 def test_corrupt_entry_with_its_registry_gone_names_the_file(
-        sandbox: Sandbox, image: OciImage, registry_factory: Callable[..., Registry], kind: str) -> None:
+    sandbox: Sandbox, image: OciImage, registry_factory: Callable[..., Registry], kind: str
+) -> None:
     reg = registry_factory()
     ref = pushed(reg, image, "cache/gone")
     good = sandbox.good_build(ref)
     reg.stop()
-    assert sandbox.good_build(ref) == good          # pinned by digest: a warm build needs no registry
+    assert sandbox.good_build(ref) == good  # pinned by digest: a warm build needs no registry
     blobs = registry_blobs(sandbox, ref)
     victim = blobs[kind.split("+")[-1]]
     flip(victim)
@@ -358,19 +381,21 @@ def test_corrupt_entry_with_its_registry_gone_names_the_file(
     assert not victim.exists()
 
 
-def test_corrupt_layer_blob_is_not_a_corrupt_image(sandbox: Sandbox, image: OciImage,
-                                                   registry: Registry) -> None:
+def test_corrupt_layer_blob_is_not_a_corrupt_image(
+    sandbox: Sandbox, image: OciImage, registry: Registry
+) -> None:
     """A flipped bit in a cached layer blob used to be reported (exit 2) on every build."""
     ref = pushed(registry, image, "cache/layer-again")
     good = sandbox.good_build(ref)
     layer = registry_blobs(sandbox, ref)["layer"]
     for _ in range(2):
-        flip(layer, at=layer.stat().st_size - 4)     # the gzip trailer (CRC): data decodes, CRC fails
+        flip(layer, at=layer.stat().st_size - 4)  # the gzip trailer (CRC): data decodes, CRC fails
         the_diff(sandbox).unlink()
         assert sandbox.good_build(ref) == good
 
 
 # ---- stale temps ---------------------------------------------------------------------------------------
+
 
 def test_killed_download_temp_is_collected(sandbox: Sandbox, image: OciImage) -> None:
     good = sandbox.good_build(image.ref)
@@ -379,10 +404,10 @@ def test_killed_download_temp_is_collected(sandbox: Sandbox, image: OciImage) ->
     proc.kill()
     proc.wait()
     assert left.exists()
-    assert sandbox.good_build(image.ref) == good     # young: could be a writer that is just slow
+    assert sandbox.good_build(image.ref) == good  # young: could be a writer that is just slow
     assert left.exists()
     age(left, 2 * HOUR)
-    assert sandbox.good_build(image.ref) == good     # old and unlocked: collected on cache use
+    assert sandbox.good_build(image.ref) == good  # old and unlocked: collected on cache use
     assert not left.exists() and sandbox.stale_temps() == []
 
 
@@ -390,7 +415,7 @@ def test_prune_never_removes_a_temp_being_written(sandbox: Sandbox) -> None:
     proc, temp = killed_writer(sandbox, "sha256:" + "cd" * 32)
     try:
         writing = temp()
-        age(writing, 5 * HOUR)                       # old, but its writer is alive and holds the flock
+        age(writing, 5 * HOUR)  # old, but its writer is alive and holds the flock
         r = sandbox.xbuild("cache", "prune", "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["temps"] == [] and writing.exists()
@@ -403,8 +428,10 @@ def test_prune_never_removes_a_temp_being_written(sandbox: Sandbox) -> None:
 
 # ---- xbuild cache verify | du | prune ------------------------------------------------------------------
 
-def test_verify_finds_and_removes_every_corruption(sandbox: Sandbox, image: OciImage,
-                                                   registry: Registry) -> None:
+
+def test_verify_finds_and_removes_every_corruption(
+    sandbox: Sandbox, image: OciImage, registry: Registry
+) -> None:
     ref = pushed(registry, image, "cache/verify")
     good = sandbox.good_build(ref)
     r = sandbox.xbuild("cache", "verify")
@@ -420,8 +447,13 @@ def test_verify_finds_and_removes_every_corruption(sandbox: Sandbox, image: OciI
     r = sandbox.xbuild("cache", "verify", "--json")
     line = assert_refused(r, 1, "5 corrupt cache entries removed")
     bad = {b["path"] for b in json.loads(r.stdout)["bad"]}
-    assert bad == {str(blobs["config"]), str(blobs["layer"]), str(diff), str(init_entry_path(line)),
-                   str(stray)}
+    assert bad == {
+        str(blobs["config"]),
+        str(blobs["layer"]),
+        str(diff),
+        str(init_entry_path(line)),
+        str(stray),
+    }
     for p in bad:
         assert p in line and not Path(p).exists()
     r = sandbox.xbuild("cache", "verify")
@@ -480,9 +512,9 @@ def test_prune_max_size_stops_once_under(sandbox: Sandbox, image: OciImage, regi
     sandbox.good_build(ref)
     blobs = registry_blobs(sandbox, ref)
     for i, p in enumerate([blobs["layer"], blobs["config"], blobs["manifest"]]):
-        age(p, (10 - i) * HOUR)                  # the layer blob is the least recently used
+        age(p, (10 - i) * HOUR)  # the layer blob is the least recently used
     total = json.loads(sandbox.xbuild("cache", "du", "--json").stdout)["total"]
-    limit = total - 4096                         # removing the layer blob alone is enough
+    limit = total - 4096  # removing the layer blob alone is enough
     r = sandbox.xbuild("cache", "prune", "--max-size", str(limit), "--json")
     removed = [e["path"] for e in json.loads(r.stdout)["removed"]]
     assert removed == [str(blobs["layer"])], r.stdout
@@ -498,25 +530,28 @@ def test_bad_sizes_are_one_line(sandbox: Sandbox, image: OciImage) -> None:
 
 # ---- a layer that expands 1000x -------------------------------------------------------------------------
 
+
 def test_layer_over_the_cap_is_refused_with_nothing_cached(sandbox: Sandbox, image: OciImage) -> None:
-    blob_size = add_bomb_layer(image, 256 << 20)          # 256 MiB of zeros in ~256 KB
+    blob_size = add_bomb_layer(image, 256 << 20)  # 256 MiB of zeros in ~256 KB
     assert blob_size * 1000 < 260 << 20
     before = sandbox.snapshot()
-    r, rss = peak_rss(sandbox, image.ref, "-o", str(sandbox.out), "--kernel", "none", "-q",
-                      "--max-layer-size", "64M")
+    r, rss = peak_rss(
+        sandbox, image.ref, "-o", str(sandbox.out), "--kernel", "none", "-q", "--max-layer-size", "64M"
+    )
     assert_refused(r, 2, "expands past the 64 MiB layer size cap", "--max-layer-size")
     assert rss < 150 << 20, rss
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
-    assert len(entries(sandbox, "diffs")) == 1           # the busybox layer's only
+    assert len(entries(sandbox, "diffs")) == 1  # the busybox layer's only
     assert sum(p.stat().st_size for p in sandbox.cache.rglob("*") if p.is_file()) < 16 << 20
-    env = sandbox.env(XBUILD_MAX_LAYER_SIZE="128M")      # the environment sets it too
+    env = sandbox.env(XBUILD_MAX_LAYER_SIZE="128M")  # the environment sets it too
     assert_refused(build(sandbox, image.ref, env=env), 2, "past the 128 MiB layer size cap")
 
 
 def test_layer_under_a_raised_cap_is_accepted(sandbox: Sandbox, image: OciImage) -> None:
     add_bomb_layer(image, 256 << 20)
-    r, rss = peak_rss(sandbox, image.ref, "-o", str(sandbox.out), "--kernel", "none", "-q",
-                      "--max-layer-size", "1G")
+    r, rss = peak_rss(
+        sandbox, image.ref, "-o", str(sandbox.out), "--kernel", "none", "-q", "--max-layer-size", "1G"
+    )
     assert r.returncode == 0, r.stderr
     assert rss < 150 << 20, rss
     assert len(entries(sandbox, "diffs")) == 2
@@ -524,9 +559,10 @@ def test_layer_under_a_raised_cap_is_accepted(sandbox: Sandbox, image: OciImage)
 
 # ---- a full disk -----------------------------------------------------------------------------------------
 
+
 def test_full_cache_disk_is_one_line(sandbox: Sandbox, image: OciImage) -> None:
     before = sandbox.snapshot()
-    with tmpfs(sandbox.cache, 512 << 10):                 # the busybox diff is ~2 MB
+    with tmpfs(sandbox.cache, 512 << 10):  # the busybox diff is ~2 MB
         r = build(sandbox, image.ref)
         assert_refused(r, 1, f"no space left on {sandbox.cache}", "diffs/sha256")
         assert sandbox.stale_temps() == []
@@ -539,7 +575,7 @@ def test_full_cache_disk_at_the_compiled_init(sandbox: Sandbox, image: OciImage)
     diff_size = the_diff(sandbox).stat().st_size
     shutil.rmtree(sandbox.cache)
     before = sandbox.snapshot()
-    with tmpfs(sandbox.cache, diff_size + (16 << 10)):    # the diff fits, the ~60 KB init does not
+    with tmpfs(sandbox.cache, diff_size + (16 << 10)):  # the diff fits, the ~60 KB init does not
         r = build(sandbox, image.ref)
         assert_refused(r, 1, f"no space left on {sandbox.cache}", "/init")
         assert sandbox.stale_temps() == []
@@ -551,26 +587,36 @@ def test_full_cache_disk_at_the_compiled_init(sandbox: Sandbox, image: OciImage)
 def test_full_output_disk_leaves_nothing(sandbox: Sandbox, image: OciImage, room: str) -> None:
     sandbox.good_build(image.ref)
     initrd = next((sandbox.root / "work").glob("good-*/initrd.img")).stat().st_size
-    size = 64 << 10 if room == "none" else (initrd + 4095) // 4096 * 4096   # then manifest.json fails
+    size = 64 << 10 if room == "none" else (initrd + 4095) // 4096 * 4096  # then manifest.json fails
     full = sandbox.root / "work" / "full"
     with tmpfs(full, size):
         before = sandbox.snapshot()
         r = sandbox.xbuild(image.ref, "-o", str(full / "out"), "--kernel", "none", "-q")
         line = assert_refused(r, 1, f"no space left on {full}")
         # the initrd, or then manifest.json (written in the artifact's temp directory: the final path named)
-        assert line.endswith(f"(writing {full / 'out' / 'initrd.img'})" if room == "none" else
-                             f"(writing {full / 'out' / 'manifest.json'})"), line
+        assert line.endswith(
+            f"(writing {full / 'out' / 'initrd.img'})"
+            if room == "none"
+            else f"(writing {full / 'out' / 'manifest.json'})"
+        ), line
         assert sandbox.changes(before) == [] and list(full.iterdir()) == []
 
 
 def test_sandbox_cache_is_left_clean_after_signals(sandbox: Sandbox, image: OciImage) -> None:
     """A build killed while it writes a diff leaves a temp that `cache prune` collects once old."""
     add_bomb_layer(image, 256 << 20)
-    proc = subprocess.Popen([*XBUILD, image.ref, "-o", str(sandbox.out), "--kernel", "none", "-q"],
-                            cwd=sandbox.root / "work", env=sandbox.env(), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*XBUILD, image.ref, "-o", str(sandbox.out), "--kernel", "none", "-q"],
+        cwd=sandbox.root / "work",
+        env=sandbox.env(),
+        stderr=subprocess.PIPE,
+    )
     for _ in range(400):
-        if any((sandbox.cache / "diffs/sha256").glob(".*")) if (sandbox.cache / "diffs/sha256").is_dir() \
-                else False:
+        if (
+            any((sandbox.cache / "diffs/sha256").glob(".*"))
+            if (sandbox.cache / "diffs/sha256").is_dir()
+            else False
+        ):
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -587,11 +633,13 @@ def test_sandbox_cache_is_left_clean_after_signals(sandbox: Sandbox, image: OciI
 # A real kernel entry (the warmed default kernel) is *copied* into the sandbox cache: nothing here builds a
 # kernel or touches the shared cache; a rebuild is made to fail at once with a source tree that is no kernel.
 
+
 def real_kernel() -> Path:
     """The directory of a built kernel in the shared cache (read only here), or skip."""
     kernels = Path(os.environ.get("XBUILD_CACHE") or Path.home() / ".cache/xbuild") / "kernels"
-    found = sorted(d for d in kernels.glob("*")
-                   if (d / "kernel.json").is_file() and (d / "vmlinux").is_file())
+    found = sorted(
+        d for d in kernels.glob("*") if (d / "kernel.json").is_file() and (d / "vmlinux").is_file()
+    )
     if not found:
         pytest.skip("needs a built kernel in the cache (the warmed default kernel)")
     return found[0]
@@ -632,13 +680,13 @@ def test_kernel_entry_without_record_is_recorded_then_checked_by_verify(sandbox:
 def test_damaged_kernel_entry_that_cannot_be_rebuilt_is_named(sandbox: Sandbox, damage: str) -> None:
     from builder import kernel
 
-    src = sandbox.root / "not-a-kernel-tree"       # `make tinyconfig` fails in it at once
+    src = sandbox.root / "not-a-kernel-tree"  # `make tinyconfig` fails in it at once
     src.mkdir()
     (src / "README").write_text("not a kernel\n")
     texts = {name: kernel.fragment_path(name).read_text() for name in kernel.DEFAULT_FRAGMENTS}
     key = kernel.cache_key(src, texts, kernel._toolchain())
     d = kernel_copy(sandbox, key)
-    r = sandbox.xbuild("kernel", "build", "--source", str(src), "--json")     # used as is, recorded
+    r = sandbox.xbuild("kernel", "build", "--source", str(src), "--json")  # used as is, recorded
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["path"] == str(d / "vmlinux") and "sha256" in (d / "kernel.json").read_text()
     named = d / ("kernel.json" if damage == "kernel.json" else "vmlinux")
@@ -652,8 +700,9 @@ def test_damaged_kernel_entry_that_cannot_be_rebuilt_is_named(sandbox: Sandbox, 
     else:
         named.write_text("{")
     r = sandbox.xbuild("kernel", "build", "--source", str(src), "--json")
-    assert_refused(r, 1, str(named),
-                   "corrupt cache entry (removed); building it again failed: kernel build failed")
+    assert_refused(
+        r, 1, str(named), "corrupt cache entry (removed); building it again failed: kernel build failed"
+    )
     assert not d.exists()
 
 
@@ -671,12 +720,12 @@ def test_flipped_bit_in_a_pulled_kernel_heals(sandbox: Sandbox, image: OciImage,
         return sha(sandbox.out / "kernel")
 
     assert build_with_kernel() == original
-    (d,) = (sandbox.cache / "kernels").glob("oci-*")      # its own namespace, never kernels/<key>
+    (d,) = (sandbox.cache / "kernels").glob("oci-*")  # its own namespace, never kernels/<key>
     assert not (sandbox.cache / "kernels" / real_kernel().name).exists()
     assert json.loads((d / "kernel.json").read_text())["sha256"]["vmlinux"] == original
     flip(d / "vmlinux")
     assert build_with_kernel() == original and sha(d / "vmlinux") == original
-    blob = sandbox.cache / "blobs/sha256" / original       # the layer is the file as is
+    blob = sandbox.cache / "blobs/sha256" / original  # the layer is the file as is
     flip(blob)
     flip(d / "vmlinux")
     assert build_with_kernel() == original and sha(d / "vmlinux") == original and sha(blob) == original
@@ -687,9 +736,17 @@ def test_prune_keeps_a_kernel_dir_a_running_build_holds(sandbox: Sandbox) -> Non
     age(d, 10 * HOUR)
     # a process using the kernel as a build does (kernel.cached: a shared flock on the dir, held)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from builder import kernel; "
-         f"kernel.cached(Path({str(d)!r})); print('held', flush=True); sys.stdin.read()"],
-        env=sandbox.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from builder import kernel; "
+            f"kernel.cached(Path({str(d)!r})); print('held', flush=True); sys.stdin.read()",
+        ],
+        env=sandbox.env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         r = sandbox.xbuild("cache", "prune", "--max-size", "1K", "--json")
@@ -704,7 +761,7 @@ def test_prune_keeps_a_kernel_dir_a_running_build_holds(sandbox: Sandbox) -> Non
 def test_verify_checks_pulled_artifacts(sandbox: Sandbox, image: OciImage) -> None:
     sandbox.good_build(image.ref)
     pulled = sandbox.cache / "pulled" / "0123456789abcdef"
-    shutil.copytree(next((sandbox.root / "work").glob("good-*")), pulled)   # what `pull` writes there
+    shutil.copytree(next((sandbox.root / "work").glob("good-*")), pulled)  # what `pull` writes there
     r = sandbox.xbuild("cache", "verify")
     assert r.returncode == 0, r.stderr
     flip(pulled / "initrd.img")
@@ -716,6 +773,7 @@ def test_verify_checks_pulled_artifacts(sandbox: Sandbox, image: OciImage) -> No
 
 # ---- the docker-daemon source ---------------------------------------------------------------------------
 
+
 @pytest.mark.usefixtures("myapp")
 def test_corrupt_daemon_config_heals(sandbox: Sandbox, dockerd: Any) -> None:
     env = sandbox.env(DOCKER_HOST=dockerd.host)
@@ -723,8 +781,11 @@ def test_corrupt_daemon_config_heals(sandbox: Sandbox, dockerd: Any) -> None:
     r = sandbox.xbuild(ref, "-o", str(sandbox.out), "--kernel", "none", "-q", env=env)
     assert r.returncode == 0, r.stderr
     good = sha(sandbox.out / "initrd.img")
-    config = sandbox.cache / "blobs/sha256" / dockerd.docker("image", "inspect", "-f", "{{.Id}}",
-                                                             "myapp:dev").strip()[7:]
+    config = (
+        sandbox.cache
+        / "blobs/sha256"
+        / dockerd.docker("image", "inspect", "-f", "{{.Id}}", "myapp:dev").strip()[7:]
+    )
     for damage in ("flip", "directory"):
         if damage == "flip":
             flip(config)
@@ -739,9 +800,16 @@ def test_corrupt_daemon_config_heals(sandbox: Sandbox, dockerd: Any) -> None:
 @pytest.mark.usefixtures("myapp")
 def test_full_cache_disk_during_docker_save_is_one_line(sandbox: Sandbox, dockerd: Any) -> None:
     before = sandbox.snapshot()
-    with tmpfs(sandbox.cache, 1 << 20):        # myapp's 3 MiB layer is spooled from `docker save`
-        r = sandbox.xbuild("docker-daemon:myapp:dev", "-o", str(sandbox.out), "--kernel", "none", "-q",
-                           env=sandbox.env(DOCKER_HOST=dockerd.host))
+    with tmpfs(sandbox.cache, 1 << 20):  # myapp's 3 MiB layer is spooled from `docker save`
+        r = sandbox.xbuild(
+            "docker-daemon:myapp:dev",
+            "-o",
+            str(sandbox.out),
+            "--kernel",
+            "none",
+            "-q",
+            env=sandbox.env(DOCKER_HOST=dockerd.host),
+        )
         assert_refused(r, 1, f"no space left on {sandbox.cache}", f"(writing {sandbox.cache}/tmp/")
         assert sandbox.stale_temps() == []
     assert sandbox.changes(before) == []
@@ -749,8 +817,10 @@ def test_full_cache_disk_during_docker_save_is_one_line(sandbox: Sandbox, docker
 
 # ---- publish ------------------------------------------------------------------------------------------
 
-def test_full_cache_disk_while_push_compresses_the_disk(sandbox: Sandbox, image: OciImage,
-                                                        registry: Registry) -> None:
+
+def test_full_cache_disk_while_push_compresses_the_disk(
+    sandbox: Sandbox, image: OciImage, registry: Registry
+) -> None:
     art = sandbox.root / "work" / "disk-art"
     r = sandbox.xbuild(image.ref, "-o", str(art), "--kernel", "none", "--format", "disk", "-q")
     if r.returncode != 0 and "mkfs" in r.stderr:
@@ -761,7 +831,11 @@ def test_full_cache_disk_while_push_compresses_the_disk(sandbox: Sandbox, image:
     with tmpfs(sandbox.cache, 16 << 10):
         r = sandbox.xbuild("push", str(art), f"{registry.host}/cache/full-disk:1", "-q")
         want = json.loads((art / "manifest.json").read_text())["disk"]["sha256"]
-        assert_refused(r, 1, f"no space left on {sandbox.cache}",
-                       f"(writing {sandbox.cache}/blobs/sha256/zstd-of-{want})")
-        assert list(sandbox.cache.rglob(".*")) == []      # (TMPDIR holds the disk build's guestfs cache)
+        assert_refused(
+            r,
+            1,
+            f"no space left on {sandbox.cache}",
+            f"(writing {sandbox.cache}/blobs/sha256/zstd-of-{want})",
+        )
+        assert list(sandbox.cache.rglob(".*")) == []  # (TMPDIR holds the disk build's guestfs cache)
     assert sandbox.changes(before) == []

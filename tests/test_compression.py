@@ -29,9 +29,15 @@ from builder.errors import CacheError, PackError
 from builder.tree import FILE, SYMLINK, Content, ContentReader, Inode, Tree, entries, regular
 
 DATA = b"".join(b"line %d of some text that compresses\n" % i for i in range(30_000))  # 1 MB
-BIG = DATA * 9                                                                       # 2 lz4 blocks
-TOOLS = {"gzip": ["gzip", "-c"], "xz": ["xz", "-c"], "lzma": ["lzma", "-c"], "bzip2": ["bzip2", "-c"],
-         "zstd": ["zstd", "-q", "-c"], "lz4": ["lz4", "-l", "-c"]}
+BIG = DATA * 9  # 2 lz4 blocks
+TOOLS = {
+    "gzip": ["gzip", "-c"],
+    "xz": ["xz", "-c"],
+    "lzma": ["lzma", "-c"],
+    "bzip2": ["bzip2", "-c"],
+    "zstd": ["zstd", "-q", "-c"],
+    "lz4": ["lz4", "-l", "-c"],
+}
 UNTOOLS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-q", "-dc"], "lz4": ["lz4", "-dc"]}
 
 
@@ -43,13 +49,13 @@ def tool(argv: list[str], data: bytes) -> bytes:
 def test_the_table_detects_and_decompresses_what_the_tools_write(name: str) -> None:
     made = tool(TOOLS[name], DATA)
     assert sniff(made) == name
-    assert decompress(name, made + b"\x01\x02\x03\x04") == DATA   # trailing bytes (a bzImage's size) ignored
+    assert decompress(name, made + b"\x01\x02\x03\x04") == DATA  # trailing bytes (a bzImage's size) ignored
 
 
 @pytest.mark.parametrize("name", sorted(TOOLS))
 def test_corrupt_data_is_one_error_for_every_codec(name: str) -> None:
     made = bytearray(tool(TOOLS[name], DATA))
-    start = 8 if name == "lz4" else len(made) // 3   # lz4: a block's first sequences (literals go unchecked)
+    start = 8 if name == "lz4" else len(made) // 3  # lz4: a block's first sequences (literals go unchecked)
     for i in range(start, start + 64):
         made[i] ^= 0x5A
     with pytest.raises(CorruptData):
@@ -58,7 +64,7 @@ def test_corrupt_data_is_one_error_for_every_codec(name: str) -> None:
 
 def test_a_layer_is_gzip_zstd_or_a_tar_whatever_its_first_name_spells() -> None:
     assert LAYER_CODECS == ("gzip", "zstd")
-    assert sniff(b"BZh91AY&SY", LAYER_CODECS) == "none"      # a tar whose first member is named BZh...
+    assert sniff(b"BZh91AY&SY", LAYER_CODECS) == "none"  # a tar whose first member is named BZh...
     assert sniff(b"]\x00\x00\x80", LAYER_CODECS) == "none"
     assert sniff(b"BZh91AY&SY") == "bzip2"
     assert sniff(b"plain text") == "none" and sniff(b"") == "none"
@@ -75,7 +81,7 @@ def test_every_written_codec_round_trips_and_is_reproducible(name: str, level: s
         buf = io.BytesIO()
         sink = compressor(name, buf, lvl)
         for i in range(0, len(data), 1 << 20):
-            sink.write(data[i:i + (1 << 20)])
+            sink.write(data[i : i + (1 << 20)])
         sink.close()
         outs.append(buf.getvalue())
     assert outs[0] == outs[1]
@@ -114,6 +120,7 @@ def test_the_streamed_reader_reads_every_frame_in_full_blocks() -> None:
 
 
 # ---------------------------------------------------------------------------------------- the tree walk
+
 
 def linked_tree(source: Path) -> tuple[Tree, Inode]:
     source.write_bytes(b"x" * 100 + b"content!" * 1000)

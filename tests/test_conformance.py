@@ -27,8 +27,9 @@ from builder.reference import parse
 from builder.source import load
 from tests.fixtures.images import OciImage
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("umoci"),
-                                reason="needs root (owners, devices) and umoci")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("umoci"), reason="needs root (owners, devices) and umoci"
+)
 
 Entry = tuple[Any, ...]
 
@@ -65,8 +66,11 @@ def from_disk(root: Path) -> tuple[dict[str, Entry], set[frozenset[str]], dict[s
         st = os.lstat(full)
         target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else ""
         digest = hashlib.sha256(full.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
-        rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(
-            st.st_mode) else (0, 0)
+        rdev = (
+            (os.major(st.st_rdev), os.minor(st.st_rdev))
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else (0, 0)
+        )
         out[rel] = (st.st_mode, st.st_uid, st.st_gid, int(st.st_mtime), target, rdev, digest)
         if not stat.S_ISDIR(st.st_mode):
             by_ino.setdefault(st.st_ino, set()).add(rel)
@@ -84,8 +88,11 @@ def test_initrd_matches_umoci_unpack(fixture: str, request: pytest.FixtureReques
     ours, our_links = from_initrd(tmp_path / "initrd.zst")
     bundle = tmp_path / "bundle"
     started = int(time.time())
-    subprocess.run(["umoci", "unpack", "--image", f"{image.layout}:{image.name}", str(bundle)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{image.layout}:{image.name}", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
     theirs, their_links, their_xattrs = from_disk(bundle / "rootfs")
 
     assert sorted(ours) == sorted(theirs)

@@ -21,7 +21,7 @@ import pytest
 from tests.fixtures.corpus import APPS, App, Built, build, layout_ref, serve
 from tests.fixtures.dockerd import Dockerd
 
-pytestmark = [pytest.mark.slow, pytest.mark.corpus]   # `make test-corpus`, not `make test` (README: cold cost)
+pytestmark = [pytest.mark.slow, pytest.mark.corpus]  # `make test-corpus`, not `make test` (README: cold cost)
 REPO = Path(__file__).resolve().parent.parent
 NAMES = list(APPS)
 
@@ -60,32 +60,60 @@ def test_docker_run(corpus_app: tuple[App, str], docker_host: Dockerd, tmp_path:
     app, ref = corpus_app
     image = f"corpus-{app.name}:latest"
     archive = tmp_path / "image.tar"
-    subprocess.run(["skopeo", "--insecure-policy", "copy", "-q", ref, f"docker-archive:{archive}:{image}"],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        ["skopeo", "--insecure-policy", "copy", "-q", ref, f"docker-archive:{archive}:{image}"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     docker_host.docker("load", "-q", "-i", str(archive), timeout=600)
     archive.unlink()
     name = f"corpus-{app.name}-{uuid.uuid4().hex[:8]}"
     docker_host.docker("run", "-d", "--network", "none", "--name", name, image)
     try:
         pid = docker_host.docker("inspect", "-f", "{{.State.Pid}}", name).strip()
-        r = subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, "-m", "tests.fixtures.corpus",
-                            app.name, str(app.port), "120"],
-                           cwd=REPO, capture_output=True, text=True, timeout=180)
-        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True,
-                              env={**os.environ, "DOCKER_HOST": docker_host.host}).stderr[-3000:]
+        r = subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                pid,
+                "-n",
+                sys.executable,
+                "-m",
+                "tests.fixtures.corpus",
+                app.name,
+                str(app.port),
+                "120",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        logs = subprocess.run(
+            ["docker", "logs", name],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DOCKER_HOST": docker_host.host},
+        ).stderr[-3000:]
         assert r.returncode == 0, f"{r.stderr}\n--- container log:\n{logs}"
     finally:
         docker_host.docker("rm", "-f", name)
 
 
 # PostgreSQL does not serve yet after auto (README, issue 13); strict, so a fix shows as XPASS and fails
-SERVES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="postgres: not yet green under auto"))
-          if n == "postgres" else n for n in APPS]
+SERVES = [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="postgres: not yet green under auto"))
+    if n == "postgres"
+    else n
+    for n in APPS
+]
 
 
 @pytest.mark.parametrize("name", SERVES)
-def test_auto_serves_under_qemu(name: str, tmp_path_factory: pytest.TempPathFactory,
-                                default_kernel_path: Path) -> None:
+def test_auto_serves_under_qemu(
+    name: str, tmp_path_factory: pytest.TempPathFactory, default_kernel_path: Path
+) -> None:
     """`--minimize auto`, booted under QEMU, answers the app's real client."""
     _root_tools()
     app = APPS[name]

@@ -22,7 +22,7 @@ from builder.source import daemon
 from builder.tree import FILE, read_content
 from tests.fixtures.dockerd import Dockerd
 
-BIG = 3 << 20   # a layer above daemon.SMALL, to go through the spooled path
+BIG = 3 << 20  # a layer above daemon.SMALL, to go through the spooled path
 
 
 def _static_binary(work: Path) -> Path:
@@ -31,8 +31,9 @@ def _static_binary(work: Path) -> Path:
         pytest.skip("musl-gcc or gcc is needed")
     (work / "hello.c").write_text('#include <unistd.h>\nint main(void){write(1,"hi\\n",3);return 0;}\n')
     out = work / "hello"
-    subprocess.run([cc, "-static", "-Os", "-o", str(out), str(work / "hello.c")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [cc, "-static", "-Os", "-o", str(out), str(work / "hello.c")], check=True, capture_output=True
+    )
     return out
 
 
@@ -43,8 +44,9 @@ def myapp(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     files = {"hello": _static_binary(ctx).read_bytes(), "data/big.bin": os.urandom(BIG)}
     (ctx / "data").mkdir()
     (ctx / "data/big.bin").write_bytes(files["data/big.bin"])
-    (ctx / "Dockerfile").write_text('FROM scratch\nCOPY hello /hello\nCOPY data/ /data/\n'
-                                    'ENTRYPOINT ["/hello"]\n')
+    (ctx / "Dockerfile").write_text(
+        'FROM scratch\nCOPY hello /hello\nCOPY data/ /data/\nENTRYPOINT ["/hello"]\n'
+    )
     (ctx / "hello.c").unlink()
     dockerd.docker("build", "-q", "-t", "myapp:dev", ".", cwd=ctx)
     return files
@@ -61,15 +63,19 @@ def test_load_streams_save_into_cache(host: Dockerd, myapp: dict[str, bytes], xb
     assert image.config.entrypoint == ("/hello",)
     assert len(image.layers) == 2
     assert all((xbuild_cache / "diffs/sha256" / layer.diff_id[7:]).is_file() for layer in image.layers)
-    assert not list((xbuild_cache / "tmp").iterdir())      # spooled members were renamed in, none left
+    assert not list((xbuild_cache / "tmp").iterdir())  # spooled members were renamed in, none left
     tree = flatten(image).tree
-    found = {path.lstrip("/"): hashlib.sha256(read_content(node)).digest()
-             for path, node in tree.walk() if node.kind == FILE}
+    found = {
+        path.lstrip("/"): hashlib.sha256(read_content(node)).digest()
+        for path, node in tree.walk()
+        if node.kind == FILE
+    }
     assert found == {name: hashlib.sha256(data).digest() for name, data in myapp.items()}
 
 
-def test_same_manifest_digest_as_docker_archive(host: Dockerd, myapp: dict[str, bytes],
-                                                tmp_path: Path) -> None:
+def test_same_manifest_digest_as_docker_archive(
+    host: Dockerd, myapp: dict[str, bytes], tmp_path: Path
+) -> None:
     archive = tmp_path / "save.tar"
     host.docker("save", "-o", str(archive), "myapp:dev")
     from_daemon = source.load(reference.parse("docker-daemon:myapp:dev"))
@@ -78,8 +84,9 @@ def test_same_manifest_digest_as_docker_archive(host: Dockerd, myapp: dict[str, 
     assert [x.diff_id for x in from_daemon.layers] == [x.diff_id for x in from_archive.layers]
 
 
-def test_warm_load_does_not_save(host: Dockerd, myapp: dict[str, bytes],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_warm_load_does_not_save(
+    host: Dockerd, myapp: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = source.load(reference.parse("docker-daemon:myapp:dev"))
 
     def no_save(*args: object, **kwargs: object) -> None:
@@ -92,7 +99,7 @@ def test_warm_load_does_not_save(host: Dockerd, myapp: dict[str, bytes],
 def test_find_local(host: Dockerd, myapp: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     assert daemon.find_local(reference.parse("myapp:dev"))
     assert daemon.find_local(reference.parse("docker.io/library/myapp:dev"))
-    assert not daemon.find_local(reference.parse("docker://myapp:dev"))     # explicit: registry only
+    assert not daemon.find_local(reference.parse("docker://myapp:dev"))  # explicit: registry only
     assert not daemon.find_local(reference.parse("myapp:other"))
     assert not daemon.find_local(reference.parse("myapp:dev"), source.Platform("linux", "arm64"))
     monkeypatch.setenv("DOCKER_HOST", f"unix://{host.root}/nothing.sock")
@@ -103,14 +110,17 @@ def test_bare_reference_builds_from_daemon(host: Dockerd, myapp: dict[str, bytes
     """What the build does for `xbuild myapp:dev`: found locally, loaded as docker-daemon:, packed."""
     ref = reference.parse("myapp:dev")
     assert ref.transport == "docker" and not ref.explicit and daemon.find_local(ref)
-    art = build(str(reference.ImageRef("docker-daemon", ref.registry, ref.repository, ref.tag)),
-                BuildOptions(output=tmp_path / "out", kernel=None))
+    art = build(
+        str(reference.ImageRef("docker-daemon", ref.registry, ref.repository, ref.tag)),
+        BuildOptions(output=tmp_path / "out", kernel=None),
+    )
     assert art.manifest.source.reference == "docker-daemon:docker.io/library/myapp:dev"
     assert art.initrd.stat().st_size > 0
 
 
-def test_missing_image_and_no_daemon(host: Dockerd, myapp: dict[str, bytes],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_image_and_no_daemon(
+    host: Dockerd, myapp: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(SourceError, match="no such image in the Docker daemon") as e:
         source.load(reference.parse("docker-daemon:nothere:1"))
     assert e.value.exit_code == 2 and "\n" not in str(e.value)
@@ -134,14 +144,29 @@ def test_repeated_layer_is_a_symlink_in_save(host: Dockerd, tmp_path: Path) -> N
     """`docker save` writes a layer whose diff_id it already wrote as a symlink to the first copy."""
     layer = _tar([("blob.bin", os.urandom(BIG))])
     diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/x"]},
-                         "rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]}}).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/x"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]},
+        }
+    ).encode()
     config_name = hashlib.sha256(config).hexdigest() + ".json"
-    manifest = json.dumps([{"Config": config_name, "RepoTags": ["dupe:1"],
-                            "Layers": ["a/layer.tar", "b/layer.tar"]}]).encode()
+    manifest = json.dumps(
+        [{"Config": config_name, "RepoTags": ["dupe:1"], "Layers": ["a/layer.tar", "b/layer.tar"]}]
+    ).encode()
     archive = tmp_path / "dupe.tar"
-    archive.write_bytes(_tar([("a/layer.tar", layer), ("b/layer.tar", layer), (config_name, config),
-                              ("manifest.json", manifest)]))
+    archive.write_bytes(
+        _tar(
+            [
+                ("a/layer.tar", layer),
+                ("b/layer.tar", layer),
+                (config_name, config),
+                ("manifest.json", manifest),
+            ]
+        )
+    )
     host.docker("load", "-q", "-i", str(archive))
     image = source.load(reference.parse("docker-daemon:dupe:1"))
     assert [x.diff_id for x in image.layers] == [diff_id, diff_id]

@@ -41,8 +41,14 @@ from tests.fixtures.images import (
 
 EPOCH = MTIME + 60
 Sig = tuple[Any, ...]
-TAR_KINDS = {tarfile.REGTYPE: stat.S_IFREG, tarfile.DIRTYPE: stat.S_IFDIR, tarfile.SYMTYPE: stat.S_IFLNK,
-             tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+TAR_KINDS = {
+    tarfile.REGTYPE: stat.S_IFREG,
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
 
 
 def flat(image: OciImage) -> Tree:
@@ -66,9 +72,17 @@ def tree_sig(tree: Tree, epoch: int | None) -> dict[str, Sig]:
     for path, node in tree.walk():
         data = read_content(node) if node.kind == FILE else b""
         mtime = node.mtime if epoch is None else min(node.mtime, epoch)
-        sig[path or "."] = (node.st_mode, node.uid, node.gid, mtime, len(data), node.target,
-                            node.rdev if node.kind in ("char", "block") else (0, 0),
-                            tuple(sorted((node.xattrs or {}).items())), hashlib.sha256(data).hexdigest())
+        sig[path or "."] = (
+            node.st_mode,
+            node.uid,
+            node.gid,
+            mtime,
+            len(data),
+            node.target,
+            node.rdev if node.kind in ("char", "block") else (0, 0),
+            tuple(sorted((node.xattrs or {}).items())),
+            hashlib.sha256(data).hexdigest(),
+        )
     return sig
 
 
@@ -89,8 +103,13 @@ def tar_sig(path: Path) -> tuple[dict[str, Sig], set[frozenset[str]]]:
             name = m.name.removeprefix("./").rstrip("/") or "."
             if name == "lost+found" or name.startswith("lost+found/"):
                 continue
-            xattrs = tuple(sorted((k.removeprefix("SCHILY.xattr."), v.encode("utf-8", "surrogateescape"))
-                                  for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")))
+            xattrs = tuple(
+                sorted(
+                    (k.removeprefix("SCHILY.xattr."), v.encode("utf-8", "surrogateescape"))
+                    for k, v in m.pax_headers.items()
+                    if k.startswith("SCHILY.xattr.")
+                )
+            )
             if m.islnk():
                 target = m.linkname.removeprefix("./")
                 links.setdefault(target, {target}).add(name)
@@ -99,18 +118,29 @@ def tar_sig(path: Path) -> tuple[dict[str, Sig], set[frozenset[str]]]:
             f = tar.extractfile(m) if m.isfile() else None
             data = f.read() if f else b""
             rdev = (m.devmajor, m.devminor) if m.ischr() or m.isblk() else (0, 0)
-            sig[name] = (TAR_KINDS[m.type] | m.mode, m.uid, m.gid, int(m.mtime), len(data),
-                         m.linkname if m.issym() else "", rdev, xattrs, hashlib.sha256(data).hexdigest())
+            sig[name] = (
+                TAR_KINDS[m.type] | m.mode,
+                m.uid,
+                m.gid,
+                int(m.mtime),
+                len(data),
+                m.linkname if m.issym() else "",
+                rdev,
+                xattrs,
+                hashlib.sha256(data).hexdigest(),
+            )
     return sig, {frozenset(g) for g in links.values()}
 
 
 # ------------------------------------------------------------------------------------------- fast ones
 
+
 def test_auto_size_has_the_documented_margin(whiteout_image: OciImage) -> None:
     tree = flat(whiteout_image)
     use = disk.usage(tree)
-    assert use.content_bytes == sum(len(read_content(n)) for n in {id(n): n for _, n in tree.walk()
-                                                                     if n.kind == FILE}.values())
+    assert use.content_bytes == sum(
+        len(read_content(n)) for n in {id(n): n for _, n in tree.walk() if n.kind == FILE}.values()
+    )
     assert use.inodes == len({id(n) for _, n in tree.walk()})
     size = disk.auto_size(tree)
     assert size % disk.MIB == 0
@@ -134,8 +164,9 @@ def test_unwritable_output_is_refused(whiteout_image: OciImage, tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "whiteout-oci"]
 
 
-def test_missing_libguestfs_names_the_debian_package(whiteout_image: OciImage, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_libguestfs_names_the_debian_package(
+    whiteout_image: OciImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "guestfs", None)  # makes `import guestfs` fail
     with pytest.raises(DiskInputError, match="apt-get install python3-guestfs") as e:
         disk.write_disk(flat(whiteout_image), tmp_path / "out" / "disk.img")
@@ -168,6 +199,7 @@ def test_mkfs_fast_is_byte_reproducible(whiteout_image: OciImage, tmp_path: Path
 
 # ------------------------------------------------------------------------------ through the appliance
 
+
 @pytest.mark.slow
 @needs_guestfs
 def test_a_tree_that_does_not_fit_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,19 +220,26 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
         pytest.skip("libguestfs (python3-guestfs) missing")
     d = tmp_path_factory.mktemp("artifacts")
     ref = make_busybox_image(d / "oci").ref
-    return {fmt: build(ref, BuildOptions(output=d / fmt, format=fmt, kernel=None, compression="none",
-                                         epoch=EPOCH)) for fmt in ("initramfs", "disk")}
+    return {
+        fmt: build(
+            ref, BuildOptions(output=d / fmt, format=fmt, kernel=None, compression="none", epoch=EPOCH)
+        )
+        for fmt in ("initramfs", "disk")
+    }
 
 
 @pytest.fixture(scope="module")
-def disks(artifacts: dict[str, Artifact],
-          tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Tree, disk.DiskImage]]:
+def disks(
+    artifacts: dict[str, Artifact], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Tree, disk.DiskImage]]:
     """Disks to read back: written from trees, and the disk artifact's (its tree is not at hand: empty)."""
     d = tmp_path_factory.mktemp("disks")
     whiteout = flat(make_whiteout_image(d / "whiteout-oci"))
     busybox = flat(make_busybox_image(d / "busybox-oci"))
-    out = {"whiteout": (whiteout, disk.write_disk(whiteout, d / "whiteout.img", epoch=EPOCH)),
-           "busybox": (busybox, disk.write_disk(busybox, d / "busybox.qcow2", fmt="qcow2", epoch=EPOCH))}
+    out = {
+        "whiteout": (whiteout, disk.write_disk(whiteout, d / "whiteout.img", epoch=EPOCH)),
+        "busybox": (busybox, disk.write_disk(busybox, d / "busybox.qcow2", fmt="qcow2", epoch=EPOCH)),
+    }
     if os.geteuid() == 0:
         out["whiteout-mkfs"] = (whiteout, disk.mkfs_fast(whiteout, d / "whiteout-mkfs.img", epoch=EPOCH))
     art = artifacts["disk"]
@@ -212,8 +251,9 @@ def disks(artifacts: dict[str, Artifact],
 
 
 @pytest.fixture(scope="module")
-def read_back(disks: dict[str, tuple[Tree, disk.DiskImage]],
-              tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+def read_back(
+    disks: dict[str, tuple[Tree, disk.DiskImage]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Any]]:
     """One appliance reads every disk: a numeric-owner tar with xattrs, inode numbers and ctimes."""
     import guestfs  # type: ignore[import-not-found]
 
@@ -234,8 +274,12 @@ def read_back(disks: dict[str, tuple[Tree, disk.DiskImage]],
             g.tar_out("/", str(d / f"{name}.tar"), numericowner=True, xattrs=True)
             tree = disks[name][0]
             files = [p for p, n in tree.walk() if n.kind == FILE and p.isascii()]
-            result[name] = {"tar": d / f"{name}.tar", "vfs_type": g.vfs_type(dev), "uuid": g.vfs_uuid(dev),
-                            "stat": {p: g.lstatns("/" + p) for p in files}}
+            result[name] = {
+                "tar": d / f"{name}.tar",
+                "vfs_type": g.vfs_type(dev),
+                "uuid": g.vfs_uuid(dev),
+                "stat": {p: g.lstatns("/" + p) for p in files},
+            }
             g.umount_all()
     finally:
         g.shutdown()
@@ -246,8 +290,9 @@ def read_back(disks: dict[str, tuple[Tree, disk.DiskImage]],
 @pytest.mark.slow
 @needs_guestfs
 @pytest.mark.parametrize("name", ["whiteout", "busybox", "whiteout-mkfs"])
-def test_disk_holds_the_tree(name: str, disks: dict[str, tuple[Tree, disk.DiskImage]],
-                             read_back: dict[str, dict[str, Any]]) -> None:
+def test_disk_holds_the_tree(
+    name: str, disks: dict[str, tuple[Tree, disk.DiskImage]], read_back: dict[str, dict[str, Any]]
+) -> None:
     if name not in disks:
         pytest.skip("mkfs.ext4 -d needs root")
     tree, image = disks[name]
@@ -275,10 +320,17 @@ def cpio_sig(initrd: Path) -> dict[str, Sig]:
     for e in entries:
         if e["size"]:
             by_ino[e["ino"]] = e["data"]  # type: ignore[assignment]
-    return {e["name"]: (e["mode"], e["uid"], e["gid"], e["mtime"], (e["rdevmajor"], e["rdevminor"]),  # type: ignore
-                        hashlib.sha256(by_ino.get(e["ino"], b"")
-                                       if stat.S_ISREG(e["mode"]) else b"").hexdigest())  # type: ignore
-            for e in entries}
+    return {
+        e["name"]: (
+            e["mode"],
+            e["uid"],
+            e["gid"],
+            e["mtime"],
+            (e["rdevmajor"], e["rdevminor"]),  # type: ignore
+            hashlib.sha256(by_ino.get(e["ino"], b"") if stat.S_ISREG(e["mode"]) else b"").hexdigest(),
+        )  # type: ignore
+        for e in entries
+    }
 
 
 def disk_sig(read_back: dict[str, Any]) -> dict[str, Sig]:
@@ -288,8 +340,9 @@ def disk_sig(read_back: dict[str, Any]) -> dict[str, Sig]:
 
 @pytest.mark.slow
 @needs_guestfs
-def test_disk_equals_the_initramfs(disks: dict[str, tuple[Tree, disk.DiskImage]],
-                                   read_back: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+def test_disk_equals_the_initramfs(
+    disks: dict[str, tuple[Tree, disk.DiskImage]], read_back: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
     """What the guest sees on /dev/xvda is what it would see in the initramfs of the same tree."""
     tree, _ = disks["whiteout"]
     pack(tree, tmp_path / "initrd", "none", epoch=EPOCH)
@@ -298,8 +351,9 @@ def test_disk_equals_the_initramfs(disks: dict[str, tuple[Tree, disk.DiskImage]]
 
 @pytest.mark.slow
 @needs_guestfs
-def test_disk_build_equals_the_initramfs_build(artifacts: dict[str, Artifact],
-                                               read_back: dict[str, dict[str, Any]]) -> None:
+def test_disk_build_equals_the_initramfs_build(
+    artifacts: dict[str, Artifact], read_back: dict[str, dict[str, Any]]
+) -> None:
     """`xbuild IMAGE --format disk` puts on disk.img exactly what `xbuild IMAGE` packs into its initramfs,
     but for the init's config, which gains the root-disk records; its own initramfs is that config and the
     init."""
@@ -317,6 +371,7 @@ def test_disk_build_equals_the_initramfs_build(artifacts: dict[str, Artifact],
 
 # ------------------------------------------------------------------------- `--format disk` guests booted
 
+
 def disk_artifact(ref: str, out: Path, **opts: Any) -> Artifact:
     return build(ref, BuildOptions(output=out, format="disk", **opts))
 
@@ -329,15 +384,16 @@ def probe_image(tmp_path_factory: pytest.TempPathFactory) -> OciImage:
 @pytest.mark.slow
 @needs_guestfs
 @pytest.mark.parametrize(("fmt", "mode"), [("qcow2", "rw"), ("raw", "ro")])
-def test_disk_guest_boots_from_its_disk(fmt: str, mode: str, probe_image: OciImage, tmp_path: Path,
-                                        default_kernel_path: Path) -> None:
+def test_disk_guest_boots_from_its_disk(
+    fmt: str, mode: str, probe_image: OciImage, tmp_path: Path, default_kernel_path: Path
+) -> None:
     """The initramfs holds only the init; the program runs on /dev/vda, mounted rw or ro. `xbuild run`
     never changes the artifact's disk: every run starts from the image (an rw guest's writes are thrown
     away, as `docker run` does), and disk.img is the same byte for byte afterwards."""
     art = disk_artifact(probe_image.ref, tmp_path / "art", disk_mode=mode, disk_format=fmt)
     m = art.manifest.to_json()
     assert m["disk"]["mode"] == mode and m["disk"]["format"] == fmt and m["guest"]["memory_mb"] <= 128
-    assert m["initrd"]["entries"] == 7 and m["initrd"]["size"] < 64 << 10   # init, config, links, console
+    assert m["initrd"]["entries"] == 7 and m["initrd"]["size"] < 64 << 10  # init, config, links, console
     assert f"format={fmt}, vdev=xvda, access={mode}, target=disk.img" in (art.path / "xen.cfg").read_text()
     assert file_sha256(art.path / "disk.img") == m["disk"]["sha256"]
     for _ in range(2 if mode == "rw" else 1):
@@ -360,8 +416,9 @@ def test_disk_guest_boots_from_its_disk(fmt: str, mode: str, probe_image: OciIma
 
 @pytest.mark.slow
 @needs_guestfs
-def test_nginx_lookalike_disk_guest_passes_its_smoke_test(nginx_layout: str, tmp_path: Path,
-                                                          default_kernel_path: Path) -> None:
+def test_nginx_lookalike_disk_guest_passes_its_smoke_test(
+    nginx_layout: str, tmp_path: Path, default_kernel_path: Path
+) -> None:
     art = disk_artifact(nginx_layout, tmp_path / "nginx", recipe="nginx", xen_type="pv")
     assert art.manifest.guest.memory_mb <= 128
     for hypervisor in ("qemu", "xen-nested"):
@@ -370,8 +427,9 @@ def test_nginx_lookalike_disk_guest_passes_its_smoke_test(nginx_layout: str, tmp
 
 @pytest.mark.slow
 @needs_guestfs
-def test_large_python_image_on_disk_runs_in_128_mb(python_layout: str, tmp_path: Path,
-                                                   default_kernel_path: Path) -> None:
+def test_large_python_image_on_disk_runs_in_128_mb(
+    python_layout: str, tmp_path: Path, default_kernel_path: Path
+) -> None:
     """A > 100 MB image (Debian + python3 + a web app, not minimized) as a disk guest with 128 MB of RAM:
     more files than the RAM could hold as an initramfs next to the program."""
     art = disk_artifact(python_layout, tmp_path / "py", recipe="python-web", minimize="none", xen_type="pv")

@@ -24,6 +24,7 @@ def names(objs: list[elf.Loaded]) -> set[str]:
 
 # -- real Debian binaries ----------------------------------------------------------------------------
 
+
 def test_parse_real_binary() -> None:
     info = elf.parse(Path(LS).read_bytes(), LS)
     assert info.interp == "/lib64/ld-linux-x86-64.so.2"
@@ -40,8 +41,16 @@ def test_parse_rejects_non_elf() -> None:
 
 
 def test_closure_of_real_ls_through_merged_usr_links() -> None:
-    tree = host_tree([LS, "/lib64/ld-linux-x86-64.so.2", "/usr/lib/x86_64-linux-gnu", "/lib",
-                      "/etc/ld.so.conf", "/etc/ld.so.conf.d"])
+    tree = host_tree(
+        [
+            LS,
+            "/lib64/ld-linux-x86-64.so.2",
+            "/usr/lib/x86_64-linux-gnu",
+            "/lib",
+            "/etc/ld.so.conf",
+            "/etc/ld.so.conf.d",
+        ]
+    )
     for lib in ("libc.so.6", "libselinux.so.1", "libpcre2-8.so.0"):
         host_tree([f"/usr/lib/x86_64-linux-gnu/{lib}"], tree)
     for f in Path("/etc/ld.so.conf.d").glob("*.conf"):
@@ -74,10 +83,15 @@ def test_missing_interpreter_is_an_error() -> None:
 
 # -- ld.so.conf --------------------------------------------------------------------------------------
 
+
 def test_ld_so_conf_includes_globs_comments_and_loops() -> None:
     t = Tree()
-    add_file(t, "etc/ld.so.conf", b"# comment\n/opt/first\ninclude /etc/ld.so.conf.d/*.conf\n"
-             b"include ld.so.conf\nhwcap 0 nosegneg\n/opt/last:/opt/last2\n")
+    add_file(
+        t,
+        "etc/ld.so.conf",
+        b"# comment\n/opt/first\ninclude /etc/ld.so.conf.d/*.conf\n"
+        b"include ld.so.conf\nhwcap 0 nosegneg\n/opt/last:/opt/last2\n",
+    )
     add_file(t, "etc/ld.so.conf.d/b.conf", b"/opt/b  # trailing comment\n")
     add_file(t, "etc/ld.so.conf.d/a.conf", b"/opt/a\n/opt/first\n")
     add_file(t, "etc/ld.so.conf.d/c.txt", b"/opt/not-included\n")
@@ -95,11 +109,15 @@ def test_glob_inside_tree() -> None:
 
 # -- crafted ELF files ---------------------------------------------------------------------------------
 
+
 def cc(tmp: Path, name: str, src: str, *args: str) -> Path:
     (tmp / f"{name}.c").write_text(src)
     out = tmp / name
-    subprocess.run(["gcc", "-O1", "-o", str(out), str(tmp / f"{name}.c"), *args, f"-Wl,-rpath-link,{tmp}"],
-                   check=True, cwd=tmp)
+    subprocess.run(
+        ["gcc", "-O1", "-o", str(out), str(tmp / f"{name}.c"), *args, f"-Wl,-rpath-link,{tmp}"],
+        check=True,
+        cwd=tmp,
+    )
     return out
 
 
@@ -117,7 +135,7 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     main = "int a(void); int main(void){return a();}"
     cc(tmp, "runpath", main, f"-L{tmp}", "-la", "-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib")
     cc(tmp, "rpath", main, f"-L{tmp}", "-la", "-Wl,--disable-new-dtags,-rpath,$ORIGIN/../lib")
-    cc(tmp, "iconv", "#include <iconv.h>\nint main(void){return iconv_open(\"UTF-8\",\"LATIN1\")==0;}")
+    cc(tmp, "iconv", '#include <iconv.h>\nint main(void){return iconv_open("UTF-8","LATIN1")==0;}')
     return tmp
 
 
@@ -127,7 +145,7 @@ def test_runpath_origin(crafted: Path) -> None:
     t = libc_tree()
     add_host_file(t, "opt/app/bin/app", str(crafted / "runpath"))
     add_host_file(t, "opt/app/lib/liba.so", str(crafted / "liba.so"))
-    add_host_file(t, "usr/lib/x86_64-linux-gnu/libb.so", str(crafted / "libb.so"))   # default dir
+    add_host_file(t, "usr/lib/x86_64-linux-gnu/libb.so", str(crafted / "libb.so"))  # default dir
     objs, _ = elf.Resolver(t).closure("opt/app/bin/app")
     by = {o.real: o for o in objs}
     assert "opt/app/lib/liba.so" in by and by["opt/app/lib/liba.so"].needed_by == "opt/app/bin/app"
@@ -141,13 +159,14 @@ def test_runpath_is_not_inherited_but_rpath_is(crafted: Path) -> None:
         t = libc_tree()
         add_host_file(t, "opt/app/bin/app", str(crafted / exe))
         add_host_file(t, "opt/app/lib/liba.so", str(crafted / "liba.so"))
-        add_host_file(t, "opt/app/lib/libb.so", str(crafted / "libb.so"))    # only via the exe's path
+        add_host_file(t, "opt/app/lib/libb.so", str(crafted / "libb.so"))  # only via the exe's path
         if inherited:
             objs, _ = elf.Resolver(t).closure("opt/app/bin/app")
             assert "opt/app/lib/libb.so" in {o.real for o in objs}
         else:
-            with pytest.raises(MinimizeError,
-                               match=r"/opt/app/lib/liba\.so needs the shared library libb\.so"):
+            with pytest.raises(
+                MinimizeError, match=r"/opt/app/lib/liba\.so needs the shared library libb\.so"
+            ):
                 elf.Resolver(t).closure("opt/app/bin/app")
 
 
@@ -163,7 +182,7 @@ def test_origin_of_symlinked_executable_is_its_real_dir(crafted: Path) -> None:
 
 def test_ld_library_path_from_env_and_non_elf_candidates_skipped(crafted: Path) -> None:
     t = libc_tree()
-    add_host_file(t, "app", str(crafted / "runpath"))      # $ORIGIN/../lib = /lib: not there
+    add_host_file(t, "app", str(crafted / "runpath"))  # $ORIGIN/../lib = /lib: not there
     add_file(t, "first/liba.so", b"not an ELF file at all, ld.so skips it" * 3)
     add_host_file(t, "second/liba.so", str(crafted / "liba.so"))
     add_host_file(t, "second/libb.so", str(crafted / "libb.so"))

@@ -49,10 +49,10 @@ def names(tree: Tree, path: str) -> set[str]:
 
 def test_whiteouts(tree: Tree) -> None:
     assert tree.lookup("data/a.txt") is None
-    assert tree.read("data/b.txt") == b"b2\n"            # whited out, then re-added by the same layer
-    assert tree.read("etc/hostname") == b"new\n"         # a whiteout only hides lower layers
-    assert tree.lookup("gone") is None                   # a whole directory
-    assert tree.lookup("nonexistent") is None            # whiteout of nothing is harmless
+    assert tree.read("data/b.txt") == b"b2\n"  # whited out, then re-added by the same layer
+    assert tree.read("etc/hostname") == b"new\n"  # a whiteout only hides lower layers
+    assert tree.lookup("gone") is None  # a whole directory
+    assert tree.lookup("nonexistent") is None  # whiteout of nothing is harmless
     assert not any(".wh." in path for path, _ in tree.walk())
 
 
@@ -61,9 +61,9 @@ def test_opaque_directory(tree: Tree) -> None:
     assert names(tree, "opq") == {"before.txt", "new.txt", "sub", "lower", "implicit"}
     opq = tree.lookup("opq")
     assert opq is not None and (opq.mode, opq.uid, opq.gid) == (0o755, 0, 0)
-    assert names(tree, "opq/sub") == set()                # re-declared below the marker: lower content goes
+    assert names(tree, "opq/sub") == set()  # re-declared below the marker: lower content goes
     assert tree.lookup("opq/sub").mode == 0o700  # type: ignore[union-attr]
-    assert names(tree, "opq/lower") == {"y.txt"}          # an implicit parent keeps only this layer's files
+    assert names(tree, "opq/lower") == {"y.txt"}  # an implicit parent keeps only this layer's files
     assert tree.read("opq/implicit/f.txt") == b"f\n"
 
 
@@ -82,7 +82,7 @@ def test_hardlinks(tree: Tree) -> None:
     hard = tree.lookup("links/hard")
     assert tree.lookup("links/orig") is None
     assert hard is not None and (hard.mode, hard.uid, hard.gid) == (0o640, 7, 8)
-    assert tree.read("links/hard") == b"original\n"      # survives the whiteout of its first name
+    assert tree.read("links/hard") == b"original\n"  # survives the whiteout of its first name
     assert tree.read("links/hard-to-replaced") == b"v1\n"  # keeps the content the name had when linked
     assert tree.read("links/replaced") == b"v2\n"
     assert tree.lookup("links/hard-to-replaced") is not tree.lookup("links/replaced")
@@ -98,11 +98,20 @@ def test_symlinks(tree: Tree) -> None:
 
 
 def test_devices_and_fifos(tree: Tree) -> None:
-    got = {n: (tree.lookup(f"dev/{n}").kind, tree.lookup(f"dev/{n}").rdev,  # type: ignore[union-attr]
-               tree.lookup(f"dev/{n}").mode, tree.lookup(f"dev/{n}").gid)  # type: ignore[union-attr]
-           for n in ("null", "sda", "initctl")}
-    assert got == {"null": (CHAR, (1, 3), 0o666, 0), "sda": (BLOCK, (8, 0), 0o660, 6),
-                   "initctl": (FIFO, (0, 0), 0o600, 0)}
+    got = {
+        n: (
+            tree.lookup(f"dev/{n}").kind,
+            tree.lookup(f"dev/{n}").rdev,  # type: ignore[union-attr]
+            tree.lookup(f"dev/{n}").mode,
+            tree.lookup(f"dev/{n}").gid,
+        )  # type: ignore[union-attr]
+        for n in ("null", "sda", "initctl")
+    }
+    assert got == {
+        "null": (CHAR, (1, 3), 0o666, 0),
+        "sda": (BLOCK, (8, 0), 0o660, 6),
+        "initctl": (FIFO, (0, 0), 0o600, 0),
+    }
 
 
 def test_special_modes_and_owners(tree: Tree) -> None:
@@ -116,7 +125,7 @@ def test_special_modes_and_owners(tree: Tree) -> None:
     assert meta("tmp") == (0o1777, 0, 0)
     assert meta("home/user") == (0o700, 1000, 1000)
     assert meta("home/user/.profile") == (0o600, 1000, 1000)
-    assert meta("implicit/parents") == (0o755, 0, 0)     # parents missing from the tar: 0755 root
+    assert meta("implicit/parents") == (0o755, 0, 0)  # parents missing from the tar: 0755 root
 
 
 def test_xattrs(tree: Tree) -> None:
@@ -126,7 +135,7 @@ def test_xattrs(tree: Tree) -> None:
 
 
 def test_mtimes_and_directory_metadata(tree: Tree) -> None:
-    assert tree.root.mtime == MTIME + 100                # "./" of the last layer sets the root's metadata
+    assert tree.root.mtime == MTIME + 100  # "./" of the last layer sets the root's metadata
     etc = tree.lookup("etc")
     assert etc is not None and (etc.mode, etc.mtime) == (0o751, MTIME + 50)
     assert names(tree, "etc") == {"passwd", "hostname"}  # re-declaring a directory keeps its children
@@ -141,8 +150,20 @@ def test_content_stays_in_the_layer_tars(tree: Tree) -> None:
 
 
 def test_dot_slash_and_plain_names_meet(tree: Tree) -> None:
-    assert set(tree.root.children or {}) == {"bin", "change", "data", "dev", "empty", "etc", "home",
-                                             "implicit", "links", "names", "opq", "tmp"}
+    assert set(tree.root.children or {}) == {
+        "bin",
+        "change",
+        "data",
+        "dev",
+        "empty",
+        "etc",
+        "home",
+        "implicit",
+        "links",
+        "names",
+        "opq",
+        "tmp",
+    }
 
 
 def test_long_and_odd_names_and_ids(tree: Tree) -> None:
@@ -160,14 +181,16 @@ def test_counts(whiteout_image: OciImage) -> None:
 
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])
-def test_layer_compressions_give_the_same_tree(tmp_path: Path, tree: Tree, compression: str,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / "other-cache"))   # same diff_ids: decompress again
+def test_layer_compressions_give_the_same_tree(
+    tmp_path: Path, tree: Tree, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / "other-cache"))  # same diff_ids: decompress again
     other = make_whiteout_image(tmp_path / compression, compression=compression)
     assert tree_signature(flat(other)) == tree_signature(tree)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------
+
 
 def bad_image(tmp_path: Path, layers: list[list[Member]], **kwargs: object) -> OciImage:
     write_oci_image(tmp_path / "bad", "bad", layers, {"Cmd": ["sh"]}, **kwargs)  # type: ignore[arg-type]
@@ -210,7 +233,7 @@ def test_truncated_gzip_layer(tmp_path: Path) -> None:
 def test_corrupt_gzip_layer(tmp_path: Path) -> None:
     layers = [[file("big", b"hello world\n" * 10000)]]
     gz = bytearray(compress(layer_tar(layers[0]), "gzip"))
-    gz[-8:-4] = b"\0\0\0\0"   # CRC32
+    gz[-8:-4] = b"\0\0\0\0"  # CRC32
     rejects(bad_image(tmp_path, layers, layer_blobs=[bytes(gz)]), SourceError, "corrupt", "gzip")
 
 
@@ -230,8 +253,9 @@ def test_layer_blob_changed_on_disk(tmp_path: Path) -> None:
 
 def test_diff_id_mismatch(tmp_path: Path) -> None:
     wrong = "sha256:" + "0" * 64
-    image = bad_image(tmp_path, [[file("a", b"a")]],
-                      image_config={"rootfs": {"type": "layers", "diff_ids": [wrong]}})
+    image = bad_image(
+        tmp_path, [[file("a", b"a")]], image_config={"rootfs": {"type": "layers", "diff_ids": [wrong]}}
+    )
     rejects(image, SourceError, "diff_id", wrong)
 
 
@@ -239,12 +263,15 @@ def test_empty_image(tmp_path: Path) -> None:
     rejects(bad_image(tmp_path, []), SourceError, "empty image")
 
 
-@pytest.mark.parametrize("config, words", [
-    (b"{not json", ("config", "not valid JSON")),
-    (b"[]", ("config", "JSON object")),
-    (b'{"config": {}, "rootfs": "layers"}', ("config", "rootfs.diff_ids")),
-    (b'{"config": {"Cmd": "sh"}, "rootfs": {"diff_ids": []}}', ("config.Cmd", "list of strings")),
-])
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        (b"{not json", ("config", "not valid JSON")),
+        (b"[]", ("config", "JSON object")),
+        (b'{"config": {}, "rootfs": "layers"}', ("config", "rootfs.diff_ids")),
+        (b'{"config": {"Cmd": "sh"}, "rootfs": {"diff_ids": []}}', ("config.Cmd", "list of strings")),
+    ],
+)
 def test_malformed_config(tmp_path: Path, config: bytes, words: tuple[str, ...]) -> None:
     rejects(bad_image(tmp_path, [[file("a", b"a")]], image_config=config), SourceError, *words)
 
@@ -278,7 +305,16 @@ def test_parent_is_not_a_directory(tmp_path: Path) -> None:
 
 def test_symlinks_cannot_lead_out_of_the_root(tmp_path: Path) -> None:
     path = tmp_path / "l.tar"
-    path.write_bytes(layer_tar([dir("tmp/"), symlink("up", "../../../../tmp"), symlink("abs", "/tmp"),
-                                file("up/a", b"a"), file("abs/b", b"b")]))
+    path.write_bytes(
+        layer_tar(
+            [
+                dir("tmp/"),
+                symlink("up", "../../../../tmp"),
+                symlink("abs", "/tmp"),
+                file("up/a", b"a"),
+                file("abs/b", b"b"),
+            ]
+        )
+    )
     tree = flatten_tars([("l", path)]).tree
     assert names(tree, "tmp") == {"a", "b"}

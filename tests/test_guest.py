@@ -32,18 +32,15 @@ from builder.guest import (
 from builder.image import ImageConfig
 from builder.tree import CHAR, SYMLINK, Inode, Tree, regular
 
-PASSWD = (b"root:x:0:0:root:/root:/bin/sh\n"
-          b"# a comment\n"
-          b"app:x:1000:1000:App:/home/app:/bin/sh\n"
-          b"svc:x:2000:2001::/srv:/bin/false\n"
-          b"nohome:x:3000:3000::\n"
-          b"broken line\n")
-GROUP = (b"root:x:0:\n"
-         b"wheel:x:10:root,app\n"
-         b"staff:x:50:app, svc\n"
-         b"app:x:1000:\n"
-         b"svcgrp:x:2001:\n"
-         b"dup:x:10:app\n")
+PASSWD = (
+    b"root:x:0:0:root:/root:/bin/sh\n"
+    b"# a comment\n"
+    b"app:x:1000:1000:App:/home/app:/bin/sh\n"
+    b"svc:x:2000:2001::/srv:/bin/false\n"
+    b"nohome:x:3000:3000::\n"
+    b"broken line\n"
+)
+GROUP = b"root:x:0:\nwheel:x:10:root,app\nstaff:x:50:app, svc\napp:x:1000:\nsvcgrp:x:2001:\ndup:x:10:app\n"
 
 
 @pytest.fixture
@@ -54,32 +51,38 @@ def tree() -> Tree:
     return t
 
 
-@pytest.mark.parametrize("user,expected", [
-    ("", (0, 0, (0, 10), "/root")),
-    ("root", (0, 0, (0, 10), "/root")),
-    ("app", (1000, 1000, (1000, 10, 50), "/home/app")),
-    ("1000", (1000, 1000, (1000, 10, 50), "/home/app")),
-    ("app:staff", (1000, 50, (50,), "/home/app")),
-    ("app:7", (1000, 7, (7,), "/home/app")),
-    ("1000:svcgrp", (1000, 2001, (2001,), "/home/app")),
-    ("1000:2001", (1000, 2001, (2001,), "/home/app")),
-    ("svc", (2000, 2001, (2001, 50), "/srv")),
-    ("4242", (4242, 0, (0,), "/")),
-    ("4242:77", (4242, 77, (77,), "/")),
-    ("4242:staff", (4242, 50, (50,), "/")),
-    ("nohome", (3000, 3000, (3000,), "/")),
-])
+@pytest.mark.parametrize(
+    "user,expected",
+    [
+        ("", (0, 0, (0, 10), "/root")),
+        ("root", (0, 0, (0, 10), "/root")),
+        ("app", (1000, 1000, (1000, 10, 50), "/home/app")),
+        ("1000", (1000, 1000, (1000, 10, 50), "/home/app")),
+        ("app:staff", (1000, 50, (50,), "/home/app")),
+        ("app:7", (1000, 7, (7,), "/home/app")),
+        ("1000:svcgrp", (1000, 2001, (2001,), "/home/app")),
+        ("1000:2001", (1000, 2001, (2001,), "/home/app")),
+        ("svc", (2000, 2001, (2001, 50), "/srv")),
+        ("4242", (4242, 0, (0,), "/")),
+        ("4242:77", (4242, 77, (77,), "/")),
+        ("4242:staff", (4242, 50, (50,), "/")),
+        ("nohome", (3000, 3000, (3000,), "/")),
+    ],
+)
 def test_user_forms(tree: Tree, user: str, expected: tuple) -> None:
     assert resolve_user(user, tree) == expected
 
 
-@pytest.mark.parametrize("user,match", [
-    ("nobody", "no user 'nobody'"),
-    ("app:nogroup", "no group 'nogroup'"),
-    ("4242:nogroup", "no group 'nogroup'"),
-    ("app:", "empty group"),
-    (":staff", "empty user"),
-])
+@pytest.mark.parametrize(
+    "user,match",
+    [
+        ("nobody", "no user 'nobody'"),
+        ("app:nogroup", "no group 'nogroup'"),
+        ("4242:nogroup", "no group 'nogroup'"),
+        ("app:", "empty group"),
+        (":staff", "empty user"),
+    ],
+)
 def test_user_errors_name_the_user(tree: Tree, user: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as e:
         resolve_user(user, tree)
@@ -100,11 +103,25 @@ def test_passwd_through_symlink() -> None:
     assert resolve_user("u", t) == (5, 6, (6,), "/h")
 
 
-@pytest.mark.parametrize("text,num", [
-    ("", 15), ("SIGTERM", 15), ("TERM", 15), ("sigquit", 3), ("QUIT", 3), ("9", 9), ("SIGKILL", 9),
-    ("SIGUSR1", 10), ("SIGWINCH", 28), ("SIGRTMIN", 34), ("SIGRTMIN+3", 37), ("RTMAX", 64),
-    ("SIGRTMAX-2", 62), ("SIGPWR", 30),
-])
+@pytest.mark.parametrize(
+    "text,num",
+    [
+        ("", 15),
+        ("SIGTERM", 15),
+        ("TERM", 15),
+        ("sigquit", 3),
+        ("QUIT", 3),
+        ("9", 9),
+        ("SIGKILL", 9),
+        ("SIGUSR1", 10),
+        ("SIGWINCH", 28),
+        ("SIGRTMIN", 34),
+        ("SIGRTMIN+3", 37),
+        ("RTMAX", 64),
+        ("SIGRTMAX-2", 62),
+        ("SIGPWR", 30),
+    ],
+)
 def test_stop_signal(text: str, num: int) -> None:
     assert parse_signal(text) == num
 
@@ -149,21 +166,31 @@ def test_user_error_from_guest_config(tree: Tree) -> None:
 
 
 def test_encode_format_and_roundtrip(tree: Tree) -> None:
-    gc = GuestConfig(argv=("/bin/sh", "-c", "echo é"), env=("A=1", "B="), cwd="/w", uid=1, gid=2,
-                     groups=(2, 3), stop_signal=3, hostname="h", cmd_index=1)
+    gc = GuestConfig(
+        argv=("/bin/sh", "-c", "echo é"),
+        env=("A=1", "B="),
+        cwd="/w",
+        uid=1,
+        gid=2,
+        groups=(2, 3),
+        stop_signal=3,
+        hostname="h",
+        cmd_index=1,
+    )
     data = gc.encode()
     assert data.startswith(b"xbuild-guest-config\x001\x00arg\x00/bin/sh\x00arg\x00-c\x00")
     assert data.endswith(b"grace\x0010\x00")
     assert b"cmd\x001\x00" in data and b"group\x002\x00group\x003\x00" in data
     assert GuestConfig.decode(data) == gc
     with pytest.raises(ConfigError, match="NUL"):
-        GuestConfig(argv=("a\0b",), env=(), cwd="/", uid=0, gid=0, groups=(), stop_signal=15,
-                    hostname="").encode()
+        GuestConfig(
+            argv=("a\0b",), env=(), cwd="/", uid=0, gid=0, groups=(), stop_signal=15, hostname=""
+        ).encode()
 
 
 def test_root_disk_records_roundtrip() -> None:
     gc = GuestConfig(argv=("a",), env=(), cwd="/", uid=0, gid=0, groups=(), stop_signal=15, hostname="h")
-    assert b"root\0" not in gc.encode()   # an initramfs guest has no root records
+    assert b"root\0" not in gc.encode()  # an initramfs guest has no root records
     disk = dataclasses.replace(gc, root_devices=ROOT_DEVICES, root_mode="ro", root_wait_s=3)
     data = disk.encode()
     assert data.endswith(b"root\0/dev/vda\0root\0/dev/xvda\0rootmode\0ro\0rootwait\x003\0")
@@ -174,8 +201,15 @@ def test_boot_tree_holds_only_the_init(tree: Tree) -> None:
     gc = guest_config(ImageConfig(cmd=("a",)), tree, "h")
     install(tree, gc, b"\x7fELFinit")
     boot = boot_tree(tree)
-    assert sorted(p for p, _ in boot.walk()) == ["", ".xbuild", ".xbuild/config", ".xbuild/init", "dev",
-                                                 "dev/console", "init"]
+    assert sorted(p for p, _ in boot.walk()) == [
+        "",
+        ".xbuild",
+        ".xbuild/config",
+        ".xbuild/init",
+        "dev",
+        "dev/console",
+        "init",
+    ]
     assert boot.read("init") == b"\x7fELFinit" and boot.read(".xbuild/config") == gc.encode()
 
 

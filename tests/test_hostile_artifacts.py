@@ -40,8 +40,13 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("hostile-art")
     image = make_busybox_image(work / "oci")
     out = work / "art"
-    r = subprocess.run([*XBUILD, image.ref, "-o", str(out), "--kernel", "none", "-q"], capture_output=True,
-                       text=True, timeout=300, env={**_env(), "XBUILD_CACHE": str(work / "cache")})
+    r = subprocess.run(
+        [*XBUILD, image.ref, "-o", str(out), "--kernel", "none", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_env(), "XBUILD_CACHE": str(work / "cache")},
+    )
     assert r.returncode == 0, r.stderr
     return out, image.ref
 
@@ -78,20 +83,40 @@ def _edit(art: Path, change: Callable[[dict[str, Any]], None]) -> None:
 
 
 def _disk_section(path: Path, fmt: str, virtual: int) -> dict[str, Any]:
-    return {"file": DISK, "format": fmt, "mode": "rw", "size": virtual, "file_size": path.stat().st_size,
-            "sha256": file_sha256(path)}
+    return {
+        "file": DISK,
+        "format": fmt,
+        "mode": "rw",
+        "size": virtual,
+        "file_size": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
 
 
 def _qcow2_backed(art: Path, host: Path) -> None:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(host),
-                    str(art / DISK), "1M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(host), str(art / DISK), "1M"],
+        check=True,
+    )
     _edit(art, lambda m: m.update(disk=_disk_section(art / DISK, "qcow2", 1 << 20)))
 
 
 def _qcow2_data_file(art: Path, host: Path) -> None:
     data = host.with_name("data.raw")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data},data_file_raw=on",
-                    str(art / DISK), "1M"], check=True)
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"data_file={data},data_file_raw=on",
+            str(art / DISK),
+            "1M",
+        ],
+        check=True,
+    )
     _edit(art, lambda m: m.update(disk=_disk_section(art / DISK, "qcow2", 1 << 20)))
 
 
@@ -99,6 +124,7 @@ def _symlinked(name: str) -> Callable[[Path, Path], None]:
     def tamper(art: Path, host: Path) -> None:
         (art / name).unlink()
         (art / name).symlink_to(host)
+
     return tamper
 
 
@@ -110,6 +136,7 @@ def _disk_named(name: str) -> Callable[[Path, Path], None]:
     def tamper(art: Path, host: Path) -> None:
         (art / DISK).write_bytes(bytes(4096))
         _edit(art, lambda m: m.update(disk=dict(_disk_section(art / DISK, "raw", 4096), file=name)))
+
     return tamper
 
 
@@ -158,15 +185,18 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "initrd size lies": (_manifest(lambda m: m["initrd"].update(size=1)), "initrd.img is"),
     "schema": (_manifest(lambda m: m.update(schema="other")), "not an xbuild artifact manifest"),
 }
-COMMANDS = {"run": ["run", "{art}", "--accel", "tcg", "--timeout", "5"],
-            "explain": ["explain", "{art}", "/bin/sh"],
-            "push": ["push", "{art}", "{registry}/hostile/x:t"]}
+COMMANDS = {
+    "run": ["run", "{art}", "--accel", "tcg", "--timeout", "5"],
+    "explain": ["explain", "{art}", "/bin/sh"],
+    "push": ["push", "{art}", "{registry}/hostile/x:t"],
+}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("case", HOSTILE)
-def test_a_tampered_artifact_is_refused(case: str, command: str, template: tuple[Path, str],
-                                        sandbox: Sandbox, host: Path, registry: Registry) -> None:
+def test_a_tampered_artifact_is_refused(
+    case: str, command: str, template: tuple[Path, str], sandbox: Sandbox, host: Path, registry: Registry
+) -> None:
     tamper, needle = HOSTILE[case]
     art = _copy(template, sandbox)
     tamper(art, host)
@@ -180,25 +210,53 @@ def test_a_tampered_artifact_is_refused(case: str, command: str, template: tuple
         assert httpx.get(f"{registry.url}/v2/hostile/x/tags/list").status_code == 404
 
 
-def test_the_artifacts_xen_cfg_is_never_read(template: tuple[Path, str], sandbox: Sandbox,
-                                             host: Path) -> None:
+def test_the_artifacts_xen_cfg_is_never_read(
+    template: tuple[Path, str], sandbox: Sandbox, host: Path
+) -> None:
     """A pulled xen.cfg naming a bootloader, a device model, vif scripts and host paths: accepted as
     data (it is only for a hand-run `xl create`), and the config both runners give xl is generated from the
     manifest, without any of it."""
     art = _copy(template, sandbox)
-    (art / XEN_CFG).write_text(f'name = "x"\nkernel = "{host}"\nramdisk = "/etc/shadow"\n'
-                               'bootloader = "/bin/sh"\ndevice_model_override = "/bin/sh"\n'
-                               "vif = [ 'script=/tmp/evil.sh' ]\ndisk = [ 'target=/dev/sda' ]\n"
-                               'extra = "init=/bin/sh"\n')
+    (art / XEN_CFG).write_text(
+        f'name = "x"\nkernel = "{host}"\nramdisk = "/etc/shadow"\n'
+        'bootloader = "/bin/sh"\ndevice_model_override = "/bin/sh"\n'
+        "vif = [ 'script=/tmp/evil.sh' ]\ndisk = [ 'target=/dev/sda' ]\n"
+        'extra = "init=/bin/sh"\n'
+    )
     opened = open_artifact(art)
     for rig, kernel in ((True, "/guest/kernel"), (False, str(art / KERNEL))):
-        cfg = xen.guest_config(opened, name="busybox", kernel=kernel, ramdisk=kernel + ".initrd",
-                               xen_type="pv", memory_mb=opened.manifest.guest.memory_mb, rig=rig)
+        cfg = xen.guest_config(
+            opened,
+            name="busybox",
+            kernel=kernel,
+            ramdisk=kernel + ".initrd",
+            xen_type="pv",
+            memory_mb=opened.manifest.guest.memory_mb,
+            rig=rig,
+        )
         keys = [line.split(" = ")[0] for line in cfg.splitlines()]
-        assert keys == ["name", "type", "kernel", "ramdisk", "extra", "memory", "maxmem", "vcpus",
-                        "on_poweroff", "on_reboot", "on_crash"]
-        for word in ("bootloader", "device_model", "script", "/etc/shadow", str(host), "/dev/sda",
-                     "init=/bin/sh"):
+        assert keys == [
+            "name",
+            "type",
+            "kernel",
+            "ramdisk",
+            "extra",
+            "memory",
+            "maxmem",
+            "vcpus",
+            "on_poweroff",
+            "on_reboot",
+            "on_crash",
+        ]
+        for word in (
+            "bootloader",
+            "device_model",
+            "script",
+            "/etc/shadow",
+            str(host),
+            "/dev/sda",
+            "init=/bin/sh",
+        ):
             assert word not in cfg
         assert f'extra = "console=hvc0 {CMDLINE_TEXT.removeprefix("console=ttyS0 ")}"' in cfg
     # the nested rig gets only the artifact's validated kernel and initrd: a symlinked one never opens
@@ -208,15 +266,18 @@ def test_the_artifacts_xen_cfg_is_never_read(template: tuple[Path, str], sandbox
         xen.run_nested(open_artifact(art))
 
 
-def test_a_raw_disk_never_has_its_format_probed(template: tuple[Path, str], sandbox: Sandbox,
-                                                host: Path) -> None:
+def test_a_raw_disk_never_has_its_format_probed(
+    template: tuple[Path, str], sandbox: Sandbox, host: Path
+) -> None:
     """A "raw" disk.img that is really a qcow2 naming a backing file: QEMU is told the format (raw) and
     `backing: null`, so the host file stays out of reach (the guest sees the qcow2 bytes as a raw disk)."""
     from builder.run.qemu import Qemu
 
     art = _copy(template, sandbox)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(host), str(art / DISK),
-                    "1M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(host), str(art / DISK), "1M"],
+        check=True,
+    )
     _edit(art, lambda m: m.update(disk=_disk_section(art / DISK, "raw", 1 << 20)))
     guest = Qemu.for_artifact(open_artifact(art))
     try:
@@ -226,9 +287,18 @@ def test_a_raw_disk_never_has_its_format_probed(template: tuple[Path, str], sand
         assert all(n.get("backing") in (None, "disk0") for n in nodes) and str(host) not in " ".join(cmd)
         assert "-drive" not in cmd
         # and QEMU itself agrees: it opens the nodes and names no backing file of the image
-        info = subprocess.run(["qemu-img", "info", "--output=json", "--image-opts",
-                               f"driver=raw,file.driver=file,file.filename={art / DISK}"],
-                              capture_output=True, text=True, check=True)
+        info = subprocess.run(
+            [
+                "qemu-img",
+                "info",
+                "--output=json",
+                "--image-opts",
+                f"driver=raw,file.driver=file,file.filename={art / DISK}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert "backing" not in json.loads(info.stdout)
     finally:
         guest.kill()
@@ -249,11 +319,26 @@ def _blob(registry: Registry, repo: str, data: bytes) -> str:
 
 def _put_vm(registry: Registry, repo: str, config: bytes, files: dict[str, tuple[bytes, str]]) -> str:
     """A VM artifact as a lying pusher would make it: any config, any layers; its reference."""
-    layers = [{"mediaType": media_type, "digest": _blob(registry, repo, data), "size": len(data),
-               "annotations": {publish.TITLE: title}} for title, (data, media_type) in files.items()]
-    doc = {"schemaVersion": 2, "mediaType": publish.OCI_MANIFEST, "artifactType": publish.VM_ARTIFACT,
-           "config": {"mediaType": publish.VM_CONFIG, "digest": _blob(registry, repo, config),
-                      "size": len(config)}, "layers": layers}
+    layers = [
+        {
+            "mediaType": media_type,
+            "digest": _blob(registry, repo, data),
+            "size": len(data),
+            "annotations": {publish.TITLE: title},
+        }
+        for title, (data, media_type) in files.items()
+    ]
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": publish.OCI_MANIFEST,
+        "artifactType": publish.VM_ARTIFACT,
+        "config": {
+            "mediaType": publish.VM_CONFIG,
+            "digest": _blob(registry, repo, config),
+            "size": len(config),
+        },
+        "layers": layers,
+    }
     registry.put_manifest(repo, "t", doc, publish.OCI_MANIFEST)
     return f"{registry.host}/{repo}:t"
 
@@ -264,12 +349,23 @@ def _pulled_case(case: str, art: Path, host: Path) -> tuple[dict[str, Any], dict
     files = {name: (art / name).read_bytes() for name in (INITRD, KERNEL, CMDLINE)}
     if case == "disk ../x":
         files[DISK] = bytes(4096)
-        m["disk"] = {"file": "../x", "format": "raw", "mode": "rw", "size": 4096, "file_size": 4096,
-                     "sha256": hashlib.sha256(bytes(4096)).hexdigest()}
+        m["disk"] = {
+            "file": "../x",
+            "format": "raw",
+            "mode": "rw",
+            "size": 4096,
+            "file_size": 4096,
+            "sha256": hashlib.sha256(bytes(4096)).hexdigest(),
+        }
     elif case == "disk without size":
         files[DISK] = bytes(4096)
-        m["disk"] = {"file": DISK, "format": "raw", "mode": "rw", "file_size": 4096,
-                     "sha256": hashlib.sha256(bytes(4096)).hexdigest()}
+        m["disk"] = {
+            "file": DISK,
+            "format": "raw",
+            "mode": "rw",
+            "file_size": 4096,
+            "sha256": hashlib.sha256(bytes(4096)).hexdigest(),
+        }
     elif case == "memory 10^9":
         m["guest"]["memory_mb"] = 10**9
     elif case == "a layer named evil.sh":
@@ -281,26 +377,35 @@ def _pulled_case(case: str, art: Path, host: Path) -> tuple[dict[str, Any], dict
     return m, files
 
 
-PULLED = {"disk ../x": "disk.file: '../x' is not", "disk without size": "disk: no size",
-          "memory 10^9": "guest.memory_mb: 1000000000 MiB",
-          "a layer named evil.sh": "'evil.sh' is not an artifact",
-          "qcow2 backing file": "backing file"}
+PULLED = {
+    "disk ../x": "disk.file: '../x' is not",
+    "disk without size": "disk: no size",
+    "memory 10^9": "guest.memory_mb: 1000000000 MiB",
+    "a layer named evil.sh": "'evil.sh' is not an artifact",
+    "qcow2 backing file": "backing file",
+}
 
 
 @pytest.mark.parametrize("command", ["pull", "run"])
 @pytest.mark.parametrize("case", PULLED)
 def test_a_hostile_pulled_artifact_is_refused_before_anything_is_written(
-        case: str, command: str, template: tuple[Path, str], sandbox: Sandbox, host: Path,
-        registry: Registry) -> None:
+    case: str, command: str, template: tuple[Path, str], sandbox: Sandbox, host: Path, registry: Registry
+) -> None:
     art = _copy(template, sandbox)
     manifest, files = _pulled_case(case, art, host)
     repo = f"hostile/{case.replace(' ', '-').replace('^', '').replace('.', '').replace('/', '')}-{command}"
-    ref = _put_vm(registry, repo, json.dumps(manifest).encode(),
-                  {name: (data, publish.VM_OTHER_FILE) for name, data in files.items()})
+    ref = _put_vm(
+        registry,
+        repo,
+        json.dumps(manifest).encode(),
+        {name: (data, publish.VM_OTHER_FILE) for name, data in files.items()},
+    )
     shutil.rmtree(art)
     before = sandbox.snapshot()
-    r = sandbox.xbuild(*(["pull", ref, "-o", str(sandbox.out)] if command == "pull" else
-                         ["run", ref, "--accel", "tcg"]), timeout=120)
+    r = sandbox.xbuild(
+        *(["pull", ref, "-o", str(sandbox.out)] if command == "pull" else ["run", ref, "--accel", "tcg"]),
+        timeout=120,
+    )
     assert_refused(r, 2, PULLED[case])
     assert sandbox.changes(before) == [] and not sandbox.out.exists()
     assert not any((sandbox.cache / "pulled").glob("*")) if (sandbox.cache / "pulled").exists() else True
@@ -308,8 +413,9 @@ def test_a_hostile_pulled_artifact_is_refused_before_anything_is_written(
     assert host.read_bytes() == SECRET
 
 
-def test_a_good_artifact_still_pushes_and_pulls(template: tuple[Path, str], sandbox: Sandbox,
-                                                registry: Registry) -> None:
+def test_a_good_artifact_still_pushes_and_pulls(
+    template: tuple[Path, str], sandbox: Sandbox, registry: Registry
+) -> None:
     art = _copy(template, sandbox)
     r = sandbox.xbuild("push", str(art), f"{registry.host}/hostile/good:v1", "-q")
     assert r.returncode == 0, r.stderr
@@ -327,12 +433,13 @@ def _build(sandbox: Sandbox, ref: str, out: str, *extra: str, cwd: Path | None =
 
 
 @pytest.mark.parametrize("how", ["build", "pull"])
-def test_o_onto_a_users_directory_is_refused(how: str, template: tuple[Path, str], sandbox: Sandbox,
-                                             registry: Registry) -> None:
+def test_o_onto_a_users_directory_is_refused(
+    how: str, template: tuple[Path, str], sandbox: Sandbox, registry: Registry
+) -> None:
     user = sandbox.root / "work" / "photos"
     user.mkdir()
     (user / "holiday.jpg").write_bytes(b"precious")
-    (user / MANIFEST).write_text("{}")   # even a manifest.json of its own does not make it an artifact
+    (user / MANIFEST).write_text("{}")  # even a manifest.json of its own does not make it an artifact
     ref = _source(how, template, sandbox, registry)
     before = sandbox.snapshot()
     r = _build(sandbox, ref, str(user)) if how == "build" else sandbox.xbuild("pull", ref, "-o", str(user))
@@ -340,55 +447,68 @@ def test_o_onto_a_users_directory_is_refused(how: str, template: tuple[Path, str
     assert sandbox.changes(before) == [] and (user / "holiday.jpg").read_bytes() == b"precious"
     assert sandbox.stale_temps() == []
     # --force is the user's word: the directory is replaced by the artifact
-    r = _build(sandbox, ref, str(user), "--force") if how == "build" else \
-        sandbox.xbuild("pull", ref, "-o", str(user), "--force")
+    r = (
+        _build(sandbox, ref, str(user), "--force")
+        if how == "build"
+        else sandbox.xbuild("pull", ref, "-o", str(user), "--force")
+    )
     assert r.returncode == 0, r.stderr
     assert not (user / "holiday.jpg").exists() and open_artifact(user)
 
 
 @pytest.mark.parametrize("how", ["build", "pull"])
-def test_o_onto_a_file_is_refused_even_forced(how: str, template: tuple[Path, str], sandbox: Sandbox,
-                                              registry: Registry) -> None:
+def test_o_onto_a_file_is_refused_even_forced(
+    how: str, template: tuple[Path, str], sandbox: Sandbox, registry: Registry
+) -> None:
     f = sandbox.root / "work" / "notes.txt"
     f.write_text("my notes\n")
     ref = _source(how, template, sandbox, registry)
     before = sandbox.snapshot()
     for force in ((), ("--force",)):
-        r = _build(sandbox, ref, str(f), *force) if how == "build" else \
-            sandbox.xbuild("pull", ref, "-o", str(f), *force)
+        r = (
+            _build(sandbox, ref, str(f), *force)
+            if how == "build"
+            else sandbox.xbuild("pull", ref, "-o", str(f), *force)
+        )
         assert_refused(r, 2, f"-o {f}: is a file, not an artifact directory")
     assert sandbox.changes(before) == [] and f.read_text() == "my notes\n"
 
 
 @pytest.mark.parametrize("how", ["build", "pull"])
 @pytest.mark.parametrize("target", [".", "..", "~", "/", "cwd"])
-def test_o_onto_the_cwd_an_ancestor_home_or_root_is_refused(how: str, target: str, template: tuple[Path, str],
-                                                            sandbox: Sandbox, registry: Registry) -> None:
+def test_o_onto_the_cwd_an_ancestor_home_or_root_is_refused(
+    how: str, target: str, template: tuple[Path, str], sandbox: Sandbox, registry: Registry
+) -> None:
     cwd = sandbox.root / "work" / "project"
     cwd.mkdir()
     (cwd / "main.c").write_text("int main(void) { return 0; }\n")
     out = {"~": str(sandbox.home), "cwd": str(cwd)}.get(target, target)
     ref = _source(how, template, sandbox, registry)
     before = sandbox.snapshot()
-    r = _build(sandbox, ref, out, "--force", cwd=cwd) if how == "build" else \
-        sandbox.xbuild("pull", ref, "-o", out, "--force", cwd=cwd)
+    r = (
+        _build(sandbox, ref, out, "--force", cwd=cwd)
+        if how == "build"
+        else sandbox.xbuild("pull", ref, "-o", out, "--force", cwd=cwd)
+    )
     assert_refused(r, 2, f"-o {out}: refusing to replace")
     assert sandbox.changes(before) == []
     assert sandbox.stale_temps() == []
 
 
 @pytest.mark.parametrize("how", ["build", "pull"])
-def test_o_onto_an_earlier_artifact_replaces_it(how: str, template: tuple[Path, str], sandbox: Sandbox,
-                                                registry: Registry) -> None:
+def test_o_onto_an_earlier_artifact_replaces_it(
+    how: str, template: tuple[Path, str], sandbox: Sandbox, registry: Registry
+) -> None:
     ref = _source(how, template, sandbox, registry)
     out = sandbox.out
     shutil.copytree(template[0], out)
-    (out / MANIFEST).write_text((out / MANIFEST).read_text().replace('"hostname": "busybox"',
-                                                                     '"hostname": "old"'))
+    (out / MANIFEST).write_text(
+        (out / MANIFEST).read_text().replace('"hostname": "busybox"', '"hostname": "old"')
+    )
     r = _build(sandbox, ref, str(out)) if how == "build" else sandbox.xbuild("pull", ref, "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert open_artifact(out).manifest.guest.hostname == "busybox"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]   # no debris beside it
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no debris beside it
     assert sandbox.stale_temps() == []
 
 
@@ -397,8 +517,12 @@ def _source(how: str, template: tuple[Path, str], sandbox: Sandbox, registry: Re
     if how == "build":
         return template[1]
     ref = f"{registry.host}/hostile/o:v1"
-    if httpx.get(f"{registry.url}/v2/hostile/o/manifests/v1",
-                 headers={"Accept": publish.OCI_MANIFEST}).status_code != 200:
+    if (
+        httpx.get(
+            f"{registry.url}/v2/hostile/o/manifests/v1", headers={"Accept": publish.OCI_MANIFEST}
+        ).status_code
+        != 200
+    ):
         r = sandbox.xbuild("push", str(template[0]), ref, "-q")
         assert r.returncode == 0, r.stderr
     return ref

@@ -42,16 +42,22 @@ from tests.fixtures.images import (
 # ---- helpers ----------------------------------------------------------------------------------------
 
 
-def build(box: Sandbox, top: list[Member] | bytes, config: dict[str, Any] | None = None,
-          *args: str) -> subprocess.CompletedProcess[str]:
+def build(
+    box: Sandbox, top: list[Member] | bytes, config: dict[str, Any] | None = None, *args: str
+) -> subprocess.CompletedProcess[str]:
     """Build busybox + `top` (members or a raw tar) with `--kernel none` into box.out."""
     layout = box.root / "image"
     write_oci_image(layout, "t", [busybox_members(), top], dict(BUSYBOX_CONFIG, **(config or {})))
     return box.xbuild(f"oci:{layout}:t", "-o", str(box.out), "--kernel", "none", "-q", *args)
 
 
-def refused(box: Sandbox, top: list[Member] | bytes, *needles: str, config: dict[str, Any] | None = None,
-            code: int = 2) -> str:
+def refused(
+    box: Sandbox,
+    top: list[Member] | bytes,
+    *needles: str,
+    config: dict[str, Any] | None = None,
+    code: int = 2,
+) -> str:
     """The build of busybox + `top` is refused with one line; nothing is left outside the cache."""
     layout = box.root / "image"
     write_oci_image(layout, "t", [busybox_members(), top], dict(BUSYBOX_CONFIG, **(config or {})))
@@ -87,19 +93,28 @@ def gnu_tar(box: Sandbox, *args: str, files: dict[str, bytes | int]) -> bytes:
                 f.write(b"data")
         else:
             p.write_bytes(content)
-    out = subprocess.run(["tar", "-C", str(src), "-cf", "-", "--owner=0", "--group=0", *args, *files],
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["tar", "-C", str(src), "-cf", "-", "--owner=0", "--group=0", *args, *files],
+        capture_output=True,
+        check=True,
+    ).stdout
     shutil.rmtree(src)
     return out
 
 
 # ---- sparse and unmodelled member types -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("version", ["0.0", "0.1", "1.0"])
 def test_pax_sparse_file_is_refused(sandbox: Sandbox, version: str) -> None:
     # main: 1.0 gave wrong content for `after` with exit 0; 0.0/0.1 read the sparse data as the file
-    raw = gnu_tar(sandbox, "--sparse", "--format=pax", f"--sparse-version={version}",
-                  files={"holes": 64 * 1024, "after": b"after\n"})
+    raw = gnu_tar(
+        sandbox,
+        "--sparse",
+        "--format=pax",
+        f"--sparse-version={version}",
+        files={"holes": 64 * 1024, "after": b"after\n"},
+    )
     refused(sandbox, raw, "sparse files are not supported", "holes")
 
 
@@ -120,8 +135,10 @@ def test_malformed_sparse_map_is_refused(sandbox: Sandbox) -> None:
     refused(sandbox, raw, "sparse files are not supported")
 
 
-@pytest.mark.parametrize(("typeflag", "what"), [(b"7", "contiguous file"), (b"M", "multi-volume"),
-                                                (b"V", "volume header"), (b"Z", "unknown type")])
+@pytest.mark.parametrize(
+    ("typeflag", "what"),
+    [(b"7", "contiguous file"), (b"M", "multi-volume"), (b"V", "volume header"), (b"Z", "unknown type")],
+)
 def test_member_types_not_modelled_are_refused(sandbox: Sandbox, typeflag: bytes, what: str) -> None:
     # main: '7' became a regular file (moby refuses it: "unhandled tar header type")
     raw = tar_header("odd", typeflag, 4) + tar_data(b"data") + TAR_END
@@ -129,6 +146,7 @@ def test_member_types_not_modelled_are_refused(sandbox: Sandbox, typeflag: bytes
 
 
 # ---- malformed headers ------------------------------------------------------------------------------
+
 
 def test_negative_base256_size_is_refused(sandbox: Sandbox) -> None:
     # main: tarfile stepped backwards over the same header forever (killed by the timeout)
@@ -186,17 +204,21 @@ def test_extension_header_without_member_is_refused(sandbox: Sandbox) -> None:
 
 
 def test_missing_padding_after_last_member_is_refused(sandbox: Sandbox) -> None:
-    raw = tar_file("f", b"x")[:512 + 1]
+    raw = tar_file("f", b"x")[: 512 + 1]
     refused(sandbox, raw, "truncated tar")
 
 
 # ---- names and links --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["./", "", "."])
 def test_a_file_named_dot_or_nothing_is_refused(sandbox: Sandbox, name: str) -> None:
     # main: silently ignored (exit 0)
-    refused(sandbox, tar_file(name, b"not a directory") + TAR_END,
-            "names the root directory but is not a directory")
+    refused(
+        sandbox,
+        tar_file(name, b"not a directory") + TAR_END,
+        "names the root directory but is not a directory",
+    )
 
 
 def test_hardlink_to_itself_is_refused(sandbox: Sandbox) -> None:
@@ -250,8 +272,12 @@ def test_many_gnu_long_names_in_a_row_take_the_last(sandbox: Sandbox) -> None:
 
 def test_pax_global_header_is_ignored_like_containerd(sandbox: Sandbox) -> None:
     # main: tarfile applied the global path to every later member: one file "renamed" replaced the rest
-    raw = (pax_header({"path": "renamed", "comment": "git archive"}, b"g") + tar_file("one", b"1")
-           + tar_file("two", b"2") + TAR_END)
+    raw = (
+        pax_header({"path": "renamed", "comment": "git archive"}, b"g")
+        + tar_file("one", b"1")
+        + tar_file("two", b"2")
+        + TAR_END
+    )
     r = build(sandbox, raw, None, "--minimize", "none")
     assert r.returncode == 0, r.stderr
     entries = initrd(sandbox)
@@ -260,13 +286,20 @@ def test_pax_global_header_is_ignored_like_containerd(sandbox: Sandbox) -> None:
 
 # ---- the image's own files --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("top", [
-    [file(".xbuild", b"a file")],
-    [symlink(".xbuild", ".xbuild")],
-    [symlink(".xbuild", "/etc")],
-    [dir(".xbuild/", mode=0o000, uid=1000),
-     file(".xbuild/init", b"#!/bin/sh\necho not xbuild's\n", mode=0o777)],
-], ids=["file", "symlink-loop", "symlink-to-etc", "odd-dir"])
+
+@pytest.mark.parametrize(
+    "top",
+    [
+        [file(".xbuild", b"a file")],
+        [symlink(".xbuild", ".xbuild")],
+        [symlink(".xbuild", "/etc")],
+        [
+            dir(".xbuild/", mode=0o000, uid=1000),
+            file(".xbuild/init", b"#!/bin/sh\necho not xbuild's\n", mode=0o777),
+        ],
+    ],
+    ids=["file", "symlink-loop", "symlink-to-etc", "odd-dir"],
+)
 def test_image_xbuild_dir_is_replaced_by_xbuilds_own(sandbox: Sandbox, top: list[Member]) -> None:
     # main: ValueError traceback (file, loop); the init and config written into /etc (symlink)
     r = build(sandbox, top, None, "--minimize", "none")
@@ -289,12 +322,19 @@ def test_dev_symlink_loop_gets_no_console(sandbox: Sandbox) -> None:
 @pytest.mark.parametrize("kind", ["dir", "symlink-loop", "garbage"])
 def test_dpkg_list_that_is_not_a_list(sandbox: Sandbox, kind: str) -> None:
     # main: FileNotFoundError traceback for the directory and the loop
-    bad = {"dir": [dir("var/lib/dpkg/info/busybox.list/")],
-           "symlink-loop": [symlink("var/lib/dpkg/info/busybox.list", "busybox.list")],
-           "garbage": [file("var/lib/dpkg/info/busybox.list",
-                            os.urandom(4096) + b"\n/bin/busybox\n\0\n")]}[kind]
-    r = build(sandbox, [dir("var/lib/dpkg/info/"), *bad,
-                        file("var/lib/dpkg/status", b"Package: busybox\nStatus: install ok installed\n")])
+    bad = {
+        "dir": [dir("var/lib/dpkg/info/busybox.list/")],
+        "symlink-loop": [symlink("var/lib/dpkg/info/busybox.list", "busybox.list")],
+        "garbage": [file("var/lib/dpkg/info/busybox.list", os.urandom(4096) + b"\n/bin/busybox\n\0\n")],
+    }[kind]
+    r = build(
+        sandbox,
+        [
+            dir("var/lib/dpkg/info/"),
+            *bad,
+            file("var/lib/dpkg/status", b"Package: busybox\nStatus: install ok installed\n"),
+        ],
+    )
     assert r.returncode == 0, r.stderr
     assert "bin/busybox" in initrd(sandbox)
 
@@ -323,12 +363,20 @@ def test_lone_surrogate_in_the_config_is_refused(sandbox: Sandbox, key: str) -> 
 def test_ld_so_conf_include_chain_and_loop(sandbox: Sandbox) -> None:
     # main: RecursionError traceback (each include was a recursive call)
     confs = [file("etc/ld.so.conf", b"include /etc/ld.so.conf.d/0.conf\ninclude /etc/ld.so.conf\n")]
-    confs += [file(f"etc/ld.so.conf.d/{i}.conf", f"include /etc/ld.so.conf.d/{i + 1}.conf\n/l{i}\n".encode())
-              for i in range(1500)]
+    confs += [
+        file(f"etc/ld.so.conf.d/{i}.conf", f"include /etc/ld.so.conf.d/{i + 1}.conf\n/l{i}\n".encode())
+        for i in range(1500)
+    ]
     interp = Path("/lib64/ld-linux-x86-64.so.2").resolve()
-    r = build(sandbox, [*confs, file("lib64/ld-linux-x86-64.so.2", interp.read_bytes(), mode=0o755),
-                        file("bin/dyn", Path("/bin/ls").read_bytes(), mode=0o755)],
-              {"Entrypoint": ["/bin/dyn"]})
+    r = build(
+        sandbox,
+        [
+            *confs,
+            file("lib64/ld-linux-x86-64.so.2", interp.read_bytes(), mode=0o755),
+            file("bin/dyn", Path("/bin/ls").read_bytes(), mode=0o755),
+        ],
+        {"Entrypoint": ["/bin/dyn"]},
+    )
     # every directory of the chain was searched for ls's first library, which the image lacks
     line = assert_refused(r, 2, "needs the shared library", "(searched: /l1499, /l1498, ", "/l1, /l0, /lib/")
     assert line.count("/l") >= 1500
@@ -350,16 +398,21 @@ def test_truncated_elf_entrypoint_is_one_line(sandbox: Sandbox, cut: int) -> Non
 
 def test_elf_that_lies_about_its_tables(sandbox: Sandbox) -> None:
     elf = bytearray(Path("/bin/ls").read_bytes())
-    elf[0x28:0x30] = (len(elf) + 4096).to_bytes(8, "little")   # e_shoff past the end
-    elf[0x20:0x28] = (len(elf) - 8).to_bytes(8, "little")      # e_phoff near the end
+    elf[0x28:0x30] = (len(elf) + 4096).to_bytes(8, "little")  # e_shoff past the end
+    elf[0x20:0x28] = (len(elf) - 8).to_bytes(8, "little")  # e_phoff near the end
     r = build(sandbox, [file("bin/liar", bytes(elf), mode=0o755)], {"Entrypoint": ["/bin/liar"]})
     assert_refused(r, 2, "/bin/liar", "malformed ELF")
 
 
 def test_elf_library_that_lies_is_data(sandbox: Sandbox) -> None:
     """A broken ELF reached only by the package rule is not the entrypoint's business: the build goes on."""
-    r = build(sandbox, [file("usr/lib/libbroken.so.1", b"\x7fELF" + b"\xff" * 60, mode=0o755)],
-              None, "--recipe", str(_recipe(sandbox, "usr/lib/libbroken.so.1")))
+    r = build(
+        sandbox,
+        [file("usr/lib/libbroken.so.1", b"\x7fELF" + b"\xff" * 60, mode=0o755)],
+        None,
+        "--recipe",
+        str(_recipe(sandbox, "usr/lib/libbroken.so.1")),
+    )
     assert r.returncode == 0, r.stderr
     assert "usr/lib/libbroken.so.1" in initrd(sandbox)
 
@@ -371,6 +424,7 @@ def _recipe(box: Sandbox, keep: str) -> Path:
 
 
 # ---- layouts and archives ---------------------------------------------------------------------------
+
 
 def _layout(box: Sandbox) -> Path:
     layout = box.root / "image"
@@ -439,8 +493,10 @@ def test_blob_that_is_a_directory(sandbox: Sandbox) -> None:
     _refused_ref(sandbox, f"oci:{layout}:t", "missing blobs/sha256/")
 
 
-@pytest.mark.parametrize("manifest", [[1, 2], ["x"], [{"Config": 3, "Layers": "x"}],
-                                      [{"Config": "c", "Layers": [1]}], {"not": "a list"}])
+@pytest.mark.parametrize(
+    "manifest",
+    [[1, 2], ["x"], [{"Config": 3, "Layers": "x"}], [{"Config": "c", "Layers": [1]}], {"not": "a list"}],
+)
 def test_docker_archive_manifest_of_non_objects(sandbox: Sandbox, manifest: Any) -> None:
     # main: AttributeError / TypeError tracebacks
     archive = sandbox.root / "image.tar"
@@ -459,7 +515,7 @@ def test_oci_archive_with_a_corrupt_header_midway(sandbox: Sandbox) -> None:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.add(layout, arcname=".")
     raw = bytearray(buf.getvalue())
-    offset = next(i for i in range(512, len(raw), 512) if raw[i + 257:i + 262] == b"ustar")
+    offset = next(i for i in range(512, len(raw), 512) if raw[i + 257 : i + 262] == b"ustar")
     raw[offset] ^= 0x01
     archive = sandbox.root / "image.tar"
     archive.write_bytes(bytes(raw))
@@ -470,8 +526,11 @@ def test_archive_blob_member_that_is_a_symlink_is_missing(sandbox: Sandbox) -> N
     layout = _layout(sandbox)
     index = json.loads((layout / "index.json").read_text())
     digest = index["manifests"][0]["digest"].split(":")[1]
-    members = [file(str(p.relative_to(layout)), p.read_bytes()) for p in sorted(layout.rglob("*"))
-               if p.is_file() and p.name != digest]
+    members = [
+        file(str(p.relative_to(layout)), p.read_bytes())
+        for p in sorted(layout.rglob("*"))
+        if p.is_file() and p.name != digest
+    ]
     link = tarfile.TarInfo(f"blobs/sha256/{digest}")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     archive = sandbox.root / "image.tar"
@@ -479,16 +538,18 @@ def test_archive_blob_member_that_is_a_symlink_is_missing(sandbox: Sandbox) -> N
     _refused_ref(sandbox, f"oci-archive:{archive}:t", f"missing blobs/sha256/{digest}")
 
 
-
-
 def test_broken_deflate_stream_is_a_corrupt_layer(sandbox: Sandbox) -> None:
     """A gzip layer whose digest matches but whose deflate stream is broken (isal's own error, not an
     OSError): one line, exit 2, nothing cached."""
     top = [file(f"data/f{i}", b"%d hello world " % i * 50) for i in range(50)]
     blob = bytearray(gzip.compress(layer_tar(top), compresslevel=6, mtime=0))
-    blob[20] ^= 1                                 # inside the first deflate block header
+    blob[20] ^= 1  # inside the first deflate block header
     layout = sandbox.root / "image"
-    write_oci_image(layout, "t", [busybox_members(), top], BUSYBOX_CONFIG,
-                    layer_blobs=[gzip.compress(layer_tar(busybox_members()), compresslevel=1, mtime=0),
-                                 bytes(blob)])
+    write_oci_image(
+        layout,
+        "t",
+        [busybox_members(), top],
+        BUSYBOX_CONFIG,
+        layer_blobs=[gzip.compress(layer_tar(busybox_members()), compresslevel=1, mtime=0), bytes(blob)],
+    )
     _refused_ref(sandbox, f"oci:{layout}:t", "corrupt or truncated gzip data")

@@ -28,11 +28,11 @@ from tests.fixtures.registry import Registry
 
 REPO, ARTIFACT_REPO = "hostile/busybox", "hostile/vm"
 KNOBS = {"XBUILD_REGISTRY_STALL_TIMEOUT": "0.5", "XBUILD_REGISTRY_DEADLINE": "2"}
-MEMORY = 1 << 30            # address-space limit of the CLI in these cases: a bomb decoded whole breaks it
-WALL = 40                   # no case may take longer (a client that waits for ever fails here)
+MEMORY = 1 << 30  # address-space limit of the CLI in these cases: a bomb decoded whole breaks it
+WALL = 40  # no case may take longer (a client that waits for ever fails here)
 MANIFEST = r"/manifests/"
 BLOB = r"GET /v2/[^ ]*/blobs/sha256:"
-CHEAP = ("--minimize", "none", "--compression", "none")     # the cases are about the network: build fast
+CHEAP = ("--minimize", "none", "--compression", "none")  # the cases are about the network: build fast
 Fault = hr.FaultRegistry
 Served = dict[str, str]
 
@@ -53,16 +53,31 @@ def served(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict
         d.mkdir(parents=True)
     initrd = box.good_build(f"docker://{registry.host}/{REPO}:v1", *CHEAP)
     art = box.root / "work" / "art"
-    r = box.xbuild(f"docker://{registry.host}/{REPO}:v1", "-o", str(art), "--kernel", "none", "-q", *CHEAP,
-                   "--push", f"{registry.host}/{ARTIFACT_REPO}:v1")
+    r = box.xbuild(
+        f"docker://{registry.host}/{REPO}:v1",
+        "-o",
+        str(art),
+        "--kernel",
+        "none",
+        "-q",
+        *CHEAP,
+        "--push",
+        f"{registry.host}/{ARTIFACT_REPO}:v1",
+    )
     assert r.returncode == 0, r.stderr
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(art.iterdir())}
     config, _ = registry.manifest(ARTIFACT_REPO, "v1")
     doc = json.loads(config)
-    return {"initrd": initrd, "files": json.dumps(files),
-            "config": doc["config"]["digest"], "initrd_blob": next(
-                d["digest"] for d in doc["layers"]
-                if d["annotations"]["org.opencontainers.image.title"] == "initrd.img")}
+    return {
+        "initrd": initrd,
+        "files": json.dumps(files),
+        "config": doc["config"]["digest"],
+        "initrd_blob": next(
+            d["digest"]
+            for d in doc["layers"]
+            if d["annotations"]["org.opencontainers.image.title"] == "initrd.img"
+        ),
+    }
 
 
 @pytest.fixture
@@ -74,11 +89,20 @@ def fault(registry: Registry) -> Iterator[hr.FaultRegistry]:
 
 def xbuild(box: Sandbox, *args: str, memory: int = MEMORY) -> subprocess.CompletedProcess[str]:
     """The CLI with the test knobs, an address-space limit and a wall-time limit."""
+
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    return subprocess.run([*XBUILD, *args], capture_output=True, text=True, timeout=WALL,
-                          cwd=box.root / "work", env=box.env(**KNOBS), stdin=subprocess.DEVNULL,
-                          preexec_fn=limit)
+
+    return subprocess.run(
+        [*XBUILD, *args],
+        capture_output=True,
+        text=True,
+        timeout=WALL,
+        cwd=box.root / "work",
+        env=box.env(**KNOBS),
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit,
+    )
 
 
 def built(box: Sandbox, fault: Fault) -> str:
@@ -88,8 +112,7 @@ def built(box: Sandbox, fault: Fault) -> str:
     return str(json.loads((box.out / "manifest.json").read_text())["initrd"]["sha256"])
 
 
-def build_refused(box: Sandbox, fault: Fault, served: dict[str, str], code: int,
-                  *needles: str) -> str:
+def build_refused(box: Sandbox, fault: Fault, served: dict[str, str], code: int, *needles: str) -> str:
     """Build through the fault server: refused as told, nothing left behind, and a good build after."""
     before = box.snapshot()
     r = xbuild(box, f"docker://{fault.host}/{REPO}:v1", "-o", str(box.out), "--kernel", "none", "-q", *CHEAP)
@@ -101,8 +124,7 @@ def build_refused(box: Sandbox, fault: Fault, served: dict[str, str], code: int,
     return line
 
 
-def pull_refused(box: Sandbox, fault: Fault, served: dict[str, str], code: int,
-                 *needles: str) -> str:
+def pull_refused(box: Sandbox, fault: Fault, served: dict[str, str], code: int, *needles: str) -> str:
     """Pull the VM artifact through the fault server: refused as told, nothing left, a good pull after."""
     before = box.snapshot()
     r = xbuild(box, "pull", f"{fault.host}/{ARTIFACT_REPO}:v1", "-o", str(box.out))
@@ -124,8 +146,8 @@ def manifest_of(repo: str) -> str:
 
 # ---- sizes: caps enforced while reading ----------------------------------------------------------------
 
-def test_build_50mb_manifest_is_refused_unread(sandbox: Sandbox, fault: Fault,
-                                               served: Served) -> None:
+
+def test_build_50mb_manifest_is_refused_unread(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(manifest_of(REPO), hr.padded_upstream(50 << 20))
     build_refused(sandbox, fault, served, 2, "manifest", "larger than 4 MiB")
     assert fault.most_sent(manifest_of(REPO)) < 16 << 20
@@ -136,8 +158,7 @@ def test_build_endless_manifest(sandbox: Sandbox, fault: Fault, served: Served) 
     build_refused(sandbox, fault, served, 2, "manifest", "larger than 4 MiB")
 
 
-def test_build_manifest_length_lies_large(sandbox: Sandbox, fault: Fault,
-                                          served: Served) -> None:
+def test_build_manifest_length_lies_large(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(manifest_of(REPO), hr.fixed(b"{}", length=1 << 40))
     build_refused(sandbox, fault, served, 2, "manifest", "larger than 4 MiB")
 
@@ -147,8 +168,7 @@ def test_build_gzip_bomb_manifest(sandbox: Sandbox, fault: Fault, served: Served
     build_refused(sandbox, fault, served, 2, "manifest", "larger than 4 MiB")
 
 
-def test_build_nested_gzip_bomb_config(sandbox: Sandbox, fault: Fault,
-                                       served: Served) -> None:
+def test_build_nested_gzip_bomb_config(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(BLOB, hr.encoded(gzip.compress(bomb()), "gzip, gzip"))
     build_refused(sandbox, fault, served, 2, "config", "size mismatch")
 
@@ -158,9 +178,9 @@ def test_build_gzip_bomb_error_body(sandbox: Sandbox, fault: Fault, served: Serv
     build_refused(sandbox, fault, served, 2, "manifest unknown")
 
 
-def test_build_zstd_encoded_manifest(sandbox: Sandbox, fault: Fault,
-                                     served: Served) -> None:
+def test_build_zstd_encoded_manifest(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     import zstandard
+
     fault.fault(manifest_of(REPO), hr.encoded(zstandard.compress(bytes(64 << 20)), "zstd"))
     build_refused(sandbox, fault, served, 2, "manifest", "Content-Encoding 'zstd'")
 
@@ -182,14 +202,14 @@ def test_build_token_gzip_bomb(sandbox: Sandbox, fault: Fault, served: Served) -
     build_refused(sandbox, fault, served, 2, "token", "larger than")
 
 
-def test_good_gzip_encoded_answers_are_decoded(sandbox: Sandbox, fault: Fault,
-                                               served: Served) -> None:
+def test_good_gzip_encoded_answers_are_decoded(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     """A proxy that gzips every answer (manifests and blobs) is fine: decoded, bounded, verified."""
     fault.fault(r"GET ", hr.gzipped_upstream())
     assert built(sandbox, fault) == served["initrd"]
 
 
 # ---- time: stalls, drips, deadlines --------------------------------------------------------------------
+
 
 def test_build_manifest_drips(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(manifest_of(REPO), hr.drip(0.3))
@@ -206,26 +226,22 @@ def test_build_layer_drips(sandbox: Sandbox, fault: Fault, served: Served) -> No
     build_refused(sandbox, fault, served, 2, "XBUILD_REGISTRY_DEADLINE")
 
 
-def test_build_manifest_stalls_after_headers(sandbox: Sandbox, fault: Fault,
-                                             served: Served) -> None:
+def test_build_manifest_stalls_after_headers(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(manifest_of(REPO), hr.stall(30))
     build_refused(sandbox, fault, served, 2, "manifest", "stalled", "XBUILD_REGISTRY_STALL_TIMEOUT")
 
 
-def test_build_blob_stalls_after_headers(sandbox: Sandbox, fault: Fault,
-                                         served: Served) -> None:
+def test_build_blob_stalls_after_headers(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(BLOB, hr.stall(30))
     build_refused(sandbox, fault, served, 2, "stalled", "XBUILD_REGISTRY_STALL_TIMEOUT")
 
 
-def test_build_429_retry_after_beyond_deadline(sandbox: Sandbox, fault: Fault,
-                                               served: Served) -> None:
+def test_build_429_retry_after_beyond_deadline(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(r"/v2/", hr.status(429, {"Retry-After": "600"}))
     build_refused(sandbox, fault, served, 2, "HTTP 429", "Retry-After")
 
 
-def test_build_stall_then_success_is_retried(sandbox: Sandbox, fault: Fault,
-                                             served: Served) -> None:
+def test_build_stall_then_success_is_retried(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     """One stalled answer is a transient failure: the next try gets the manifest."""
     fault.fault(manifest_of(REPO), hr.stall(30), times=1)
     assert built(sandbox, fault) == served["initrd"]
@@ -233,8 +249,8 @@ def test_build_stall_then_success_is_retried(sandbox: Sandbox, fault: Fault,
 
 # ---- redirects, realms, garbage ------------------------------------------------------------------------
 
-def test_build_manifest_redirect_loop(sandbox: Sandbox, fault: Fault,
-                                      served: Served) -> None:
+
+def test_build_manifest_redirect_loop(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(manifest_of(REPO), hr.redirect_loop())
     build_refused(sandbox, fault, served, 2, "too many redirects")
 
@@ -244,33 +260,28 @@ def test_build_blob_redirect_to_file(sandbox: Sandbox, fault: Fault, served: Ser
     build_refused(sandbox, fault, served, 2, "redirected to a non-http(s) URL", "file:///etc/passwd")
 
 
-def test_build_manifest_redirect_to_ftp(sandbox: Sandbox, fault: Fault,
-                                        served: Served) -> None:
+def test_build_manifest_redirect_to_ftp(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(manifest_of(REPO), hr.redirect("ftp://127.0.0.1/manifest"))
     build_refused(sandbox, fault, served, 2, "redirected to a non-http(s) URL")
 
 
-def test_build_token_realm_malformed(sandbox: Sandbox, fault: Fault,
-                                     served: Served) -> None:
+def test_build_token_realm_malformed(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(r"/v2/", hr.challenge("http://[::1/token"))
     build_refused(sandbox, fault, served, 2, "token realm", "not an http(s) URL")
 
 
-def test_build_token_realm_not_http(sandbox: Sandbox, fault: Fault,
-                                    served: Served) -> None:
+def test_build_token_realm_not_http(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(r"/v2/", hr.challenge("file:///etc/shadow"))
     build_refused(sandbox, fault, served, 2, "token realm", "not an http(s) URL")
 
 
-def test_build_token_realm_redirect_loop(sandbox: Sandbox, fault: Fault,
-                                         served: Served) -> None:
+def test_build_token_realm_redirect_loop(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(r"/v2/", hr.challenge(f"{fault.url}/token"))
     fault.fault(r"GET /token", hr.redirect_loop())
     build_refused(sandbox, fault, served, 2, "too many redirects")
 
 
-def test_build_token_realm_redirect_to_file(sandbox: Sandbox, fault: Fault,
-                                            served: Served) -> None:
+def test_build_token_realm_redirect_to_file(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(r"/v2/", hr.challenge(f"{fault.url}/token"))
     fault.fault(r"GET /token", hr.redirect("file:///etc/shadow"))
     build_refused(sandbox, fault, served, 2, "redirected to a non-http(s) URL")
@@ -298,6 +309,7 @@ def test_build_layer_wrong_digest(sandbox: Sandbox, fault: Fault, served: Served
 
 
 # ---- xbuild pull of a VM image -------------------------------------------------------------------------
+
 
 def test_pull_50mb_manifest(sandbox: Sandbox, fault: Fault, served: Served) -> None:
     fault.fault(manifest_of(ARTIFACT_REPO), hr.padded_upstream(50 << 20))
@@ -363,23 +375,43 @@ def test_bad_knob_is_one_line(sandbox: Sandbox, fault: Fault, served: Served) ->
     """A knob that is not a number of seconds is the user's bad input: one line, exit 2."""
     before = sandbox.snapshot()
     ref = f"docker://{fault.host}/{REPO}:v1"
-    r = subprocess.run([*XBUILD, ref, "-o", str(sandbox.out), "--kernel", "none"], capture_output=True,
-                       text=True, timeout=WALL, cwd=sandbox.root / "work",
-                       env=sandbox.env(XBUILD_REGISTRY_STALL_TIMEOUT="soon"))
+    r = subprocess.run(
+        [*XBUILD, ref, "-o", str(sandbox.out), "--kernel", "none"],
+        capture_output=True,
+        text=True,
+        timeout=WALL,
+        cwd=sandbox.root / "work",
+        env=sandbox.env(XBUILD_REGISTRY_STALL_TIMEOUT="soon"),
+    )
     assert_refused(r, 2, "XBUILD_REGISTRY_STALL_TIMEOUT='soon'", "positive number of seconds")
     assert sandbox.changes(before) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_build_interrupted_mid_download_leaves_nothing(sandbox: Sandbox, fault: Fault, served: Served,
-                                                      sig: signal.Signals) -> None:
+def test_build_interrupted_mid_download_leaves_nothing(
+    sandbox: Sandbox, fault: Fault, served: Served, sig: signal.Signals
+) -> None:
     """SIGTERM (or Ctrl-C) while a layer drips in: one line, 128 + the signal, no temp file, no output."""
     fault.fault(BLOB, hr.drip(0.05))
     before = sandbox.snapshot()
-    proc = subprocess.Popen([*XBUILD, f"docker://{fault.host}/{REPO}:v1", "-o", str(sandbox.out),
-                             "--kernel", "none", "-q", *CHEAP], cwd=sandbox.root / "work", text=True,
-                            env=sandbox.env(XBUILD_REGISTRY_DEADLINE="120"), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            *XBUILD,
+            f"docker://{fault.host}/{REPO}:v1",
+            "-o",
+            str(sandbox.out),
+            "--kernel",
+            "none",
+            "-q",
+            *CHEAP,
+        ],
+        cwd=sandbox.root / "work",
+        text=True,
+        env=sandbox.env(XBUILD_REGISTRY_DEADLINE="120"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + WALL
         while not any(m == "GET" and "/blobs/" in p for m, p in fault.requests):

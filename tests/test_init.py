@@ -41,14 +41,12 @@ from tests.fixtures import images as fx
 HOSTNAME = "xbtest"
 DOCKER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CMDLINE = "console=ttyS0 quiet panic=-1 rdinit=/.xbuild/init\n"
-PASSWD = (b"root:x:0:0:root:/root:/bin/sh\n"
-          b"app:x:1000:1000:App:/home/app:/bin/sh\n"
-          b"svc:x:2000:2001::/srv:/bin/false\n")
-GROUP = (b"root:x:0:\n"
-         b"wheel:x:10:root,app\n"
-         b"staff:x:50:app\n"
-         b"app:x:1000:\n"
-         b"svcgrp:x:2001:\n")
+PASSWD = (
+    b"root:x:0:0:root:/root:/bin/sh\n"
+    b"app:x:1000:1000:App:/home/app:/bin/sh\n"
+    b"svc:x:2000:2001::/srv:/bin/false\n"
+)
+GROUP = b"root:x:0:\nwheel:x:10:root,app\nstaff:x:50:app\napp:x:1000:\nsvcgrp:x:2001:\n"
 
 PROBE_C = r"""/* xbuild test program: reports what it sees (hex), exits, makes zombies, waits for signals. */
 #include <dirent.h>
@@ -177,6 +175,7 @@ int main(int argc, char **argv)
 
 # ------------------------------------------------------------------------------------------ fixtures
 
+
 @pytest.fixture(scope="session")
 def cloud_kernel() -> Path:
     """Debian's linux-image-*-cloud-amd64 vmlinuz, apt-get download + dpkg-deb -x into the cache."""
@@ -211,13 +210,20 @@ def probe_binary(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def probe_members(probe: bytes, extra: list[fx.Member] | None = None) -> list[fx.Member]:
-    return [fx.dir("bin/"), fx.file("bin/probe", probe, mode=0o755), fx.dir("etc/"),
-            fx.file("etc/passwd", PASSWD), fx.file("etc/group", GROUP), fx.dir("tmp/", mode=0o1777),
-            *(extra or [])]
+    return [
+        fx.dir("bin/"),
+        fx.file("bin/probe", probe, mode=0o755),
+        fx.dir("etc/"),
+        fx.file("etc/passwd", PASSWD),
+        fx.file("etc/group", GROUP),
+        fx.dir("tmp/", mode=0o1777),
+        *(extra or []),
+    ]
 
 
-def make_artifact(tmp: Path, kernel: Path, config: dict, members: list[fx.Member],
-                  hostname: str = HOSTNAME) -> tuple[Path, GuestConfig]:
+def make_artifact(
+    tmp: Path, kernel: Path, config: dict, members: list[fx.Member], hostname: str = HOSTNAME
+) -> tuple[Path, GuestConfig]:
     """OCI layout → load → flatten → guest config + init → initrd; an artifact dir for the runner."""
     fx.write_oci_image(tmp / "layout", "t", [members], config)
     return artifact_from(tmp, kernel, f"oci:{tmp / 'layout'}:t", hostname)
@@ -241,7 +247,7 @@ def boot(art: Path, timeout: float = 120, **kw) -> RunResult:
     t0 = time.monotonic()
     r = run(art, timeout=timeout, accel="tcg", console=None, **kw)
     sys.stderr.write(f"boot: {time.monotonic() - t0:.1f}s wall, exec marker at {r.boot_us}us\n")
-    (art / "console.log").write_bytes(r.console)   # kept in pytest's tmp dir for post-mortems
+    (art / "console.log").write_bytes(r.console)  # kept in pytest's tmp dir for post-mortems
     return r
 
 
@@ -276,6 +282,7 @@ slow = pytest.mark.slow
 
 # ------------------------------------------------------------------------------------------- fast
 
+
 def test_init_builds_small_static_and_cached(xbuild_cache: Path) -> None:
     data = init_binary()
     assert data[:4] == b"\x7fELF"
@@ -290,6 +297,7 @@ def test_init_builds_small_static_and_cached(xbuild_cache: Path) -> None:
 
 def test_init_no_compiler(xbuild_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from builder.errors import PackError
+
     monkeypatch.setenv("XBUILD_INIT_CC", "no-such-compiler-xyz")
     with pytest.raises(PackError, match="no C compiler"):
         init_binary()
@@ -306,12 +314,12 @@ def test_init_is_reproducible(tmp_path: Path) -> None:
 
 USER_CASES = {
     # User value: (uid, gid, supplementary groups, HOME)
-    "": (0, 0, [0, 10], "/root"),                 # root's entry; root is listed in wheel
+    "": (0, 0, [0, 10], "/root"),  # root's entry; root is listed in wheel
     "app": (1000, 1000, [10, 50, 1000], "/home/app"),
-    "1000": (1000, 1000, [10, 50, 1000], "/home/app"),   # numeric: the uid's entry, its groups
-    "app:staff": (1000, 50, [50], "/home/app"),   # explicit group: no membership groups
+    "1000": (1000, 1000, [10, 50, 1000], "/home/app"),  # numeric: the uid's entry, its groups
+    "app:staff": (1000, 50, [50], "/home/app"),  # explicit group: no membership groups
     "1000:2001": (1000, 2001, [2001], "/home/app"),
-    "4242": (4242, 0, [0], "/"),                  # no passwd entry: gid 0, HOME /
+    "4242": (4242, 0, [0], "/"),  # no passwd entry: gid 0, HOME /
     "4242:77": (4242, 77, [77], "/"),
     "svc": (2000, 2001, [2001], "/srv"),
 }
@@ -319,11 +327,16 @@ USER_CASES = {
 
 @slow
 @pytest.mark.parametrize("user", ["", "app", "app:staff", "4242:77"])
-def test_program_sees_what_docker_run_gives(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes,
-                                            user: str) -> None:
-    config = {"Entrypoint": ["probe", "report"], "Cmd": ["a b", "", "c"],
-              "Env": ["FOO=bar", "PATH=/usr/local/bin:/bin", "EMPTY="], "WorkingDir": "/work/dir",
-              "User": user}
+def test_program_sees_what_docker_run_gives(
+    tmp_path: Path, cloud_kernel: Path, probe_binary: bytes, user: str
+) -> None:
+    config = {
+        "Entrypoint": ["probe", "report"],
+        "Cmd": ["a b", "", "c"],
+        "Env": ["FOO=bar", "PATH=/usr/local/bin:/bin", "EMPTY="],
+        "WorkingDir": "/work/dir",
+        "User": user,
+    }
     art, _ = make_artifact(tmp_path, cloud_kernel, config, probe_members(probe_binary))
     r = boot(art)
     assert r.exit_status == 0, r.console.decode(errors="replace")
@@ -332,9 +345,14 @@ def test_program_sees_what_docker_run_gives(tmp_path: Path, cloud_kernel: Path, 
     # argv[0] as written (PATH lookup finds /bin/probe), Entrypoint then Cmd
     assert seen["argv"] == ["probe", "report", "a b", "", "c"]
     # docker's env: PATH (the image's replaces the default), HOSTNAME, the image's Env, HOME from passwd
-    assert seen["env"] == {"PATH": "/usr/local/bin:/bin", "HOSTNAME": HOSTNAME, "FOO": "bar", "EMPTY": "",
-                           "HOME": home}
-    assert seen["cwd"] == "/work/dir"   # created: it is not in the image
+    assert seen["env"] == {
+        "PATH": "/usr/local/bin:/bin",
+        "HOSTNAME": HOSTNAME,
+        "FOO": "bar",
+        "EMPTY": "",
+        "HOME": home,
+    }
+    assert seen["cwd"] == "/work/dir"  # created: it is not in the image
     assert (seen["uid"], seen["euid"], seen["gid"], seen["egid"]) == (uid, uid, gid, gid)
     assert seen["groups"] == groups
     assert r.boot_us and r.boot_us > 0
@@ -344,8 +362,9 @@ def test_program_sees_what_docker_run_gives(tmp_path: Path, cloud_kernel: Path, 
 @slow
 def test_defaults_without_env_workdir_user(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:
     """No Env/WorkingDir/User: docker's PATH, cwd /, root; an absolute Cmd without Entrypoint."""
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Cmd": ["/bin/probe", "report"]},
-                           probe_members(probe_binary))
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Cmd": ["/bin/probe", "report"]}, probe_members(probe_binary)
+    )
     seen = report(boot(art))
     assert seen["argv"] == ["/bin/probe", "report"]
     assert seen["env_list"] == [f"PATH={DOCKER_PATH}", f"HOSTNAME={HOSTNAME}", "HOME=/root"]
@@ -357,29 +376,44 @@ def test_defaults_without_env_workdir_user(tmp_path: Path, cloud_kernel: Path, p
 def test_command_line_overrides(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:
     config = {"Entrypoint": ["probe"], "Cmd": ["exit", "9"], "Env": ["FOO=bar", "KEEP=1", "DROP=x"]}
     art, _ = make_artifact(tmp_path, cloud_kernel, config, probe_members(probe_binary))
-    r = boot(art, kernel_args=["xbuild.env=FOO=baz qux", "xbuild.env=NEW=1=2", "xbuild.env=DROP",
-                               "JUNK=kernel", "xbuild.hostname=other"],
-             extra_args=["report", "x y", "z"])
+    r = boot(
+        art,
+        kernel_args=[
+            "xbuild.env=FOO=baz qux",
+            "xbuild.env=NEW=1=2",
+            "xbuild.env=DROP",
+            "JUNK=kernel",
+            "xbuild.hostname=other",
+        ],
+        extra_args=["report", "x y", "z"],
+    )
     assert r.exit_status == 0, r.console.decode(errors="replace")
     seen = report(r)
-    assert seen["argv"] == ["probe", "report", "x y", "z"]       # Cmd replaced, Entrypoint kept
+    assert seen["argv"] == ["probe", "report", "x y", "z"]  # Cmd replaced, Entrypoint kept
     env = seen["env"]
     assert env["FOO"] == "baz qux" and env["NEW"] == "1=2" and env["KEEP"] == "1"
-    assert "DROP" not in env and "JUNK" not in env                # kernel's own KEY=VALUE words filtered
-    assert env["HOSTNAME"] == HOSTNAME                             # the config's env, not recomputed
+    assert "DROP" not in env and "JUNK" not in env  # kernel's own KEY=VALUE words filtered
+    assert env["HOSTNAME"] == HOSTNAME  # the config's env, not recomputed
 
 
 @slow
 def test_etc_files_mounts_and_hostname(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["/bin/probe", "etc"]},
-                           probe_members(probe_binary))
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Entrypoint": ["/bin/probe", "etc"]}, probe_members(probe_binary)
+    )
     r = boot(art)
     seen = report(r)
     assert seen["host"] == HOSTNAME
     assert "127.0.0.1\tlocalhost" in seen["/etc/hosts"] and HOSTNAME in seen["/etc/hosts"]
     mounts = {line.split()[1]: line.split()[2] for line in seen["/proc/mounts"].splitlines()}
-    for where, fs in {"/proc": "proc", "/sys": "sysfs", "/dev": "devtmpfs", "/dev/pts": "devpts",
-                      "/dev/shm": "tmpfs", "/run": "tmpfs"}.items():
+    for where, fs in {
+        "/proc": "proc",
+        "/sys": "sysfs",
+        "/dev": "devtmpfs",
+        "/dev/pts": "devpts",
+        "/dev/shm": "tmpfs",
+        "/run": "tmpfs",
+    }.items():
         assert mounts.get(where) == fs, (where, mounts)
     assert "/tmp" not in mounts or mounts["/tmp"] == "tmpfs"
     assert seen["/proc/sys/kernel/poweroff_cmd"].strip() == "/.xbuild/init --poweroff"
@@ -390,8 +424,9 @@ def test_etc_files_mounts_and_hostname(tmp_path: Path, cloud_kernel: Path, probe
 
 @slow
 def test_exit_status_7(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "exit", "7"]},
-                           probe_members(probe_binary))
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Entrypoint": ["probe", "exit", "7"]}, probe_members(probe_binary)
+    )
     r = boot(art)
     assert r.exit_status == 7 and r.signal is None and r.error is None, r.console.decode(errors="replace")
     assert b"xbuild: exit status 7" in r.console
@@ -399,19 +434,21 @@ def test_exit_status_7(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) 
 
 @slow
 def test_orphaned_zombies_are_reaped(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "zombies", "100"]},
-                           probe_members(probe_binary))
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Entrypoint": ["probe", "zombies", "100"]}, probe_members(probe_binary)
+    )
     r = boot(art)
     text = r.console.decode()
-    assert "probe: zombies before orphaning 100" in text      # 100 zombies really were made
+    assert "probe: zombies before orphaning 100" in text  # 100 zombies really were made
     assert "probe: zombies left 0" in text, text
     assert r.exit_status == 0
 
 
 @slow
 @pytest.mark.parametrize("stop_signal,expected", [(None, 15), ("SIGUSR1", 10), ("QUIT", 3)])
-def test_stop_from_host_reaches_program(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes,
-                                        stop_signal: str | None, expected: int) -> None:
+def test_stop_from_host_reaches_program(
+    tmp_path: Path, cloud_kernel: Path, probe_binary: bytes, stop_signal: str | None, expected: int
+) -> None:
     config: dict = {"Entrypoint": ["probe", "wait-signal"]}
     if stop_signal:
         config["StopSignal"] = stop_signal
@@ -433,8 +470,9 @@ def test_stop_from_host_reaches_program(tmp_path: Path, cloud_kernel: Path, prob
 @slow
 def test_grace_period_then_kill(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:
     """A program that ignores its StopSignal is killed after xbuild.grace seconds; the runner's timeout."""
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "ignore-signals"]},
-                           probe_members(probe_binary))
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Entrypoint": ["probe", "ignore-signals"]}, probe_members(probe_binary)
+    )
     t0 = time.monotonic()
     # the timeout counts from launch: leave a loaded machine's TCG boot (over 20 s seen at load 14) time to
     # reach exec
@@ -446,14 +484,18 @@ def test_grace_period_then_kill(tmp_path: Path, cloud_kernel: Path, probe_binary
 
 
 @slow
-@pytest.mark.parametrize("config,status,message", [
-    ({"Entrypoint": ["/docker-entrypoint.sh"]}, 127, "/docker-entrypoint.sh: No such file or directory"),
-    ({"Cmd": ["nope", "x"]}, 127, "nope: executable file not found in $PATH"),
-    ({"Cmd": ["/etc/passwd"]}, 126, "/etc/passwd: Permission denied"),
-    ({"Cmd": ["probe"], "WorkingDir": "/etc/passwd"}, 125, "working directory /etc/passwd"),
-])
-def test_failure_before_exec_is_one_clear_line(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes,
-                                               config: dict, status: int, message: str) -> None:
+@pytest.mark.parametrize(
+    "config,status,message",
+    [
+        ({"Entrypoint": ["/docker-entrypoint.sh"]}, 127, "/docker-entrypoint.sh: No such file or directory"),
+        ({"Cmd": ["nope", "x"]}, 127, "nope: executable file not found in $PATH"),
+        ({"Cmd": ["/etc/passwd"]}, 126, "/etc/passwd: Permission denied"),
+        ({"Cmd": ["probe"], "WorkingDir": "/etc/passwd"}, 125, "working directory /etc/passwd"),
+    ],
+)
+def test_failure_before_exec_is_one_clear_line(
+    tmp_path: Path, cloud_kernel: Path, probe_binary: bytes, config: dict, status: int, message: str
+) -> None:
     art, _ = make_artifact(tmp_path, cloud_kernel, config, probe_members(probe_binary))
     r = boot(art)
     assert r.exit_status == status, r.console.decode(errors="replace")
@@ -488,20 +530,23 @@ def test_busybox_image(tmp_path: Path, cloud_kernel: Path) -> None:
 def test_poweroff_helper_stops_the_program(tmp_path: Path, cloud_kernel: Path) -> None:
     """`xl shutdown` → orderly_poweroff → poweroff_cmd = `/.xbuild/init --poweroff` → SIGPWR to init →
     StopSignal to the program. Here the program runs the helper itself (no Xen under QEMU)."""
-    img = fx.make_busybox_image(tmp_path / "layout", "bb",
-                                {"Cmd": ["sh", "-c", "/.xbuild/init --poweroff; sleep 30"]})
+    img = fx.make_busybox_image(
+        tmp_path / "layout", "bb", {"Cmd": ["sh", "-c", "/.xbuild/init --poweroff; sleep 30"]}
+    )
     art, _ = artifact_from(tmp_path, cloud_kernel, img.ref, "bb")
     t0 = time.monotonic()
     r = boot(art)
     assert r.signal == 15 and b"xbuild: killed by signal 15 (SIGTERM)" in r.console, r.console.decode()
-    assert time.monotonic() - t0 < 25        # not the 30 s sleep
+    assert time.monotonic() - t0 < 25  # not the 30 s sleep
 
 
 @slow
 def test_signals_to_pid1_are_forwarded(tmp_path: Path, cloud_kernel: Path) -> None:
     """SIGHUP/SIGTERM sent to init reach the program unchanged (not a shutdown)."""
-    script = ("trap 'echo got-hup' HUP; trap 'echo got-term; exit 6' TERM; kill -HUP 1; sleep 1; "
-              "kill -TERM 1; while :; do sleep 1; done")
+    script = (
+        "trap 'echo got-hup' HUP; trap 'echo got-term; exit 6' TERM; kill -HUP 1; sleep 1; "
+        "kill -TERM 1; while :; do sleep 1; done"
+    )
     img = fx.make_busybox_image(tmp_path / "layout", "bb", {"Cmd": ["sh", "-c", script]})
     art, _ = artifact_from(tmp_path, cloud_kernel, img.ref, "bb")
     r = boot(art, timeout=60)

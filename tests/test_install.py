@@ -29,24 +29,41 @@ def test_every_subpackage_is_packaged() -> None:
 def test_doctor_names_every_missing_package_in_one_apt_line(tmp_path: Path) -> None:
     """With a PATH that has nothing on it, doctor fails and its last line installs what is missing."""
     env = dict(os.environ, PATH=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", "from builder.cli import run; run()", "doctor"],
-                       capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-c", "from builder.cli import run; run()", "doctor"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 1
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("apt-get install ")
     for package in ("musl-tools", "qemu-system-x86", "strace", "e2fsprogs"):
         assert package in last.split()
-    assert "xen-utils-4.17" not in last.split()       # optional: only a dom0 has xl
+    assert "xen-utils-4.17" not in last.split()  # optional: only a dom0 has xl
     assert "MISSING  qemu-system-x86_64" in r.stdout
 
 
-@pytest.mark.parametrize("args, code, needles", [
-    ((), 1, ("musl-gcc or gcc not found (needed for build (the guest init)): apt-get install musl-tools",)),
-    (("--format", "disk"), 2, ("not found (needed for --format disk", "apt-get install", "e2fsprogs")),
-])
-def test_a_stage_names_what_it_lacks_from_the_one_table(args: tuple[str, ...], code: int,
-                                                        needles: tuple[str, ...], sandbox: Sandbox,
-                                                        busybox_image: OciImage, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "args, code, needles",
+    [
+        (
+            (),
+            1,
+            ("musl-gcc or gcc not found (needed for build (the guest init)): apt-get install musl-tools",),
+        ),
+        (("--format", "disk"), 2, ("not found (needed for --format disk", "apt-get install", "e2fsprogs")),
+    ],
+)
+def test_a_stage_names_what_it_lacks_from_the_one_table(
+    args: tuple[str, ...],
+    code: int,
+    needles: tuple[str, ...],
+    sandbox: Sandbox,
+    busybox_image: OciImage,
+    tmp_path: Path,
+) -> None:
     """A build on a host without the stage's tools (an empty PATH, an empty cache: the init must be
     compiled) fails in one line naming the tool, the feature and the apt line from builder/host.py, and
     writes nothing."""
@@ -62,11 +79,16 @@ def test_a_stage_names_what_it_lacks_from_the_one_table(args: tuple[str, ...], c
 
 
 @pytest.mark.slow
-def test_the_wheel_builds_and_boots_an_image_outside_the_checkout(tmp_path: Path,
-                                                                  default_kernel_path: Path) -> None:
+def test_the_wheel_builds_and_boots_an_image_outside_the_checkout(
+    tmp_path: Path, default_kernel_path: Path
+) -> None:
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), str(REPO)],
-                   check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     (wheel,) = dist.glob("*.whl")
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as t:
@@ -86,15 +108,21 @@ def test_the_wheel_builds_and_boots_an_image_outside_the_checkout(tmp_path: Path
     img = make_busybox_image(tmp_path / "oci", ref="busybox-httpd")
 
     def xbuild(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(venv / "bin" / "xbuild"), *args], capture_output=True, text=True,
-                              cwd=work, env=env, timeout=600)
+        return subprocess.run(
+            [str(venv / "bin" / "xbuild"), *args],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            env=env,
+            timeout=600,
+        )
 
     r = xbuild("doctor")
     assert r.returncode == 0, r.stdout
-    r = xbuild(img.ref, "-o", str(work / "art"), "--json", "--no-verify")   # not about verify (Cmd is sh)
+    r = xbuild(img.ref, "-o", str(work / "art"), "--json", "--no-verify")  # not about verify (Cmd is sh)
     assert r.returncode == 0, r.stderr
     manifest = json.loads(r.stdout)
-    assert manifest["guest"]["recipe"] == "busybox-httpd"          # recipes ship with the wheel
+    assert manifest["guest"]["recipe"] == "busybox-httpd"  # recipes ship with the wheel
     assert manifest["kernel"]["fragments"] == ["base", "xen", "net", "qemu", "block"]
     r = xbuild("run", str(work / "art"), "--", "sh", "-c", "echo from the wheel; exit 3")
     assert r.returncode == 3, r.stderr

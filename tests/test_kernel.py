@@ -370,13 +370,22 @@ int main(void) {
     return failures;
 }
 """
-COMPAT_CALLS = ("shmget", "semget", "msgget", "mq_open", "memfd_create", "inotify_init1", "name_to_handle_at",
-                "seccomp")
+COMPAT_CALLS = (
+    "shmget",
+    "semget",
+    "msgget",
+    "mq_open",
+    "memfd_create",
+    "inotify_init1",
+    "name_to_handle_at",
+    "seccomp",
+)
 
 
 @pytest.mark.slow
-def test_default_kernel_has_what_servers_call(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
-                                              default_kernel_path: Path) -> None:
+def test_default_kernel_has_what_servers_call(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, default_kernel_path: Path
+) -> None:
     """The default kernel (with `compat`) runs System V IPC, POSIX message queues, memfd, inotify, file
     handles and seccomp filters: a static program calls each through the real CLI's build and run."""
     from tests.fixtures import images as fx

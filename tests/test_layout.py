@@ -32,6 +32,7 @@ def docker_archive(images: list[tuple[OciImage, str]], out: Path) -> Path:
     """A `docker save` archive (manifest.json, <config>.json, <n>/layer.tar) of (image, repo tag) pairs."""
     entries = []
     with tarfile.open(out, "w") as tar:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -40,8 +41,11 @@ def docker_archive(images: list[tuple[OciImage, str]], out: Path) -> Path:
         for image, tag in images:
             blobs = image.layout / "blobs" / "sha256"
             index = json.loads((image.layout / "index.json").read_text())
-            desc = next(m for m in index["manifests"]
-                        if m["annotations"]["org.opencontainers.image.ref.name"] == image.name)
+            desc = next(
+                m
+                for m in index["manifests"]
+                if m["annotations"]["org.opencontainers.image.ref.name"] == image.name
+            )
             manifest = json.loads((blobs / desc["digest"][7:]).read_bytes())
             config_name = manifest["config"]["digest"][7:] + ".json"
             add(config_name, (blobs / config_name[:-5]).read_bytes())

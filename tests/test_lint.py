@@ -1,4 +1,5 @@
-"""`make lint` as part of `make test`: ruff and mypy over the package, the tests and the benchmarks."""
+"""`make lint` as part of `make test`: ruff (lint and format) over the package, the tests and the benchmarks;
+mypy --strict (pyproject) over the package."""
 
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.parametrize("argv", [["ruff", "check", "builder", "tests", "bench"], ["mypy", "builder"]],
-                         ids=["ruff", "mypy"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ruff", "check", "builder", "tests", "bench"],
+        ["ruff", "format", "--check", "builder", "tests", "bench"],
+        ["mypy", "builder"],
+    ],
+    ids=["ruff", "ruff-format", "mypy"],
+)
 def test_lint_is_clean(argv: list[str]) -> None:
     tool = BIN / argv[0]
     if not tool.exists():

@@ -29,10 +29,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def base_tree() -> Tree:
     """dash, ls, cat, sort from the host with their libraries, merged-usr links, an /etc."""
-    t = host_tree(["/bin", "/lib", "/lib64", "/sbin", "/usr/bin/dash", "/usr/bin/ls", "/usr/bin/cat",
-                   "/usr/bin/sort", "/lib64/ld-linux-x86-64.so.2", "/etc/ld.so.conf"])
-    for lib in ("libc.so.6", "libselinux.so.1", "libpcre2-8.so.0", "libm.so.6", "libnss_files.so.2",
-                "libnss_dns.so.2"):
+    t = host_tree(
+        [
+            "/bin",
+            "/lib",
+            "/lib64",
+            "/sbin",
+            "/usr/bin/dash",
+            "/usr/bin/ls",
+            "/usr/bin/cat",
+            "/usr/bin/sort",
+            "/lib64/ld-linux-x86-64.so.2",
+            "/etc/ld.so.conf",
+        ]
+    )
+    for lib in (
+        "libc.so.6",
+        "libselinux.so.1",
+        "libpcre2-8.so.0",
+        "libm.so.6",
+        "libnss_files.so.2",
+        "libnss_dns.so.2",
+    ):
         host_tree([f"{LIBDIR}/{lib}"], t)
     for f in Path("/etc/ld.so.conf.d").glob("*.conf"):
         host_tree([str(f)], t)
@@ -44,8 +62,14 @@ def base_tree() -> Tree:
     return t
 
 
-def entry(t: Tree, *argv: str, cmd: tuple[str, ...] = (), env: tuple[str, ...] = PATH_ENV,
-          workdir: str = "", recipe: Recipe | None = None) -> tuple[Tree, Report]:
+def entry(
+    t: Tree,
+    *argv: str,
+    cmd: tuple[str, ...] = (),
+    env: tuple[str, ...] = PATH_ENV,
+    workdir: str = "",
+    recipe: Recipe | None = None,
+) -> tuple[Tree, Report]:
     return minimize(t, ImageConfig(entrypoint=tuple(argv), cmd=cmd, env=env, working_dir=workdir), recipe)
 
 
@@ -60,6 +84,7 @@ def snapshot(t: Tree) -> list[tuple[str, str, int, int]]:
 
 # -- the command and its closure -------------------------------------------------------------------
 
+
 def test_entrypoint_on_path_and_elf_closure() -> None:
     t = base_tree()
     before = snapshot(t)
@@ -67,14 +92,14 @@ def test_entrypoint_on_path_and_elf_closure() -> None:
     assert snapshot(t) == before, "the input tree must not be mutated"
     assert status(rep, "/usr/bin/ls") == ("kept", "entrypoint")
     assert status(rep, f"{LIBDIR}/libselinux.so.1") == ("kept", "elf-closure")
-    assert status(rep, "/lib64") == ("kept", "elf-closure")               # the merged-usr link on the way
+    assert status(rep, "/lib64") == ("kept", "elf-closure")  # the merged-usr link on the way
     assert status(rep, "/usr/bin/cat") == ("dropped", "unreferenced")
     assert status(rep, "/var/cache/big.bin") == ("dropped", "unreferenced")
     assert status(rep, "/etc/passwd") == ("kept", "etc")
     assert status(rep, f"{LIBDIR}/libnss_files.so.2") == ("kept", "glibc-nss")
     assert new.lookup("usr/bin/ls") is t.lookup("usr/bin/ls"), "kept inodes are shared"
-    assert new.lookup("usr/bin/cat") is None and new.lookup("var/cache") is not None   # dirs stay
-    assert new.lookup("bin").kind == "symlink"                                       # type: ignore[union-attr]
+    assert new.lookup("usr/bin/cat") is None and new.lookup("var/cache") is not None  # dirs stay
+    assert new.lookup("bin").kind == "symlink"  # type: ignore[union-attr]
     assert rep.dropped_bytes >= 5000 and rep.kept_files == sum(n for n, _ in rep.kept.values())
 
 
@@ -99,7 +124,7 @@ def test_cyclic_symlinks() -> None:
     t = base_tree()
     add_link(t, "loop/a", "b")
     add_link(t, "loop/b", "a")
-    new, rep = entry(t, "ls")                       # a loop elsewhere is harmless
+    new, rep = entry(t, "ls")  # a loop elsewhere is harmless
     assert rep.paths["/loop/a"][0] == "kept"
     with pytest.raises(MinimizeError, match="too many levels of symbolic links"):
         entry(t, "/loop/a")
@@ -133,7 +158,7 @@ exec "$@"
 def test_shell_entrypoint_commands_sourced_and_run_scripts() -> None:
     t = base_tree()
     add_file(t, "docker-entrypoint.sh", ENTRY_SH, 0o755)
-    add_file(t, "lib/helpers.sh", b"helper() { :; }\n")      # /lib is a link: lands in usr/lib
+    add_file(t, "lib/helpers.sh", b"helper() { :; }\n")  # /lib is a link: lands in usr/lib
     add_file(t, "docker-entrypoint.d/10-a.sh", b"#!/bin/sh\necho hi\n", 0o755)
     add_file(t, "docker-entrypoint.d/README", b"not a script", 0o644)
     add_host_file(t, "usr/bin/find", "/usr/bin/find")
@@ -172,16 +197,23 @@ def test_shell_scan_is_the_interface_the_minimizer_follows() -> None:
     """builder.minimize.shell.scan: the program of each simple command with the construct that runs it
     (no builtins; an expansion is `dynamic`), the file after `.`, every absolute path word; comments are
     not read. (tests/test_shell.py has the parser's own tests.)"""
-    text = ('#!/bin/sh\n# a comment naming /etc/nothing\nset -e\n. /lib/funcs.sh\n'
-            'FOO=1 exec /usr/bin/app --conf=/x "/etc/app.conf"  # trailing /etc/ignored\n'
-            'if [ -f "$X" ]; then nginx -g "daemon off;" | $PAGER; fi\n'
-            'sh -c "$(cat /run/cmd)"\n')
+    text = (
+        "#!/bin/sh\n# a comment naming /etc/nothing\nset -e\n. /lib/funcs.sh\n"
+        'FOO=1 exec /usr/bin/app --conf=/x "/etc/app.conf"  # trailing /etc/ignored\n'
+        'if [ -f "$X" ]; then nginx -g "daemon off;" | $PAGER; fi\n'
+        'sh -c "$(cat /run/cmd)"\n'
+    )
     s = scan(text.encode())
     assert [(c.construct(), c.line) for c in s.commands] == [
-        ("exec /usr/bin/app", 5), ("nginx", 6), ("sh", 7), ("$(…) cat", 7)]
+        ("exec /usr/bin/app", 5),
+        ("nginx", 6),
+        ("sh", 7),
+        ("$(…) cat", 7),
+    ]
     assert [c.construct() for c in s.scripts] == [". /lib/funcs.sh"]
     assert [c.construct() for c in s.dynamic] == ['sh -c "$(cat /run/cmd)"', "$PAGER"]
     assert s.paths == ("/lib/funcs.sh", "/usr/bin/app", "/etc/app.conf", "/run/cmd")
+
 
 def test_wrapped_programs_sourced_files_and_unknown_names() -> None:
     """The program a wrapper runs is kept with its construct, in a script and in the image's own command
@@ -192,7 +224,7 @@ def test_wrapped_programs_sourced_files_and_unknown_names() -> None:
     add_host_file(t, "usr/bin/gosu", "/usr/bin/ls")
     add_host_file(t, "usr/bin/server", "/usr/bin/cat")
     add_file(t, "entry.sh", b'#!/bin/sh\n. /usr/lib/funcs.sh\n$RUNNER x\nexec gosu app "$@"\n', 0o755)
-    add_file(t, "usr/lib/funcs.sh", b"helper() { sort -u \"$1\"; }\n")
+    add_file(t, "usr/lib/funcs.sh", b'helper() { sort -u "$1"; }\n')
     new, rep = entry(t, "tini", "--", "/entry.sh", cmd=("server",))
     assert rep.paths["/usr/bin/tini"][:2] == ("kept", "entrypoint")
     assert rep.paths["/entry.sh"] == ("kept", "argv", "argv[2] '/entry.sh'")
@@ -208,6 +240,7 @@ def test_wrapped_programs_sourced_files_and_unknown_names() -> None:
 
 # -- package knowledge ----------------------------------------------------------------------------
 
+
 def dpkg_tree() -> Tree:
     t = base_tree()
     add_host_file(t, "usr/sbin/web", "/usr/bin/ls")
@@ -215,25 +248,39 @@ def dpkg_tree() -> Tree:
     add_file(t, "usr/share/web/mime.types", b"text/html html\n")
     add_file(t, "usr/share/doc/web/changelog", b"...")
     add_file(t, "usr/share/man/man8/web.8.gz", b"...")
-    add_host_file(t, "usr/lib/web/modules/mod_x.so", f"{LIBDIR}/libnss_dns.so.2")   # a plugin ELF
+    add_host_file(t, "usr/lib/web/modules/mod_x.so", f"{LIBDIR}/libnss_dns.so.2")  # a plugin ELF
     add_file(t, "usr/share/web-common/html/index.html", b"<h1>hi</h1>")
     add_file(t, "usr/share/other/data", b"unrelated")
     add_file(t, "usr/lib/x86_64-linux-gnu/gconv/gconv-modules", b"module X Y")
     lists = {
-        "web": ["/.", "/usr/sbin/web", "/usr/bin/web-helper", "/usr/share/web/mime.types",
-                "/usr/share/doc/web/changelog", "/usr/share/man/man8/web.8.gz",
-                "/usr/lib/web/modules/mod_x.so",
-                "/usr/share/web"],
+        "web": [
+            "/.",
+            "/usr/sbin/web",
+            "/usr/bin/web-helper",
+            "/usr/share/web/mime.types",
+            "/usr/share/doc/web/changelog",
+            "/usr/share/man/man8/web.8.gz",
+            "/usr/lib/web/modules/mod_x.so",
+            "/usr/share/web",
+        ],
         "web-common": ["/usr/share/web-common/html/index.html"],
         "other": ["/usr/share/other/data"],
-        "libc6:amd64": ["/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libm.so.6",
-                        "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules", "/lib64/ld-linux-x86-64.so.2"],
+        "libc6:amd64": [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/x86_64-linux-gnu/libm.so.6",
+            "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules",
+            "/lib64/ld-linux-x86-64.so.2",
+        ],
     }
     for pkg, files in lists.items():
         add_file(t, f"var/lib/dpkg/info/{pkg}.list", "\n".join(files).encode() + b"\n")
-    add_file(t, "var/lib/dpkg/status", b"Package: web\nStatus: install ok installed\n"
-             b"Depends: web-common (= 1), other, libc6 (>= 2.34)\n\nPackage: web-common\n\n"
-             b"Package: other\n\nPackage: libc6\n")
+    add_file(
+        t,
+        "var/lib/dpkg/status",
+        b"Package: web\nStatus: install ok installed\n"
+        b"Depends: web-common (= 1), other, libc6 (>= 2.34)\n\nPackage: web-common\n\n"
+        b"Package: other\n\nPackage: libc6\n",
+    )
     return t
 
 
@@ -241,11 +288,11 @@ def test_dpkg_package_rule() -> None:
     new, rep = entry(dpkg_tree(), "web")
     assert status(rep, "/usr/share/web/mime.types") == ("kept", "package:web")
     assert status(rep, "/usr/share/web-common/html/index.html") == ("kept", "package:web-common")
-    assert status(rep, "/usr/share/other/data") == ("dropped", "unreferenced")     # unrelated dependency
+    assert status(rep, "/usr/share/other/data") == ("dropped", "unreferenced")  # unrelated dependency
     assert status(rep, "/usr/share/doc/web/changelog") == ("dropped", "doc")
     assert status(rep, "/usr/share/man/man8/web.8.gz") == ("dropped", "doc")
     assert status(rep, "/usr/bin/web-helper") == ("dropped", "package-command:web")
-    assert status(rep, "/usr/lib/web/modules/mod_x.so") == ("kept", "package:web")   # plugin of the app
+    assert status(rep, "/usr/lib/web/modules/mod_x.so") == ("kept", "package:web")  # plugin of the app
     assert status(rep, "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules") == ("dropped", "gconv-unused")
     # libc6 owns libc.so.6 but libm is not needed: library files enter only through DT_NEEDED
     assert status(rep, f"{LIBDIR}/libm.so.6") == ("dropped", "package-library:libc6")
@@ -256,8 +303,12 @@ def test_apk_package_rule_and_no_database() -> None:
     add_host_file(t, "usr/sbin/web", "/usr/bin/ls")
     add_file(t, "usr/share/web/data", b"d")
     add_file(t, "usr/bin/web-tool", b"#!/bin/sh\n", 0o755)
-    add_file(t, "lib/apk/db/installed", b"C:Q1x\nP:web\nV:1\nD:so:libc.musl-x86_64.so.1 web-conf\n"
-             b"F:usr/sbin\nR:web\nF:usr/share/web\nR:data\nF:usr/bin\nR:web-tool\n\n")
+    add_file(
+        t,
+        "lib/apk/db/installed",
+        b"C:Q1x\nP:web\nV:1\nD:so:libc.musl-x86_64.so.1 web-conf\n"
+        b"F:usr/sbin\nR:web\nF:usr/share/web\nR:data\nF:usr/bin\nR:web-tool\n\n",
+    )
     new, rep = entry(t, "web")
     assert status(rep, "/usr/share/web/data") == ("kept", "package:web")
     assert status(rep, "/usr/bin/web-tool") == ("dropped", "package-command:web")
@@ -269,7 +320,7 @@ def test_apk_package_rule_and_no_database() -> None:
 def test_gconv_kept_only_for_iconv_users(tmp_path: Path) -> None:
     if shutil.which("gcc") is None:
         pytest.skip("needs gcc")
-    (tmp_path / "i.c").write_text("#include <iconv.h>\nint main(void){return iconv_open(\"A\",\"B\")==0;}")
+    (tmp_path / "i.c").write_text('#include <iconv.h>\nint main(void){return iconv_open("A","B")==0;}')
     subprocess.run(["gcc", "-o", str(tmp_path / "i"), str(tmp_path / "i.c")], check=True)
     t = base_tree()
     add_host_file(t, "usr/bin/conv", str(tmp_path / "i"))
@@ -295,8 +346,15 @@ def test_python_interpreter_stdlib() -> None:
     if py is None or not Path("/usr/lib/python3.11/os.py").exists():
         pytest.skip("needs the host's python3.11")
     t = base_tree()
-    host_tree(["/usr/bin/python3.11", "/usr/lib/python3.11/os.py", "/usr/lib/python3.11/http/server.py",
-               "/usr/lib/python3.11/lib-dynload"], t)
+    host_tree(
+        [
+            "/usr/bin/python3.11",
+            "/usr/lib/python3.11/os.py",
+            "/usr/lib/python3.11/http/server.py",
+            "/usr/lib/python3.11/lib-dynload",
+        ],
+        t,
+    )
     add_file(t, "usr/lib/python3.11/idlelib/__init__.py", b"")
     for lib in ("libz.so.1", "libexpat.so.1"):
         host_tree([f"{LIBDIR}/{lib}"], t)
@@ -311,14 +369,15 @@ def test_python_interpreter_stdlib() -> None:
 
 # -- always-kept, recipes, hardlinks, modes --------------------------------------------------------
 
+
 def test_symlinks_devices_dirs_and_hardlinks() -> None:
     t = base_tree()
-    add_link(t, "var/log/app.log", "/dev/stdout")               # target outside the tree: kept
-    add_link(t, "usr/bin/cat-link", "cat")                       # target dropped: dropped
+    add_link(t, "var/log/app.log", "/dev/stdout")  # target outside the tree: kept
+    add_link(t, "usr/bin/cat-link", "cat")  # target dropped: dropped
     t.add("dev/null", Inode("char", 0o666, rdev=(1, 3)))
     t.add("var/empty", Inode(DIR, 0o700, children={}))
     data = t.lookup("usr/bin/ls")
-    t.add("opt/ls-hardlink", data)                              # type: ignore[arg-type]
+    t.add("opt/ls-hardlink", data)  # type: ignore[arg-type]
     add_file(t, "etc/localtime-target/UTC", b"TZif")
     add_link(t, "etc/localtime", "/usr/share/zoneinfo/UTC")
     add_file(t, "usr/share/zoneinfo/UTC", b"TZif2")
@@ -326,7 +385,7 @@ def test_symlinks_devices_dirs_and_hardlinks() -> None:
     assert status(rep, "/var/log/app.log") == ("kept", "symlink")
     assert status(rep, "/usr/bin/cat-link") == ("dropped", "dangling-after-minimize")
     assert status(rep, "/dev/null") == ("kept", "device")
-    assert new.lookup("var/empty").mode == 0o700                  # type: ignore[union-attr]
+    assert new.lookup("var/empty").mode == 0o700  # type: ignore[union-attr]
     assert status(rep, "/opt/ls-hardlink") == ("kept", "recipe")
     assert new.lookup("opt/ls-hardlink") is new.lookup("usr/bin/ls")
     assert status(rep, "/usr/share/zoneinfo/UTC") == ("kept", "etc-link")
@@ -381,6 +440,7 @@ def test_static_binary_on_scratch_adds_little(tmp_path: Path) -> None:
     add_file(t, "etc/passwd", b"root:x:0:0::/:/hello\n")
     new, rep = minimize(t, ImageConfig(entrypoint=("/hello",)), None)
     from builder.cpio import pack
+
     size = pack(new, tmp_path / "i", "none").uncompressed_size
     assert size - (tmp_path / "h").stat().st_size < 100_000
     assert rep.kept == {"entrypoint": (1, (tmp_path / "h").stat().st_size), "etc": (1, 21)}
@@ -388,7 +448,8 @@ def test_static_binary_on_scratch_adds_little(tmp_path: Path) -> None:
 
 # -- slow: the fixture images ----------------------------------------------------------------------
 
-def _bench():   # type: ignore[no-untyped-def]
+
+def _bench():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("bench_minimize", ROOT / "bench" / "minimize.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
@@ -396,10 +457,11 @@ def _bench():   # type: ignore[no-untyped-def]
     return mod
 
 
-def _image_tree(ref: str):   # type: ignore[no-untyped-def]
+def _image_tree(ref: str):  # type: ignore[no-untyped-def]
     from builder.flatten import flatten
     from builder.reference import parse
     from builder.source import load
+
     image = load(parse(ref))
     return image, flatten(image).tree
 
@@ -407,6 +469,7 @@ def _image_tree(ref: str):   # type: ignore[no-untyped-def]
 @pytest.mark.slow
 def test_nginx_lookalike_size_goal(nginx_layout: str, tmp_path: Path) -> None:
     from builder.cpio import pack
+
     image, tree = _image_tree(nginx_layout)
     t0 = time.monotonic()
     new, rep = minimize(tree, image.config, load_recipe("nginx"))
@@ -415,16 +478,26 @@ def test_nginx_lookalike_size_goal(nginx_layout: str, tmp_path: Path) -> None:
     small = pack(new, tmp_path / "min", "zstd").size
     assert small <= 4_500_000, rep.summary()
     assert full / small >= 20, (full, small)
-    for path, why in (("/usr/sbin/nginx", "cmd"), ("/docker-entrypoint.sh", "entrypoint"),
-                      ("/usr/share/nginx/html/index.html", None), ("/etc/nginx/mime.types", None)):
+    for path, why in (
+        ("/usr/sbin/nginx", "cmd"),
+        ("/docker-entrypoint.sh", "entrypoint"),
+        ("/usr/share/nginx/html/index.html", None),
+        ("/etc/nginx/mime.types", None),
+    ):
         assert rep.paths[path][0] == "kept" and (why is None or rep.paths[path][1] == why), path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fixture,recipe", [("nginx_layout", "nginx"), ("redis_layout", "redis"),
-                                            ("python_layout", "python-web"),
-                                            ("busybox_layout", "busybox-httpd"),
-                                            ("static_layout", "static-hello")])
+@pytest.mark.parametrize(
+    "fixture,recipe",
+    [
+        ("nginx_layout", "nginx"),
+        ("redis_layout", "redis"),
+        ("python_layout", "python-web"),
+        ("busybox_layout", "busybox-httpd"),
+        ("static_layout", "static-hello"),
+    ],
+)
 def test_fixture_smoke_in_chroot_probe(fixture: str, recipe: str, request: pytest.FixtureRequest) -> None:
     """The minimized root fs passes the recipe's smoke test (in the sandboxed probe on the host's
     kernel, builder/minimize/probe.py; the QEMU boot of the full artifact is `xbuild IMAGE --verify`)."""
@@ -441,6 +514,7 @@ def test_fixture_smoke_in_chroot_probe(fixture: str, recipe: str, request: pytes
 
 
 # -- the probe and trace mode ----------------------------------------------------------------------
+
 
 def test_probe_refuses_hosts_that_cannot_run_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -474,43 +548,58 @@ def test_trace_nginx_adds_nothing_auto_missed(nginx_layout: str) -> None:
     image, tree = _image_tree(nginx_layout)
     _, auto = minimize(tree, image.config, load_recipe("nginx"))
     _, traced = minimize(tree, image.config, load_recipe("nginx"), mode="trace")
-    extra = [p for p, v in traced.paths.items()
-             if v[1] == "trace" and auto.paths.get(p, ("dropped",))[0] != "kept"]
+    extra = [
+        p for p, v in traced.paths.items() if v[1] == "trace" and auto.paths.get(p, ("dropped",))[0] != "kept"
+    ]
     assert extra == [], extra
     assert any("smoke: GET / (guest port 80): HTTP 200" in n for n in traced.notes), traced.notes
 
 
 def test_likely_missing_from_console() -> None:
     from builder.explain import likely_missing
+
     _, rep = entry(dpkg_tree(), "web")
     m = rep.to_json()
-    console = (b"[    1.0] booting\n"
-               b"web: error while loading shared libraries: libm.so.6: cannot open shared object file\n"
-               b"sh: 1: web-helper: not found\n"
-               b"open(/usr/share/other/data) failed: No such file or directory\n"
-               b"all fine: /usr/share/web/mime.types\n")
+    console = (
+        b"[    1.0] booting\n"
+        b"web: error while loading shared libraries: libm.so.6: cannot open shared object file\n"
+        b"sh: 1: web-helper: not found\n"
+        b"open(/usr/share/other/data) failed: No such file or directory\n"
+        b"all fine: /usr/share/web/mime.types\n"
+    )
     hints = likely_missing(m, console)
-    assert hints == [("/usr/lib/x86_64-linux-gnu/libm.so.6", "package-library:libc6"),
-                     ("/usr/bin/web-helper", "package-command:web"),
-                     ("/usr/share/other/data", "unreferenced")]
+    assert hints == [
+        ("/usr/lib/x86_64-linux-gnu/libm.so.6", "package-library:libc6"),
+        ("/usr/bin/web-helper", "package-command:web"),
+        ("/usr/share/other/data", "unreferenced"),
+    ]
     assert likely_missing(m, b"everything worked\n") == []
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
-@pytest.mark.parametrize("fixture,recipe", [("nginx_layout", "nginx"), ("redis_layout", "redis"),
-                                            ("python_layout", "python-web"),
-                                            ("busybox_layout", "busybox-httpd"),
-                                            ("static_layout", "static-hello")])
-def test_fixture_boots_minimized_under_qemu(fixture: str, recipe: str, request: pytest.FixtureRequest,
-                                            tmp_path: Path, default_kernel_path: Path) -> None:
+@pytest.mark.parametrize(
+    "fixture,recipe",
+    [
+        ("nginx_layout", "nginx"),
+        ("redis_layout", "redis"),
+        ("python_layout", "python-web"),
+        ("busybox_layout", "busybox-httpd"),
+        ("static_layout", "static-hello"),
+    ],
+)
+def test_fixture_boots_minimized_under_qemu(
+    fixture: str, recipe: str, request: pytest.FixtureRequest, tmp_path: Path, default_kernel_path: Path
+) -> None:
     """The real proof: the minimized guest (trimmed kernel, our init) boots under QEMU and passes the
     recipe's smoke test, as `xbuild IMAGE --verify` does."""
     from builder.build import BuildOptions, build
     from builder.verify import verify_artifact
 
-    art = build(request.getfixturevalue(fixture),
-                BuildOptions(output=tmp_path / "art", recipe=recipe, kernel=str(default_kernel_path)))
+    art = build(
+        request.getfixturevalue(fixture),
+        BuildOptions(output=tmp_path / "art", recipe=recipe, kernel=str(default_kernel_path)),
+    )
     assert art.manifest.guest.recipe == recipe
     assert verify_artifact(art).startswith("verify: passed")
 
@@ -540,16 +629,24 @@ def test_exec_gosu_and_setpriv_survive_auto_and_boot(tmp_path: Path, default_ker
     from tests.test_cli import xbuild
 
     libdir = "usr/lib/x86_64-linux-gnu"
-    extra = [file("usr/sbin/gosu", Path("/usr/sbin/gosu").read_bytes(), mode=0o755),
-             file("usr/bin/setpriv", Path("/usr/bin/setpriv").read_bytes(), mode=0o755),
-             file("usr/bin/dash", Path("/usr/bin/dash").read_bytes(), mode=0o755),
-             file("docker-entrypoint.sh", HANDOVER_SH, mode=0o755)]
-    extra += [file(f"{libdir}/{n}", Path(f"/{libdir}/{n}").read_bytes(), mode=0o755)
-              for n in ("libc.so.6", "libcap-ng.so.0", "ld-linux-x86-64.so.2")]
-    extra += [file("lib64/ld-linux-x86-64.so.2", Path(f"/{libdir}/ld-linux-x86-64.so.2").read_bytes(),
-                   mode=0o755)]
-    img = make_busybox_image(tmp_path / "oci", config_overrides={
-        "Entrypoint": ["/docker-entrypoint.sh"], "Cmd": ["id"]}, extra_layers=[extra])
+    extra = [
+        file("usr/sbin/gosu", Path("/usr/sbin/gosu").read_bytes(), mode=0o755),
+        file("usr/bin/setpriv", Path("/usr/bin/setpriv").read_bytes(), mode=0o755),
+        file("usr/bin/dash", Path("/usr/bin/dash").read_bytes(), mode=0o755),
+        file("docker-entrypoint.sh", HANDOVER_SH, mode=0o755),
+    ]
+    extra += [
+        file(f"{libdir}/{n}", Path(f"/{libdir}/{n}").read_bytes(), mode=0o755)
+        for n in ("libc.so.6", "libcap-ng.so.0", "ld-linux-x86-64.so.2")
+    ]
+    extra += [
+        file("lib64/ld-linux-x86-64.so.2", Path(f"/{libdir}/ld-linux-x86-64.so.2").read_bytes(), mode=0o755)
+    ]
+    img = make_busybox_image(
+        tmp_path / "oci",
+        config_overrides={"Entrypoint": ["/docker-entrypoint.sh"], "Cmd": ["id"]},
+        extra_layers=[extra],
+    )
     out = tmp_path / "art"
     r = xbuild(img.ref, "-o", str(out), "--kernel", str(default_kernel_path), "--minimize", "auto")
     assert r.returncode == 0, r.stderr

@@ -38,10 +38,13 @@ def compiled(tmp_path: Path, source: str, *flags: str) -> Path:
 
 
 def test_path_string_keeps_data_files_a_program_opens_by_path(tmp_path: Path) -> None:
-    prog = compiled(tmp_path, '#include <stdio.h>\nint main(void) {\n'
-                    '  FILE *f = fopen("/usr/share/corpus/builtin.js", "r");\n'
-                    '  puts("/usr/bin/sort"); puts("/usr/share/corpus"); puts("/nonexistent/x");\n'
-                    '  return f == NULL;\n}\n')
+    prog = compiled(
+        tmp_path,
+        "#include <stdio.h>\nint main(void) {\n"
+        '  FILE *f = fopen("/usr/share/corpus/builtin.js", "r");\n'
+        '  puts("/usr/bin/sort"); puts("/usr/share/corpus"); puts("/nonexistent/x");\n'
+        "  return f == NULL;\n}\n",
+    )
     t = base_tree()
     add_host_file(t, "usr/bin/prog", str(prog), 0o755)
     add_file(t, "usr/share/corpus/builtin.js", b"module.exports = 1;\n")
@@ -49,8 +52,8 @@ def test_path_string_keeps_data_files_a_program_opens_by_path(tmp_path: Path) ->
     new, rep = entry(t, "prog")
     assert status(rep, "/usr/share/corpus/builtin.js") == ("kept", "path-string")
     assert "/usr/bin/prog" in rep.paths["/usr/share/corpus/builtin.js"][2]
-    assert status(rep, "/usr/share/corpus/other.js") == ("dropped", "unreferenced")   # a directory: not whole
-    assert rep.paths["/usr/bin/sort"][0] == "dropped"      # a program enters only when something runs it
+    assert status(rep, "/usr/share/corpus/other.js") == ("dropped", "unreferenced")  # a directory: not whole
+    assert rep.paths["/usr/bin/sort"][0] == "dropped"  # a program enters only when something runs it
     assert new.lookup("usr/share/corpus/builtin.js") is not None
 
 
@@ -87,17 +90,19 @@ def _dangling(new: Tree, source: Tree) -> list[str]:
 def test_no_kept_symlink_dangles() -> None:
     t = base_tree()
     add_file(t, "app/run.sh", b"#!/bin/sh\nexec sort /etc/passwd\n", 0o755)
-    add_link(t, "app/conf.yml", "/usr/share/corpus/default.yml")          # a sample linked into place
+    add_link(t, "app/conf.yml", "/usr/share/corpus/default.yml")  # a sample linked into place
     add_file(t, "usr/share/corpus/default.yml", b"a: 1\n")
-    add_link(t, "etc/alternatives/pager", "/usr/bin/cat")                 # a program nothing runs
+    add_link(t, "etc/alternatives/pager", "/usr/bin/cat")  # a program nothing runs
     add_link(t, "etc/systemd/system/multi-user.target.wants/x.service", "/usr/lib/systemd/system/x.service")
     add_file(t, "usr/lib/systemd/system/x.service", b"[Service]\n")
     new, rep = entry(t, "/app/run.sh", workdir="/app")
     assert status(rep, "/usr/share/corpus/default.yml") == ("kept", "symlink-target")
     assert status(rep, "/app/conf.yml") == ("kept", "workdir")
     assert status(rep, "/etc/alternatives/pager") == ("dropped", "dangling-after-minimize")
-    assert status(rep, "/etc/systemd/system/multi-user.target.wants/x.service") == \
-        ("dropped", "dangling-after-minimize")
+    assert status(rep, "/etc/systemd/system/multi-user.target.wants/x.service") == (
+        "dropped",
+        "dangling-after-minimize",
+    )
     assert _dangling(new, t) == []
 
 
@@ -107,7 +112,7 @@ def test_locale_archive_follows_env() -> None:
     add_file(t, "usr/lib/locale/C.utf8/LC_CTYPE", b"ctype")
     _, rep = entry(t, "ls", env=(*PATH_ENV, "LANG=en_US.utf8"))
     assert status(rep, "/usr/lib/locale/locale-archive") == ("kept", "locale")
-    _, rep = entry(t, "ls", env=(*PATH_ENV, "LANG=C.UTF-8"))          # a directory of its own
+    _, rep = entry(t, "ls", env=(*PATH_ENV, "LANG=C.UTF-8"))  # a directory of its own
     assert status(rep, "/usr/lib/locale/C.utf8/LC_CTYPE") == ("kept", "locale")
     assert rep.paths["/usr/lib/locale/locale-archive"][0] == "dropped"
     _, rep = entry(t, "ls")
@@ -121,28 +126,31 @@ def test_data_directory_named_by_the_entrypoint_script_is_kept() -> None:
     add_file(t, "srv/upstream/index.html", b"hello from the upstream\n")
     add_file(t, "hooks.d/10-a.sh", b"#!/bin/sh\necho hi\n", 0o755)
     add_file(t, "hooks.d/README", b"not a script")
-    add_file(t, "hooks.sh", b"#!/bin/sh\nfor f in $(find /hooks.d/ -type f); do \"$f\"; done\n", 0o755)
+    add_file(t, "hooks.sh", b'#!/bin/sh\nfor f in $(find /hooks.d/ -type f); do "$f"; done\n', 0o755)
     _, rep = entry(t, "/entry.sh")
     assert status(rep, "/srv/upstream/index.html") == ("kept", "script")
     _, rep = entry(t, "/hooks.sh")
     assert status(rep, "/hooks.d/10-a.sh") == ("kept", "script")
-    assert status(rep, "/hooks.d/README") == ("dropped", "unreferenced")      # a hook directory: scripts only
+    assert status(rep, "/hooks.d/README") == ("dropped", "unreferenced")  # a hook directory: scripts only
 
 
 # ------------------------------------------------------------------------------------------------ slow
 
 # (app, path the app needs at run time that auto used to drop, the rule that keeps it now)
 NEEDED = [
-    ("node-express", "/usr/share/nodejs/cjs-module-lexer/lexer.js", "path-string"),   # else SIGABRT
+    ("node-express", "/usr/share/nodejs/cjs-module-lexer/lexer.js", "path-string"),  # else SIGABRT
     ("node-express", "/usr/share/nodejs/undici/undici-fetch.js", "path-string"),
     ("perl-tini", "/usr/share/perl5/HTTP/Daemon.pm", "interpreter:perl"),
-    ("ruby-webrick", "/usr/share/rubygems-integration/all/gems/webrick-1.8.1/lib/webrick.rb",
-     "interpreter:ruby3.1"),
+    (
+        "ruby-webrick",
+        "/usr/share/rubygems-integration/all/gems/webrick-1.8.1/lib/webrick.rb",
+        "interpreter:ruby3.1",
+    ),
     ("php-cli", "/usr/lib/php/20220829/sockets.so", "interpreter:php8.2"),
-    ("postgres", "/usr/lib/locale/locale-archive", "locale"),                  # LANG=en_US.utf8
-    ("haproxy", "/srv/upstream/index.html", "script"),                         # httpd -h /srv/upstream
+    ("postgres", "/usr/lib/locale/locale-archive", "locale"),  # LANG=en_US.utf8
+    ("haproxy", "/srv/upstream/index.html", "script"),  # httpd -h /srv/upstream
     ("py-asgi", "/opt/venv/lib/python3.11/site-packages/uvicorn/main.py", "interpreter:python3.11"),
-    ("py-asgi", "/opt/venv/pyvenv.cfg", "interpreter:python3.11"),            # else no site-packages
+    ("py-asgi", "/opt/venv/pyvenv.cfg", "interpreter:python3.11"),  # else no site-packages
 ]
 
 

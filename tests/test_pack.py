@@ -77,8 +77,10 @@ def test_round_trip(tmp_path: Path, tree: Tree, compression: str) -> None:
     entries = packed(tree, tmp_path / f"initrd.{compression}", compression)
     ents = by_name(entries)
     assert len(ents) == len(entries)
-    got = {name: (e["mode"], e["uid"], e["gid"], e["mtime"], e["size"], (e["rdevmajor"], e["rdevminor"]))
-           for name, e in ents.items()}
+    got = {
+        name: (e["mode"], e["uid"], e["gid"], e["mtime"], e["size"], (e["rdevmajor"], e["rdevminor"]))
+        for name, e in ents.items()
+    }
     assert got == expected(tree)
     for path, node in tree.walk():
         e = ents[path or "."]
@@ -105,30 +107,35 @@ def test_hardlinks_share_inode_and_data(tmp_path: Path, tree: Tree) -> None:
     ents = by_name(packed(tree, tmp_path / "initrd"))
     keep, link = ents["data/keep.txt"], ents["links/hard-to-keep"]
     assert keep["ino"] == link["ino"] and keep["nlink"] == link["nlink"] == 2
-    assert [keep["size"], link["size"]] == [0, 5]           # data on the last name, as GNU cpio writes
+    assert [keep["size"], link["size"]] == [0, 5]  # data on the last name, as GNU cpio writes
     assert link["data"] == b"keep\n"
     assert ents["links/hard-to-replaced"]["ino"] != ents["links/replaced"]["ino"]
-    assert ents["links/hard"]["nlink"] == 1                # its first name was whited out
+    assert ents["links/hard"]["nlink"] == 1  # its first name was whited out
 
 
 def test_devices_and_special_modes(tmp_path: Path, tree: Tree) -> None:
     ents = by_name(packed(tree, tmp_path / "initrd"))
     assert (ents["dev/null"]["mode"], ents["dev/null"]["rdevmajor"], ents["dev/null"]["rdevminor"]) == (
-        stat.S_IFCHR | 0o666, 1, 3)
+        stat.S_IFCHR | 0o666,
+        1,
+        3,
+    )
     assert ents["dev/sda"]["mode"] == stat.S_IFBLK | 0o660 and ents["dev/sda"]["rdevmajor"] == 8
     assert ents["dev/initctl"]["mode"] == stat.S_IFIFO | 0o600
     assert ents["bin/su"]["mode"] == stat.S_IFREG | 0o4755
     assert ents["tmp"]["mode"] == stat.S_IFDIR | 0o1777
 
 
-def test_reproducible_across_separate_flattens(tmp_path: Path, whiteout_image: OciImage,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reproducible_across_separate_flattens(
+    tmp_path: Path, whiteout_image: OciImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     digests = set()
     for i in range(2):
-        monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / f"cache{i}"))   # content in different files
+        monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / f"cache{i}"))  # content in different files
         for compression in COMPRESSIONS:
-            digests.add((compression, pack(flat(whiteout_image), tmp_path / f"{i}.{compression}",
-                                           compression).sha256))
+            digests.add(
+                (compression, pack(flat(whiteout_image), tmp_path / f"{i}.{compression}", compression).sha256)
+            )
     assert len(digests) == len(COMPRESSIONS)
 
 
@@ -140,8 +147,9 @@ def test_files_over_4_gib_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "initrd").exists()
 
 
-def test_zstd_output_does_not_depend_on_the_cpu_count(tmp_path: Path, tree: Tree,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zstd_output_does_not_depend_on_the_cpu_count(
+    tmp_path: Path, tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
     digests = set()
     for cpus in (1, 2, 8):
         monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
@@ -161,17 +169,18 @@ def test_source_date_epoch_clamps_mtimes(tmp_path: Path, tree: Tree) -> None:
     epoch = MTIME - 1
     ents = by_name(packed(tree, tmp_path / "initrd", epoch=epoch))
     assert max(int(e["mtime"]) for e in ents.values()) == epoch  # type: ignore[call-overload]
-    assert ents["data/keep.txt"]["mtime"] == 1234                # older than the epoch: kept
+    assert ents["data/keep.txt"]["mtime"] == 1234  # older than the epoch: kept
     assert ents["implicit"]["mtime"] == 0
     late = by_name(packed(tree, tmp_path / "late", epoch=MTIME + 1000))
     assert {n: e["mtime"] for n, e in late.items()} == {n: e[3] for n, e in expected(tree).items()}
 
 
-def test_source_date_epoch_from_the_environment(whiteout_image: OciImage,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_source_date_epoch_from_the_environment(
+    whiteout_image: OciImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     image = load(parse(whiteout_image.ref))
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-    assert source_date_epoch(image, None) == MTIME            # the image's created time
+    assert source_date_epoch(image, None) == MTIME  # the image's created time
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1000")
     assert source_date_epoch(image, None) == 1000
     assert source_date_epoch(image, 5) == 5
@@ -187,8 +196,12 @@ def test_gnu_cpio_extracts_it(tmp_path: Path, tree: Tree, compression: str) -> N
     pack(tree, initrd, compression)
     dest = tmp_path / "root"
     dest.mkdir()
-    subprocess.run(["cpio", "-idm", "--no-absolute-filenames", "--quiet"], cwd=dest, check=True,
-                   input=decompress(initrd.read_bytes(), compression))
+    subprocess.run(
+        ["cpio", "-idm", "--no-absolute-filenames", "--quiet"],
+        cwd=dest,
+        check=True,
+        input=decompress(initrd.read_bytes(), compression),
+    )
     on_disk = {}
     for dirpath, dirnames, filenames in os.walk(dest):
         for name in dirnames + filenames:

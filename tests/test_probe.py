@@ -78,7 +78,12 @@ def test_traced_paths_start_at_the_entrypoints_exec() -> None:
     """bwrap's own setup (the launcher, the sandbox's pid 1) is not the entrypoint's: only what the
     processes after the first exec of another pid named counts, relative paths against WorkingDir."""
     assert traced_paths(STRACE_LOG.splitlines(), "/app", {501}) == {
-        "usr/local/sbin/web", "usr/sbin/web", "etc/web.conf", "app/data/fileA.txt", "etc/ld.so.preload"}
+        "usr/local/sbin/web",
+        "usr/sbin/web",
+        "etc/web.conf",
+        "app/data/fileA.txt",
+        "etc/ld.so.preload",
+    }
     assert traced_paths([], "/", set()) == set()
 
 
@@ -119,8 +124,11 @@ def test_check_probe_host_names_what_is_missing(monkeypatch: pytest.MonkeyPatch)
         check_probe_host(trace=True)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(MinimizeError, match=r"\(install the Debian packages bubblewrap, mount, strace, "
-                                            r"util-linux\); use --minimize auto$"):
+    with pytest.raises(
+        MinimizeError,
+        match=r"\(install the Debian packages bubblewrap, mount, strace, "
+        r"util-linux\); use --minimize auto$",
+    ):
         check_probe_host(trace=True)
 
 
@@ -134,8 +142,17 @@ def test_cli_without_bubblewrap_is_one_line(sandbox: Sandbox, tmp_path: Path) ->
         if tool != "bwrap" and shutil.which(tool):
             (bindir / tool).symlink_to(shutil.which(tool) or "")
     before = sandbox.snapshot()
-    r = sandbox.xbuild(image.ref, "--minimize", "trace", "--kernel", "none", "-o", str(sandbox.out), "-q",
-                       env=sandbox.env(PATH=str(bindir)))
+    r = sandbox.xbuild(
+        image.ref,
+        "--minimize",
+        "trace",
+        "--kernel",
+        "none",
+        "-o",
+        str(sandbox.out),
+        "-q",
+        env=sandbox.env(PATH=str(bindir)),
+    )
     assert_refused(r, 2, "install the Debian package bubblewrap", "--minimize auto")
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
 
@@ -152,8 +169,17 @@ def test_cli_without_bubblewrap_refuses_before_the_pull(sandbox: Sandbox, tmp_pa
     with socket.create_server(("127.0.0.1", 0)) as s:
         port = s.getsockname()[1]
     before = sandbox.snapshot()
-    r = sandbox.xbuild(f"127.0.0.1:{port}/nothing/here:latest", "--minimize", "trace", "--kernel", "none",
-                       "-o", str(sandbox.out), "-q", env=sandbox.env(PATH=str(bindir)))
+    r = sandbox.xbuild(
+        f"127.0.0.1:{port}/nothing/here:latest",
+        "--minimize",
+        "trace",
+        "--kernel",
+        "none",
+        "-o",
+        str(sandbox.out),
+        "-q",
+        env=sandbox.env(PATH=str(bindir)),
+    )
     assert_refused(r, 2, "install the Debian package bubblewrap", "--minimize auto")
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
 
@@ -192,23 +218,41 @@ def alive(pid: int) -> bool:
 @pytest.mark.slow
 @needs_probe
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_during_the_trace_leaves_nothing(sig: signal.Signals, sandbox: Sandbox,
-                                                tmp_path: Path) -> None:
+def test_killed_during_the_trace_leaves_nothing(
+    sig: signal.Signals, sandbox: Sandbox, tmp_path: Path
+) -> None:
     """xbuild killed while the entrypoint runs in the sandbox: no probe mount in the host's mount table
     (not even while it runs), no staging or temp directory, no process of the chain (setpriv, strace,
     bwrap, the entrypoint) left. SIGTERM: an interrupt (exit 143, `xbuild: interrupted (SIGTERM)`),
     and nothing written."""
     token = str(100000 + secrets.randbelow(800000))
-    image = fx.make_busybox_image(tmp_path / "oci", config_overrides={"Entrypoint": ["/bin/sleep", token],
-                                                                      "Cmd": []})
+    image = fx.make_busybox_image(
+        tmp_path / "oci", config_overrides={"Entrypoint": ["/bin/sleep", token], "Cmd": []}
+    )
     recipe = sandbox.root / "work" / "trace.toml"
     recipe.write_text("[trace]\nseconds = 300\n")
     mounts, staged = probe_mounts(), staging_dirs()
     before = sandbox.snapshot()
-    args = [image.ref, "--minimize", "trace", "--recipe", str(recipe), "--kernel", "none", "-o",
-            str(sandbox.out)]
-    proc = subprocess.Popen([*XBUILD, *args, "-q"], cwd=sandbox.root / "work", env=sandbox.env(), text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = [
+        image.ref,
+        "--minimize",
+        "trace",
+        "--recipe",
+        str(recipe),
+        "--kernel",
+        "none",
+        "-o",
+        str(sandbox.out),
+    ]
+    proc = subprocess.Popen(
+        [*XBUILD, *args, "-q"],
+        cwd=sandbox.root / "work",
+        env=sandbox.env(),
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         chain: dict[int, str] = {}
         deadline = time.monotonic() + 120
@@ -232,8 +276,9 @@ def test_killed_during_the_trace_leaves_nothing(sig: signal.Signals, sandbox: Sa
     assert probe_mounts() == mounts and staging_dirs() == staged
     assert sandbox.stale_temps() == []
     if sig == signal.SIGTERM:
-        assert proc.returncode == 143 and stderr.strip().splitlines() == ["xbuild: interrupted (SIGTERM)"], \
+        assert proc.returncode == 143 and stderr.strip().splitlines() == ["xbuild: interrupted (SIGTERM)"], (
             stderr
+        )
         assert sandbox.changes(before) == []
     else:
         assert proc.returncode == -signal.SIGKILL
@@ -330,8 +375,26 @@ def host() -> Iterator[Path]:
     shutil.rmtree(d)
 
 
-LEAKS = ("control", "done", "proc-root", "shadow", "dev", "imgdev", "mknod", "sys", "sysrq", "sysctl",
-         "mount", "userns", "chroot", "ptrace", "kill", "net", "setuid", "env")
+LEAKS = (
+    "control",
+    "done",
+    "proc-root",
+    "shadow",
+    "dev",
+    "imgdev",
+    "mknod",
+    "sys",
+    "sysrq",
+    "sysctl",
+    "mount",
+    "userns",
+    "chroot",
+    "ptrace",
+    "kill",
+    "net",
+    "setuid",
+    "env",
+)
 
 
 def hostile_image(tmp: Path, script: str, escape: bytes, host: Path, **values: object) -> fx.OciImage:
@@ -340,9 +403,13 @@ def hostile_image(tmp: Path, script: str, escape: bytes, host: Path, **values: o
     directory, spelled so that minimize's script reading does not see it), M (the host marker path) and
     `values`."""
     rootdev = os.stat("/").st_dev
-    layer = [fx.file("bin/escape", escape, mode=0o4755), fx.dir("leaked/"),
-             *[fx.file(f"leaked/{c}", b"") for c in LEAKS],
-             fx.dir("evil/"), fx.block("evil/rootdev", os.major(rootdev), os.minor(rootdev), mode=0o666)]
+    layer = [
+        fx.file("bin/escape", escape, mode=0o4755),
+        fx.dir("leaked/"),
+        *[fx.file(f"leaked/{c}", b"") for c in LEAKS],
+        fx.dir("evil/"),
+        fx.block("evil/rootdev", os.major(rootdev), os.minor(rootdev), mode=0o666),
+    ]
     prelude = f'd=/leak; Y="${{d}}ed"; M={host / "marker"}; '
     prelude += "".join(f"{k}={v}; " for k, v in values.items())
     config = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": [prelude + script]}
@@ -367,8 +434,9 @@ def staging_dirs() -> set[str]:
     return {str(p) for base in ("/run", "/tmp") for p in Path(base).glob("xbuild-probe-*")}
 
 
-def run_hostile(sandbox: Sandbox, image: fx.OciImage, host: Path, seconds: float = 2
-                ) -> tuple[dict[str, list[str]], float]:
+def run_hostile(
+    sandbox: Sandbox, image: fx.OciImage, host: Path, seconds: float = 2
+) -> tuple[dict[str, list[str]], float]:
     """Build `image` with --minimize trace (trace seconds from a recipe file) with a secret in xbuild's
     environment; assert everything stayed in place; return the minimize paths and the wall time."""
     recipe = sandbox.root / "work" / "trace.toml"
@@ -377,9 +445,20 @@ def run_hostile(sandbox: Sandbox, image: fx.OciImage, host: Path, seconds: float
     staged, hostname = staging_dirs(), socket.gethostname()
     before = sandbox.snapshot()
     t0 = time.monotonic()
-    r = sandbox.xbuild(image.ref, "--minimize", "trace", "--recipe", str(recipe), "--kernel", "none",
-                       "-o", str(sandbox.out), "-q", env=sandbox.env(**{SECRET_VAR: secrets.token_hex(8)}),
-                       timeout=180)
+    r = sandbox.xbuild(
+        image.ref,
+        "--minimize",
+        "trace",
+        "--recipe",
+        str(recipe),
+        "--kernel",
+        "none",
+        "-o",
+        str(sandbox.out),
+        "-q",
+        env=sandbox.env(**{SECRET_VAR: secrets.token_hex(8)}),
+        timeout=180,
+    )
     wall = time.monotonic() - t0
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert (host / "marker").read_text() == marker and sorted(os.listdir(host)) == ["marker"]
@@ -396,8 +475,9 @@ def run_hostile(sandbox: Sandbox, image: fx.OciImage, host: Path, seconds: float
 
 
 def leaked(paths: dict[str, list[str]]) -> list[str]:
-    return sorted(p for p, (status, _reason, _detail) in paths.items()
-                  if p.startswith("/leaked/") and status == "kept")
+    return sorted(
+        p for p, (status, _reason, _detail) in paths.items() if p.startswith("/leaked/") and status == "kept"
+    )
 
 
 @pytest.mark.slow
@@ -410,53 +490,62 @@ def test_leak_channel_works(sandbox: Sandbox, tmp_path: Path, escape_binary: byt
 
 
 ESCAPES = {
-    "proc-root": 'for p in /proc/[0-9]* /proc/self /proc/thread-self; do '
-                 'cat "$p/root$M" && ls "$Y/proc-root"; '
-                 'cat "$p/root/etc/shadow" && ls "$Y/shadow"; cat "$p/cwd$M" && ls "$Y/proc-root"; done; '
-                 'ls -d /proc/*/root/tmp/xbuild-host-* && ls "$Y/proc-root"',
-    "dev": 'for d in /dev/vda /dev/sda /dev/nvme0n1 /dev/mem /dev/kmem /dev/port /dev/kmsg /dev/console '
-           '/dev/loop0 /dev/fuse /dev/kvm; do head -c1 "$d" > /dev/null && ls "$Y/dev"; done; '
-           'head -c1 /evil/rootdev > /dev/null && ls "$Y/imgdev"; '
-           'mknod /tmp/rootdev b $MAJ $MIN && head -c1 /tmp/rootdev > /dev/null && ls "$Y/mknod"; '
-           'mknod /tmp/mem c 1 1 && head -c1 /tmp/mem > /dev/null && ls "$Y/mknod"; '
-           'echo x > /dev/newfile && ls "$Y/dev"',
+    "proc-root": "for p in /proc/[0-9]* /proc/self /proc/thread-self; do "
+    'cat "$p/root$M" && ls "$Y/proc-root"; '
+    'cat "$p/root/etc/shadow" && ls "$Y/shadow"; cat "$p/cwd$M" && ls "$Y/proc-root"; done; '
+    'ls -d /proc/*/root/tmp/xbuild-host-* && ls "$Y/proc-root"',
+    "dev": "for d in /dev/vda /dev/sda /dev/nvme0n1 /dev/mem /dev/kmem /dev/port /dev/kmsg /dev/console "
+    '/dev/loop0 /dev/fuse /dev/kvm; do head -c1 "$d" > /dev/null && ls "$Y/dev"; done; '
+    'head -c1 /evil/rootdev > /dev/null && ls "$Y/imgdev"; '
+    'mknod /tmp/rootdev b $MAJ $MIN && head -c1 /tmp/rootdev > /dev/null && ls "$Y/mknod"; '
+    'mknod /tmp/mem c 1 1 && head -c1 /tmp/mem > /dev/null && ls "$Y/mknod"; '
+    'echo x > /dev/newfile && ls "$Y/dev"',
     "sys": 'ls /sys/kernel && ls "$Y/sys"; echo 1 > /sys/kernel/mm/ksm/run && ls "$Y/sys"; '
-           'echo h > /proc/sysrq-trigger && ls "$Y/sysrq"; '
-           'echo 3 > /proc/sys/vm/drop_caches && ls "$Y/sysctl"; '
-           'echo pwned > /proc/sys/kernel/hostname; hostname pwned',
+    'echo h > /proc/sysrq-trigger && ls "$Y/sysrq"; '
+    'echo 3 > /proc/sys/vm/drop_caches && ls "$Y/sysctl"; '
+    "echo pwned > /proc/sys/kernel/hostname; hostname pwned",
     "mount": 'mkdir -p /tmp/m; mount -t tmpfs x /tmp/m && ls "$Y/mount"; '
-             'mount -t proc p /tmp/m && ls "$Y/mount"; '
-             'mount -o bind / /tmp/m && ls "$Y/mount"; umount -l /proc && ls "$Y/mount"; '
-             'unshare -r -m true && ls "$Y/userns"; unshare -U true && ls "$Y/userns"',
+    'mount -t proc p /tmp/m && ls "$Y/mount"; '
+    'mount -o bind / /tmp/m && ls "$Y/mount"; umount -l /proc && ls "$Y/mount"; '
+    'unshare -r -m true && ls "$Y/userns"; unshare -U true && ls "$Y/userns"',
     "chroot": '/bin/escape chroot "$M" && ls "$Y/chroot"; mkdir -p /x; chroot /x /bin/sh -c true; '
-              'cd /; for i in 1 2 3 4 5 6 7 8; do cd ..; done; cat ".$M" && ls "$Y/chroot"',
+    'cd /; for i in 1 2 3 4 5 6 7 8; do cd ..; done; cat ".$M" && ls "$Y/chroot"',
     "ptrace": '/bin/escape ptrace "$P" && ls "$Y/ptrace"; kill -STOP "$P" && ls "$Y/kill"; '
-              'kill -9 "$P" && ls "$Y/kill"',
+    'kill -9 "$P" && ls "$Y/kill"',
     "net": 'echo x | nc -w 1 127.0.0.1 "$PORT" && ls "$Y/net"; '
-           'wget -q -T 1 -O /dev/null "http://127.0.0.1:$PORT/" && ls "$Y/net"; '
-           'ip -o link | grep -v " lo:" | grep -q . && ls "$Y/net"',
+    'wget -q -T 1 -O /dev/null "http://127.0.0.1:$PORT/" && ls "$Y/net"; '
+    'ip -o link | grep -v " lo:" | grep -q . && ls "$Y/net"',
     "setuid": '/bin/escape drop && ls "$Y/setuid"; '
-              'grep -q "NoNewPrivs:.*1" /proc/self/status || ls "$Y/setuid"',
+    'grep -q "NoNewPrivs:.*1" /proc/self/status || ls "$Y/setuid"',
     "env": f'n={SECRET_VAR[:6]}; n="${{n}}{SECRET_VAR[6:]}="; env | grep -q "^$n" && ls "$Y/env"; '
-           'for f in /proc/[0-9]*/environ; do tr "\\0" "\\n" < "$f" | grep -q "^$n" && ls "$Y/env"; done',
+    'for f in /proc/[0-9]*/environ; do tr "\\0" "\\n" < "$f" | grep -q "^$n" && ls "$Y/env"; done',
 }
 
 
 @pytest.mark.slow
 @needs_probe
 @pytest.mark.parametrize("case", sorted(ESCAPES))
-def test_escape_fails_and_the_build_succeeds(case: str, sandbox: Sandbox, tmp_path: Path,
-                                            escape_binary: bytes, host: Path) -> None:
+def test_escape_fails_and_the_build_succeeds(
+    case: str, sandbox: Sandbox, tmp_path: Path, escape_binary: bytes, host: Path
+) -> None:
     rootdev = os.stat("/").st_dev
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
     victim = subprocess.Popen(["sleep", "120"])
     try:
-        image = hostile_image(tmp_path, ESCAPES[case] + '; ls "$Y/done"', escape_binary, host, P=victim.pid,
-                              PORT=listener.getsockname()[1], MAJ=os.major(rootdev), MIN=os.minor(rootdev))
+        image = hostile_image(
+            tmp_path,
+            ESCAPES[case] + '; ls "$Y/done"',
+            escape_binary,
+            host,
+            P=victim.pid,
+            PORT=listener.getsockname()[1],
+            MAJ=os.major(rootdev),
+            MIN=os.minor(rootdev),
+        )
         paths, _ = run_hostile(sandbox, image, host)
-        assert leaked(paths) == ["/leaked/done"]       # every escape tried, none worked
-        with pytest.raises(BlockingIOError):        # nothing ever connected to the host's loopback
+        assert leaked(paths) == ["/leaked/done"]  # every escape tried, none worked
+        with pytest.raises(BlockingIOError):  # nothing ever connected to the host's loopback
             listener.accept()
         status = Path(f"/proc/{victim.pid}/status").read_text()
         assert victim.poll() is None and "TracerPid:\t0" in status and "(stopped)" not in status
@@ -467,12 +556,12 @@ def test_escape_fails_and_the_build_succeeds(case: str, sandbox: Sandbox, tmp_pa
 
 
 BOUNDED = {
-    "fork-bomb": '/bin/escape forks; f() { f | f & }; f; sleep 30',
+    "fork-bomb": "/bin/escape forks; f() { f | f & }; f; sleep 30",
     "memory-hog": "/bin/escape hog; awk 'BEGIN { s = \"x\"; while (1) s = s s }'",
     "infinite-loop": "while :; do :; done",
-    "huge-write": 'for f in /big /tmp/big /dev/shm/big /run/big; do '
-                  'dd if=/dev/zero of=$f bs=1M count=8192; done; i=0; '
-                  'while dd if=/dev/zero of=/f$i bs=1M count=1 2>/dev/null; do i=$((i+1)); done; sleep 30',
+    "huge-write": "for f in /big /tmp/big /dev/shm/big /run/big; do "
+    "dd if=/dev/zero of=$f bs=1M count=8192; done; i=0; "
+    "while dd if=/dev/zero of=/f$i bs=1M count=1 2>/dev/null; do i=$((i+1)); done; sleep 30",
     "output-flood": "yes xbuild-probe-output-flood",
 }
 
@@ -480,8 +569,9 @@ BOUNDED = {
 @pytest.mark.slow
 @needs_probe
 @pytest.mark.parametrize("case", sorted(BOUNDED))
-def test_resource_abuse_is_bounded(case: str, sandbox: Sandbox, tmp_path: Path, escape_binary: bytes,
-                                   host: Path) -> None:
+def test_resource_abuse_is_bounded(
+    case: str, sandbox: Sandbox, tmp_path: Path, escape_binary: bytes, host: Path
+) -> None:
     """Processes, memory, CPU time, disk and output: the build ends after the trace's 2 s plus its own
     work, with exit 0, and nothing stays behind."""
     image = hostile_image(tmp_path, BOUNDED[case], escape_binary, host)
@@ -492,10 +582,12 @@ def test_resource_abuse_is_bounded(case: str, sandbox: Sandbox, tmp_path: Path, 
 
 # -- what the entrypoint can see (the probe API, its output) ---------------------------------------
 
+
 @pytest.mark.slow
 @needs_probe
-def test_what_the_entrypoint_sees(tmp_path: Path, escape_binary: bytes, host: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_what_the_entrypoint_sees(
+    tmp_path: Path, escape_binary: bytes, host: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The image's environment only, root of a namespace with Docker's capabilities, no_new_privs, its
     own pids only, the minimal /dev, only `lo`, the probe's hostname, no /sys."""
     from builder.flatten import flatten
@@ -503,27 +595,53 @@ def test_what_the_entrypoint_sees(tmp_path: Path, escape_binary: bytes, host: Pa
     from builder.source import load
 
     monkeypatch.setenv(SECRET_VAR, "must-not-be-seen")
-    script = ('echo "env: $(env | sort | tr "\\n" " ")"; echo "id: $(id)"; '
-              'grep -E "^(CapEff|NoNewPrivs|Seccomp):" /proc/self/status; '
-              'echo "pids: $(ls -d /proc/[0-9]* | wc -l)"; echo "dev: $(ls /dev | tr "\\n" " ")"; '
-              'echo "links: $(ip -o link | cut -d: -f2 | tr -d " \\n")"; echo "host: $(hostname)"; '
-              'echo "sys: $(ls /sys | wc -l)"; echo "uidmap: $(cat /proc/self/uid_map)"')
+    script = (
+        'echo "env: $(env | sort | tr "\\n" " ")"; echo "id: $(id)"; '
+        'grep -E "^(CapEff|NoNewPrivs|Seccomp):" /proc/self/status; '
+        'echo "pids: $(ls -d /proc/[0-9]* | wc -l)"; echo "dev: $(ls /dev | tr "\\n" " ")"; '
+        'echo "links: $(ip -o link | cut -d: -f2 | tr -d " \\n")"; echo "host: $(hostname)"; '
+        'echo "sys: $(ls /sys | wc -l)"; echo "uidmap: $(cat /proc/self/uid_map)"'
+    )
     image = hostile_image(tmp_path, script, escape_binary, host)
     img = load(parse(image.ref))
     tree = flatten(img).tree
-    r = probe(tree, ImageConfig(entrypoint=tuple(img.config.entrypoint), cmd=tuple(img.config.cmd),
-                                env=("A=1",)), None, seconds=5, trace=True)
+    r = probe(
+        tree,
+        ImageConfig(entrypoint=tuple(img.config.entrypoint), cmd=tuple(img.config.cmd), env=("A=1",)),
+        None,
+        seconds=5,
+        trace=True,
+    )
     out = {k: v.strip() for k, _, v in (line.partition(":") for line in r.output.decode().splitlines())}
-    assert out["env"].split() == ["A=1", "HOME=/root", "HOSTNAME=xbuild-probe",
-                                  "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                                  "PWD=/", "SHLVL=1"]
+    assert out["env"].split() == [
+        "A=1",
+        "HOME=/root",
+        "HOSTNAME=xbuild-probe",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PWD=/",
+        "SHLVL=1",
+    ]
     assert out["id"].startswith("uid=0(root) gid=0(root)")
-    caps = sum(1 << n for n in (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31))   # Docker's default set
+    caps = sum(1 << n for n in (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31))  # Docker's default set
     assert len(CAPS) == 14 and int(out["CapEff"], 16) == caps
     assert out["NoNewPrivs"] == "1"
     assert int(out["pids"]) <= 6, "more processes than the probe's own are visible"
-    assert out["dev"].split() == ["core", "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr",
-                                  "stdin", "stdout", "tty", "urandom", "zero"]
+    assert out["dev"].split() == [
+        "core",
+        "fd",
+        "full",
+        "null",
+        "ptmx",
+        "pts",
+        "random",
+        "shm",
+        "stderr",
+        "stdin",
+        "stdout",
+        "tty",
+        "urandom",
+        "zero",
+    ]
     assert out["links"] == "lo" and out["host"] == "xbuild-probe" and out["sys"] == "0"
     assert out["uidmap"].split() == ["0", str(HOST_ID_BASE), str(ID_COUNT)]
     assert {"bin/sh", "etc/passwd", "proc/self/status"} <= r.opened
@@ -539,9 +657,11 @@ def test_limits_hold(tmp_path: Path, escape_binary: bytes, host: Path) -> None:
     from builder.reference import parse
     from builder.source import load
 
-    script = ('/bin/escape forks; /bin/escape hog; for f in /big /tmp/big /dev/shm/big; do '
-              'dd if=/dev/zero of=$f bs=1M count=8192 2>&1 | grep -o "No space left on device"; '
-              'echo "$f $(($(wc -c < $f) >> 20))"; rm $f; done; yes flood | head -c 3000000')
+    script = (
+        "/bin/escape forks; /bin/escape hog; for f in /big /tmp/big /dev/shm/big; do "
+        'dd if=/dev/zero of=$f bs=1M count=8192 2>&1 | grep -o "No space left on device"; '
+        'echo "$f $(($(wc -c < $f) >> 20))"; rm $f; done; yes flood | head -c 3000000'
+    )
     image = hostile_image(tmp_path, script, escape_binary, host)
     img = load(parse(image.ref))
     t0 = time.monotonic()
@@ -564,6 +684,9 @@ def test_sandbox_that_cannot_start_is_one_line(trace: bool) -> None:
     line in one MinimizeError, no BrokenPipeError from unblocking a sandbox that is gone."""
     tree = Tree()
     add_file(tree, "bin/true", b"#!/bin/sh\n", 0o755)
-    with pytest.raises(MinimizeError, match=r"^probe: the sandbox did not start the entrypoint: bwrap: "
-                                            r"setenv failed$"):
+    with pytest.raises(
+        MinimizeError,
+        match=r"^probe: the sandbox did not start the entrypoint: bwrap: "
+        r"setenv failed$",
+    ):
         probe(tree, ImageConfig(entrypoint=("/bin/true",), env=("=x",)), None, seconds=5, trace=trace)

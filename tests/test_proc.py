@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------- run_tool
 
+
 def test_run_tool_returns_the_output() -> None:
     done = run_tool(["sh", "-c", "echo out; echo err >&2"], RunError)
     assert (done.returncode, done.stdout, done.stderr) == (0, "out\n", "err\n")
@@ -57,6 +58,7 @@ def test_run_tool_missing_and_timeout() -> None:
 
 # ---------------------------------------------------------------------------------------------- Supervisor
 
+
 def _gone(pid: int) -> bool:
     """No such process, or only a zombie waiting to be reaped."""
     try:
@@ -71,8 +73,9 @@ def _group_gone(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return True
-    return all(_gone(int(p.name)) for p in Path("/proc").iterdir()
-               if p.name.isdigit() and _pgid(int(p.name)) == pgid)
+    return all(
+        _gone(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == pgid
+    )
 
 
 def _pgid(pid: int) -> int | None:
@@ -90,8 +93,9 @@ def _eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
 
 
 def _sup(stops: list[float], **kw: object) -> Supervisor:
-    defaults: dict = dict(console=io.BytesIO(), stop=lambda s: stops.append(time.monotonic()), grace=0.5,
-                          settle=0.5)
+    defaults: dict = dict(
+        console=io.BytesIO(), stop=lambda s: stops.append(time.monotonic()), grace=0.5, settle=0.5
+    )
     return Supervisor(**{**defaults, **kw})
 
 
@@ -99,8 +103,13 @@ def test_the_marker_lines_reach_the_watcher_and_the_console() -> None:
     console = io.BytesIO()
     stops: list[float] = []
     sup = _sup(stops, console=console).start(
-        ["sh", "-c", "echo booting; echo 'xbuild: exec /bin/app at 1234us'; echo hello; "
-                     "echo 'xbuild: exit status 7'; echo oops >&2"])
+        [
+            "sh",
+            "-c",
+            "echo booting; echo 'xbuild: exec /bin/app at 1234us'; echo hello; "
+            "echo 'xbuild: exit status 7'; echo oops >&2",
+        ]
+    )
     r = sup.wait(timeout=30)
     assert (r.exit_status, r.boot_us, r.error, r.signal) == (7, 1234, None, None)
     assert r.launch_to_exec_s is not None and r.launch_to_exec_s >= 0
@@ -149,10 +158,16 @@ def test_force_hook_after_grace_then_settle() -> None:
     """xl's shape: `stop` (xl shutdown) is ignored, `force` (xl destroy) `grace` later ends the guest."""
     stops: list[float] = []
     forced: list[float] = []
-    sup = _sup(stops, stdin=subprocess.PIPE, grace=0.5, settle=5.0,
-               force=lambda s: (forced.append(time.monotonic()), s.write(b"die\n")))
-    sup.start(["sh", "-c", "while read w; do [ \"$w\" = die ] && { echo 'xbuild: exit status 137'; "
-                           "exit 0; }; done"])
+    sup = _sup(
+        stops,
+        stdin=subprocess.PIPE,
+        grace=0.5,
+        settle=5.0,
+        force=lambda s: (forced.append(time.monotonic()), s.write(b"die\n")),
+    )
+    sup.start(
+        ["sh", "-c", "while read w; do [ \"$w\" = die ] && { echo 'xbuild: exit status 137'; exit 0; }; done"]
+    )
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
     r = sup.wait(stop_event=stop)
@@ -182,8 +197,13 @@ print("RESULT", r.exit_status, sup.killed, flush=True)
 
 
 def _runner(*args: str) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout is not None
     lines = [proc.stdout.readline() for _ in range(2)]
     pid_line = next(ln for ln in lines if ln.startswith(b"PID "))

@@ -43,17 +43,29 @@ from builder.tarread import TarFormatError, read_members
 from builder.tree import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Inode, Tree, read_content
 from tests.fixtures.images import Member, dir, file, hardlink, layer_tar, opaque, symlink, whiteout
 
-settings.register_profile("test", max_examples=60, deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("fuzz", max_examples=500, deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "test",
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "test"))
 
-NAMES = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1,
-                max_size=40).filter(lambda n: n not in (".", "..") and not n.startswith(".wh."))
+NAMES = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=40
+).filter(lambda n: n not in (".", "..") and not n.startswith(".wh."))
 
 
 # ---- the tar reader ---------------------------------------------------------------------------------
+
 
 @st.composite
 def tar_members(draw: st.DrawFn) -> list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]]:
@@ -61,8 +73,19 @@ def tar_members(draw: st.DrawFn) -> list[tarfile.TarInfo | tuple[tarfile.TarInfo
     for _ in range(draw(st.integers(1, 6))):
         name = "/".join(draw(st.lists(NAMES, min_size=1, max_size=4)))
         ti = tarfile.TarInfo(name)
-        ti.type = draw(st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
-                                        tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE]))
+        ti.type = draw(
+            st.sampled_from(
+                [
+                    tarfile.REGTYPE,
+                    tarfile.DIRTYPE,
+                    tarfile.SYMTYPE,
+                    tarfile.LNKTYPE,
+                    tarfile.CHRTYPE,
+                    tarfile.BLKTYPE,
+                    tarfile.FIFOTYPE,
+                ]
+            )
+        )
         ti.mode = draw(st.integers(0, 0o7777))
         ti.uid, ti.gid = draw(st.integers(0, 2**21 - 1)), draw(st.integers(0, 2**21 - 1))
         ti.mtime = draw(st.integers(0, 2**33 - 1))
@@ -92,7 +115,7 @@ def _read(raw: bytes) -> list[tarread.Member]:
 def test_tar_reader_agrees_with_tarfile_on_what_tarfile_writes(members: list[Any], fmt: int) -> None:
     try:
         raw = _write(members, fmt)
-    except ValueError:          # ustar cannot hold a long name; that archive does not exist
+    except ValueError:  # ustar cannot hold a long name; that archive does not exist
         assume(False)
     ours = _read(raw)
     with tarfile.open(fileobj=io.BytesIO(raw), encoding="utf-8", errors="surrogateescape") as tar:
@@ -104,14 +127,17 @@ def test_tar_reader_agrees_with_tarfile_on_what_tarfile_writes(members: list[Any
         assert m.linkname == t.linkname
         if t.isreg():
             assert (m.offset, m.size) == (t.offset_data, t.size)
-            assert raw[m.offset:m.offset + m.size] == members[theirs.index(t)][1]
+            assert raw[m.offset : m.offset + m.size] == members[theirs.index(t)][1]
         if t.ischr() or t.isblk():
             assert (m.devmajor, m.devminor) == (t.devmajor, t.devminor)
 
 
-@given(st.one_of(st.binary(max_size=3000),
-                 st.tuples(tar_members(), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
-                                                   max_size=8))))
+@given(
+    st.one_of(
+        st.binary(max_size=3000),
+        st.tuples(tar_members(), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8)),
+    )
+)
 def test_tar_reader_on_any_bytes_yields_members_or_refuses(data: Any) -> None:
     if isinstance(data, tuple):
         raw = bytearray(_write(data[0], tarfile.PAX_FORMAT))
@@ -129,8 +155,8 @@ def test_tar_reader_on_any_bytes_yields_members_or_refuses(data: Any) -> None:
 
 # ---- flatten against a model of the OCI layer rules ------------------------------------------------
 
-DIRS = ["a", "b", "c"]           # names that may be directories (and parents)
-LEAVES = DIRS + ["s", "t"]       # s and t are never parents: symlinks live there only
+DIRS = ["a", "b", "c"]  # names that may be directories (and parents)
+LEAVES = DIRS + ["s", "t"]  # s and t are never parents: symlinks live there only
 
 
 class _Node:
@@ -183,7 +209,7 @@ def layer_ops(draw: st.DrawFn) -> list[list[tuple[Any, ...]]]:
     layers = []
     for _ in range(draw(st.integers(1, 4))):
         ops: list[tuple[Any, ...]] = []
-        current: dict[str, str] = {}          # what this layer has put at each path so far
+        current: dict[str, str] = {}  # what this layer has put at each path so far
 
         def put(path: str, kind: str, current: dict[str, str] = current) -> None:
             if not (kind == "dir" and current.get(path) == "dir"):
@@ -194,25 +220,38 @@ def layer_ops(draw: st.DrawFn) -> list[list[tuple[Any, ...]]]:
         for _ in range(draw(st.integers(0, 8))):
             parent = "/".join(draw(st.lists(st.sampled_from(DIRS), max_size=2)))
             kind = draw(st.sampled_from(["file", "dir", "symlink", "hardlink", "whiteout", "opaque"]))
-            leaf = draw(st.sampled_from(["s", "t"] if kind == "symlink" else DIRS if kind in ("dir", "opaque")
-                                        else LEAVES))
+            leaf = draw(
+                st.sampled_from(
+                    ["s", "t"] if kind == "symlink" else DIRS if kind in ("dir", "opaque") else LEAVES
+                )
+            )
             path = f"{parent}/{leaf}" if parent else leaf
             parts = path.split("/")
-            for i in range(1, len(parts)):        # real tars carry the parents before the children
+            for i in range(1, len(parts)):  # real tars carry the parents before the children
                 d = "/".join(parts[:i])
                 if current.get(d) != "dir":
                     ops.append(("dir", d, 0o755, 0))
                     put(d, "dir")
             if kind == "file":
-                ops.append(("file", path, draw(st.integers(0, 0o777)), draw(st.integers(0, 9)),
-                            draw(st.binary(max_size=8))))
+                ops.append(
+                    (
+                        "file",
+                        path,
+                        draw(st.integers(0, 0o777)),
+                        draw(st.integers(0, 9)),
+                        draw(st.binary(max_size=8)),
+                    )
+                )
             elif kind == "dir":
                 ops.append(("dir", path, draw(st.integers(0, 0o777)), draw(st.integers(0, 9))))
             elif kind == "symlink":
                 ops.append(("symlink", path, draw(st.sampled_from(["a", "/b/c", "../t", "nowhere"]))))
             elif kind == "hardlink":
-                live = sorted(p for p, k in current.items()
-                              if k == "file" and p != path and not p.startswith(path + "/"))
+                live = sorted(
+                    p
+                    for p, k in current.items()
+                    if k == "file" and p != path and not p.startswith(path + "/")
+                )
                 if not live:
                     continue
                 ops.append(("hardlink", path, draw(st.sampled_from(live))))
@@ -249,8 +288,9 @@ def _tar_of(ops: list[tuple[Any, ...]]) -> list[Member]:
 
 
 @given(layer_ops())
-def test_flatten_follows_the_oci_layer_rules(tmp_path_factory: pytest.TempPathFactory,
-                                             layers: list[list[tuple[Any, ...]]]) -> None:
+def test_flatten_follows_the_oci_layer_rules(
+    tmp_path_factory: pytest.TempPathFactory, layers: list[list[tuple[Any, ...]]]
+) -> None:
     tmp = tmp_path_factory.mktemp("layers")
     paths = []
     for i, ops in enumerate(layers):
@@ -277,6 +317,7 @@ def test_flatten_follows_the_oci_layer_rules(tmp_path_factory: pytest.TempPathFa
 
 # ---- the cpio writer against the cpio tool ---------------------------------------------------------
 
+
 @st.composite
 def trees(draw: st.DrawFn) -> Tree:
     tree = Tree()
@@ -299,7 +340,7 @@ def trees(draw: st.DrawFn) -> Tree:
         if kind == FILE:
             node.content = draw(st.binary(max_size=3000))
             node.size = len(node.content)
-            node.mode |= 0o600                  # cpio must be able to write it back
+            node.mode |= 0o600  # cpio must be able to write it back
             files.append(node)
         elif kind == SYMLINK:
             node.target = draw(NAMES)
@@ -319,8 +360,13 @@ def test_cpio_writer_is_read_back_by_cpio(tmp_path_factory: pytest.TempPathFacto
     out = tmp / "x"
     out.mkdir()
     with open(tmp / "initrd", "rb") as f:
-        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], stdin=f, cwd=out, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["cpio", "-idm", "--quiet", "--no-absolute-filenames"],
+            stdin=f,
+            cwd=out,
+            check=True,
+            capture_output=True,
+        )
     inodes: dict[int, int] = {}
     for path, node in tree.walk():
         if not path:
@@ -346,25 +392,58 @@ def test_cpio_writer_is_read_back_by_cpio(tmp_path_factory: pytest.TempPathFacto
 # ---- manifest, config and index parsers ------------------------------------------------------------
 
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-JSON = st.recursive(SCALARS,
-                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids,
-                                                                              max_size=5), max_leaves=25)
-KEYS = ["config", "rootfs", "diff_ids", "Entrypoint", "Cmd", "Env", "WorkingDir", "User", "StopSignal",
-        "Labels", "ExposedPorts", "os", "architecture", "variant", "created", "schemaVersion", "layers",
-        "manifests", "digest", "size", "mediaType", "platform", "annotations"]
-SHAPED = st.recursive(st.none() | st.integers() | st.text(max_size=8) | st.just("sha256:" + "0" * 64),
-                      lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(KEYS), kids,
-                                                                                max_size=6), max_leaves=30)
+JSON = st.recursive(
+    SCALARS,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=5),
+    max_leaves=25,
+)
+KEYS = [
+    "config",
+    "rootfs",
+    "diff_ids",
+    "Entrypoint",
+    "Cmd",
+    "Env",
+    "WorkingDir",
+    "User",
+    "StopSignal",
+    "Labels",
+    "ExposedPorts",
+    "os",
+    "architecture",
+    "variant",
+    "created",
+    "schemaVersion",
+    "layers",
+    "manifests",
+    "digest",
+    "size",
+    "mediaType",
+    "platform",
+    "annotations",
+]
+SHAPED = st.recursive(
+    st.none() | st.integers() | st.text(max_size=8) | st.just("sha256:" + "0" * 64),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(KEYS), kids, max_size=6),
+    max_leaves=30,
+)
 
 
-@given(st.one_of(st.binary(max_size=200), JSON.map(lambda d: json.dumps(d).encode()),
-                 SHAPED.map(lambda d: json.dumps(d).encode()),
-                 st.integers(1, 200_000).map(lambda n: b"[" * n + b"]" * n)))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        JSON.map(lambda d: json.dumps(d).encode()),
+        SHAPED.map(lambda d: json.dumps(d).encode()),
+        st.integers(1, 200_000).map(lambda n: b"[" * n + b"]" * n),
+    )
+)
 def test_document_parsers_give_a_value_or_bad_input(raw: bytes) -> None:
-    for parse_one in (lambda: parse_config(raw, "config"),
-                      lambda: manifest_parts(load_json(raw, "m"), "manifest"),
-                      lambda: select_platform(load_json(raw, "index"), Platform(), "index"),
-                      lambda: descriptor(load_json(raw, "d"), "descriptor")):
+    for parse_one in (
+        lambda: parse_config(raw, "config"),
+        lambda: manifest_parts(load_json(raw, "m"), "manifest"),
+        lambda: select_platform(load_json(raw, "index"), Platform(), "index"),
+        lambda: descriptor(load_json(raw, "d"), "descriptor"),
+    ):
         with contextlib.suppress(BadInput):
             parse_one()
 
@@ -372,15 +451,37 @@ def test_document_parsers_give_a_value_or_bad_input(raw: bytes) -> None:
 STRINGS = st.lists(st.text(max_size=10), max_size=4)
 
 
-@given(STRINGS, STRINGS, STRINGS, st.text(max_size=10), st.text(max_size=10),
-       st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
-       st.lists(st.from_regex(r"sha256:[0-9a-f]{64}", fullmatch=True), max_size=3))
-def test_config_parser_returns_what_the_config_says(entrypoint: list[str], cmd: list[str], env: list[str],
-                                                    workdir: str, user: str, labels: dict[str, str],
-                                                    diff_ids: list[str]) -> None:
-    doc = {"config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": env, "WorkingDir": workdir, "User": user,
-                      "Labels": labels}, "rootfs": {"type": "layers", "diff_ids": diff_ids},
-           "os": "linux", "architecture": "arm64"}
+@given(
+    STRINGS,
+    STRINGS,
+    STRINGS,
+    st.text(max_size=10),
+    st.text(max_size=10),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
+    st.lists(st.from_regex(r"sha256:[0-9a-f]{64}", fullmatch=True), max_size=3),
+)
+def test_config_parser_returns_what_the_config_says(
+    entrypoint: list[str],
+    cmd: list[str],
+    env: list[str],
+    workdir: str,
+    user: str,
+    labels: dict[str, str],
+    diff_ids: list[str],
+) -> None:
+    doc = {
+        "config": {
+            "Entrypoint": entrypoint,
+            "Cmd": cmd,
+            "Env": env,
+            "WorkingDir": workdir,
+            "User": user,
+            "Labels": labels,
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "os": "linux",
+        "architecture": "arm64",
+    }
     cfg, ids, _, plat = parse_config(json.dumps(doc).encode(), "config")
     assert (list(cfg.entrypoint), list(cfg.cmd), list(cfg.env)) == (entrypoint, cmd, env)
     assert (cfg.working_dir, cfg.user, dict(cfg.labels), ids) == (workdir, user, labels, diff_ids)
@@ -389,7 +490,7 @@ def test_config_parser_returns_what_the_config_says(entrypoint: list[str], cmd: 
 
 # ---- the reference parser ---------------------------------------------------------------------------
 
-COMPONENT = st.from_regex(r"[a-z0-9]+(?:(?:_|__|-+)[a-z0-9]+)?", fullmatch=True)   # no '.': no registry
+COMPONENT = st.from_regex(r"[a-z0-9]+(?:(?:_|__|-+)[a-z0-9]+)?", fullmatch=True)  # no '.': no registry
 
 
 @given(st.text(max_size=80))
@@ -403,14 +504,20 @@ def test_reference_parser_never_crashes(text: str) -> None:
         assert parse(str(ref)) == ref
 
 
-@given(st.sampled_from([None, "localhost:5000", "registry.example.com", "docker.io", "[::1]:5000"]),
-       st.lists(COMPONENT, min_size=1, max_size=3), st.one_of(st.none(), st.from_regex(r"\w[\w.-]{0,20}",
-                                                                                       fullmatch=True)),
-       st.one_of(st.none(), st.from_regex(r"sha256:[0-9a-f]{64}", fullmatch=True)))
-def test_reference_round_trip(registry: str | None, repo: list[str], tag: str | None,
-                              digest: str | None) -> None:
-    text = "/".join(([registry] if registry else []) + repo) + (f":{tag}" if tag else "") + \
-        (f"@{digest}" if digest else "")
+@given(
+    st.sampled_from([None, "localhost:5000", "registry.example.com", "docker.io", "[::1]:5000"]),
+    st.lists(COMPONENT, min_size=1, max_size=3),
+    st.one_of(st.none(), st.from_regex(r"\w[\w.-]{0,20}", fullmatch=True)),
+    st.one_of(st.none(), st.from_regex(r"sha256:[0-9a-f]{64}", fullmatch=True)),
+)
+def test_reference_round_trip(
+    registry: str | None, repo: list[str], tag: str | None, digest: str | None
+) -> None:
+    text = (
+        "/".join(([registry] if registry else []) + repo)
+        + (f":{tag}" if tag else "")
+        + (f"@{digest}" if digest else "")
+    )
     ref = parse(text)
     assert ref.registry == (registry or "docker.io")
     want_repo = "/".join(repo)
@@ -426,16 +533,51 @@ def test_reference_round_trip(registry: str | None, repo: list[str], tag: str | 
 TEXT = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=30)
 
 
-@given(st.lists(TEXT, min_size=1, max_size=4), st.lists(TEXT, max_size=4), TEXT,
-       st.integers(0, 2**32 - 2), st.integers(0, 2**32 - 2), st.lists(st.integers(0, 2**32 - 2), max_size=4),
-       st.integers(1, 64), TEXT, st.integers(0, 4), st.integers(0, 3600),
-       st.lists(TEXT, max_size=2), st.sampled_from(["ro", "rw"]), st.integers(0, 600))
-def test_guest_config_round_trip(argv: list[str], env: list[str], cwd: str, uid: int, gid: int,
-                                 groups: list[int], sig: int, hostname: str, cmd_index: int, grace: int,
-                                 roots: list[str], root_mode: str, root_wait: int) -> None:
-    gc = GuestConfig(tuple(argv), tuple(env), cwd, uid, gid, tuple(groups), sig, hostname,
-                     min(cmd_index, len(argv)), grace, tuple(roots), root_mode if roots else "rw",
-                     root_wait if roots else 10)
+@given(
+    st.lists(TEXT, min_size=1, max_size=4),
+    st.lists(TEXT, max_size=4),
+    TEXT,
+    st.integers(0, 2**32 - 2),
+    st.integers(0, 2**32 - 2),
+    st.lists(st.integers(0, 2**32 - 2), max_size=4),
+    st.integers(1, 64),
+    TEXT,
+    st.integers(0, 4),
+    st.integers(0, 3600),
+    st.lists(TEXT, max_size=2),
+    st.sampled_from(["ro", "rw"]),
+    st.integers(0, 600),
+)
+def test_guest_config_round_trip(
+    argv: list[str],
+    env: list[str],
+    cwd: str,
+    uid: int,
+    gid: int,
+    groups: list[int],
+    sig: int,
+    hostname: str,
+    cmd_index: int,
+    grace: int,
+    roots: list[str],
+    root_mode: str,
+    root_wait: int,
+) -> None:
+    gc = GuestConfig(
+        tuple(argv),
+        tuple(env),
+        cwd,
+        uid,
+        gid,
+        tuple(groups),
+        sig,
+        hostname,
+        min(cmd_index, len(argv)),
+        grace,
+        tuple(roots),
+        root_mode if roots else "rw",
+        root_wait if roots else 10,
+    )
     assert GuestConfig.decode(gc.encode()) == gc
 
 
@@ -447,11 +589,22 @@ def test_guest_config_refuses_what_the_init_cannot_take(argv: list[str], text: s
         gc.encode()
 
 
-@given(st.one_of(st.binary(max_size=300),
-                 st.lists(st.tuples(st.sampled_from(["arg", "uid", "gid", "group", "cmd", "env", "x"]),
-                                    st.binary(max_size=12)), max_size=6)
-                 .map(lambda recs: b"xbuild-guest-config\x001\x00" + b"".join(
-                     k.encode() + b"\0" + v.replace(b"\0", b"") + b"\0" for k, v in recs))))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.lists(
+            st.tuples(
+                st.sampled_from(["arg", "uid", "gid", "group", "cmd", "env", "x"]), st.binary(max_size=12)
+            ),
+            max_size=6,
+        ).map(
+            lambda recs: (
+                b"xbuild-guest-config\x001\x00"
+                + b"".join(k.encode() + b"\0" + v.replace(b"\0", b"") + b"\0" for k, v in recs)
+            )
+        ),
+    )
+)
 def test_guest_config_decoder_takes_any_bytes(data: bytes) -> None:
     with contextlib.suppress(ConfigError):
         GuestConfig.decode(data)
@@ -472,11 +625,18 @@ def _xl_dequote(value: str) -> str:
     return "".join(out)
 
 
-@given(name=st.text(max_size=30), extra=st.text(max_size=200), memory=st.integers(16, 65536),
-       vcpus=st.integers(1, 64), xen_type=st.sampled_from(["pv", "pvh", "hvm"]),
-       target=st.text(max_size=40), vif=st.none() | st.text(max_size=40))
+@given(
+    name=st.text(max_size=30),
+    extra=st.text(max_size=200),
+    memory=st.integers(16, 65536),
+    vcpus=st.integers(1, 64),
+    xen_type=st.sampled_from(["pv", "pvh", "hvm"]),
+    target=st.text(max_size=40),
+    vif=st.none() | st.text(max_size=40),
+)
 def test_xl_config_writer_writes_only_its_keys_and_every_value_reads_back(
-        name: str, extra: str, memory: int, vcpus: int, xen_type: str, target: str, vif: str | None) -> None:
+    name: str, extra: str, memory: int, vcpus: int, xen_type: str, target: str, vif: str | None
+) -> None:
     """Whatever strings reach it, the writer refuses them (ArtifactError) or writes one line per key, only
     its fixed keys, each value quoted so that xl reads back exactly the string given: no line, key or
     list element can be injected."""
@@ -492,8 +652,22 @@ def test_xl_config_writer_writes_only_its_keys_and_every_value_reads_back(
         assert m, line
         parsed[m.group(1)] = m.group(2)
     assert len(parsed) == len(lines)
-    assert set(parsed) <= {"name", "type", "kernel", "ramdisk", "extra", "memory", "maxmem", "vcpus",
-                           "on_poweroff", "on_reboot", "on_crash", "tsc_mode", "disk", "vif"}
+    assert set(parsed) <= {
+        "name",
+        "type",
+        "kernel",
+        "ramdisk",
+        "extra",
+        "memory",
+        "maxmem",
+        "vcpus",
+        "on_poweroff",
+        "on_reboot",
+        "on_crash",
+        "tsc_mode",
+        "disk",
+        "vif",
+    }
     assert _xl_dequote(parsed["name"]) == name and _xl_dequote(parsed["extra"]) == extra
     assert parsed["memory"] == str(memory) and parsed["vcpus"] == str(vcpus)
     assert parsed["disk"] == f"[ 'format=raw, vdev=xvda, access=rw, target={target}' ]"

@@ -46,7 +46,7 @@ EPOCH = 1_700_000_000
 def _artifact(image_ref: str, out: Path) -> Path:
     """A complete artifact directory: built initrd + manifest, and a stand-in kernel, cmdline, xen.cfg."""
     build(image_ref, BuildOptions(output=out, epoch=EPOCH, kernel=None))
-    (out / KERNEL).write_bytes(hashlib.sha256(b"kernel").digest() * 40000)     # 1.28 MB, deterministic
+    (out / KERNEL).write_bytes(hashlib.sha256(b"kernel").digest() * 40000)  # 1.28 MB, deterministic
     (out / CMDLINE).write_text("console=hvc0 quiet\n")
     (out / XEN_CFG).write_text(xen_config("busybox", "console=hvc0 quiet", 128))
     return out
@@ -101,15 +101,21 @@ def test_manifest_is_an_oci_artifact(artifact: Path, registry: Registry) -> None
     doc = json.loads(raw)
     assert set(doc) == {"schemaVersion", "mediaType", "artifactType", "config", "layers", "annotations"}
     assert (doc["schemaVersion"], doc["mediaType"], doc["artifactType"]) == (
-        2, publish.OCI_MANIFEST, publish.VM_ARTIFACT)
+        2,
+        publish.OCI_MANIFEST,
+        publish.VM_ARTIFACT,
+    )
     assert doc["config"]["mediaType"] == publish.VM_CONFIG
     files = _digests(artifact)
     assert doc["config"]["digest"] == "sha256:" + files["manifest.json"]
     titles = [x["annotations"][publish.TITLE] for x in doc["layers"]]
     assert titles == ["kernel", "initrd.img", "cmdline", "xen.cfg"]
     assert [x["mediaType"] for x in doc["layers"]] == [
-        "application/vnd.xbuild.vm.kernel.v1", "application/vnd.xbuild.vm.initrd.v1+zstd",
-        "application/vnd.xbuild.vm.cmdline.v1", "application/vnd.xbuild.vm.xen-cfg.v1"]
+        "application/vnd.xbuild.vm.kernel.v1",
+        "application/vnd.xbuild.vm.initrd.v1+zstd",
+        "application/vnd.xbuild.vm.cmdline.v1",
+        "application/vnd.xbuild.vm.xen-cfg.v1",
+    ]
     for d in [doc["config"], *doc["layers"]]:
         assert set(d) <= {"mediaType", "digest", "size", "annotations"} and isinstance(d["size"], int)
         blob = httpx.get(f"{registry.url}/v2/vm/busybox/blobs/{d['digest']}", follow_redirects=True).content
@@ -121,8 +127,11 @@ def test_manifest_is_an_oci_artifact(artifact: Path, registry: Registry) -> None
         "org.opencontainers.image.base.name": manifest["source"]["reference"],
         "io.xbuild.tool.version": manifest["tool"]["version"],
     }
-    inspect = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                              f"docker://{registry.host}/vm/busybox:shape"], capture_output=True, check=True)
+    inspect = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/vm/busybox:shape"],
+        capture_output=True,
+        check=True,
+    )
     assert inspect.stdout == raw
 
 
@@ -161,8 +170,9 @@ def _docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str, c
     monkeypatch.setenv("DOCKER_CONFIG", str(d))
 
 
-def test_push_needs_credentials(artifact: Path, registry_factory, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_needs_credentials(
+    artifact: Path, registry_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     htpasswd = tmp_path / "htpasswd"
     subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "ci", "s3cret"], check=True, capture_output=True)
     reg = registry_factory(auth={"htpasswd": {"realm": "xbuild-test", "path": str(htpasswd)}})
@@ -185,13 +195,21 @@ def test_push_to_read_only_registry(artifact: Path, tmp_path: Path) -> None:
     work = tmp_path / "ro"
     work.mkdir()
     port = free_port()
-    config = {"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
-              "storage": {"filesystem": {"rootdirectory": str(work / "data")},
-                          "maintenance": {"readonly": {"enabled": True}}},
-              "http": {"addr": f"127.0.0.1:{port}"}}
+    config = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(work / "data")},
+            "maintenance": {"readonly": {"enabled": True}},
+        },
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
     (work / "config.yml").write_text(json.dumps(config))
-    proc = subprocess.Popen(["docker-registry", "serve", str(work / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(work / "config.yml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(200):
             try:
@@ -207,8 +225,9 @@ def test_push_to_read_only_registry(artifact: Path, tmp_path: Path) -> None:
         proc.wait(10)
 
 
-def test_pull_rejects_other_things(artifact: Path, registry: Registry, tmp_path: Path,
-                                   busybox_image: OciImage) -> None:
+def test_pull_rejects_other_things(
+    artifact: Path, registry: Registry, tmp_path: Path, busybox_image: OciImage
+) -> None:
     registry.push(busybox_image.layout, busybox_image.name, "plain/busybox:1")
     dest = tmp_path / "dest"
     with pytest.raises(PublishError, match=r"not an xbuild VM image artifact \(it is a container image\)"):
@@ -223,8 +242,9 @@ def test_pull_rejects_other_things(artifact: Path, registry: Registry, tmp_path:
     assert not dest.exists() and (tmp_path / "not-an-artifact" / "precious").read_text() == "keep me"
 
 
-def test_pull_verifies_digests(artifact: Path, registry: Registry, tmp_path: Path,
-                               xbuild_cache: Path) -> None:
+def test_pull_verifies_digests(
+    artifact: Path, registry: Registry, tmp_path: Path, xbuild_cache: Path
+) -> None:
     pushed = publish.push(artifact, f"{registry.host}/vm/corrupt:v1")
     layers = json.loads(registry.manifest("vm/corrupt", "v1")[0])["layers"]
     initrd = next(x for x in layers if x["annotations"][publish.TITLE] == "initrd.img")
@@ -250,14 +270,25 @@ def _fake_kernel(key: str) -> Kernel:
     (d / "bzImage").write_bytes(os.urandom(100_000))
     (d / "config").write_text("CONFIG_64BIT=y\n")
     k = Kernel(key, d / "vmlinux", "elf", ("base", "xen"), "6.1.0", 200_004, d / "bzImage")
-    (d / "kernel.json").write_text(json.dumps({"key": key, "path": str(k.path), "fmt": "elf",
-                                               "fragments": ["base", "xen"], "release": "6.1.0",
-                                               "size": 200_004, "bzimage": str(k.bzimage)}))
+    (d / "kernel.json").write_text(
+        json.dumps(
+            {
+                "key": key,
+                "path": str(k.path),
+                "fmt": "elf",
+                "fragments": ["base", "xen"],
+                "release": "6.1.0",
+                "size": 200_004,
+                "bzimage": str(k.bzimage),
+            }
+        )
+    )
     return k
 
 
-def test_kernel_push_pull(registry: Registry, xbuild_cache: Path, tmp_path: Path,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_push_pull(
+    registry: Registry, xbuild_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kernel = _fake_kernel("ab" * 32)
     before = _digests(kernel.path.parent)
     pushed = publish.push_kernel(kernel, f"{registry.host}/kernels/xen:6.1")
@@ -292,7 +323,7 @@ def test_cli_push_pull(artifact: Path, registry: Registry, tmp_path: Path) -> No
 
 def test_explicit_docker_prefix() -> None:
     assert parse("docker://myapp:dev").explicit and not parse("myapp:dev").explicit
-    assert parse("docker://myapp:dev") == parse("myapp:dev")      # `explicit` does not take part in equality
+    assert parse("docker://myapp:dev") == parse("myapp:dev")  # `explicit` does not take part in equality
 
 
 def test_cli_kernel_push(registry: Registry, xbuild_cache: Path) -> None:
@@ -308,14 +339,15 @@ def test_cli_kernel_push(registry: Registry, xbuild_cache: Path) -> None:
     assert json.loads(done.stdout)["uploaded"] == 4 and kernel.key.startswith("cd")
 
 
-def test_push_retries_transient_failures(artifact: Path, registry: Registry, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_retries_transient_failures(
+    artifact: Path, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XBUILD_REGISTRY_RETRY_DELAY", "0.01")
     proxy = RegistryProxy(registry.url, fail=2, fail_status=503)
     try:
         pushed = publish.push(artifact, f"{proxy.host}/vm/flaky:v1")
         first = proxy.requests[0]
-        assert first[0] == "HEAD" and proxy.requests[:3] == [first] * 3      # two 503s, then answered
+        assert first[0] == "HEAD" and proxy.requests[:3] == [first] * 3  # two 503s, then answered
         assert pushed.uploaded == 5
         proxy.fail = 100
         with pytest.raises(RegistryUnavailable, match=r"failing \(HTTP 503\) after 4 tries") as e:
@@ -325,10 +357,13 @@ def test_push_retries_transient_failures(artifact: Path, registry: Registry, tmp
         proxy.close()
 
 
-@pytest.mark.parametrize("status, fail, message", [
-    (403, 1, r"access denied \(HTTP 403\); no credentials for 127\.0\.0\.1"),
-    (413, 2, r"refused upload of manifest\.json: too large \(HTTP 413\)"),
-])
+@pytest.mark.parametrize(
+    "status, fail, message",
+    [
+        (403, 1, r"access denied \(HTTP 403\); no credentials for 127\.0\.0\.1"),
+        (413, 2, r"refused upload of manifest\.json: too large \(HTTP 413\)"),
+    ],
+)
 def test_push_refused(artifact: Path, registry: Registry, status: int, fail: int, message: str) -> None:
     proxy = RegistryProxy(registry.url, fail=fail, fail_status=status)
     try:
@@ -337,11 +372,12 @@ def test_push_refused(artifact: Path, registry: Registry, status: int, fail: int
         assert e.value.exit_code == 2 and "\n" not in str(e.value)
     finally:
         proxy.close()
-    assert httpx.get(f"{registry.url}/v2/vm/refused/tags/list").status_code == 404    # no tag was written
+    assert httpx.get(f"{registry.url}/v2/vm/refused/tags/list").status_code == 404  # no tag was written
 
 
-def test_push_with_bearer_tokens(artifact: Path, registry_factory, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_with_bearer_tokens(
+    artifact: Path, registry_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A registry with token auth: anonymous tokens only pull; bob's (password or refresh token) push."""
     issuer = TokenIssuer(tmp_path / "issuer", {"bob": "hunter2"}, {"refresh-1": "bob"})
     try:
@@ -359,7 +395,7 @@ def test_push_with_bearer_tokens(artifact: Path, registry_factory, tmp_path: Pat
         again = publish.push(artifact, f"{reg.host}/tok/vm:v2")
         assert issuer.requests[-1][0] == "POST" and again.digest == pushed.digest and again.present == 5
         assert _digests(publish.pull(f"{reg.host}/tok/vm:v2", tmp_path / "pulled")) == _digests(artifact)
-        other = publish.push(artifact, f"{reg.host}/tok/other:v1")       # cross-repository mounts
+        other = publish.push(artifact, f"{reg.host}/tok/other:v1")  # cross-repository mounts
         assert (other.digest, other.mounted) == (pushed.digest, 5)
     finally:
         issuer.close()
@@ -378,20 +414,41 @@ def _with_disk(art: Path, work: Path, fmt: str = "raw") -> Path:
     (tree / "etc").mkdir(parents=True)
     (tree / "etc" / "hostname").write_text("disk\n")
     (tree / "bin").mkdir()
-    (tree / "bin" / "payload").write_bytes(os.urandom(256 << 10))             # incompressible
+    (tree / "bin" / "payload").write_bytes(os.urandom(256 << 10))  # incompressible
     (tree / "bin" / "text").write_bytes(b"xbuild disk layer\n" * 20000)
     raw = work / "disk.raw"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", "d15c0000-0000-4000-8000-000000000001", "-d", str(tree),
-                    str(raw), "16M"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-U",
+            "d15c0000-0000-4000-8000-000000000001",
+            "-d",
+            str(tree),
+            str(raw),
+            "16M",
+        ],
+        check=True,
+        capture_output=True,
+    )
     if fmt == "qcow2":
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(art / DISK)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["qemu-img", "convert", "-O", "qcow2", str(raw), str(art / DISK)], check=True, capture_output=True
+        )
     else:
         raw.rename(art / DISK)
     manifest = json.loads((art / MANIFEST).read_text())
-    manifest["disk"] = {"file": DISK, "format": fmt, "mode": "rw", "size": 16 << 20,
-                        "file_size": (art / DISK).stat().st_size, "sha256": file_sha256(art / DISK),
-                        "uuid": "d15c0000-0000-4000-8000-000000000001", "content_bytes": (256 << 10) + 360005}
+    manifest["disk"] = {
+        "file": DISK,
+        "format": fmt,
+        "mode": "rw",
+        "size": 16 << 20,
+        "file_size": (art / DISK).stat().st_size,
+        "sha256": file_sha256(art / DISK),
+        "uuid": "d15c0000-0000-4000-8000-000000000001",
+        "content_bytes": (256 << 10) + 360005,
+    }
     (art / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     assert open_artifact(art).disk == art / DISK
     return art
@@ -404,34 +461,51 @@ def disk_artifact(artifact: Path, tmp_path: Path) -> Path:
 
 @needs_mkfs
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_disk_round_trip(fmt: str, artifact: Path, registry: Registry, tmp_path: Path, xbuild_cache: Path,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_round_trip(
+    fmt: str,
+    artifact: Path,
+    registry: Registry,
+    tmp_path: Path,
+    xbuild_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     art = _with_disk(artifact, tmp_path, fmt)
     ref = f"{registry.host}/vm/disk-{fmt}:v1"
     logged: list[str] = []
     pushed = publish.push(art, ref, log=logged.append)
     file_size = (art / DISK).stat().st_size
     assert pushed.uploaded == 6 and pushed.disk is not None
-    assert pushed.disk == {"file": DISK, "media_type": publish.DISK_TYPES[fmt], "file_size": file_size,
-                           "blob_size": pushed.disk["blob_size"]}
-    assert any(line.startswith(f"uploaded {DISK} (") and line.endswith(f"zstd of {file_size / 1e6:.1f} MB)")
-               for line in logged), logged
+    assert pushed.disk == {
+        "file": DISK,
+        "media_type": publish.DISK_TYPES[fmt],
+        "file_size": file_size,
+        "blob_size": pushed.disk["blob_size"],
+    }
+    assert any(
+        line.startswith(f"uploaded {DISK} (") and line.endswith(f"zstd of {file_size / 1e6:.1f} MB)")
+        for line in logged
+    ), logged
     doc = json.loads(registry.manifest(f"vm/disk-{fmt}", "v1")[0])
     assert [x["annotations"][publish.TITLE] for x in doc["layers"]] == [
-        "kernel", "initrd.img", "cmdline", "xen.cfg", DISK]
+        "kernel",
+        "initrd.img",
+        "cmdline",
+        "xen.cfg",
+        DISK,
+    ]
     layer = doc["layers"][-1]
     assert layer["mediaType"] == f"application/vnd.xbuild.vm.disk.{fmt}.v1+zstd"
     blob = registry.blob_file(layer["digest"]).read_bytes()
     assert blob[:4] == ZSTD_MAGIC and len(blob) == layer["size"] == pushed.disk["blob_size"]
     assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
-    assert len(blob) < file_size / (10 if fmt == "raw" else 2)      # qcow2 is already 1.3 MB, not 16 MiB
+    assert len(blob) < file_size / (10 if fmt == "raw" else 2)  # qcow2 is already 1.3 MB, not 16 MiB
     print(f"{fmt}: {file_size} bytes → {len(blob)} bytes zstd")
 
     dest = tmp_path / "pulled"
     publish.pull(ref, dest)
     assert _digests(dest) == _digests(art)
     assert open_artifact(dest).disk == dest / DISK
-    if fmt == "raw":            # holes for the zero blocks: less allocated than the file's size
+    if fmt == "raw":  # holes for the zero blocks: less allocated than the file's size
         assert (dest / DISK).stat().st_blocks * 512 < file_size / 2
     # `reuse` (what `xbuild run REF` does with its cache): the same artifact is not written again...
     before = (dest / DISK).stat()
@@ -469,19 +543,23 @@ def test_disk_round_trip(fmt: str, artifact: Path, registry: Registry, tmp_path:
 
 
 @needs_mkfs
-def test_disk_push_refuses_a_changed_disk(disk_artifact: Path, registry: Registry, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_push_refuses_a_changed_disk(
+    disk_artifact: Path, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     publish.push(disk_artifact, f"{registry.host}/vm/changed:v1")
-    with open(disk_artifact / DISK, "r+b") as f:      # what an rw guest started by `xl create` would do
+    with open(disk_artifact / DISK, "r+b") as f:  # what an rw guest started by `xl create` would do
         f.seek(8 << 20)
         f.write(b"written in place")
-    for cache in ("xbuild-cache", "fresh-cache"):     # the disk known to the cache, then compressed anew
+    for cache in ("xbuild-cache", "fresh-cache"):  # the disk known to the cache, then compressed anew
         monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / cache))
-        with pytest.raises(PublishError, match=r"disk\.img: does not match the sha256 in manifest\.json "
-                                               r"\(changed since the build\?") as e:
+        with pytest.raises(
+            PublishError,
+            match=r"disk\.img: does not match the sha256 in manifest\.json "
+            r"\(changed since the build\?",
+        ) as e:
             publish.push(disk_artifact, f"{registry.host}/vm/changed:v2")
         assert e.value.exit_code == 2 and "\n" not in str(e.value)
-    assert not [p for p in (tmp_path / "fresh-cache").rglob("*") if p.is_file()]     # no blob of it kept
+    assert not [p for p in (tmp_path / "fresh-cache").rglob("*") if p.is_file()]  # no blob of it kept
     assert httpx.get(f"{registry.url}/v2/vm/changed/tags/list").json()["tags"] == ["v1"]
 
 
@@ -494,17 +572,32 @@ def _upload(registry: Registry, repo: str, path: Path, media_type: str, title: s
 
 
 @needs_mkfs
-@pytest.mark.parametrize("change, message", [
-    ({"sha256": "0" * 64}, r"disk\.img does not match the sha256 in manifest\.json \(expected 0{64}, got "),
-    ({"file_size": 1 << 20}, r"disk\.img is larger than the 1048576 bytes manifest\.json records"),
-    ("not zstd", r"disk\.img: corrupt zstd data"),
-    ("truncated", r"disk\.img does not match the sha256 in manifest\.json"),
-    ("corrupt blob", r"disk\.img: digest mismatch"),
-    ("no disk section", r"malformed artifact \(a disk layer but no disk section in manifest\.json\)"),
-    ("unknown type", r"disk\.img: unsupported layer type 'application/vnd\.xbuild\.vm\.disk\.raw\.v2\+xz'"),
-])
-def test_disk_pull_verifies(change: dict | str, message: str, disk_artifact: Path, registry: Registry,
-                            tmp_path: Path, xbuild_cache: Path) -> None:
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"sha256": "0" * 64},
+            r"disk\.img does not match the sha256 in manifest\.json \(expected 0{64}, got ",
+        ),
+        ({"file_size": 1 << 20}, r"disk\.img is larger than the 1048576 bytes manifest\.json records"),
+        ("not zstd", r"disk\.img: corrupt zstd data"),
+        ("truncated", r"disk\.img does not match the sha256 in manifest\.json"),
+        ("corrupt blob", r"disk\.img: digest mismatch"),
+        ("no disk section", r"malformed artifact \(a disk layer but no disk section in manifest\.json\)"),
+        (
+            "unknown type",
+            r"disk\.img: unsupported layer type 'application/vnd\.xbuild\.vm\.disk\.raw\.v2\+xz'",
+        ),
+    ],
+)
+def test_disk_pull_verifies(
+    change: dict | str,
+    message: str,
+    disk_artifact: Path,
+    registry: Registry,
+    tmp_path: Path,
+    xbuild_cache: Path,
+) -> None:
     """A disk that does not unpack to what manifest.json records: one line, exit 2, nothing written; an
     artifact pulled earlier into the same directory stays as it was."""
     pushed = publish.push(disk_artifact, f"{registry.host}/vm/bad:good")
@@ -521,10 +614,10 @@ def test_disk_pull_verifies(change: dict | str, message: str, disk_artifact: Pat
         (work / MANIFEST).write_text(json.dumps(manifest | {"disk": manifest["disk"] | change}))
         doc["config"] = _upload(registry, "vm/bad", work / MANIFEST, publish.VM_CONFIG, None)
     elif change in ("not zstd", "truncated"):
-        (work / DISK).write_bytes(b"not zstd" * 100 if change == "not zstd" else saved[:len(saved) // 2])
+        (work / DISK).write_bytes(b"not zstd" * 100 if change == "not zstd" else saved[: len(saved) // 2])
         doc["layers"][-1] = _upload(registry, "vm/bad", work / DISK, layer["mediaType"], DISK)
     elif change == "corrupt blob":
-        publish.blob_path(layer["digest"]).unlink()           # from the registry again, not from the cache
+        publish.blob_path(layer["digest"]).unlink()  # from the registry again, not from the cache
         blob_file.write_bytes(saved[:100] + bytes([saved[100] ^ 0xFF]) + saved[101:])
     elif change == "no disk section":
         del manifest["disk"]
@@ -545,8 +638,9 @@ def test_disk_pull_verifies(change: dict | str, message: str, disk_artifact: Pat
 
 
 @needs_mkfs
-def test_disk_pushed_as_a_plain_file_still_pulls(disk_artifact: Path, registry: Registry, tmp_path: Path,
-                                                 xbuild_cache: Path) -> None:
+def test_disk_pushed_as_a_plain_file_still_pulls(
+    disk_artifact: Path, registry: Registry, tmp_path: Path, xbuild_cache: Path
+) -> None:
     """A disk artifact pushed before disk layers were compressed: disk.img as is, still checked."""
     publish.push(disk_artifact, f"{registry.host}/vm/plain:v1")
     doc = json.loads(registry.manifest("vm/plain", "v1")[0])
@@ -557,6 +651,7 @@ def test_disk_pushed_as_a_plain_file_still_pulls(disk_artifact: Path, registry: 
 
 
 # ---- cached blobs used by a pull are checked as they are read; a corrupt one heals -----------------------
+
 
 def _blob_of(registry: Registry, repo: str, victim: str) -> str:
     """The digest of the artifact's config ("config") or of its layer titled `victim`."""
@@ -574,8 +669,9 @@ def _flip(path: Path) -> None:
 
 @pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("victim", ["config", INITRD, DISK])
-def test_corrupt_cached_blob_heals_on_pull(victim: str, reuse: bool, disk_artifact: Path, registry: Registry,
-                                           tmp_path: Path, xbuild_cache: Path) -> None:
+def test_corrupt_cached_blob_heals_on_pull(
+    victim: str, reuse: bool, disk_artifact: Path, registry: Registry, tmp_path: Path, xbuild_cache: Path
+) -> None:
     """A flipped bit in a cached blob is never copied into a pull: the blob is removed and fetched again."""
     pushed = publish.push(disk_artifact, f"{registry.host}/vm/heal:v1")
     want = _digests(publish.pull(pushed.reference, tmp_path / "first"))
@@ -587,8 +683,9 @@ def test_corrupt_cached_blob_heals_on_pull(victim: str, reuse: bool, disk_artifa
 
 
 @pytest.mark.parametrize("victim", ["config", INITRD, DISK])
-def test_corrupt_cached_blob_the_registry_lost_names_it(victim: str, disk_artifact: Path,
-                                                        registry_factory, sandbox: Sandbox) -> None:
+def test_corrupt_cached_blob_the_registry_lost_names_it(
+    victim: str, disk_artifact: Path, registry_factory, sandbox: Sandbox
+) -> None:
     reg = registry_factory()
     pushed = publish.push(disk_artifact, f"{reg.host}/vm/gone:v1")
     r = sandbox.xbuild("pull", pushed.reference, "-o", str(sandbox.root / "work" / "first"))
@@ -596,7 +693,7 @@ def test_corrupt_cached_blob_the_registry_lost_names_it(victim: str, disk_artifa
     digest = _blob_of(reg, "vm/gone", victim)
     blob = sandbox.cache / "blobs" / "sha256" / digest[7:]
     _flip(blob)
-    reg.blob_file(digest).unlink()          # the registry no longer has it (the manifest is still there)
+    reg.blob_file(digest).unlink()  # the registry no longer has it (the manifest is still there)
     before = sandbox.snapshot()
     r = sandbox.xbuild("pull", pushed.reference, "-o", str(sandbox.out))
     assert_refused(r, 1, str(blob), "corrupt cache entry (removed)", "fetching it again failed")
@@ -605,8 +702,9 @@ def test_corrupt_cached_blob_the_registry_lost_names_it(victim: str, disk_artifa
     assert not blob.exists()
 
 
-def test_pulled_kernel_never_stands_in_for_a_built_one(registry: Registry, xbuild_cache: Path,
-                                                       tmp_path: Path) -> None:
+def test_pulled_kernel_never_stands_in_for_a_built_one(
+    registry: Registry, xbuild_cache: Path, tmp_path: Path
+) -> None:
     """A kernel artifact whose kernel.json claims a local kernel's key lands in a namespace of its own."""
     built_kernel = _fake_kernel("ef" * 32)
     evil = _fake_kernel("01" * 32)

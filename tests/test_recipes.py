@@ -39,15 +39,23 @@ def test_nginx_recipe_details() -> None:
     r = load_recipe("nginx")
     assert r.smoke == Smoke("http", port=80, path="/", expect="Welcome to nginx", timeout=60.0)
     assert r.guest_ports == (80,) and r.memory == 128 and "/usr/share/nginx/html" in r.keep_paths
-    assert load_recipe("redis").smoke.send == b"PING\r\n"        # type: ignore[union-attr]
+    assert load_recipe("redis").smoke.send == b"PING\r\n"  # type: ignore[union-attr]
     assert load_recipe("static-hello").guest_ports == ()
 
 
-@pytest.mark.parametrize("ref,name", [
-    ("nginx", "nginx"), ("library/nginx", "nginx"), ("docker.io/library/nginx:1.25", "nginx"),
-    ("registry.example.com:5000/nginx@sha256:" + "a" * 64, "nginx"), ("localhost/redis:7", "redis"),
-    ("python-web", "python-web"), ("someone/nginx", None), ("nginx-unprivileged", None),
-])
+@pytest.mark.parametrize(
+    "ref,name",
+    [
+        ("nginx", "nginx"),
+        ("library/nginx", "nginx"),
+        ("docker.io/library/nginx:1.25", "nginx"),
+        ("registry.example.com:5000/nginx@sha256:" + "a" * 64, "nginx"),
+        ("localhost/redis:7", "redis"),
+        ("python-web", "python-web"),
+        ("someone/nginx", None),
+        ("nginx-unprivileged", None),
+    ],
+)
 def test_recipe_for(ref: str, name: str | None) -> None:
     r = recipe_for(ref)
     assert (r.name if r else None) == name
@@ -85,22 +93,31 @@ def test_missing_recipe_lists_known() -> None:
         load_recipe("does-not-exist")
 
 
-@pytest.mark.parametrize("text,name", [("nginx:1.25", "nginx"), ("docker.io/library/redis", "redis"),
-                                       ("oci:/tmp/layout:nginx", "nginx"), ("oci:/tmp/layout", None),
-                                       ("docker-archive:/tmp/x.tar", None)])
+@pytest.mark.parametrize(
+    "text,name",
+    [
+        ("nginx:1.25", "nginx"),
+        ("docker.io/library/redis", "redis"),
+        ("oci:/tmp/layout:nginx", "nginx"),
+        ("oci:/tmp/layout", None),
+        ("docker-archive:/tmp/x.tar", None),
+    ],
+)
 def test_recipe_for_ref(text: str, name: str | None) -> None:
     from builder.reference import parse
+
     r = recipe_for_ref(parse(text))
     assert (r.name if r else None) == name
 
 
 def test_recipe_for_custom_dir(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text("[match]\nrepositories = ['acme/app']\n")
-    assert recipe_for("ghcr.io/acme/app:v1", tmp_path).name == "a"    # type: ignore[union-attr]
+    assert recipe_for("ghcr.io/acme/app:v1", tmp_path).name == "a"  # type: ignore[union-attr]
     assert recipe_for("acme/other", tmp_path) is None
 
 
 # -- smoke checks --------------------------------------------------------------------------------
+
 
 def test_console_smoke() -> None:
     r = Recipe("x", smoke=Smoke("console", console=r"hello \w+"))
@@ -115,10 +132,10 @@ def http_port(tmp_path: Path) -> Iterator[int]:
     (tmp_path / "index.html").write_text("<h1>Welcome to nginx!</h1>")
 
     class H(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **k):   # type: ignore[no-untyped-def]
+        def __init__(self, *a, **k):  # type: ignore[no-untyped-def]
             super().__init__(*a, directory=str(tmp_path), **k)
 
-        def log_message(self, *a):     # type: ignore[no-untyped-def]
+        def log_message(self, *a):  # type: ignore[no-untyped-def]
             pass
 
     srv = socketserver.TCPServer(("127.0.0.1", 0), H)
@@ -146,7 +163,7 @@ def test_tcp_smoke_and_retry_until_deadline() -> None:
     s.close()
 
     def serve() -> None:
-        time.sleep(0.7)                       # the guest is still booting at first
+        time.sleep(0.7)  # the guest is still booting at first
         with socket.create_server(("127.0.0.1", port)) as srv:
             c, _ = srv.accept()
             with c:

@@ -43,12 +43,23 @@ def proxy(registry: Registry) -> Iterator[RegistryProxy]:
     p.close()
 
 
-def push(reg: Registry, tmp_path: Path, dest: str, layers: list[Any] = LAYERS, arch: str = "amd64",
-         config: dict[str, Any] | None = None) -> None:
+def push(
+    reg: Registry,
+    tmp_path: Path,
+    dest: str,
+    layers: list[Any] = LAYERS,
+    arch: str = "amd64",
+    config: dict[str, Any] | None = None,
+) -> None:
     """Write a small OCI image and push it to `dest` (`repo:tag`)."""
     layout = tmp_path / "oci" / dest.replace("/", "_").replace(":", "_")
-    write_oci_image(layout, "img", layers, config or {"Cmd": ["/bin/c"], "Env": ["A=1"]},
-                    image_config={"architecture": arch})
+    write_oci_image(
+        layout,
+        "img",
+        layers,
+        config or {"Cmd": ["/bin/c"], "Env": ["A=1"]},
+        image_config={"architecture": arch},
+    )
     reg.push(layout, "img", dest)
 
 
@@ -68,6 +79,7 @@ def sha256_of(data: bytes) -> str:
 
 # ---- pulls, caching, digests ----------------------------------------------------------------------
 
+
 def test_pull_layers_lazily_with_progress(registry: Registry, proxy: RegistryProxy, tmp_path: Path) -> None:
     push(registry, tmp_path, "pull/app:v1")
     calls: list[tuple[str, int, list[int]]] = []
@@ -86,15 +98,17 @@ def test_pull_layers_lazily_with_progress(registry: Registry, proxy: RegistryPro
         with layer.open() as f:
             assert sha256_of(f.read()) == layer.digest
         assert blob_path(layer.digest).exists()
-    assert [(label, total) for label, total, _ in calls] == [(f"layer {x.digest[:19]}", x.size)
-                                                             for x in img.layers]
+    assert [(label, total) for label, total, _ in calls] == [
+        (f"layer {x.digest[:19]}", x.size) for x in img.layers
+    ]
     assert [sum(n) for _, _, n in calls] == [x.size for x in img.layers]
-    assert len(proxy.blob_gets()) == 4                   # config + 3 layers
+    assert len(proxy.blob_gets()) == 4  # config + 3 layers
     assert blob_path(img.manifest_digest).exists() and blob_path(img.config_digest).exists()
 
 
-def test_second_load_of_a_tag_pulls_no_blobs(registry: Registry, proxy: RegistryProxy,
-                                             tmp_path: Path) -> None:
+def test_second_load_of_a_tag_pulls_no_blobs(
+    registry: Registry, proxy: RegistryProxy, tmp_path: Path
+) -> None:
     push(registry, tmp_path, "warm/app:v1")
     ref = parse(f"{proxy.host}/warm/app:v1")
     for layer in load(ref, SourceOptions()).layers:
@@ -114,8 +128,9 @@ def test_retagged_image_is_pulled_again(registry: Registry, proxy: RegistryProxy
     assert second.manifest_digest != first.manifest_digest and second.config.cmd == ("/bin/new",)
 
 
-def test_pin_by_digest_and_cached_pin_needs_no_request(registry: Registry, proxy: RegistryProxy,
-                                                       tmp_path: Path) -> None:
+def test_pin_by_digest_and_cached_pin_needs_no_request(
+    registry: Registry, proxy: RegistryProxy, tmp_path: Path
+) -> None:
     push(registry, tmp_path, "pin/app:v1")
     digest = manifest_digest(registry, "pin/app", "v1")
     img = load(parse(f"{proxy.host}/pin/app@{digest}"), SourceOptions())
@@ -136,16 +151,24 @@ def test_unknown_tag_and_repository(registry: Registry, tmp_path: Path) -> None:
 
 # ---- manifest lists and platforms -----------------------------------------------------------------
 
+
 def test_index_resolved_to_platform(registry: Registry, tmp_path: Path) -> None:
     push(registry, tmp_path, "multi/app:amd64", arch="amd64")
     push(registry, tmp_path, "multi/app:arm64", layers=[[file("arm", b"arm64")]], arch="arm64")
     entries = []
     for arch in ("amd64", "arm64"):
         raw, media_type = registry.manifest("multi/app", arch)
-        entries.append({"mediaType": media_type, "digest": sha256_of(raw), "size": len(raw),
-                        "platform": {"os": "linux", "architecture": arch}})
-    index = registry.put_manifest("multi/app", "v1", {"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                                      "manifests": entries}, OCI_INDEX)
+        entries.append(
+            {
+                "mediaType": media_type,
+                "digest": sha256_of(raw),
+                "size": len(raw),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+        )
+    index = registry.put_manifest(
+        "multi/app", "v1", {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}, OCI_INDEX
+    )
     ref = parse(f"{registry.host}/multi/app:v1")
     amd = load(ref, SourceOptions())
     assert amd.manifest_digest == entries[0]["digest"] and len(amd.layers) == 3
@@ -165,14 +188,16 @@ def test_single_manifest_for_another_platform(registry: Registry, tmp_path: Path
 
 # ---- corrupt content -------------------------------------------------------------------------------
 
+
 def corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_layer_is_rejected_and_not_cached(registry_factory: Callable[..., Registry],
-                                                  tmp_path: Path) -> None:
+def test_corrupt_layer_is_rejected_and_not_cached(
+    registry_factory: Callable[..., Registry], tmp_path: Path
+) -> None:
     reg = registry_factory()
     push(reg, tmp_path, "bad/app:v1")
     img = load(parse(f"{reg.host}/bad/app:v1"), SourceOptions())
@@ -200,6 +225,7 @@ def test_corrupt_manifest_and_config(registry_factory: Callable[..., Registry], 
 
 
 # ---- retries and unreachable registries -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_transient_errors_are_retried(registry: Registry, tmp_path: Path, status: int) -> None:
@@ -274,8 +300,12 @@ def serve(handler: Callable[[http.server.BaseHTTPRequestHandler], None]) -> http
     return server
 
 
-def reply(h: http.server.BaseHTTPRequestHandler, status: int, body: bytes = b"",
-          headers: dict[str, str] | None = None) -> None:
+def reply(
+    h: http.server.BaseHTTPRequestHandler,
+    status: int,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> None:
     h.send_response(status)
     for k, v in (headers or {}).items():
         h.send_header(k, v)
@@ -296,8 +326,11 @@ def test_https_to_a_plain_http_registry_is_a_clear_error() -> None:
 
 def test_schema1_manifest_is_refused() -> None:
     doc = json.dumps({"schemaVersion": 1, "name": "old/app", "tag": "v1", "fsLayers": []}).encode()
-    server = serve(lambda h: reply(h, 200, doc, {
-        "Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}))
+    server = serve(
+        lambda h: reply(
+            h, 200, doc, {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+        )
+    )
     try:
         with pytest.raises(SourceError, match="schema 1 manifests are not supported"):
             load(parse(f"127.0.0.1:{server.server_address[1]}/old/app:v1"), SourceOptions())
@@ -315,6 +348,7 @@ def test_endpoint_scheme() -> None:
 
 # ---- auth -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def basic_registry(registry_factory: Callable[..., Registry], tmp_path: Path) -> Registry:
     """A registry with htpasswd auth (user alice, password s3cret)."""
@@ -322,23 +356,30 @@ def basic_registry(registry_factory: Callable[..., Registry], tmp_path: Path) ->
         pytest.skip("htpasswd is needed (apt-get install apache2-utils)")
     users = tmp_path / "htpasswd"
     subprocess.run([htpasswd, "-Bbc", str(users), "alice", "s3cret"], check=True, capture_output=True)
-    reg = registry_factory(auth={"htpasswd": {"realm": "xbuild-test", "path": str(users)}},
-                           creds="alice:s3cret")
+    reg = registry_factory(
+        auth={"htpasswd": {"realm": "xbuild-test", "path": str(users)}}, creds="alice:s3cret"
+    )
     reg.headers["Authorization"] = "Basic " + base64.b64encode(b"alice:s3cret").decode()
     push(reg, tmp_path, "private/app:v1")
     return reg
 
 
 def test_basic_auth_without_credentials(basic_registry: Registry) -> None:
-    with pytest.raises(SourceError, match=r"access denied \(HTTP 401.*\); no credentials for 127.0.0.1:\d+.*"
-                                          r"check credentials in .*docker-config/config.json$"):
+    with pytest.raises(
+        SourceError,
+        match=r"access denied \(HTTP 401.*\); no credentials for 127.0.0.1:\d+.*"
+        r"check credentials in .*docker-config/config.json$",
+    ):
         load(parse(f"{basic_registry.host}/private/app:v1"), SourceOptions())
 
 
-@pytest.mark.parametrize("entry", [{"auth": base64.b64encode(b"alice:s3cret").decode()},
-                                   {"username": "alice", "password": "s3cret"}])
-def test_basic_auth_with_docker_config(basic_registry: Registry, tmp_path: Path,
-                                       entry: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "entry",
+    [{"auth": base64.b64encode(b"alice:s3cret").decode()}, {"username": "alice", "password": "s3cret"}],
+)
+def test_basic_auth_with_docker_config(
+    basic_registry: Registry, tmp_path: Path, entry: dict[str, str]
+) -> None:
     write_docker_config(tmp_path, {"auths": {f"http://{basic_registry.host}": entry}})
     img = load(parse(f"{basic_registry.host}/private/app:v1"), SourceOptions())
     with img.layers[0].open() as f:
@@ -356,16 +397,19 @@ def write_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str, s
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     helper = bindir / "docker-credential-fake"
-    helper.write_text(f"#!/bin/sh\ntest \"$1\" = get || exit 3\ncat > {tmp_path}/asked\n"
-                      f"printf '%s' '{answer}'\nexit {status}\n")
+    helper.write_text(
+        f'#!/bin/sh\ntest "$1" = get || exit 3\ncat > {tmp_path}/asked\n'
+        f"printf '%s' '{answer}'\nexit {status}\n"
+    )
     helper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     return tmp_path / "asked"
 
 
 def test_credential_helper(basic_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    asked = write_helper(tmp_path, monkeypatch, json.dumps({"ServerURL": "", "Username": "alice",
-                                                            "Secret": "s3cret"}))
+    asked = write_helper(
+        tmp_path, monkeypatch, json.dumps({"ServerURL": "", "Username": "alice", "Secret": "s3cret"})
+    )
     write_docker_config(tmp_path, {"credHelpers": {basic_registry.host: "fake"}})
     assert load(parse(f"{basic_registry.host}/private/app:v1"), SourceOptions()).layers
     assert asked.read_text() == basic_registry.host
@@ -383,10 +427,17 @@ def test_creds_store_with_nothing_stored(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_credentials_lookup(tmp_path: Path) -> None:
-    assert auth.credentials("docker.io") is None                       # no config file
+    assert auth.credentials("docker.io") is None  # no config file
     hub = base64.b64encode(b"hubuser:pw:with:colons").decode()
-    write_docker_config(tmp_path, {"auths": {"https://index.docker.io/v1/": {"auth": hub},
-                                             "registry.lan:5000": {"identitytoken": "refresh"}}})
+    write_docker_config(
+        tmp_path,
+        {
+            "auths": {
+                "https://index.docker.io/v1/": {"auth": hub},
+                "registry.lan:5000": {"identitytoken": "refresh"},
+            }
+        },
+    )
     assert auth.credentials("docker.io") == auth.Credentials("hubuser", "pw:with:colons")
     assert auth.credentials("registry.lan:5000") == auth.Credentials("", "", "refresh")
     assert auth.credentials("registry.lan") is None
@@ -396,23 +447,32 @@ def test_credentials_lookup(tmp_path: Path) -> None:
 
 
 def test_parse_challenge() -> None:
-    c = auth.parse_challenge('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
-                             'scope="repository:library/nginx:pull"')
-    assert c == auth.Challenge("bearer", {"realm": "https://auth.docker.io/token",
-                                          "service": "registry.docker.io",
-                                          "scope": "repository:library/nginx:pull"})
+    c = auth.parse_challenge(
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/nginx:pull"'
+    )
+    assert c == auth.Challenge(
+        "bearer",
+        {
+            "realm": "https://auth.docker.io/token",
+            "service": "registry.docker.io",
+            "scope": "repository:library/nginx:pull",
+        },
+    )
     quoted = auth.parse_challenge('Basic realm="a \\"b\\", c"')
     assert quoted == auth.Challenge("basic", {"realm": 'a "b", c'})
     assert auth.parse_challenge("bearer realm=http://t/token , Scope=x") == auth.Challenge(
-        "bearer", {"realm": "http://t/token", "scope": "x"})
+        "bearer", {"realm": "http://t/token", "scope": "x"}
+    )
     both = ['Basic realm="r"', 'Bearer realm="t"']
     assert auth.pick_challenge(both) == auth.Challenge("bearer", {"realm": "t"})
-    assert auth.pick_challenge(['Negotiate x']) is None
+    assert auth.pick_challenge(["Negotiate x"]) is None
 
 
 @pytest.fixture
-def token_registry(registry_factory: Callable[..., Registry],
-                   tmp_path: Path) -> Iterator[tuple[Registry, TokenIssuer]]:
+def token_registry(
+    registry_factory: Callable[..., Registry], tmp_path: Path
+) -> Iterator[tuple[Registry, TokenIssuer]]:
     """A registry with `auth: token:` and its issuer (user bob/hunter2, refresh token refresh-1 of bob)."""
     if not shutil.which("openssl"):
         pytest.skip("openssl is needed to sign tokens")
@@ -444,8 +504,9 @@ def test_bearer_token_with_credentials(token_registry: tuple[Registry, TokenIssu
         load(parse(f"{reg.host}/tok/app:v1"), SourceOptions())
 
 
-def test_bearer_token_from_identity_token(token_registry: tuple[Registry, TokenIssuer],
-                                          tmp_path: Path) -> None:
+def test_bearer_token_from_identity_token(
+    token_registry: tuple[Registry, TokenIssuer], tmp_path: Path
+) -> None:
     reg, issuer = token_registry
     write_docker_config(tmp_path, {"auths": {reg.host: {"identitytoken": "refresh-1"}}})
     assert load(parse(f"{reg.host}/tok/app:v1"), SourceOptions()).layers

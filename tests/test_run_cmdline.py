@@ -43,8 +43,10 @@ def init_parser(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("parser")
     (d / "harness.c").write_text(HARNESS)
     exe = d / "parser"
-    subprocess.run([init.compiler(), "-O1", "-w", f"-I{init.SOURCE.parent}", "-o", str(exe),
-                    str(d / "harness.c")], check=True)
+    subprocess.run(
+        [init.compiler(), "-O1", "-w", f"-I{init.SOURCE.parent}", "-o", str(exe), str(d / "harness.c")],
+        check=True,
+    )
     return exe
 
 
@@ -52,8 +54,20 @@ def init_reads(parser: Path, line: str) -> list[str]:
     """The words initramfs/init.c's read_cmdline makes of `line` as /proc/cmdline (the kernel adds \\n)."""
     f = parser.with_name("cmdline")
     f.write_bytes(line.encode() + b"\n")
-    out = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind "$1" /proc/cmdline && exec "$2"', "-",
-                          str(f), str(parser)], capture_output=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            'mount --bind "$1" /proc/cmdline && exec "$2"',
+            "-",
+            str(f),
+            str(parser),
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     return [w.decode() for w in out.split(b"\0")[:-1]]
 
 
@@ -63,7 +77,7 @@ def after_init(parser: Path, line: str) -> tuple[list[str], list[str]]:
     if "--" not in words:
         return words, []
     i = words.index("--")
-    return words[:i], words[i + 1:]
+    return words[:i], words[i + 1 :]
 
 
 def test_words_and_separator() -> None:
@@ -101,15 +115,18 @@ def test_the_init_reads_the_artifacts_words_and_keeps_its_cmd(init_parser: Path)
     assert init_reads(init_parser, 'a "b  c"d "" e') == ["a", "b  cd", "", "e"]  # the parser's own rules
 
 
-WORD = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")),
-               max_size=12).filter(lambda w: '"' not in w and w.isprintable())
+WORD = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")), max_size=12
+).filter(lambda w: '"' not in w and w.isprintable())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kernel_args=st.lists(WORD.filter(lambda w: w != "--"), max_size=4),
-       extra_args=st.lists(WORD, max_size=6))
-def test_every_printable_word_round_trips_through_the_init(init_parser: Path, kernel_args: list[str],
-                                                          extra_args: list[str]) -> None:
+@given(
+    kernel_args=st.lists(WORD.filter(lambda w: w != "--"), max_size=4), extra_args=st.lists(WORD, max_size=6)
+)
+def test_every_printable_word_round_trips_through_the_init(
+    init_parser: Path, kernel_args: list[str], extra_args: list[str]
+) -> None:
     line = with_args(BASE, kernel_args, extra_args)
     head, tail = after_init(init_parser, line)
     assert head == BASE.split()[:3] + kernel_args

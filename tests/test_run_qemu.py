@@ -56,6 +56,7 @@ def free_port() -> int:
 
 # ------------------------------------------------------------------------------------------------ fast
 
+
 def test_guest_cmdline() -> None:
     base = "console=ttyS0 quiet rdinit=/.xbuild/init"
     std = f"{base} panic=-1 no_timer_check"
@@ -109,7 +110,7 @@ def test_choose_accel(monkeypatch: pytest.MonkeyPatch) -> None:
     k = Path("/k")
     monkeypatch.setattr(qemu, "kvm_works", lambda kernel: True)
     assert qemu.choose_accel("auto", k, False) == "kvm"
-    assert qemu.choose_accel("auto", k, True) == "tcg"       # -icount is TCG only
+    assert qemu.choose_accel("auto", k, True) == "tcg"  # -icount is TCG only
     assert qemu.choose_accel("tcg", k, False) == "tcg"
     monkeypatch.setattr(qemu, "kvm_works", lambda kernel: False)
     assert qemu.choose_accel("auto", k, False) == "tcg"
@@ -131,11 +132,13 @@ def test_kvm_probe_is_cached(xbuild_cache: Path, monkeypatch: pytest.MonkeyPatch
 
 # ------------------------------------------------------------------------------------------------ slow
 
+
 @slow
-def test_run_auto_accel_and_icount(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:  # noqa: F811
+def test_run_auto_accel_and_icount(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:
     """accel=auto probes KVM once (it hangs on this machine kind: TCG is chosen); -icount boots too."""
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "exit", "0"]},
-                           probe_members(probe_binary))
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Entrypoint": ["probe", "exit", "0"]}, probe_members(probe_binary)
+    )
     t0 = time.monotonic()
     r = run(art, accel="auto", console=None, timeout=120)
     assert r.exit_status == 0
@@ -146,9 +149,10 @@ def test_run_auto_accel_and_icount(tmp_path: Path, cloud_kernel: Path, probe_bin
 
 
 @slow
-def test_console_is_streamed(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:  # noqa: F811
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "exit", "2"]},
-                           probe_members(probe_binary))
+def test_console_is_streamed(tmp_path: Path, cloud_kernel: Path, probe_binary: bytes) -> None:
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Entrypoint": ["probe", "exit", "2"]}, probe_members(probe_binary)
+    )
     r_fd, w_fd = os.pipe()
     seen = bytearray()
     reader = threading.Thread(target=_drain, args=(r_fd, seen))
@@ -169,8 +173,12 @@ def _drain(fd: int, into: bytearray) -> None:
 def _runner_until_ready(code: str) -> tuple[subprocess.Popen[bytes], bytearray]:
     """A python process running `code` (a run() of a probe guest), once its guest printed `probe: ready`."""
     script = "import sys; from pathlib import Path; from builder.run.qemu import run\n" + code
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         cwd=Path(__file__).parent.parent)
+    p = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+    )
     out = bytearray()
     assert p.stdout is not None
     os.set_blocking(p.stdout.fileno(), False)
@@ -183,14 +191,20 @@ def _runner_until_ready(code: str) -> tuple[subprocess.Popen[bytes], bytearray]:
 
 
 @slow
-def test_sigterm_to_the_runner_stops_the_guest(tmp_path: Path, cloud_kernel: Path,  # noqa: F811
-                                               probe_binary: bytes) -> None:  # noqa: F811
+def test_sigterm_to_the_runner_stops_the_guest(
+    tmp_path: Path,
+    cloud_kernel: Path,
+    probe_binary: bytes,
+) -> None:
     """SIGTERM to the process running `run()` → graceful stop → the program gets its StopSignal;
     no QEMU is left behind."""
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]},
-                           probe_members(probe_binary))
-    p, out = _runner_until_ready(f"r = run(Path({str(art)!r}), accel='tcg', timeout=120)\n"
-                                 "print('RESULT', r.exit_status, r.error, file=sys.stderr)\n")
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]}, probe_members(probe_binary)
+    )
+    p, out = _runner_until_ready(
+        f"r = run(Path({str(art)!r}), accel='tcg', timeout=120)\n"
+        "print('RESULT', r.exit_status, r.error, file=sys.stderr)\n"
+    )
     p.send_signal(signal.SIGTERM)
     rest, err = p.communicate(timeout=60)
     out += rest
@@ -201,7 +215,7 @@ def test_sigterm_to_the_runner_stops_the_guest(tmp_path: Path, cloud_kernel: Pat
 
 
 @slow
-def test_timeout_kills_a_hung_guest(tmp_path: Path, cloud_kernel: Path) -> None:  # noqa: F811
+def test_timeout_kills_a_hung_guest(tmp_path: Path, cloud_kernel: Path) -> None:
     """A guest that never reaches init (no initrd content) and ignores the power button is killed."""
     (tmp_path / "initrd.img").write_bytes(b"\0" * 512)
     (tmp_path / "kernel").symlink_to(cloud_kernel)
@@ -213,14 +227,22 @@ def test_timeout_kills_a_hung_guest(tmp_path: Path, cloud_kernel: Path) -> None:
 
 
 @slow
-def test_power_button_and_port_forwarding(tmp_path: Path, trimmed_kernel: Path,
-                                          probe_binary: bytes) -> None:  # noqa: F811
+def test_power_button_and_port_forwarding(tmp_path: Path, trimmed_kernel: Path, probe_binary: bytes) -> None:
     """Trimmed kernel: ip= networking, /etc/resolv.conf from /proc/net/pnp, hostfwd to busybox httpd,
     then a stop through the ACPI power button alone (no ctrl-alt-del: that kernel has no VT)."""
     port = free_port()
-    img = fx.make_busybox_image(tmp_path / "layout", "bb", {
-        "Cmd": ["sh", "-c", "cat /etc/resolv.conf; mkdir -p /www; echo hello-from-guest > /www/index.html;"
-                " exec httpd -f -p 80 -h /www"]})
+    img = fx.make_busybox_image(
+        tmp_path / "layout",
+        "bb",
+        {
+            "Cmd": [
+                "sh",
+                "-c",
+                "cat /etc/resolv.conf; mkdir -p /www; echo hello-from-guest > /www/index.html;"
+                " exec httpd -f -p 80 -h /www",
+            ]
+        },
+    )
     art, _ = artifact_from(tmp_path, trimmed_kernel, img.ref, "web")
     guest = Qemu(art, ports=[(port, 80)], accel="tcg")
     body = b""
@@ -240,10 +262,14 @@ def test_power_button_and_port_forwarding(tmp_path: Path, trimmed_kernel: Path,
 
 
 @slow
-def test_qemu_dies_with_a_killed_runner(tmp_path: Path, cloud_kernel: Path,  # noqa: F811
-                                        probe_binary: bytes) -> None:  # noqa: F811
-    art, _ = make_artifact(tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]},
-                           probe_members(probe_binary))
+def test_qemu_dies_with_a_killed_runner(
+    tmp_path: Path,
+    cloud_kernel: Path,
+    probe_binary: bytes,
+) -> None:
+    art, _ = make_artifact(
+        tmp_path, cloud_kernel, {"Entrypoint": ["probe", "wait-signal"]}, probe_members(probe_binary)
+    )
     p, _ = _runner_until_ready(f"run(Path({str(art)!r}), accel='tcg')\n")
     p.kill()
     p.wait()
@@ -256,6 +282,7 @@ def test_qemu_dies_with_a_killed_runner(tmp_path: Path, cloud_kernel: Path,  # n
 
 
 # ------------------------------------------------------------------------------------------ root disks
+
 
 def _disk_artifact(tmp_path: Path, fmt: str, mode: str) -> Artifact:
     art = tmp_path / f"{fmt}-{mode}"
@@ -276,8 +303,12 @@ def test_the_artifacts_disk_is_attached_as_vda(tmp_path: Path) -> None:
     rw = guest.command()
     image = tmp_path / "raw-rw" / "disk.img"
     base, overlay = _nodes(rw)
-    assert base == {"node-name": "disk0", "driver": "raw", "read-only": True,
-                    "file": {"driver": "file", "filename": str(image), "read-only": True}}
+    assert base == {
+        "node-name": "disk0",
+        "driver": "raw",
+        "read-only": True,
+        "file": {"driver": "file", "filename": str(image), "read-only": True},
+    }
     assert overlay["backing"] == "disk0" and overlay["driver"] == "qcow2"
     assert Path(overlay["file"]["filename"]).parent == Path(guest._tmp)
     assert rw[rw.index("-device") + 1] == "virtio-blk-pci,drive=disk0rw"
@@ -320,6 +351,10 @@ def test_run_without_qemu_leaves_no_temp_dir(sandbox: Sandbox, tmp_path: Path) -
     bindir = tmp_path / "bin"
     bindir.mkdir()
     r = sandbox.xbuild("run", str(tmp_path / "art"), env=sandbox.env(PATH=str(bindir)))
-    assert_refused(r, 1, "qemu-system-x86_64 not found (needed for run / --verify under QEMU): "
-                         "apt-get install qemu-system-x86")
+    assert_refused(
+        r,
+        1,
+        "qemu-system-x86_64 not found (needed for run / --verify under QEMU): "
+        "apt-get install qemu-system-x86",
+    )
     assert sandbox.stale_temps() == []

@@ -83,16 +83,44 @@ def _xl_entries(text: str) -> dict[str, str]:
 
 def test_guest_config_for_the_rig(tmp_path: Path) -> None:
     art = _fake_artifact(tmp_path)
-    text = xen.guest_config(art, name="xbuild", kernel="/guest/kernel", ramdisk="/guest/initrd.img",
-                            xen_type="pvh", memory_mb=256, extra_args=["a"], rig=True)
+    text = xen.guest_config(
+        art,
+        name="xbuild",
+        kernel="/guest/kernel",
+        ramdisk="/guest/initrd.img",
+        xen_type="pvh",
+        memory_mb=256,
+        extra_args=["a"],
+        rig=True,
+    )
     cfg = _xl_entries(text)
     assert "vif" not in cfg and "disk" not in cfg
-    assert cfg == {"name": '"xbuild"', "type": '"pvh"', "kernel": '"/guest/kernel"',
-                   "ramdisk": '"/guest/initrd.img"', "extra": '"console=hvc0 quiet panic=-1 -- a"',
-                   "memory": "256", "maxmem": "256", "vcpus": "1", "on_poweroff": '"destroy"',
-                   "on_reboot": '"destroy"', "on_crash": '"destroy"', "tsc_mode": '"native"'}
-    networked = _xl_entries(xen.guest_config(art, name="xbuild", kernel="/k", ramdisk="/r", xen_type="pv",
-                                             memory_mb=128, network=True, rig=True))
+    assert cfg == {
+        "name": '"xbuild"',
+        "type": '"pvh"',
+        "kernel": '"/guest/kernel"',
+        "ramdisk": '"/guest/initrd.img"',
+        "extra": '"console=hvc0 quiet panic=-1 -- a"',
+        "memory": "256",
+        "maxmem": "256",
+        "vcpus": "1",
+        "on_poweroff": '"destroy"',
+        "on_reboot": '"destroy"',
+        "on_crash": '"destroy"',
+        "tsc_mode": '"native"',
+    }
+    networked = _xl_entries(
+        xen.guest_config(
+            art,
+            name="xbuild",
+            kernel="/k",
+            ramdisk="/r",
+            xen_type="pv",
+            memory_mb=128,
+            network=True,
+            rig=True,
+        )
+    )
     assert networked["vif"] == "[ 'ip=10.0.3.2,script=/etc/xen/scripts/vif-xbuild' ]"
     assert networked["extra"].endswith(' ip=10.0.3.2::10.0.3.1:255.255.255.0::eth0:off"')
 
@@ -119,7 +147,8 @@ needs_rig = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "cpio"))
     or not Path("/bin/busybox").exists()
     or not (shutil.which("musl-gcc") or shutil.which("gcc")),
-    reason="needs qemu-system-x86_64, apt-get, dpkg-deb, cpio, a static /bin/busybox and a C compiler")
+    reason="needs qemu-system-x86_64, apt-get, dpkg-deb, cpio, a static /bin/busybox and a C compiler",
+)
 
 
 @pytest.fixture(scope="session")
@@ -150,8 +179,9 @@ def _cloud_kernel() -> Path:
     kernel = cache_dir("test", "cloud-kernel") / "vmlinuz"
     if kernel.exists() and kernel.with_name("xen-netfront.ko").exists():
         return kernel
-    deps = subprocess.run(["apt-cache", "depends", "linux-image-cloud-amd64"], capture_output=True, text=True,
-                          check=True).stdout
+    deps = subprocess.run(
+        ["apt-cache", "depends", "linux-image-cloud-amd64"], capture_output=True, text=True, check=True
+    ).stdout
     pkg = re.findall(r"Depends: (linux-image-\S+)", deps)[0]
     with tempfile.TemporaryDirectory(dir=kernel.parent) as tmp:
         subprocess.run(["apt-get", "download", "-q", pkg], cwd=tmp, check=True, capture_output=True)
@@ -170,8 +200,9 @@ def _cloud_kernel() -> Path:
 def _cpio(root: Path, out: Path) -> None:
     names = "\n".join(["."] + sorted(str(p.relative_to(root)) for p in root.rglob("*")))
     with open(out, "wb") as f:
-        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(), stdout=f,
-                       check=True)
+        subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(), stdout=f, check=True
+        )
 
 
 NET_INIT = """#!/bin/busybox sh
@@ -307,12 +338,17 @@ print(f"RESULT {r.exit_status} {r.error}", flush=True)
 @pytest.mark.slow
 @needs_rig
 @pytest.mark.parametrize(("sig", "guest"), [(signal.SIGTERM, "ignore"), (signal.SIGINT, "hang")])
-def test_signals_stop_the_guest_and_leave_nothing(rig: Rig, artifact: Artifact, tmp_path: Path,
-                                                  sig: signal.Signals, guest: str) -> None:
+def test_signals_stop_the_guest_and_leave_nothing(
+    rig: Rig, artifact: Artifact, tmp_path: Path, sig: signal.Signals, guest: str
+) -> None:
     """SIGTERM: stop, return the result. Ctrl-C: stop, re-raise. A guest ignoring the stop is destroyed."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(artifact.path), guest], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(artifact.path), guest],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     assert proc.stdout is not None
     seen = b""
     while b"xbuild: exec" not in seen:
@@ -337,11 +373,14 @@ def test_signals_stop_the_guest_and_leave_nothing(rig: Rig, artifact: Artifact, 
 @pytest.mark.slow
 @needs_rig
 def test_qemu_dies_with_a_killed_runner(rig: Rig, artifact: Artifact, tmp_path: Path) -> None:
-    code = ("import sys; from pathlib import Path; from builder.run.xen import run_nested; "
-            "from builder.artifact import open_artifact; run_nested(open_artifact(Path(sys.argv[1])), 'pv')")
+    code = (
+        "import sys; from pathlib import Path; from builder.run.xen import run_nested; "
+        "from builder.artifact import open_artifact; run_nested(open_artifact(Path(sys.argv[1])), 'pv')"
+    )
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(artifact.path)], stdout=subprocess.DEVNULL,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(artifact.path)], stdout=subprocess.DEVNULL, env=env
+    )
     try:
         _wait_for(lambda: any("qemu-system" in p for p in _processes_mentioning(str(tmp_path))), 60)
     finally:
@@ -368,8 +407,9 @@ def test_port_forwarding_reaches_the_guest(rig: Rig, net_artifact: Artifact, own
 
     def run() -> None:
         try:
-            outcome["result"] = xen.run_nested(net_artifact, "pv", timeout=240, ports=[(port, 80)],
-                                               console=io.BytesIO(), stop_event=stop)
+            outcome["result"] = xen.run_nested(
+                net_artifact, "pv", timeout=240, ports=[(port, 80)], console=io.BytesIO(), stop_event=stop
+            )
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = e
 
@@ -394,8 +434,15 @@ def test_port_forwarding_reaches_the_guest(rig: Rig, net_artifact: Artifact, own
 @pytest.mark.slow
 @needs_rig
 @pytest.mark.parametrize(("fmt", "mode", "xen_type"), [("qcow2", "rw", "pv"), ("raw", "ro", "pvh")])
-def test_disk_guest_on_nested_xen(fmt: str, mode: str, xen_type: Literal["pv", "pvh"], rig: Rig,
-                                  tmp_path: Path, own_tmp: Path, default_kernel_path: Path) -> None:
+def test_disk_guest_on_nested_xen(
+    fmt: str,
+    mode: str,
+    xen_type: Literal["pv", "pvh"],
+    rig: Rig,
+    tmp_path: Path,
+    own_tmp: Path,
+    default_kernel_path: Path,
+) -> None:
     """`xbuild IMAGE --format disk` on the rig: the disk goes to the outer QEMU (qcow2 opened there), dom0
     serves it with blkback, the guest mounts /dev/xvda. rw: the write works and is thrown away; ro: EROFS.
     The artifact's disk.img is unchanged."""
@@ -404,15 +451,23 @@ def test_disk_guest_on_nested_xen(fmt: str, mode: str, xen_type: Literal["pv", "
     from tests.fixtures.images import check_disk_probe, make_disk_probe_image
 
     image = make_disk_probe_image(tmp_path / "oci")
-    opts = BuildOptions(output=tmp_path / "art", format="disk", disk_format=fmt, disk_mode=mode,
-                        xen_type=xen_type, log=lambda _m: None)
+    opts = BuildOptions(
+        output=tmp_path / "art",
+        format="disk",
+        disk_format=fmt,
+        disk_mode=mode,
+        xen_type=xen_type,
+        log=lambda _m: None,
+    )
     art = build(image.ref, opts)
     assert art.manifest.disk is not None
     digest = art.manifest.disk.sha256
     t0 = time.monotonic()
     result = xen.run_nested(art, xen_type, timeout=240, console=io.BytesIO())
-    sys.stderr.write(f"nested {xen_type} {fmt} {mode}: {time.monotonic() - t0:.1f}s wall, "
-                     f"launch to exec {result.launch_to_exec_s}s\n")
+    sys.stderr.write(
+        f"nested {xen_type} {fmt} {mode}: {time.monotonic() - t0:.1f}s wall, "
+        f"launch to exec {result.launch_to_exec_s}s\n"
+    )
     assert result.exit_status == 0, result.console
     check_disk_probe(result.console, "/dev/xvda", mode)
     assert file_sha256(art.path / "disk.img") == digest
@@ -426,6 +481,9 @@ def test_run_xl_domain_names_are_unique_and_never_a_domid(tmp_path: Path) -> Non
     assert all(re.fullmatch(rf"xbuild-3-{os.getpid()}-[0-9a-f]{{8}}", n) for n in names)
     long = xen.domain_name("h" * 63)
     assert long.startswith("xbuild-" + "h" * 32 + "-") and len(long) <= 7 + 32 + 1 + 10 + 1 + 8
-    cfg = _xl_entries(xen.guest_config(_fake_artifact(tmp_path), name=long, kernel="/k", ramdisk="/r",
-                                       xen_type="pv", memory_mb=128))
+    cfg = _xl_entries(
+        xen.guest_config(
+            _fake_artifact(tmp_path), name=long, kernel="/k", ramdisk="/r", xen_type="pv", memory_mb=128
+        )
+    )
     assert cfg["name"] == f'"{long}"'

@@ -36,8 +36,11 @@ from tests.fixtures.images import file, make_busybox_image
 
 def found(script: str, **kw: object) -> set[str]:
     """The constructs (`exec gosu`, `$(…) id`) of the commands a script runs (not lookups)."""
-    return {c.construct() for c in scan(textwrap.dedent(script).encode(), **kw).commands  # type: ignore[arg-type]
-            if not c.lookup}
+    return {
+        c.construct()
+        for c in scan(textwrap.dedent(script).encode(), **kw).commands  # type: ignore[arg-type]
+        if not c.lookup
+    }
 
 
 def names(s: Scan) -> set[str]:
@@ -46,74 +49,85 @@ def names(s: Scan) -> set[str]:
 
 # ---- one construct each -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script, expected", [
-    ('exec gosu postgres "$@"', {"exec gosu"}),
-    ("exec su-exec app:app server", {"exec su-exec", "exec su-exec server"}),
-    ("exec setpriv --reuid=999 --regid 999 --init-groups server", {"exec setpriv", "exec setpriv server"}),
-    ("exec tini -s -e 143 -- server", {"exec tini", "exec tini server"}),
-    ("exec dumb-init --rewrite 15:3 -- server", {"exec dumb-init", "exec dumb-init server"}),
-    ("exec env -i -u HOME A=b B=c server", {"exec env", "exec env server"}),
-    ("nice -n 10 server", {"nice", "nice server"}),
-    ("nice -10 server", {"nice", "nice server"}),
-    ("nohup server &", {"nohup", "nohup server"}),
-    ("timeout -s KILL -k 5 30 server", {"timeout", "timeout server"}),
-    ("timeout --signal=TERM 30s server", {"timeout", "timeout server"}),
-    ("chroot --userspec=1:1 /srv server", {"chroot", "chroot server"}),
-    ("runuser -u app -- server --flag", {"runuser", "runuser server"}),
-    ("stdbuf -oL -e0 server", {"stdbuf", "stdbuf server"}),
-    ("numactl -N 0 --membind=0 --localalloc server", {"numactl", "numactl server"}),
-    ("taskset -c 0-3 server", {"taskset", "taskset server"}),
-    ("taskset 0x3 server", {"taskset", "taskset server"}),
-    ("ionice -c 2 -n7 server", {"ionice", "ionice server"}),
-    ("chpst -u app -/ /srv server", {"chpst", "chpst server"}),
-    ("s6-setuidgid app server", {"s6-setuidgid", "s6-setuidgid server"}),
-    ("sudo -u app VAR=1 server", {"sudo", "sudo server"}),
-    ("setsid -f server", {"setsid", "setsid server"}),
-    ("command server", {"command server"}),
-    ("command -p server", {"command server"}),
-    ("builtin exec server", {"builtin exec server"}),
-    ("time server", {"time server"}),
-    ("ls | xargs -0 -n1 -I{} cp {} /tmp", {"ls", "xargs", "xargs cp"}),
-    ("ls | xargs", {"ls", "xargs", "xargs echo"}),
-    ("find . ! -user app -exec chown app '{}' +", {"find", "find -exec chown"}),
-    (r"find . -execdir rm {} \; -ok mv {} x ';'", {"find", "find -execdir rm", "find -ok mv"}),
-    ('x="$(id -u)"', {"$(…) id"}),
-    ("x=`hostname -s`", {"`…` hostname"}),
-    ("a | b && c || d; e & f", {"a", "b", "c", "d", "e", "f"}),
-    ("if a; then b; elif c; then d; else e; fi", {"a", "b", "c", "d", "e"}),
-    ("while a; do b; done; until c; do d; done", {"a", "b", "c", "d"}),
-    ("for f in 1 2; do a \"$f\"; done", {"a"}),
-    ("case $1 in x) a ;; y|z) b ;; *) c ;; esac", {"a", "b", "c"}),
-    ("( a; b ) && { c; }", {"a", "b", "c"}),
-    ("! a", {"a"}),
-    ("diff <(a) >(b)", {"diff", "<(…) a", "<(…) b"}),
-    ("sh -c 'exec redis-server \"$@\"' sh --port 1", {"sh", "sh -c exec redis-server"}),
-    ("bash -ec \"a; \\$(b)\"", {"bash", "bash -c a", "bash -c $(…) b"}),
-    ("bash -o pipefail -c 'a | b'", {"bash", "bash -c a", "bash -c b"}),
-    ("sh -c \"sh -c 'inner'\"", {"sh", "sh -c sh", "sh -c sh -c inner"}),
-    ("su postgres -c 'pg_ctl start'", {"su", "su -c pg_ctl"}),
-    ("su -s /bin/bash app -c 'a'", {"su", "su /bin/bash", "su -c a"}),
-    ("flock /run/x -c 'a b'", {"flock", "flock -c a"}),
-    ("flock -w 5 /run/x a", {"flock", "flock a"}),
-    ("env -S 'a -x' b", {"env", "env -S a"}),
-    ("eval 'a --x'", {"eval a"}),
-    ("eval 'initdb --user=\"$U\" '\"$ARGS\"' \"$@\"'", {"eval initdb"}),
-    ("trap 'cleanup --now' EXIT", {"trap cleanup"}),
-    ("coproc a", {"coproc a"}),
-    ("FOO=1 BAR=$(a) b >/dev/null 2>&1", {"$(…) a", "b"}),
-    ("busybox sed -i s/a/b/ f", {"busybox", "busybox sed"}),
-    ("/usr/local/bin/server --x", {"/usr/local/bin/server"}),
-    ("'quo'\"ted\" x; \\esc y", {"quoted", "esc"}),
-    ("exec 3>&1 >&2", set()),
-    ("echo a; printf b; test -x c; [ -d d ]; read x; cd /; true; : ok", set()),
-])
+
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        ('exec gosu postgres "$@"', {"exec gosu"}),
+        ("exec su-exec app:app server", {"exec su-exec", "exec su-exec server"}),
+        (
+            "exec setpriv --reuid=999 --regid 999 --init-groups server",
+            {"exec setpriv", "exec setpriv server"},
+        ),
+        ("exec tini -s -e 143 -- server", {"exec tini", "exec tini server"}),
+        ("exec dumb-init --rewrite 15:3 -- server", {"exec dumb-init", "exec dumb-init server"}),
+        ("exec env -i -u HOME A=b B=c server", {"exec env", "exec env server"}),
+        ("nice -n 10 server", {"nice", "nice server"}),
+        ("nice -10 server", {"nice", "nice server"}),
+        ("nohup server &", {"nohup", "nohup server"}),
+        ("timeout -s KILL -k 5 30 server", {"timeout", "timeout server"}),
+        ("timeout --signal=TERM 30s server", {"timeout", "timeout server"}),
+        ("chroot --userspec=1:1 /srv server", {"chroot", "chroot server"}),
+        ("runuser -u app -- server --flag", {"runuser", "runuser server"}),
+        ("stdbuf -oL -e0 server", {"stdbuf", "stdbuf server"}),
+        ("numactl -N 0 --membind=0 --localalloc server", {"numactl", "numactl server"}),
+        ("taskset -c 0-3 server", {"taskset", "taskset server"}),
+        ("taskset 0x3 server", {"taskset", "taskset server"}),
+        ("ionice -c 2 -n7 server", {"ionice", "ionice server"}),
+        ("chpst -u app -/ /srv server", {"chpst", "chpst server"}),
+        ("s6-setuidgid app server", {"s6-setuidgid", "s6-setuidgid server"}),
+        ("sudo -u app VAR=1 server", {"sudo", "sudo server"}),
+        ("setsid -f server", {"setsid", "setsid server"}),
+        ("command server", {"command server"}),
+        ("command -p server", {"command server"}),
+        ("builtin exec server", {"builtin exec server"}),
+        ("time server", {"time server"}),
+        ("ls | xargs -0 -n1 -I{} cp {} /tmp", {"ls", "xargs", "xargs cp"}),
+        ("ls | xargs", {"ls", "xargs", "xargs echo"}),
+        ("find . ! -user app -exec chown app '{}' +", {"find", "find -exec chown"}),
+        (r"find . -execdir rm {} \; -ok mv {} x ';'", {"find", "find -execdir rm", "find -ok mv"}),
+        ('x="$(id -u)"', {"$(…) id"}),
+        ("x=`hostname -s`", {"`…` hostname"}),
+        ("a | b && c || d; e & f", {"a", "b", "c", "d", "e", "f"}),
+        ("if a; then b; elif c; then d; else e; fi", {"a", "b", "c", "d", "e"}),
+        ("while a; do b; done; until c; do d; done", {"a", "b", "c", "d"}),
+        ('for f in 1 2; do a "$f"; done', {"a"}),
+        ("case $1 in x) a ;; y|z) b ;; *) c ;; esac", {"a", "b", "c"}),
+        ("( a; b ) && { c; }", {"a", "b", "c"}),
+        ("! a", {"a"}),
+        ("diff <(a) >(b)", {"diff", "<(…) a", "<(…) b"}),
+        ("sh -c 'exec redis-server \"$@\"' sh --port 1", {"sh", "sh -c exec redis-server"}),
+        ('bash -ec "a; \\$(b)"', {"bash", "bash -c a", "bash -c $(…) b"}),
+        ("bash -o pipefail -c 'a | b'", {"bash", "bash -c a", "bash -c b"}),
+        ("sh -c \"sh -c 'inner'\"", {"sh", "sh -c sh", "sh -c sh -c inner"}),
+        ("su postgres -c 'pg_ctl start'", {"su", "su -c pg_ctl"}),
+        ("su -s /bin/bash app -c 'a'", {"su", "su /bin/bash", "su -c a"}),
+        ("flock /run/x -c 'a b'", {"flock", "flock -c a"}),
+        ("flock -w 5 /run/x a", {"flock", "flock a"}),
+        ("env -S 'a -x' b", {"env", "env -S a"}),
+        ("eval 'a --x'", {"eval a"}),
+        ('eval \'initdb --user="$U" \'"$ARGS"\' "$@"\'', {"eval initdb"}),
+        ("trap 'cleanup --now' EXIT", {"trap cleanup"}),
+        ("coproc a", {"coproc a"}),
+        ("FOO=1 BAR=$(a) b >/dev/null 2>&1", {"$(…) a", "b"}),
+        ("busybox sed -i s/a/b/ f", {"busybox", "busybox sed"}),
+        ("/usr/local/bin/server --x", {"/usr/local/bin/server"}),
+        ("'quo'\"ted\" x; \\esc y", {"quoted", "esc"}),
+        ("exec 3>&1 >&2", set()),
+        ("echo a; printf b; test -x c; [ -d d ]; read x; cd /; true; : ok", set()),
+    ],
+)
 def test_construct(script: str, expected: set[str]) -> None:
     assert found(script) == expected
 
 
 def test_builtin_names_are_programs_after_a_wrapper() -> None:
     assert found("env echo a; xargs printf b; exec kill 1; find . -exec test -f {} ';'") >= {
-        "env echo", "xargs printf", "exec kill", "find -exec test"}
+        "env echo",
+        "xargs printf",
+        "exec kill",
+        "find -exec test",
+    }
     assert found("command echo x") == set()
 
 
@@ -128,7 +142,11 @@ def test_functions_are_not_commands_but_their_bodies_are() -> None:
 def test_lookups() -> None:
     s = scan(b"if command -v gosu >/dev/null; then :; fi; type -P tini; hash su-exec; which dumb-init\n")
     assert {c.construct() for c in s.commands if c.lookup} == {
-        "command -v gosu", "type tini", "hash su-exec", "which dumb-init"}
+        "command -v gosu",
+        "type tini",
+        "hash su-exec",
+        "which dumb-init",
+    }
     assert found("which x") == {"which"}
 
 
@@ -136,17 +154,31 @@ def test_dynamic_names_are_reported_not_guessed() -> None:
     s = scan(b'$cmd x\n"${runner[@]}" "$@"\nexec "$@"\n${X:-ls}\n$(which python3) -m x\n. "$f"\n$1\n')
     assert names(s) == {"which"}
     assert {c.construct() for c in s.dynamic} == {
-        "$cmd", '"${runner[@]}"', 'exec "$@"', "${X:-ls}", "$(which python3)", '. "$f"', "$1"}
+        "$cmd",
+        '"${runner[@]}"',
+        'exec "$@"',
+        "${X:-ls}",
+        "$(which python3)",
+        '. "$f"',
+        "$1",
+    }
 
 
 def test_variables_with_only_literal_values() -> None:
-    s = scan(b'f() { local r=( psql -v 1 ); PGHOST= "${r[@]}" "$@"; }\nf\nx=ls; $x\nx=cat; exec $x\n'
-             b'w=( helper_fn ); helper_fn() { :; }; "${w[@]}"\ne=echo; $e\n')
-    assert {c.construct() for c in s.commands} == {'"${r[@]}" psql', "$x ls", "$x cat", "exec $x ls",
-                                                   "exec $x cat"}
+    s = scan(
+        b'f() { local r=( psql -v 1 ); PGHOST= "${r[@]}" "$@"; }\nf\nx=ls; $x\nx=cat; exec $x\n'
+        b'w=( helper_fn ); helper_fn() { :; }; "${w[@]}"\ne=echo; $e\n'
+    )
+    assert {c.construct() for c in s.commands} == {
+        '"${r[@]}" psql',
+        "$x ls",
+        "$x cat",
+        "exec $x ls",
+        "exec $x cat",
+    }
     assert not s.dynamic
     # one assignment that is not literal, a loop variable, read: unknown
-    s = scan(b'y=a; y=$(b); $y\nfor z in a; do $z; done\nread -r q; $q\nprintf -v p x; $p\n')
+    s = scan(b"y=a; y=$(b); $y\nfor z in a; do $z; done\nread -r q; $q\nprintf -v p x; $p\n")
     assert {c.construct() for c in s.dynamic} == {"$y", "$z", "$q", "$p"}
     assert names(s) == {"b"}
 
@@ -161,7 +193,8 @@ def test_self_reexec() -> None:
 
 
 def test_heredocs_are_not_commands() -> None:
-    s = scan(textwrap.dedent("""\
+    s = scan(
+        textwrap.dedent("""\
         f() {
         \tpsql <<-'EOSQL'
         \t\tSELECT 1; rm -rf /; $(not_run) `not_run`
@@ -174,7 +207,8 @@ def test_heredocs_are_not_commands() -> None:
         run_c /opt/x
         EOF
         mysql <<<"GRANT \\`x\\`"
-        """).encode())
+        """).encode()
+    )
     assert names(s) == {"psql", "cat", "run_a", "run_b", "sh", "run_c", "mysql"}
     assert {"/etc/app.conf", "/opt/x"} <= set(s.paths)
 
@@ -182,12 +216,18 @@ def test_heredocs_are_not_commands() -> None:
 def test_sourced_and_interpreted_files() -> None:
     s = scan(b". /usr/local/lib/lib.sh\nsource ./rel.sh\nsh /docker-entrypoint.d/20.sh\nbash -x b.sh\n")
     assert {c.construct() for c in s.scripts} == {
-        ". /usr/local/lib/lib.sh", "source ./rel.sh", "sh /docker-entrypoint.d/20.sh", "bash b.sh"}
+        ". /usr/local/lib/lib.sh",
+        "source ./rel.sh",
+        "sh /docker-entrypoint.d/20.sh",
+        "bash b.sh",
+    }
 
 
 def test_paths() -> None:
-    s = scan(b'cd /srv; for f in /docker-entrypoint.d/*.sh; do :; done; x="/etc/a.conf"; y="$HOME/z"\n'
-             b"cat /etc/b.conf 2>/dev/null  # /not/in/a/comment\n")
+    s = scan(
+        b'cd /srv; for f in /docker-entrypoint.d/*.sh; do :; done; x="/etc/a.conf"; y="$HOME/z"\n'
+        b"cat /etc/b.conf 2>/dev/null  # /not/in/a/comment\n"
+    )
     assert set(s.paths) == {"/srv", "/docker-entrypoint.d/*.sh", "/etc/a.conf", "/etc/b.conf", "/dev/null"}
 
 
@@ -199,7 +239,7 @@ def test_syntax_errors_are_named_and_the_rest_is_read() -> None:
 
 # ---- entrypoints with the official images' constructs -----------------------------------------------
 
-POSTGRES_LIKE = r'''#!/usr/bin/env bash
+POSTGRES_LIKE = r"""#!/usr/bin/env bash
 set -Eeo pipefail
 file_env() {
 	local var="$1" fileVar="${1}_FILE" def="${2:-}" val
@@ -258,9 +298,9 @@ _main() {
 	exec "$@"
 }
 if ! [ "${FUNCNAME[0]:-}" = source ]; then _main "$@"; fi
-'''
+"""
 
-REDIS_LIKE = r'''#!/bin/sh
+REDIS_LIKE = r"""#!/bin/sh
 set -e
 if [ "${1#-}" != "$1" ] || [ "${1%.conf}" != "$1" ]; then
 	set -- redis-server "$@"
@@ -272,9 +312,9 @@ fi
 um="$(umask)"
 [ "$um" = '0022' ] && umask 0077
 exec "$@"
-'''
+"""
 
-MARIADB_LIKE = r'''#!/bin/bash
+MARIADB_LIKE = r"""#!/bin/bash
 set -eo pipefail
 note() { printf '%s [Note] %s\n' "$(date --rfc-3339=seconds)" "$*"; }
 check_config() {
@@ -301,9 +341,9 @@ fi
 mysql_install_db --datadir="$DATADIR" "${@:2}"
 setup_db "$@"
 exec "$@"
-'''
+"""
 
-RABBITMQ_LIKE = r'''#!/usr/bin/env bash
+RABBITMQ_LIKE = r"""#!/usr/bin/env bash
 set -euo pipefail
 if [[ "$1" == rabbitmq* ]] && [ "$(id -u)" = '0' ]; then
 	if [ "$1" = 'rabbitmq-server' ]; then
@@ -315,23 +355,61 @@ if [ -z "${RABBITMQ_USE_LONGNAME:-}" ] && [ "$(hostname)" != "$(hostname -s)" ];
 	export RABBITMQ_USE_LONGNAME=true
 fi
 exec "$@"
-'''
+"""
 
 
-@pytest.mark.parametrize("script, commands, reexec", [
-    (POSTGRES_LIKE, {"id", "getent", "mktemp", "initdb", "gunzip", "zstd", "psql", "pg_ctl",
-                     "mkdir", "chmod", "find", "chown", "gosu", "mountpoint", "cat"},
-     ['exec gosu "$BASH_SOURCE"']),
-    (REDIS_LIKE, {"id", "find", "chown", "gosu"}, ['exec gosu "$0"']),
-    (MARIADB_LIKE, {"date", "mysql_tzinfo_to_sql", "sed", "mysql", "pwgen", "mysqladmin", "sleep", "id",
-                    "find", "chown", "gosu", "mysql_install_db"}, ['exec gosu "$BASH_SOURCE"']),
-    (RABBITMQ_LIKE, {"id", "find", "chown", "gosu", "hostname"}, ['exec gosu "$BASH_SOURCE"']),
-], ids=["postgres", "redis", "mariadb", "rabbitmq"])
+@pytest.mark.parametrize(
+    "script, commands, reexec",
+    [
+        (
+            POSTGRES_LIKE,
+            {
+                "id",
+                "getent",
+                "mktemp",
+                "initdb",
+                "gunzip",
+                "zstd",
+                "psql",
+                "pg_ctl",
+                "mkdir",
+                "chmod",
+                "find",
+                "chown",
+                "gosu",
+                "mountpoint",
+                "cat",
+            },
+            ['exec gosu "$BASH_SOURCE"'],
+        ),
+        (REDIS_LIKE, {"id", "find", "chown", "gosu"}, ['exec gosu "$0"']),
+        (
+            MARIADB_LIKE,
+            {
+                "date",
+                "mysql_tzinfo_to_sql",
+                "sed",
+                "mysql",
+                "pwgen",
+                "mysqladmin",
+                "sleep",
+                "id",
+                "find",
+                "chown",
+                "gosu",
+                "mysql_install_db",
+            },
+            ['exec gosu "$BASH_SOURCE"'],
+        ),
+        (RABBITMQ_LIKE, {"id", "find", "chown", "gosu", "hostname"}, ['exec gosu "$BASH_SOURCE"']),
+    ],
+    ids=["postgres", "redis", "mariadb", "rabbitmq"],
+)
 def test_official_entrypoint_constructs(script: str, commands: set[str], reexec: list[str]) -> None:
     s = scan(script.encode())
     assert names(s) == commands
     assert [c.construct() for c in s.reexec] == reexec
-    assert any(c.name == '"$@"' and c.via == ("exec",) for c in s.dynamic)    # exec "$@": Cmd, not guessed
+    assert any(c.name == '"$@"' and c.via == ("exec",) for c in s.dynamic)  # exec "$@": Cmd, not guessed
     assert not s.problems
     gosu = next(c for c in s.commands if c.name == "gosu")
     assert gosu.construct() == "exec gosu"
@@ -343,12 +421,19 @@ def test_official_entrypoint_constructs(script: str, commands: set[str], reexec:
 LEAVES = [f"leaf{i}" for i in range(8)]
 # (template, the real program on the host it needs); {} is the inner command
 WRAPPERS = [
-    ("env -i PATH=\"$PATH\" A=b {}", "env"), ("env -u HOME {}", "env"), ("nice -n 5 {}", "nice"),
-    ("timeout -s KILL -k 5 20 {}", "timeout"), ("stdbuf -oL {}", "stdbuf"), ("taskset -c 0 {}", "taskset"),
-    ("ionice -c 3 {}", "ionice"), ("chroot / {}", "chroot"), ("setpriv --reuid=0 --regid 0 --keep-groups {}",
-                                                                "setpriv"),
-    ("runuser -u root -- {}", "runuser"), ("tini -s -- {}", "tini"),
-    ("xargs -0 {} < /dev/null", "xargs"), ("find / -maxdepth 0 -exec {} ';'", "find"),
+    ('env -i PATH="$PATH" A=b {}', "env"),
+    ("env -u HOME {}", "env"),
+    ("nice -n 5 {}", "nice"),
+    ("timeout -s KILL -k 5 20 {}", "timeout"),
+    ("stdbuf -oL {}", "stdbuf"),
+    ("taskset -c 0 {}", "taskset"),
+    ("ionice -c 3 {}", "ionice"),
+    ("chroot / {}", "chroot"),
+    ("setpriv --reuid=0 --regid 0 --keep-groups {}", "setpriv"),
+    ("runuser -u root -- {}", "runuser"),
+    ("tini -s -- {}", "tini"),
+    ("xargs -0 {} < /dev/null", "xargs"),
+    ("find / -maxdepth 0 -exec {} ';'", "find"),
 ]
 
 
@@ -364,30 +449,38 @@ def wrap(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 def compose(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     two = st.tuples(inner, inner)
     return st.one_of(
-        two.map(lambda t: f"{t[0]} && {t[1]}"), two.map(lambda t: f"{t[0]} || {t[1]}"),
-        two.map(lambda t: f"{t[0]} | {t[1]}"), two.map(lambda t: f"{t[0]}; {t[1]}"),
+        two.map(lambda t: f"{t[0]} && {t[1]}"),
+        two.map(lambda t: f"{t[0]} || {t[1]}"),
+        two.map(lambda t: f"{t[0]} | {t[1]}"),
+        two.map(lambda t: f"{t[0]}; {t[1]}"),
         inner.map(lambda a: f'x="$( {a} )"'),
         inner.map(lambda a: f"x=`{a}`" if "`" not in a else f"x=$( {a} )"),
         two.map(lambda t: f"if {t[0]}; then {t[1]}; fi"),
         two.map(lambda t: f"while {t[0]}; do {t[1]}; break; done"),
         inner.map(lambda a: f"for i in 1; do {a}; done"),
         inner.map(lambda a: f"case x in x) {a} ;; esac"),
-        inner.map(lambda a: f"( {a} )"), inner.map(lambda a: f"{{ {a}; }}"),
+        inner.map(lambda a: f"( {a} )"),
+        inner.map(lambda a: f"{{ {a}; }}"),
         inner.map(lambda a: f"fn_{abs(hash(a)) % 1000}() {{ {a}; }}; fn_{abs(hash(a)) % 1000}"),
-        inner.map(lambda a: f"sh -c {shlex.quote(a)}"), inner.map(lambda a: f"eval {shlex.quote(a)}"),
+        inner.map(lambda a: f"sh -c {shlex.quote(a)}"),
+        inner.map(lambda a: f"eval {shlex.quote(a)}"),
     )
 
 
-SIMPLE = st.recursive(leaf_strategy(), wrap, max_leaves=3).flatmap(      # `command` is a builtin: first only
-    lambda c: st.sampled_from([c, f"command {c}", f"exec {c}"]))
+SIMPLE = st.recursive(leaf_strategy(), wrap, max_leaves=3).flatmap(  # `command` is a builtin: first only
+    lambda c: st.sampled_from([c, f"command {c}", f"exec {c}"])
+)
 SCRIPTS = st.recursive(SIMPLE, compose, max_leaves=6)
 
 
 @pytest.fixture(scope="module")
 def recorders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bin directory whose leaf commands append their name to $LOG and exit 0."""
-    missing = [p for _, p in WRAPPERS if not any(
-        os.access(os.path.join(d, p), os.X_OK) for d in os.environ.get("PATH", "").split(":"))]
+    missing = [
+        p
+        for _, p in WRAPPERS
+        if not any(os.access(os.path.join(d, p), os.X_OK) for d in os.environ.get("PATH", "").split(":"))
+    ]
     if missing:
         pytest.skip(f"not installed on this host: {missing}")
     bin_dir = tmp_path_factory.mktemp("recorders")
@@ -399,8 +492,9 @@ def recorders(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chroot / runuser / setpriv need root")
-@settings(max_examples=40, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(body=SCRIPTS)
 def test_every_command_the_real_shells_run_is_found(body: str, recorders: Path, tmp_path: Path) -> None:
     s = scan(body.encode())
@@ -411,8 +505,14 @@ def test_every_command_the_real_shells_run_is_found(body: str, recorders: Path, 
         log = tmp_path / f"{Path(shell).name}.log"
         log.unlink(missing_ok=True)
         env = {"PATH": f"{recorders}:/usr/sbin:/usr/bin:/sbin:/bin", "LOG": str(log), "HOME": str(tmp_path)}
-        subprocess.run([shell, "-c", body], env=env, cwd=tmp_path, timeout=60, capture_output=True,
-                       stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [shell, "-c", body],
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+        )
         ran = set(log.read_text().split()) if log.exists() else set()
         assert ran <= named, (shell, body, ran - named)
 
@@ -445,13 +545,14 @@ def test_hostile_scripts_are_bounded(data: bytes) -> None:
     s = scan(data, deadline=2.0)
     used = time.process_time() - t0
     assert isinstance(s, Scan)
-    assert used < 2.0 + 1.0, used         # the budget, plus what one check interval may overrun
+    assert used < 2.0 + 1.0, used  # the budget, plus what one check interval may overrun
 
 
 def test_the_cpu_budget_stops_a_slow_parse() -> None:
     s = scan(b"a=(" * 20000, deadline=0.3)
-    assert s.problems == ("analysis stopped after 0.3 s of CPU time: commands after that point are not "
-                          "known",)
+    assert s.problems == (
+        "analysis stopped after 0.3 s of CPU time: commands after that point are not known",
+    )
 
 
 def test_hostile_memory_is_bounded() -> None:
@@ -465,27 +566,38 @@ def test_hostile_memory_is_bounded() -> None:
             scan(data, deadline=2.0)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                       cwd=Path(__file__).parent.parent)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent.parent,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.split()[-1]) < 512, r.stdout
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(data=st.binary(max_size=4096) | st.text(alphabet="$(){}[]`'\"\\;|&<>!#= \nabcexgosu-0",
-                                                 max_size=400).map(str.encode))
+@given(
+    data=st.binary(max_size=4096)
+    | st.text(alphabet="$(){}[]`'\"\\;|&<>!#= \nabcexgosu-0", max_size=400).map(str.encode)
+)
 def test_any_bytes_give_a_scan(data: bytes) -> None:
     assert isinstance(scan(data, deadline=1.0), Scan)
 
 
-@pytest.mark.parametrize("name", ["nested arrays (slow for the parser)", "garbage", "nested $(",
-                                  "unterminated double quote"])
+@pytest.mark.parametrize(
+    "name", ["nested arrays (slow for the parser)", "garbage", "nested $(", "unterminated double quote"]
+)
 def test_hostile_entrypoint_script_through_the_cli(name: str, sandbox: Sandbox) -> None:
     """The real CLI builds an image whose entrypoint script is hostile: exit 0, no traceback, the scan's
     limits are notes in the report, nothing left in TMPDIR; the script's own bytes stay the script."""
-    script = b"#!/bin/sh\n" + HOSTILE[name][:SCRIPT_MAX - 10]
-    img = make_busybox_image(sandbox.root / "layout", config_overrides={"Entrypoint": ["/entry.sh"]},
-                             extra_layers=[[file("entry.sh", script, mode=0o755)]])
+    script = b"#!/bin/sh\n" + HOSTILE[name][: SCRIPT_MAX - 10]
+    img = make_busybox_image(
+        sandbox.root / "layout",
+        config_overrides={"Entrypoint": ["/entry.sh"]},
+        extra_layers=[[file("entry.sh", script, mode=0o755)]],
+    )
     t0 = time.monotonic()
     r = sandbox.xbuild(img.ref, "-o", str(sandbox.out), "--kernel", "none", "--json")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

@@ -71,12 +71,14 @@ from .report import Report
 from .rules import Minimizer
 
 
-def minimize(tree: Tree, config: ImageConfig, recipe: Recipe | None = None,
-             mode: str = MinimizeMode.AUTO) -> tuple[Tree, Report]:
+def minimize(
+    tree: Tree, config: ImageConfig, recipe: Recipe | None = None, mode: str = MinimizeMode.AUTO
+) -> tuple[Tree, Report]:
     """Keep what `config`'s entrypoint needs (see the module doc); never mutates `tree`."""
     if mode not in choices(MinimizeMode):
-        raise MinimizeError(f"unknown minimize mode {mode!r} "
-                            f"(choose from {', '.join(choices(MinimizeMode))})")
+        raise MinimizeError(
+            f"unknown minimize mode {mode!r} (choose from {', '.join(choices(MinimizeMode))})"
+        )
     m = Minimizer(tree, config, recipe)
     if mode == MinimizeMode.NONE:
         for path, node in tree.walk():
@@ -95,8 +97,13 @@ def minimize(tree: Tree, config: ImageConfig, recipe: Recipe | None = None,
                 m.keep(p, "trace", f"opened by the entrypoint in the {seconds:g}s trace probe")
                 m.need(p, "trace", "opened in the trace probe")
         m.drain()
-        m.notes.append(f"trace probe: ran {seconds:g}s, {len(result.opened)} paths seen"
-                       + (f"; smoke: {result.smoke[1]}" if result.smoke else "")
-                       + ("; its trace log reached the size cap, later accesses were not seen"
-                          if result.log_full else ""))
+        m.notes.append(
+            f"trace probe: ran {seconds:g}s, {len(result.opened)} paths seen"
+            + (f"; smoke: {result.smoke[1]}" if result.smoke else "")
+            + (
+                "; its trace log reached the size cap, later accesses were not seen"
+                if result.log_full
+                else ""
+            )
+        )
     return m.result(mode)

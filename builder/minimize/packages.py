@@ -17,9 +17,9 @@ from ..tree import DIR, SYMLINK, Tree
 class PackageDb:
     """The installed packages of an image, every path a real tree path (symlinks on the way resolved)."""
 
-    owners: dict[str, set[str]]     # real path -> the packages listing it
-    files: dict[str, list[str]]     # package -> the real paths it lists (files and symlinks, no directories)
-    depends: dict[str, list[str]]   # package -> the packages of its Pre-Depends/Depends (first alternative)
+    owners: dict[str, set[str]]  # real path -> the packages listing it
+    files: dict[str, list[str]]  # package -> the real paths it lists (files and symlinks, no directories)
+    depends: dict[str, list[str]]  # package -> the packages of its Pre-Depends/Depends (first alternative)
 
 
 def stem(pkg: str) -> str:
@@ -36,7 +36,7 @@ def package_db(tree: Tree) -> PackageDb:
 
     def add(pkg: str, path: str) -> None:
         try:
-            real = tree.real_path(path, follow=False)     # a package owns its symlinks, not their targets
+            real = tree.real_path(path, follow=False)  # a package owns its symlinks, not their targets
         except LookupError:
             return
         n = tree.lookup(real)
@@ -44,7 +44,7 @@ def package_db(tree: Tree) -> PackageDb:
             return
         if n.kind == SYMLINK:
             t = tree.lookup(real, follow=True)
-            if t is not None and t.kind == DIR:    # /bin -> usr/bin is listed by every package in /bin
+            if t is not None and t.kind == DIR:  # /bin -> usr/bin is listed by every package in /bin
                 return
         owners.setdefault(real, set()).add(pkg)
         files.setdefault(pkg, []).append(real)
@@ -57,7 +57,7 @@ def package_db(tree: Tree) -> PackageDb:
                 files.setdefault(pkg, [])
                 try:
                     listed = tree.read(f"var/lib/dpkg/info/{name}")
-                except FileNotFoundError:   # a directory, a dangling or looping symlink: no file list
+                except FileNotFoundError:  # a directory, a dangling or looping symlink: no file list
                     continue
                 for line in listed.decode("utf-8", "replace").splitlines():
                     if line.strip() and line != "/.":
@@ -96,4 +96,3 @@ def package_db(tree: Tree) -> PackageDb:
         if pkg:
             depends[pkg] = [re.split(r"[<>=~]", x)[0] for x in deps]
     return PackageDb(owners, files, depends)
-

@@ -77,7 +77,7 @@ from ..image import ImageConfig
 from ..recipes import Recipe, Smoke
 from ..tree import DIR, FILE, SYMLINK, ContentReader, Inode, Tree, entries, split
 
-HOST_ID_BASE = 1_878_982_656        # 0x6FFF0000: the top 64 Ki of systemd's container range (UIDS-GIDS.md)
+HOST_ID_BASE = 1_878_982_656  # 0x6FFF0000: the top 64 Ki of systemd's container range (UIDS-GIDS.md)
 ID_COUNT = 65536
 NPROC_MAX = 256
 AS_MAX = 4 << 30
@@ -88,21 +88,52 @@ STAGE_SPARE = 64 << 20
 SMALL_TMPFS = 64 << 20
 HOSTNAME = "xbuild-probe"
 # Docker's default capability set (moby oci/caps/defaults.go), granted inside the user namespace only
-CAPS = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID", "SETFCAP",
-        "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE")
-TOOLS = ("bwrap", "setpriv", "prlimit", "nsenter", "unshare", "mount")   # packages: builder/host.py
-_SYSCALL = re.compile(r'^(\d+)\s+(?:<\.\.\. )?(\w+)\(?(.*)$')
-_FILE_CALLS = {"open", "openat", "openat2", "creat", "execve", "execveat", "stat", "lstat", "newfstatat",
-               "statx", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "chdir", "truncate",
-               "uselib"}
+CAPS = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+)
+TOOLS = ("bwrap", "setpriv", "prlimit", "nsenter", "unshare", "mount")  # packages: builder/host.py
+_SYSCALL = re.compile(r"^(\d+)\s+(?:<\.\.\. )?(\w+)\(?(.*)$")
+_FILE_CALLS = {
+    "open",
+    "openat",
+    "openat2",
+    "creat",
+    "execve",
+    "execveat",
+    "stat",
+    "lstat",
+    "newfstatat",
+    "statx",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "readlink",
+    "readlinkat",
+    "chdir",
+    "truncate",
+    "uselib",
+}
 
 
 @dataclass(frozen=True)
 class ProbeResult:
-    output: bytes                            # the entrypoint's stdout + stderr (the first OUTPUT_MAX bytes)
-    opened: frozenset[str]                   # tree paths its processes touched (trace only)
-    smoke: tuple[bool, str] | None           # the recipe's smoke test, run while it was up
-    log_full: bool = False                   # the strace log reached FSIZE_MAX: the trace stopped there
+    output: bytes  # the entrypoint's stdout + stderr (the first OUTPUT_MAX bytes)
+    opened: frozenset[str]  # tree paths its processes touched (trace only)
+    smoke: tuple[bool, str] | None  # the recipe's smoke test, run while it was up
+    log_full: bool = False  # the strace log reached FSIZE_MAX: the trace stopped there
 
 
 def check_probe_host(trace: bool) -> None:
@@ -142,7 +173,7 @@ def extract(tree: Tree, dest: Path, id_base: int | None = None) -> None:
     def owner(node: Inode) -> tuple[int, int]:
         return (node.uid, node.gid) if id_base is None else (host_id(node.uid), host_id(node.gid))
 
-    written: set[str] = set()   # paths of a hardlink group's first name, once made (not a skipped device)
+    written: set[str] = set()  # paths of a hardlink group's first name, once made (not a skipped device)
     dirs: list[tuple[str, Inode]] = []
     with ContentReader() as contents:
         for e in entries(tree):
@@ -183,9 +214,9 @@ def extract(tree: Tree, dest: Path, id_base: int | None = None) -> None:
         os.chmod(full, node.mode & 0o7777)
 
 
-
-def probe(tree: Tree, config: ImageConfig, recipe: Recipe | None, seconds: float = 5.0,
-          trace: bool = False) -> ProbeResult:
+def probe(
+    tree: Tree, config: ImageConfig, recipe: Recipe | None, seconds: float = 5.0, trace: bool = False
+) -> ProbeResult:
     """Run `tree`'s entrypoint in the sandbox (module doc) for up to `seconds` or until it exits, with
     the recipe's network smoke test run against it meanwhile (without `trace`, the probe ends when the
     smoke test has its answer); with `trace`, under strace -f, reporting every tree path its processes
@@ -222,10 +253,12 @@ def _helper_script(base: str, tree: Tree) -> str:
     with the last process of the namespace."""
     size, inodes = _stage_size(tree)
     ids = f"uid={HOST_ID_BASE},gid={HOST_ID_BASE}"
-    return (f"mount -t tmpfs -o size={FSIZE_MAX + (1 << 20)},nr_inodes=64,mode=0711,nodev,nosuid,noexec "
-            f"xbuild-probe {base} && mkdir -m 0700 {base}/log && mkdir -m 0755 {base}/stage && "
-            f"mount -t tmpfs -o size={size},nr_inodes={inodes},mode=0755,{ids},nodev,nosuid "
-            f"xbuild-probe {base}/stage && echo ready && read go && exec \"$@\" </dev/null >&2")
+    return (
+        f"mount -t tmpfs -o size={FSIZE_MAX + (1 << 20)},nr_inodes=64,mode=0711,nodev,nosuid,noexec "
+        f"xbuild-probe {base} && mkdir -m 0700 {base}/log && mkdir -m 0755 {base}/stage && "
+        f"mount -t tmpfs -o size={size},nr_inodes={inodes},mode=0755,{ids},nodev,nosuid "
+        f'xbuild-probe {base}/stage && echo ready && read go && exec "$@" </dev/null >&2'
+    )
 
 
 def _mount_points(root: Path) -> None:
@@ -240,16 +273,55 @@ def _mount_points(root: Path) -> None:
             os.chown(p, HOST_ID_BASE, HOST_ID_BASE)
 
 
-def _bwrap_args(root: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str,
-                block_fd: int, info_fd: int) -> list[str]:
-    args = [shutil.which("bwrap") or "bwrap", "--unshare-user", "--userns-block-fd", str(block_fd),
-            "--info-fd", str(info_fd), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup", "--hostname", HOSTNAME, "--die-with-parent", "--new-session",
-            "--bind", root, "/", "--proc", "/proc", "--dev", "/dev",
-            "--perms", "1777", "--size", str(SMALL_TMPFS), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-            "--perms", "1777", "--size", str(SMALL_TMPFS), "--tmpfs", "/tmp",
-            "--perms", "0755", "--size", str(SMALL_TMPFS), "--tmpfs", "/run",
-            "--cap-drop", "ALL"]
+def _bwrap_args(
+    root: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, block_fd: int, info_fd: int
+) -> list[str]:
+    args = [
+        shutil.which("bwrap") or "bwrap",
+        "--unshare-user",
+        "--userns-block-fd",
+        str(block_fd),
+        "--info-fd",
+        str(info_fd),
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup",
+        "--hostname",
+        HOSTNAME,
+        "--die-with-parent",
+        "--new-session",
+        "--bind",
+        root,
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--perms",
+        "1777",
+        "--size",
+        str(SMALL_TMPFS),
+        "--tmpfs",
+        "/dev/shm",
+        "--remount-ro",
+        "/dev",
+        "--perms",
+        "1777",
+        "--size",
+        str(SMALL_TMPFS),
+        "--tmpfs",
+        "/tmp",
+        "--perms",
+        "0755",
+        "--size",
+        str(SMALL_TMPFS),
+        "--tmpfs",
+        "/run",
+        "--cap-drop",
+        "ALL",
+    ]
     for cap in CAPS:
         args += ["--cap-add", f"CAP_{cap}"]
     args.append("--clearenv")
@@ -259,8 +331,15 @@ def _bwrap_args(root: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str
     return args + ["--chdir", cwd, "--", *argv]
 
 
-def _run(tree: Tree, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, recipe: Recipe | None,
-         seconds: float, trace: bool) -> ProbeResult:
+def _run(
+    tree: Tree,
+    argv: tuple[str, ...],
+    env: tuple[str, ...],
+    cwd: str,
+    recipe: Recipe | None,
+    seconds: float,
+    trace: bool,
+) -> ProbeResult:
     """Start the helper (its own mount namespace, _helper_script), stage `tree` into its tmpfs through
     /proc/PID/root, let it exec the launch chain, and collect what the sandbox did. Nothing is created
     on the host's filesystems: if xbuild dies (even by SIGKILL), the chain dies with it (pdeathsig,
@@ -271,20 +350,53 @@ def _run(tree: Tree, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, reci
     info_r, info_w = os.pipe()
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
-    chain = ["prlimit", f"--nproc={NPROC_MAX}", f"--as={AS_MAX}", f"--fsize={FSIZE_MAX}",
-             f"--nofile={NOFILE_MAX}", "--core=0", "--"]
+    chain = [
+        "prlimit",
+        f"--nproc={NPROC_MAX}",
+        f"--as={AS_MAX}",
+        f"--fsize={FSIZE_MAX}",
+        f"--nofile={NOFILE_MAX}",
+        "--core=0",
+        "--",
+    ]
     if trace:
         chain += ["strace", "-f", "-qq", "-s", "4096", "-e", "trace=%file,%process", "-o", log]
-    chain += ["setpriv", f"--reuid={HOST_ID_BASE}", f"--regid={HOST_ID_BASE}", "--clear-groups", "--",
-              *_bwrap_args(f"{base}/stage/root", argv, env, cwd, block_r, info_w)]
-    cmd = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--mount", "--propagation", "private", "--",
-           "/bin/sh", "-c", _helper_script(base, tree), "sh", *chain]
+    chain += [
+        "setpriv",
+        f"--reuid={HOST_ID_BASE}",
+        f"--regid={HOST_ID_BASE}",
+        "--clear-groups",
+        "--",
+        *_bwrap_args(f"{base}/stage/root", argv, env, cwd, block_r, info_w),
+    ]
+    cmd = [
+        "setpriv",
+        "--pdeathsig",
+        "KILL",
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        _helper_script(base, tree),
+        "sh",
+        *chain,
+    ]
     end = time.monotonic() + seconds
     # stdout/stderr: a pipe the sandbox's root owns, so that reopening /dev/stderr works as in a container
     out_r, out_w = os.pipe()
     os.fchown(out_w, HOST_ID_BASE, HOST_ID_BASE)
-    proc = subprocess.Popen(cmd, stdin=go_r, stdout=ready_w, stderr=out_w, pass_fds=(block_r, info_w),
-                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    proc = subprocess.Popen(
+        cmd,
+        stdin=go_r,
+        stdout=ready_w,
+        stderr=out_w,
+        pass_fds=(block_r, info_w),
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
     for fd in (block_r, info_w, out_w, go_r, ready_w):
         os.close(fd)
     out = bytearray()
@@ -299,18 +411,21 @@ def _run(tree: Tree, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, reci
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:  # alive but silent for 60 s: hung
-                    proc.kill()                    # the chain dies with it (pdeathsig)
+                    proc.kill()  # the chain dies with it (pdeathsig)
                     proc.wait()
                 reader.join(timeout=10)
                 why = (bytes(out).decode("utf-8", "replace").strip().splitlines() or ["it ended"])[-1]
                 raise MinimizeError(f"probe: cannot mount its tmpfs: {why}")
             try:
-                root = Path(f"/proc/{proc.pid}/root{base}/stage/root")   # our unreaped child: a stable pid
+                root = Path(f"/proc/{proc.pid}/root{base}/stage/root")  # our unreaped child: a stable pid
                 extract(tree, root, HOST_ID_BASE)
                 _mount_points(root)
-                if trace:       # held open: the log outlives the namespace, which ends with the chain
-                    log_fd = os.open(f"/proc/{proc.pid}/root{log}",
-                                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                if trace:  # held open: the log outlives the namespace, which ends with the chain
+                    log_fd = os.open(
+                        f"/proc/{proc.pid}/root{log}",
+                        os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600,
+                    )
             except OSError as e:
                 raise MinimizeError(f"probe: cannot stage the image on this host ({e})") from None
             os.write(go_w, b"go\n")
@@ -333,8 +448,8 @@ def _run(tree: Tree, argv: tuple[str, ...], env: tuple[str, ...], cwd: str, reci
             for fd in (go_w, block_w, info_r, ready_r):
                 if fd >= 0:
                     os.close(fd)
-            if proc.poll() is None:       # our own child, not yet reaped: its pid is still ours to kill
-                proc.kill()               # the chain dies with it (pdeathsig, --die-with-parent)
+            if proc.poll() is None:  # our own child, not yet reaped: its pid is still ours to kill
+                proc.kill()  # the chain dies with it (pdeathsig, --die-with-parent)
             proc.wait()
             _wait_gone(child)
             reader.join(timeout=10)
@@ -381,7 +496,7 @@ def _read_capped(stream: IO[bytes], out: bytearray) -> None:
     with stream:
         while chunk := stream.read(65536):
             if len(out) < OUTPUT_MAX:
-                out += chunk[:OUTPUT_MAX - len(out)]
+                out += chunk[: OUTPUT_MAX - len(out)]
 
 
 def _wait_gone(pid: int | None, timeout: float = 10.0) -> None:
@@ -420,12 +535,24 @@ def _map_ids(pid: int) -> None:
         for name in ("uid_map", "gid_map"):
             Path(f"/proc/{pid}/{name}").write_text(f"0 {HOST_ID_BASE} {ID_COUNT}\n")
     except OSError:
-        return                       # bwrap is gone; its own message says why
-    r = subprocess.run(["nsenter", f"--user=/proc/{pid}/ns/user", "--", "/bin/sh", "-c",
-                        "echo 0 > /proc/sys/user/max_user_namespaces"], capture_output=True, text=True)
+        return  # bwrap is gone; its own message says why
+    r = subprocess.run(
+        [
+            "nsenter",
+            f"--user=/proc/{pid}/ns/user",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo 0 > /proc/sys/user/max_user_namespaces",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
-        raise MinimizeError("probe: cannot disable user namespaces inside the sandbox: "
-                            + (r.stderr.strip().splitlines() or ["nsenter failed"])[-1])
+        raise MinimizeError(
+            "probe: cannot disable user namespaces inside the sandbox: "
+            + (r.stderr.strip().splitlines() or ["nsenter failed"])[-1]
+        )
 
 
 def _smoke_in_netns(pid: int, recipe: Recipe, smoke: Smoke, seconds: float) -> tuple[bool, str]:
@@ -433,12 +560,27 @@ def _smoke_in_netns(pid: int, recipe: Recipe, smoke: Smoke, seconds: float) -> t
     only: the test process keeps the host's files; its memory is capped with prlimit)."""
     spec = dict(asdict(smoke), send=smoke.send.hex())
     repo = str(Path(__file__).resolve().parents[2])
-    cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "prlimit", f"--as={1 << 30}", "--",
-           sys.executable, "-m", "builder.minimize.smoke", json.dumps({"name": recipe.name, "smoke": spec,
-                                                               "seconds": seconds})]
+    cmd = [
+        "nsenter",
+        f"--net=/proc/{pid}/ns/net",
+        "--",
+        "prlimit",
+        f"--as={1 << 30}",
+        "--",
+        sys.executable,
+        "-m",
+        "builder.minimize.smoke",
+        json.dumps({"name": recipe.name, "smoke": spec, "seconds": seconds}),
+    ]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, cwd=repo,
-                           env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": repo})
+        r = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+            cwd=repo,
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": repo},
+        )
     except subprocess.TimeoutExpired:
         return False, "the smoke test did not finish"
     try:

@@ -21,7 +21,7 @@ REASONS = {
     "elf-closure": "needed to load a kept program (PT_INTERP / DT_NEEDED, searched like ld.so)",
     "shebang": "the interpreter of a kept script",
     "script": "named by shell code: a kept script, or the image's command line (`sh -c TEXT`, a program "
-              "run by tini/gosu/env/...): a command it runs or looks up, a file it sources or mentions",
+    "run by tini/gosu/env/...): a command it runs or looks up, a file it sources or mentions",
     "glibc-nss": "glibc loads it for a service named in /etc/nsswitch.conf",
     "glibc-gconv": "glibc's iconv modules, kept because a kept program imports iconv_open",
     "locale": "the locale named by LANG / LC_* in the image's Env",
@@ -33,7 +33,7 @@ REASONS = {
     "trace": "opened by the entrypoint in the trace probe",
     "none": "minimize was off (--minimize none)",
     "unreferenced": "no rule reached it (not an entrypoint dependency, not in /etc, "
-                    "not in an owning package)",
+    "not in an owning package)",
     "doc": "documentation, man pages and locales are never kept",
     "dev": "headers and static libraries are never kept",
     "init-system": "service-manager files (systemd units...): the guest's init runs the entrypoint directly",
@@ -42,19 +42,19 @@ REASONS = {
     "interpreter-tests": "an interpreter's test suite, IDE or GUI toolkit",
     "dangling-after-minimize": "a symlink whose target was dropped (no kept symlink dangles)",
     "path-string": "named by its absolute path as a string in a kept program, library or script (a data "
-                   "file it opens by path, e.g. Debian libnode's externalized builtins in /usr/share/nodejs)",
+    "file it opens by path, e.g. Debian libnode's externalized builtins in /usr/share/nodejs)",
     "symlink-target": "the data file a kept symlink points at (no kept symlink dangles)",
     "glibc-libgcc": "glibc dlopen()s libgcc_s.so.1 to unwind threads: a kept object imports pthread_cancel "
-                    "or pthread_exit (without it: 'libgcc_s.so.1 must be installed', abort)",
+    "or pthread_exit (without it: 'libgcc_s.so.1 must be installed', abort)",
 }
 # KIND of the reasons KIND:NAME -> their text, NAME filled in
 NAMED_REASONS = {
     "package": "a data/config file of the package {name}, which owns a kept file",
     "package-command": "a command of the package {name} that nothing runs (commands enter only "
-                       "when something names them)",
+    "when something names them)",
     "package-library": "a library or plugin of the package {name} that no kept program loads",
     "interpreter": "the standard library / module directories of the interpreter {name} (it loads them by "
-                   "name at run time)",
+    "name at run time)",
 }
 
 
@@ -98,24 +98,33 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         """The manifest.json "minimize" section (explain.py reads it back)."""
         return {
-            "mode": self.mode, "recipe": self.recipe,
-            "kept": {"files": self.kept_files, "bytes": self.kept_bytes,
-                     "by_reason": {r: {"files": n, "bytes": b} for r, (n, b) in sorted(self.kept.items())}},
-            "dropped": {"files": self.dropped_files, "bytes": self.dropped_bytes,
-                        "by_reason": {r: {"files": n, "bytes": b}
-                                      for r, (n, b) in sorted(self.dropped.items())}},
+            "mode": self.mode,
+            "recipe": self.recipe,
+            "kept": {
+                "files": self.kept_files,
+                "bytes": self.kept_bytes,
+                "by_reason": {r: {"files": n, "bytes": b} for r, (n, b) in sorted(self.kept.items())},
+            },
+            "dropped": {
+                "files": self.dropped_files,
+                "bytes": self.dropped_bytes,
+                "by_reason": {r: {"files": n, "bytes": b} for r, (n, b) in sorted(self.dropped.items())},
+            },
             "notes": list(self.notes),
             "paths": {p: list(v) for p, v in sorted(self.paths.items())},
         }
 
     def summary(self, top: int = 12) -> str:
         """A human summary: totals, then the biggest reasons each way."""
+
         def mb(b: int) -> str:
             return f"{b / 1e6:.2f} MB" if b >= 100_000 else f"{b / 1e3:.1f} KB"
 
-        lines = [f"minimize ({self.mode}{', recipe ' + self.recipe if self.recipe else ''}): "
-                 f"kept {self.kept_files} files, {mb(self.kept_bytes)}; "
-                 f"dropped {self.dropped_files} files, {mb(self.dropped_bytes)}"]
+        lines = [
+            f"minimize ({self.mode}{', recipe ' + self.recipe if self.recipe else ''}): "
+            f"kept {self.kept_files} files, {mb(self.kept_bytes)}; "
+            f"dropped {self.dropped_files} files, {mb(self.dropped_bytes)}"
+        ]
         for title, d in (("kept", self.kept), ("dropped", self.dropped)):
             items = sorted(d.items(), key=lambda kv: (-kv[1][1], kv[0]))
             for r, (n, b) in items[:top]:
@@ -123,8 +132,10 @@ class Report:
 
             if len(items) > top:
                 rest = items[top:]
-                lines.append(f"  {title:7} {mb(sum(b for _, (_, b) in rest)):>10} "
-                             f"{sum(n for _, (n, _) in rest):6} files  ({len(rest)} more reasons)")
+                lines.append(
+                    f"  {title:7} {mb(sum(b for _, (_, b) in rest)):>10} "
+                    f"{sum(n for _, (n, _) in rest):6} files  ({len(rest)} more reasons)"
+                )
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)

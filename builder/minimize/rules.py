@@ -24,21 +24,54 @@ from .report import Report
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BIN_DIRS = {"bin", "sbin", "usr/bin", "usr/sbin", "usr/local/bin", "usr/local/sbin", "usr/games"}
 LIB_ROOTS = ("lib", "lib32", "lib64", "usr/lib", "usr/lib32", "usr/lib64", "usr/local/lib")
-DOC_PREFIXES = ("usr/share/doc/", "usr/share/man/", "usr/share/info/", "usr/share/locale/",
-                "usr/share/lintian/", "usr/share/bug/", "usr/share/menu/", "usr/share/pixmaps/",
-                "usr/share/icons/", "usr/share/applications/", "usr/share/bash-completion/",
-                "usr/share/zsh/", "usr/share/fish/", "usr/share/groff/", "usr/share/gtk-doc/",
-                "usr/local/share/man/", "usr/local/share/doc/")
+DOC_PREFIXES = (
+    "usr/share/doc/",
+    "usr/share/man/",
+    "usr/share/info/",
+    "usr/share/locale/",
+    "usr/share/lintian/",
+    "usr/share/bug/",
+    "usr/share/menu/",
+    "usr/share/pixmaps/",
+    "usr/share/icons/",
+    "usr/share/applications/",
+    "usr/share/bash-completion/",
+    "usr/share/zsh/",
+    "usr/share/fish/",
+    "usr/share/groff/",
+    "usr/share/gtk-doc/",
+    "usr/local/share/man/",
+    "usr/local/share/doc/",
+)
 DEV_PREFIXES = ("usr/include/", "usr/lib/pkgconfig/", "usr/share/pkgconfig/", "usr/local/include/")
-INIT_PREFIXES = ("lib/systemd/", "usr/lib/systemd/", "usr/share/apport/", "usr/lib/tmpfiles.d/",
-                 "usr/lib/sysusers.d/", "usr/share/lintian/")
-SYSTEM_TOPS = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "var", "opt", "tmp", "run",
-               "boot"}
+INIT_PREFIXES = (
+    "lib/systemd/",
+    "usr/lib/systemd/",
+    "usr/share/apport/",
+    "usr/lib/tmpfiles.d/",
+    "usr/lib/sysusers.d/",
+    "usr/share/lintian/",
+)
+SYSTEM_TOPS = {
+    "usr",
+    "bin",
+    "sbin",
+    "lib",
+    "lib32",
+    "lib64",
+    "libx32",
+    "etc",
+    "var",
+    "opt",
+    "tmp",
+    "run",
+    "boot",
+}
 # /etc symlinks whose targets are not kept: commands, certificate hash links duplicating the bundle,
 # service-manager wiring
 ETC_LINKS_NOT_FOLLOWED = ("etc/alternatives/", "etc/ssl/certs/", "etc/systemd/", "etc/rc", "etc/init.d/")
-SCRIPT_MAX = 1 << 20     # bytes of a script read for its shebang and the commands it names
-POSITIONAL = re.compile(r'"?\$\{?[@*0-9][^}"]*\}?"?')   # "$@", $1, "${@:2}": the image's Cmd, its args
+SCRIPT_MAX = 1 << 20  # bytes of a script read for its shebang and the commands it names
+POSITIONAL = re.compile(r'"?\$\{?[@*0-9][^}"]*\}?"?')  # "$@", $1, "${@:2}": the image's Cmd, its args
 # An absolute path as a string inside a kept ELF file or script: at least two components
 PATH_STRING = re.compile(rb"/[A-Za-z0-9_.+@-]+(?:/[A-Za-z0-9_.+@-]+)+")
 # Paths whose keeping another rule decides (locale follows Env, gconv follows iconv_open, docs never)
@@ -47,15 +80,35 @@ PATH_STRING_SKIP = ("usr/lib/locale/", "usr/share/zoneinfo/", "proc/", "sys/", "
 # executed program's name -> (globs of those directories, why). Their ELF extensions enter with their
 # closure. (Python has its own rule: python(), which also drops tests and bytecode caches.)
 INTERPRETERS = (
-    (r"perl(5[\d.]*)?", ("usr/share/perl5", "usr/share/perl/*", "usr/lib/*-linux-gnu/perl5/*",
-                         "usr/lib/*-linux-gnu/perl/*", "usr/lib/*-linux-gnu/perl-base",
-                         "usr/local/share/perl/*", "usr/local/lib/*-linux-gnu/perl/*"),
-     "Perl's @INC: `use`/`require` load modules (and their XS .so) by name at run time"),
-    (r"ruby[\d.]*", ("usr/lib/ruby", "usr/lib/*-linux-gnu/ruby", "usr/share/rubygems-integration",
-                     "var/lib/gems", "usr/local/lib/site_ruby"),
-     "Ruby's $LOAD_PATH and gem directories: `require` loads files (and ext .so) by name at run time"),
-    (r"php[\d.]*", ("usr/lib/php", "usr/share/php"),
-     "PHP's extension_dir and include_path: php.ini's extension= lines load .so modules by name"),
+    (
+        r"perl(5[\d.]*)?",
+        (
+            "usr/share/perl5",
+            "usr/share/perl/*",
+            "usr/lib/*-linux-gnu/perl5/*",
+            "usr/lib/*-linux-gnu/perl/*",
+            "usr/lib/*-linux-gnu/perl-base",
+            "usr/local/share/perl/*",
+            "usr/local/lib/*-linux-gnu/perl/*",
+        ),
+        "Perl's @INC: `use`/`require` load modules (and their XS .so) by name at run time",
+    ),
+    (
+        r"ruby[\d.]*",
+        (
+            "usr/lib/ruby",
+            "usr/lib/*-linux-gnu/ruby",
+            "usr/share/rubygems-integration",
+            "var/lib/gems",
+            "usr/local/lib/site_ruby",
+        ),
+        "Ruby's $LOAD_PATH and gem directories: `require` loads files (and ext .so) by name at run time",
+    ),
+    (
+        r"php[\d.]*",
+        ("usr/lib/php", "usr/share/php"),
+        "PHP's extension_dir and include_path: php.ini's extension= lines load .so modules by name",
+    ),
 )
 # glibc dlopen()s libgcc_s.so.1 to unwind the stack when a thread is cancelled or exits early
 # ("libgcc_s.so.1 must be installed for pthread_cancel to work", then abort)
@@ -71,8 +124,11 @@ def _in_lib(path: str) -> tuple[bool, bool]:
     """(is under a library root, is directly in a library dir [root or multiarch dir])."""
     d = path.rsplit("/", 1)[0] if "/" in path else ""
     for r in LIB_ROOTS:
-        if d == r or (d.startswith(r + "/") and d.count("/") == r.count("/") + 1
-                      and d.rsplit("/", 1)[1].endswith("-linux-gnu")):
+        if d == r or (
+            d.startswith(r + "/")
+            and d.count("/") == r.count("/") + 1
+            and d.rsplit("/", 1)[1].endswith("-linux-gnu")
+        ):
             return True, True
         if d.startswith(r + "/"):
             return True, False
@@ -88,17 +144,17 @@ class Minimizer:
         self.path_dirs = [d for d in self.env.get("PATH", DEFAULT_PATH).split(":") if d]
         self.cwd = "/".join(split(config.working_dir or "/"))
         self.resolver = elf.Resolver(tree, config.env)
-        self.kept: dict[str, tuple[str, str]] = {}        # real tree path -> (reason, detail)
+        self.kept: dict[str, tuple[str, str]] = {}  # real tree path -> (reason, detail)
         self.dropped_why: dict[str, tuple[str, str]] = {}
         self.notes: list[str] = []
-        self.todo: list[tuple[str, str, str, bool]] = []   # (path, reason, detail, strict)
+        self.todo: list[tuple[str, str, str, bool]] = []  # (path, reason, detail, strict)
         self.done: set[str] = set()
         self.objects: list[elf.Loaded] = []
-        self.executed: set[str] = set()                   # real paths of programs something runs
-        self.primary: set[str] = set()                    # argv[0] / Cmd[0]
-        self.data_dirs: list[tuple[str, str, str]] = []   # argv / WorkingDir directories
-        self.scanned: set[str] = set()                    # real paths of files read as shell code
-        self.shell_files: list[str] = []                  # sourced / `sh FILE`: to read as shell code
+        self.executed: set[str] = set()  # real paths of programs something runs
+        self.primary: set[str] = set()  # argv[0] / Cmd[0]
+        self.data_dirs: list[tuple[str, str, str]] = []  # argv / WorkingDir directories
+        self.scanned: set[str] = set()  # real paths of files read as shell code
+        self.shell_files: list[str] = []  # sourced / `sh FILE`: to read as shell code
 
     # -- bookkeeping --------------------------------------------------------------------------
     def mark(self, real: str, reason: str, detail: str = "") -> None:
@@ -155,7 +211,7 @@ class Minimizer:
         self.packages()
         self.drain()
         self.etc()
-        self.glibc()          # packages may have added objects importing iconv_open
+        self.glibc()  # packages may have added objects importing iconv_open
         self.drain()
         self.path_strings()
         self.drain()
@@ -172,7 +228,7 @@ class Minimizer:
         for sub, n in items:
             if n is None or n.kind != FILE:
                 continue
-            if n.mode & 0o111 or sub.endswith(".so") or ".so." in sub:   # programs, libraries: + closure
+            if n.mode & 0o111 or sub.endswith(".so") or ".so." in sub:  # programs, libraries: + closure
                 self.need(sub, reason, detail)
 
     def entry(self) -> None:
@@ -187,8 +243,10 @@ class Minimizer:
             except LookupError as e:
                 raise MinimizeError(f"entrypoint {argv[0]!r}: {e}") from None
         if first is None:
-            raise MinimizeError(f"entrypoint {argv[0]!r} not found in the image"
-                                + ("" if "/" in argv[0] else f" (PATH={':'.join(self.path_dirs)})"))
+            raise MinimizeError(
+                f"entrypoint {argv[0]!r} not found in the image"
+                + ("" if "/" in argv[0] else f" (PATH={':'.join(self.path_dirs)})")
+            )
         self.primary.add(self.tree.real_path(first))
         self.need(first, "entrypoint", f"argv[0] {argv[0]!r}", strict=True)
         if c.entrypoint and c.cmd:
@@ -207,8 +265,9 @@ class Minimizer:
             elif node is not None and node.kind == DIR and ("/" in word or word == "."):
                 self.data_dirs.append((p, "argv", f"argv[{i}] {word!r} names a directory"))
         # the command line as shell code: the program a wrapper runs (tini -- X, gosu U X), `sh -c TEXT`
-        self.shell_text(shlex.join(argv).encode("utf-8", "replace"), "the image's Entrypoint+Cmd",
-                        data=True, inline=True)
+        self.shell_text(
+            shlex.join(argv).encode("utf-8", "replace"), "the image's Entrypoint+Cmd", data=True, inline=True
+        )
         if self.cwd:
             self.data_dirs.append((self.cwd, "workdir", f"WorkingDir {c.working_dir}"))
 
@@ -297,7 +356,7 @@ class Minimizer:
 
     def script(self, real: str, node: Inode, strict: bool) -> None:
         self.executed.add(real)
-        text = elf._head(node, SCRIPT_MAX)   # a shell script with a payload (makeself) is not read whole
+        text = elf._head(node, SCRIPT_MAX)  # a shell script with a payload (makeself) is not read whole
         line = text.split(b"\n", 1)[0][2:].decode("utf-8", "replace").strip()
         words = line.split()
         if not words:
@@ -356,8 +415,11 @@ class Minimizer:
         unknown = [c for c in s.dynamic if not POSITIONAL.fullmatch(c.name)]
         if unknown:
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-            self.notes.append(f"{where}: commands named by expansions are not followed: "
-                              + ", ".join(f"`{c.construct()}` (line {c.line})" for c in unknown[:5]) + more)
+            self.notes.append(
+                f"{where}: commands named by expansions are not followed: "
+                + ", ".join(f"`{c.construct()}` (line {c.line})" for c in unknown[:5])
+                + more
+            )
         self.notes += [f"{where}: {p}" for p in s.problems]
 
     def script_file(self, name: str) -> str | None:
@@ -386,15 +448,30 @@ class Minimizer:
                 continue
             if node.kind == FILE:
                 self.need(p, "script", f"path mentioned in {where}")
-            elif node.kind == DIR and p.split("/")[0] not in ("", "usr", "bin", "sbin", "lib", "lib64",
-                                                               "proc", "sys", "dev", "tmp", "run", "var"):
+            elif node.kind == DIR and p.split("/")[0] not in (
+                "",
+                "usr",
+                "bin",
+                "sbin",
+                "lib",
+                "lib64",
+                "proc",
+                "sys",
+                "dev",
+                "tmp",
+                "run",
+                "var",
+            ):
                 real = self.tree.real_path(p)
                 if data:
                     self.data_dirs.append((real, "argv", f"/{p} named in {where}"))
                     continue
-                hooks = [sub for sub, n in _walk_from(node, real)
-                         if n.kind == FILE and (n.mode & 0o111 or sub.endswith(".sh"))]
-                if not hooks:     # no scripts in it: data the script hands a program (httpd -h /srv/www)
+                hooks = [
+                    sub
+                    for sub, n in _walk_from(node, real)
+                    if n.kind == FILE and (n.mode & 0o111 or sub.endswith(".sh"))
+                ]
+                if not hooks:  # no scripts in it: data the script hands a program (httpd -h /srv/www)
                     self.keep_tree(real, "script", f"data directory /{p} named in {where}")
                 for sub in hooks:
                     self.need(sub, "script", f"in /{p}, mentioned in {where}")
@@ -430,14 +507,16 @@ class Minimizer:
         prefix = real.rsplit("/", 2)[0] if real.count("/") >= 1 else ""
         venv = "/".join(split(via)[:-2])
         in_venv = bool(venv) and self.tree.lookup(f"{venv}/pyvenv.cfg") is not None
-        if in_venv:     # without it python does not know it runs in the venv: no site-packages
+        if in_venv:  # without it python does not know it runs in the venv: no site-packages
             self.keep(f"{venv}/pyvenv.cfg", f"interpreter:{name}", f"marks /{venv} as the venv of /{via}")
         prefixes = list(dict.fromkeys([prefix, "usr", "usr/local"] + ([venv] if in_venv else [])))
         ver = m.group(1) or ""
         dirs: list[str] = []
         for pre in prefixes:
-            for pat in (f"{pre}/lib/python{ver}*" if "." not in ver else f"{pre}/lib/python{ver}",
-                        f"{pre}/lib/python3/dist-packages"):
+            for pat in (
+                f"{pre}/lib/python{ver}*" if "." not in ver else f"{pre}/lib/python{ver}",
+                f"{pre}/lib/python3/dist-packages",
+            ):
                 dirs += elf.glob(self.tree, pat)
         detail = f"stdlib of /{real}"
         for d in dict.fromkeys(dirs):
@@ -446,7 +525,7 @@ class Minimizer:
                 continue
             rd = self.tree.real_path(d)
             for sub, n in _walk_from(node, rd):
-                rel = sub[len(rd) + 1:]
+                rel = sub[len(rd) + 1 :]
                 if n.kind == DIR:
                     continue
                 if "__pycache__/" in sub:
@@ -484,8 +563,11 @@ class Minimizer:
         # libstdc++ imports iconv_open only for the codecvt facets of named locales (which need locale
         # data we only keep for LANG/LC_*); glibc's built-in converters (UTF-8, ASCII, ISO-8859-1, UCS-2/4,
         # UTF-16/32) need no module. So gconv is kept only for another importer of iconv_open.
-        users = [o.path for o in self.objects if "iconv_open" in o.info.undefined
-                 and not o.real.rsplit("/", 1)[-1].startswith("libstdc++.")]
+        users = [
+            o.path
+            for o in self.objects
+            if "iconv_open" in o.info.undefined and not o.real.rsplit("/", 1)[-1].startswith("libstdc++.")
+        ]
         for d in elf.glob(self.tree, f"{libdir}/gconv"):
             if users:
                 if d not in self.done:
@@ -510,8 +592,11 @@ class Minimizer:
             # not a directory of its own: glibc looks it up in the archive localedef builds by default
             archive = "usr/lib/locale/locale-archive"
             if not found and self.tree.lookup(archive, follow=True) is not None:
-                self.keep(archive, "locale", f"Env {n}: not a directory in /usr/lib/locale, so glibc reads "
-                          "it from the locale archive")
+                self.keep(
+                    archive,
+                    "locale",
+                    f"Env {n}: not a directory in /usr/lib/locale, so glibc reads it from the locale archive",
+                )
 
     def packages(self) -> None:
         db = package_db(self.tree)
@@ -544,21 +629,31 @@ class Minimizer:
                     self.dropped_why.setdefault(real, ("dev", f"headers/static libs of {pkg}"))
                     continue
                 if real.startswith(INIT_PREFIXES):
-                    self.dropped_why.setdefault(real, ("init-system", f"service-manager files of {pkg}: the "
-                                                       "guest's init runs the entrypoint directly"))
+                    self.dropped_why.setdefault(
+                        real,
+                        (
+                            "init-system",
+                            f"service-manager files of {pkg}: the guest's init runs the entrypoint directly",
+                        ),
+                    )
                     continue
                 if d in BIN_DIRS:
-                    self.dropped_why.setdefault(real, (f"package-command:{pkg}",
-                                                       "a command of an owning package that nothing runs"))
+                    self.dropped_why.setdefault(
+                        real, (f"package-command:{pkg}", "a command of an owning package that nothing runs")
+                    )
                     continue
                 if "/gconv/" in f"/{real}" and real in self.dropped_why:
                     continue
                 under_lib, direct = _in_lib(real)
                 is_elf = node.kind == FILE and elf._head(node, 4) == elf.ELF_MAGIC
                 if is_elf and (direct or pkg not in apps or not (under_lib or "/libexec/" in f"/{real}")):
-                    self.dropped_why.setdefault(real, (f"package-library:{pkg}",
-                                                       "a library or plugin of an owning package that no "
-                                                       "kept object loads"))
+                    self.dropped_why.setdefault(
+                        real,
+                        (
+                            f"package-library:{pkg}",
+                            "a library or plugin of an owning package that no kept object loads",
+                        ),
+                    )
                     continue
                 if real in self.dropped_why:
                     continue
@@ -581,8 +676,13 @@ class Minimizer:
                 except LookupError:
                     continue
                 tn = self.tree.lookup(t)
-                if tn is not None and tn.kind == FILE and not t.startswith("etc/") and t not in self.kept \
-                        and elf._head(tn, 4) != elf.ELF_MAGIC:
+                if (
+                    tn is not None
+                    and tn.kind == FILE
+                    and not t.startswith("etc/")
+                    and t not in self.kept
+                    and elf._head(tn, 4) != elf.ELF_MAGIC
+                ):
                     self.keep(sub, "etc-link", f"target of /{sub}")
 
     def path_strings(self) -> None:
@@ -632,8 +732,10 @@ class Minimizer:
             tn = self.tree.lookup(t)
             if tn is None or tn.kind != FILE or t in self.kept:
                 continue
-            if not (tn.mode & 0o111 or t.startswith(INIT_PREFIXES) or _is_doc(t)) \
-                    and elf._head(tn, 4) != elf.ELF_MAGIC:
+            if (
+                not (tn.mode & 0o111 or t.startswith(INIT_PREFIXES) or _is_doc(t))
+                and elf._head(tn, 4) != elf.ELF_MAGIC
+            ):
                 self.keep(t, "symlink-target", f"target of the kept symlink /{path}")
 
     # -- the new tree and the report -------------------------------------------------------------
@@ -670,7 +772,7 @@ class Minimizer:
             kept.setdefault(r, [0, 0])
             kept[r][0] += 1
             kept[r][1] += size
-        for path, _node in symlinks:       # kept unless they point at a file that was dropped
+        for path, _node in symlinks:  # kept unless they point at a file that was dropped
             try:
                 t = tree.real_path(path)
             except LookupError:
@@ -687,18 +789,31 @@ class Minimizer:
             tgt.setdefault(r, [0, 0])
             tgt[r][0] += 1
         new = Tree(_copy_dirs(tree.root, keep_set))
-        report = Report(mode, {k: (v[0], v[1]) for k, v in kept.items()},
-                        {k: (v[0], v[1]) for k, v in dropped.items()}, paths,
-                        tuple(dict.fromkeys(self.notes)), self.recipe.name if self.recipe else None)
+        report = Report(
+            mode,
+            {k: (v[0], v[1]) for k, v in kept.items()},
+            {k: (v[0], v[1]) for k, v in dropped.items()},
+            paths,
+            tuple(dict.fromkeys(self.notes)),
+            self.recipe.name if self.recipe else None,
+        )
         return new, report
 
 
 def _copy_dirs(root: Inode, keep: set[str]) -> Inode:
     """New directory inodes for `root` and every directory below it, holding only the paths in `keep`;
     other inodes are shared. Iterative: any depth."""
+
     def copy(node: Inode) -> Inode:
-        return Inode(DIR, node.mode, node.uid, node.gid, node.mtime,
-                     xattrs=dict(node.xattrs) if node.xattrs else None, children={})
+        return Inode(
+            DIR,
+            node.mode,
+            node.uid,
+            node.gid,
+            node.mtime,
+            xattrs=dict(node.xattrs) if node.xattrs else None,
+            children={},
+        )
 
     new_root = copy(root)
     stack = [("", root, new_root)]

@@ -50,29 +50,87 @@ import tree_sitter
 import tree_sitter_bash
 
 LANGUAGE = tree_sitter.Language(tree_sitter_bash.language())
-DEADLINE = 5.0        # CPU seconds for one scan, all nested code included
-MAX_NESTING = 8       # levels of shell code inside strings (sh -c "sh -c '…'", eval, trap)
-MAX_VIA = 6           # innermost constructs kept in `via`
+DEADLINE = 5.0  # CPU seconds for one scan, all nested code included
+MAX_NESTING = 8  # levels of shell code inside strings (sh -c "sh -c '…'", eval, trap)
+MAX_VIA = 6  # innermost constructs kept in `via`
 MAX_PROBLEMS = 20
-DYNAMIC = "${XBUILD_DYNAMIC}"   # what an expansion becomes in shell code taken from a string
+DYNAMIC = "${XBUILD_DYNAMIC}"  # what an expansion becomes in shell code taken from a string
 
 SHELLS = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "posh", "yash"})
 # builtins of bash, dash and busybox ash: run as builtins where they stand first
-BUILTINS = frozenset({
-    ":", ".", "[", "alias", "bg", "bind", "break", "builtin", "caller", "cd", "command", "compgen",
-    "complete", "compopt", "continue", "declare", "dirs", "disown", "echo", "enable", "eval", "exec",
-    "exit", "export", "false", "fc", "fg", "getopts", "hash", "help", "history", "jobs", "kill", "let",
-    "local", "logout", "mapfile", "popd", "printf", "pushd", "pwd", "read", "readarray", "readonly",
-    "return", "set", "shift", "shopt", "source", "suspend", "test", "times", "trap", "true", "type",
-    "typeset", "ulimit", "umask", "unalias", "unset", "wait",
-})
+BUILTINS = frozenset(
+    {
+        ":",
+        ".",
+        "[",
+        "alias",
+        "bg",
+        "bind",
+        "break",
+        "builtin",
+        "caller",
+        "cd",
+        "command",
+        "compgen",
+        "complete",
+        "compopt",
+        "continue",
+        "declare",
+        "dirs",
+        "disown",
+        "echo",
+        "enable",
+        "eval",
+        "exec",
+        "exit",
+        "export",
+        "false",
+        "fc",
+        "fg",
+        "getopts",
+        "hash",
+        "help",
+        "history",
+        "jobs",
+        "kill",
+        "let",
+        "local",
+        "logout",
+        "mapfile",
+        "popd",
+        "printf",
+        "pushd",
+        "pwd",
+        "read",
+        "readarray",
+        "readonly",
+        "return",
+        "set",
+        "shift",
+        "shopt",
+        "source",
+        "suspend",
+        "test",
+        "times",
+        "trap",
+        "true",
+        "type",
+        "typeset",
+        "ulimit",
+        "umask",
+        "unalias",
+        "unset",
+        "wait",
+    }
+)
 ASSIGN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 VARREF = re.compile(r'"?\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)(?:\[[@*0]\])?\})"?')
 SELF = re.compile(r'"?\$(?:0|\{0\}|BASH_SOURCE|\{BASH_SOURCE(?:\[0\])?\})"?')
 HEREDOC_PATH = re.compile(r"(?:(?<=[\s=:'\"(])|^)/[^\s'\"`;&|()<>$\\]*", re.M)
 BACKTICK = re.compile(r"(?<!\\)`((?:[^`\\]|\\.)*)`", re.S)
-WORDS = frozenset({"word", "string", "raw_string", "concatenation", "ansi_c_string", "translated_string",
-                   "number"})
+WORDS = frozenset(
+    {"word", "string", "raw_string", "concatenation", "ansi_c_string", "translated_string", "number"}
+)
 UNESCAPE = re.compile(r"\\(.)", re.S)
 DQ_ESCAPE = re.compile(r"\\([$`\"\\\n])")
 LEAVES = frozenset({"word", "number", "raw_string", "ansi_c_string", "string_content"})
@@ -135,35 +193,59 @@ WRAPPERS: dict[str, _Wrapper] = {
     "nohup": _w(),
     "timeout": _w("-s --signal -k --kill-after", operands=1),
     "chroot": _w("--userspec --groups", operands=1),
-    "setpriv": _w("--ruid --euid --reuid --rgid --egid --regid --groups --inh-caps --ambient-caps "
-                  "--bounding-set --securebits --pdeathsig --selinux-label --apparmor-profile "
-                  "--landlock-access --landlock-rule"),
+    "setpriv": _w(
+        "--ruid --euid --reuid --rgid --egid --regid --groups --inh-caps --ambient-caps "
+        "--bounding-set --securebits --pdeathsig --selinux-label --apparmor-profile "
+        "--landlock-access --landlock-rule"
+    ),
     "gosu": _w(operands=1),
     "su-exec": _w(operands=1),
     "s6-setuidgid": _w(operands=1),
     "tini": _w("-e -p"),
     "dumb-init": _w("-r --rewrite"),
     "stdbuf": _w("-i -o -e --input --output --error"),
-    "numactl": _w("-i --interleave -p --preferred -m --membind -N --cpunodebind -C --physcpubind "
-                  "-w --weighted-interleave -P --preferred-many"),
+    "numactl": _w(
+        "-i --interleave -p --preferred -m --membind -N --cpunodebind -C --physcpubind "
+        "-w --weighted-interleave -P --preferred-many"
+    ),
     "taskset": _w(operands=1, no_command="-p --pid"),
     "ionice": _w("-c --class -n --classdata", no_command="-p --pid -P --pgid -u --uid"),
     "chpst": _w("-u -U -b -e -/ -n -l -L -m -d -o -p -f -c -r -t"),
     "runuser": _w("-u --user -g --group -G --supp-group -w --whitelist-environment -s --shell"),
     "setsid": _w(),
-    "sudo": _w("-u --user -g --group -C --close-from -D --chdir -h --host -p --prompt -r --role "
-               "-t --type -T --command-timeout -U --other-user", assignments=True),
+    "sudo": _w(
+        "-u --user -g --group -C --close-from -D --chdir -h --host -p --prompt -r --role "
+        "-t --type -T --command-timeout -U --other-user",
+        assignments=True,
+    ),
     "doas": _w("-u -C"),
     "flock": _w("-w --timeout -E --conflict-exit-code", operands=1),
     "time": _w("-f --format -o --output"),
-    "xargs": _w("-a --arg-file -d --delimiter -E -I -L --max-lines -n --max-args -P --max-procs "
-                "-s --max-chars --process-slot-var"),
+    "xargs": _w(
+        "-a --arg-file -d --delimiter -E -I -L --max-lines -n --max-args -P --max-procs "
+        "-s --max-chars --process-slot-var"
+    ),
     "busybox": _w(),
 }
 # options of a shell that take an argument; after them the first operand is the -c string or a file
 SHELL_ARG_OPTS = frozenset({"-o", "+o", "-O", "+O", "--rcfile", "--init-file"})
-SU_ARG_OPTS = frozenset({"-c", "--command", "-s", "--shell", "-g", "--group", "-G", "--supp-group",
-                         "-w", "--whitelist-environment", "-u", "--user", "--session-command"})
+SU_ARG_OPTS = frozenset(
+    {
+        "-c",
+        "--command",
+        "-s",
+        "--shell",
+        "-g",
+        "--group",
+        "-G",
+        "--supp-group",
+        "-w",
+        "--whitelist-environment",
+        "-u",
+        "--user",
+        "--session-command",
+    }
+)
 
 
 def scan(script: bytes, *, inline: bool = False, deadline: float = DEADLINE) -> Scan:
@@ -173,8 +255,9 @@ def scan(script: bytes, *, inline: bool = False, deadline: float = DEADLINE) -> 
     try:
         s.code(script, (), 0, inline=inline, depth=0)
     except _OutOfTime:
-        s.problem(f"analysis stopped after {deadline:g} s of CPU time: "
-                  "commands after that point are not known")
+        s.problem(
+            f"analysis stopped after {deadline:g} s of CPU time: commands after that point are not known"
+        )
     return s.result()
 
 
@@ -190,7 +273,7 @@ class _Scanner:
     def __init__(self, deadline: float):
         self.deadline = deadline
         self.commands: dict[tuple[str, tuple[str, ...], bool], Command] = {}
-        self.direct: dict[tuple[str, tuple[str, ...], bool], bool] = {}   # named where a function may be
+        self.direct: dict[tuple[str, tuple[str, ...], bool], bool] = {}  # named where a function may be
         self.functions: set[str] = set()
         self.scripts: dict[tuple[str, tuple[str, ...]], Command] = {}
         self.dynamic: dict[tuple[str, tuple[str, ...]], Command] = {}
@@ -198,10 +281,10 @@ class _Scanner:
         self.paths: dict[str, None] = {}
         self.problems: list[str] = []
         self.ticks = 0
-        self.src = b""        # the code being walked (an eval string while it is scanned)
+        self.src = b""  # the code being walked (an eval string while it is scanned)
         # variable -> the first words of its literal assignments; None once any assignment is not literal
         self.assigned: dict[str, dict[str, None] | None] = {}
-        self.pending: list[tuple[str, tuple[str, ...], int, str, str]] = []   # variables run as commands
+        self.pending: list[tuple[str, tuple[str, ...], int, str, str]] = []  # variables run as commands
 
     # -- results ---------------------------------------------------------------------------------
     def problem(self, text: str) -> None:
@@ -218,10 +301,17 @@ class _Scanner:
                 if mode == "exec" or value not in BUILTINS:
                     self.command(value, (*via, text)[-MAX_VIA:], line, direct=mode == "direct")
         self.pending.clear()
-        cmds = tuple(c for k, c in self.commands.items()
-                     if not (self.direct.get(k) and c.name in self.functions))
-        return Scan(cmds, tuple(self.scripts.values()), tuple(self.dynamic.values()),
-                    tuple(self.reexec.values()), tuple(self.paths), tuple(self.problems))
+        cmds = tuple(
+            c for k, c in self.commands.items() if not (self.direct.get(k) and c.name in self.functions)
+        )
+        return Scan(
+            cmds,
+            tuple(self.scripts.values()),
+            tuple(self.dynamic.values()),
+            tuple(self.reexec.values()),
+            tuple(self.paths),
+            tuple(self.problems),
+        )
 
     def command(self, name: str, via: tuple[str, ...], line: int, direct: bool, lookup: bool = False) -> None:
         key = (name, via, lookup)
@@ -243,14 +333,14 @@ class _Scanner:
         view = memoryview(data)
 
         def read(offset: int, _point: tree_sitter.Point) -> memoryview:
-            return view[offset:offset + 65536]
+            return view[offset : offset + 65536]
 
         def cancel(_offset: int, _has_error: bool) -> bool:
             return time.process_time() > self.deadline
 
         try:
             return parser.parse(read, progress_callback=cancel)
-        except ValueError:       # the parse was cancelled by `cancel`
+        except ValueError:  # the parse was cancelled by `cancel`
             raise _OutOfTime from None
 
     def code(self, data: bytes, via: tuple[str, ...], line0: int, inline: bool, depth: int) -> None:
@@ -266,8 +356,15 @@ class _Scanner:
         finally:
             self.src = outer
 
-    def string_code(self, node: tree_sitter.Node, via: tuple[str, ...], line0: int, inline: bool, depth: int,
-                    same_shell: bool) -> None:
+    def string_code(
+        self,
+        node: tree_sitter.Node,
+        via: tuple[str, ...],
+        line0: int,
+        inline: bool,
+        depth: int,
+        same_shell: bool,
+    ) -> None:
         """A word that is shell code (`sh -c WORD`, `eval WORD`, `trap WORD SIG`): scanned with its
         expansions as unknown words; a word that is one expansion is itself an unknown command."""
         text = _value(node, self.src, DYNAMIC) or DYNAMIC
@@ -275,11 +372,13 @@ class _Scanner:
             snippet = self.snippet(node)
             self.dynamic.setdefault((snippet, via), Command(snippet, via, line0 + node.start_point.row + 1))
         elif same_shell:
-            self.code(text.encode("utf-8", "surrogateescape"), via, line0 + node.start_point.row, inline,
-                      depth + 1)
+            self.code(
+                text.encode("utf-8", "surrogateescape"), via, line0 + node.start_point.row, inline, depth + 1
+            )
         else:
-            self.subshell(text.encode("utf-8", "surrogateescape"), via, line0 + node.start_point.row,
-                          depth + 1)
+            self.subshell(
+                text.encode("utf-8", "surrogateescape"), via, line0 + node.start_point.row, depth + 1
+            )
 
     def subshell(self, data: bytes, via: tuple[str, ...], line0: int, depth: int) -> None:
         """Code run by a new shell process: functions of this script are not visible there."""
@@ -302,8 +401,9 @@ class _Scanner:
                 self.problem(pr)
 
     # -- the tree --------------------------------------------------------------------------------
-    def walk(self, root: tree_sitter.Node, via: tuple[str, ...], line0: int, inline: bool,
-             depth: int) -> None:
+    def walk(
+        self, root: tree_sitter.Node, via: tuple[str, ...], line0: int, inline: bool, depth: int
+    ) -> None:
         data, errors = self.src, root.has_error
         stack: list[tuple[tree_sitter.Node, tuple[str, ...], bool]] = [(root, via, False)]
         while stack:
@@ -313,8 +413,9 @@ class _Scanner:
             if t == "comment":
                 continue
             if errors and (t == "ERROR" or node.is_missing):
-                self.problem(f"line {line0 + node.start_point.row + 1}: syntax error; commands there may "
-                             "be missed")
+                self.problem(
+                    f"line {line0 + node.start_point.row + 1}: syntax error; commands there may be missed"
+                )
             if t == "command":
                 self.simple(node, v, line0, inline, depth)
             elif t == "function_definition":
@@ -329,12 +430,12 @@ class _Scanner:
                     self.assigned[self.snippet(var)] = None
             elif t == "heredoc_body":
                 self.heredoc(node, v, line0, inline, depth)
-            elif t in WORDS and not in_word and data[node.start_byte:node.start_byte + 1] in b"/'\"$":
+            elif t in WORDS and not in_word and data[node.start_byte : node.start_byte + 1] in b"/'\"$":
                 p = _value(node, self.src, prefix=True)
                 if p and p.startswith("/") and not p.startswith("//"):
                     self.paths[p.split(None, 1)[0]] = None
             if t in SUBST:
-                label = SUBST[t] if data[node.start_byte:node.start_byte + 1] != b"`" else "`…`"
+                label = SUBST[t] if data[node.start_byte : node.start_byte + 1] != b"`" else "`…`"
                 v = (*v, label)[-MAX_VIA:]
                 in_word = False
             elif t in WORDS:
@@ -366,34 +467,41 @@ class _Scanner:
 
     def unknown_vars(self, vals: list[str | None], k: int, end: int) -> None:
         """`read x`, `mapfile x`, `getopts o x`, `printf -v x`: those variables hold unknown values."""
-        for w in vals[k + 1:end]:
+        for w in vals[k + 1 : end]:
             if w and ASSIGN.match(w + "="):
                 self.assigned[w] = None
 
     def snippet(self, node: tree_sitter.Node, limit: int = 200) -> str:
         """The first `limit` bytes of a node's source text (a nested node's whole text is never copied)."""
-        return self.src[node.start_byte:min(node.end_byte, node.start_byte + limit)].decode(
-            "utf-8", "surrogateescape")
+        return self.src[node.start_byte : min(node.end_byte, node.start_byte + limit)].decode(
+            "utf-8", "surrogateescape"
+        )
 
-    def heredoc(self, node: tree_sitter.Node, via: tuple[str, ...], line0: int, inline: bool,
-                depth: int) -> None:
+    def heredoc(
+        self, node: tree_sitter.Node, via: tuple[str, ...], line0: int, inline: bool, depth: int
+    ) -> None:
         """Paths in a here-doc body; backticks in an unquoted one (tree-sitter leaves them as text);
         the body as code when a shell reads it."""
-        body = self.src[node.start_byte:node.end_byte]
+        body = self.src[node.start_byte : node.end_byte]
         text = body.decode("utf-8", "surrogateescape")
         for m in HEREDOC_PATH.finditer(text):
             self.paths[m.group(0)] = None
         redirect = node.parent
         start = next((c for c in redirect.children if c.type == "heredoc_start"), None) if redirect else None
-        quoted = start is not None and any(q in self.src[start.start_byte:start.end_byte] for q in b"'\"\\")
+        quoted = start is not None and any(q in self.src[start.start_byte : start.end_byte] for q in b"'\"\\")
         row = line0 + node.start_point.row
         if not quoted:
             for c in node.children:
-                content = self.src[c.start_byte:c.end_byte]
+                content = self.src[c.start_byte : c.end_byte]
                 if c.type == "heredoc_content" and b"`" in content:
                     for m in BACKTICK.finditer(content.decode("utf-8", "surrogateescape")):
-                        self.code(m.group(1).encode("utf-8", "surrogateescape"), (*via, "`…`")[-MAX_VIA:],
-                                  line0 + c.start_point.row, inline, depth + 1)
+                        self.code(
+                            m.group(1).encode("utf-8", "surrogateescape"),
+                            (*via, "`…`")[-MAX_VIA:],
+                            line0 + c.start_point.row,
+                            inline,
+                            depth + 1,
+                        )
         stmt = redirect.parent if redirect is not None else None
         cmd = next((c for c in stmt.children if c.type == "command"), None) if stmt is not None else None
         if cmd is not None and self.reads_stdin_as_code(cmd):
@@ -412,18 +520,36 @@ class _Scanner:
         return False
 
     # -- one simple command ----------------------------------------------------------------------
-    def simple(self, node: tree_sitter.Node, via: tuple[str, ...], line0: int, inline: bool,
-               depth: int) -> None:
+    def simple(
+        self, node: tree_sitter.Node, via: tuple[str, ...], line0: int, inline: bool, depth: int
+    ) -> None:
         name = _name(node)
         if name is None:
             return
         words = [name, *node.children_by_field_name("argument")]
         vals = [_value(w, self.src) for w in words]
-        self.run(_Words(words, vals, len(words)), 0, via, line0 + node.start_point.row + 1, line0, inline,
-                 depth, mode="direct")
+        self.run(
+            _Words(words, vals, len(words)),
+            0,
+            via,
+            line0 + node.start_point.row + 1,
+            line0,
+            inline,
+            depth,
+            mode="direct",
+        )
 
-    def run(self, ws: _Words, k: int, via: tuple[str, ...], line: int, line0: int, inline: bool, depth: int,
-            mode: str) -> None:
+    def run(
+        self,
+        ws: _Words,
+        k: int,
+        via: tuple[str, ...],
+        line: int,
+        line0: int,
+        inline: bool,
+        depth: int,
+        mode: str,
+    ) -> None:
         """Words `ws[k:]` run as a command. `mode`: "direct" (as written in the script: functions and
         builtins first), "command" (after `command`: builtins, no functions), "builtin" (builtins only),
         "exec" (a program: after `exec` and every wrapper)."""
@@ -458,14 +584,14 @@ class _Scanner:
             if base in SHELLS:
                 self.shell(ws, k, inner, line, line0, depth)
                 return
-            if base in ("su", "runuser") and not {"-u", "--user"} & set(vals[k + 1:ws.end]):
+            if base in ("su", "runuser") and not {"-u", "--user"} & set(vals[k + 1 : ws.end]):
                 self.su(ws, k, inner, line, line0, depth)
                 return
             if base == "find":
                 self.find(ws, k, via, line, line0, inline, depth)
                 return
             if base == "which":
-                self.lookups([w for w in vals[k + 1:ws.end] if not (w or "-").startswith("-")], inner, line)
+                self.lookups([w for w in vals[k + 1 : ws.end] if not (w or "-").startswith("-")], inner, line)
                 return
             spec = WRAPPERS.get(base)
             if spec is None:
@@ -477,8 +603,17 @@ class _Scanner:
                 self.command("echo", inner, line, direct=False)
             via, k, mode = inner, nxt, "exec"
 
-    def builtin(self, v: str, ws: _Words, k: int, via: tuple[str, ...], line: int, line0: int, inline: bool,
-                depth: int) -> int | None:
+    def builtin(
+        self,
+        v: str,
+        ws: _Words,
+        k: int,
+        via: tuple[str, ...],
+        line: int,
+        line0: int,
+        inline: bool,
+        depth: int,
+    ) -> int | None:
         """A builtin at `ws[k]`: the index of the words it runs as a command (after `exec`, `command`,
         `builtin`, `coproc`, `time`), or None when it runs none; code strings (`eval`, `trap`) and
         sourced files are scanned."""
@@ -504,20 +639,27 @@ class _Scanner:
                 i += 1
             return i
         if v in ("type", "hash"):
-            self.lookups([w for w in vals[i:end] if not (w or "-").startswith("-")], (*via, v)[-MAX_VIA:],
-                         line)
+            self.lookups(
+                [w for w in vals[i:end] if not (w or "-").startswith("-")], (*via, v)[-MAX_VIA:], line
+            )
         elif v == "eval" and i + 1 == end:
             self.string_code(ws.nodes[i], (*via, "eval")[-MAX_VIA:], line0, inline, depth, same_shell=True)
         elif v == "eval" and i < end:
             text = " ".join(_value(w, self.src, DYNAMIC) or DYNAMIC for w in ws.nodes[i:end])
-            self.code(text.encode("utf-8", "surrogateescape"), (*via, "eval")[-MAX_VIA:],
-                      ws.nodes[k].start_point.row + line0, inline, depth + 1)
+            self.code(
+                text.encode("utf-8", "surrogateescape"),
+                (*via, "eval")[-MAX_VIA:],
+                ws.nodes[k].start_point.row + line0,
+                inline,
+                depth + 1,
+            )
         elif v == "trap":
             while i < end and vals[i] in ("--", "-p", "-l"):
                 i += 1
             if i + 1 < end and vals[i] != "-":
-                self.string_code(ws.nodes[i], (*via, "trap")[-MAX_VIA:], line0, inline, depth,
-                                 same_shell=True)
+                self.string_code(
+                    ws.nodes[i], (*via, "trap")[-MAX_VIA:], line0, inline, depth, same_shell=True
+                )
         elif v in (".", "source") and i < end:
             self.script(ws, i, (*via, v)[-MAX_VIA:], line)
         return None
@@ -536,45 +678,57 @@ class _Scanner:
             if n and n not in BUILTINS:
                 self.command(n, via, line, direct=False, lookup=True)
 
-    def wrapped(self, spec: _Wrapper, base: str, ws: _Words, k: int, via: tuple[str, ...], line: int,
-                line0: int, depth: int) -> int | None:
+    def wrapped(
+        self,
+        spec: _Wrapper,
+        base: str,
+        ws: _Words,
+        k: int,
+        via: tuple[str, ...],
+        line: int,
+        line0: int,
+        depth: int,
+    ) -> int | None:
         """The index of the program a wrapper at `ws[k]` runs (`ws.end` for none), or None when it runs
         none by design (`taskset -p`) or runs a string instead (`flock -c`, `env -S`)."""
         vals, end, i = ws.vals, ws.end, k + 1
-        if base == "flock":                  # `flock FILE -c STRING`: its options may follow the file
+        if base == "flock":  # `flock FILE -c STRING`: its options may follow the file
             for j in range(i, end - 1):
                 if vals[j] in ("-c", "--command"):
-                    self.string_code(ws.nodes[j + 1], (*via, "flock -c")[-MAX_VIA:], line0, True, depth,
-                                     same_shell=False)
+                    self.string_code(
+                        ws.nodes[j + 1], (*via, "flock -c")[-MAX_VIA:], line0, True, depth, same_shell=False
+                    )
                     return None
         while i < end:
             w = vals[i]
             if w is None or not w.startswith("-") or w == "-":
                 if spec.assignments and ASSIGN.match(_value(ws.nodes[i], self.src, prefix=True) or ""):
-                    i += 1                                 # VAR=value, also VAR="$x"
+                    i += 1  # VAR=value, also VAR="$x"
                     continue
                 break
             i += 1
             if w == "--":
                 break
             opt = w.split("=", 1)[0]
-            if opt in spec.no_command or (not w.startswith("--") and any("-" + ch in spec.no_command
-                                                                          for ch in w[1:])):
+            if opt in spec.no_command or (
+                not w.startswith("--") and any("-" + ch in spec.no_command for ch in w[1:])
+            ):
                 return None
             if base == "env" and (opt == "--split-string" or w.startswith("-S")):
                 arg: str | None = w.split("=", 1)[1] if "=" in w and w.startswith("--") else w[2:]
                 if w in ("-S", "--split-string"):
                     arg, i = (vals[i] if i < end else None), i + 1
                 text = " ".join(s or DYNAMIC for s in [arg, *vals[i:end]])
-                self.subshell(text.encode("utf-8", "surrogateescape"), (*via, "env -S")[-MAX_VIA:],
-                              line - 1, depth + 1)
+                self.subshell(
+                    text.encode("utf-8", "surrogateescape"), (*via, "env -S")[-MAX_VIA:], line - 1, depth + 1
+                )
                 return None
             if "=" in w and w.startswith("--"):
                 continue
             if opt in spec.arg_opts or (not w.startswith("--") and _short_cluster(w, spec.arg_opts)):
                 i += 1
         if base == "flock" and i + 1 == end and (vals[i] or "").isdigit():
-            return None                                    # flock FD: no program
+            return None  # flock FD: no program
         return i + spec.operands
 
     def shell(self, ws: _Words, k: int, via: tuple[str, ...], line: int, line0: int, depth: int) -> None:
@@ -613,11 +767,13 @@ class _Scanner:
             elif w and w.startswith("--shell="):
                 self.command(w.split("=", 1)[1], via, line, direct=False)
             elif w and w.startswith(("--command=", "--session-command=")):
-                self.subshell(w.split("=", 1)[1].encode("utf-8", "surrogateescape"), label, line - 1,
-                              depth + 1)
+                self.subshell(
+                    w.split("=", 1)[1].encode("utf-8", "surrogateescape"), label, line - 1, depth + 1
+                )
 
-    def find(self, ws: _Words, k: int, via: tuple[str, ...], line: int, line0: int, inline: bool,
-             depth: int) -> None:
+    def find(
+        self, ws: _Words, k: int, via: tuple[str, ...], line: int, line0: int, inline: bool, depth: int
+    ) -> None:
         """`find … -exec CMD … ;` / `+` (also -execdir, -ok, -okdir), each clause a program."""
         vals, i = ws.vals, k + 1
         while i < ws.end:
@@ -625,8 +781,16 @@ class _Scanner:
                 j = i + 1
                 while j < ws.end and vals[j] not in (";", "+"):
                     j += 1
-                self.run(_Words(ws.nodes, vals, j), i + 1, (*via, f"find {vals[i]}")[-MAX_VIA:], line, line0,
-                         inline, depth, mode="exec")
+                self.run(
+                    _Words(ws.nodes, vals, j),
+                    i + 1,
+                    (*via, f"find {vals[i]}")[-MAX_VIA:],
+                    line,
+                    line0,
+                    inline,
+                    depth,
+                    mode="exec",
+                )
                 i = j
             i += 1
 
@@ -661,8 +825,9 @@ def _ansi_c(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), "\\" + m.group(1)), text)
 
 
-def _value(node: tree_sitter.Node | None, src: bytes, dynamic: str | None = None,
-           prefix: bool = False) -> str | None:
+def _value(
+    node: tree_sitter.Node | None, src: bytes, dynamic: str | None = None, prefix: bool = False
+) -> str | None:
     """The word a node stands for after quote removal, when it is literal. An expansion makes it None,
     or stands as `dynamic` when given (shell code taken from a string); with `prefix` the literal text
     before the first expansion is returned instead. Iterative: a word nested 10^5 deep is no risk."""
@@ -676,7 +841,7 @@ def _value(node: tree_sitter.Node | None, src: bytes, dynamic: str | None = None
         if t in ("string", "translated_string", "concatenation"):
             stack.extend(reversed([c for c in n.children if c.type not in ('"', '$"')]))
             continue
-        text = src[n.start_byte:n.end_byte].decode("utf-8", "surrogateescape") if t in LEAVES else ""
+        text = src[n.start_byte : n.end_byte].decode("utf-8", "surrogateescape") if t in LEAVES else ""
         if t == "word":
             out.append(UNESCAPE.sub(r"\1", text.replace("\\\n", "")) if "\\" in text else text)
         elif t == "number":
@@ -694,4 +859,3 @@ def _value(node: tree_sitter.Node | None, src: bytes, dynamic: str | None = None
         else:
             return None
     return "".join(out)
-

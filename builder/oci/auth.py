@@ -55,8 +55,10 @@ def parse_challenge(header: str) -> Challenge | None:
     scheme, _, rest = header.strip().partition(" ")
     if not scheme:
         return None
-    params = {m[1].lower(): (re.sub(r"\\(.)", r"\1", m[2]) if m[2] is not None else m[3])
-              for m in _PARAM.finditer(rest)}
+    params = {
+        m[1].lower(): (re.sub(r"\\(.)", r"\1", m[2]) if m[2] is not None else m[3])
+        for m in _PARAM.finditer(rest)
+    }
     return Challenge(scheme.lower(), params)
 
 
@@ -88,8 +90,10 @@ def credentials(registry: str) -> Credentials | None:
     if not isinstance(helpers, dict) or not isinstance(auths, dict):
         raise SourceError(f"{path}: credHelpers and auths must be objects")
     helper = next((v for k, v in helpers.items() if _hostname(k) in hosts), None) or doc.get("credsStore")
-    key, entry = next(((k, v) for k, v in auths.items() if _hostname(k) in hosts),
-                      (HUB_SERVER if registry == "docker.io" else registry, None))
+    key, entry = next(
+        ((k, v) for k, v in auths.items() if _hostname(k) in hosts),
+        (HUB_SERVER if registry == "docker.io" else registry, None),
+    )
     if helper:
         creds = _from_helper(str(helper), key, path)
         if creds:
@@ -117,8 +121,9 @@ def _from_helper(name: str, server: str, path: Path) -> Credentials | None:
     """Ask `docker-credential-<name> get` for `server`; None when it has nothing stored."""
     program = f"docker-credential-{name}"
     try:
-        done = subprocess.run([program, "get"], check=False, input=server, capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run(
+            [program, "get"], check=False, input=server, capture_output=True, text=True, timeout=60
+        )
     except FileNotFoundError:
         raise SourceError(f"credential helper {program} (configured in {path}) is not installed") from None
     except subprocess.TimeoutExpired:

@@ -51,16 +51,16 @@ from ..errors import BadInput, RegistryUnavailable, SourceError, XbuildError
 from ..text import is_decimal
 from . import auth
 
-RETRIES = 4                                   # tries per request for transient failures
-RETRY_DELAY_ENV = "XBUILD_REGISTRY_RETRY_DELAY"   # first backoff delay in seconds (default 0.5), then doubled
-RETRY_AFTER_MAX = 60.0                        # longest Retry-After honoured (seconds)
-STALL_ENV = "XBUILD_REGISTRY_STALL_TIMEOUT"   # seconds without a byte before a try fails (default 60)
-DEADLINE_ENV = "XBUILD_REGISTRY_DEADLINE"     # seconds for one transfer, all its tries (default 300) ...
-MIN_RATE = 100_000                            # ... plus one second per MIN_RATE bytes of a blob's size
+RETRIES = 4  # tries per request for transient failures
+RETRY_DELAY_ENV = "XBUILD_REGISTRY_RETRY_DELAY"  # first backoff delay in seconds (default 0.5), then doubled
+RETRY_AFTER_MAX = 60.0  # longest Retry-After honoured (seconds)
+STALL_ENV = "XBUILD_REGISTRY_STALL_TIMEOUT"  # seconds without a byte before a try fails (default 60)
+DEADLINE_ENV = "XBUILD_REGISTRY_DEADLINE"  # seconds for one transfer, all its tries (default 300) ...
+MIN_RATE = 100_000  # ... plus one second per MIN_RATE bytes of a blob's size
 CONNECT_TIMEOUT = 15.0
 MAX_REDIRECTS = 5
-ERROR_LIMIT = 64 << 10          # bytes of an answer kept when only its status and message matter
-TOKEN_LIMIT = 1 << 20           # a token server's answer
+ERROR_LIMIT = 64 << 10  # bytes of an answer kept when only its status and message matter
+TOKEN_LIMIT = 1 << 20  # a token server's answer
 ENCODINGS = ("gzip", "x-gzip")  # Content-Encodings undone (bounded); "identity" is none; others refused
 MAX_ENCODINGS = 2
 
@@ -149,13 +149,14 @@ class _Stream(httpcore.NetworkStream):
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         for i in range(0, len(buffer), 1 << 16):
-            self.inner.write(buffer[i:i + (1 << 16)], _left(timeout))
+            self.inner.write(buffer[i : i + (1 << 16)], _left(timeout))
 
     def close(self) -> None:
         self.inner.close()
 
-    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
         return _Stream(self.inner.start_tls(ssl_context, server_hostname, _left(timeout)))
 
     def get_extra_info(self, info: str) -> Any:
@@ -163,9 +164,14 @@ class _Stream(httpcore.NetworkStream):
 
 
 class _Backend(httpcore.SyncBackend):
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                    local_address: str | None = None,
-                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
         return _Stream(super().connect_tcp(host, port, _left(timeout), local_address, socket_options))
 
 
@@ -174,9 +180,13 @@ class _Transport(httpx.HTTPTransport):
 
     def __init__(self) -> None:
         super().__init__()
-        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), max_connections=100,
-                                             max_keepalive_connections=20, keepalive_expiry=5.0,
-                                             network_backend=_Backend())
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=_Backend(),
+        )
 
 
 class _BadEncoding(Exception):
@@ -193,7 +203,7 @@ def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
                 out = d.decompress(data, CHUNK)
                 if out:
                     yield out
-                if d.eof:                       # the next gzip member, if any
+                if d.eof:  # the next gzip member, if any
                     data, d, fed = d.unused_data, zlib.decompressobj(31), False
                 else:
                     data = d.unconsumed_tail
@@ -258,9 +268,19 @@ class RegistryClient:
     `limit`, blobs at their size, any other answer at ERROR_LIMIT.
     """
 
-    def __init__(self, registry: str, repository: str, *, what: str, scopes: Mapping[str, str] | None = None,
-                 insecure: bool = False, error: type[XbuildError] = SourceError, stall: float = 60.0,
-                 no_credentials_hint: str = "", check_hint: str = "check credentials in {config}"):
+    def __init__(
+        self,
+        registry: str,
+        repository: str,
+        *,
+        what: str,
+        scopes: Mapping[str, str] | None = None,
+        insecure: bool = False,
+        error: type[XbuildError] = SourceError,
+        stall: float = 60.0,
+        no_credentials_hint: str = "",
+        check_hint: str = "check credentials in {config}",
+    ):
         self.registry, self.repository, self.what, self.error = registry, repository, what, error
         self.base = f"{endpoint(registry, insecure)}/v2/{repository}"
         self.scopes = dict(scopes or {repository: "pull"})
@@ -276,9 +296,12 @@ class RegistryClient:
     def __enter__(self) -> Self:
         if self._http is None:
             timeout = httpx.Timeout(self.stall, connect=min(CONNECT_TIMEOUT, self.stall))
-            self._http = httpx.Client(timeout=timeout, transport=_Transport(), follow_redirects=False,
-                                      headers={"User-Agent": f"xbuild/{__version__}",
-                                               "Accept-Encoding": "identity"})
+            self._http = httpx.Client(
+                timeout=timeout,
+                transport=_Transport(),
+                follow_redirects=False,
+                headers={"User-Agent": f"xbuild/{__version__}", "Accept-Encoding": "identity"},
+            )
         self._entered += 1
         return self
 
@@ -288,9 +311,15 @@ class RegistryClient:
             self._http.close()
             self._http = None
 
-    def send(self, method: str, url: str | httpx.URL, headers: dict[str, str] | None = None,
-             content: Body | None = None, authorize: bool = True,
-             data: dict[str, str] | None = None) -> httpx.Response:
+    def send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: dict[str, str] | None = None,
+        content: Body | None = None,
+        authorize: bool = True,
+        data: dict[str, str] | None = None,
+    ) -> httpx.Response:
         """Send a request, answering one 401 challenge and retrying transient failures with backoff.
 
         Returns any other response, its body read (at most ERROR_LIMIT bytes of it: enough for `errors`);
@@ -299,16 +328,34 @@ class RegistryClient:
         RegistryUnavailable. `content` is sent again on each try.
         """
         size = content.stat().st_size if isinstance(content, Path) else 0
-        return self._request(method, url, self._kept, f"{method} {urlsplit(str(url)).path}", headers, content,
-                             authorize, data, size)
+        return self._request(
+            method,
+            url,
+            self._kept,
+            f"{method} {urlsplit(str(url)).path}",
+            headers,
+            content,
+            authorize,
+            data,
+            size,
+        )
 
-    def fetch(self, url: str | httpx.URL, what: str, limit: int,
-              failure: Callable[[httpx.Response], Exception], headers: dict[str, str] | None = None, *,
-              method: str = "GET", authorize: bool = True,
-              data: dict[str, str] | None = None) -> tuple[bytes, httpx.Headers]:
+    def fetch(
+        self,
+        url: str | httpx.URL,
+        what: str,
+        limit: int,
+        failure: Callable[[httpx.Response], Exception],
+        headers: dict[str, str] | None = None,
+        *,
+        method: str = "GET",
+        authorize: bool = True,
+        data: dict[str, str] | None = None,
+    ) -> tuple[bytes, httpx.Headers]:
         """(body, headers) of a 200 answer, for JSON documents (manifests, indexes, tokens): the body read
         streamed and refused as soon as it passes `limit` bytes (a Content-Length above it: unread), a
         response cut off retried. Another status raises `failure(response)`; `what` names the document."""
+
         def read(resp: httpx.Response) -> tuple[bytes, httpx.Headers]:
             if resp.status_code != 200:
                 raise failure(self._kept(resp))
@@ -325,9 +372,15 @@ class RegistryClient:
 
         return self._request(method, url, read, what, headers, None, authorize, data, 0)
 
-    def download(self, url: str, digest: str, size: int, what: str,
-                 failure: Callable[[httpx.Response], Exception],
-                 progress: Callable[[int], None] | None = None) -> Path:
+    def download(
+        self,
+        url: str,
+        digest: str,
+        size: int,
+        what: str,
+        failure: Callable[[httpx.Response], Exception],
+        progress: Callable[[int], None] | None = None,
+    ) -> Path:
         """The blob `digest` in the blob cache, downloaded from `url` and verified first if missing; a
         download cut off is tried again. A response other than 200 raises `failure(response)`. No more
         than `size` + 1 bytes are read (then the size check fails)."""
@@ -336,20 +389,29 @@ class RegistryClient:
             return path
         with self.own_errors():
             check_digest(digest, what)
-        subject = what.removeprefix(f"{self.what} ")     # `what` may name the image: messages do first
+        subject = what.removeprefix(f"{self.what} ")  # `what` may name the image: messages do first
 
         def store(resp: httpx.Response) -> Path:
             if resp.status_code != 200:
                 raise failure(self._kept(resp))
-            with self.own_errors():     # a download that does not match its digest or size
+            with self.own_errors():  # a download that does not match its digest or size
                 body = io.BufferedReader(_Body(self._body(resp, subject), size), CHUNK)
                 return store_blob(body, digest, what, size, progress)
 
         return self._request("GET", url, store, subject, None, None, True, None, size)
 
-    def _request(self, method: str, url: str | httpx.URL, consume: Callable[[httpx.Response], T], what: str,
-                 headers: dict[str, str] | None, content: Body | None, authorize: bool,
-                 data: dict[str, str] | None, size: int) -> T:
+    def _request(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        consume: Callable[[httpx.Response], T],
+        what: str,
+        headers: dict[str, str] | None,
+        content: Body | None,
+        authorize: bool,
+        data: dict[str, str] | None,
+        size: int,
+    ) -> T:
         """One transfer: `consume(response)` of the final answer (not a 401 challenge, 5xx or 429), under
         the transfer's deadline, retried on transient failures (also while `consume` reads the body)."""
         assert self._http is not None, "RegistryClient used outside its `with` block"
@@ -392,9 +454,11 @@ class RegistryClient:
                 if retry_after and is_decimal(retry_after):
                     wait = min(float(retry_after), RETRY_AFTER_MAX)
                     if time.monotonic() + wait > deadline:
-                        raise RegistryUnavailable(f"{self.what}: {what}: {who} {failure} and asks to retry "
-                                                  f"after {retry_after} s (Retry-After), past the "
-                                                  f"{seconds:.0f} s deadline ({DEADLINE_ENV})")
+                        raise RegistryUnavailable(
+                            f"{self.what}: {what}: {who} {failure} and asks to retry "
+                            f"after {retry_after} s (Retry-After), past the "
+                            f"{seconds:.0f} s deadline ({DEADLINE_ENV})"
+                        )
                     delay = max(delay, wait)
                 if time.monotonic() + delay > deadline:
                     raise RegistryUnavailable(f"{late}; last try: {failure}")
@@ -405,8 +469,10 @@ class RegistryClient:
     def _transport_failure(self, e: httpx.TransportError, host: str) -> str:
         """What went wrong with a try, for the message; a TLS failure is final (raised)."""
         if _is_tls(e):
-            raise self.error(f"{self.what}: TLS with {host} failed ({e}); for a plain-HTTP registry "
-                             "use the insecure option") from None
+            raise self.error(
+                f"{self.what}: TLS with {host} failed ({e}); for a plain-HTTP registry "
+                "use the insecure option"
+            ) from None
         if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
             return f"stalled (no data for {self.stall:g} s, {STALL_ENV})"
         return f"unreachable ({str(e) or type(e).__name__})"
@@ -423,8 +489,9 @@ class RegistryClient:
             request, location = resp.next_request, resp.headers.get("Location", "")[:200]
             if request.url.scheme not in ("http", "https"):
                 raise self.error(f"{self.what}: {what} redirected to a non-http(s) URL {location!r}")
-        raise self.error(f"{self.what}: {what}: too many redirects (more than {MAX_REDIRECTS}, "
-                         f"the last to {location!r})")
+        raise self.error(
+            f"{self.what}: {what}: too many redirects (more than {MAX_REDIRECTS}, the last to {location!r})"
+        )
 
     def _body(self, resp: httpx.Response, what: str) -> Iterator[bytes]:
         """The body of `resp` decoded with bounded output; a bad encoding raises `error`; the deadline is
@@ -449,10 +516,14 @@ class RegistryClient:
                     break
         except _BadEncoding:
             body.clear()
-        headers = [(k, v) for k, v in resp.headers.multi_items()
-                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
-        return httpx.Response(resp.status_code, headers=headers, content=bytes(body[:ERROR_LIMIT]),
-                              request=resp.request)
+        headers = [
+            (k, v)
+            for k, v in resp.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            resp.status_code, headers=headers, content=bytes(body[:ERROR_LIMIT]), request=resp.request
+        )
 
     def credentials(self) -> auth.Credentials | None:
         """The registry's credentials from docker's config (read once), or None."""
@@ -502,14 +573,32 @@ class RegistryClient:
 
         what = f"token from {realm[:200]}"
         if creds and creds.identity_token:
-            raw, _ = self.fetch(realm_url, what, TOKEN_LIMIT, failure, method="POST", authorize=False, data={
-                "scope": " ".join(scopes), **service, "grant_type": "refresh_token",
-                "refresh_token": creds.identity_token, "client_id": "xbuild"})
+            raw, _ = self.fetch(
+                realm_url,
+                what,
+                TOKEN_LIMIT,
+                failure,
+                method="POST",
+                authorize=False,
+                data={
+                    "scope": " ".join(scopes),
+                    **service,
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "client_id": "xbuild",
+                },
+            )
         else:
             query: list[tuple[str, str | int | float | bool | None]] = [("scope", s) for s in scopes]
             query += service.items()
-            raw, _ = self.fetch(realm_url.copy_merge_params(query), what, TOKEN_LIMIT, failure,
-                                {"Authorization": creds.basic()} if creds else None, authorize=False)
+            raw, _ = self.fetch(
+                realm_url.copy_merge_params(query),
+                what,
+                TOKEN_LIMIT,
+                failure,
+                {"Authorization": creds.basic()} if creds else None,
+                authorize=False,
+            )
         try:
             doc = json.loads(raw)
             token = doc.get("token") or doc.get("access_token")
@@ -521,7 +610,10 @@ class RegistryClient:
 
     def denied(self, resp: httpx.Response) -> XbuildError:
         """The error for a refused request: which credentials were used, and where they are configured."""
-        hint = ("the credentials were refused" if self.credentials() else
-                f"no credentials for {self.registry}{self.no_credentials_hint}")
+        hint = (
+            "the credentials were refused"
+            if self.credentials()
+            else f"no credentials for {self.registry}{self.no_credentials_hint}"
+        )
         check = self.check_hint.format(config=auth.config_path())
         return self.error(f"{self.what}: access denied ({status(resp)}); {hint}: {check}")

@@ -23,11 +23,13 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-SCHEMA1_TYPES = ("application/vnd.docker.distribution.manifest.v1+json",
-                 "application/vnd.docker.distribution.manifest.v1+prettyjws")
+SCHEMA1_TYPES = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
 ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
-MANIFEST_LIMIT = 4 << 20    # largest manifest or index read (distribution's own limit for a manifest PUT)
-CONFIG_LIMIT = 4 << 20      # largest config read (an image's, an artifact's): real ones are a few KiB
+MANIFEST_LIMIT = 4 << 20  # largest manifest or index read (distribution's own limit for a manifest PUT)
+CONFIG_LIMIT = 4 << 20  # largest config read (an image's, an artifact's): real ones are a few KiB
 
 LAYER_TYPES = {
     "application/vnd.oci.image.layer.v1.tar": "none",
@@ -68,7 +70,7 @@ def parse_json(raw: bytes, what: str) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise SourceError(f"{what}: not valid JSON ({e})") from None
-    except RecursionError:      # json's documented answer to deeply nested input
+    except RecursionError:  # json's documented answer to deeply nested input
         raise SourceError(f"{what}: JSON nested too deeply") from None
 
 
@@ -91,11 +93,20 @@ def media_type_of(doc: dict[str, Any], fallback: str | None = None) -> str:
 def descriptor(d: Any, what: str) -> Descriptor:
     """A content descriptor: digest (string), size (integer), optional mediaType, platform and annotations
     (objects)."""
-    if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int) \
-            or not all(isinstance(d.get(key) or {}, dict) for key in ("platform", "annotations")):
+    if (
+        not isinstance(d, dict)
+        or not isinstance(d.get("digest"), str)
+        or not isinstance(d.get("size"), int)
+        or not all(isinstance(d.get(key) or {}, dict) for key in ("platform", "annotations"))
+    ):
         raise SourceError(f"{what}: malformed descriptor {str(d)[:200]}")
-    return Descriptor(str(d.get("mediaType", "")), d["digest"], d["size"], d.get("platform"),
-                      dict(d.get("annotations") or {}))
+    return Descriptor(
+        str(d.get("mediaType", "")),
+        d["digest"],
+        d["size"],
+        d.get("platform"),
+        dict(d.get("annotations") or {}),
+    )
 
 
 def select_platform(index: dict[str, Any], platform: Platform, what: str) -> Descriptor:
@@ -115,8 +126,14 @@ def select_platform(index: dict[str, Any], platform: Platform, what: str) -> Des
     raise SourceError(f"{what}: no manifest for platform {platform} (has: {', '.join(seen) or 'none'})")
 
 
-def resolve(raw: bytes, digest: str, read: Callable[[str], bytes], platform: Platform | None, what: str,
-            media_type: str | None = None) -> ImageManifest:
+def resolve(
+    raw: bytes,
+    digest: str,
+    read: Callable[[str], bytes],
+    platform: Platform | None,
+    what: str,
+    media_type: str | None = None,
+) -> ImageManifest:
     """The image manifest for `platform` from the manifest or index `raw` (already verified to be `digest`;
     `media_type` is what its descriptor says, if anything): an index is followed to its entry for `platform`
     (`read(digest)` gives a manifest's bytes, verified), nested at most 4 deep; with `platform` None an
@@ -124,8 +141,10 @@ def resolve(raw: bytes, digest: str, read: Callable[[str], bytes], platform: Pla
     for _ in range(4):  # index -> (nested index ->) manifest
         doc = load_json(raw, f"{what} manifest {digest[:19]}")
         if doc.get("schemaVersion") == 1 or doc.get("mediaType") in SCHEMA1_TYPES:
-            raise SourceError(f"{what}: schema 1 manifests are not supported "
-                              "(re-push the image with a current docker, buildah or skopeo)")
+            raise SourceError(
+                f"{what}: schema 1 manifests are not supported "
+                "(re-push the image with a current docker, buildah or skopeo)"
+            )
         mt = media_type_of(doc, media_type)
         if mt in INDEX_TYPES and platform is not None:
             desc = select_platform(doc, platform, what)
@@ -175,13 +194,20 @@ def parse_config(raw: bytes, what: str) -> tuple[ImageConfig, list[str], str | N
     if not isinstance(labels, dict) or not isinstance(ports, dict):
         raise SourceError(f"{what}: config.Labels and config.ExposedPorts must be objects")
     cfg = ImageConfig(
-        entrypoint=strings("Entrypoint"), cmd=strings("Cmd"), env=strings("Env"),
-        working_dir=string("WorkingDir"), user=string("User"), stop_signal=string("StopSignal"),
-        exposed_ports=tuple(sorted(ports)), labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
-        healthcheck=_healthcheck(c.get("Healthcheck"), what), shell=strings("Shell"),
+        entrypoint=strings("Entrypoint"),
+        cmd=strings("Cmd"),
+        env=strings("Env"),
+        working_dir=string("WorkingDir"),
+        user=string("User"),
+        stop_signal=string("StopSignal"),
+        exposed_ports=tuple(sorted(ports)),
+        labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+        healthcheck=_healthcheck(c.get("Healthcheck"), what),
+        shell=strings("Shell"),
     )
-    plat = Platform(str(doc.get("os") or "linux"), str(doc.get("architecture") or "amd64"),
-                    doc.get("variant"))
+    plat = Platform(
+        str(doc.get("os") or "linux"), str(doc.get("architecture") or "amd64"), doc.get("variant")
+    )
     created = doc.get("created") if isinstance(doc.get("created"), str) else None
     return cfg, [str(d) for d in rootfs["diff_ids"]], created, plat
 
@@ -202,20 +228,33 @@ def _healthcheck(h: Any, what: str) -> Healthcheck | None:
             raise SourceError(f"{what}: config.Healthcheck.{key} must be an integer")
         nums[key] = v
     try:
-        return Healthcheck(tuple(test), nums["Interval"], nums["Timeout"], nums["StartPeriod"],
-                           nums["StartInterval"], nums["Retries"])
+        return Healthcheck(
+            tuple(test),
+            nums["Interval"],
+            nums["Timeout"],
+            nums["StartPeriod"],
+            nums["StartInterval"],
+            nums["Retries"],
+        )
     except SourceError as e:
         raise SourceError(f"{what}: config.{e}") from None
 
 
-def build_image(ref: ImageRef, manifest_digest: str, manifest: dict[str, Any], config_raw: bytes,
-                opener: Callable[[Descriptor], Callable[[], IO[bytes]]], what: str,
-                platform: Platform | None = None) -> Image:
+def build_image(
+    ref: ImageRef,
+    manifest_digest: str,
+    manifest: dict[str, Any],
+    config_raw: bytes,
+    opener: Callable[[Descriptor], Callable[[], IO[bytes]]],
+    what: str,
+    platform: Platform | None = None,
+) -> Image:
     """Assemble an Image from a parsed manifest and its config; `opener(desc)` opens a blob."""
     cfg_desc, layer_descs = manifest_parts(manifest, what)
     config, diff_ids, created, plat = parse_config(config_raw, f"{what} config {cfg_desc.digest[:19]}")
-    if platform and not platform.matches({"os": plat.os, "architecture": plat.architecture,
-                                          "variant": plat.variant}):
+    if platform and not platform.matches(
+        {"os": plat.os, "architecture": plat.architecture, "variant": plat.variant}
+    ):
         raise SourceError(f"{what}: image is for {plat}, not {platform}")
     if not layer_descs:
         raise SourceError(f"{what}: empty image (no layers)")

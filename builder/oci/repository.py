@@ -33,7 +33,7 @@ from ..reference import ImageRef
 from .client import Body, RegistryClient, errors, status
 from .manifest import ACCEPT, CONFIG_LIMIT, MANIFEST_LIMIT, OCI_MANIFEST, Descriptor, ImageManifest, resolve
 
-UNKNOWN = frozenset({"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"})   # distribution's "no such thing"
+UNKNOWN = frozenset({"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"})  # distribution's "no such thing"
 
 
 class Repository(RegistryClient):
@@ -71,8 +71,13 @@ class Repository(RegistryClient):
     def _get_manifest(self, reference: str, digest: str | None) -> tuple[bytes, str]:
         """Fetch a manifest (at most MANIFEST_LIMIT), verify it against `digest` (else the digest the
         registry names, else its own hash), store it in the blob cache."""
-        raw, headers = self.fetch(f"{self.base}/manifests/{reference}", "manifest", MANIFEST_LIMIT,
-                                  lambda resp: self.failure(resp, "manifest"), {"Accept": ACCEPT})
+        raw, headers = self.fetch(
+            f"{self.base}/manifests/{reference}",
+            "manifest",
+            MANIFEST_LIMIT,
+            lambda resp: self.failure(resp, "manifest"),
+            {"Accept": ACCEPT},
+        )
         header = headers.get("Docker-Content-Digest", "")
         if not digest:
             digest = header if header.startswith("sha256:") else "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -87,14 +92,24 @@ class Repository(RegistryClient):
         if desc.size > CONFIG_LIMIT:
             raise self.error(f"{self.what}: config larger than {format_size(CONFIG_LIMIT)}")
         with self.own_errors():
-            return blob_bytes(desc.digest, f"{self.what} {name}",
-                              lambda: self.blob(desc, f"{name} {desc.digest}"), CONFIG_LIMIT)
+            return blob_bytes(
+                desc.digest,
+                f"{self.what} {name}",
+                lambda: self.blob(desc, f"{name} {desc.digest}"),
+                CONFIG_LIMIT,
+            )
 
     def blob(self, desc: Descriptor, label: str, progress: Callable[[int], None] | None = None) -> Path:
         """The blob `desc` in the blob cache, downloaded and verified first if missing (retried if cut off);
         `label` names it in messages ("layer sha256:…", "initrd.img")."""
-        return self.download(f"{self.base}/blobs/{desc.digest}", desc.digest, desc.size,
-                             f"{self.what} {label}", lambda resp: self.failure(resp, label), progress)
+        return self.download(
+            f"{self.base}/blobs/{desc.digest}",
+            desc.digest,
+            desc.size,
+            f"{self.what} {label}",
+            lambda resp: self.failure(resp, label),
+            progress,
+        )
 
     def failure(self, resp: httpx.Response, action: str) -> XbuildError:
         """The error for an unexpected answer to `action` ("manifest", "layer sha256:…", "upload of x")."""
@@ -102,8 +117,10 @@ class Repository(RegistryClient):
         if resp.status_code == 413:
             return self.error(f"{self.what}: the registry refused {action}: too large ({status(resp)})")
         if resp.status_code == 405 or "UNSUPPORTED" in codes:
-            return self.error(f"{self.what}: the registry refused {action} ({status(resp)}); "
-                              "is the registry or repository read-only?")
+            return self.error(
+                f"{self.what}: the registry refused {action} ({status(resp)}); "
+                "is the registry or repository read-only?"
+            )
         if resp.status_code == 404 or codes & UNKNOWN:
             if action == "manifest":
                 return self.error(f"{self.what}: manifest unknown (no such image or tag)")
@@ -123,9 +140,10 @@ class Repository(RegistryClient):
         known = self._known(digest)
         if known and known != self.repository:
             try:
-                resp = self.send("POST", httpx.URL(f"{self.base}/blobs/uploads/",
-                                                   params={"mount": digest, "from": known}))
-            except self.error:      # no access to the other repository: upload instead
+                resp = self.send(
+                    "POST", httpx.URL(f"{self.base}/blobs/uploads/", params={"mount": digest, "from": known})
+                )
+            except self.error:  # no access to the other repository: upload instead
                 self.authorization = None
             else:
                 if resp.status_code == 201:

@@ -21,8 +21,8 @@ from ..artifact import CMDLINE_MAX
 from ..errors import ConfigError
 
 SEPARATOR = "--"
-INIT_ARGS_MAX = 31    # Linux hands init at most CONFIG_INIT_ENV_ARG_LIMIT (32) argv words, its name first,
-                      # and panics at boot past that: the words after `--` are refused beyond this
+INIT_ARGS_MAX = 31  # Linux hands init at most CONFIG_INIT_ENV_ARG_LIMIT (32) argv words, its name first,
+# and panics at boot past that: the words after `--` are refused beyond this
 
 
 def split(cmdline: str) -> tuple[list[str], list[str]]:
@@ -31,14 +31,16 @@ def split(cmdline: str) -> tuple[list[str], list[str]]:
     if SEPARATOR not in words:
         return words, []
     i = words.index(SEPARATOR)
-    return words[:i], words[i + 1:]
+    return words[:i], words[i + 1 :]
 
 
 def quote(word: str) -> str:
     """`word` as the init's parser will read it back; ConfigError when no spelling can carry it."""
     if '"' in word or not word.isprintable():
-        raise ConfigError(f"cannot pass {word!r} on the kernel command line "
-                          "(double quotes and control characters cannot be quoted there)")
+        raise ConfigError(
+            f"cannot pass {word!r} on the kernel command line "
+            "(double quotes and control characters cannot be quoted there)"
+        )
     return f'"{word}"' if not word or " " in word else word
 
 
@@ -53,10 +55,14 @@ def with_args(base: str, kernel_args: Sequence[str] = (), extra_args: Sequence[s
     if extra_args:
         tail = [quote(w) for w in extra_args]
     if len(tail) > INIT_ARGS_MAX:
-        raise ConfigError(f"{len(tail)} words after `--`: a guest kernel hands its init at most "
-                          f"{INIT_ARGS_MAX} (it panics past that)")
+        raise ConfigError(
+            f"{len(tail)} words after `--`: a guest kernel hands its init at most "
+            f"{INIT_ARGS_MAX} (it panics past that)"
+        )
     line = " ".join(head + ([SEPARATOR, *tail] if tail else []))
     if len(line.encode()) > CMDLINE_MAX:
-        raise ConfigError(f"the kernel command line would be {len(line.encode())} bytes, more than the "
-                          f"{CMDLINE_MAX} a guest kernel reads")
+        raise ConfigError(
+            f"the kernel command line would be {len(line.encode())} bytes, more than the "
+            f"{CMDLINE_MAX} a guest kernel reads"
+        )
     return line

@@ -35,7 +35,7 @@ class RunResult:
     launch_to_exec_s: float | None
     error: str | None
     console: bytes
-    health: str | None = None      # the last health state the init reported (None: none reported)
+    health: str | None = None  # the last health state the init reported (None: none reported)
 
     @property
     def boot_ms(self) -> float | None:
@@ -62,7 +62,7 @@ class ConsoleWatcher:
             nl = self.buf.find(b"\n", self._scan)
             if nl < 0:
                 return
-            self._line(bytes(self.buf[self._scan:nl]).rstrip(b"\r"))
+            self._line(bytes(self.buf[self._scan : nl]).rstrip(b"\r"))
             self._scan = nl + 1
 
     def _line(self, line: bytes) -> None:
@@ -87,8 +87,9 @@ class ConsoleWatcher:
 
     def result(self) -> RunResult:
         if self._scan < len(self.buf):
-            self._line(bytes(self.buf[self._scan:]))
+            self._line(bytes(self.buf[self._scan :]))
             self._scan = len(self.buf)
         launch = None if self.exec_seen_at is None else self.exec_seen_at - self.started
-        return RunResult(self.exit_status, self.signal, self.boot_us, launch, self.error, bytes(self.buf),
-                         self.health)
+        return RunResult(
+            self.exit_status, self.signal, self.boot_us, launch, self.error, bytes(self.buf), self.health
+        )

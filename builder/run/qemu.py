@@ -54,7 +54,7 @@ from .console import ConsoleWatcher, RunResult
 QEMU = "qemu-system-x86_64"
 GUEST_IP = "10.0.2.15"
 NET_CMDLINE = f"ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3"
-DEFAULT_STOP_GRACE = 20.0        # host side: longer than init's default 10 s grace
+DEFAULT_STOP_GRACE = 20.0  # host side: longer than init's default 10 s grace
 PROBE_TIMEOUT = 30.0
 KERNEL_NAMES = ("kernel", "vmlinux", "bzImage")
 
@@ -77,18 +77,22 @@ class Disk:
 
     path: Path
     format: str = DiskFormat.RAW
-    readonly: bool = False    # False: writable, but the writes go to a throwaway overlay
-    size: int = 0             # the guest-visible size (for the overlay); 0: the file's size
+    readonly: bool = False  # False: writable, but the writes go to a throwaway overlay
+    size: int = 0  # the guest-visible size (for the overlay); 0: the file's size
 
     def qemu_args(self, index: int, scratch: Path, serial: str | None = None) -> list[str]:
         """-blockdev nodes + -device virtio-blk-pci; `scratch` holds the overlay of a writable disk;
         `serial` names it in the guest's /sys/block/vdX/serial."""
         if self.format not in choices(DiskFormat):
-            raise RunError(f"{self.path}: disk format {self.format!r} ({' or '.join(choices(DiskFormat))} "
-                           "expected)")
+            raise RunError(
+                f"{self.path}: disk format {self.format!r} ({' or '.join(choices(DiskFormat))} expected)"
+            )
         image: dict[str, object] = {
-            "node-name": f"disk{index}", "driver": self.format, "read-only": True,
-            "file": {"driver": "file", "filename": str(self.path.resolve()), "read-only": True}}
+            "node-name": f"disk{index}",
+            "driver": self.format,
+            "read-only": True,
+            "file": {"driver": "file", "filename": str(self.path.resolve()), "read-only": True},
+        }
         if self.format == DiskFormat.QCOW2:
             image["backing"] = None
         nodes = [image]
@@ -96,11 +100,21 @@ class Disk:
         if not self.readonly:
             overlay = scratch / f"overlay{index}.qcow2"
             size = self.size or self.path.stat().st_size
-            run_tool(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), str(size)], RunError,
-                     hint=install_hint("qemu-img"))
+            run_tool(
+                ["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), str(size)],
+                RunError,
+                hint=install_hint("qemu-img"),
+            )
             # cache no-flush: no flushes to an overlay that is thrown away anyway
-            nodes.append({"node-name": f"disk{index}rw", "driver": "qcow2", "backing": top,
-                          "cache": {"no-flush": True}, "file": {"driver": "file", "filename": str(overlay)}})
+            nodes.append(
+                {
+                    "node-name": f"disk{index}rw",
+                    "driver": "qcow2",
+                    "backing": top,
+                    "cache": {"no-flush": True},
+                    "file": {"driver": "file", "filename": str(overlay)},
+                }
+            )
             top = f"disk{index}rw"
         dev = f"virtio-blk-pci,drive={top}" + (f",serial={serial}" if serial else "")
         return [a for n in nodes for a in ("-blockdev", json.dumps(n))] + ["-device", dev]
@@ -114,8 +128,9 @@ def root_disks(art: Artifact) -> tuple[Disk, ...]:
     return (Disk(art.disk, d.format, d.mode == DiskMode.RO, disk_virtual_size(art)),)
 
 
-def guest_cmdline(base: str, *, network: bool = False, kernel_args: Sequence[str] = (),
-                  extra_args: Sequence[str] = ()) -> str:
+def guest_cmdline(
+    base: str, *, network: bool = False, kernel_args: Sequence[str] = (), extra_args: Sequence[str] = ()
+) -> str:
     """The artifact's command line + console + ip= + kernel_args, then ` -- extra_args` (they replace Cmd);
     the user's words are quoted for the init (builder/run/cmdline.py)."""
     head, tail = cmdline.split(base)
@@ -123,6 +138,7 @@ def guest_cmdline(base: str, *, network: bool = False, kernel_args: Sequence[str
         head.append("console=ttyS0")
     if not any(w.startswith("rdinit=") for w in head):
         from ..guest import INIT_CMDLINE
+
         head.append(INIT_CMDLINE)
     if not any(w.startswith("panic=") for w in head):
         head.append("panic=-1")
@@ -132,8 +148,9 @@ def guest_cmdline(base: str, *, network: bool = False, kernel_args: Sequence[str
         head.append("no_timer_check")
     if network and not any(w.startswith("ip=") for w in head):
         head.append(NET_CMDLINE)
-    return cmdline.with_args(" ".join(head + ([cmdline.SEPARATOR, *tail] if tail else [])), kernel_args,
-                             extra_args)
+    return cmdline.with_args(
+        " ".join(head + ([cmdline.SEPARATOR, *tail] if tail else [])), kernel_args, extra_args
+    )
 
 
 def qemu_binary() -> str:
@@ -153,12 +170,25 @@ class Qemu:
     The process is run by a builder.proc.Supervisor (session, parent-death kill, signals, grace, console
     into the marker watcher); this class knows QEMU's command line and its QMP monitor."""
 
-    def __init__(self, artifact: Path, *, ports: Sequence[tuple[int, int]] = (),
-                 memory_mb: int = DEFAULT_MEMORY_MB, kernel_args: Sequence[str] = (),
-                 extra_args: Sequence[str] = (), console: BinaryIO | None = None, accel: str = Accel.TCG,
-                 icount: bool = False, network: bool = False, initrd: Path | None = None,
-                 cmdline: str | None = None, disks: Sequence[Disk] = (), vcpus: int = 1,
-                 kernel: Path | None = None, stop_grace: float = DEFAULT_STOP_GRACE):
+    def __init__(
+        self,
+        artifact: Path,
+        *,
+        ports: Sequence[tuple[int, int]] = (),
+        memory_mb: int = DEFAULT_MEMORY_MB,
+        kernel_args: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        console: BinaryIO | None = None,
+        accel: str = Accel.TCG,
+        icount: bool = False,
+        network: bool = False,
+        initrd: Path | None = None,
+        cmdline: str | None = None,
+        disks: Sequence[Disk] = (),
+        vcpus: int = 1,
+        kernel: Path | None = None,
+        stop_grace: float = DEFAULT_STOP_GRACE,
+    ):
         """Boot the bare directory `artifact` (see the module docstring); for an artifact: for_artifact."""
         self.artifact = Path(artifact)
         self.kernel = kernel or kernel_path(self.artifact)
@@ -175,8 +205,9 @@ class Qemu:
             # TCG only: the LAPIC timer calibration costs ~100 ms and makes jiffies (and so the boot
             # clock the init's marker reads) run fast; Xen and KVM never calibrate it this way
             kernel_args = ("noapictimer", *kernel_args)
-        self.cmdline = guest_cmdline(cmdline, network=self.network, kernel_args=kernel_args,
-                                     extra_args=extra_args)
+        self.cmdline = guest_cmdline(
+            cmdline, network=self.network, kernel_args=kernel_args, extra_args=extra_args
+        )
         self.ports, self.memory_mb = tuple(ports), memory_mb
         self.disks, self.vcpus = tuple(disks), vcpus
         self.accel, self.icount = accel, icount
@@ -184,24 +215,54 @@ class Qemu:
         self.qmp_path = os.path.join(self._tmp, "qmp.sock")
         self._power_button_only = False
         # init powers off right after its status line: QEMU gets 10 s to exit by itself
-        self.supervisor = Supervisor(console=console, stop=self._stop_guest, grace=stop_grace,
-                                     settle=10.0)
+        self.supervisor = Supervisor(console=console, stop=self._stop_guest, grace=stop_grace, settle=10.0)
 
     @classmethod
     def for_artifact(cls, art: Artifact, **kw: Any) -> Qemu:
         """A guest for a validated artifact: its kernel, initrd, command line, vcpus and root disk."""
         art.bootable()
-        return cls(art.path, kernel=art.kernel, initrd=art.initrd, cmdline=art.cmdline, disks=root_disks(art),
-                   vcpus=art.manifest.guest.vcpus, **kw)
+        return cls(
+            art.path,
+            kernel=art.kernel,
+            initrd=art.initrd,
+            cmdline=art.cmdline,
+            disks=root_disks(art),
+            vcpus=art.manifest.guest.vcpus,
+            **kw,
+        )
 
     def command(self) -> list[str]:
         kvm = self.accel == Accel.KVM
-        cmd = [QEMU, "-M", "pc", "-accel", "kvm" if kvm else "tcg", "-cpu", "host" if kvm else "max",
-               "-m", str(self.memory_mb), "-smp", str(self.vcpus), "-nodefaults", "-no-user-config",
-               "-display", "none",
-               "-no-reboot", "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
-               "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-               "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline]
+        cmd = [
+            QEMU,
+            "-M",
+            "pc",
+            "-accel",
+            "kvm" if kvm else "tcg",
+            "-cpu",
+            "host" if kvm else "max",
+            "-m",
+            str(self.memory_mb),
+            "-smp",
+            str(self.vcpus),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-chardev",
+            "stdio,id=con,signal=off",
+            "-serial",
+            "chardev:con",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            "-kernel",
+            str(self.kernel),
+            "-initrd",
+            str(self.initrd),
+            "-append",
+            self.cmdline,
+        ]
         for i, disk in enumerate(self.disks):
             cmd += disk.qemu_args(i, Path(self._tmp))
         if self.icount:
@@ -259,8 +320,9 @@ class Qemu:
             commands.append(("send-key", {"keys": keys}))
         self.qmp(commands)
 
-    def qmp(self, commands: list[tuple[str, dict[str, Any] | None]],
-            timeout: float = 3.0) -> list[dict[str, Any]]:
+    def qmp(
+        self, commands: list[tuple[str, dict[str, Any] | None]], timeout: float = 3.0
+    ) -> list[dict[str, Any]]:
         """Run QMP commands; returns their replies ([] if the monitor is not reachable)."""
         replies: list[dict[str, Any]] = []
         try:
@@ -302,12 +364,15 @@ class Qemu:
             self.kill()
         rc = self.supervisor.proc.returncode if self.supervisor.proc else None
         if result.exit_status is None and not result.console and not self.supervisor.killed and rc:
-            raise RunError(f"{QEMU} failed (status {rc}): "
-                           f"{bytes(self.supervisor.stderr).decode(errors='replace').strip()[-500:]}")
+            raise RunError(
+                f"{QEMU} failed (status {rc}): "
+                f"{bytes(self.supervisor.stderr).decode(errors='replace').strip()[-500:]}"
+            )
         return result
 
 
 # ------------------------------------------------------------------------------------------- KVM probe
+
 
 def _probe_key() -> str:
     usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -353,12 +418,19 @@ def _probe_kvm(kernel: Path) -> bool:
     with tempfile.TemporaryDirectory(prefix="xbuild-probe.") as tmp:
         d = Path(tmp)
         tree = Tree()
-        gc = GuestConfig(argv=("/probe",), env=(), cwd="/", uid=0, gid=0, groups=(0,), stop_signal=15,
-                         hostname="probe")
+        gc = GuestConfig(
+            argv=("/probe",), env=(), cwd="/", uid=0, gid=0, groups=(0,), stop_signal=15, hostname="probe"
+        )
         install(tree, gc, init_binary())
         pack(tree, d / "initrd.img", "none")
-        guest = Qemu(d, kernel=kernel.resolve(), cmdline="console=ttyS0 quiet panic=-1", accel=Accel.KVM,
-                     memory_mb=128, stop_grace=1.0)
+        guest = Qemu(
+            d,
+            kernel=kernel.resolve(),
+            cmdline="console=ttyS0 quiet panic=-1",
+            accel=Accel.KVM,
+            memory_mb=128,
+            stop_grace=1.0,
+        )
         try:
             guest.start()
             result = guest.wait(timeout=PROBE_TIMEOUT)
@@ -383,11 +455,21 @@ def choose_accel(accel: str, kernel: Path, icount: bool) -> str:
 
 # ----------------------------------------------------------------------------------------------- run
 
-def run(artifact: Artifact | Path, *, ports: Sequence[tuple[int, int]] = (),
-        memory_mb: int = DEFAULT_MEMORY_MB, timeout: float | None = None, extra_args: Sequence[str] = (),
-        console: BinaryIO | None = sys.stdout.buffer, accel: str = Accel.AUTO, icount: bool = False,
-        kernel_args: Sequence[str] = (), network: bool = False,
-        stop_grace: float = DEFAULT_STOP_GRACE) -> RunResult:
+
+def run(
+    artifact: Artifact | Path,
+    *,
+    ports: Sequence[tuple[int, int]] = (),
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    timeout: float | None = None,
+    extra_args: Sequence[str] = (),
+    console: BinaryIO | None = sys.stdout.buffer,
+    accel: str = Accel.AUTO,
+    icount: bool = False,
+    kernel_args: Sequence[str] = (),
+    network: bool = False,
+    stop_grace: float = DEFAULT_STOP_GRACE,
+) -> RunResult:
     """Boot `artifact` and return the entrypoint's result (exit_status None: no status line seen).
 
     An Artifact is booted as validated (Qemu.for_artifact); a Path is a bare boot directory (Qemu).
@@ -397,10 +479,19 @@ def run(artifact: Artifact | Path, *, ports: Sequence[tuple[int, int]] = (),
     Timeout, SIGINT and SIGTERM stop the guest gracefully; after a SIGINT, KeyboardInterrupt is raised.
     """
     kernel = artifact.kernel if isinstance(artifact, Artifact) else kernel_path(Path(artifact))
-    kw: dict[str, Any] = dict(ports=ports, memory_mb=memory_mb, kernel_args=kernel_args,
-                              extra_args=extra_args, console=console, icount=icount, network=network,
-                              accel=choose_accel(accel, kernel, icount), stop_grace=stop_grace)
-    guest = Qemu.for_artifact(artifact, **kw) if isinstance(artifact, Artifact) else \
-        Qemu(Path(artifact), **kw)
+    kw: dict[str, Any] = dict(
+        ports=ports,
+        memory_mb=memory_mb,
+        kernel_args=kernel_args,
+        extra_args=extra_args,
+        console=console,
+        icount=icount,
+        network=network,
+        accel=choose_accel(accel, kernel, icount),
+        stop_grace=stop_grace,
+    )
+    guest = (
+        Qemu.for_artifact(artifact, **kw) if isinstance(artifact, Artifact) else Qemu(Path(artifact), **kw)
+    )
     with guest:
         return guest.wait(timeout)

@@ -33,16 +33,36 @@ from ..tree import CHAR, DIR, FILE, SYMLINK, Content, Inode, Tree, directory, re
 
 RIG_RECIPE = 2  # bump when the rig's layout changes: it is part of the cache key
 XEN_PACKAGES = (
-    "xen-hypervisor-4.17-amd64", "xen-utils-4.17", "xen-utils-common", "xenstore-utils", "libxenstore4",
-    "libxencall1", "libxenevtchn1", "libxenforeignmemory1", "libxengnttab1", "libxenmisc4.17",
-    "libxentoollog1", "libyajl2", "libxendevicemodel1", "libxenhypfs1", "libxentoolcore1", "busybox-static",
+    "xen-hypervisor-4.17-amd64",
+    "xen-utils-4.17",
+    "xen-utils-common",
+    "xenstore-utils",
+    "libxenstore4",
+    "libxencall1",
+    "libxenevtchn1",
+    "libxenforeignmemory1",
+    "libxengnttab1",
+    "libxenmisc4.17",
+    "libxentoollog1",
+    "libyajl2",
+    "libxendevicemodel1",
+    "libxenhypfs1",
+    "libxentoolcore1",
+    "busybox-static",
 )
 DOM0_KERNEL_META = "linux-image-amd64"
 DOM0_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs")
 NET_MODULES = ("e1000", "xen-netback")  # loaded only when ports are forwarded
 # loaded in this order only when the guest has disks: virtio-blk for QEMU's disks, blkback to serve them
-BLK_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
-               "virtio_blk", "xen-blkback")
+BLK_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "xen-blkback",
+)
 TOOLS = ("xl", "xenstored", "xenconsoled", "xenconsole", "xen-init-dom0")
 DOM0_INIT = Path(__file__).with_name("xenrig") / "dom0-init.sh"
 VIF_SCRIPT = Path(__file__).with_name("xenrig") / "vif-xbuild.sh"
@@ -61,9 +81,16 @@ class Rig:
 def ensure_rig(progress: Say | None = None) -> Rig:
     """Return the cached rig for the mirror's current package versions, building it once if needed."""
     say = progress or (lambda _msg: None)
-    require(*needs_of(NESTED), error=RunError)   # the rig is built from Debian packages
-    recipe = [RIG_RECIPE, DOM0_INIT.read_text(), VIF_SCRIPT.read_text(), BLOCK_SCRIPT.read_text(),
-              DOM0_MODULES, NET_MODULES, BLK_MODULES]
+    require(*needs_of(NESTED), error=RunError)  # the rig is built from Debian packages
+    recipe = [
+        RIG_RECIPE,
+        DOM0_INIT.read_text(),
+        VIF_SCRIPT.read_text(),
+        BLOCK_SCRIPT.read_text(),
+        DOM0_MODULES,
+        NET_MODULES,
+        BLK_MODULES,
+    ]
     # resolving versions costs seconds of apt-cache: remember the answer until the apt lists change
     lists = os.stat("/var/lib/apt/lists").st_mtime_ns
     pointer = cache_dir("xenrig") / f"resolved-{_digest([*recipe, lists])}"

@@ -56,8 +56,10 @@ from .rig import ensure_rig, host_file
 DOM0_DISK = "/dev/xbuild-disk{}"  # dom0's name of the outer QEMU's Nth virtio disk (its serial)
 GUEST_IP, DOM0_VIF_IP = "10.0.3.2", "10.0.3.1"  # a point-to-point link dom0 ↔ guest (see vif-xbuild.sh)
 DOM0_MEM_MB = 512
-XEN_CMDLINE = (f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M dom0_max_vcpus=1"
-               " bootscrub=false")
+XEN_CMDLINE = (
+    f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M dom0_max_vcpus=1"
+    " bootscrub=false"
+)
 DOM0_CMDLINE = "console=hvc0 quiet cryptomgr.notests"  # crypto self-tests cost dom0 ~0.5 s under TCG
 GUEST_NAME = "xbuild"
 GRACE_S = 10  # seconds between `xl shutdown` and `xl destroy`
@@ -81,9 +83,20 @@ def xen_extra(art: Artifact) -> str:
     return " ".join(["console=hvc0", *(w for w in art.cmdline.split() if not w.startswith("console="))])
 
 
-def guest_config(art: Artifact, *, name: str, kernel: str, ramdisk: str, xen_type: str, memory_mb: int,
-                 extra_args: Sequence[str] = (), kernel_args: Sequence[str] = (), disk: str | None = None,
-                 network: bool = False, rig: bool = False) -> str:
+def guest_config(
+    art: Artifact,
+    *,
+    name: str,
+    kernel: str,
+    ramdisk: str,
+    xen_type: str,
+    memory_mb: int,
+    extra_args: Sequence[str] = (),
+    kernel_args: Sequence[str] = (),
+    disk: str | None = None,
+    network: bool = False,
+    rig: bool = False,
+) -> str:
     """The xl config of a run: the validated artifact's command line, vcpus and root disk mode, the given
     paths (`disk`: where xl finds the root disk) and nothing else. `rig`: for the nested rig (TCG-safe TSC;
     with `network`, one vif routed by dom0's own script and the guest's `ip=` set to match)."""
@@ -96,19 +109,36 @@ def guest_config(art: Artifact, *, name: str, kernel: str, ramdisk: str, xen_typ
     d = art.manifest.disk
     disks = (XlDisk(disk, DiskFormat.RAW if rig else d.format, d.mode),) if d and disk else ()
     line = cmdline.with_args(extra, kernel_args, extra_args)
-    return xen_config(name, line, memory_mb, art.manifest.guest.vcpus, xen_type, kernel=kernel,
-                      ramdisk=ramdisk, disks=disks, vif=vif, maxmem=True,
-                      tsc_native=rig and xen_type == XenType.PVH)
+    return xen_config(
+        name,
+        line,
+        memory_mb,
+        art.manifest.guest.vcpus,
+        xen_type,
+        kernel=kernel,
+        ramdisk=ramdisk,
+        disks=disks,
+        vif=vif,
+        maxmem=True,
+        tsc_native=rig and xen_type == XenType.PVH,
+    )
 
 
 # ---- running -------------------------------------------------------------------------------------------
 
 
-def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | None = None,
-               timeout: float | None = None, extra_args: Sequence[str] = (),
-               console: BinaryIO | None = None, ports: Sequence[tuple[int, int]] = (),
-               kernel_args: Sequence[str] = (), progress: Say | None = None,
-               stop_event: threading.Event | None = None) -> RunResult:
+def run_nested(
+    art: Artifact,
+    xen_type: str = NESTED_XEN_TYPE,
+    memory_mb: int | None = None,
+    timeout: float | None = None,
+    extra_args: Sequence[str] = (),
+    console: BinaryIO | None = None,
+    ports: Sequence[tuple[int, int]] = (),
+    kernel_args: Sequence[str] = (),
+    progress: Say | None = None,
+    stop_event: threading.Event | None = None,
+) -> RunResult:
     """Boot the validated artifact as a `xen_type` guest of Xen nested in QEMU (TCG), stream its console.
 
     Like builder.run.qemu.run: only the guest console reaches `console` (default stdout); `extra_args` go
@@ -128,9 +158,19 @@ def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | 
     qemu = qemu_binary()
     # the outer QEMU opens the disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-disk0
     outer_disks = root_disks(art)
-    cfg = guest_config(art, name=GUEST_NAME, kernel="/guest/kernel", ramdisk="/guest/initrd.img",
-                       xen_type=xen_type, memory_mb=guest_mb, extra_args=extra_args, kernel_args=kernel_args,
-                       disk=DOM0_DISK.format(0) if outer_disks else None, network=bool(ports), rig=True)
+    cfg = guest_config(
+        art,
+        name=GUEST_NAME,
+        kernel="/guest/kernel",
+        ramdisk="/guest/initrd.img",
+        xen_type=xen_type,
+        memory_mb=guest_mb,
+        extra_args=extra_args,
+        kernel_args=kernel_args,
+        disk=DOM0_DISK.format(0) if outer_disks else None,
+        network=bool(ports),
+        rig=True,
+    )
     rig = ensure_rig(progress)
     work = Path(tempfile.mkdtemp(prefix="xbuild-xen-"))
     log, initrd, overlays = work / "xen-console.log", work / "dom0-initrd.img", work / "overlays"
@@ -155,17 +195,47 @@ def run_nested(art: Artifact, xen_type: str = NESTED_XEN_TYPE, memory_mb: int | 
             dom0 += f" xenrig.guest={GUEST_IP} xenrig.ports={','.join(str(g) for _h, g in ports)}"
             fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in ports)
             net = ["-netdev", f"user,id=net0{fwd}", "-device", "e1000,netdev=net0"]
-        argv = [qemu, "-accel", "tcg", "-cpu", "max,-smap", "-smp", "2",
-                "-m", str(max(1024, DOM0_MEM_MB + guest_mb + 256)), "-nodefaults", "-display", "none",
-                "-no-reboot", "-chardev", f"file,id=xen,path={log},append=on", "-serial", "chardev:xen",
-                "-chardev", "stdio,id=guest,signal=off", "-serial", "chardev:guest",
-                *net, *blk, "-kernel", str(rig.xen), "-append", XEN_CMDLINE,
-                "-initrd", f"{rig.dom0_kernel} {dom0.replace(',', ',,')},{initrd}"]
+        argv = [
+            qemu,
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max,-smap",
+            "-smp",
+            "2",
+            "-m",
+            str(max(1024, DOM0_MEM_MB + guest_mb + 256)),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-chardev",
+            f"file,id=xen,path={log},append=on",
+            "-serial",
+            "chardev:xen",
+            "-chardev",
+            "stdio,id=guest,signal=off",
+            "-serial",
+            "chardev:guest",
+            *net,
+            *blk,
+            "-kernel",
+            str(rig.xen),
+            "-append",
+            XEN_CMDLINE,
+            "-initrd",
+            f"{rig.dom0_kernel} {dom0.replace(',', ',,')},{initrd}",
+        ]
         with open(log, "ab") as err:
             # QEMU's stdin is COM2, dom0's ttyS1: dom0 shuts the guest down, destroys it after its grace
-            sup = Supervisor(console=console or sys.stdout.buffer, stop=lambda s: s.write(b"stop\n"),
-                             grace=GRACE_S + EXIT_WAIT_S, settle=EXIT_WAIT_S, stdin=subprocess.PIPE,
-                             stderr=err)
+            sup = Supervisor(
+                console=console or sys.stdout.buffer,
+                stop=lambda s: s.write(b"stop\n"),
+                grace=GRACE_S + EXIT_WAIT_S,
+                settle=EXIT_WAIT_S,
+                stdin=subprocess.PIPE,
+                stderr=err,
+            )
             result = _supervise(sup, argv, timeout, stop_event)
         xl_failed = re.search(rb"xl exited [1-9]", log.read_bytes()) is not None
         keep = result.exit_status is None
@@ -190,9 +260,16 @@ def _dom0_says(log: Path) -> str:
     return f" (dom0: {'; '.join(s.decode(errors='replace') for s in said)})" if said else ""
 
 
-def run_xl(art: Artifact, xen_type: str | None = None, memory_mb: int | None = None,
-           timeout: float | None = None, extra_args: Sequence[str] = (), console: BinaryIO | None = None,
-           kernel_args: Sequence[str] = (), stop_event: threading.Event | None = None) -> RunResult:
+def run_xl(
+    art: Artifact,
+    xen_type: str | None = None,
+    memory_mb: int | None = None,
+    timeout: float | None = None,
+    extra_args: Sequence[str] = (),
+    console: BinaryIO | None = None,
+    kernel_args: Sequence[str] = (),
+    stop_event: threading.Event | None = None,
+) -> RunResult:
     """`xl create -c` of a config generated from the validated artifact, on this host, a Xen dom0.
 
     Same contract as run_nested. The config (guest_config) names the artifact's kernel and initrd by
@@ -219,13 +296,29 @@ def run_xl(art: Artifact, xen_type: str | None = None, memory_mb: int | None = N
             disk = _throwaway_copy(disk, scratch)
         name = domain_name(guest.hostname)
         cfg = scratch / "guest.cfg"
-        cfg.write_text(guest_config(art, name=name, kernel=str(art.kernel.resolve()),
-                                    ramdisk=str(art.initrd.resolve()), xen_type=xen_type or guest.xen_type,
-                                    memory_mb=memory_mb or guest.memory_mb, extra_args=extra_args,
-                                    kernel_args=kernel_args, disk=str(disk) if disk else None))
-        sup = Supervisor(console=console or sys.stdout.buffer, stop=lambda _s: _xl("shutdown", name),
-                         force=lambda _s: _xl("destroy", name), grace=GRACE_S, settle=EXIT_WAIT_S,
-                         stdin=None, stderr=None, cwd=scratch)
+        cfg.write_text(
+            guest_config(
+                art,
+                name=name,
+                kernel=str(art.kernel.resolve()),
+                ramdisk=str(art.initrd.resolve()),
+                xen_type=xen_type or guest.xen_type,
+                memory_mb=memory_mb or guest.memory_mb,
+                extra_args=extra_args,
+                kernel_args=kernel_args,
+                disk=str(disk) if disk else None,
+            )
+        )
+        sup = Supervisor(
+            console=console or sys.stdout.buffer,
+            stop=lambda _s: _xl("shutdown", name),
+            force=lambda _s: _xl("destroy", name),
+            grace=GRACE_S,
+            settle=EXIT_WAIT_S,
+            stdin=None,
+            stderr=None,
+            cwd=scratch,
+        )
         try:
             return _supervise(sup, ["xl", "create", "-c", str(cfg)], timeout, stop_event)
         finally:
@@ -253,8 +346,9 @@ def _scratch_dir(beside: Path | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="xbuild-run-"))
 
 
-def _supervise(sup: Supervisor, argv: list[str], timeout: float | None,
-               stop_event: threading.Event | None) -> RunResult:
+def _supervise(
+    sup: Supervisor, argv: list[str], timeout: float | None, stop_event: threading.Event | None
+) -> RunResult:
     try:
         sup.start(argv)
     except OSError as e:

@@ -13,7 +13,7 @@ from ..reference import ImageRef
 @dataclass(frozen=True)
 class SourceOptions:
     platform: Platform = Platform()
-    insecure: bool = False                                 # plain HTTP for any registry
+    insecure: bool = False  # plain HTTP for any registry
     progress: Progress | None = None
 
 

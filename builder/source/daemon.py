@@ -34,12 +34,14 @@ from ..oci.manifest import CONFIG_LIMIT, DOCKER_CONFIG, DOCKER_MANIFEST, build_i
 from ..reference import ImageRef
 from . import SourceOptions
 
-SMALL = 1 << 20                  # archive members up to this size (JSON files, tiny layers) stay in memory
-PROBE_TIMEOUT = 3                # seconds a bare-reference look-up waits for the daemon
+SMALL = 1 << 20  # archive members up to this size (JSON files, tiny layers) stay in memory
+PROBE_TIMEOUT = 3  # seconds a bare-reference look-up waits for the daemon
 DEFAULT_SOCKET = "/var/run/docker.sock"
-_TAR_TYPES = {"none": "application/vnd.oci.image.layer.v1.tar",
-              "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-              "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
+_TAR_TYPES = {
+    "none": "application/vnd.oci.image.layer.v1.tar",
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def daemon_name(ref: ImageRef) -> str:
     name = ref.docker_name
     for prefix in ("docker.io/library/", "docker.io/"):
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 
@@ -81,8 +83,9 @@ def find_local(ref: ImageRef, platform: Platform | None = None) -> bool:
         return False
     finally:
         client.close()
-    return (platform or Platform()).matches({"os": attrs.get("Os"), "architecture": attrs.get("Architecture"),
-                             "variant": attrs.get("Variant")})
+    return (platform or Platform()).matches(
+        {"os": attrs.get("Os"), "architecture": attrs.get("Architecture"), "variant": attrs.get("Variant")}
+    )
 
 
 def load(ref: ImageRef, options: SourceOptions) -> Image:
@@ -106,8 +109,9 @@ def load(ref: ImageRef, options: SourceOptions) -> Image:
             try:
                 saved[:] = _save(image.save(chunk_size=CHUNK, named=named), config_digest, what, advance)
             except (DockerException, requests.RequestException) as e:
-                raise SourceError(f"{what}: docker save from the daemon at {host} failed ({_first_line(e)})"
-                                  ) from None
+                raise SourceError(
+                    f"{what}: docker save from the daemon at {host} failed ({_first_line(e)})"
+                ) from None
 
         # the cached config is verified (a corrupt one is removed and saved again from the daemon); the
         # cached diffs are verified as flatten reads them
@@ -126,13 +130,23 @@ def load(ref: ImageRef, options: SourceOptions) -> Image:
         client.close()
     # the same manifest the docker-archive reader makes of `docker save` output, so digests agree
     layers = [{"mediaType": _TAR_TYPES[b.compression], "digest": b.digest, "size": b.size} for b in blobs]
-    manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
-                "config": {"mediaType": DOCKER_CONFIG, "digest": config_digest, "size": len(config_raw)},
-                "layers": layers}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "digest": config_digest, "size": len(config_raw)},
+        "layers": layers,
+    }
     manifest_digest = "sha256:" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     paths = {b.digest: b.path for b in blobs}
-    return build_image(ref, manifest_digest, manifest, config_raw,
-                       lambda d: (lambda: open(paths[d.digest], "rb")), what, options.platform)
+    return build_image(
+        ref,
+        manifest_digest,
+        manifest,
+        config_raw,
+        lambda d: lambda: open(paths[d.digest], "rb"),
+        what,
+        options.platform,
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -162,12 +176,13 @@ class _Chunks(io.RawIOBase):
         return n
 
 
-def _save(chunks: Iterator[bytes], config_digest: str, what: str,
-          advance: Callable[[int], None] | None) -> list[_Blob]:
+def _save(
+    chunks: Iterator[bytes], config_digest: str, what: str, advance: Callable[[int], None] | None
+) -> list[_Blob]:
     """Read a `docker save` stream, caching the config and every layer; the layers in image order."""
     small: dict[str, bytes] = {}
-    spooled: dict[str, tuple[str, int, str, Path]] = {}     # name -> (digest, size, compression, entry)
-    links: dict[str, str] = {}      # docker writes a layer seen before (same diff_id) as a symlink to it
+    spooled: dict[str, tuple[str, int, str, Path]] = {}  # name -> (digest, size, compression, entry)
+    links: dict[str, str] = {}  # docker writes a layer seen before (same diff_id) as a symlink to it
     tmp = cache_dir("tmp")
     try:
         with tarfile.open(fileobj=io.BufferedReader(_Chunks(chunks, advance), CHUNK), mode="r|") as tar:

@@ -57,8 +57,11 @@ class _Files:
             raise SourceError(f"{ref}: no such archive {path}")
         try:
             with open(path, "rb") as f:
-                members = {"/".join(split(m.name)): (m.offset, m.size)
-                           for m in read_members(f, os.fstat(f.fileno()).st_size) if m.type == tarread.REG}
+                members = {
+                    "/".join(split(m.name)): (m.offset, m.size)
+                    for m in read_members(f, os.fstat(f.fileno()).st_size)
+                    if m.type == tarread.REG
+                }
         except TarFormatError as e:
             raise SourceError(f"{ref}: not an uncompressed tar archive we can read ({e})") from None
         return cls(path, members)
@@ -137,8 +140,9 @@ def _resolve(ref: ImageRef, files: _Files, desc: Descriptor, platform: Platform,
 
     manifest = resolve(read(desc.digest), desc.digest, read, platform, what, desc.media_type or None)
     cfg = descriptor(manifest.doc.get("config"), f"{what} config")
-    config_raw = verify_bytes(files.read(_blob_name(cfg.digest, what), what, CONFIG_LIMIT), cfg.digest,
-                              f"{what} config")
+    config_raw = verify_bytes(
+        files.read(_blob_name(cfg.digest, what), what, CONFIG_LIMIT), cfg.digest, f"{what} config"
+    )
 
     def opener(d: Descriptor) -> Callable[[], IO[bytes]]:
         name = _blob_name(d.digest, what)
@@ -157,10 +161,15 @@ def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
         raise SourceError(f"{what}: manifest.json lists no images")
     for i, e in enumerate(entries):
         lists = [e.get(k) or [] for k in ("Layers", "RepoTags")] if isinstance(e, dict) else [None]
-        if not (isinstance(e, dict) and isinstance(e.get("Config"), str)
-                and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists)):
-            raise SourceError(f"{what}: manifest.json: entry {i} is not an object with a Config string, "
-                              "Layers and RepoTags lists of strings")
+        if not (
+            isinstance(e, dict)
+            and isinstance(e.get("Config"), str)
+            and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists)
+        ):
+            raise SourceError(
+                f"{what}: manifest.json: entry {i} is not an object with a Config string, "
+                "Layers and RepoTags lists of strings"
+            )
     if ref.name:
         want = {ref.name, f"{ref.name}:latest", f"docker.io/library/{ref.name}"}
         entries = [e for e in entries if want & set(e.get("RepoTags") or [])]
@@ -188,14 +197,27 @@ def _docker_archive(ref: ImageRef, files: _Files, platform: Platform) -> Image:
         digest = diff_id if codec == "none" else _file_digest(files, name)
         off_size = files.members[name] if files.members else (0, 0)
         layers.append({"mediaType": mt, "digest": digest, "size": off_size[1], "name": name})
-    manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
-                "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                           "digest": config_digest, "size": len(config_raw)},
-                "layers": [{k: v for k, v in x.items() if k != "name"} for x in layers]}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": config_digest,
+            "size": len(config_raw),
+        },
+        "layers": [{k: v for k, v in x.items() if k != "name"} for x in layers],
+    }
     by_digest = {x["digest"]: x["name"] for x in layers}
     manifest_digest = "sha256:" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    return build_image(ref, manifest_digest, manifest, config_raw,
-                       lambda d: files.opener(by_digest[d.digest]), what, platform)
+    return build_image(
+        ref,
+        manifest_digest,
+        manifest,
+        config_raw,
+        lambda d: files.opener(by_digest[d.digest]),
+        what,
+        platform,
+    )
 
 
 def _file_digest(files: _Files, name: str) -> str:

@@ -25,8 +25,13 @@ def load(ref: ImageRef, options: SourceOptions) -> Image:
     if not ref.registry or not ref.repository:
         raise SourceError(f"{ref}: not a registry reference")
     what = str(ref)
-    repo = Repository(ref.registry, ref.repository, what=what, insecure=options.insecure,
-                      no_credentials_hint="; the image may not exist or need a login")
+    repo = Repository(
+        ref.registry,
+        ref.repository,
+        what=what,
+        insecure=options.insecure,
+        no_credentials_hint="; the image may not exist or need a login",
+    )
 
     def opener(desc: Descriptor) -> Callable[[], IO[bytes]]:
         def open_layer() -> IO[bytes]:

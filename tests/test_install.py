@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.kernel import DEFAULT_FRAGMENTS
 from tests.fixtures.hostile import Sandbox, assert_refused
 from tests.fixtures.images import OciImage, make_busybox_image
 
@@ -123,7 +124,7 @@ def test_the_wheel_builds_and_boots_an_image_outside_the_checkout(
     assert r.returncode == 0, r.stderr
     manifest = json.loads(r.stdout)
     assert manifest["guest"]["recipe"] == "busybox-httpd"  # recipes ship with the wheel
-    assert manifest["kernel"]["fragments"] == ["base", "xen", "net", "qemu", "block"]
+    assert manifest["kernel"]["fragments"] == list(DEFAULT_FRAGMENTS)
     r = xbuild("run", str(work / "art"), "--", "sh", "-c", "echo from the wheel; exit 3")
     assert r.returncode == 3, r.stderr
     assert "from the wheel" in r.stdout

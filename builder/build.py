@@ -69,6 +69,7 @@ from .recipes import Recipe, load_recipe, recipe_for_ref
 from .text import is_decimal
 from .tree import Tree
 
+GUEST_PLATFORMS = (("linux", "amd64"),)  # what the init and the kernels are built for (issue 18: arm64)
 QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
 
 
@@ -104,6 +105,11 @@ class BuildOptions:
             if value not in choices(members):
                 raise BadInput(f"{flag} {value}: choose from {', '.join(choices(members))}")
             object.__setattr__(self, name, members(value))
+        if (self.platform.os, self.platform.architecture) not in GUEST_PLATFORMS:
+            served = ", ".join(f"{o}/{a}" for o, a in GUEST_PLATFORMS)
+            raise BadInput(
+                f"--platform {self.platform}: xbuild builds {served} guests only (its init and kernel)"
+            )
 
 
 _CHOICES: dict[str, tuple[str, type[StrEnum]]] = {  # BuildOptions' enum fields and their flags

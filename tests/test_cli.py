@@ -54,6 +54,10 @@ def test_bare_image_means_build_and_json_is_the_manifest(
         (["oci:{layout}", "--disk-mode", "ro"], "--disk-mode needs --format disk"),
         (["oci:{layout}", "--format", "squashfs"], "'squashfs' is not one of"),
         (["oci:{layout}", "--memory", "100000"], "100000 is not in the range 16<=x<=65536"),
+        (
+            ["oci:{layout}", "--platform", "linux/arm64"],
+            "--platform linux/arm64: xbuild builds linux/amd64 guests",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(

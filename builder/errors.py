@@ -76,3 +76,7 @@ class DiskError(XbuildError):
 
 class DiskInputError(DiskError, BadInput):
     """A disk image request the user can fix: too small a size, an unwritable path, libguestfs missing."""
+
+
+class SignatureError(BadInput):
+    """A signature that cannot be made or checked: a bad key file, an unsigned image, one no key verifies."""

@@ -39,7 +39,7 @@ from .options import (
     choices,
     stderr_say,
 )
-from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd
+from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd, sign_cmd, verify_cmd
 from .recipes import load_recipe
 from .run_cli import run_cmd
 from .verify import plan, skip_reason, verify_artifact
@@ -311,6 +311,8 @@ def build_cmd(
 
 main.add_command(push_cmd)
 main.add_command(pull_cmd)
+main.add_command(sign_cmd)
+main.add_command(verify_cmd)
 main.add_command(run_cmd)
 main.add_command(cache_cmd)
 kernel.add_command(kernel_push_cmd)

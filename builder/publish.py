@@ -18,6 +18,11 @@ in another repository of the same registry, uploads the rest and PUTs the manife
 half way leaves the tag as it was. A pull verifies every digest, goes through the blob cache and writes the
 directory under a temp name renamed into place.
 
+A VM artifact's SBOM and provenance (`sbom.*.json`, `provenance.*.json`: layers like any file) are also
+attached to the pushed manifest as OCI referrers (`oci.referrers`), one per document, artifactType by format
+(DOCUMENT_TYPES), so registry tools find them by the image's digest; a document of another format stays a
+layer only.
+
 The root disk is the one layer that is not the file as is: its blob is the file compressed with zstd (level
 DISK_LEVEL, multi-threaded: the output depends on the parameters only, never on the thread count), streamed
 into the blob cache, so the same disk always gives the same blob; `compressed/<sha256 of the file>.zstd<L>`
@@ -59,6 +64,7 @@ from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, lock_shared,
 from .compression import CorruptData, compressor, reader
 from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
 from .kernel import Kernel
+from .oci import referrers
 from .oci.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST, Descriptor, manifest_parts
 from .oci.repository import Repository
 from .options import DiskFormat, Say
@@ -90,6 +96,11 @@ KERNEL_FILE_TYPES = {
     "build.log": "application/vnd.xbuild.kernel.build-log.v1",
 }
 KERNEL_OTHER_FILE = "application/vnd.xbuild.kernel.file.v1"
+DOCUMENT_TYPES = {  # the middle word of sbom.<format>.json / provenance.<format>.json → referrer artifactType
+    "cdx": "application/vnd.cyclonedx+json",
+    "spdx": "application/spdx+json",
+    "intoto": "application/vnd.in-toto+json",
+}
 TITLE = "org.opencontainers.image.title"
 CREATED = "org.opencontainers.image.created"
 BASE_DIGEST = "org.opencontainers.image.base.digest"
@@ -148,6 +159,7 @@ class Pushed:
     mounted: int
     uploaded_bytes: int
     disk: dict[str, Any] | None = None  # {file, media_type, file_size, blob_size} when there is a disk
+    referrers: dict[str, str] | None = None  # attached documents: file name → referrer manifest digest
 
 
 def target(text: str | ImageRef) -> ImageRef:
@@ -385,6 +397,7 @@ def _push(
             of = f", zstd of {blob.file_size / 1e6:.1f} MB" if blob.file_size is not None else ""
             log(f"{how} {name} ({blob.size / 1e6:.1f} MB{of})")
         repo.put_manifest(str(ref.tag), raw, digest)
+        attached = _attach_documents(repo, referrers.Subject(OCI_MANIFEST, digest, len(raw)), layers, log)
     disk = next(
         (
             {"file": b.title, "media_type": b.media_type, "file_size": b.file_size, "blob_size": b.size}
@@ -401,7 +414,31 @@ def _push(
         counts["mounted"],
         sent,
         disk,
+        attached or None,
     )
+
+
+def document_type(name: str) -> str | None:
+    """The referrer artifactType of an artifact file that is an SBOM or provenance document, else None."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] in ("sbom", "provenance") and parts[2] == "json":
+        return DOCUMENT_TYPES.get(parts[1])
+    return None
+
+
+def _attach_documents(
+    repo: Repository, subject: referrers.Subject, layers: list[Blob], log: Say
+) -> dict[str, str]:
+    """Attach each SBOM/provenance layer of a pushed artifact to it as a referrer; {file: referrer digest}."""
+    attached = {}
+    for blob in layers:
+        kind = document_type(blob.title or "")
+        if kind is None or blob.title is None:
+            continue
+        done = referrers.attach(repo, subject, kind, blob.path, kind, blob.title)
+        attached[blob.title] = done.digest
+        log(f"attached {blob.title} as a referrer ({kind}, {done.how})")
+    return attached
 
 
 def _fetch(repo: Repository, ref: ImageRef, kind: _Kind) -> tuple[bytes, dict[str, Any], list[Blob], str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import kernel as kern
-from . import publish
+from . import publish, sign
 from .errors import PublishError
 from .options import stderr_say
 
@@ -39,11 +39,60 @@ def _report(pushed: publish.Pushed, seconds: float, as_json: bool) -> None:
 @click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No messages.")
-def push_cmd(artifact: Path, ref: str, insecure: bool, as_json: bool, quiet: bool) -> None:
-    """Push the ARTIFACT directory to REF (REGISTRY/REPO:TAG) as an OCI artifact; prints REF@DIGEST."""
+@click.option(
+    "--sign",
+    "key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="KEY",
+    help="Sign the pushed image with this private key (PEM, ECDSA P-256 or Ed25519).",
+)
+def push_cmd(artifact: Path, ref: str, insecure: bool, as_json: bool, quiet: bool, key: Path | None) -> None:
+    """Push the ARTIFACT directory to REF (REGISTRY/REPO:TAG) as an OCI artifact; prints REF@DIGEST.
+    Its SBOM and provenance documents are attached as OCI referrers; `--sign` attaches a signature too."""
     start = time.monotonic()
-    pushed = publish.push(artifact, ref, insecure, stderr_say(quiet or as_json))
+    say = stderr_say(quiet or as_json)
+    if key is not None:
+        sign.load_private_key(key)  # a bad key is refused before anything is pushed
+    pushed = publish.push(artifact, ref, insecure, say)
+    if key is not None:
+        pinned = dataclasses.replace(publish.target(ref), digest=pushed.digest)
+        sign.sign(pinned, key, insecure, say)
     _report(pushed, time.monotonic() - start, as_json)
+
+
+@click.command("sign")
+@click.argument("ref")
+@click.option(
+    "--key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    metavar="KEY",
+    help="Private key (PEM, ECDSA P-256 or Ed25519; an encrypted one's password in $XBUILD_KEY_PASSWORD).",
+)
+@click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
+def sign_cmd(ref: str, key: Path, insecure: bool) -> None:
+    """Sign the image REF (tag or digest) in its registry: a Sigstore bundle attached as an OCI referrer;
+    prints REF@DIGEST of what was signed."""
+    r = publish.target(ref)
+    signed = sign.sign(r, key, insecure, stderr_say())
+    click.echo(f"{dataclasses.replace(r, tag=None, digest=signed.subject).docker_name}")
+
+
+@click.command("verify")
+@click.argument("ref")
+@click.option(
+    "--key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    metavar="PUB",
+    help="Public key (PEM) a signature must verify with.",
+)
+@click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
+def verify_cmd(ref: str, key: Path, insecure: bool) -> None:
+    """Check that the image REF carries a signature by KEY's private key; prints REF@DIGEST verified
+    (exit 2 and one line saying why when it does not)."""
+    r = publish.target(ref)
+    click.echo(sign.verified(r, key, insecure, stderr_say()).docker_name)
 
 
 @click.command("pull")
@@ -59,9 +108,18 @@ def push_cmd(artifact: Path, ref: str, insecure: bool, as_json: bool, quiet: boo
     "--force", is_flag=True, help="Let -o replace a directory that is not an artifact (never a file)."
 )
 @click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
-def pull_cmd(ref: str, output: Path, force: bool, insecure: bool) -> None:
+@click.option(
+    "--verify-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="PUB",
+    help="Pull only if a signature verifies with this public key (PEM); pulls the digest verified.",
+)
+def pull_cmd(ref: str, output: Path, force: bool, insecure: bool, verify_key: Path | None) -> None:
     """Pull the VM artifact REF into a directory; prints the directory."""
-    click.echo(publish.pull(ref, output, insecure, force=force))
+    r = publish.target(ref)
+    if verify_key is not None:
+        r = sign.verified(r, verify_key, insecure, stderr_say())
+    click.echo(publish.pull(r, output, insecure, force=force))
 
 
 @click.command("push")

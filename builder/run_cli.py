@@ -37,9 +37,23 @@ def _port(text: str) -> tuple[int, int]:
     return pair
 
 
-def resolve_artifact(target: str, insecure: bool, log: Say) -> Artifact:
-    """A directory as is; a registry REF pulled when it is an xbuild VM image, else built like `xbuild`."""
+def resolve_artifact(target: str, insecure: bool, log: Say, verify_key: Path | None = None) -> Artifact:
+    """A directory as is; a registry REF pulled when it is an xbuild VM image, else built like `xbuild`.
+    With `verify_key`: only a registry REF whose signature verifies with that public key (sign.verified),
+    pulled by the digest verified; anything else refused before anything is written."""
     path = Path(target)
+    if verify_key is not None:
+        from .publish import pull
+        from .publish import target as registry_ref
+        from .sign import verified
+
+        if path.is_dir():
+            raise BadInput(f"{target}: --verify-key checks a VM image in a registry, not a directory")
+        pinned = verified(registry_ref(target), verify_key, insecure, log)
+        key = hashlib.sha256(str(pinned.docker_name).encode()).hexdigest()[:16]
+        pulled = pull(pinned, cache_dir("pulled") / key, insecure, reuse=True)
+        log(f"pulled the VM image {pinned.docker_name}")
+        return open_artifact(pulled)
     if path.is_dir():
         return open_artifact(path)
     key = hashlib.sha256(target.encode()).hexdigest()[:16]
@@ -99,6 +113,12 @@ def resolve_artifact(target: str, insecure: bool, log: Say) -> Artifact:
 )
 @click.option("--icount", is_flag=True, help="QEMU: deterministic guest time (-icount), for boot benchmarks.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP to the registry when pulling.")
+@click.option(
+    "--verify-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="PUB",
+    help="Run the registry VM image only if a signature verifies with this public key (PEM).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Console to stderr; a JSON result on stdout.")
 def run_cmd(
     target: str,
@@ -112,6 +132,7 @@ def run_cmd(
     accel: str,
     icount: bool,
     insecure: bool,
+    verify_key: Path | None,
     as_json: bool,
 ) -> None:
     """Boot ARTIFACT, stream its console, exit with the entrypoint's status.
@@ -125,7 +146,7 @@ def run_cmd(
         if "=" not in e or e.startswith("="):
             raise BadInput(f"--env {e!r}: expected KEY=VALUE")
     kernel_args = [f"xbuild.env={e}" for e in envs]
-    art = resolve_artifact(target, insecure, log).bootable()
+    art = resolve_artifact(target, insecure, log, verify_key).bootable()
     if hypervisor == Hypervisor.AUTO:
         hypervisor = Hypervisor.XEN if is_dom0() else Hypervisor.QEMU
     console = sys.stderr.buffer if as_json else sys.stdout.buffer

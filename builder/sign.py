@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import os
@@ -230,3 +231,11 @@ def verify(ref: ImageRef, pub_path: Path, insecure: bool = False) -> str:
             :600
         ]
     )
+
+
+def verified(ref: ImageRef, pub_path: Path, insecure: bool = False, log: Say = lambda msg: None) -> ImageRef:
+    """`ref` pinned to the digest `verify` found signed: what a verified pull then fetches, so the bytes
+    pulled are the ones the signature covers even if the tag moves meanwhile."""
+    digest = verify(ref, pub_path, insecure)
+    log(f"verified {ref.docker_name}: {digest} is signed by {pub_path.name}")
+    return dataclasses.replace(ref, digest=digest)

@@ -6,8 +6,9 @@ and "Referrers Tag Schema").
   PUT by digest. A registry with the referrers API says so with an `OCI-Subject` header on that PUT; without
   it (Debian's docker-registry, distribution 2.8, stores the manifest and says nothing) the referrer is
   added to the subject's referrers index, the image index tagged `sha256-<hex of the subject digest>`,
-  read-modify-write: read (404: start empty; anything but an OCI index: refused, left alone), append unless
-  listed, PUT, read again to see our entry survived a concurrent writer (else try again, TAG_TRIES times).
+  read-modify-write: read (accepting any manifest type: distribution answers 404 for a manifest of a type
+  the Accept header leaves out; 404: start empty; anything but an OCI index: refused, left alone), append
+  unless listed, PUT, read again to see our entry survived a concurrent writer (else again, TAG_TRIES times).
 - `list_referrers` asks `GET /v2/<repo>/referrers/<digest>` (filtered by artifactType client-side too: a
   registry may ignore the filter); a 404 means no referrers API, and the tag schema's index is read
   instead; no index there means no referrers.
@@ -32,7 +33,7 @@ import httpx
 from ..blobs import check_digest
 from ..errors import SourceError
 from .client import Body
-from .manifest import MANIFEST_LIMIT, OCI_INDEX, OCI_MANIFEST, Descriptor, load_json
+from .manifest import ACCEPT, MANIFEST_LIMIT, OCI_INDEX, OCI_MANIFEST, Descriptor, load_json
 from .repository import Repository
 
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
@@ -159,7 +160,7 @@ def _tag_index(repo: Repository, tag: str) -> list[dict[str, Any]]:
     """The `manifests` of the referrers index tagged `tag` ([] when there is none); an index that is not one
     (another media type, malformed entries) is refused, never overwritten."""
     try:
-        raw = _get(repo, f"{repo.base}/manifests/{tag}", f"referrers index {tag}", {"Accept": OCI_INDEX})
+        raw = _get(repo, f"{repo.base}/manifests/{tag}", f"referrers index {tag}", {"Accept": ACCEPT})
     except _Absent:
         return []
     return _manifests(repo, raw, f"referrers index {tag}")
@@ -200,7 +201,7 @@ def list_referrers(repo: Repository, digest: str, artifact_type: str | None = No
         what = "referrers list"
     except _Absent:
         try:
-            raw = _get(repo, f"{repo.base}/manifests/{tag}", f"referrers index {tag}", {"Accept": OCI_INDEX})
+            raw = _get(repo, f"{repo.base}/manifests/{tag}", f"referrers index {tag}", {"Accept": ACCEPT})
         except _Absent:
             return []
         what = f"referrers index {tag}"

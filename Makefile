@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap umoci docker-registry skopeo \
 	musl-tools busybox-static cpio zstd lz4 xz-utils strace bubblewrap apache2-utils openssl docker.io \
-	python3-guestfs linux-image-amd64 gosu \
+	python3-guestfs linux-image-amd64 gosu nodejs \
 	linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves
 export XBUILD_CACHE ?= $(HOME)/.cache/xbuild
 
@@ -22,6 +22,10 @@ apt: .work/apt.stamp
 		$$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# npm (tests/test_sign.py's independent verifier, sigstore-js): Debian's package, unless the nodejs
+	@# installed already brings npm (NodeSource's does, and conflicts with Debian's)
+	@command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive $$( [ $$(id -u) -eq 0 ] || echo sudo ) \
+		apt-get install -y -qq --no-install-recommends npm
 	@touch $@
 
 venv: $(VENV)/.stamp

@@ -92,7 +92,7 @@ def verify_cmd(ref: str, key: Path, insecure: bool) -> None:
     """Check that the image REF carries a signature by KEY's private key; prints REF@DIGEST verified
     (exit 2 and one line saying why when it does not)."""
     r = publish.target(ref)
-    click.echo(sign.verified(r, key, insecure, stderr_say()).docker_name)
+    click.echo(sign.verified(r, [key], insecure, stderr_say()).docker_name)
 
 
 @click.command("pull")
@@ -114,11 +114,17 @@ def verify_cmd(ref: str, key: Path, insecure: bool) -> None:
     metavar="PUB",
     help="Pull only if a signature verifies with this public key (PEM); pulls the digest verified.",
 )
-def pull_cmd(ref: str, output: Path, force: bool, insecure: bool, verify_key: Path | None) -> None:
+@click.option(
+    "--verify-policy",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Pull only what this JSON policy admits (public keys per repository pattern).",
+)
+def pull_cmd(
+    ref: str, output: Path, force: bool, insecure: bool, verify_key: Path | None, verify_policy: Path | None
+) -> None:
     """Pull the VM artifact REF into a directory; prints the directory."""
-    r = publish.target(ref)
-    if verify_key is not None:
-        r = sign.verified(r, verify_key, insecure, stderr_say())
+    r = sign.admit(publish.target(ref), verify_key, verify_policy, insecure, stderr_say())
     click.echo(publish.pull(r, output, insecure, force=force))
 
 

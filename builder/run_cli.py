@@ -37,19 +37,21 @@ def _port(text: str) -> tuple[int, int]:
     return pair
 
 
-def resolve_artifact(target: str, insecure: bool, log: Say, verify_key: Path | None = None) -> Artifact:
+def resolve_artifact(
+    target: str, insecure: bool, log: Say, verify_key: Path | None = None, policy: Path | None = None
+) -> Artifact:
     """A directory as is; a registry REF pulled when it is an xbuild VM image, else built like `xbuild`.
-    With `verify_key`: only a registry REF whose signature verifies with that public key (sign.verified),
+    With `verify_key` or `policy`: only a registry VM image `sign.admit` admits (a signature verifies),
     pulled by the digest verified; anything else refused before anything is written."""
     path = Path(target)
-    if verify_key is not None:
+    if verify_key is not None or policy is not None:
         from .publish import pull
         from .publish import target as registry_ref
-        from .sign import verified
+        from .sign import admit
 
         if path.is_dir():
-            raise BadInput(f"{target}: --verify-key checks a VM image in a registry, not a directory")
-        pinned = verified(registry_ref(target), verify_key, insecure, log)
+            raise BadInput(f"{target}: signatures are checked on a VM image in a registry, not a directory")
+        pinned = admit(registry_ref(target), verify_key, policy, insecure, log)
         key = hashlib.sha256(str(pinned.docker_name).encode()).hexdigest()[:16]
         pulled = pull(pinned, cache_dir("pulled") / key, insecure, reuse=True)
         log(f"pulled the VM image {pinned.docker_name}")
@@ -119,6 +121,12 @@ def resolve_artifact(target: str, insecure: bool, log: Say, verify_key: Path | N
     metavar="PUB",
     help="Run the registry VM image only if a signature verifies with this public key (PEM).",
 )
+@click.option(
+    "--verify-policy",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Run the registry VM image only if this JSON policy admits it (public keys per repository).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Console to stderr; a JSON result on stdout.")
 def run_cmd(
     target: str,
@@ -133,6 +141,7 @@ def run_cmd(
     icount: bool,
     insecure: bool,
     verify_key: Path | None,
+    verify_policy: Path | None,
     as_json: bool,
 ) -> None:
     """Boot ARTIFACT, stream its console, exit with the entrypoint's status.
@@ -146,7 +155,7 @@ def run_cmd(
         if "=" not in e or e.startswith("="):
             raise BadInput(f"--env {e!r}: expected KEY=VALUE")
     kernel_args = [f"xbuild.env={e}" for e in envs]
-    art = resolve_artifact(target, insecure, log, verify_key).bootable()
+    art = resolve_artifact(target, insecure, log, verify_key, verify_policy).bootable()
     if hypervisor == Hypervisor.AUTO:
         hypervisor = Hypervisor.XEN if is_dom0() else Hypervisor.QEMU
     console = sys.stderr.buffer if as_json else sys.stdout.buffer

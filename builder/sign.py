@@ -9,9 +9,10 @@ transparency-log entry or timestamp: its verification material is the key's hint
 key), the trust is the public key the verifier is given. Keys are PEM files, ECDSA P-256 (signatures ASN.1
 DER, SHA-256) or Ed25519; a private key may be encrypted, its password in $XBUILD_KEY_PASSWORD.
 
-`sign(ref, key)` attaches a bundle to the manifest `ref` names; `verify(ref, pub)` returns the manifest
-digest once a bundle attached to it verifies with `pub` and names exactly that digest, else SignatureError
-(exit 2) saying why: no signature, or each bundle's failure (wrong key, bad signature, another digest...).
+`sign(ref, key)` attaches a bundle to the manifest `ref` names; `verify(ref, pubs)` returns the manifest
+digest once a bundle attached to it verifies with one of `pubs` and names exactly that digest, else
+SignatureError (exit 2) saying why: no signature, or each bundle's failure (wrong key, bad signature,
+another digest...). `by_policy` applies a policy file: which keys, per repository pattern.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,7 @@ PREDICATE = "dev.sigstore.bundle.predicateType"
 BUNDLE_LIMIT = 1 << 20  # a bundle is ~1.5 KB; larger ones are refused unread
 MAX_SIGNATURES = 32  # bundles checked per image at most (a registry may list any number)
 PASSWORD_ENV = "XBUILD_KEY_PASSWORD"
+POLICY_LIMIT = 1 << 20
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
@@ -207,10 +211,11 @@ def sign(ref: ImageRef, key_path: Path, insecure: bool = False, log: Say = lambd
     return Signed(digest, attached.digest, attached.how)
 
 
-def verify(ref: ImageRef, pub_path: Path, insecure: bool = False) -> str:
-    """The digest of the manifest `ref` names once a signature attached to it verifies with the public key in
-    `pub_path`; SignatureError otherwise (no signature; none of those found verifies, each one's reason)."""
-    public = load_public_key(pub_path)
+def verify(ref: ImageRef, keys: Sequence[Path], insecure: bool = False) -> str:
+    """The digest of the manifest `ref` names once a signature attached to it verifies with one of the public
+    keys in the files `keys`; SignatureError otherwise (no signature; none of those found verifies with any
+    of the keys, each signature's reason)."""
+    publics = [load_public_key(p) for p in keys]
     what = str(ref.docker_name)
     with repository(ref, insecure, push=False) as repo:
         digest = referrers.subject_of(repo, str(ref.digest or ref.tag)).digest
@@ -221,21 +226,101 @@ def verify(ref: ImageRef, pub_path: Path, insecure: bool = False) -> str:
         for desc in found[:MAX_SIGNATURES]:
             try:
                 raw = referrers.fetch_one(repo, desc, digest, BUNDLE_TYPE, BUNDLE_LIMIT)
-                check_bundle(raw, public, digest)
-            except (ValueError, PublishError) as e:
+            except PublishError as e:
                 reasons.append(f"{desc.digest[7:19]}: {str(e).removeprefix(what + ': ')}")
                 continue
-            return digest
-    raise SignatureError(
-        f"{what}: no signature verifies with {pub_path.name} ({len(reasons)} checked: {'; '.join(reasons)})"[
-            :600
-        ]
-    )
+            failures = []
+            for public in publics:
+                try:
+                    check_bundle(raw, public, digest)
+                except ValueError as e:
+                    failures.append(str(e))
+                    continue
+                return digest
+            reasons.append(f"{desc.digest[7:19]}: {', '.join(sorted(set(failures)))}")
+    names = ", ".join(p.name for p in keys)
+    why = "; ".join(reasons)[:400]
+    raise SignatureError(f"{what}: no signature verifies with {names} ({len(reasons)} checked: {why})")
 
 
-def verified(ref: ImageRef, pub_path: Path, insecure: bool = False, log: Say = lambda msg: None) -> ImageRef:
+def verified(
+    ref: ImageRef, keys: Sequence[Path], insecure: bool = False, log: Say = lambda msg: None
+) -> ImageRef:
     """`ref` pinned to the digest `verify` found signed: what a verified pull then fetches, so the bytes
     pulled are the ones the signature covers even if the tag moves meanwhile."""
-    digest = verify(ref, pub_path, insecure)
-    log(f"verified {ref.docker_name}: {digest} is signed by {pub_path.name}")
+    digest = verify(ref, keys, insecure)
+    log(f"verified {ref.docker_name}: {digest} is signed ({', '.join(p.name for p in keys)})")
     return dataclasses.replace(ref, digest=digest)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of a policy file: images whose `registry/repository` matches `match` (fnmatch) need a
+    signature by one of `keys`, or none when `unsigned` (an explicit opt-out)."""
+
+    match: str
+    keys: tuple[Path, ...]
+    unsigned: bool
+
+
+def load_policy(path: Path) -> tuple[Rule, ...]:
+    """The rules of the JSON policy file `path`:
+
+        {"rules": [{"match": "registry.example.com/team/*", "keys": ["team.pub"]},
+                   {"match": "localhost:5000/*", "unsigned": true}]}
+
+    Key paths are relative to the policy's directory. SignatureError for anything else (unknown fields,
+    a rule with both or neither of keys and unsigned)."""
+    try:
+        if path.stat().st_size > POLICY_LIMIT:
+            raise SignatureError(f"{path}: larger than {POLICY_LIMIT} bytes for a policy file")
+        doc = json.loads(path.read_bytes())
+    except OSError as e:
+        raise SignatureError(f"{path}: cannot read the policy: {e.strerror}") from None
+    except ValueError as e:
+        raise SignatureError(f"{path}: not a JSON policy ({e})") from None
+    rules = doc.get("rules") if isinstance(doc, dict) and set(doc) == {"rules"} else None
+    if not isinstance(rules, list) or not rules:
+        raise SignatureError(f'{path}: a policy is {{"rules": [{{"match": ..., "keys": [...]}}, ...]}}')
+    out = []
+    for n, rule in enumerate(rules):
+        where = f"{path}: rule {n + 1}"
+        if not isinstance(rule, dict) or not set(rule) <= {"match", "keys", "unsigned"}:
+            raise SignatureError(f"{where}: only match, keys and unsigned are known")
+        match, keys, unsigned = rule.get("match"), rule.get("keys"), rule.get("unsigned", False)
+        if not isinstance(match, str) or not match or not isinstance(unsigned, bool):
+            raise SignatureError(f"{where}: match must be a pattern, unsigned true or false")
+        if unsigned == (keys is not None):
+            raise SignatureError(f'{where}: give either keys or "unsigned": true')
+        if not unsigned and not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
+            raise SignatureError(f"{where}: keys must be a list of public key files")
+        out.append(Rule(match, tuple(path.parent / k for k in keys or ()), unsigned))
+    return tuple(out)
+
+
+def by_policy(ref: ImageRef, policy: Path, insecure: bool = False, log: Say = lambda msg: None) -> ImageRef:
+    """`ref` as the policy file `policy` admits it: the first rule matching `registry/repository` decides:
+    pinned to the digest verified with its keys (`verified`), or as is for an `unsigned` rule; no rule
+    matching: SignatureError."""
+    name = f"{ref.registry}/{ref.repository}"
+    for rule in load_policy(policy):
+        if fnmatch.fnmatchcase(name, rule.match):
+            if rule.unsigned:
+                log(f"policy {policy.name}: {name} may run unsigned (rule {rule.match!r})")
+                return ref
+            return verified(ref, rule.keys, insecure, log)
+    raise SignatureError(f"{ref.docker_name}: no rule of the policy {policy} admits {name}")
+
+
+def admit(
+    ref: ImageRef, key: Path | None, policy: Path | None, insecure: bool = False, log: Say = lambda msg: None
+) -> ImageRef:
+    """What `pull`/`run` fetch under `--verify-key KEY` (`verified`) or `--verify-policy FILE` (`by_policy`);
+    `ref` itself when neither is given. Both at once: SignatureError."""
+    if key is not None and policy is not None:
+        raise SignatureError("--verify-key and --verify-policy exclude each other")
+    if key is not None:
+        return verified(ref, [key], insecure, log)
+    if policy is not None:
+        return by_policy(ref, policy, insecure, log)
+    return ref

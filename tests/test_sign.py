@@ -152,7 +152,7 @@ def test_sign_existing_image_and_pull_verified(
     pushed = publish.push(artifact, ref)
     r = sandbox.xbuild("sign", ref, "--key", str(keys.private))
     assert r.returncode == 0 and r.stdout.strip() == f"{registry.host}/signed/later@{pushed.digest}", r.stderr
-    assert sign.verify(target(ref), keys.public) == pushed.digest
+    assert sign.verify(target(ref), [keys.public]) == pushed.digest
     out = sandbox.root / "work" / "out"
     r = sandbox.xbuild("pull", ref, "-o", str(out), "--verify-key", str(keys.public))
     assert r.returncode == 0 and r.stdout.strip() == str(out), r.stderr
@@ -160,7 +160,9 @@ def test_sign_existing_image_and_pull_verified(
     # a second signer's signature beside the first: either verifies with its own key
     second = _keys(tmp_path / "k2", "ed25519")
     sign.sign(target(ref), second.private)
-    assert sign.verify(target(ref), second.public) == sign.verify(target(ref), keys.public) == pushed.digest
+    assert (
+        sign.verify(target(ref), [second.public]) == sign.verify(target(ref), [keys.public]) == pushed.digest
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +222,7 @@ def test_verified_pull_refuses(
         assert sandbox.changes(before) == []
         assert sandbox.stale_temps() == []
     with pytest.raises(SignatureError, match=attack.needle.replace("(", r"\(")):
-        sign.verify(target(ref), keys.public)
+        sign.verify(target(ref), [keys.public])
 
 
 def test_verified_run_refuses(
@@ -234,7 +236,7 @@ def test_verified_run_refuses(
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
     assert not (sandbox.cache / "pulled").exists()
     r = sandbox.xbuild("run", str(artifact), "--verify-key", str(keys.public))
-    assert_refused(r, 2, "--verify-key checks a VM image in a registry, not a directory")
+    assert_refused(r, 2, "signatures are checked on a VM image in a registry, not a directory")
 
 
 @pytest.mark.parametrize(
@@ -282,3 +284,54 @@ def test_encrypted_private_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(sign.PASSWORD_ENV, "s3cret")
     digest = "sha256:" + "a" * 64
     sign.check_bundle(sign.make_bundle(sign.load_private_key(path), digest, "x"), key.public_key(), digest)
+
+
+def test_verify_policy(
+    artifact: Path, registry: Registry, tmp_path: Path, sandbox: Sandbox, xbuild_cache: Path
+) -> None:
+    """`--verify-policy`: the first rule matching registry/repository decides (keys, any of which may
+    verify, or an explicit unsigned); no matching rule, an unsigned image under a keys rule, a malformed
+    policy: refused, exit 2, nothing written."""
+    keys = _keys(tmp_path / "k", "ecdsa")
+    _keys(tmp_path / "other", "ed25519")  # a second key the policy lists (signs nothing here)
+    signed = f"{registry.host}/policy/signed:v1"
+    publish.push(artifact, signed)
+    sign.sign(target(signed), keys.private)
+    unsigned = f"{registry.host}/policy/signed-not:v1"
+    publish.push(artifact, unsigned)
+    open_ref = f"{registry.host}/policy/open:v1"
+    publish.push(artifact, open_ref)
+    elsewhere = f"{registry.host}/elsewhere/app:v1"
+    publish.push(artifact, elsewhere)
+    policy = tmp_path / "k" / "policy.json"
+    rules = [
+        {"match": f"{registry.host}/policy/open", "unsigned": True},
+        {"match": f"{registry.host}/policy/*", "keys": ["../other/ed25519.pub", "ecdsa.pub"]},
+    ]
+    policy.write_text(json.dumps({"rules": rules}))
+    for n, ref in enumerate((signed, open_ref)):
+        out = sandbox.root / "work" / f"ok-{n}"
+        r = sandbox.xbuild("pull", ref, "-o", str(out), "--verify-policy", str(policy))
+        assert r.returncode == 0 and (out / "manifest.json").is_file(), r.stderr
+    assert (
+        "is signed (ed25519.pub, ecdsa.pub)"
+        in sandbox.xbuild(
+            "pull", signed, "-o", str(sandbox.root / "work" / "ok-0"), "--verify-policy", str(policy)
+        ).stderr
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rules": [{"match": "*", "keys": ["a.pub"], "unsigned": True}]}))
+    out = sandbox.root / "work" / "out"
+    for ref, pol, needle in (
+        (unsigned, policy, "not signed"),
+        (elsewhere, policy, "no rule of the policy"),
+        (signed, bad, "rule 1: give either keys or"),
+    ):
+        for cmd in (("pull", ref, "-o", str(out)), ("run", ref)):
+            before = sandbox.snapshot()
+            assert_refused(sandbox.xbuild(*cmd, "--verify-policy", str(pol)), 2, needle)
+            assert sandbox.changes(before) == []
+    both = sandbox.xbuild(
+        "pull", signed, "-o", str(out), "--verify-policy", str(policy), "--verify-key", str(keys.public)
+    )
+    assert_refused(both, 2, "exclude each other")

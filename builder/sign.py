@@ -207,7 +207,10 @@ def sign(ref: ImageRef, key_path: Path, insecure: bool = False, log: Say = lambd
             f"sha256-{hashlib.sha256(raw).hexdigest()}.sigstore.json",
             {CONTENT: "dsse-envelope", PREDICATE: SIGN_PREDICATE},
         )
-    log(f"signed {ref.docker_name} ({digest}) with {key_path.name}: {attached.digest} ({attached.how})")
+    log(
+        f"signed {ref.registry}/{ref.repository}@{digest} with {key_path.name} "
+        f"(signature {attached.digest[:19]}, listed by the {attached.how})"
+    )
     return Signed(digest, attached.digest, attached.how)
 
 

@@ -46,8 +46,15 @@ def _repo(registry: Registry, repo: str, push: bool = True) -> publish.Repositor
     return publish._repository(target(f"{registry.host}/{repo}:x"), False, push)
 
 
+def _push_bare(artifact: Path, ref: str) -> publish.Pushed:
+    """Push the artifact without the SBOM/provenance files a build may write (so it has no referrers)."""
+    config, layers, notes = publish.vm_blobs(artifact)
+    layers = [b for b in layers if not publish.document_type(b.title or "")]
+    return publish._push(target(ref), publish.VM, config, layers, notes, False, lambda msg: None)
+
+
 def test_attach_without_referrers_api(artifact: Path, registry: Registry) -> None:
-    pushed = publish.push(artifact, f"{registry.host}/ref/a:v1")
+    pushed = _push_bare(artifact, f"{registry.host}/ref/a:v1")
     assert httpx.get(f"{registry.url}/v2/ref/a/referrers/{pushed.digest}").status_code == 404  # no API
     with _repo(registry, "ref/a") as repo:
         subject = referrers.subject_of(repo, "v1")
@@ -84,7 +91,7 @@ def test_attach_without_referrers_api(artifact: Path, registry: Registry) -> Non
 def test_index_update_keeps_other_entries_and_refuses_a_foreign_tag(
     artifact: Path, registry: Registry
 ) -> None:
-    pushed = publish.push(artifact, f"{registry.host}/ref/b:v1")
+    pushed = _push_bare(artifact, f"{registry.host}/ref/b:v1")
     # another tool's referrer already in the index (as oras or cosign would leave it); distribution 2.8
     # refuses an index naming a manifest it does not hold, so that one is pushed first
     vm = httpx.get(f"{registry.url}/v2/ref/b/manifests/v1", headers={"Accept": OCI_MANIFEST}).json()
@@ -109,21 +116,27 @@ def test_index_update_keeps_other_entries_and_refuses_a_foreign_tag(
     index = _index(registry, "ref/b", pushed.digest).json()
     assert [m["digest"] for m in index["manifests"]] == [other["digest"], mine.digest]
     # a tag of that name that is not an index (here: the VM image itself) is refused, never overwritten
-    pushed_c = publish.push(artifact, f"{registry.host}/ref/c:sha256-{pushed.digest[7:]}")
+    _push_bare(artifact, f"{registry.host}/ref/c:v1")
+    raw_vm = httpx.get(f"{registry.url}/v2/ref/c/manifests/v1", headers={"Accept": OCI_MANIFEST}).content
+    put = httpx.put(
+        f"{registry.url}/v2/ref/c/manifests/{tag}", content=raw_vm, headers={"Content-Type": OCI_MANIFEST}
+    )
+    assert put.status_code == 201, put.text
     with _repo(registry, "ref/c") as repo:
-        subject = referrers.Subject(OCI_MANIFEST, pushed.digest, 1)
+        subject = referrers.Subject(OCI_MANIFEST, pushed.digest, len(raw_vm))
         with pytest.raises(PublishError, match="is not an OCI image index"):
             referrers.attach(repo, subject, CDX, b"{}", CDX, "sbom.cdx.json")
         with pytest.raises(PublishError, match="is not an OCI image index"):
             referrers.list_referrers(repo, pushed.digest)
     head = httpx.head(f"{registry.url}/v2/ref/c/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
-    assert head.headers["Docker-Content-Digest"] == pushed_c.digest
+    assert head.headers["Docker-Content-Digest"] == pushed.digest
 
 
 def test_push_attaches_documents(artifact: Path, registry: Registry, tmp_path: Path) -> None:
     """`_push` (what `xbuild push` does after reading the directory) attaches every sbom.*.json /
     provenance.*.json layer; a document of an unknown format stays a layer only."""
     config, layers, notes = publish.vm_blobs(artifact)
+    layers = [b for b in layers if not publish.document_type(b.title or "")]  # the build's own, if any
     docs = {
         "sbom.cdx.json": b'{"bomFormat":"CycloneDX","specVersion":"1.6"}',
         "provenance.intoto.json": b'{"_type":"https://in-toto.io/Statement/v1"}',

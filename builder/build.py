@@ -10,6 +10,7 @@ into place only when everything succeeded, so a failed build leaves nothing behi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
@@ -18,13 +19,14 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from . import __version__, init, reference, source
+from . import __version__, init, provenance, reference, source
 from .artifact import (
     CMDLINE,
     DISK,
     HOSTNAME,
     INITRD,
     KERNEL,
+    PROVENANCE,
     XEN_CFG,
     Artifact,
     DiskInfo,
@@ -65,6 +67,7 @@ from .options import (
     XenType,
     choices,
 )
+from .provenance import Dependencies
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .text import is_decimal
 from .tree import Tree
@@ -276,7 +279,8 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     tree, report = minimize(flat.tree, config, recipe, opts.minimize)
     if opts.minimize != MinimizeMode.NONE:
         opts.log(report.summary().splitlines()[0])
-    install(tree, gc, init.init_binary())
+    init_bin = init.init_binary()
+    install(tree, gc, init_bin)
     kernel = _kernel(opts, kernel_plan) if kernel_plan else None
     guest = Guest.of(gc, memory_mb=memory, xen_type=opts.xen_type, recipe=recipe.name if recipe else None)
     with atomic_dir(out) as tmp:
@@ -317,8 +321,14 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             minimize=report.to_json(),
             disk=disk_section,
             kernel=kernel_info,
+            provenance=PROVENANCE,
         )
         write_manifest(tmp, manifest)
+        provenance.write(
+            tmp,
+            inputs,
+            Dependencies(hashlib.sha256(init_bin).hexdigest(), file_sha256(tmp / KERNEL) if kernel else None),
+        )
         prepare_output(out, opts.force)  # again: the directory may have changed during the build
     return Artifact(out, manifest, cmdline)
 

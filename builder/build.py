@@ -47,7 +47,7 @@ from .blobs import check_unchanged
 from .cache import atomic_dir, file_sha256
 from .compression import DEFAULT_COMPRESSION
 from .cpio import pack
-from .errors import BadInput
+from .errors import BadInput, SourceError
 from .flatten import flatten
 from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
 from .image import Healthcheck, Image, Platform
@@ -97,6 +97,8 @@ class BuildOptions:
     disk_mode: DiskMode = DiskMode.RW  # with format disk
     max_layer_size: int | None = None  # decompressed bytes per layer; None: blobs.max_layer_size()
     healthcheck: Healthcheck | None = None  # docker run's --health-*/--no-healthcheck over the image's
+    pin: str | None = None  # the manifest digest the image must have (a registry is asked for it by digest)
+    expect: BuildInputs | None = field(default=None, compare=False)  # build only from exactly these inputs
     progress: Progress | None = field(default=None, compare=False)
     log: Say = field(default=lambda msg: None, compare=False)
 
@@ -167,6 +169,13 @@ def resolve_ref(ref_text: str, opts: BuildOptions) -> reference.ImageRef:
     return ref
 
 
+def _pinned(ref: reference.ImageRef, pin: str | None) -> reference.ImageRef:
+    """`ref` asking a registry or the Docker daemon for the manifest `pin` rather than its tag."""
+    return (
+        dataclasses.replace(ref, digest=pin) if pin and ref.transport in ("docker", "docker-daemon") else ref
+    )
+
+
 def _recipe(ref: reference.ImageRef, opts: BuildOptions) -> Recipe | None:
     return load_recipe(opts.recipe) if opts.recipe else recipe_for_ref(ref)
 
@@ -235,7 +244,11 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     recipe = _recipe(ref, opts)
     out = opts.output or default_output(ref)
     _check_output(out, opts.force)
-    image = source.load(ref, source.SourceOptions(opts.platform, opts.insecure, opts.progress))
+    image = source.load(
+        _pinned(ref, opts.pin), source.SourceOptions(opts.platform, opts.insecure, opts.progress)
+    )
+    if opts.pin and image.manifest_digest != opts.pin:
+        raise SourceError(f"{ref}: the image is {image.manifest_digest}, not {opts.pin}")
     opts.log(f"image {ref} ({image.manifest_digest[:19]}, {len(image.layers)} layers, {image.platform})")
     hostname = opts.hostname or default_hostname(ref)
     epoch = source_date_epoch(image, opts.epoch)
@@ -266,6 +279,8 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         healthcheck=opts.healthcheck,
         source_date_epoch=epoch,
     )
+    if opts.expect:
+        opts.expect.check_same(inputs)
     opts.log(f"build key {inputs.key()}")
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
     flat = flatten(image, progress, opts.max_layer_size)

@@ -76,3 +76,8 @@ class DiskError(XbuildError):
 
 class DiskInputError(DiskError, BadInput):
     """A disk image request the user can fix: too small a size, an unwritable path, libguestfs missing."""
+
+
+class RebuildError(BadInput):
+    """`xbuild rebuild`: a recorded input that cannot be had here (the source digest gone, the recipe or the
+    toolchain changed)."""

@@ -37,9 +37,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .artifact import _Section
-from .errors import ArtifactError
+from .artifact import _one_of, _Section
+from .errors import ArtifactError, RebuildError
 from .image import Healthcheck
+from .options import DiskFormat, DiskMode, MinimizeMode, OutputFormat, XenType
 
 SCHEMA = "xbuild.inputs.v1"
 
@@ -58,6 +59,8 @@ class KernelInput(_Section):
     def __post_init__(self) -> None:
         if (self.key is None) == (self.sha256 is None):
             raise ArtifactError("kernel: exactly one of key (a built kernel) and sha256 (a given file)")
+        if self.sha256 is not None and not self.source:
+            raise ArtifactError("kernel: a given kernel's sha256 without its source")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class DiskInput(_Section):
     format: str
     mode: str
     size: int | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.format, DiskFormat, "disk.format")
+        _one_of(self.mode, DiskMode, "disk.mode")
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,20 @@ class BuildInputs(_Section):
             raise ArtifactError(f"inputs: schema {self.schema[:40]!r} is not {SCHEMA}")
         if (self.recipe is None) != (self.recipe_sha256 is None):
             raise ArtifactError("inputs: a recipe needs its sha256 and a sha256 its recipe")
+        _one_of(self.minimize, MinimizeMode, "minimize")
+        _one_of(self.format, OutputFormat, "format")
+        _one_of(self.xen_type, XenType, "xen_type")
+
+    def check_same(self, now: BuildInputs) -> None:
+        """RebuildError (exit 2) naming the first fields where `now`, the inputs a build found, differ
+        from these recorded ones: the recorded artifact cannot be built again here."""
+        was, found = self.to_json(), now.to_json()
+        changed = [k for k in sorted(was.keys() | found.keys()) if was.get(k) != found.get(k)]
+        if changed:
+            shown = "; ".join(
+                f"{k}: {_short(was.get(k))} recorded, {_short(found.get(k))} here" for k in changed[:3]
+            )
+            raise RebuildError(f"the inputs differ from the recorded ones ({shown})")
 
     def canonical(self) -> bytes:
         """The canonical JSON: sorted keys, no whitespace, UTF-8; absent optional fields left out."""
@@ -109,6 +130,11 @@ class BuildInputs(_Section):
     def key(self) -> str:
         """The artifact's cache key: the hex sha256 of `canonical()`."""
         return hashlib.sha256(self.canonical()).hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = "none" if value is None else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def canonical_json(obj: Any) -> bytes:

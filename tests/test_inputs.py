@@ -90,7 +90,18 @@ def _valid_change(path: tuple[str, ...]) -> tuple[BuildInputs, BuildInputs]:
     base = FULL
     if path == ("kernel", "sha256"):
         base = dataclasses.replace(FULL, kernel=KernelInput(source="/boot/vmlinuz", sha256=SHA))
+    if path in CHOSEN:  # one of an enum's values: another one
+        return base, _changed(base, path, lambda value, hint: CHOSEN[path])
     return base, _changed(base, path)
+
+
+CHOSEN = {
+    ("minimize",): "trace",
+    ("format",): "initramfs",
+    ("xen_type",): "pv",
+    ("disk", "format"): "qcow2",
+    ("disk", "mode"): "ro",
+}
 
 
 FIELDS = [p for p in _leaves(BuildInputs) if p != ("schema",)]
@@ -134,6 +145,12 @@ def test_schema_is_checked() -> None:
     obj["source_digest"] = 5
     with pytest.raises(ArtifactError, match="source_digest: expected str"):
         BuildInputs.from_json(obj)
+
+
+def test_choices_are_checked() -> None:
+    for path in CHOSEN:
+        with pytest.raises(ArtifactError, match="is not one of"):
+            _changed(FULL, path)
 
 
 def test_kernel_is_built_or_given() -> None:

@@ -7,6 +7,8 @@
     <dir>/xen.cfg        an xl config with paths relative to the directory (for a hand-run `xl create`;
                          xbuild itself never reads it: its runners generate the config from the manifest)
     <dir>/manifest.json  what went in: source image, config, sizes, digests, minimize report
+    <dir>/provenance.intoto.json  how it was built: an in-toto statement naming every other file's sha256
+                         and the build's inputs (builder/provenance.py); `xbuild rebuild` builds from it
 
 An artifact is data, never code or paths: a pulled one is as untrusted as an image. `open_artifact` is the
 one place that reads a directory, and everything else works on the validated `Artifact` it returns:
@@ -60,7 +62,8 @@ from .options import (
 
 INITRD, KERNEL, CMDLINE, XEN_CFG, MANIFEST = "initrd.img", "kernel", "cmdline", "xen.cfg", "manifest.json"
 DISK = "disk.img"
-NAMES = (MANIFEST, KERNEL, INITRD, CMDLINE, XEN_CFG, DISK)  # every file an artifact may hold
+PROVENANCE = "provenance.intoto.json"
+NAMES = (MANIFEST, KERNEL, INITRD, CMDLINE, XEN_CFG, DISK, PROVENANCE)  # every file an artifact may hold
 SCHEMA = "xbuild.artifact.v1"
 VCPUS = (1, 64)
 MANIFEST_LIMIT = 64 << 20  # a manifest.json larger than this is not read
@@ -357,10 +360,13 @@ class Manifest(_Section):
     minimize: dict[str, Any] | None = None
     disk: DiskInfo | None = None
     kernel: KernelInfo | None = None
+    provenance: str | None = None  # PROVENANCE when the build wrote one
 
     def __post_init__(self) -> None:
         if self.schema != SCHEMA:
             raise ArtifactError(f"{MANIFEST}: not an xbuild artifact manifest (schema {SCHEMA} expected)")
+        if self.provenance is not None:
+            _file_name(self.provenance, PROVENANCE, "provenance")
 
     @classmethod
     def parse(cls, raw: bytes, where: str = MANIFEST) -> Manifest:
@@ -382,7 +388,12 @@ class Manifest(_Section):
 
     def files(self) -> tuple[str, ...]:
         """The files this manifest says the directory holds (kernel: only when a kernel section says so)."""
-        return (MANIFEST, INITRD) + ((KERNEL,) if self.kernel else ()) + ((DISK,) if self.disk else ())
+        return (
+            (MANIFEST, INITRD)
+            + ((KERNEL,) if self.kernel else ())
+            + ((DISK,) if self.disk else ())
+            + ((PROVENANCE,) if self.provenance else ())
+        )
 
     def dump(self) -> bytes:
         return (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode()

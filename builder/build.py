@@ -10,6 +10,7 @@ into place only when everything succeeded, so a failed build leaves nothing behi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
@@ -18,13 +19,14 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from . import __version__, reference, source
+from . import __version__, init, provenance, reference, source
 from .artifact import (
     CMDLINE,
     DISK,
     HOSTNAME,
     INITRD,
     KERNEL,
+    PROVENANCE,
     XEN_CFG,
     Artifact,
     DiskInfo,
@@ -45,11 +47,11 @@ from .blobs import check_unchanged
 from .cache import atomic_dir, file_sha256
 from .compression import DEFAULT_COMPRESSION
 from .cpio import pack
-from .errors import BadInput
+from .errors import BadInput, SourceError
 from .flatten import flatten
 from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
 from .image import Healthcheck, Image, Platform
-from .init import init_binary
+from .inputs import BuildInputs, DiskInput, KernelInput
 from .minimize import minimize
 from .minimize.probe import check_probe_host
 from .options import (
@@ -65,6 +67,7 @@ from .options import (
     XenType,
     choices,
 )
+from .provenance import Dependencies
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .text import is_decimal
 from .tree import Tree
@@ -94,6 +97,8 @@ class BuildOptions:
     disk_mode: DiskMode = DiskMode.RW  # with format disk
     max_layer_size: int | None = None  # decompressed bytes per layer; None: blobs.max_layer_size()
     healthcheck: Healthcheck | None = None  # docker run's --health-*/--no-healthcheck over the image's
+    pin: str | None = None  # the manifest digest the image must have (a registry is asked for it by digest)
+    expect: BuildInputs | None = field(default=None, compare=False)  # build only from exactly these inputs
     progress: Progress | None = field(default=None, compare=False)
     log: Say = field(default=lambda msg: None, compare=False)
 
@@ -164,12 +169,29 @@ def resolve_ref(ref_text: str, opts: BuildOptions) -> reference.ImageRef:
     return ref
 
 
+def _pinned(ref: reference.ImageRef, pin: str | None) -> reference.ImageRef:
+    """`ref` asking a registry or the Docker daemon for the manifest `pin` rather than its tag."""
+    return (
+        dataclasses.replace(ref, digest=pin) if pin and ref.transport in ("docker", "docker-daemon") else ref
+    )
+
+
 def _recipe(ref: reference.ImageRef, opts: BuildOptions) -> Recipe | None:
     return load_recipe(opts.recipe) if opts.recipe else recipe_for_ref(ref)
 
 
-def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, KernelInfo] | None:
-    """The kernel file to pair and what the manifest says of it (its size filled in once copied)."""
+@dataclass(frozen=True)
+class _KernelPlan:
+    """What --kernel pairs: its build input, and for a given file its path and format (kernel.verify)."""
+
+    input: KernelInput
+    path: Path | None = None  # None: the trimmed kernel, built (or taken from the cache) by `_kernel`
+    fmt: str = ""
+
+
+def _kernel_plan(opts: BuildOptions, recipe: Recipe | None) -> _KernelPlan | None:
+    """The kernel as a build input, nothing built yet: the trimmed kernel's key and fragments, or the given
+    file (pulled for oci://, checked by kernel.verify) and its sha256; None for --kernel none."""
     from . import kernel as kern
 
     if opts.kernel is None:
@@ -178,10 +200,7 @@ def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, KernelInfo
         fragments = kern.DEFAULT_FRAGMENTS + tuple(
             f for f in (recipe.kernel_fragments if recipe else ()) if f not in kern.DEFAULT_FRAGMENTS
         )
-        if not any(k.fragments == fragments for k in kern.list_kernels()):
-            opts.log(f"building the kernel ({' '.join(fragments)}) once; it is cached afterwards")
-        k = kern.build(fragments)
-        return k.path, KernelInfo(size=0, format=k.fmt, key=k.key, release=k.release, fragments=k.fragments)
+        return _KernelPlan(KernelInput(key=kern.build_key(fragments), fragments=fragments))
     if opts.kernel.startswith("oci://"):
         from .publish import pull_kernel
 
@@ -190,8 +209,21 @@ def _kernel(opts: BuildOptions, recipe: Recipe | None) -> tuple[Path, KernelInfo
         path = Path(opts.kernel)
         if not path.is_file():
             raise BadInput(f"--kernel {opts.kernel}: no such file")
-    info = kern.verify(path)
-    return path, KernelInfo(size=0, format=info.fmt, source=opts.kernel)
+    fmt = kern.verify(path).fmt
+    return _KernelPlan(KernelInput(source=opts.kernel, sha256=file_sha256(path)), path, fmt)
+
+
+def _kernel(opts: BuildOptions, plan: _KernelPlan) -> tuple[Path, KernelInfo]:
+    """The kernel file to pair and what the manifest says of it (its size filled in once copied)."""
+    from . import kernel as kern
+
+    if plan.path is not None:
+        return plan.path, KernelInfo(size=0, format=plan.fmt, source=opts.kernel)
+    fragments = plan.input.fragments or ()
+    if not any(k.fragments == fragments for k in kern.list_kernels()):
+        opts.log(f"building the kernel ({' '.join(fragments)}) once; it is cached afterwards")
+    k = kern.build(fragments)
+    return k.path, KernelInfo(size=0, format=k.fmt, key=k.key, release=k.release, fragments=k.fragments)
 
 
 def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
@@ -212,11 +244,46 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     recipe = _recipe(ref, opts)
     out = opts.output or default_output(ref)
     _check_output(out, opts.force)
-    image = source.load(ref, source.SourceOptions(opts.platform, opts.insecure, opts.progress))
+    image = source.load(
+        _pinned(ref, opts.pin), source.SourceOptions(opts.platform, opts.insecure, opts.progress)
+    )
+    if opts.pin and image.manifest_digest != opts.pin:
+        raise SourceError(f"{ref}: the image is {image.manifest_digest}, not {opts.pin}")
     opts.log(f"image {ref} ({image.manifest_digest[:19]}, {len(image.layers)} layers, {image.platform})")
+    hostname = opts.hostname or default_hostname(ref)
+    epoch = source_date_epoch(image, opts.epoch)
+    memory = opts.memory_mb or _default_memory(recipe, disk)
+    flags = cmdline_words(
+        " ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
+        "the kernel command line",
+    )
+    kernel_plan = _kernel_plan(opts, recipe)
+    inputs = BuildInputs(
+        source_reference=str(ref),
+        source_digest=image.manifest_digest,
+        platform=str(image.platform),
+        recipe=recipe.name if recipe else None,
+        recipe_sha256=recipe.sha256 if recipe else None,
+        minimize=opts.minimize.value,
+        kernel=kernel_plan.input if kernel_plan else None,
+        init_key=init.key(),
+        xbuild_version=__version__,
+        compression=opts.compression,
+        level=opts.level,
+        format=opts.format.value,
+        disk=DiskInput(opts.disk_format.value, opts.disk_mode.value, opts.disk_size) if disk else None,
+        memory_mb=memory,
+        xen_type=opts.xen_type.value,
+        hostname=hostname,
+        cmdline=flags,
+        healthcheck=opts.healthcheck,
+        source_date_epoch=epoch,
+    )
+    if opts.expect:
+        opts.expect.check_same(inputs)
+    opts.log(f"build key {inputs.key()}")
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
     flat = flatten(image, progress, opts.max_layer_size)
-    hostname = opts.hostname or default_hostname(ref)
     # what the guest runs: the image's config with docker run's --health-* merged over its Healthcheck
     config = image.config
     if opts.healthcheck:
@@ -227,14 +294,9 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     tree, report = minimize(flat.tree, config, recipe, opts.minimize)
     if opts.minimize != MinimizeMode.NONE:
         opts.log(report.summary().splitlines()[0])
-    install(tree, gc, init_binary())
-    kernel = _kernel(opts, recipe)
-    epoch = source_date_epoch(image, opts.epoch)
-    memory = opts.memory_mb or _default_memory(recipe, disk)
-    flags = cmdline_words(
-        " ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
-        "the kernel command line",
-    )
+    init_bin = init.init_binary()
+    install(tree, gc, init_bin)
+    kernel = _kernel(opts, kernel_plan) if kernel_plan else None
     guest = Guest.of(gc, memory_mb=memory, xen_type=opts.xen_type, recipe=recipe.name if recipe else None)
     with atomic_dir(out) as tmp:
         disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
@@ -274,8 +336,14 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             minimize=report.to_json(),
             disk=disk_section,
             kernel=kernel_info,
+            provenance=PROVENANCE,
         )
         write_manifest(tmp, manifest)
+        provenance.write(
+            tmp,
+            inputs,
+            Dependencies(hashlib.sha256(init_bin).hexdigest(), file_sha256(tmp / KERNEL) if kernel else None),
+        )
         prepare_output(out, opts.force)  # again: the directory may have changed during the build
     return Artifact(out, manifest, cmdline)
 

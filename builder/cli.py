@@ -319,6 +319,31 @@ kernel.add_command(kernel_push_cmd)
 main.add_command(kernel)
 
 
+@main.command("rebuild")
+@click.argument("target", metavar="ARTIFACT|REF")
+@click.option(
+    "--recipe", help="The recipe file, for an artifact built with --recipe FILE (checked by sha256)."
+)
+@click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registries.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages; the per-file lines still print.")
+def rebuild_cmd(target: str, recipe: str | None, insecure: bool, quiet: bool) -> None:
+    """Build ARTIFACT (a directory) or REF (a pulled VM image) again from its provenance and compare every
+    file: exit 0 when all match, 1 on a mismatch, 2 when a recorded input cannot be had."""
+    from .rebuild import rebuild
+
+    say = stderr_say(quiet)
+    result = rebuild(target, recipe, insecure, say)
+    for f in result.files:
+        click.echo(f.line())
+    bad = sum(not f.match for f in result.files)
+    say(
+        f"rebuild: {bad} of {len(result.files)} files differ"
+        if bad
+        else f"rebuild: all {len(result.files)} files match (build key {result.inputs.key()})"
+    )
+    sys.exit(1 if bad else 0)
+
+
 @main.command("explain")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("path")

@@ -80,3 +80,8 @@ class DiskInputError(DiskError, BadInput):
 
 class SignatureError(BadInput):
     """A signature that cannot be made or checked: a bad key file, an unsigned image, one no key verifies."""
+
+
+class RebuildError(BadInput):
+    """`xbuild rebuild`: a recorded input that cannot be had here (the source digest gone, the recipe or the
+    toolchain changed)."""

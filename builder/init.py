@@ -65,16 +65,24 @@ def cache_key(source: bytes, cc: str) -> str:
     return h.hexdigest()
 
 
+def key() -> str:
+    """The cache key of the init `init_binary()` gives, without compiling it."""
+    return cache_key(_source(), compiler())
+
+
+def _source() -> bytes:
+    try:
+        return SOURCE.read_bytes()
+    except OSError as e:
+        raise PackError(f"cannot read the init source {SOURCE}: {e}") from None
+
+
 def init_binary() -> bytes:
     """The static init binary, built on first use and cached under cache_dir('init', key) with its sha256
     beside it (`init.sha256`): a cached binary that does not match it (or a missing or odd entry) is
     compiled again."""
-    try:
-        src = SOURCE.read_bytes()
-    except OSError as e:
-        raise PackError(f"cannot read the init source {SOURCE}: {e}") from None
     cc = compiler()
-    entry = cache_dir("init", cache_key(src, cc))
+    entry = cache_dir("init", cache_key(_source(), cc))
     final, sums = entry / "init", entry / "init.sha256"
     cached = _cached(final, sums)
     if cached is not None:

@@ -23,12 +23,13 @@ Unknown tables or keys are errors (a typo must not silently weaken a recipe).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import time
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class Recipe:
     smoke: Smoke | None = None
     trace_seconds: float = 5.0
     source: str = field(default="", compare=False)
+    sha256: str = field(default="", compare=False)  # of the file it was read from (build inputs)
 
     @property
     def guest_ports(self) -> tuple[int, ...]:
@@ -189,7 +191,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"recipe {p}: not valid TOML ({e})") from None
-    return parse_recipe(doc, p.stem, str(p))
+    return replace(parse_recipe(doc, p.stem, str(p)), sha256=hashlib.sha256(raw).hexdigest())
 
 
 def _repo_name(repository: str) -> str:

@@ -37,7 +37,7 @@ def test_bare_image_means_build_and_json_is_the_manifest(
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["reference"] == busybox_image.ref
     assert manifest["guest"]["argv"] == ["sh"]
-    assert sorted(p.name for p in out.iterdir()) == ["initrd.img", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["initrd.img", "manifest.json", "provenance.intoto.json"]
     assert r.stderr == ""  # --json: nothing but the JSON
 
 

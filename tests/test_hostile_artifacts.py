@@ -22,7 +22,17 @@ import httpx
 import pytest
 
 from builder import publish
-from builder.artifact import CMDLINE, DISK, INITRD, KERNEL, MANIFEST, XEN_CFG, open_artifact, xen_config
+from builder.artifact import (
+    CMDLINE,
+    DISK,
+    INITRD,
+    KERNEL,
+    MANIFEST,
+    PROVENANCE,
+    XEN_CFG,
+    open_artifact,
+    xen_config,
+)
 from builder.cache import file_sha256
 from builder.errors import ArtifactError
 from builder.run import xen
@@ -346,7 +356,7 @@ def _put_vm(registry: Registry, repo: str, config: bytes, files: dict[str, tuple
 def _pulled_case(case: str, art: Path, host: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     """(manifest.json, files) of a hostile pulled artifact."""
     m = json.loads((art / MANIFEST).read_text())
-    files = {name: (art / name).read_bytes() for name in (INITRD, KERNEL, CMDLINE)}
+    files = {name: (art / name).read_bytes() for name in (INITRD, KERNEL, CMDLINE, PROVENANCE)}
     if case == "disk ../x":
         files[DISK] = bytes(4096)
         m["disk"] = {

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
@@ -23,6 +24,7 @@ from builder.artifact import (
     INITRD,
     KERNEL,
     MANIFEST,
+    PROVENANCE,
     XEN_CFG,
     open_artifact,
     xen_config,
@@ -75,7 +77,7 @@ def test_round_trip(artifact: Path, registry: Registry, tmp_path: Path, xbuild_c
     t0 = time.monotonic()
     pushed = publish.push(artifact, ref)
     t1 = time.monotonic()
-    assert pushed.reference == f"{ref}@{pushed.digest}" and pushed.uploaded == 5
+    assert pushed.reference == f"{ref}@{pushed.digest}" and pushed.uploaded == 6
     dest = tmp_path / "pulled"
     assert publish.pull(ref, dest) == dest
     t2 = time.monotonic()
@@ -109,12 +111,13 @@ def test_manifest_is_an_oci_artifact(artifact: Path, registry: Registry) -> None
     files = _digests(artifact)
     assert doc["config"]["digest"] == "sha256:" + files["manifest.json"]
     titles = [x["annotations"][publish.TITLE] for x in doc["layers"]]
-    assert titles == ["kernel", "initrd.img", "cmdline", "xen.cfg"]
+    assert titles == ["kernel", "initrd.img", "cmdline", "xen.cfg", PROVENANCE]
     assert [x["mediaType"] for x in doc["layers"]] == [
         "application/vnd.xbuild.vm.kernel.v1",
         "application/vnd.xbuild.vm.initrd.v1+zstd",
         "application/vnd.xbuild.vm.cmdline.v1",
         "application/vnd.xbuild.vm.xen-cfg.v1",
+        publish.VM_OTHER_FILE,
     ]
     for d in [doc["config"], *doc["layers"]]:
         assert set(d) <= {"mediaType", "digest", "size", "annotations"} and isinstance(d["size"], int)
@@ -140,9 +143,9 @@ def test_push_is_reproducible_skips_and_mounts(artifact: Path, registry: Registr
     source_ref = json.loads((artifact / "manifest.json").read_text())["source"]["reference"]
     again = publish.push(_artifact(source_ref, tmp_path / "rebuilt"), f"{registry.host}/vm/repro:b")
     assert again.digest == first.digest
-    assert (again.uploaded, again.present, again.mounted) == (0, 5, 0)
+    assert (again.uploaded, again.present, again.mounted) == (0, 6, 0)
     other = publish.push(artifact, f"{registry.host}/elsewhere/repro:a")
-    assert (other.digest, other.uploaded, other.mounted) == (first.digest, 0, 5)
+    assert (other.digest, other.uploaded, other.mounted) == (first.digest, 0, 6)
 
 
 def test_failed_push_leaves_tag(artifact: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,7 +191,7 @@ def test_push_needs_credentials(
     _docker_config(tmp_path, monkeypatch, reg.host, "ci:s3cret")
     pushed = publish.push(artifact, f"{reg.host}/vm/locked:v1")
     dest = publish.pull(f"{reg.host}/vm/locked:v1", tmp_path / "pulled")
-    assert _digests(dest) == _digests(artifact) and pushed.uploaded == 5
+    assert _digests(dest) == _digests(artifact) and pushed.uploaded == 6
 
 
 def test_push_to_read_only_registry(artifact: Path, tmp_path: Path) -> None:
@@ -318,7 +321,7 @@ def test_cli_push_pull(artifact: Path, registry: Registry, tmp_path: Path) -> No
     done = runner.invoke(group, ["pull", reference, "-o", str(tmp_path / "out")])
     assert done.exit_code == 0 and done.stdout.strip() == str(tmp_path / "out")
     done = runner.invoke(group, ["push", str(artifact), f"{registry.host}/vm/cli:v1", "--json"])
-    assert json.loads(done.stdout)["present"] == 5
+    assert json.loads(done.stdout)["present"] == 6
 
 
 def test_explicit_docker_prefix() -> None:
@@ -348,7 +351,7 @@ def test_push_retries_transient_failures(
         pushed = publish.push(artifact, f"{proxy.host}/vm/flaky:v1")
         first = proxy.requests[0]
         assert first[0] == "HEAD" and proxy.requests[:3] == [first] * 3  # two 503s, then answered
-        assert pushed.uploaded == 5
+        assert pushed.uploaded == 6
         proxy.fail = 100
         with pytest.raises(RegistryUnavailable, match=r"failing \(HTTP 503\) after 4 tries") as e:
             publish.pull(f"{proxy.host}/vm/flaky:v1", tmp_path / "dest")
@@ -393,10 +396,10 @@ def test_push_with_bearer_tokens(
         (d / "config.json").write_text(json.dumps({"auths": {reg.host: {"identitytoken": "refresh-1"}}}))
         monkeypatch.setenv("DOCKER_CONFIG", str(d))
         again = publish.push(artifact, f"{reg.host}/tok/vm:v2")
-        assert issuer.requests[-1][0] == "POST" and again.digest == pushed.digest and again.present == 5
+        assert issuer.requests[-1][0] == "POST" and again.digest == pushed.digest and again.present == 6
         assert _digests(publish.pull(f"{reg.host}/tok/vm:v2", tmp_path / "pulled")) == _digests(artifact)
         other = publish.push(artifact, f"{reg.host}/tok/other:v1")  # cross-repository mounts
-        assert (other.digest, other.mounted) == (pushed.digest, 5)
+        assert (other.digest, other.mounted) == (pushed.digest, 6)
     finally:
         issuer.close()
 
@@ -474,7 +477,7 @@ def test_disk_round_trip(
     logged: list[str] = []
     pushed = publish.push(art, ref, log=logged.append)
     file_size = (art / DISK).stat().st_size
-    assert pushed.uploaded == 6 and pushed.disk is not None
+    assert pushed.uploaded == 7 and pushed.disk is not None
     assert pushed.disk == {
         "file": DISK,
         "media_type": publish.DISK_TYPES[fmt],
@@ -492,8 +495,9 @@ def test_disk_round_trip(
         "cmdline",
         "xen.cfg",
         DISK,
+        PROVENANCE,
     ]
-    layer = doc["layers"][-1]
+    layer = doc["layers"][_disk_at(doc)]
     assert layer["mediaType"] == f"application/vnd.xbuild.vm.disk.{fmt}.v1+zstd"
     blob = registry.blob_file(layer["digest"]).read_bytes()
     assert blob[:4] == ZSTD_MAGIC and len(blob) == layer["size"] == pushed.disk["blob_size"]
@@ -528,7 +532,7 @@ def test_disk_round_trip(
     # the same directory again: the same manifest, nothing uploaded, the disk not compressed again
     logged.clear()
     again = publish.push(art, f"{registry.host}/vm/disk-{fmt}:v2", log=logged.append)
-    assert (again.digest, again.uploaded, again.present) == (pushed.digest, 0, 6)
+    assert (again.digest, again.uploaded, again.present) == (pushed.digest, 0, 7)
     assert not any(line.startswith("compressing") for line in logged)
     # from a fresh cache on a one-CPU machine (compressed again, single-threaded): the same blob
     monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / "other-cache"))
@@ -604,7 +608,7 @@ def test_disk_pull_verifies(
     dest = publish.pull(pushed.reference, tmp_path / "dest")
     before = _digests(dest)
     doc = json.loads(registry.manifest("vm/bad", "good")[0])
-    layer = doc["layers"][-1]
+    layer = doc["layers"][_disk_at(doc)]
     blob_file = registry.blob_file(layer["digest"])
     saved = blob_file.read_bytes()
     work = tmp_path / "craft"
@@ -615,7 +619,7 @@ def test_disk_pull_verifies(
         doc["config"] = _upload(registry, "vm/bad", work / MANIFEST, publish.VM_CONFIG, None)
     elif change in ("not zstd", "truncated"):
         (work / DISK).write_bytes(b"not zstd" * 100 if change == "not zstd" else saved[: len(saved) // 2])
-        doc["layers"][-1] = _upload(registry, "vm/bad", work / DISK, layer["mediaType"], DISK)
+        doc["layers"][_disk_at(doc)] = _upload(registry, "vm/bad", work / DISK, layer["mediaType"], DISK)
     elif change == "corrupt blob":
         publish.blob_path(layer["digest"]).unlink()  # from the registry again, not from the cache
         blob_file.write_bytes(saved[:100] + bytes([saved[100] ^ 0xFF]) + saved[101:])
@@ -624,7 +628,7 @@ def test_disk_pull_verifies(
         (work / MANIFEST).write_text(json.dumps(manifest))
         doc["config"] = _upload(registry, "vm/bad", work / MANIFEST, publish.VM_CONFIG, None)
     else:
-        doc["layers"][-1]["mediaType"] = "application/vnd.xbuild.vm.disk.raw.v2+xz"
+        doc["layers"][_disk_at(doc)]["mediaType"] = "application/vnd.xbuild.vm.disk.raw.v2+xz"
     registry.put_manifest("vm/bad", "bad", doc, publish.OCI_MANIFEST)
     try:
         for target in (tmp_path / "new", dest):
@@ -644,13 +648,20 @@ def test_disk_pushed_as_a_plain_file_still_pulls(
     """A disk artifact pushed before disk layers were compressed: disk.img as is, still checked."""
     publish.push(disk_artifact, f"{registry.host}/vm/plain:v1")
     doc = json.loads(registry.manifest("vm/plain", "v1")[0])
-    doc["layers"][-1] = _upload(registry, "vm/plain", disk_artifact / DISK, publish.VM_OTHER_FILE, DISK)
+    doc["layers"][_disk_at(doc)] = _upload(
+        registry, "vm/plain", disk_artifact / DISK, publish.VM_OTHER_FILE, DISK
+    )
     registry.put_manifest("vm/plain", "old", doc, publish.OCI_MANIFEST)
     dest = publish.pull(f"{registry.host}/vm/plain:old", tmp_path / "dest")
     assert _digests(dest) == _digests(disk_artifact)
 
 
 # ---- cached blobs used by a pull are checked as they are read; a corrupt one heals -----------------------
+
+
+def _disk_at(doc: dict[str, Any]) -> int:
+    """The index of the disk layer in a VM image manifest (the attestation files follow it)."""
+    return next(i for i, x in enumerate(doc["layers"]) if x["annotations"][publish.TITLE] == DISK)
 
 
 def _blob_of(registry: Registry, repo: str, victim: str) -> str:

@@ -8,6 +8,7 @@ class XbuildError(Exception):
     """Base of every error xbuild reports as one line."""
 
     exit_code = 1
+    denied = False  # a registry refused the request for want of credentials or rights (401/403)
 
 
 class BadInput(XbuildError):

@@ -11,6 +11,8 @@ layer with its own media type and an `org.opencontainers.image.title` annotation
             in a `--format disk` artifact, disk.img (DISK_TYPES: disk.raw.v1+zstd | disk.qcow2.v1+zstd)
     kernel  artifactType application/vnd.xbuild.kernel.v1+json,
             config application/vnd.xbuild.kernel.config.v1+json, layers vmlinux, bzImage, config...
+    init    artifactType application/vnd.xbuild.init.v1+json (the compiled guest init, for `--cache`),
+            config application/vnd.xbuild.init.config.v1+json ({key, sha256}), one layer `init`
 
 The manifest is serialised canonically and dated by the build's SOURCE_DATE_EPOCH, so pushing the same
 directory twice gives the same digest. A push skips blobs the repository has (HEAD), mounts blobs last seen
@@ -34,6 +36,7 @@ checks the result against the sha256 in manifest.json's `disk` section.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -59,7 +62,7 @@ from .artifact import (
     open_artifact,
     prepare_output,
 )
-from .blobs import CHUNK, HashingReader, HashingWriter, blob_path, check_digest, present
+from .blobs import CHUNK, HashingReader, HashingWriter, blob_path, check_digest, present, store_blob
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, lock_shared, remove_entry
 from .compression import CorruptData, compressor, reader
 from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
@@ -101,6 +104,12 @@ DOCUMENT_TYPES = {  # the middle word of sbom.<format>.json / provenance.<format
     "spdx": "application/spdx+json",
     "intoto": "application/vnd.in-toto+json",
 }
+INIT_ARTIFACT = "application/vnd.xbuild.init.v1+json"
+INIT_CONFIG = "application/vnd.xbuild.init.config.v1+json"
+INIT_JSON = "init.json"
+INIT_FILE = "init"
+INIT_TYPE = "application/vnd.xbuild.init.binary.v1"
+INIT_LIMIT = 16 << 20  # a pulled init binary is at most this large (musl: ~60 KB, glibc static: ~700 KB)
 TITLE = "org.opencontainers.image.title"
 CREATED = "org.opencontainers.image.created"
 BASE_DIGEST = "org.opencontainers.image.base.digest"
@@ -122,7 +131,8 @@ class _Kind:
 
 VM = _Kind("VM image", VM_ARTIFACT, VM_CONFIG, MANIFEST)
 KERNEL_KIND = _Kind("kernel", KERNEL_ARTIFACT, KERNEL_CONFIG, KERNEL_JSON)
-KINDS = (VM, KERNEL_KIND)
+INIT_KIND = _Kind("guest init", INIT_ARTIFACT, INIT_CONFIG, INIT_JSON)
+KINDS = (VM, KERNEL_KIND, INIT_KIND)
 
 
 @dataclass(frozen=True)
@@ -346,11 +356,47 @@ def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
         if have is None:
             with atomic_dir(final) as tmp:
                 _materialise(repo, config_raw, layers, tmp, KERNEL_KIND)
+                kernel_cache.verify(tmp / name)  # not a bootable kernel: never enters the cache
                 # kernel.json is kept as pushed when it records what was pulled
                 if meta.get(kernel_cache.RECORD) != {b.title: b.digest[7:] for b in layers}:
                     kernel_cache.write_record(tmp, meta)
             kernel_cache.cached(final)
     return final / name
+
+
+def push_init(data: bytes, key: str, ref: str | ImageRef, insecure: bool = False, log: Say = lambda msg: None) -> Pushed:
+    """Push a compiled guest init (its bytes, its builder/init.py cache key) as an init artifact: `init.json`
+    ({key, sha256}) as config, the binary as the one layer `init`. Both are written as blobs of the blob
+    cache first (content-addressed, so the same init is stored once)."""
+    meta = json.dumps({"key": key, "sha256": hashlib.sha256(data).hexdigest()}, sort_keys=True).encode()
+    config, binary = (_stored(raw) for raw in (meta, data))
+    layer = Blob(INIT_TYPE, binary.digest, binary.size, binary.path, INIT_FILE)
+    annotations = {TOOL_VERSION: __version__, "io.xbuild.init.key": key}
+    return _push(target(ref), INIT_KIND, config, [layer], annotations, insecure, log)
+
+
+def pull_init(ref: str | ImageRef, insecure: bool = False) -> tuple[str, bytes, str]:
+    """(the key its init.json names, the binary, `REF@DIGEST`) of the init artifact `ref`, through the blob
+    cache, every digest verified; PublishError for anything but one `init` layer of at most INIT_LIMIT
+    bytes."""
+    r = target(ref)
+    with _repository(r, insecure, push=False) as repo:
+        _, meta, layers, digest = _fetch(repo, r, INIT_KIND)
+        if [(b.title, b.media_type) for b in layers] != [(INIT_FILE, INIT_TYPE)] or layers[0].size > INIT_LIMIT:
+            raise PublishError(f"{repo.what}: malformed init artifact (not one {INIT_FILE!r} layer of at most "
+                               f"{INIT_LIMIT >> 20} MiB)")
+        out = io.BytesIO()
+        _from_cache(repo, layers[0], partial(shutil.copyfileobj, fdst=out))
+    return str(meta.get("key") or ""), out.getvalue(), f"{r.docker_name}@{digest}"
+
+
+def _stored(raw: bytes) -> Blob:
+    """`raw` stored in the blob cache (unless there) as a config-typed Blob."""
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    path = blob_path(digest)
+    if not present(path):
+        store_blob(io.BytesIO(raw), digest, "init")
+    return Blob(INIT_CONFIG, digest, len(raw), path)
 
 
 def _files(directory: Path, config_file: str, order: tuple[str, ...]) -> list[str]:

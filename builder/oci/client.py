@@ -616,4 +616,6 @@ class RegistryClient:
             else f"no credentials for {self.registry}{self.no_credentials_hint}"
         )
         check = self.check_hint.format(config=auth.config_path())
-        return self.error(f"{self.what}: access denied ({status(resp)}); {hint}: {check}")
+        error = self.error(f"{self.what}: access denied ({status(resp)}); {hint}: {check}")
+        error.denied = True
+        return error

@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -44,6 +45,7 @@ from .artifact import (
     xen_config,
 )
 from .blobs import check_unchanged
+from .buildcache import BuildCache, Origin, Product, cached_artifact, init_binary, trimmed_kernel
 from .cache import atomic_dir, file_sha256
 from .compression import DEFAULT_COMPRESSION
 from .cpio import pack
@@ -100,6 +102,7 @@ class BuildOptions:
     pin: str | None = None  # the manifest digest the image must have (a registry is asked for it by digest)
     expect: BuildInputs | None = field(default=None, compare=False)  # build only from exactly these inputs
     progress: Progress | None = field(default=None, compare=False)
+    cache: BuildCache | None = field(default=None, compare=False)  # --cache REPO and the product records
     log: Say = field(default=lambda msg: None, compare=False)
 
     def __post_init__(self) -> None:
@@ -213,16 +216,11 @@ def _kernel_plan(opts: BuildOptions, recipe: Recipe | None) -> _KernelPlan | Non
     return _KernelPlan(KernelInput(source=opts.kernel, sha256=file_sha256(path)), path, fmt)
 
 
-def _kernel(opts: BuildOptions, plan: _KernelPlan) -> tuple[Path, KernelInfo]:
+def _kernel(opts: BuildOptions, plan: _KernelPlan, cache: BuildCache) -> tuple[Path, KernelInfo]:
     """The kernel file to pair and what the manifest says of it (its size filled in once copied)."""
-    from . import kernel as kern
-
     if plan.path is not None:
         return plan.path, KernelInfo(size=0, format=plan.fmt, source=opts.kernel)
-    fragments = plan.input.fragments or ()
-    if not any(k.fragments == fragments for k in kern.list_kernels()):
-        opts.log(f"building the kernel ({' '.join(fragments)}) once; it is cached afterwards")
-    k = kern.build(fragments)
+    k = trimmed_kernel(cache, plan.input.fragments or ())
     return k.path, KernelInfo(size=0, format=k.fmt, key=k.key, release=k.release, fragments=k.fragments)
 
 
@@ -282,6 +280,10 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     if opts.expect:
         opts.expect.check_same(inputs)
     opts.log(f"build key {inputs.key()}")
+    cache = opts.cache or BuildCache(None, log=opts.log)
+    if pulled := cached_artifact(cache, inputs.key(), image.manifest_digest, out, opts.force):
+        return pulled
+    start = time.monotonic()
     progress = opts.progress("layers", sum(layer.size for layer in image.layers)) if opts.progress else None
     flat = flatten(image, progress, opts.max_layer_size)
     # what the guest runs: the image's config with docker run's --health-* merged over its Healthcheck
@@ -294,9 +296,9 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     tree, report = minimize(flat.tree, config, recipe, opts.minimize)
     if opts.minimize != MinimizeMode.NONE:
         opts.log(report.summary().splitlines()[0])
-    init_bin = init.init_binary()
+    init_bin = init_binary(cache)
     install(tree, gc, init_bin)
-    kernel = _kernel(opts, kernel_plan) if kernel_plan else None
+    kernel = _kernel(opts, kernel_plan, cache) if kernel_plan else None
     guest = Guest.of(gc, memory_mb=memory, xen_type=opts.xen_type, recipe=recipe.name if recipe else None)
     with atomic_dir(out) as tmp:
         disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
@@ -345,6 +347,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             Dependencies(hashlib.sha256(init_bin).hexdigest(), file_sha256(tmp / KERNEL) if kernel else None),
         )
         prepare_output(out, opts.force)  # again: the directory may have changed during the build
+    cache.record(Product("artifact", Origin.BUILT, time.monotonic() - start, inputs.key()))
     return Artifact(out, manifest, cmdline)
 
 

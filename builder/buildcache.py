@@ -37,15 +37,23 @@ reproducible init and artifact the same one).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import NoSpaceError, PublishError, RegistryUnavailable, XbuildError
+from . import elf
+from .cache import cache_dir
+from .errors import CacheError, MinimizeError, NoSpaceError, PublishError, RegistryUnavailable, XbuildError
 from .options import Say
 from .reference import ImageRef, parse
+
+if TYPE_CHECKING:
+    from .artifact import Artifact
+    from .kernel import Kernel
 
 T = TypeVar("T")
 ENV = "XBUILD_CACHE_REPO"
@@ -179,9 +187,23 @@ class BuildCache:
                     self._off = str(e)
             return None
 
+    def pulled(self, name: str) -> bool:
+        """Whether the product `name` came from the registry cache."""
+        return any(p.name == name and p.origin == Origin.REGISTRY for p in self.products)
+
+    def push_artifact(self, art: Artifact, log: Say) -> None:
+        """Push the artifact this build made (recorded as built) to its entry; the record names the push."""
+        from .publish import push
+
+        for i, p in enumerate(self.products):
+            if p.name == "artifact" and p.origin == Origin.BUILT and p.key:
+                pushed = self.push(
+                    p.name, p.key, lambda a, ref: push(a.path, ref, self.insecure, log).reference, art
+                )
+                self.products[i] = dataclasses.replace(p, pushed=pushed)
+
     def to_json(self) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.products]
-
 
 
 def _first(e: XbuildError, ref: str) -> str:
@@ -190,7 +212,7 @@ def _first(e: XbuildError, ref: str) -> str:
     return line if ref.split(":", 1)[0] in line else f"{ref}: {line}"
 
 
-def kernel(cache: BuildCache, fragments: tuple[str, ...]) -> Kernel:
+def trimmed_kernel(cache: BuildCache, fragments: tuple[str, ...]) -> Kernel:
     """The trimmed kernel for `fragments`: the local entry, else the registry's, else built (and pushed)."""
     from . import kernel as kern
     from .publish import pull_kernel, push_kernel
@@ -222,7 +244,8 @@ def kernel(cache: BuildCache, fragments: tuple[str, ...]) -> Kernel:
 
 
 def init_binary(cache: BuildCache) -> bytes:
-    """The guest init: the local entry, else the registry's (a static x86-64 ELF), else compiled (and pushed)."""
+    """The guest init: the local entry, else the registry's (a static x86-64 ELF), else compiled (and
+    pushed)."""
     from . import init
     from .publish import pull_init, push_init
 
@@ -244,3 +267,27 @@ def init_binary(cache: BuildCache) -> bytes:
         return push_init(data, key, ref, cache.insecure).reference
 
     return cache.obtain("init", key, lambda: init.cached(key), pull, init.init_binary, push)
+
+
+def cached_artifact(
+    cache: BuildCache, key: str, source_digest: str, out: Path, force: bool
+) -> Artifact | None:
+    """The artifact of `key` pulled from the registry cache into `out` (validated, renamed into place), or
+    None (no registry, or a notice said why not); it must be built from the image `source_digest`."""
+    from .artifact import open_artifact
+    from .publish import pull
+
+    def fetch(ref: str) -> tuple[Artifact, str]:
+        art = open_artifact(pull(ref, out, cache.insecure, force=force))
+        if art.manifest.source.manifest_digest != source_digest:
+            raise PublishError(
+                f"{ref}: holds an artifact of another image ({art.manifest.source.manifest_digest})"
+            )
+        return art, ref
+
+    start = time.monotonic()
+    got = cache.pull("artifact", key, fetch)
+    if got is None:
+        return None
+    cache.record(Product("artifact", Origin.REGISTRY, time.monotonic() - start, key, pulled=got[1]))
+    return got[0]

@@ -17,6 +17,8 @@ import click
 from . import __version__
 from .artifact import Manifest
 from .build import BuildOptions, build
+from .buildcache import ENV as CACHE_ENV
+from .buildcache import BuildCache
 from .cache import parse_size
 from .cache_cli import cache_cmd
 from .compression import CODECS, COMPRESSIONS
@@ -206,6 +208,14 @@ def main() -> None:
 )
 @click.option("--no-healthcheck", is_flag=True, help="Disable the image's HEALTHCHECK.")
 @click.option("--push", "push_ref", metavar="REF", help="Push the artifact to an OCI registry when built.")
+@click.option(
+    "--cache",
+    "cache_repo",
+    metavar="REGISTRY/REPO",
+    envvar=CACHE_ENV,
+    help="Registry build cache: take the kernel, init and artifact from REPO:<product>-<key> when there, "
+    f"push what was built [${CACHE_ENV}].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or messages.")
 def build_cmd(
@@ -236,6 +246,7 @@ def build_cmd(
     health_retries: int | None,
     no_healthcheck: bool,
     push_ref: str | None,
+    cache_repo: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -286,25 +297,40 @@ def build_cmd(
         max_layer_size=parse_size(max_layer_size, "--max-layer-size") if max_layer_size else None,
         healthcheck=healthcheck,
         progress=_progress(not silent),
+        cache=BuildCache(cache_repo, insecure, say),
         log=say,
     )
+    assert opts.cache is not None
     art = build(image, opts)
     own_recipe = load_recipe(recipe) if recipe else None
+    pulled = opts.cache.pulled("artifact")
+    unverified = None  # why an artifact with checks to run was not verified
     if verify or verify_on:
         say(verify_artifact(art, say, verify_on or Hypervisor.QEMU, own_recipe))
-    elif verify is None and (checks := plan(art, own_recipe)):
-        reason = skip_reason(art)
-        say(
-            f"verify: skipped, {reason}; it would check {' and '.join(checks)}"
-            if reason
-            else verify_artifact(art, say, given=own_recipe)
-        )
+    elif checks := plan(art, own_recipe):
+        reason = "--no-verify" if verify is False else None if pulled else skip_reason(art)
+        if pulled:
+            say("verify: skipped, the artifact is from the registry cache, verified before it was pushed")
+        elif reason:
+            unverified = reason
+            if verify is None:
+                say(f"verify: skipped, {reason}; it would check {' and '.join(checks)}")
+        else:
+            say(verify_artifact(art, say, given=own_recipe))
+    if not pulled and opts.cache.enabled:
+        if unverified:  # the cache holds verified artifacts only: a hit skips the verify boot
+            say(f"cache: the artifact is not pushed: it was not verified ({unverified})")
+        else:
+            opts.cache.push_artifact(art, say)
+    for product in opts.cache.products:
+        say(product.line())
     if push_ref:
         from .publish import push
 
         say(f"pushed {push(art.path, push_ref, insecure, say).reference}")
     if as_json:
-        click.echo(json.dumps(art.manifest.to_json(), indent=2, sort_keys=True))
+        products = {"products": opts.cache.to_json()}
+        click.echo(json.dumps(art.manifest.to_json() | products, indent=2, sort_keys=True))
     elif not quiet:
         _summary(art.path, art.manifest)
 

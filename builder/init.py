@@ -107,6 +107,12 @@ def init_binary() -> bytes:
     return data
 
 
+def cached(key: str) -> bytes | None:
+    """The init of the cache entry `key` if it is there and matches its recorded sha256, else None."""
+    entry = cache_dir("init") / key
+    return _cached(entry / "init", entry / "init.sha256")
+
+
 def verify_cached() -> Iterator[tuple[Path, str | None]]:
     """Check every cached init against its sha256: (entry, None) if good, (entry, why) if bad (removed)."""
     for entry in sorted(cache_dir("init").iterdir()):

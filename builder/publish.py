@@ -364,7 +364,9 @@ def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
     return final / name
 
 
-def push_init(data: bytes, key: str, ref: str | ImageRef, insecure: bool = False, log: Say = lambda msg: None) -> Pushed:
+def push_init(
+    data: bytes, key: str, ref: str | ImageRef, insecure: bool = False, log: Say = lambda msg: None
+) -> Pushed:
     """Push a compiled guest init (its bytes, its builder/init.py cache key) as an init artifact: `init.json`
     ({key, sha256}) as config, the binary as the one layer `init`. Both are written as blobs of the blob
     cache first (content-addressed, so the same init is stored once)."""
@@ -382,12 +384,19 @@ def pull_init(ref: str | ImageRef, insecure: bool = False) -> tuple[str, bytes, 
     r = target(ref)
     with _repository(r, insecure, push=False) as repo:
         _, meta, layers, digest = _fetch(repo, r, INIT_KIND)
-        if [(b.title, b.media_type) for b in layers] != [(INIT_FILE, INIT_TYPE)] or layers[0].size > INIT_LIMIT:
-            raise PublishError(f"{repo.what}: malformed init artifact (not one {INIT_FILE!r} layer of at most "
-                               f"{INIT_LIMIT >> 20} MiB)")
-        out = io.BytesIO()
-        _from_cache(repo, layers[0], partial(shutil.copyfileobj, fdst=out))
-    return str(meta.get("key") or ""), out.getvalue(), f"{r.docker_name}@{digest}"
+        shape = [(b.title, b.media_type, b.size <= INIT_LIMIT) for b in layers]
+        if shape != [(INIT_FILE, INIT_TYPE, True)]:
+            raise PublishError(
+                f"{repo.what}: malformed init artifact (not one {INIT_FILE!r} layer of at most "
+                f"{INIT_LIMIT >> 20} MiB)"
+            )
+        data = [b""]
+
+        def read(src: IO[bytes]) -> None:  # afresh on each try (_from_cache)
+            data[0] = src.read()
+
+        _from_cache(repo, layers[0], read)
+    return str(meta.get("key") or ""), data[0], f"{r.docker_name}@{digest}"
 
 
 def _stored(raw: bytes) -> Blob:

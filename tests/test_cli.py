@@ -34,7 +34,9 @@ def test_bare_image_means_build_and_json_is_the_manifest(
     r = xbuild(busybox_image.ref, "-o", str(out), "--kernel", "none", "--json")
     assert r.returncode == 0, r.stderr
     manifest = json.loads(r.stdout)
+    products = manifest.pop("products")  # the manifest, and where each product came from (buildcache)
     assert manifest == json.loads((out / "manifest.json").read_text())
+    assert [(p["name"], p["origin"]) for p in products] == [("init", "built"), ("artifact", "built")]
     assert manifest["source"]["reference"] == busybox_image.ref
     assert manifest["guest"]["argv"] == ["sh"]
     assert sorted(p.name for p in out.iterdir()) == ["initrd.img", "manifest.json", "provenance.intoto.json"]

@@ -140,7 +140,9 @@ class BuildCache:
         start = time.monotonic()
         value = local()
         if value is not None:
-            self.record(Product(name, Origin.LOCAL, time.monotonic() - start, key))
+            seconds = time.monotonic() - start
+            pushed = self.push(name, key, push, value) if self._missing(name, key) else None
+            self.record(Product(name, Origin.LOCAL, seconds, key, pushed=pushed))
             return value
         got = self.pull(name, key, pull)
         if got is not None:
@@ -162,10 +164,24 @@ class BuildCache:
         except NoSpaceError:
             raise
         except XbuildError as e:  # missing, unreachable or corrupt: the product is built instead
-            self.log(f"cache: {_first(e, ref)}; building the {name}")
-            if isinstance(e, RegistryUnavailable):
-                self._off = str(e)
+            self._failed(e, f"cache: {_first(e, ref)}; building the {name}")
             return None
+
+    def _missing(self, name: str, key: str) -> bool:
+        """Whether the registry lacks the entry (a local product is pushed then: a runner that built it before
+        it used the cache warms the cache with it); False when there is no registry or it cannot say."""
+        if self.repo is None or self._off or self._read_only:
+            return False
+        from .publish import exists
+
+        ref = self.ref(name, key)
+        try:
+            return not exists(ref, self.insecure)
+        except NoSpaceError:
+            raise
+        except XbuildError as e:
+            self._failed(e, f"cache: {_first(e, ref)}")
+            return False
 
     def push(self, name: str, key: str, push: Callable[[T, str], str], value: T) -> str | None:
         """`push(value, ref)` to the entry for `name`/`key`; its `ref@digest`, or None (no registry, read-only
@@ -182,10 +198,14 @@ class BuildCache:
                 self._read_only = True
                 self.log(f"cache: no push rights to {self.repo.docker_name} ({_first(e, ref)}); read-only")
             else:
-                self.log(f"cache: pushing the {name} failed: {_first(e, ref)}")
-                if isinstance(e, RegistryUnavailable):
-                    self._off = str(e)
+                self._failed(e, f"cache: pushing the {name} failed: {_first(e, ref)}")
             return None
+
+    def _failed(self, e: XbuildError, notice: str) -> None:
+        """Say `notice`; after an unreachable registry, ask it nothing more in this build."""
+        self.log(notice)
+        if isinstance(e, RegistryUnavailable):
+            self._off = str(e)
 
     def pulled(self, name: str) -> bool:
         """Whether the product `name` came from the registry cache."""

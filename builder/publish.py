@@ -68,7 +68,7 @@ from .compression import CorruptData, compressor, reader
 from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
 from .kernel import Kernel
 from .oci import referrers
-from .oci.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST, Descriptor, manifest_parts
+from .oci.manifest import ACCEPT, DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST, Descriptor, manifest_parts
 from .oci.repository import Repository
 from .options import DiskFormat, Say
 from .reference import ImageRef, parse
@@ -406,6 +406,17 @@ def _stored(raw: bytes) -> Blob:
     if not present(path):
         store_blob(io.BytesIO(raw), digest, "init")
     return Blob(INIT_CONFIG, digest, len(raw), path)
+
+
+def exists(ref: str | ImageRef, insecure: bool = False) -> bool:
+    """Whether the registry has a manifest tagged `ref` (one HEAD); PublishError or RegistryUnavailable when
+    it cannot say."""
+    r = target(ref)
+    with _repository(r, insecure, push=False) as repo:
+        resp = repo.send("HEAD", f"{repo.base}/manifests/{r.tag}", {"Accept": ACCEPT})
+        if resp.status_code not in (200, 404):
+            raise repo.failure(resp, "manifest")
+        return resp.status_code == 200
 
 
 def _files(directory: Path, config_file: str, order: tuple[str, ...]) -> list[str]:

@@ -19,20 +19,21 @@ among them). BuildKit's registry cache is a tag for the same reasons. A key is 6
 
 Reading: before a product is built its local cache entry is used if good; else, with a registry, the tag is
 pulled through the existing pull path (publish.pull_kernel, pull_init, pull): every manifest and blob
-digest-verified, blobs through the blob cache, the kernel checked to be a bootable kernel before it enters
-the kernel cache (as `kernels/oci-<digest>/`, never standing in for a local build), the init checked to be a
+digest-verified, blobs through the blob cache, the kernel (in `kernels/oci-<digest>/`, never standing in for
+a local build) checked to be a bootable kernel and removed again when it is not, the init checked to be a
 static x86-64 ELF, the artifact validated (open_artifact) before it is renamed into place. An entry that is
 missing, unreachable or corrupt in any way is one notice line (`cache: …; building it`) and the product is
 built; after one unreachable answer the registry is not asked again in this build. A local disk that is full
 is still a failure (NoSpaceError). Since everything lands in the content-addressed blob cache only after its
-digest matched, and a pulled kernel or artifact only after it was validated, a bad entry never poisons the
-local cache.
+digest matched, a pulled artifact only after it was validated and a pulled kernel that does not verify is
+removed, a bad entry does not poison the local cache.
 
-Writing: a product built is pushed to its tag. A registry that refuses the push (401/403: no push rights)
-makes the cache read-only for the rest of the build, said once; any other failed push is a notice too, never
-a failure of the build. Two runners building the same key at once both build and both push: blobs are
-content-addressed and the tag's PUT is atomic, so the tag ends on one of the two complete manifests (for the
-reproducible init and artifact the same one).
+Writing: a product built is pushed to its tag; so is a product found in the local cache whose tag the
+registry lacks (one HEAD), so a runner that built it before it used the cache warms the cache. A registry
+that refuses the push (401/403: no push rights) makes the cache read-only for the rest of the build, said
+once; any other failed push is a notice too, never a failure of the build. Two runners building the same
+key at once both build and both push: blobs are content-addressed and the tag's PUT is atomic, so the tag
+ends on one of the two complete manifests (for the reproducible init and artifact the same one).
 """
 
 from __future__ import annotations
@@ -46,8 +47,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import elf
-from .cache import cache_dir
-from .errors import CacheError, MinimizeError, NoSpaceError, PublishError, RegistryUnavailable, XbuildError
+from .cache import cache_dir, remove_entry
+from .errors import (
+    CacheError,
+    KernelError,
+    MinimizeError,
+    NoSpaceError,
+    PublishError,
+    RegistryUnavailable,
+    XbuildError,
+)
 from .options import Say
 from .reference import ImageRef, parse
 
@@ -248,6 +257,11 @@ def trimmed_kernel(cache: BuildCache, fragments: tuple[str, ...]) -> Kernel:
 
     def pull(ref: str) -> tuple[Kernel, str]:
         path = pull_kernel(ref, cache.insecure)
+        try:
+            kern.verify(path)
+        except KernelError as e:  # digest-verified but not a bootable kernel: out of the cache again
+            remove_entry(path.parent)
+            raise PublishError(f"{ref}: {e}") from None
         got = kern.cached(path.parent)
         if got is None or got.key != key:
             raise PublishError(f"{ref}: holds the kernel of another key ({got.key if got else None})")

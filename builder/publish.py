@@ -356,7 +356,6 @@ def pull_kernel(ref: str | ImageRef, insecure: bool = False) -> Path:
         if have is None:
             with atomic_dir(final) as tmp:
                 _materialise(repo, config_raw, layers, tmp, KERNEL_KIND)
-                kernel_cache.verify(tmp / name)  # not a bootable kernel: never enters the cache
                 # kernel.json is kept as pushed when it records what was pulled
                 if meta.get(kernel_cache.RECORD) != {b.title: b.digest[7:] for b in layers}:
                     kernel_cache.write_record(tmp, meta)

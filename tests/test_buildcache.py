@@ -115,7 +115,7 @@ def test_a_kernel_from_the_registry_cache(
     """The host's default kernel pushed as REPO:kernel-<key> (as a first runner would have): a runner with
     an empty cache pulls it (kernels/oci-<digest>/), never compiling one."""
     key = default_kernel_path.parent.name
-    cache = f"{registry.host}/{REPO}"
+    cache = f"{registry.host}/kernel/cache"  # a repository of its own: no other test's init entry
     host = subprocess.run(
         [*XBUILD, "kernel", "push", f"{cache}:kernel-{key}", "--key", key],
         capture_output=True,

@@ -33,6 +33,7 @@ ArtifactError: one line, exit 2.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -72,6 +73,7 @@ HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 CMDLINE_WORD = re.compile(r"[A-Za-z0-9_.,:/=+@%~-]+")
 DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Za-z0-9=_-]{32,}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+BRIDGE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")  # a Linux interface name (IFNAMSIZ - 1)
 
 
 def _bad(where: str, what: str) -> ArtifactError:
@@ -345,6 +347,58 @@ class DiskInfo(_Section):
             raise _bad("disk.sha256", "not a hex sha256")
 
 
+def network_problem(bridge: str, address: str | None = None, gateway: str | None = None) -> str | None:
+    """Why `bridge` (a dom0 bridge) and the static `address` (IPv4 ADDR/PREFIX: the kernel's `ip=` is
+    IPv4 only) and `gateway` (in that network) cannot be written into xen.cfg, or None."""
+    if not BRIDGE.fullmatch(bridge):
+        return f"bridge {bridge[:40]!r} is not an interface name (letters, digits, '_', '.', '-'; at most 15)"
+    if address is None:
+        return None if gateway is None else "a gateway needs a static address"
+    try:
+        iface = ipaddress.IPv4Interface(address)
+        gw = ipaddress.IPv4Address(gateway) if gateway is not None else None
+    except ValueError as e:
+        return str(e)
+    if (
+        "/" not in address
+        or iface.network.prefixlen == 32
+        or iface.ip in (iface.network.network_address, iface.network.broadcast_address)
+    ):
+        return f"{address!r} is not a host address with its prefix (ADDR/PREFIX, a prefix below 32)"
+    if gw is not None and (gw not in iface.network or gw == iface.ip):
+        return f"gateway {gateway} is not another address of {iface.network}"
+    return None
+
+
+@dataclass(frozen=True)
+class Network(_Section):
+    """The guest's network as the artifact's xen.cfg gives it: one vif on dom0's bridge `bridge`, the guest
+    configured by the kernel's `ip=`: DHCP on the bridge's network (`address` None) or the static IPv4
+    `address` (ADDR/PREFIX) and `gateway`."""
+
+    NAME: ClassVar[str] = "network"
+    bridge: str
+    address: str | None = None
+    gateway: str | None = None
+
+    def __post_init__(self) -> None:
+        if why := network_problem(self.bridge, self.address, self.gateway):
+            raise _bad("network", why)
+
+    @property
+    def vif(self) -> str:
+        """The xl vifspec (xl-network-configuration(5)): the default vif-bridge script, a MAC from xl."""
+        return f"bridge={self.bridge}"
+
+    @property
+    def ip_word(self) -> str:
+        """The kernel's `ip=` word (Documentation/admin-guide/nfs/nfsroot.rst) for this network."""
+        if self.address is None:
+            return "ip=dhcp"
+        iface = ipaddress.IPv4Interface(self.address)
+        return f"ip={iface.ip}::{self.gateway or ''}:{iface.netmask}::eth0:off"
+
+
 @dataclass(frozen=True)
 class Manifest(_Section):
     """manifest.json. `image_config` (the image's runtime config) and `minimize` (the minimize report, read
@@ -361,6 +415,7 @@ class Manifest(_Section):
     disk: DiskInfo | None = None
     kernel: KernelInfo | None = None
     provenance: str | None = None  # PROVENANCE when the build wrote one
+    network: Network | None = None  # None: xen.cfg has no vif
 
     def __post_init__(self) -> None:
         if self.schema != SCHEMA:

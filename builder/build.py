@@ -35,11 +35,13 @@ from .artifact import (
     Initrd,
     KernelInfo,
     Manifest,
+    Network,
     Source,
     SourceLayer,
     Tool,
     XlDisk,
     cmdline_words,
+    network_problem,
     prepare_output,
     write_manifest,
     xen_config,
@@ -57,12 +59,14 @@ from .inputs import BuildInputs, DiskInput, KernelInput
 from .minimize import minimize
 from .minimize.probe import check_probe_host
 from .options import (
+    DEFAULT_BRIDGE,
     DEFAULT_MEMORY_MB,
     DEFAULT_XEN_TYPE,
     DISK_MEMORY_MB,
     DiskFormat,
     DiskMode,
     MinimizeMode,
+    NetworkMode,
     OutputFormat,
     Progress,
     Say,
@@ -71,6 +75,7 @@ from .options import (
 )
 from .provenance import Dependencies
 from .recipes import Recipe, load_recipe, recipe_for_ref
+from .run.cmdline import with_ip
 from .text import is_decimal
 from .tree import Tree
 
@@ -101,6 +106,9 @@ class BuildOptions:
     healthcheck: Healthcheck | None = None  # docker run's --health-*/--no-healthcheck over the image's
     pin: str | None = None  # the manifest digest the image must have (a registry is asked for it by digest)
     expect: BuildInputs | None = field(default=None, compare=False)  # build only from exactly these inputs
+    network: NetworkMode = NetworkMode.AUTO  # xen.cfg's vif: auto = when the image exposes ports
+    bridge: str | None = None  # dom0's bridge for the vif; None: the recipe's, else DEFAULT_BRIDGE
+    ip: str | None = None  # the guest's static "ADDR/PREFIX[:GATEWAY]"; None: DHCP (ip=dhcp)
     progress: Progress | None = field(default=None, compare=False)
     cache: BuildCache | None = field(default=None, compare=False)  # --cache REPO and the product records
     log: Say = field(default=lambda msg: None, compare=False)
@@ -118,11 +126,20 @@ class BuildOptions:
             raise BadInput(
                 f"--platform {self.platform}: xbuild builds {served} guests only (its init and kernel)"
             )
+        if self.bridge is not None and (why := network_problem(self.bridge)):
+            raise BadInput(f"--bridge: {why}")
+        if self.ip is not None:
+            if self.network == NetworkMode.NONE:
+                raise BadInput(f"--ip {self.ip}: --network none gives the guest no network")
+            address, _, gateway = self.ip.partition(":")
+            if why := network_problem(DEFAULT_BRIDGE, address, gateway or None):
+                raise BadInput(f"--ip {self.ip}: {why} (expected ADDR/PREFIX[:GATEWAY])")
 
 
 _CHOICES: dict[str, tuple[str, type[StrEnum]]] = {  # BuildOptions' enum fields and their flags
     "minimize": ("--minimize", MinimizeMode),
     "xen_type": ("--xen-type", XenType),
+    "network": ("--network", NetworkMode),
     "format": ("--format", OutputFormat),
     "disk_format": ("--disk-format", DiskFormat),
     "disk_mode": ("--disk-mode", DiskMode),
@@ -256,6 +273,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         "the kernel command line",
     )
     kernel_plan = _kernel_plan(opts, recipe)
+    network = _network(opts, recipe, image)
     inputs = BuildInputs(
         source_reference=str(ref),
         source_digest=image.manifest_digest,
@@ -276,6 +294,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         cmdline=flags,
         healthcheck=opts.healthcheck,
         source_date_epoch=epoch,
+        network=network,
     )
     if opts.expect:
         opts.expect.check_same(inputs)
@@ -322,10 +341,11 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             (tmp / XEN_CFG).write_text(
                 xen_config(
                     gc.hostname,
-                    f"{XEN_CONSOLE} {flags}",
+                    _xen_extra(flags, network),
                     memory,
                     xen_type=opts.xen_type,
                     disks=(XlDisk(DISK, opts.disk_format, opts.disk_mode),) if disk else (),
+                    vif=network.vif if network else None,
                 )
             )
         manifest = Manifest(
@@ -339,6 +359,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             disk=disk_section,
             kernel=kernel_info,
             provenance=PROVENANCE,
+            network=network,
         )
         write_manifest(tmp, manifest)
         provenance.write(
@@ -349,6 +370,25 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         prepare_output(out, opts.force)  # again: the directory may have changed during the build
     cache.record(Product("artifact", Origin.BUILT, time.monotonic() - start, inputs.key()))
     return Artifact(out, manifest, cmdline)
+
+
+def _network(opts: BuildOptions, recipe: Recipe | None, image: Image) -> Network | None:
+    """xen.cfg's network: with `--network bridge`, or `auto` and an image that exposes ports (or a given
+    `--bridge` or `--ip`), a vif on
+    `--bridge`, the recipe's bridge or DEFAULT_BRIDGE, the guest's address by DHCP or `--ip`."""
+    wanted = opts.network == NetworkMode.BRIDGE or bool(opts.bridge or opts.ip or image.config.exposed_ports)
+    if opts.network == NetworkMode.NONE or not wanted:
+        return None
+    address, _, gateway = opts.ip.partition(":") if opts.ip else ("", "", "")
+    bridge = opts.bridge or (recipe.bridge if recipe else None) or DEFAULT_BRIDGE
+    return Network(bridge, address or None, gateway or None)
+
+
+def _xen_extra(flags: str, network: Network | None) -> str:
+    """xen.cfg's `extra`: Xen's console and the artifact's words; with a network, its `ip=` instead of
+    any other (a recipe's) before the init's `--`."""
+    extra = f"{XEN_CONSOLE} {flags}"
+    return with_ip(extra, network.ip_word) if network else extra
 
 
 def _default_memory(recipe: Recipe | None, disk: bool) -> int:

@@ -27,6 +27,7 @@ from .host import apt_line, check, missing_packages
 from .image import Healthcheck, Platform
 from .kernel_cli import kernel
 from .options import (
+    DEFAULT_BRIDGE,
     DEFAULT_MEMORY_MB,
     DEFAULT_XEN_TYPE,
     MEMORY_MB,
@@ -35,6 +36,7 @@ from .options import (
     DiskMode,
     Hypervisor,
     MinimizeMode,
+    NetworkMode,
     OutputFormat,
     Progress,
     XenType,
@@ -151,6 +153,23 @@ def main() -> None:
     show_default=True,
     help="Guest type written to xen.cfg.",
 )
+@click.option(
+    "--network",
+    type=click.Choice(choices(NetworkMode)),
+    default=NetworkMode.AUTO.value,
+    show_default=True,
+    help="xen.cfg's vif on dom0's bridge: auto = when the image exposes ports; none = no vif.",
+)
+@click.option(
+    "--bridge",
+    metavar="NAME",
+    help=f"dom0's bridge for xen.cfg's vif [recipe's or {DEFAULT_BRIDGE}].",
+)
+@click.option(
+    "--ip",
+    metavar="ADDR/PREFIX[:GATEWAY]",
+    help="The guest's static IPv4 address in xen.cfg [DHCP on the bridge's network: ip=dhcp].",
+)
 @click.option("--hostname", help="Guest hostname [the image's short name].")
 @click.option(
     "--format",
@@ -230,6 +249,9 @@ def build_cmd(
     kernel_opt: str,
     memory: int | None,
     xen_type: str,
+    network: str,
+    bridge: str | None,
+    ip: str | None,
     hostname: str | None,
     fmt: str,
     disk_format: str | None,
@@ -289,6 +311,9 @@ def build_cmd(
         kernel=None if kernel_opt == "none" else kernel_opt,
         memory_mb=memory,
         xen_type=XenType(xen_type),
+        network=NetworkMode(network),
+        bridge=bridge,
+        ip=ip,
         hostname=hostname,
         format=OutputFormat(fmt),
         disk_format=DiskFormat(disk_format or DiskFormat.RAW),

@@ -25,6 +25,8 @@ What each field covers:
     memory_mb, xen_type, hostname, cmdline  the guest's settings as resolved (recipe and defaults applied)
     healthcheck       docker run's --health-* override (None: the image's own)
     source_date_epoch the resolved SOURCE_DATE_EPOCH (None: the image has no created time)
+    network           xen.cfg's vif as resolved from --network/--bridge/--ip, the recipe and the image's
+                      exposed ports: bridge, static address and gateway (None: no vif)
 
 Not inputs: where the output goes (-o, --force), how the image is fetched (--insecure, the registry's
 credentials), limits that make a build fail but never change its bytes (--max-layer-size), progress output.
@@ -37,7 +39,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .artifact import _one_of, _Section
+from .artifact import Network, _one_of, _Section
 from .errors import ArtifactError, RebuildError
 from .image import Healthcheck
 from .options import DiskFormat, DiskMode, MinimizeMode, OutputFormat, XenType
@@ -101,6 +103,7 @@ class BuildInputs(_Section):
     disk: DiskInput | None = None
     healthcheck: Healthcheck | None = None
     source_date_epoch: int | None = None
+    network: Network | None = None  # xen.cfg's vif as resolved (None: none)
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

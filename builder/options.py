@@ -75,6 +75,15 @@ class XenType(StrEnum):
     PV = "pv"
 
 
+class NetworkMode(StrEnum):
+    """Whether xen.cfg gets a vif (docker's `--network` words): `auto` when the image exposes ports."""
+
+    AUTO = "auto"
+    BRIDGE = "bridge"
+    NONE = "none"
+
+
+DEFAULT_BRIDGE = "xenbr0"  # the bridge of Debian's documented Xen network setup (wiki.debian.org/Xen)
 DEFAULT_XEN_TYPE = XenType.PVH  # what a build writes into the artifact
 NESTED_XEN_TYPE = XenType.PV  # what the nested rig boots when the run does not say
 

@@ -33,7 +33,7 @@ from .cache import file_sha256
 from .errors import RebuildError
 from .image import Platform
 from .inputs import BuildInputs
-from .options import DiskFormat, DiskMode, MinimizeMode, OutputFormat, Say, XenType
+from .options import DiskFormat, DiskMode, MinimizeMode, NetworkMode, OutputFormat, Say, XenType
 from .recipes import load_recipe
 
 
@@ -145,7 +145,15 @@ def options(inputs: BuildInputs, output: Path, recipe: str | None, insecure: boo
         disk_size=disk.size if disk else None,
         disk_mode=DiskMode(disk.mode) if disk else DiskMode.RW,
         healthcheck=inputs.healthcheck,
+        network=NetworkMode.BRIDGE if inputs.network else NetworkMode.NONE,
+        bridge=inputs.network.bridge if inputs.network else None,
+        ip=_ip(inputs.network.address, inputs.network.gateway) if inputs.network else None,
         pin=inputs.source_digest,
         expect=inputs,
         log=log,
     )
+
+
+def _ip(address: str | None, gateway: str | None) -> str | None:
+    """build's `--ip` for a recorded static address (None: DHCP)."""
+    return None if address is None else f"{address}:{gateway}" if gateway else address

@@ -10,6 +10,8 @@
     cmdline = ["ip=dhcp"]                          # extra kernel command-line words
     [guest]
     memory = 128                                   # MiB
+    [xen]
+    bridge = "xenbr1"                              # dom0's bridge for xen.cfg's vif (default xenbr0)
     [smoke]                                        # exactly one of console / http / tcp
     console = "regex"                              # a regex the console output must match
     http = {port = 80, path = "/", expect = "Welcome"}
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .artifact import network_problem
 from .errors import BadInput
 from .options import memory_outside
 from .reference import ImageRef
@@ -65,6 +68,7 @@ class Recipe:
     kernel_fragments: tuple[str, ...] = ()
     cmdline: tuple[str, ...] = ()
     memory: int | None = None
+    bridge: str | None = None
     smoke: Smoke | None = None
     trace_seconds: float = 5.0
     source: str = field(default="", compare=False)
@@ -81,6 +85,7 @@ _SCHEMA: dict[str, set[str]] = {
     "keep": {"paths", "globs"},
     "kernel": {"fragments", "cmdline"},
     "guest": {"memory"},
+    "xen": {"bridge"},
     "smoke": {"console", "http", "tcp", "timeout"},
     "trace": {"seconds"},
 }
@@ -119,6 +124,9 @@ def parse_recipe(doc: Mapping[str, Any], name: str, source: str = "") -> Recipe:
         raise fail("guest.memory must be an integer number of MiB")
     if memory is not None and (why := memory_outside(memory)):
         raise fail(f"guest.memory: {why}")
+    bridge = doc.get("xen", {}).get("bridge")
+    if bridge is not None and (not isinstance(bridge, str) or (why := network_problem(bridge))):
+        raise fail(f"xen.bridge: {why if isinstance(bridge, str) else 'must be a string'}")
     seconds = doc.get("trace", {}).get("seconds", 5)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
         raise fail("trace.seconds must be a positive number")
@@ -130,6 +138,7 @@ def parse_recipe(doc: Mapping[str, Any], name: str, source: str = "") -> Recipe:
         kernel_fragments=strings("kernel", "fragments"),
         cmdline=strings("kernel", "cmdline"),
         memory=memory,
+        bridge=bridge,
         smoke=_smoke(doc.get("smoke"), fail),
         trace_seconds=float(seconds),
         source=source,

@@ -44,6 +44,13 @@ def quote(word: str) -> str:
     return f'"{word}"' if not word or " " in word else word
 
 
+def with_ip(line: str, ip_word: str) -> str:
+    """`line` with `ip_word` (the kernel's `ip=`) instead of any `ip=` among the words before `--`."""
+    head, tail = split(line)
+    head = [w for w in head if not w.startswith("ip=")] + [ip_word]
+    return " ".join(head + ([SEPARATOR, *tail] if tail else []))
+
+
 def with_args(base: str, kernel_args: Sequence[str] = (), extra_args: Sequence[str] = ()) -> str:
     """`base` + `kernel_args` (read by the init), then ` -- ` and `extra_args` (they replace the Cmd, and
     the words after base's own `--`; without extra_args those are kept)."""

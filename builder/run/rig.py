@@ -31,7 +31,7 @@ from ..options import Say
 from ..proc import run_tool
 from ..tree import CHAR, DIR, FILE, SYMLINK, Content, Inode, Tree, directory, regular
 
-RIG_RECIPE = 2  # bump when the rig's layout changes: it is part of the cache key
+RIG_RECIPE = 3  # bump when the rig's layout changes: it is part of the cache key
 XEN_PACKAGES = (
     "xen-hypervisor-4.17-amd64",
     "xen-utils-4.17",
@@ -63,6 +63,19 @@ BLK_MODULES = (
     "virtio_blk",
     "xen-blkback",
 )
+BRIDGE_MODULES = ("llc", "stp", "bridge")  # loaded in this order in bridge mode (xenrig.bridge=)
+# Xen's own vif-bridge (libxl's default vif script) and what it sources, from xen-utils-common: bash, with
+# busybox's brctl, ip and awk (with brctl on the PATH, Xen 4.17's scripts use it, else `ip link ... master`)
+VIF_BRIDGE_SCRIPTS = (
+    "vif-bridge",
+    "vif-common.sh",
+    "xen-hotplug-common.sh",
+    "xen-network-common.sh",
+    "xen-script-common.sh",
+    "locking.sh",
+    "logging.sh",
+    "hotplugpath.sh",
+)
 TOOLS = ("xl", "xenstored", "xenconsoled", "xenconsole", "xen-init-dom0")
 DOM0_INIT = Path(__file__).with_name("xenrig") / "dom0-init.sh"
 VIF_SCRIPT = Path(__file__).with_name("xenrig") / "vif-xbuild.sh"
@@ -90,6 +103,8 @@ def ensure_rig(progress: Say | None = None) -> Rig:
         DOM0_MODULES,
         NET_MODULES,
         BLK_MODULES,
+        BRIDGE_MODULES,
+        VIF_BRIDGE_SCRIPTS,
     ]
     # resolving versions costs seconds of apt-cache: remember the answer until the apt lists change
     lists = os.stat("/var/lib/apt/lists").st_mtime_ns
@@ -170,12 +185,14 @@ def _symlink(target: str) -> Inode:
 
 
 def dom0_tree(root: Path, moddir: Path) -> Tree:
-    """busybox, the Xen modules, the toolstack binaries and their library closure, /init."""
+    """busybox, the Xen modules, the toolstack binaries and their library closure, /init; bash and Xen's
+    vif-bridge scripts for the bridge mode."""
     tree = Tree()
     entries: dict[str, Inode] = {
         "init": regular(DOM0_INIT.read_bytes(), 0o755),
         "bin/busybox": host_file(root / "bin" / "busybox", 0o755),
         "bin/sh": _symlink("busybox"),
+        "bin/bash": host_file(_host_bash(), 0o755),
         "dev/console": Inode(CHAR, 0o600, rdev=(5, 1)),
         "dev/null": Inode(CHAR, 0o666, rdev=(1, 3)),
         "var/run": _symlink("../run"),
@@ -194,13 +211,17 @@ def dom0_tree(root: Path, moddir: Path) -> Tree:
         entries[f"lib/modules/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     for name in NET_MODULES:
         entries[f"lib/modules/net/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
+    for i, name in enumerate(BRIDGE_MODULES):
+        entries[f"lib/modules/bridge/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
+    for name in VIF_BRIDGE_SCRIPTS:
+        entries[f"etc/xen/scripts/{name}"] = host_file(root / "etc" / "xen" / "scripts" / name)
     for i, name in enumerate(BLK_MODULES):  # numbered: dom0-init.sh loads them in glob order
         entries[f"lib/modules/blk/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     bindir = _one(root.glob("usr/lib/xen-4*/bin"))
     binaries = [bindir / t for t in TOOLS] + [root / "usr" / "bin" / "xenstore"]
     for t in binaries:
         entries[str(t.relative_to(root))] = host_file(t)
-    for dest, src in _library_closure(binaries, root).items():
+    for dest, src in _library_closure([*binaries, _host_bash()], root).items():
         entries[dest] = host_file(src)
     # glibc dlopen()s libgcc_s for pthread_cancel: xl aborts without it
     entries["lib/x86_64-linux-gnu/libgcc_s.so.1"] = host_file(_host_lib("libgcc_s.so.1"))
@@ -223,6 +244,14 @@ def _library_closure(binaries: Sequence[Path], root: Path) -> dict[str, Path]:
             dest = src.relative_to(root) if src.is_relative_to(root) else src.relative_to("/")
             libs[str(dest)] = src
     return libs
+
+
+def _host_bash() -> Path:
+    """The host's bash (Debian's essential package): Xen's hotplug scripts are bash scripts."""
+    bash = Path("/bin/bash")
+    if not bash.is_file():
+        raise RunError("the host has no /bin/bash for the rig's vif-bridge script")
+    return bash
 
 
 def _host_lib(name: str) -> Path:

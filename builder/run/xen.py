@@ -29,11 +29,11 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from ..artifact import Artifact, XlDisk, xen_config
+from ..artifact import NAMES, Artifact, XlDisk, xen_config
 from ..cpio import write_cpio
 from ..errors import ConfigError, RunError
 from ..options import (
@@ -47,7 +47,7 @@ from ..options import (
     memory_outside,
 )
 from ..proc import Supervisor, run_tool
-from ..tree import Tree, regular
+from ..tree import Tree, directory, regular
 from . import cmdline
 from .console import RunResult
 from .qemu import qemu_binary, root_disks
@@ -99,13 +99,16 @@ def guest_config(
 ) -> str:
     """The xl config of a run: the validated artifact's command line, vcpus and root disk mode, the given
     paths (`disk`: where xl finds the root disk) and nothing else. `rig`: for the nested rig (TCG-safe TSC;
-    with `network`, one vif routed by dom0's own script and the guest's `ip=` set to match)."""
-    vif = None
-    extra = xen_extra(art)
-    if network:
+    with `network`, one vif routed by dom0's own script and the guest's `ip=` set to match); otherwise the
+    manifest's network, as the artifact's xen.cfg has it (a vif on its bridge, its `ip=`). The runner's
+    `ip=` replaces any the artifact's command line has."""
+    vif, ip_word = None, None
+    if rig and network:
         vif = f"ip={GUEST_IP},script=/etc/xen/scripts/vif-xbuild"
-        kernel_args = [*kernel_args, f"ip={GUEST_IP}::{DOM0_VIF_IP}:255.255.255.0::eth0:off"]
-        extra = " ".join(w for w in extra.split() if not w.startswith("ip="))
+        ip_word = f"ip={GUEST_IP}::{DOM0_VIF_IP}:255.255.255.0::eth0:off"
+    elif not rig and (net := art.manifest.network):
+        vif, ip_word = net.vif, net.ip_word
+    extra = cmdline.with_ip(xen_extra(art), ip_word) if ip_word else xen_extra(art)
     d = art.manifest.disk
     disks = (XlDisk(disk, DiskFormat.RAW if rig else d.format, d.mode),) if d and disk else ()
     line = cmdline.with_args(extra, kernel_args, extra_args)
@@ -127,6 +130,18 @@ def guest_config(
 # ---- running -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BridgeProbe:
+    """run_nested's hand-run check (xenrig/dom0-init.sh's bridge mode): a dom0 set up as Debian's Xen wiki
+    documents (a bridge, the manifest's, holding dom0's address; busybox udhcpd as the network's DHCP
+    server) runs the artifact's OWN xen.cfg as a user would (`cd ARTIFACT && xl create -c xen.cfg`), waits
+    for the guest's lease and fetches http://LEASED:port/ with busybox wget. dom0's `xenrig: guest leased
+    …` and `xenrig: wget … answered: …` lines come between the guest's console lines; then dom0 shuts the
+    guest down. The only place an artifact's xen.cfg is read, and only inside the rig's dom0."""
+
+    port: int = 80
+
+
 def run_nested(
     art: Artifact,
     xen_type: str = NESTED_XEN_TYPE,
@@ -138,6 +153,7 @@ def run_nested(
     kernel_args: Sequence[str] = (),
     progress: Say | None = None,
     stop_event: threading.Event | None = None,
+    probe: BridgeProbe | None = None,
 ) -> RunResult:
     """Boot the validated artifact as a `xen_type` guest of Xen nested in QEMU (TCG), stream its console.
 
@@ -149,12 +165,19 @@ def run_nested(
     dom0's output goes to a log that is kept, and named in `error`, when no exit status was seen. RunError
     when xl could not create the guest or it printed nothing. Only the artifact's kernel and initrd go into
     dom0, with a config generated from its manifest (guest_config); its root disk goes to the outer QEMU.
+    With `probe` (BridgeProbe): the artifact directory goes into dom0 and its own xen.cfg is run instead;
+    an initramfs artifact whose xen.cfg has a vif only (ConfigError), no `ports`, `xen_type` is xen.cfg's.
     """
     _check_xen_type(xen_type)
     guest_mb = memory_mb or art.manifest.guest.memory_mb
     if why := memory_outside(guest_mb, NESTED_MEMORY_MB):
         raise ConfigError(f"guest memory under the nested rig: {why}")
     art.bootable()
+    network = art.manifest.network
+    if probe is not None and (network is None or art.manifest.disk is not None or ports):
+        raise ConfigError(
+            "the hand-run check needs an initramfs artifact whose xen.cfg has a vif, and no forwarded ports"
+        )
     qemu = qemu_binary()
     # the outer QEMU opens the disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-disk0
     outer_disks = root_disks(art)
@@ -180,11 +203,19 @@ def run_nested(
         with open(initrd, "wb") as f, open(rig.dom0_initrd, "rb") as base:
             shutil.copyfileobj(base, f)  # a multiple of 4 bytes: the appended archive starts aligned
             guest = Tree()
-            guest.add("guest/kernel", host_file(art.kernel, 0o644))
-            guest.add("guest/initrd.img", host_file(art.initrd, 0o644))
-            guest.add("guest/guest.cfg", regular(cfg.encode(), 0o644))
+            if probe is not None:  # the artifact directory as it is, its xen.cfg included
+                guest.add("artifact", directory())
+                for name in NAMES:
+                    if (art.path / name).is_file():
+                        guest.add(f"artifact/{name}", host_file(art.path / name, 0o644))
+            else:
+                guest.add("guest/kernel", host_file(art.kernel, 0o644))
+                guest.add("guest/initrd.img", host_file(art.initrd, 0o644))
+                guest.add("guest/guest.cfg", regular(cfg.encode(), 0o644))
             write_cpio(f, guest)
         dom0 = f"{DOM0_CMDLINE} xenrig.grace={GRACE_S}"
+        if probe is not None and network is not None:
+            dom0 += f" xenrig.bridge={network.bridge} xenrig.probe={int(probe.port)}"
         blk: list[str] = []
         if outer_disks:
             dom0 += f" xenrig.disks={len(outer_disks)}"

@@ -5,6 +5,12 @@
 # Its own output goes to hvc0 (the host's log). When the guest is gone it reboots: QEMU runs -no-reboot.
 # With xenrig.disks=N, QEMU attached N virtio disks with serials xbuild-disk0..N-1 (the guest's disks, as
 # raw block devices): they appear as /dev/xbuild-diskI, the targets of the guest's phy disk lines.
+# With xenrig.bridge=NAME (the hand-run check, builder.run.xen.BridgeProbe): dom0 is set up as Debian's Xen
+# wiki documents (a bridge NAME with stp off and forward delay 0, holding dom0's address); busybox udhcpd on
+# it stands in for the LAN's DHCP server. /artifact is an artifact directory: dom0 runs its own xen.cfg as a
+# user would (cd /artifact && xl create -c xen.cfg; Xen's vif-bridge puts the vif on NAME), waits for the
+# guest's lease, fetches http://LEASED:xenrig.probe=PORT/ with busybox wget, says what it answered (to hvc0
+# and, between the guest's lines, to ttyS1), then shuts the guest down.
 /bin/busybox --install -s
 export PATH="$(echo /usr/lib/xen-*/bin):/usr/sbin:/usr/bin:/sbin:/bin"
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu
@@ -14,10 +20,10 @@ mkdir -p /run/lock /run/xen /run/xenstored /var/log/xen/console /var/lib/xen /va
 say() { echo "xenrig: $* at $(cut -d' ' -f1 /proc/uptime)s"; }
 end() { say "$*"; reboot -f; sleep 10; poweroff -f; }
 stty -F /dev/ttyS1 raw -echo || end "no ttyS1"
-grace=10; ports=""; guest=""; disks=0
+grace=10; ports=""; guest=""; disks=0; bridge=""; probe=80; name=xbuild; cfg=/guest/guest.cfg
 for a in $(cat /proc/cmdline); do case $a in
   xenrig.grace=*) grace=${a#*=};; xenrig.ports=*) ports=${a#*=};; xenrig.guest=*) guest=${a#*=};;
-  xenrig.disks=*) disks=${a#*=};;
+  xenrig.disks=*) disks=${a#*=};; xenrig.bridge=*) bridge=${a#*=};; xenrig.probe=*) probe=${a#*=};;
 esac; done
 say "dom0 init"
 for m in /lib/modules/*.ko; do insmod "$m" || end "insmod $m failed"; done
@@ -39,18 +45,48 @@ if [ -n "$ports" ]; then  # QEMU's user net reaches dom0 as 10.0.2.15; relay eac
   ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || end "no eth0"
   for p in $(echo "$ports" | tr , ' '); do nc -ll -p "$p" -e nc "$guest" "$p" & done
 fi
+if [ -n "$bridge" ]; then
+  for m in /lib/modules/bridge/*.ko /lib/modules/net/xen-netback.ko; do insmod "$m" || end "insmod $m failed"; done
+  ip link set lo up
+  brctl addbr "$bridge" && brctl stp "$bridge" off && brctl setfd "$bridge" 0 || end "no bridge $bridge"
+  ip addr add 10.0.4.1/24 dev "$bridge" && ip link set "$bridge" up || end "no address on $bridge"
+  printf '%s\n' "interface $bridge" "start 10.0.4.100" "end 10.0.4.199" "lease_file /run/udhcpd.leases" \
+    "pidfile /run/udhcpd.pid" "option subnet 255.255.255.0" "option router 10.0.4.1" >/run/udhcpd.conf
+  : >/run/udhcpd.leases
+  udhcpd /run/udhcpd.conf || end "udhcpd failed"
+  cfg=xen.cfg; name=$(sed -n 's/^name = "\(.*\)"$/\1/p' /artifact/xen.cfg)
+  [ -n "$name" ] || end "no name in /artifact/xen.cfg"
+  say "bridge $bridge 10.0.4.1/24 up, udhcpd serving 10.0.4.100-199"
+fi
 say "toolstack ready"
 secs() { cut -d. -f1 /proc/uptime; }
 stop() {
   touch /run/stop
-  n=0; until xl domid xbuild >/dev/null 2>&1 || [ $n -ge 20 ]; do sleep 0.5; n=$((n+1)); done  # being created
-  xl shutdown xbuild && say "guest asked to shut down"
-  limit=$(($(secs) + grace)); while xl domid xbuild >/dev/null 2>&1 && [ "$(secs)" -lt $limit ]; do sleep 0.5; done
-  xl destroy xbuild 2>/dev/null && say "guest destroyed after ${grace}s"
+  n=0; until xl domid "$name" >/dev/null 2>&1 || [ $n -ge 20 ]; do sleep 0.5; n=$((n+1)); done  # being created
+  xl shutdown "$name" && say "guest asked to shut down"
+  limit=$(($(secs) + grace)); while xl domid "$name" >/dev/null 2>&1 && [ "$(secs)" -lt $limit ]; do sleep 0.5; done
+  xl destroy "$name" 2>/dev/null && say "guest destroyed after ${grace}s"
+}
+tell() { say "$*"; say "$*" >/dev/ttyS1; }
+check() {  # the bridge mode's probe: the guest's DHCP lease, then its answer on port $probe
+  n=0; addr=""
+  while [ -z "$addr" ] && [ $n -lt 600 ]; do
+    sleep 0.5; n=$((n+1))
+    kill -USR1 "$(cat /run/udhcpd.pid)"; sleep 0.1  # udhcpd writes its lease file
+    addr=$(dumpleases -f /run/udhcpd.leases | awk 'NR > 1 { print $2; exit }')
+  done
+  [ -n "$addr" ] || { tell "no DHCP lease on $bridge"; stop; return; }
+  tell "guest leased $addr on $bridge (mac $(dumpleases -f /run/udhcpd.leases | awk 'NR > 1 { print $1; exit }'))"
+  n=0; until wget -q -T 5 -O /run/answer "http://$addr:$probe/" 2>/dev/null || [ $n -ge 90 ]; do sleep 1; n=$((n+1)); done
+  if [ -s /run/answer ]; then tell "wget http://$addr:$probe/ answered: $(head -c 200 /run/answer | tr -s '\r\n' '  ')"
+  else tell "wget http://$addr:$probe/: no answer"; fi
+  stop
 }
 (while read -r cmd; do [ "$cmd" = stop ] && stop; done </dev/ttyS1) &
 [ -e /run/stop ] && end "stopped before the guest was created"
-xl create -c /guest/guest.cfg </dev/null >/dev/ttyS1
+[ -n "$bridge" ] && check &
+if [ -n "$bridge" ]; then cd /artifact || end "no /artifact"; fi
+xl create -c "$cfg" </dev/null >/dev/ttyS1
 rc=$?
-xl destroy xbuild 2>/dev/null
+xl destroy "$name" 2>/dev/null
 end "xl exited $rc"

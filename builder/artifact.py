@@ -5,7 +5,11 @@
     <dir>/kernel         the guest kernel (when one was paired)
     <dir>/cmdline        the kernel command line, one line
     <dir>/xen.cfg        an xl config with paths relative to the directory (for a hand-run `xl create`;
-                         xbuild itself never reads it: its runners generate the config from the manifest)
+                         xbuild itself never reads it: its runners generate the config from the manifest;
+                         only the nested rig's hand-run check, builder.run.xen.BridgeProbe, runs it, in
+                         dom0). With a network (manifest `network`): `vif = [ 'bridge=NAME' ]` and the
+                         kernel's `ip=dhcp` (or a static `ip=`) in `extra`, for a dom0 whose bridge NAME is
+                         on a network with DHCP (Debian's documented Xen setup)
     <dir>/manifest.json  what went in: source image, config, sizes, digests, minimize report
     <dir>/provenance.intoto.json  how it was built: an in-toto statement naming every other file's sha256
                          and the build's inputs (builder/provenance.py); `xbuild rebuild` builds from it
@@ -18,8 +22,10 @@ one place that reads a directory, and everything else works on the validated `Ar
   command line;
 - `Manifest.from_json` checks every field the runners use: memory within options.MEMORY_MB, vcpus within
   VCPUS, xen_type, disk format and mode from their enums (builder/options.py), the hostname from
-  HOSTNAME's alphabet, sizes non-negative integers, digests well-formed; `cmdline` is one line of at most
-  CMDLINE_MAX bytes from CMDLINE_WORD's alphabet (no quotes, backslashes or control characters);
+  HOSTNAME's alphabet, `network` (xen.cfg's vif) a bridge of BRIDGE's alphabet and a static IPv4
+  address and gateway that `ipaddress` accepts (`network_problem`), sizes non-negative integers,
+  digests well-formed; `cmdline` is one line of at most CMDLINE_MAX bytes from CMDLINE_WORD's alphabet
+  (no quotes, backslashes or control characters);
 - the recorded sizes match the files; a qcow2 disk has no backing file, no external data file and no
   incompatible feature bit this reader does not know (`check_qcow2`), so no host file can be reached
   through it (the runners also open disks with an explicit driver and `backing: null`).

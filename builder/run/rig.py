@@ -64,21 +64,10 @@ BLK_MODULES = (
     "xen-blkback",
 )
 BRIDGE_MODULES = ("llc", "stp", "bridge")  # loaded in this order in bridge mode (xenrig.bridge=)
-# Xen's own vif-bridge (libxl's default vif script) and what it sources, from xen-utils-common: bash, with
-# busybox's brctl, ip and awk (with brctl on the PATH, Xen 4.17's scripts use it, else `ip link ... master`)
-VIF_BRIDGE_SCRIPTS = (
-    "vif-bridge",
-    "vif-common.sh",
-    "xen-hotplug-common.sh",
-    "xen-network-common.sh",
-    "xen-script-common.sh",
-    "locking.sh",
-    "logging.sh",
-    "hotplugpath.sh",
-)
 TOOLS = ("xl", "xenstored", "xenconsoled", "xenconsole", "xen-init-dom0")
 DOM0_INIT = Path(__file__).with_name("xenrig") / "dom0-init.sh"
 VIF_SCRIPT = Path(__file__).with_name("xenrig") / "vif-xbuild.sh"
+VIF_BRIDGE_SCRIPT = Path(__file__).with_name("xenrig") / "vif-bridge.sh"  # dom0's /etc/xen/scripts/vif-bridge
 BLOCK_SCRIPT = Path(__file__).with_name("xenrig") / "block-xbuild.sh"  # dom0's /etc/xen/scripts/block
 
 
@@ -104,7 +93,7 @@ def ensure_rig(progress: Say | None = None) -> Rig:
         NET_MODULES,
         BLK_MODULES,
         BRIDGE_MODULES,
-        VIF_BRIDGE_SCRIPTS,
+        VIF_BRIDGE_SCRIPT.read_text(),
     ]
     # resolving versions costs seconds of apt-cache: remember the answer until the apt lists change
     lists = os.stat("/var/lib/apt/lists").st_mtime_ns
@@ -185,14 +174,12 @@ def _symlink(target: str) -> Inode:
 
 
 def dom0_tree(root: Path, moddir: Path) -> Tree:
-    """busybox, the Xen modules, the toolstack binaries and their library closure, /init; bash and Xen's
-    vif-bridge scripts for the bridge mode."""
+    """busybox, the Xen modules, the toolstack binaries and their library closure, /init."""
     tree = Tree()
     entries: dict[str, Inode] = {
         "init": regular(DOM0_INIT.read_bytes(), 0o755),
         "bin/busybox": host_file(root / "bin" / "busybox", 0o755),
         "bin/sh": _symlink("busybox"),
-        "bin/bash": host_file(_host_bash(), 0o755),
         "dev/console": Inode(CHAR, 0o600, rdev=(5, 1)),
         "dev/null": Inode(CHAR, 0o666, rdev=(1, 3)),
         "var/run": _symlink("../run"),
@@ -203,6 +190,7 @@ def dom0_tree(root: Path, moddir: Path) -> Tree:
         "usr/bin/xenstore-read": _symlink("xenstore"),
         "etc/xen/scripts/vif-xbuild": regular(VIF_SCRIPT.read_bytes(), 0o755),
         "etc/xen/scripts/block": regular(BLOCK_SCRIPT.read_bytes(), 0o755),
+        "etc/xen/scripts/vif-bridge": regular(VIF_BRIDGE_SCRIPT.read_bytes(), 0o755),
         "etc/xen/xl.conf": regular(b"", 0o644),
     }
     for d in ("proc", "sys", "run", "tmp", "root", "guest", "sbin", "usr/sbin"):
@@ -213,15 +201,13 @@ def dom0_tree(root: Path, moddir: Path) -> Tree:
         entries[f"lib/modules/net/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     for i, name in enumerate(BRIDGE_MODULES):
         entries[f"lib/modules/bridge/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
-    for name in VIF_BRIDGE_SCRIPTS:
-        entries[f"etc/xen/scripts/{name}"] = host_file(root / "etc" / "xen" / "scripts" / name)
     for i, name in enumerate(BLK_MODULES):  # numbered: dom0-init.sh loads them in glob order
         entries[f"lib/modules/blk/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     bindir = _one(root.glob("usr/lib/xen-4*/bin"))
     binaries = [bindir / t for t in TOOLS] + [root / "usr" / "bin" / "xenstore"]
     for t in binaries:
         entries[str(t.relative_to(root))] = host_file(t)
-    for dest, src in _library_closure([*binaries, _host_bash()], root).items():
+    for dest, src in _library_closure(binaries, root).items():
         entries[dest] = host_file(src)
     # glibc dlopen()s libgcc_s for pthread_cancel: xl aborts without it
     entries["lib/x86_64-linux-gnu/libgcc_s.so.1"] = host_file(_host_lib("libgcc_s.so.1"))
@@ -244,14 +230,6 @@ def _library_closure(binaries: Sequence[Path], root: Path) -> dict[str, Path]:
             dest = src.relative_to(root) if src.is_relative_to(root) else src.relative_to("/")
             libs[str(dest)] = src
     return libs
-
-
-def _host_bash() -> Path:
-    """The host's bash (Debian's essential package): Xen's hotplug scripts are bash scripts."""
-    bash = Path("/bin/bash")
-    if not bash.is_file():
-        raise RunError("the host has no /bin/bash for the rig's vif-bridge script")
-    return bash
 
 
 def _host_lib(name: str) -> Path:

@@ -9,7 +9,7 @@
 # wiki documents (a bridge NAME with stp off and forward delay 0, holding dom0's address); busybox udhcpd on
 # it stands in for the LAN's DHCP server. /artifact is an artifact directory: dom0 runs its own xen.cfg as a
 # user would (cd /artifact && xl create -c xen.cfg; Xen's vif-bridge puts the vif on NAME), waits for the
-# guest's lease, fetches http://LEASED:xenrig.probe=PORT/ with busybox wget, says what it answered (to hvc0
+# guest's lease, sends GET / to LEASED:xenrig.probe=PORT with busybox nc, says what it answered (to hvc0
 # and, between the guest's lines, to ttyS1), then shuts the guest down.
 /bin/busybox --install -s
 export PATH="$(echo /usr/lib/xen-*/bin):/usr/sbin:/usr/bin:/sbin:/bin"
@@ -48,7 +48,9 @@ fi
 if [ -n "$bridge" ]; then
   for m in /lib/modules/bridge/*.ko /lib/modules/net/xen-netback.ko; do insmod "$m" || end "insmod $m failed"; done
   ip link set lo up
-  brctl addbr "$bridge" && brctl stp "$bridge" off && brctl setfd "$bridge" 0 || end "no bridge $bridge"
+  # bridge_stp off, bridge_fd 0 (busybox's brctl has no stp/setfd: the same sysfs files bridge-utils writes)
+  brctl addbr "$bridge" && echo 0 >"/sys/class/net/$bridge/bridge/stp_state" \
+    && echo 0 >"/sys/class/net/$bridge/bridge/forward_delay" || end "no bridge $bridge"
   ip addr add 10.0.4.1/24 dev "$bridge" && ip link set "$bridge" up || end "no address on $bridge"
   printf '%s\n' "interface $bridge" "start 10.0.4.100" "end 10.0.4.199" "lease_file /run/udhcpd.leases" \
     "pidfile /run/udhcpd.pid" "option subnet 255.255.255.0" "option router 10.0.4.1" >/run/udhcpd.conf
@@ -77,9 +79,12 @@ check() {  # the bridge mode's probe: the guest's DHCP lease, then its answer on
   done
   [ -n "$addr" ] || { tell "no DHCP lease on $bridge"; stop; return; }
   tell "guest leased $addr on $bridge (mac $(dumpleases -f /run/udhcpd.leases | awk 'NR > 1 { print $1; exit }'))"
-  n=0; until wget -q -T 5 -O /run/answer "http://$addr:$probe/" 2>/dev/null || [ $n -ge 90 ]; do sleep 1; n=$((n+1)); done
-  if [ -s /run/answer ]; then tell "wget http://$addr:$probe/ answered: $(head -c 200 /run/answer | tr -s '\r\n' '  ')"
-  else tell "wget http://$addr:$probe/: no answer"; fi
+  # busybox nc, not wget: the static busybox's wget segfaults in this dom0
+  get() { printf 'GET / HTTP/1.0\r\nHost: %s\r\n\r\n' "$addr" | nc -w 5 "$addr" "$probe" >/run/answer 2>/run/nc.err; }
+  n=0; until get && [ -s /run/answer ] || [ $n -ge 90 ]; do sleep 1; n=$((n+1)); done
+  if [ -s /run/answer ]; then
+    tell "GET http://$addr:$probe/ answered: $(head -n 1 /run/answer | tr -d '\r') | $(sed '1,/^\r*$/d' /run/answer | head -c 200 | tr -s '\r\n' '  ')"
+  else tell "GET http://$addr:$probe/: no answer ($(tr -s '\r\n' '  ' </run/nc.err); on $bridge: $(ls /sys/class/net/$bridge/brif))"; fi
   stop
 }
 (while read -r cmd; do [ "$cmd" = stop ] && stop; done </dev/ttyS1) &

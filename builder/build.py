@@ -374,8 +374,8 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
 
 def _network(opts: BuildOptions, recipe: Recipe | None, image: Image) -> Network | None:
     """xen.cfg's network: with `--network bridge`, or `auto` and an image that exposes ports (or a given
-    `--bridge` or `--ip`), a vif on
-    `--bridge`, the recipe's bridge or DEFAULT_BRIDGE, the guest's address by DHCP or `--ip`."""
+    `--bridge` or `--ip`), a vif on `--bridge`, the recipe's bridge or DEFAULT_BRIDGE, the guest's address
+    by DHCP or `--ip`; None (no vif) otherwise."""
     wanted = opts.network == NetworkMode.BRIDGE or bool(opts.bridge or opts.ip or image.config.exposed_ports)
     if opts.network == NetworkMode.NONE or not wanted:
         return None

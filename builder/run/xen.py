@@ -8,9 +8,10 @@ Xen's and dom0's console (a log file); COM2, dom0's ttyS1, carries only the gues
 
 Both runners take a validated Artifact (builder/artifact.py) and generate the guest's xl config from its
 manifest (guest_config, through the one writer builder.artifact.xen_config); the artifact's xen.cfg is
-never read. The root disk of a `--format disk` artifact is attached to the outer QEMU as virtio-blk
-(builder.run.qemu.Disk: explicit driver, no backing file followed, a throwaway overlay for rw, so the
-artifact's image never changes, as with `docker run`). dom0 loads virtio-blk and blkback, names it
+never read (but by the test rig's BridgeProbe mode, which runs it inside the nested dom0). The root disk
+of a `--format disk` artifact is attached to the outer QEMU as virtio-blk (builder.run.qemu.Disk:
+explicit driver, no backing file followed, a throwaway overlay for rw, so the artifact's image never
+changes, as with `docker run`). dom0 loads virtio-blk and blkback, names it
 /dev/xbuild-disk0 by its serial, and the guest's config gets a raw disk line to it.
 
 The outer QEMU, or `xl create -c`, is run by a builder.proc.Supervisor: its own session, killed with the
@@ -135,8 +136,8 @@ class BridgeProbe:
     """run_nested's hand-run check (xenrig/dom0-init.sh's bridge mode): a dom0 set up as Debian's Xen wiki
     documents (a bridge, the manifest's, holding dom0's address; busybox udhcpd as the network's DHCP
     server) runs the artifact's OWN xen.cfg as a user would (`cd ARTIFACT && xl create -c xen.cfg`), waits
-    for the guest's lease and fetches http://LEASED:port/ with busybox wget. dom0's `xenrig: guest leased
-    …` and `xenrig: wget … answered: …` lines come between the guest's console lines; then dom0 shuts the
+    for the guest's lease and sends `GET /` to LEASED:port with busybox nc. dom0's `xenrig: guest leased
+    …` and `xenrig: GET … answered: …` lines come between the guest's console lines; then dom0 shuts the
     guest down. The only place an artifact's xen.cfg is read, and only inside the rig's dom0."""
 
     port: int = 80

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from builder.artifact import Network
 from builder.build import BuildOptions, build
 from builder.errors import ArtifactError
 from builder.image import Healthcheck
@@ -45,6 +46,7 @@ FULL = BuildInputs(
     disk=DiskInput(format="raw", mode="rw", size=1 << 30),
     healthcheck=Healthcheck(("CMD", "true"), 1_000_000_000, 2_000_000_000, 0, 0, 3),
     source_date_epoch=1_700_000_000,
+    network=Network("xenbr0", "10.0.4.5/24", "10.0.4.1"),
 )
 
 
@@ -90,8 +92,8 @@ def _valid_change(path: tuple[str, ...]) -> tuple[BuildInputs, BuildInputs]:
     base = FULL
     if path == ("kernel", "sha256"):
         base = dataclasses.replace(FULL, kernel=KernelInput(source="/boot/vmlinuz", sha256=SHA))
-    if path in CHOSEN:  # one of an enum's values: another one
-        return base, _changed(base, path, lambda value, hint: CHOSEN[path])
+    if path in CHOSEN or path in ADDRESSES:  # one of an enum's values, or an address: another one
+        return base, _changed(base, path, lambda value, hint: {**CHOSEN, **ADDRESSES}[path])
     return base, _changed(base, path)
 
 
@@ -102,6 +104,7 @@ CHOSEN = {
     ("disk", "format"): "qcow2",
     ("disk", "mode"): "ro",
 }
+ADDRESSES = {("network", "address"): "10.0.4.6/24", ("network", "gateway"): "10.0.4.2"}  # still valid
 
 
 FIELDS = [p for p in _leaves(BuildInputs) if p != ("schema",)]

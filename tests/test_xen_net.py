@@ -185,3 +185,15 @@ def test_hand_run_xen_cfg_answers_on_the_bridge(web_ref: str, tmp_path: Path) ->
     assert "xenrig: guest leased 10.0.4.1" in text, text
     assert re.search(rf"answered: HTTP/1.[01] 200 OK \| {PAGE.decode().strip()}", text), text
     assert result.exit_status is not None, result
+
+
+def test_rebuild_reproduces_the_network(web_ref: str, tmp_path: Path) -> None:
+    """The resolved network is a build input: `xbuild rebuild` passes it back and gets the same xen.cfg."""
+    from builder.rebuild import rebuild
+
+    art = _built(
+        web_ref, tmp_path / "a", bridge="br-lan", ip="192.168.7.20/24:192.168.7.1", epoch=1_700_000_000
+    )
+    result = rebuild(str(art.path))
+    assert result.inputs.network == Network("br-lan", "192.168.7.20/24", "192.168.7.1")
+    assert result.match, result.files

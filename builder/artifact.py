@@ -304,6 +304,7 @@ class Guest(GuestConfig, _Section):
     xen_type: str = DEFAULT_XEN_TYPE.value
     vcpus: int = 1
     recipe: str | None = None
+    min_memory_mb: int | None = None  # builder/memory.py; None: an older artifact, or no kernel paired
 
     @classmethod
     def of(cls, gc: GuestConfig, **runner: Any) -> Guest:
@@ -317,6 +318,8 @@ class Guest(GuestConfig, _Section):
                     _count(value, f"guest.health.{name}")
         if why := memory_outside(self.memory_mb):
             raise _bad("guest.memory_mb", why)
+        if self.min_memory_mb is not None:
+            _count(self.min_memory_mb, "guest.min_memory_mb")
         if not VCPUS[0] <= self.vcpus <= VCPUS[1]:
             raise _bad("guest.vcpus", f"{self.vcpus} is outside {VCPUS[0]}..{VCPUS[1]}")
         _one_of(self.xen_type, XenType, "guest.xen_type")

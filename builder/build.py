@@ -53,9 +53,10 @@ from .compression import DEFAULT_COMPRESSION
 from .cpio import pack
 from .errors import BadInput, SourceError
 from .flatten import flatten
-from .guest import INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
+from .guest import CONFIG_PATH, INIT_CMDLINE, ROOT_DEVICES, boot_tree, guest_config, install
 from .image import Healthcheck, Image, Platform
 from .inputs import BuildInputs, DiskInput, KernelInput
+from .memory import MemoryNeed, memory_need
 from .minimize import minimize
 from .minimize.probe import check_probe_host
 from .options import (
@@ -321,7 +322,15 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     guest = Guest.of(gc, memory_mb=memory, xen_type=opts.xen_type, recipe=recipe.name if recipe else None)
     with atomic_dir(out) as tmp:
         disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
-        packed = pack(boot_tree(tree) if disk else tree, tmp / INITRD, opts.compression, opts.level, epoch)
+        initramfs = boot_tree(tree) if disk else tree
+        packed = pack(
+            initramfs,
+            tmp / INITRD,
+            opts.compression,
+            opts.level,
+            epoch,
+            last=CONFIG_PATH,
+        )
         check_unchanged()  # the diffs pack and the disk read from are still the ones flatten verified
         initrd = Initrd(
             sha256=packed.sha256,
@@ -336,6 +345,8 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         if kernel:
             shutil.copyfile(kernel[0], tmp / KERNEL)
             kernel_info = dataclasses.replace(kernel[1], size=(tmp / KERNEL).stat().st_size)
+            need = memory_need(tmp / KERNEL, tmp / INITRD, packed.compression, initramfs)
+            guest = _min_memory(guest, need, opts)
             cmdline = f"{QEMU_CONSOLE} {flags}"
             (tmp / CMDLINE).write_text(cmdline + "\n")
             (tmp / XEN_CFG).write_text(
@@ -389,6 +400,16 @@ def _xen_extra(flags: str, network: Network | None) -> str:
     any other (a recipe's) before the init's `--`."""
     extra = f"{XEN_CONSOLE} {flags}"
     return with_ip(extra, network.ip_word) if network else extra
+
+
+def _min_memory(guest: Guest, need: MemoryNeed, opts: BuildOptions) -> Guest:
+    """`guest` with its minimum memory (builder/memory.py), and a warning when it is given less."""
+    if guest.memory_mb < need.min_mb:
+        opts.log(
+            f"warning: guest memory {guest.memory_mb} MB is below this artifact's minimum, {need.min_mb} MB "
+            f"({need.summary()}); `xbuild run` refuses less"
+        )
+    return dataclasses.replace(guest, min_memory_mb=need.min_mb)
 
 
 def _default_memory(recipe: Recipe | None, disk: bool) -> int:

@@ -4,6 +4,10 @@ Entries come in depth-first order with names sorted bytewise (parents before chi
 renumbered from 1 in that order, mtimes are clamped to the epoch (SOURCE_DATE_EPOCH), hardlinked
 paths share an inode number and carry the data on their last occurrence (as GNU cpio does; the
 kernel accepts it on any). The same tree gives the same bytes on any machine.
+
+`last` names one path that is written after all the others instead of in its sorted place: the build puts
+the init's config there, so a config present in the guest proves the kernel unpacked every entry before
+it (the kernel stops unpacking at its first error; initramfs/init.c checks the rest).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def pack(
     level: int | None = None,
     epoch: int | None = None,
     progress: Callable[[int], None] | None = None,
+    last: str | None = None,
 ) -> Packed:
     """Write `tree` to `out` (atomically), compressed (builder.compression), and return what was written."""
     if compression not in COMPRESSIONS:
@@ -55,7 +60,7 @@ def pack(
             hashing = HashingWriter(f)
             sink = compressor(compression, hashing, lvl)
             writer = _CpioWriter(sink, epoch, progress)
-            count = writer.write_tree(tree)
+            count = writer.write_tree(tree, last)
             sink.close()
     except OSError as e:
         raise PackError(f"cannot write {out}: {e}") from None
@@ -104,8 +109,10 @@ class _CpioWriter:
         self._emit(b"070701" + b"".join(b"%08X" % (v & 0xFFFFFFFF) for v in fields) + raw)
         self._pad()
 
-    def write_tree(self, tree: Tree) -> int:
+    def write_tree(self, tree: Tree, last: str | None = None) -> int:
         walked = entries(tree, self.epoch)
+        if last is not None:
+            walked = [e for e in walked if e.path != last] + [e for e in walked if e.path == last]
         with ContentReader() as contents:
             for e in walked:
                 node = e.node

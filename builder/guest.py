@@ -23,7 +23,10 @@ and runc's/docker's user resolution against the image's own /etc/passwd and /etc
   to milliseconds for the init.
 
 `install(tree, gc, init)` puts the init at /.xbuild/init, the encoded config at /.xbuild/config, a /init
-symlink when the image has none, and /dev/console so the kernel hands init a console.
+symlink when the image has none, and /dev/console so the kernel hands init a console. The installed config
+ends with the tree's census (`census`: `files` and `bytes` records): the init counts what the kernel
+unpacked before it runs anything and refuses to go on with less (a partial unpack, see builder/cpio.py's
+`last`).
 The boot command line must carry INIT_CMDLINE. For `--format disk` the same installed tree goes on the disk
 and `boot_tree(tree)` is the initramfs: the init, its config (with `root` records) and /dev/console.
 """
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 from .image import ImageConfig
 from .text import is_decimal
-from .tree import CHAR, DIR, Inode, Tree, directory, regular
+from .tree import CHAR, DIR, FILE, Inode, Tree, directory, regular
 
 INIT_PATH = ".xbuild/init"
 CONFIG_PATH = ".xbuild/config"
@@ -404,6 +407,30 @@ def guest_config(config: ImageConfig, tree: Tree, hostname: str) -> GuestConfig:
     )
 
 
+@dataclass(frozen=True)
+class Census:
+    """What the initramfs holds outside /.xbuild: `files` paths (every type, each hardlink counted) and
+    `size`, the sum of the regular files' sizes (per path): what init.c's tree_census counts. Encoded as
+    the config's `files` and `bytes` records."""
+
+    files: int
+    size: int
+
+    def records(self) -> bytes:
+        return b"files\0%d\0bytes\0%d\0" % (self.files, self.size)
+
+
+def census(tree: Tree) -> Census:
+    top = INIT_PATH.split("/")[0]
+    files = size = 0
+    for path, node in tree.walk():
+        if not path or path == top or path.startswith(top + "/"):
+            continue
+        files += 1
+        size += node.size if node.kind == FILE else 0
+    return Census(files, size)
+
+
 def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
     """Add the init, its config, /init (unless the image has its own) and /dev/console to the tree.
 
@@ -416,7 +443,6 @@ def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
     xbuild = tree.root.children[INIT_PATH.split("/")[0]] = directory(0o755)
     assert xbuild.children is not None
     xbuild.children[INIT_PATH.split("/")[1]] = regular(init, 0o755)
-    xbuild.children[CONFIG_PATH.split("/")[1]] = regular(gc.encode(), 0o644)
     if tree.lookup("init") is None:
         tree.add("init", Inode("symlink", 0o777, target=INIT_PATH))
     dev = tree.lookup("dev", follow=True)
@@ -424,6 +450,7 @@ def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
         "dev/console"
     ) is None:
         tree.add("dev/console", Inode(CHAR, 0o600, rdev=(5, 1)))
+    xbuild.children[CONFIG_PATH.split("/")[1]] = regular(gc.encode() + census(tree).records(), 0o644)
 
 
 def boot_tree(tree: Tree) -> Tree:

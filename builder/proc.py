@@ -17,7 +17,10 @@ is gone:
   `force` hook (when given) and `settle` seconds after that, or at once without a force hook, the process
   group is killed. Once the guest printed its exit status the process gets `settle` seconds to exit by
   itself. A second SIGTERM/SIGINT kills at once. After a SIGINT, `wait` raises KeyboardInterrupt once the
-  process group is gone;
+  process group is gone. A fatal kernel line (`ConsoleWatcher.fatal`: the initramfs did not unpack, a
+  panic) kills the group at once: that guest cannot run what it was given;
+- with `ready_ports` (host ports forwarded to the guest), `wait` probes them after the exec marker
+  (builder/run/ready.py) and the result's phases carry when the program first accepted a connection;
 - `kill` ends the whole process group (SIGTERM, then SIGKILL) and is also registered with atexit.
 SIGTERM and SIGINT are handled only while `wait` runs in the main thread; the previous handlers are put
 back before it returns.
@@ -42,6 +45,7 @@ from typing import IO, BinaryIO
 
 from .errors import XbuildError
 from .run.console import ConsoleWatcher, RunResult
+from .run.ready import AppReady
 
 PR_SET_PDEATHSIG = 1
 KILL_WAIT_S = 5.0  # after SIGTERM to the group, before SIGKILL
@@ -119,8 +123,10 @@ class Supervisor:
         stdin: int | None = subprocess.DEVNULL,
         stderr: IO[bytes] | str | None = CAPTURE,
         cwd: Path | None = None,
+        ready_ports: Sequence[int] = (),
     ):
         self.console, self._stop_hook, self._force_hook = console, stop, force
+        self.ready = AppReady(ready_ports)
         self.grace, self.settle = grace, settle
         self._stdin, self._stderr, self._cwd = stdin, stderr, cwd
         self.watcher = ConsoleWatcher()
@@ -239,7 +245,12 @@ class Supervisor:
         forced = False
         previous = self._catch_signals()
         try:
-            while self.pump(0.2) and self._signals < 2:
+            while self.pump(0.2 if self.ready.done else 0.05) and self._signals < 2:
+                if self.watcher.fatal:
+                    break
+                if self.watcher.exec_seen_at is not None and not self.ready.done:
+                    self.ready.poll()
+                    self.watcher.ready_at = self.ready.ready_at
                 now = time.monotonic()
                 if self.stop_requested_at is None:
                     if self._signals or (stop_event is not None and stop_event.is_set()):
@@ -259,6 +270,7 @@ class Supervisor:
                 if end_at is not None and now > end_at:
                     break
         finally:
+            self.ready.close()
             self.kill()
             self._restore_signals(previous)
         if self.interrupted:

@@ -159,6 +159,7 @@ def run_cmd(
     if hypervisor == Hypervisor.AUTO:
         hypervisor = Hypervisor.XEN if is_dom0() else Hypervisor.QEMU
     console = sys.stderr.buffer if as_json else sys.stdout.buffer
+    check_memory(art, memory)
     memory = memory or art.manifest.guest.memory_mb
     result = _boot(
         art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel, icount, xen_type
@@ -172,6 +173,7 @@ def run_cmd(
         "launch_to_exec_s": result.launch_to_exec_s,
         "error": result.error,
         "health": health,
+        "phases": result.phases.to_json(),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -179,11 +181,33 @@ def run_cmd(
         if result.boot_us is not None:
             launch = f", {result.launch_to_exec_s:.2f} s from launch" if result.launch_to_exec_s else ""
             log(f"booted to exec in {result.boot_ms:.0f} ms guest time{launch} ({hypervisor})")
+        if phases := result.phases.summary():
+            log(f"phases (host s since launch; guest boot clock): {phases}")
         if health != "none":
             log(f"health: {health} (last state of the image's HEALTHCHECK)")
+    if result.fatal:
+        raise RunError(f"the guest cannot run: {result.fatal} (at {memory} MB{_min_hint(art)})")
     if result.exit_status is None:
         raise RunError(f"the guest ended without an exit status{': ' + result.error if result.error else ''}")
     sys.exit(result.exit_status)
+
+
+def check_memory(art: Artifact, memory: int | None) -> None:
+    """BadInput (exit 2) when the guest would get less memory than the artifact's minimum
+    (builder/memory.py): `memory` (--memory) when given, else the artifact's own."""
+    need = art.manifest.guest.min_memory_mb
+    given = memory or art.manifest.guest.memory_mb
+    if need is not None and given < need:
+        where = f"--memory {memory}" if memory else f"the artifact's guest.memory_mb {given}"
+        raise BadInput(
+            f"{where}: this artifact needs at least {need} MB (kernel, initrd, decompressor and the "
+            "unpacked initramfs at once; less fails to unpack)"
+        )
+
+
+def _min_hint(art: Artifact) -> str:
+    need = art.manifest.guest.min_memory_mb
+    return f"; the artifact's minimum is {need} MB" if need else ""
 
 
 def health_state(art: Artifact, result: RunResult) -> str:

@@ -25,7 +25,16 @@
  *   healthinterval, healthtimeout, healthstart, healthstartint <ms>
  *                              Docker's Interval, Timeout, StartPeriod, StartInterval (defaults filled in)
  *   healthretries <n>          consecutive failures that make the program unhealthy
+ *   files, bytes <n>           the initramfs's census outside /.xbuild: paths, and regular files' bytes
  * Unknown keys are ignored, so newer builders can add records.
+ *
+ * ---- A complete tree ----
+ * The builder writes this config as the initramfs's last entry, and the kernel stops unpacking at its
+ * first error ("Initramfs unpacking failed: ..."), so a config that is present proves every entry before
+ * it was reached. But the kernel skips an entry it cannot create without an error (out of memory while
+ * creating a file, a directory, a symlink), so before any mount init also counts the tree it got (outside
+ * /.xbuild; the kernel's built-in /dev, /dev/console and /root may add to it) and refuses to run the
+ * program on less than the census: `xbuild: error: initramfs incomplete: ...`, exit status 125.
  *
  * ---- Root disk (`--format disk`) ----
  * With `root` records the initramfs holds only this init and its config: init waits for the first
@@ -45,6 +54,7 @@
  * the config's (plus xbuild.env).
  *
  * ---- Console lines (parsed by builder/run/console.py) ----
+ *   xbuild: init at <N>us                   first thing init does; N = CLOCK_BOOTTIME in microseconds
  *   xbuild: exec <path> at <N>us            just before execve; N = CLOCK_BOOTTIME in microseconds
  *   xbuild: exit status <N>                 the program exited with N
  *   xbuild: killed by signal <N> (<NAME>)   the program died of signal N
@@ -94,6 +104,7 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <grp.h>
+#include <limits.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -407,7 +418,8 @@ static struct {
 	int rootwait;
 	struct strv health;
 	long long h_interval, h_timeout, h_start, h_startint, h_retries; /* ms, ms, ms, ms, count */
-} cfg = { .cwd = "/", .stopsig = SIGTERM, .grace = 10, .rootwait = 10,
+	long long files, bytes; /* the census; -1: none recorded */
+} cfg = { .files = -1, .bytes = -1, .cwd = "/", .stopsig = SIGTERM, .grace = 10, .rootwait = 10,
 	  .h_interval = 30000, .h_timeout = 30000, .h_start = 0, .h_startint = 5000, .h_retries = 3 };
 
 static long parse_num(const char *key, const char *v)
@@ -425,7 +437,8 @@ static void read_config(void)
 	size_t len;
 	char *buf = read_file(CONFIG_PATH, &len);
 	if (!buf)
-		die(EXIT_SETUP, "cannot read %s: %s", CONFIG_PATH, strerror(errno));
+		die(EXIT_SETUP, "cannot read %s: %s%s", CONFIG_PATH, strerror(errno),
+		    errno == ENOENT ? " (it is the initramfs's last entry: the kernel did not unpack all of it)" : "");
 	int first = 1;
 	for (size_t i = 0; i < len;) {
 		char *key = buf + i;
@@ -482,6 +495,10 @@ static void read_config(void)
 			cfg.h_startint = parse_num(key, val);
 		} else if (!strcmp(key, "healthretries")) {
 			cfg.h_retries = parse_num(key, val);
+		} else if (!strcmp(key, "files")) {
+			cfg.files = parse_num(key, val);
+		} else if (!strcmp(key, "bytes")) {
+			cfg.bytes = parse_num(key, val);
 		}
 	}
 	if (first)
@@ -976,6 +993,40 @@ static void health_result(int st)
 
 /* ----------------------------------------------------------------------------------------- main */
 
+/* ------------------------------------------------------------------------------- tree census */
+
+struct census { long long files, bytes; };
+
+/* Count `dir`'s entries below it (not crossing into other file systems: nothing is mounted yet anyway),
+ * skipping /.xbuild; path is a buffer of PATH_MAX bytes holding dir. */
+static void tree_census(char *path, size_t len, dev_t dev, struct census *c)
+{
+	DIR *d = opendir(len ? path : "/");
+	if (!d)
+		return;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		const char *n = e->d_name;
+		if (!strcmp(n, ".") || !strcmp(n, "..") || (!len && !strcmp(n, ".xbuild")))
+			continue;
+		size_t nl = strlen(n);
+		if (len + 1 + nl >= PATH_MAX)
+			continue;
+		path[len] = '/';
+		memcpy(path + len + 1, n, nl + 1);
+		struct stat st;
+		if (lstat(path, &st) == 0) {
+			c->files++;
+			if (S_ISREG(st.st_mode))
+				c->bytes += st.st_size;
+			else if (S_ISDIR(st.st_mode) && st.st_dev == dev)
+				tree_census(path, len + 1 + nl, dev, c);
+		}
+		path[len] = 0;
+	}
+	closedir(d);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc > 1 && !strcmp(argv[1], "--poweroff")) {
@@ -992,15 +1043,26 @@ int main(int argc, char **argv)
 	sigfillset(&all);
 	sigprocmask(SIG_SETMASK, &all, NULL);
 
+	/* before any mount hides part of the tree */
+	struct census got = {0, 0};
+	struct stat root;
+	static char path[PATH_MAX];
+	if (stat("/", &root) == 0)
+		tree_census(path, 0, root.st_dev, &got);
 	mount_dev_proc();
 	ensure_console();
+	out("xbuild: init at %lluus\n", started);
 	struct strv words = {0};
 	read_cmdline(&words);
 	for (int i = 0; i < words.n && strcmp(words.v[i], "--"); i++)
 		if (!strcmp(words.v[i], "xbuild.debug"))
 			debug = 1;
-	DBG("init started at %lluus\n", started);
 	read_config();
+	DBG("census: %lld files, %lld bytes (packed: %lld, %lld) in %lluus\n", got.files, got.bytes,
+	    cfg.files, cfg.bytes, boot_us() - started);
+	if (!cfg.roots.n && (got.files < cfg.files || got.bytes < cfg.bytes))
+		die(EXIT_SETUP, "initramfs incomplete: %lld of %lld files, %lld of %lld bytes unpacked "
+		    "(too little guest memory? the kernel says why above)", got.files, cfg.files, got.bytes, cfg.bytes);
 	if (cfg.roots.n)
 		switch_to_disk();
 	setup_mounts();

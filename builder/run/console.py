@@ -1,6 +1,7 @@
 """Read the guest console: the init's marker lines and the run's result.
 
 The init (initramfs/init.c) prints exactly these lines on the console:
+    xbuild: init at <N>us                 first thing; N = CLOCK_BOOTTIME in µs
     xbuild: exec <path> at <N>us          just before exec; N = CLOCK_BOOTTIME in µs
     xbuild: exit status <N>               the entrypoint exited with N
     xbuild: killed by signal <N> (<NAME>) the entrypoint died of signal N
@@ -8,6 +9,17 @@ The init (initramfs/init.c) prints exactly these lines on the console:
     xbuild: health: healthy|unhealthy     the image's HEALTHCHECK changed state
     xbuild: health: probe…                after `unhealthy`: how the last probe ended, then its output
 Health lines are read only as health lines (a probe's output can hold any text, markers included).
+
+The kernel's own lines that mean the guest cannot run what it was given are fatal (`ConsoleWatcher.fatal`):
+    Initramfs unpacking failed: <why>     the initramfs stopped unpacking (too little memory, a corrupt
+                                          archive): the tree is partial, so the guest must not run
+    Kernel panic - not syncing: <why>     the kernel gave up (e.g. "System is deadlocked on memory")
+The runner ends the guest as soon as one is seen (builder/proc.py), and it becomes the result's error.
+Only the first of them counts, and none after the init's exec marker (the program's own output is not
+the kernel's).
+
+Phases (`RunResult.phases`): host times are seconds on the host's monotonic clock since the launch of the
+hypervisor process; guest times are the init's CLOCK_BOOTTIME (µs since the guest kernel started).
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+INIT_RE = re.compile(rb"xbuild: init at (?P<us>\d+)us")
 EXEC_RE = re.compile(rb"xbuild: exec (?P<path>\S.*?) at (?P<us>\d+)us")
 EXIT_RE = re.compile(rb"xbuild: exit status (?P<code>\d+)")
 SIGNAL_RE = re.compile(rb"xbuild: killed by signal (?P<sig>\d+)")
@@ -23,6 +36,41 @@ ERROR_RE = re.compile(rb"xbuild: error: (?P<msg>.*)")
 HEALTH_PREFIX = b"xbuild: health: "
 HEALTH_RE = re.compile(rb"xbuild: health: (?P<state>healthy|unhealthy)\s*$")
 HEALTH_STATES = ("healthy", "unhealthy")
+FATAL_RE = re.compile(rb"(?P<msg>(?:Initramfs unpacking failed|Kernel panic - not syncing): .*)")
+UNPACK_FAILED = "Initramfs unpacking failed"
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Where a boot's time went: launch (0) → first console byte → init start → exec → app ready.
+
+    `*_s`: host monotonic seconds since launch, when the line (or the first byte) reached the host;
+    `*_us`: the guest's CLOCK_BOOTTIME in the init's line. `ready_s`: the first connection to a forwarded
+    port that the program accepted (builder/run/ready.py); None without ports or before it happened."""
+
+    first_output_s: float | None = None
+    init_s: float | None = None
+    init_us: int | None = None
+    exec_s: float | None = None
+    exec_us: int | None = None
+    ready_s: float | None = None
+
+    def to_json(self) -> dict[str, float | int | None]:
+        return dict(vars(self))
+
+    def summary(self) -> str:
+        """One line: `first output 0.41 s, init 1.20 s (guest 980 ms), exec 1.22 s (guest 1003 ms),
+        ready 1.90 s` (the phases seen)."""
+        parts = []
+        for name, host, guest in (
+            ("first output", self.first_output_s, None),
+            ("init", self.init_s, self.init_us),
+            ("exec", self.exec_s, self.exec_us),
+            ("ready", self.ready_s, None),
+        ):
+            if host is not None:
+                parts.append(f"{name} {host:.2f} s" + (f" (guest {guest / 1000:.0f} ms)" if guest else ""))
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -36,6 +84,8 @@ class RunResult:
     error: str | None
     console: bytes
     health: str | None = None  # the last health state the init reported (None: none reported)
+    phases: Phases = Phases()
+    fatal: str | None = None  # the kernel's fatal line (see the module docstring), also the error
 
     @property
     def boot_ms(self) -> float | None:
@@ -54,9 +104,16 @@ class ConsoleWatcher:
     signal: int | None = None
     error: str | None = None
     health: str | None = None
+    fatal: str | None = None
+    first_output_at: float | None = None
+    init_us: int | None = None
+    init_seen_at: float | None = None
+    ready_at: float | None = None  # set by the runner's AppReady probe (host monotonic)
     _scan: int = 0
 
     def feed(self, data: bytes) -> None:
+        if self.first_output_at is None and data:
+            self.first_output_at = time.monotonic()
         self.buf += data
         while True:
             nl = self.buf.find(b"\n", self._scan)
@@ -70,7 +127,13 @@ class ConsoleWatcher:
             if m := HEALTH_RE.search(line):
                 self.health = m["state"].decode()
             return
-        if self.boot_us is None and (m := EXEC_RE.search(line)):
+        if self.boot_us is None and self.fatal is None and (m := FATAL_RE.search(line)):
+            self.fatal = m["msg"].decode(errors="replace").strip()
+            return
+        if self.init_us is None and (m := INIT_RE.search(line)):
+            self.init_us = int(m["us"])
+            self.init_seen_at = time.monotonic()
+        elif self.boot_us is None and (m := EXEC_RE.search(line)):
             self.boot_us = int(m["us"])
             self.exec_seen_at = time.monotonic()
         elif self.error is None and (m := ERROR_RE.search(line)):
@@ -89,7 +152,26 @@ class ConsoleWatcher:
         if self._scan < len(self.buf):
             self._line(bytes(self.buf[self._scan :]))
             self._scan = len(self.buf)
-        launch = None if self.exec_seen_at is None else self.exec_seen_at - self.started
-        return RunResult(
-            self.exit_status, self.signal, self.boot_us, launch, self.error, bytes(self.buf), self.health
+        launch = self._since(self.exec_seen_at)
+        phases = Phases(
+            self._since(self.first_output_at),
+            self._since(self.init_seen_at),
+            self.init_us,
+            launch,
+            self.boot_us,
+            self._since(self.ready_at),
         )
+        return RunResult(
+            self.exit_status,
+            self.signal,
+            self.boot_us,
+            launch,
+            self.fatal or self.error,
+            bytes(self.buf),
+            self.health,
+            phases,
+            self.fatal,
+        )
+
+    def _since(self, at: float | None) -> float | None:
+        return None if at is None else at - self.started

@@ -215,7 +215,13 @@ class Qemu:
         self.qmp_path = os.path.join(self._tmp, "qmp.sock")
         self._power_button_only = False
         # init powers off right after its status line: QEMU gets 10 s to exit by itself
-        self.supervisor = Supervisor(console=console, stop=self._stop_guest, grace=stop_grace, settle=10.0)
+        self.supervisor = Supervisor(
+            console=console,
+            stop=self._stop_guest,
+            grace=stop_grace,
+            settle=10.0,
+            ready_ports=[host for host, _ in self.ports],
+        )
 
     @classmethod
     def for_artifact(cls, art: Artifact, **kw: Any) -> Qemu:

@@ -267,6 +267,7 @@ def run_nested(
                 settle=EXIT_WAIT_S,
                 stdin=subprocess.PIPE,
                 stderr=err,
+                ready_ports=[h for h, _g in ports],
             )
             result = _supervise(sup, argv, timeout, stop_event)
         xl_failed = re.search(rb"xl exited [1-9]", log.read_bytes()) is not None

@@ -1,10 +1,12 @@
 """Density: the smallest guest memory at which each recipe's test image works, found by bisection.
 
     python bench/density.py [RECIPE...] [--boot-only] [--lo MB] [--hi MB] [--timeout S]
+                            [--compression C] [--minimize auto|none]
 
 For each recipe (default: every shipped recipe; each test image is the OCI layout its tests use,
-tests/fixtures/build-*-oci.sh, built on first use) the image is built with `--minimize auto` and its recipe,
-then booted under QEMU at memory sizes chosen by bisection between --lo and --hi (MB, 1 MB resolution):
+tests/fixtures/build-*-oci.sh, built on first use) the image is built with its recipe (`--minimize auto`
+unless --minimize says otherwise), then booted under QEMU at memory sizes chosen by bisection between
+--lo and --hi (MB, 1 MB resolution):
 
 - a boot passes when the recipe's smoke test passes (an HTTP GET, a TCP exchange or a console pattern),
   the test `xbuild build` verifies with; `--boot-only` instead passes when the init reached its exec
@@ -95,7 +97,10 @@ def main() -> int:
     ap.add_argument("--lo", type=int, default=16)
     ap.add_argument("--hi", type=int, default=256)
     ap.add_argument("--timeout", type=float, default=60.0, help="per boot, seconds")
-    ap.add_argument("--compression", default=None, help="build with this compression (zstd, lz4, gzip, none)")
+    ap.add_argument(
+        "--compression", default="zstd", help="build with this compression (zstd, lz4, gzip, none)"
+    )
+    ap.add_argument("--minimize", default="auto", help="build with this minimize mode (auto, none)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="xbuild-density-") as tmp:
@@ -106,7 +111,8 @@ def main() -> int:
             opts = BuildOptions(
                 output=Path(tmp) / name,
                 recipe=name,
-                compression=args.compression or "zstd",
+                compression=args.compression,
+                minimize=args.minimize,
                 memory_mb=16,
                 log=said.append,
             )

@@ -5,6 +5,12 @@ trimmed default kernel and once with Debian's cloud kernel, each booted as a Xen
 the nested rig (Xen 4.17 under QEMU TCG). Prints host wall time from launch to the init's exec marker,
 the guest's own boot-clock time at the marker, and the ratios. Nested TCG is slow and the machine noisy:
 read the ratio, not the seconds.
+
+`python bench/xen_boot.py --phases` prints where the time of one boot of the nginx look-alike goes, under
+QEMU and as a Xen PV and PVH guest of the nested rig, each run with `-p` on port 80 (the same phases
+`xbuild run --json` reports, builder/run/console.py): host seconds since launch to the first console byte,
+to the init's first line, to its exec marker and to the first connection nginx accepted, and the guest's
+boot clock at init start and at exec.
 """
 
 from __future__ import annotations
@@ -25,7 +31,39 @@ from builder.run import xen  # noqa: E402
 from tests.fixtures.images import make_busybox_image  # noqa: E402
 
 
+def phases() -> int:
+    from builder.run import qemu
+    from builder.verify import free_port
+    from tests.fixtures.minimize_images import fixture_layout
+
+    with tempfile.TemporaryDirectory(prefix="xbuild-phases-bench-") as tmp:
+        art = build(fixture_layout("nginx"), BuildOptions(output=Path(tmp) / "nginx", recipe="nginx"))
+        memory = art.manifest.guest.memory_mb
+        print(f"nginx look-alike, {memory} MB; host s since launch (guest boot clock ms)")
+        print(f"{'run':12} {'first output':>12} {'init':>16} {'exec':>16} {'app ready':>10}")
+        for name in ("qemu", "xen pv", "xen pvh"):
+            ports = [(free_port(), 80)]
+            with open("/dev/null", "wb") as null:
+                if name == "qemu":
+                    r = qemu.run(art, ports=ports, memory_mb=memory, timeout=30, console=null)
+                else:
+                    r = xen.run_nested(art, name.split()[1], memory, 120, console=null, ports=ports)
+            p = r.phases
+
+            def at(host: float | None, guest: int | None = None) -> str:
+                shown = "-" if host is None else f"{host:.2f}"
+                return shown + ("" if guest is None else f" ({guest / 1000:.0f})")
+
+            print(
+                f"{name:12} {at(p.first_output_s):>12} {at(p.init_s, p.init_us):>16} "
+                f"{at(p.exec_s, p.exec_us):>16} {at(p.ready_s):>10}"
+            )
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--phases"]:
+        return phases()
     with tempfile.TemporaryDirectory(prefix="xbuild-xen-bench-") as tmp:
         work = Path(tmp)
         img = make_busybox_image(

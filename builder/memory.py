@@ -31,7 +31,7 @@ from .tree import FILE, SYMLINK, Tree
 MIB = 1 << 20
 PAGE = 4096
 ENTRY_BYTES = 1024  # ramfs inode (~600 B) + dentry (192 B) + slab slack, per path
-FIXED_BYTES = 7 * MIB  # calibrated: see the module docstring
+FIXED_BYTES = 8704 << 10  # 8.5 MiB, calibrated: see the module docstring
 GZIP_BUFFERS = 256 << 10  # inflate's window and buffers
 ZSTD_BLOCK = 128 << 10  # ZSTD_BLOCKSIZE_MAX: the unzstd output buffer, beside the frame's window
 

@@ -181,8 +181,7 @@ def run_cmd(
         if result.boot_us is not None:
             launch = f", {result.launch_to_exec_s:.2f} s from launch" if result.launch_to_exec_s else ""
             log(f"booted to exec in {result.boot_ms:.0f} ms guest time{launch} ({hypervisor})")
-        if phases := result.phases.summary():
-            log(f"phases (host s since launch; guest boot clock): {phases}")
+            log(f"phases (host s since launch; guest boot clock): {result.phases.summary()}")
         if health != "none":
             log(f"health: {health} (last state of the image's HEALTHCHECK)")
     if result.fatal:

@@ -23,6 +23,7 @@ from builder.guest import (
     ROOT_DEVICES,
     GuestConfig,
     boot_tree,
+    census,
     guest_config,
     install,
     merge_env,
@@ -210,7 +211,8 @@ def test_boot_tree_holds_only_the_init(tree: Tree) -> None:
         "dev/console",
         "init",
     ]
-    assert boot.read("init") == b"\x7fELFinit" and boot.read(".xbuild/config") == gc.encode()
+    assert boot.read("init") == b"\x7fELFinit"
+    assert boot.read(".xbuild/config") == gc.encode() + census(tree).records()  # the full tree's census
 
 
 def test_install(tree: Tree) -> None:
@@ -218,7 +220,7 @@ def test_install(tree: Tree) -> None:
     install(tree, gc, b"\x7fELFinit")
     init = tree.lookup(".xbuild/init")
     assert init is not None and init.mode == 0o755 and init.content == b"\x7fELFinit"
-    assert tree.read(".xbuild/config") == gc.encode()
+    assert tree.read(".xbuild/config") == gc.encode() + census(tree).records()
     link = tree.lookup("init")
     assert link is not None and link.kind == SYMLINK and link.target == ".xbuild/init"
     assert tree.read("init") == b"\x7fELFinit"

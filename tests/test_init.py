@@ -417,9 +417,10 @@ def test_etc_files_mounts_and_hostname(tmp_path: Path, cloud_kernel: Path, probe
         assert mounts.get(where) == fs, (where, mounts)
     assert "/tmp" not in mounts or mounts["/tmp"] == "tmpfs"
     assert seen["/proc/sys/kernel/poweroff_cmd"].strip() == "/.xbuild/init --poweroff"
-    # nothing but the marker and the status line from init without xbuild.debug
+    # nothing but the init-start and exec markers and the status line from init without xbuild.debug
     init_lines = [ln for ln in r.console.decode().splitlines() if ln.startswith("xbuild:")]
-    assert len(init_lines) == 2 and init_lines[1] == "xbuild: exit status 0"
+    assert len(init_lines) == 3 and init_lines[2] == "xbuild: exit status 0", init_lines
+    assert init_lines[0].startswith("xbuild: init at ") and init_lines[1].startswith("xbuild: exec ")
 
 
 @slow

@@ -1,26 +1,39 @@
 """The smallest guest memory an artifact boots in: what the kernel holds at the peak of a boot.
 
-The peak is the end of the initramfs unpacking: the kernel image, the compressed initrd the boot loader
-placed in memory (freed only after unpacking), the decompressor's window and buffers, and the unpacked
-tree in the initramfs's RAM file system (every file rounded up to pages, a page per symlink, an inode and
-a dentry per entry) are all held at once. To that come a fixed cost (the first MiB, firmware tables, boot
-page tables, per-cpu areas, early slab and hash tables, the init and its first program) and the struct
-page array, 64 bytes per 4 KiB page of guest memory (1/64 of it).
+Two limits, the larger wins:
 
-    min_memory = (kernel span + initrd + window + tree + FIXED) * 64/63, rounded up to a MiB
+- the peak, at the end of the initramfs unpacking: the kernel image, the compressed initrd the boot loader
+  placed in memory (freed only after unpacking), the decompressor's window and buffers, and the unpacked
+  tree (every file rounded up to pages, a page per long symlink, an inode and a dentry per entry) are
+  all held at once, with a fixed cost (the first MiB, firmware tables, boot page tables, per-cpu areas,
+  early slab and hash tables, the init and its first program):
 
-The constants were calibrated by bisection against real boots under QEMU (`bench/density.py --calibrate`;
-see the README's Density section): the smallest memory at which the guest reaches the exec marker with
-its whole tree was found for a busybox image, the nginx look-alike and a larger unminimized tree, and
-FIXED is the largest remainder seen plus a margin. Below the result a guest fails to unpack its
-initramfs ("Initramfs unpacking failed"), is left with a partial tree, or the kernel deadlocks on memory;
-at or above it the init runs. The program's own memory is the program's: a recipe's `memory` (the
-smoke-tested figure of `bench/density.py`) covers it.
+      peak = kernel span + initrd + window + tree + FIXED
+
+- the root file system's own cap: with no `root=`, the kernel unpacks into a tmpfs whose default size is
+  half of the memory the page allocator manages when it is mounted (the kernel image, the initrd and the
+  boot-time reservations are not in it), so the files' pages must fit in that half:
+
+      tmpfs = 2 x tree data + kernel span + initrd + RESERVED
+
+and the struct page array takes 64 bytes per 4 KiB page of guest memory (1/64 of it) from either:
+
+    min_memory = max(peak, tmpfs) * 64/63, rounded up to a MiB
+
+The constants were calibrated by bisection against real boots under QEMU (`bench/density.py --boot-only`;
+the README's Density section): the smallest memory at which the guest reaches the exec marker with its
+whole tree was 29 MB for static-hello and 45 MB for the nginx look-alike (both peak-bound: FIXED is their
+largest remainder, 8.2 MiB, plus a margin), and 296 MB for the python-web image unminimized (123.6 MiB
+of file data, tmpfs-bound: RESERVED 3.5 MiB measured, plus a margin). Below the result a guest fails to
+unpack its initramfs ("Initramfs unpacking failed: write error" when the tmpfs is full), is left with a
+partial tree, or the kernel deadlocks on memory. The program's own memory is the program's: a recipe's
+`memory` (the smoke-tested figure of `bench/density.py`) covers it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +45,8 @@ MIB = 1 << 20
 PAGE = 4096
 ENTRY_BYTES = 1024  # ramfs inode (~600 B) + dentry (192 B) + slab slack, per path
 FIXED_BYTES = 8704 << 10  # 8.5 MiB, calibrated: see the module docstring
+RESERVED_BYTES = 6 * MIB  # calibrated: see the module docstring
+SHORT_SYMLINK = 128  # tmpfs keeps a shorter symlink target in the inode, a longer one in a page
 GZIP_BUFFERS = 256 << 10  # inflate's window and buffers
 ZSTD_BLOCK = 128 << 10  # ZSTD_BLOCKSIZE_MAX: the unzstd output buffer, beside the frame's window
 
@@ -43,13 +58,22 @@ class MemoryNeed:
     kernel: int
     initrd: int
     window: int
-    tree: int
+    tree: int  # everything the unpacked tree costs
+    data: int  # its pages that count against the tmpfs's size
     fixed: int = FIXED_BYTES
+    reserved: int = RESERVED_BYTES
+
+    @property
+    def peak(self) -> int:
+        return self.kernel + self.initrd + self.window + self.tree + self.fixed
+
+    @property
+    def tmpfs(self) -> int:
+        return 2 * self.data + self.kernel + self.initrd + self.reserved
 
     @property
     def min_mb(self) -> int:
-        total = self.kernel + self.initrd + self.window + self.tree + self.fixed
-        return math.ceil(total * 64 / 63 / MIB)
+        return math.ceil(max(self.peak, self.tmpfs) * 64 / 63 / MIB)
 
     def summary(self) -> str:
         parts = (
@@ -59,23 +83,28 @@ class MemoryNeed:
             ("tree", self.tree),
             ("fixed", self.fixed),
         )
-        return " + ".join(f"{name} {size / MIB:.1f}" for name, size in parts) + " MiB (+1/64: page array)"
+        peak = " + ".join(f"{name} {size / MIB:.1f}" for name, size in parts)
+        return (
+            f"peak {peak} MiB; tmpfs 2 x data {self.data / MIB:.1f} + kernel + initrd + "
+            f"{self.reserved / MIB:.1f} MiB; +1/64 page array"
+        )
 
 
-def tree_bytes(tree: Tree) -> int:
-    """What the unpacked tree costs the initramfs's RAM file system (hardlinks share their pages)."""
+def tree_bytes(tree: Tree) -> tuple[int, int]:
+    """What the unpacked tree costs the initramfs's tmpfs: (everything, the pages its size counts). Every
+    entry has an inode and a dentry; files' pages (hardlinks share them) and long symlinks' pages count."""
     seen: set[int] = set()
-    total = 0
+    entries = data = 0
     for _path, node in tree.walk():
-        total += ENTRY_BYTES
+        entries += 1
         if id(node) in seen:
             continue
         seen.add(id(node))
         if node.kind == FILE:
-            total += -(-node.size // PAGE) * PAGE
-        elif node.kind == SYMLINK:
-            total += PAGE
-    return total
+            data += -(-node.size // PAGE) * PAGE
+        elif node.kind == SYMLINK and len(os.fsencode(node.target)) >= SHORT_SYMLINK:
+            data += PAGE
+    return entries * ENTRY_BYTES + data, data
 
 
 def kernel_span(kernel: Path) -> int:
@@ -117,9 +146,7 @@ def decompressor_bytes(initrd: Path, compression: str) -> int:
 
 def memory_need(kernel: Path, initrd: Path, compression: str, tree: Tree) -> MemoryNeed:
     """The parts of the minimum memory for booting `kernel` with `initrd` (packed from `tree`)."""
+    total, data = tree_bytes(tree)
     return MemoryNeed(
-        kernel_span(kernel),
-        initrd.stat().st_size,
-        decompressor_bytes(initrd, compression),
-        tree_bytes(tree),
+        kernel_span(kernel), initrd.stat().st_size, decompressor_bytes(initrd, compression), total, data
     )

@@ -50,8 +50,7 @@ def boots(art: Artifact, recipe: Recipe, memory: int, boot_only: bool, timeout: 
     ports = [] if boot_only or smoke is None or smoke.kind == "console" else [(free_port(), smoke.port)]
     console = io.BytesIO()
     guest = Qemu.for_artifact(art, ports=ports, memory_mb=memory, console=console, accel=Accel.TCG)
-    with guest:
-        guest.start()
+    with guest:  # started here
         end = time.monotonic() + timeout
         while guest.pump(0.2) and time.monotonic() < end:
             w = guest.watcher

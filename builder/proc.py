@@ -20,7 +20,8 @@ is gone:
   process group is gone. A fatal kernel line (`ConsoleWatcher.fatal`: the initramfs did not unpack, a
   panic) kills the group at once: that guest cannot run what it was given;
 - with `ready_ports` (host ports forwarded to the guest), `wait` probes them after the exec marker
-  (builder/run/ready.py) and the result's phases carry when the program first accepted a connection;
+  (builder/run/ready.py: a connection open `ready_hold` s) and the result's phases carry when the program
+  first accepted a connection;
 - `kill` ends the whole process group (SIGTERM, then SIGKILL) and is also registered with atexit.
 SIGTERM and SIGINT are handled only while `wait` runs in the main thread; the previous handlers are put
 back before it returns.
@@ -45,7 +46,7 @@ from typing import IO, BinaryIO
 
 from .errors import XbuildError
 from .run.console import ConsoleWatcher, RunResult
-from .run.ready import AppReady
+from .run.ready import HOLD_S, AppReady
 
 PR_SET_PDEATHSIG = 1
 KILL_WAIT_S = 5.0  # after SIGTERM to the group, before SIGKILL
@@ -124,9 +125,10 @@ class Supervisor:
         stderr: IO[bytes] | str | None = CAPTURE,
         cwd: Path | None = None,
         ready_ports: Sequence[int] = (),
+        ready_hold: float = HOLD_S,
     ):
         self.console, self._stop_hook, self._force_hook = console, stop, force
-        self.ready = AppReady(ready_ports)
+        self.ready = AppReady(ready_ports, ready_hold)
         self.grace, self.settle = grace, settle
         self._stdin, self._stderr, self._cwd = stdin, stderr, cwd
         self.watcher = ConsoleWatcher()

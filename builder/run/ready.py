@@ -7,8 +7,12 @@ the program accepted, and its connect time is the app-ready time. Nothing is sen
 client that connected and left. Probing starts only after the init's exec marker (before that no program
 listens, and a guest without a network stack yet leaves the host side open while the hypervisor retries).
 
+Under the nested Xen rig a forward is relayed by dom0 (`nc -ll -e nc GUEST PORT`, builder/run/xenrig):
+dom0 accepts every connection and closes it only once its relay heard the guest refuse, which under
+nested TCG can take seconds, so there a connection must stay open RELAYED_HOLD_S.
+
 Limits: a program that accepts and closes at once without a byte looks like a refusal (never ready); a
-guest slower than HOLD_S to answer a SYN would look ready early. `poll` never blocks longer than one
+guest (or relay) slower than the hold to refuse would look ready early. `poll` never blocks longer than one
 connect (CONNECT_TIMEOUT_S); it is called from the runner's console loop (builder/proc.py).
 """
 
@@ -19,16 +23,17 @@ import time
 from collections.abc import Sequence
 
 HOLD_S = 1.0  # an accepted connection stays open at least this long
+RELAYED_HOLD_S = 10.0  # the same through the nested rig's dom0 relay
 RETRY_S = 0.1  # between attempts
 CONNECT_TIMEOUT_S = 0.2
 
 
 class AppReady:
-    """Poll the host ports `ports` (127.0.0.1) until one connection is accepted; `ready_at` is then the host
-    monotonic time it was made."""
+    """Poll the host ports `ports` (127.0.0.1) until one connection stays open `hold` seconds; `ready_at` is
+    then the host monotonic time it was made."""
 
-    def __init__(self, ports: Sequence[int]):
-        self.ports = tuple(ports)
+    def __init__(self, ports: Sequence[int], hold: float = HOLD_S):
+        self.ports, self.hold = tuple(ports), hold
         self.ready_at: float | None = None
         self._sock: socket.socket | None = None
         self._made_at = 0.0
@@ -48,7 +53,7 @@ class AppReady:
             if self._refused():
                 self.close()
                 self._next_try = now + RETRY_S
-            elif now - self._made_at >= HOLD_S:
+            elif now - self._made_at >= self.hold:
                 self.ready_at = self._made_at
                 self.close()
             return

@@ -52,6 +52,7 @@ from ..tree import Tree, directory, regular
 from . import cmdline
 from .console import RunResult
 from .qemu import qemu_binary, root_disks
+from .ready import RELAYED_HOLD_S
 from .rig import ensure_rig, host_file
 
 DOM0_DISK = "/dev/xbuild-disk{}"  # dom0's name of the outer QEMU's Nth virtio disk (its serial)
@@ -268,6 +269,7 @@ def run_nested(
                 stdin=subprocess.PIPE,
                 stderr=err,
                 ready_ports=[h for h, _g in ports],
+                ready_hold=RELAYED_HOLD_S,
             )
             result = _supervise(sup, argv, timeout, stop_event)
         xl_failed = re.search(rb"xl exited [1-9]", log.read_bytes()) is not None

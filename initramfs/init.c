@@ -1049,6 +1049,7 @@ int main(int argc, char **argv)
 	static char path[PATH_MAX];
 	if (stat("/", &root) == 0)
 		tree_census(path, 0, root.st_dev, &got);
+	unsigned long long censused = boot_us();
 	mount_dev_proc();
 	ensure_console();
 	out("xbuild: init at %lluus\n", started);
@@ -1059,7 +1060,7 @@ int main(int argc, char **argv)
 			debug = 1;
 	read_config();
 	DBG("census: %lld files, %lld bytes (packed: %lld, %lld) in %lluus\n", got.files, got.bytes,
-	    cfg.files, cfg.bytes, boot_us() - started);
+	    cfg.files, cfg.bytes, censused - started);
 	if (!cfg.roots.n && (got.files < cfg.files || got.bytes < cfg.bytes))
 		die(EXIT_SETUP, "initramfs incomplete: %lld of %lld files, %lld of %lld bytes unpacked "
 		    "(too little guest memory? the kernel says why above)", got.files, cfg.files, got.bytes, cfg.bytes);

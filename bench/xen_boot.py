@@ -47,7 +47,7 @@ def phases() -> int:
                 if name == "qemu":
                     r = qemu.run(art, ports=ports, memory_mb=memory, timeout=30, console=null)
                 else:
-                    r = xen.run_nested(art, name.split()[1], memory, 120, console=null, ports=ports)
+                    r = xen.run_nested(art, name.split()[1], memory, 300, console=null, ports=ports)
             p = r.phases
 
             def at(host: float | None, guest: int | None = None) -> str:

@@ -250,7 +250,7 @@ class Supervisor:
             while self.pump(0.2 if self.ready.done else 0.05) and self._signals < 2:
                 if self.watcher.fatal:
                     break
-                if self.watcher.exec_seen_at is not None and not self.ready.done:
+                if self.watcher.exec_seen_at is not None and not (self.ready.done or self.watcher.finished):
                     self.ready.poll()
                     self.watcher.ready_at = self.ready.ready_at
                 now = time.monotonic()

@@ -24,9 +24,9 @@ and runc's/docker's user resolution against the image's own /etc/passwd and /etc
 
 `install(tree, gc, init)` puts the init at /.xbuild/init, the encoded config at /.xbuild/config, a /init
 symlink when the image has none, and /dev/console so the kernel hands init a console. The installed config
-ends with the tree's census (`census`: `files` and `bytes` records): the init counts what the kernel
-unpacked before it runs anything and refuses to go on with less (a partial unpack, see builder/cpio.py's
-`last`).
+ends with the tree's census (`census`: `files` and `pages` records): the init compares it with what the
+root tmpfs says it holds before it runs anything and refuses to go on with less (a partial unpack, see
+builder/cpio.py's `last`).
 The boot command line must carry INIT_CMDLINE. For `--format disk` the same installed tree goes on the disk
 and `boot_tree(tree)` is the initramfs: the init, its config (with `root` records) and /dev/console.
 """
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 from .image import ImageConfig
 from .text import is_decimal
-from .tree import CHAR, DIR, FILE, Inode, Tree, directory, regular
+from .tree import CHAR, DIR, Inode, Tree, directory, regular
 
 INIT_PATH = ".xbuild/init"
 CONFIG_PATH = ".xbuild/config"
@@ -409,26 +409,25 @@ def guest_config(config: ImageConfig, tree: Tree, hostname: str) -> GuestConfig:
 
 @dataclass(frozen=True)
 class Census:
-    """What the initramfs holds outside /.xbuild: `files` paths (every type, each hardlink counted) and
-    `size`, the sum of the regular files' sizes (per path): what init.c's tree_census counts. Encoded as
-    the config's `files` and `bytes` records."""
+    """What the initramfs holds: `files` paths (the root, /.xbuild and every hardlink included) and
+    `pages`, the pages its files and long symlinks fill in a tmpfs (builder/memory.py's tree data), the
+    config's own excluded: what init.c compares with the root tmpfs's accounting. Encoded as the config's
+    `files` and `pages` records."""
 
     files: int
-    size: int
+    pages: int
 
     def records(self) -> bytes:
-        return b"files\0%d\0bytes\0%d\0" % (self.files, self.size)
+        return b"files\0%d\0pages\0%d\0" % (self.files, self.pages)
 
 
 def census(tree: Tree) -> Census:
-    top = INIT_PATH.split("/")[0]
-    files = size = 0
-    for path, node in tree.walk():
-        if not path or path == top or path.startswith(top + "/"):
-            continue
-        files += 1
-        size += node.size if node.kind == FILE else 0
-    return Census(files, size)
+    """The census of an installed `tree` whose config holds no census yet (its pages are not counted)."""
+    from .memory import PAGE, tree_bytes
+
+    config = tree.lookup(CONFIG_PATH)
+    own = -(-config.size // PAGE) if config is not None else 0
+    return Census(sum(1 for _ in tree.walk()), tree_bytes(tree)[1] // PAGE - own)
 
 
 def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
@@ -450,6 +449,7 @@ def install(tree: Tree, gc: GuestConfig, init: bytes) -> None:
         "dev/console"
     ) is None:
         tree.add("dev/console", Inode(CHAR, 0o600, rdev=(5, 1)))
+    xbuild.children[CONFIG_PATH.split("/")[1]] = regular(b"", 0o644)  # counted as a path by the census
     xbuild.children[CONFIG_PATH.split("/")[1]] = regular(gc.encode() + census(tree).records(), 0o644)
 
 

@@ -45,17 +45,18 @@ def test_tree_bytes_counts_pages_entries_and_shares_hardlinks() -> None:
     assert tree_bytes(tree) == (entries * ENTRY_BYTES + 3 * PAGE, 3 * PAGE)
 
 
-def test_census_skips_the_init_and_counts_every_path() -> None:
+def test_census_counts_every_path_and_the_pages_but_the_config_s() -> None:
     tree = Tree()
-    tree.add("bin/sh", regular(b"12345", 0o755))
+    tree.add("bin/sh", regular(b"x" * (PAGE + 5), 0o755))
     tree.add("bin/ln", Inode("symlink", 0o777, target="sh"))
     install(tree, _gc("/bin/sh"), b"init")
     c = census(tree)
-    # bin, bin/sh, bin/ln, dev, dev/console, init (the symlink) - not .xbuild, .xbuild/init, .xbuild/config
-    assert (c.files, c.size) == (6, 5)
+    # "", bin, bin/ln, bin/sh, dev, dev/console, init, .xbuild, .xbuild/init, .xbuild/config
+    assert c.files == 10 == len(list(tree.walk()))
+    assert c.pages == 2 + 1  # bin/sh's two pages and the init's one, not the config's
     config = tree.lookup(CONFIG_PATH)
     assert config is not None and isinstance(config.content, bytes)
-    assert config.content.endswith(b"files\x006\x00bytes\x005\x00")
+    assert config.content.endswith(b"files\x0010\x00pages\x003\x00")
     assert GuestConfig.decode(config.content).argv == ("/bin/sh",)  # the census records are ignored there
 
 
@@ -151,7 +152,7 @@ def _bare_boot(tmp_path: Path, kernel: Path, tree: Tree, missing: int = 0, cut: 
     c = census(tree)
     xbuild = tree.lookup(".xbuild")
     assert xbuild is not None and xbuild.children is not None
-    config = _gc("/bin/true").encode() + b"files\0%d\0bytes\0%d\0" % (c.files + missing, c.size)
+    config = _gc("/bin/true").encode() + b"files\0%d\0pages\0%d\0" % (c.files + missing, c.pages)
     xbuild.children["config"] = regular(config, 0o644)
     d = tmp_path / "boot"
     d.mkdir()

@@ -22,12 +22,12 @@ and the struct page array takes 64 bytes per 4 KiB page of guest memory (1/64 of
 
 The constants were calibrated by bisection against real boots under QEMU (`bench/density.py --boot-only`;
 the README's Density section): the smallest memory at which the guest reaches the exec marker with its
-whole tree was 29 MB for static-hello and 45 MB for the nginx look-alike (both peak-bound: FIXED is their
-largest remainder, 8.2 MiB, plus a margin), and 296 MB for the python-web image unminimized (123.6 MiB
-of file data, tmpfs-bound: RESERVED 3.5 MiB measured, plus a margin). Below the result a guest fails to
-unpack its initramfs ("Initramfs unpacking failed: write error" when the tmpfs is full), is left with a
-partial tree, or the kernel deadlocks on memory. The program's own memory is the program's: a recipe's
-`memory` (the smoke-tested figure of `bench/density.py`) covers it.
+whole tree was 29 MB for static-hello and 45 MB for the nginx look-alike (FIXED is the larger of their
+peak remainders, static-hello's 8.2 MiB, plus a margin), and 296 MB for the python-web image
+unminimized (123.6 MiB of file data, tmpfs-bound: RESERVED 3.5 MiB measured, plus a margin). Below
+the result a guest fails to unpack its initramfs ("Initramfs unpacking failed: write error" when the
+tmpfs is full), is left with a partial tree, or the kernel deadlocks on memory. The program's own
+memory is the program's: a recipe's `memory` (the smoke-tested figure of `bench/density.py`) covers it.
 """
 
 from __future__ import annotations

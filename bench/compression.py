@@ -240,12 +240,16 @@ def main() -> int:
     parser.add_argument("--images", default="nginx,java-http", help="comma-separated: nginx, corpus apps")
     parser.add_argument("--no-guest", action="store_true", help="skip the QEMU unpack boots")
     parser.add_argument("--quick", action="store_true", help="no single-thread rows")
+    parser.add_argument("--only", help="comma-separated candidate labels (e.g. zstd:3,zstd:19,lz4:9)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="xbuild-bench-compression-") as tmp:
+        rows = candidates(args.quick)
+        if args.only:
+            rows = [c for c in rows if c.label in args.only.split(",")]
         for name in args.images.split(","):
-            results[name] = measure(name, candidates(args.quick), not args.no_guest, Path(tmp))
+            results[name] = measure(name, rows, not args.no_guest, Path(tmp))
             print_table(name, results[name])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

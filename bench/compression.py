@@ -210,7 +210,7 @@ def measure(name: str, rows: list[Candidate], guest: bool, scratch: Path) -> lis
         row["window"] = guest_memory(dst, cand.codec)
         row["unpack"] = guest_unpack(bzimage, dst, memory_mb) if guest else None
         out.append(row)
-        print(f"  measured {name} {cand.label}", file=sys.stderr, flush=True)
+        print(f"  measured {name}: {json.dumps(row)}", file=sys.stderr, flush=True)
         dst.unlink()
     return [{"label": "cpio (none)", "size": cpio.stat().st_size}, *out]
 

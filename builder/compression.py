@@ -4,11 +4,16 @@ Detection (`sniff`) tries the table in order; lzma's one-byte magic (a propertie
 that knows the data can be only some codecs says which: a layer is a tar, gzip or zstd (LAYER_CODECS), and
 a tar's first bytes are a file name, which may spell another codec's magic.
 
-Writing (`compressor`) is streamed and reproducible: the same bytes and level give the same output on any
-machine. gzip is one member with a zeroed mtime and no name (ISA-L); zstd is multi-threaded (at most
-ZSTD_THREADS), and its output depends on the parameters only, never on the thread count; lz4 is the legacy
-frame the kernel's initramfs unpacker reads (`lz4 -l`: 8 MiB blocks, high compression above level 2). The
-initrd is any of COMPRESSIONS, at a level of the codec's `levels` (`default_level` when none is asked for).
+Writing (`compressor`) is streamed, bounded in memory and reproducible: the same bytes and level give the
+same output on any machine. gzip is one member with a zeroed mtime and no name (ISA-L); lz4 is the legacy
+frame the kernel's initramfs unpacker reads (`lz4 -l`: 8 MiB blocks, high compression above level 2); zstd
+is zstd's multi-threaded mode with the parameters of `zstd_parameters(level)`: the level's own, with the
+window capped at ZSTD_WINDOW_LOG_MAX (the guest's decompressor allocates the window) and the match tables
+cut down where one worker would not fit ZSTD_MEMORY, and a job size fixed by the window. These depend on
+the level only, and zstd's multi-threaded output does not depend on the number of workers, so the thread
+count (as many as fit ZSTD_MEMORY, at most the CPUs and ZSTD_THREADS) changes the time, never the bytes.
+The initrd is any of COMPRESSIONS, at a level of the codec's `levels` (`default_level` when none is asked
+for); zstd's default level was chosen by measurement (kernels/README.md, bench/compression.py).
 
 Reading: `reader` streams every member or frame of a gzip or zstd stream (layer blobs, pushed disks), and
 its `read(n)` returns n bytes unless the data ends first; `decompress` gives the first stream of any codec,
@@ -33,7 +38,10 @@ from isal import igzip, isal_zlib
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 LZ4_LEGACY_CHUNK = 8 << 20  # the kernel's unlz4 reads 8 MiB blocks
-ZSTD_THREADS = 8  # at most: each holds ~20 MB at level 9 (more at 19)
+ZSTD_THREADS = 8  # at most; fewer where ZSTD_MEMORY does not hold more
+ZSTD_MEMORY = 96 << 20  # the zstd compressor's bound: its workers' tables and job buffers (estimated)
+ZSTD_WINDOW_LOG_MAX = 23  # 8 MiB, level 19's window: what the guest's unzstd allocates for the initrd
+ZSTD_DEFAULT_LEVEL = 9  # the measured choice (kernels/README.md); zstd:19 is the size-first mode
 
 
 class CorruptData(ValueError):
@@ -103,12 +111,68 @@ class _Gzip:
         self.out.write(self.z.flush())
 
 
+@dataclass(frozen=True)
+class ZstdPlan:
+    """How a zstd level is written: `params` (threads included) and the compressor's estimated peak."""
+
+    params: zstandard.ZstdCompressionParameters
+    memory: int  # estimated bytes: `threads` workers' match state plus the job buffers
+
+    @property
+    def window(self) -> int:
+        """Bytes of window the decompressor needs (the guest's unzstd allocates it, plus ~0.4 MiB)."""
+        return 1 << self.params.window_log
+
+
+def _zstd_memory(worker: int, job: int, threads: int) -> int:
+    """The multi-threaded compressor's peak, estimated: each worker's match state, and job buffers (an
+    input and an output buffer per worker, three more in zstd's round buffer)."""
+    return threads * (worker + 2 * job) + 3 * job
+
+
+def zstd_parameters(level: int, checksum: bool = False, cpus: int | None = None) -> ZstdPlan:
+    """The parameters `level` is written with, within ZSTD_MEMORY and ZSTD_WINDOW_LOG_MAX.
+
+    Everything that shapes the bytes (window, tables, strategy, job size) is a function of `level` alone:
+    the window is capped at ZSTD_WINDOW_LOG_MAX (levels 20-22 ask for 32-128 MiB), the job is one window
+    (at least 1 MiB), and the hash/chain tables shrink, the larger first, until one worker fits the budget.
+    The thread count is then as many workers as fit (at least one, at most `cpus` (default: this
+    machine's) and ZSTD_THREADS); it changes the time only.
+    """
+    base = zstandard.ZstdCompressionParameters.from_level(level)
+    window_log = min(base.window_log, ZSTD_WINDOW_LOG_MAX)
+    chain_log, hash_log = min(base.chain_log, window_log + 1), min(base.hash_log, window_log + 1)
+    job = 1 << max(20, window_log)
+
+    def worker(chain: int, hashes: int) -> int:
+        single = zstandard.ZstdCompressionParameters.from_level(
+            level, window_log=window_log, chain_log=chain, hash_log=hashes
+        )
+        return int(single.estimated_compression_context_size())
+
+    while _zstd_memory(worker(chain_log, hash_log), job, 1) > ZSTD_MEMORY:
+        if chain_log >= hash_log:
+            chain_log -= 1
+        else:
+            hash_log -= 1
+    one = worker(chain_log, hash_log)
+    fit = (ZSTD_MEMORY - 3 * job) // (one + 2 * job)
+    threads = max(1, min(cpus or os.cpu_count() or 1, ZSTD_THREADS, fit))
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level,
+        window_log=window_log,
+        chain_log=chain_log,
+        hash_log=hash_log,
+        job_size=job,
+        threads=threads,
+        write_checksum=checksum,
+    )
+    return ZstdPlan(params, _zstd_memory(one, job, threads))
+
+
 class _Zstd:
     def __init__(self, out: Writable, level: int, checksum: bool):
-        threads = max(1, min(os.cpu_count() or 1, ZSTD_THREADS))
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, threads=threads, write_checksum=checksum
-        )
+        params = zstd_parameters(level, checksum).params
         self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False)  # type: ignore[arg-type]
 
     def write(self, b: bytes) -> int:
@@ -199,7 +263,7 @@ ZSTD = Codec(
     _zstd_stream,
     _Zstd,
     range(-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL + 1),
-    19,
+    ZSTD_DEFAULT_LEVEL,
 )
 LZ4 = Codec(
     "lz4",

@@ -9,19 +9,27 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from builder.compression import (
     CODECS,
     COMPRESSIONS,
     LAYER_CODECS,
+    ZSTD,
+    ZSTD_DEFAULT_LEVEL,
+    ZSTD_MEMORY,
+    ZSTD_THREADS,
+    ZSTD_WINDOW_LOG_MAX,
     CorruptData,
     compressor,
     decompress,
     reader,
     sniff,
+    zstd_parameters,
 )
 from builder.cpio import pack
 from builder.disk import _write_tar
@@ -96,7 +104,7 @@ def test_every_written_codec_round_trips_and_is_reproducible(name: str, level: s
 
 
 def test_levels_outside_a_codecs_range_are_refused(tmp_path: Path) -> None:
-    assert CODECS["gzip"].level(None) == 3 and CODECS["zstd"].level(None) == 19
+    assert CODECS["gzip"].level(None) == 3 and CODECS["zstd"].level(None) == ZSTD_DEFAULT_LEVEL
     for name, bad in (("gzip", 6), ("gzip", -1), ("lz4", 13), ("zstd", 23), ("none", 1)):
         with pytest.raises(ValueError, match=f"{name} levels are"):
             CODECS[name].level(bad)
@@ -164,3 +172,68 @@ def test_a_layer_that_ends_early_is_a_cache_error_for_every_writer(tmp_path: Pat
         pack(tree, tmp_path / "initrd", "none")
     with pytest.raises(CacheError, match="layer.tar: content ends early"):
         _write_tar(tree, tmp_path / "tree.tar", None, None)
+
+
+def test_zstd_parameters_fit_the_memory_bound_and_the_guest_window_at_every_level() -> None:
+    """Every level's plan is within ZSTD_MEMORY and ZSTD_WINDOW_LOG_MAX, and only the thread count depends
+    on the machine (so the bytes do not)."""
+    shape = ("window_log", "chain_log", "hash_log", "search_log", "min_match", "target_length", "strategy")
+    for level in range(-5, ZSTD.levels.stop):
+        plans = [zstd_parameters(level, cpus=cpus) for cpus in (1, 2, 64)]
+        for plan in plans:
+            assert plan.memory <= ZSTD_MEMORY, (level, plan)
+            assert plan.window <= 1 << ZSTD_WINDOW_LOG_MAX, (level, plan)
+            assert 1 <= plan.params.threads <= ZSTD_THREADS
+        assert len({tuple(getattr(p.params, k) for k in (*shape, "job_size")) for p in plans}) == 1, level
+    assert zstd_parameters(19).window == zstd_parameters(22).window == 8 << 20  # the guest's bound
+    assert ZSTD.default_level == ZSTD_DEFAULT_LEVEL
+
+
+@pytest.mark.parametrize("level", [3, ZSTD_DEFAULT_LEVEL, 19])
+def test_zstd_output_does_not_depend_on_the_thread_count(level: int) -> None:
+    data = b"".join(os.urandom(1 << 16) + DATA[: 1 << 18] for _ in range(12))  # 3.8 MB, several jobs
+    outs = set()
+    for cpus in (1, 2, 4):
+        params = zstd_parameters(level, cpus=cpus).params
+        outs.add(zstandard.ZstdCompressor(compression_params=params).compress(data))
+    assert len(outs) == 1
+
+
+VMHWM_CHILD = r"""
+import random, sys
+from pathlib import Path
+from builder.cpio import pack
+from builder.tree import Content, Inode, Tree, directory, FILE
+src, total, level = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng, text = random.Random(0), b"".join(b"row %d of a compressible file\n" % i for i in range(40_000))
+tree, offset = Tree(directory()), 0
+with open(src, "wb") as f:  # 4 MiB files: a random one for every three compressible ones
+    while offset < total:
+        size = 4 << 20
+        f.write(rng.randbytes(size) if offset // size % 4 == 0 else (text * 4)[:size])
+        node = Inode(FILE, 0o644, size=size, content=Content(str(src), offset, size))
+        tree.add(f"data/f{offset // size:05d}", node)
+        offset += size
+pack(tree, src.with_suffix(".img"), "zstd", level)
+hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+print(int(hwm.split()[1]) // 1024, src.with_suffix(".img").stat().st_size)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("total_mb", "level"), [(1024, None), (96, 19), (96, 22)])
+def test_packing_a_big_tree_stays_under_150_mb(tmp_path: Path, total_mb: int, level: int | None) -> None:
+    """Peak RSS (the child's own VmHWM, not ru_maxrss) of packing a 1 GiB tree at the default level, and
+    96 MiB (several jobs: zstd's buffers are at their peak) at the size-first levels, is < 150 MB."""
+    lvl = ZSTD_DEFAULT_LEVEL if level is None else level
+    r = subprocess.run(
+        [sys.executable, "-c", VMHWM_CHILD, str(tmp_path / "src"), str(total_mb << 20), str(lvl)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak_mb, size = map(int, r.stdout.split())
+    assert peak_mb < 150, (peak_mb, total_mb, lvl)
+    assert 0 < size < total_mb << 20

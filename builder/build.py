@@ -77,6 +77,7 @@ from .options import (
 from .provenance import Dependencies
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .run.cmdline import with_ip
+from .sbom import Subject, write_sbom
 from .text import is_decimal
 from .tree import Tree
 
@@ -359,6 +360,10 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
                     vif=network.vif if network else None,
                 )
             )
+        sbom = write_sbom(
+            tmp, flat.tree, tree, Subject(str(ref), image.manifest_digest, __version__, epoch), kernel
+        )
+        opts.log(f"sbom: {sbom.components} components, {sbom.files} files ({sbom.format})")
         manifest = Manifest(
             tool=Tool("xbuild", __version__),
             source=_source(ref, image),
@@ -371,6 +376,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             kernel=kernel_info,
             provenance=PROVENANCE,
             network=network,
+            sbom=sbom,
         )
         write_manifest(tmp, manifest)
         provenance.write(

@@ -47,14 +47,13 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
 
-from cyclonedx.exception.factory import InvalidSpdxLicenseException
-from cyclonedx.factory.license import LicenseFactory
 from cyclonedx.model import HashAlgorithm, HashType, Property
 from cyclonedx.model.bom import Bom, BomMetaData
 from cyclonedx.model.component import Component, ComponentType
 from cyclonedx.model.license import DisjunctiveLicense
 from cyclonedx.model.tool import ToolRepository
 from cyclonedx.output.json import JsonV1Dot6
+from cyclonedx.spdx import fixup_id
 from packageurl import PackageURL
 
 from .artifact import KERNEL, SBOM, KernelInfo, SbomInfo
@@ -236,15 +235,12 @@ def _version(value: object, what: str) -> str:
 
 
 def _licenses(names: list[str]) -> list[DisjunctiveLicense]:
-    """Each licence name as an SPDX id when it is one, else as a named licence (no expressions: a list of
-    names is what the databases hold)."""
-    factory = LicenseFactory()
+    """Each licence name as an SPDX id when it is one (case fixed), else as a named licence (no expressions:
+    a list of names is what the databases hold)."""
     out = []
     for name in sorted({n.strip()[:LICENSE_MAX] for n in names if n.strip() and n.isprintable()}):
-        try:
-            out.append(factory.make_with_id(name))
-        except InvalidSpdxLicenseException:
-            out.append(DisjunctiveLicense(name=name))
+        spdx = fixup_id(name)
+        out.append(DisjunctiveLicense(id=spdx) if spdx else DisjunctiveLicense(name=name))
     return out
 
 

@@ -77,7 +77,6 @@ from .options import (
 from .provenance import Dependencies
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .run.cmdline import with_ip
-from .sbom import Subject, write_sbom
 from .text import is_decimal
 from .tree import Tree
 
@@ -360,6 +359,8 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
                     vif=network.vif if network else None,
                 )
             )
+        from .sbom import Subject, write_sbom  # cyclonedx takes ~0.3 s to import: only when building
+
         sbom = write_sbom(
             tmp, flat.tree, tree, Subject(str(ref), image.manifest_digest, __version__, epoch), kernel
         )

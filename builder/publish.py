@@ -56,7 +56,6 @@ from .artifact import (
     KERNEL,
     MANIFEST,
     NAMES,
-    SBOM,
     XEN_CFG,
     DiskInfo,
     Manifest,
@@ -81,7 +80,6 @@ VM_FILE_TYPES = {
     INITRD: "application/vnd.xbuild.vm.initrd.v1",  # + "+<compression>" unless uncompressed
     CMDLINE: "application/vnd.xbuild.vm.cmdline.v1",
     XEN_CFG: "application/vnd.xbuild.vm.xen-cfg.v1",
-    SBOM: "application/vnd.cyclonedx+json",
 }
 VM_OTHER_FILE = "application/vnd.xbuild.vm.file.v1"
 DISK_TYPES: dict[str, str] = {  # the root disk's layer by its format: the file compressed with zstd

@@ -39,6 +39,7 @@ import json
 import posixpath
 import re
 import uuid
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -504,7 +505,7 @@ def _kernel(k: KernelPart) -> Component:
 
 
 def _render(components: list[Component], skipped: list[str], subject: Subject) -> bytes:
-    """The document, rendered twice: with a zero serial, then with the serial derived from that text."""
+    """The document: rendered with a zero serial, which is then replaced by the one derived from that text."""
     guest = Component(
         type=ComponentType.CONTAINER,
         name=subject.name,
@@ -524,7 +525,10 @@ def _render(components: list[Component], skipped: list[str], subject: Subject) -
     if subject.epoch is None:
         meta.timestamp = None  # type: ignore[assignment]
     bom = Bom(components=components, metadata=meta, serial_number=ZERO)
-    bom.register_dependency(guest, components)  # the guest is made of its components
-    draft = JsonV1Dot6(bom).output_as_string(indent=2)
-    bom.serial_number = uuid.uuid5(SERIAL_NS, hashlib.sha256(draft.encode()).hexdigest())
-    return (JsonV1Dot6(bom).output_as_string(indent=2) + "\n").encode()
+    with warnings.catch_warnings():  # no dependency graph is claimed: the BOM lists what the guest holds
+        warnings.filterwarnings("ignore", "The Component this BOM is describing", UserWarning)
+        draft = JsonV1Dot6(bom).output_as_string(indent=2) + "\n"
+    zero = f'"serialNumber": "{ZERO.urn}"'
+    assert draft.count(zero) == 1
+    serial = uuid.uuid5(SERIAL_NS, hashlib.sha256(draft.encode()).hexdigest())
+    return draft.replace(zero, f'"serialNumber": "{serial.urn}"').encode()

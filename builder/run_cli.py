@@ -73,9 +73,9 @@ def resolve_artifact(
     ref = reference.parse(target)
     if ref.transport == "docker":
         try:
-            pulled = pull_cached(target, insecure)
+            art = pull_cached(target, insecure)
             log(f"pulled the VM image {target}")
-            return pulled
+            return art
         except PublishError as e:
             if "not an xbuild" not in str(e):
                 raise

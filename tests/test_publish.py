@@ -322,7 +322,7 @@ def test_cli_push_pull(artifact: Path, registry: Registry, tmp_path: Path) -> No
     done = runner.invoke(group, ["pull", reference, "-o", str(tmp_path / "out")])
     assert done.exit_code == 0 and done.stdout.strip() == str(tmp_path / "out")
     done = runner.invoke(group, ["push", str(artifact), f"{registry.host}/vm/cli:v1", "--json"])
-    assert json.loads(done.stdout)["present"] == 6
+    assert json.loads(done.stdout)["present"] == 7
 
 
 def test_explicit_docker_prefix() -> None:

@@ -13,6 +13,7 @@
     <dir>/manifest.json  what went in: source image, config, sizes, digests, minimize report
     <dir>/provenance.intoto.json  how it was built: an in-toto statement naming every other file's sha256
                          and the build's inputs (builder/provenance.py); `xbuild rebuild` builds from it
+    <dir>/sbom.cdx.json  the guest's software bill of materials (CycloneDX JSON, builder/sbom.py)
 
 An artifact is data, never code or paths: a pulled one is as untrusted as an image. `open_artifact` is the
 one place that reads a directory, and everything else works on the validated `Artifact` it returns:
@@ -70,7 +71,8 @@ from .options import (
 INITRD, KERNEL, CMDLINE, XEN_CFG, MANIFEST = "initrd.img", "kernel", "cmdline", "xen.cfg", "manifest.json"
 DISK = "disk.img"
 PROVENANCE = "provenance.intoto.json"
-NAMES = (MANIFEST, KERNEL, INITRD, CMDLINE, XEN_CFG, DISK, PROVENANCE)  # every file an artifact may hold
+SBOM = "sbom.cdx.json"
+NAMES = (MANIFEST, KERNEL, INITRD, CMDLINE, XEN_CFG, DISK, PROVENANCE, SBOM)  # every file an artifact holds
 SCHEMA = "xbuild.artifact.v1"
 VCPUS = (1, 64)
 MANIFEST_LIMIT = 64 << 20  # a manifest.json larger than this is not read
@@ -409,6 +411,26 @@ class Network(_Section):
 
 
 @dataclass(frozen=True)
+class SbomInfo(_Section):
+    """The artifact's SBOM file (builder/sbom.py): its format, size and sha256."""
+
+    NAME: ClassVar[str] = "sbom"
+    format: str
+    size: int
+    sha256: str
+    components: int = 0  # packages, language packages, the init and the kernel
+    files: int = 0  # the kept files it lists
+    file: str = SBOM
+
+    def __post_init__(self) -> None:
+        _file_name(self.file, SBOM, "sbom.file")
+        for name in ("size", "components", "files"):
+            _count(getattr(self, name), f"sbom.{name}")
+        if not SHA256_HEX.fullmatch(self.sha256):
+            raise _bad("sbom.sha256", "not a hex sha256")
+
+
+@dataclass(frozen=True)
 class Manifest(_Section):
     """manifest.json. `image_config` (the image's runtime config) and `minimize` (the minimize report, read
     by explain) are kept as the JSON objects they are: nothing of them reaches a command line."""
@@ -425,6 +447,7 @@ class Manifest(_Section):
     kernel: KernelInfo | None = None
     provenance: str | None = None  # PROVENANCE when the build wrote one
     network: Network | None = None  # None: xen.cfg has no vif
+    sbom: SbomInfo | None = None
 
     def __post_init__(self) -> None:
         if self.schema != SCHEMA:
@@ -457,6 +480,7 @@ class Manifest(_Section):
             + ((KERNEL,) if self.kernel else ())
             + ((DISK,) if self.disk else ())
             + ((PROVENANCE,) if self.provenance else ())
+            + ((SBOM,) if self.sbom else ())
         )
 
     def dump(self) -> bytes:
@@ -558,6 +582,7 @@ def open_artifact(path: Path) -> Artifact:
         INITRD: manifest.initrd.size,
         KERNEL: manifest.kernel and manifest.kernel.size,
         DISK: manifest.disk and manifest.disk.file_size,
+        SBOM: manifest.sbom and manifest.sbom.size,
     }
     for name, size in sizes.items():
         if size is not None and name in files and files[name].st_size != size:

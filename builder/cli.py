@@ -46,6 +46,7 @@ from .options import (
 from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd, sign_cmd, verify_cmd
 from .recipes import load_recipe
 from .run_cli import run_cmd
+from .sbom_cli import sbom_cmd
 from .verify import plan, skip_reason, verify_artifact
 
 
@@ -366,6 +367,7 @@ main.add_command(pull_cmd)
 main.add_command(sign_cmd)
 main.add_command(verify_cmd)
 main.add_command(run_cmd)
+main.add_command(sbom_cmd)
 main.add_command(cache_cmd)
 kernel.add_command(kernel_push_cmd)
 main.add_command(kernel)
@@ -503,6 +505,10 @@ def _summary(path: Path, m: Manifest) -> None:
             + (f" {k.release} ({'+'.join(k.fragments or ())})" if k.release is not None else "")
         )
         click.echo(f"{path}/xen.cfg     xl create {path}/xen.cfg   (or: xbuild run {path})")
+    if s := m.sbom:
+        click.echo(
+            f"{path}/sbom.cdx.json {s.format}, {s.components} components, {s.files} files  (xbuild sbom)"
+        )
 
 
 _stopped_by = signal.SIGINT

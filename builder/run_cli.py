@@ -37,6 +37,15 @@ def _port(text: str) -> tuple[int, int]:
     return pair
 
 
+def pull_cached(target: str, insecure: bool) -> Artifact:
+    """The VM image REF `target` pulled into the cache (`pulled/<key>`, reused while every file is intact);
+    PublishError when it is not an xbuild VM image."""
+    from .publish import pull
+
+    key = hashlib.sha256(target.encode()).hexdigest()[:16]
+    return open_artifact(pull(target, cache_dir("pulled") / key, insecure, reuse=True))
+
+
 def resolve_artifact(
     target: str, insecure: bool, log: Say, verify_key: Path | None = None, policy: Path | None = None
 ) -> Artifact:
@@ -63,12 +72,10 @@ def resolve_artifact(
 
     ref = reference.parse(target)
     if ref.transport == "docker":
-        from .publish import pull
-
         try:
-            pulled = pull(target, cache_dir("pulled") / key, insecure, reuse=True)
+            art = pull_cached(target, insecure)
             log(f"pulled the VM image {target}")
-            return open_artifact(pulled)
+            return art
         except PublishError as e:
             if "not an xbuild" not in str(e):
                 raise

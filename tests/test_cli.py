@@ -39,7 +39,12 @@ def test_bare_image_means_build_and_json_is_the_manifest(
     assert [(p["name"], p["origin"]) for p in products] == [("init", "built"), ("artifact", "built")]
     assert manifest["source"]["reference"] == busybox_image.ref
     assert manifest["guest"]["argv"] == ["sh"]
-    assert sorted(p.name for p in out.iterdir()) == ["initrd.img", "manifest.json", "provenance.intoto.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "initrd.img",
+        "manifest.json",
+        "provenance.intoto.json",
+        "sbom.cdx.json",
+    ]
     assert r.stderr == ""  # --json: nothing but the JSON
 
 

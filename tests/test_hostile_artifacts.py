@@ -29,6 +29,7 @@ from builder.artifact import (
     KERNEL,
     MANIFEST,
     PROVENANCE,
+    SBOM,
     XEN_CFG,
     open_artifact,
     xen_config,
@@ -356,7 +357,7 @@ def _put_vm(registry: Registry, repo: str, config: bytes, files: dict[str, tuple
 def _pulled_case(case: str, art: Path, host: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     """(manifest.json, files) of a hostile pulled artifact."""
     m = json.loads((art / MANIFEST).read_text())
-    files = {name: (art / name).read_bytes() for name in (INITRD, KERNEL, CMDLINE, PROVENANCE)}
+    files = {name: (art / name).read_bytes() for name in (INITRD, KERNEL, CMDLINE, PROVENANCE, SBOM)}
     if case == "disk ../x":
         files[DISK] = bytes(4096)
         m["disk"] = {

@@ -77,7 +77,7 @@ def test_round_trip(artifact: Path, registry: Registry, tmp_path: Path, xbuild_c
     t0 = time.monotonic()
     pushed = publish.push(artifact, ref)
     t1 = time.monotonic()
-    assert pushed.reference == f"{ref}@{pushed.digest}" and pushed.uploaded == 6
+    assert pushed.reference == f"{ref}@{pushed.digest}" and pushed.uploaded == 7
     dest = tmp_path / "pulled"
     assert publish.pull(ref, dest) == dest
     t2 = time.monotonic()
@@ -111,12 +111,13 @@ def test_manifest_is_an_oci_artifact(artifact: Path, registry: Registry) -> None
     files = _digests(artifact)
     assert doc["config"]["digest"] == "sha256:" + files["manifest.json"]
     titles = [x["annotations"][publish.TITLE] for x in doc["layers"]]
-    assert titles == ["kernel", "initrd.img", "cmdline", "xen.cfg", PROVENANCE]
+    assert titles == ["kernel", "initrd.img", "cmdline", "xen.cfg", PROVENANCE, "sbom.cdx.json"]
     assert [x["mediaType"] for x in doc["layers"]] == [
         "application/vnd.xbuild.vm.kernel.v1",
         "application/vnd.xbuild.vm.initrd.v1+zstd",
         "application/vnd.xbuild.vm.cmdline.v1",
         "application/vnd.xbuild.vm.xen-cfg.v1",
+        publish.VM_OTHER_FILE,
         publish.VM_OTHER_FILE,
     ]
     for d in [doc["config"], *doc["layers"]]:
@@ -143,9 +144,9 @@ def test_push_is_reproducible_skips_and_mounts(artifact: Path, registry: Registr
     source_ref = json.loads((artifact / "manifest.json").read_text())["source"]["reference"]
     again = publish.push(_artifact(source_ref, tmp_path / "rebuilt"), f"{registry.host}/vm/repro:b")
     assert again.digest == first.digest
-    assert (again.uploaded, again.present, again.mounted) == (0, 6, 0)
+    assert (again.uploaded, again.present, again.mounted) == (0, 7, 0)
     other = publish.push(artifact, f"{registry.host}/elsewhere/repro:a")
-    assert (other.digest, other.uploaded, other.mounted) == (first.digest, 0, 6)
+    assert (other.digest, other.uploaded, other.mounted) == (first.digest, 0, 7)
 
 
 def test_failed_push_leaves_tag(artifact: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +192,7 @@ def test_push_needs_credentials(
     _docker_config(tmp_path, monkeypatch, reg.host, "ci:s3cret")
     pushed = publish.push(artifact, f"{reg.host}/vm/locked:v1")
     dest = publish.pull(f"{reg.host}/vm/locked:v1", tmp_path / "pulled")
-    assert _digests(dest) == _digests(artifact) and pushed.uploaded == 6
+    assert _digests(dest) == _digests(artifact) and pushed.uploaded == 7
 
 
 def test_push_to_read_only_registry(artifact: Path, tmp_path: Path) -> None:
@@ -321,7 +322,7 @@ def test_cli_push_pull(artifact: Path, registry: Registry, tmp_path: Path) -> No
     done = runner.invoke(group, ["pull", reference, "-o", str(tmp_path / "out")])
     assert done.exit_code == 0 and done.stdout.strip() == str(tmp_path / "out")
     done = runner.invoke(group, ["push", str(artifact), f"{registry.host}/vm/cli:v1", "--json"])
-    assert json.loads(done.stdout)["present"] == 6
+    assert json.loads(done.stdout)["present"] == 7
 
 
 def test_explicit_docker_prefix() -> None:
@@ -351,7 +352,7 @@ def test_push_retries_transient_failures(
         pushed = publish.push(artifact, f"{proxy.host}/vm/flaky:v1")
         first = proxy.requests[0]
         assert first[0] == "HEAD" and proxy.requests[:3] == [first] * 3  # two 503s, then answered
-        assert pushed.uploaded == 6
+        assert pushed.uploaded == 7
         proxy.fail = 100
         with pytest.raises(RegistryUnavailable, match=r"failing \(HTTP 503\) after 4 tries") as e:
             publish.pull(f"{proxy.host}/vm/flaky:v1", tmp_path / "dest")
@@ -396,10 +397,10 @@ def test_push_with_bearer_tokens(
         (d / "config.json").write_text(json.dumps({"auths": {reg.host: {"identitytoken": "refresh-1"}}}))
         monkeypatch.setenv("DOCKER_CONFIG", str(d))
         again = publish.push(artifact, f"{reg.host}/tok/vm:v2")
-        assert issuer.requests[-1][0] == "POST" and again.digest == pushed.digest and again.present == 6
+        assert issuer.requests[-1][0] == "POST" and again.digest == pushed.digest and again.present == 7
         assert _digests(publish.pull(f"{reg.host}/tok/vm:v2", tmp_path / "pulled")) == _digests(artifact)
         other = publish.push(artifact, f"{reg.host}/tok/other:v1")  # cross-repository mounts
-        assert (other.digest, other.mounted) == (pushed.digest, 6)
+        assert (other.digest, other.mounted) == (pushed.digest, 7)
     finally:
         issuer.close()
 
@@ -477,7 +478,7 @@ def test_disk_round_trip(
     logged: list[str] = []
     pushed = publish.push(art, ref, log=logged.append)
     file_size = (art / DISK).stat().st_size
-    assert pushed.uploaded == 7 and pushed.disk is not None
+    assert pushed.uploaded == 8 and pushed.disk is not None
     assert pushed.disk == {
         "file": DISK,
         "media_type": publish.DISK_TYPES[fmt],
@@ -496,6 +497,7 @@ def test_disk_round_trip(
         "xen.cfg",
         DISK,
         PROVENANCE,
+        "sbom.cdx.json",
     ]
     layer = doc["layers"][_disk_at(doc)]
     assert layer["mediaType"] == f"application/vnd.xbuild.vm.disk.{fmt}.v1+zstd"
@@ -532,7 +534,7 @@ def test_disk_round_trip(
     # the same directory again: the same manifest, nothing uploaded, the disk not compressed again
     logged.clear()
     again = publish.push(art, f"{registry.host}/vm/disk-{fmt}:v2", log=logged.append)
-    assert (again.digest, again.uploaded, again.present) == (pushed.digest, 0, 7)
+    assert (again.digest, again.uploaded, again.present) == (pushed.digest, 0, 8)
     assert not any(line.startswith("compressing") for line in logged)
     # from a fresh cache on a one-CPU machine (compressed again, single-threaded): the same blob
     monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / "other-cache"))

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from builder.artifact import PROVENANCE
+from builder.artifact import PROVENANCE, SBOM
 from builder.build import BuildOptions, build
 from builder.rebuild import rebuild
 from tests.fixtures.hostile import Sandbox, assert_refused
@@ -64,8 +64,8 @@ def test_rebuild_ref_matches_even_after_the_tag_moved(
     assert r.returncode == 0, r.stderr
     files = _lines(r.stdout)
     assert set(files.values()) == {"match"}
-    assert set(files) == {"manifest.json", "initrd.img", "kernel", "cmdline", "xen.cfg", PROVENANCE}
-    assert "rebuild: all 6 files match" in r.stderr
+    assert set(files) == {"manifest.json", "initrd.img", "kernel", "cmdline", "xen.cfg", PROVENANCE, SBOM}
+    assert "rebuild: all 7 files match" in r.stderr
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
     # another image under the source's tag: the rebuild still takes the recorded digest
     other = make_whiteout_image(tmp_path / "other")
@@ -114,9 +114,9 @@ def test_tampered_options_give_a_mismatch(sandbox: Sandbox, pushed: str) -> None
     r = sandbox.xbuild("rebuild", str(art))
     assert r.returncode == 1, r.stderr
     files = _lines(r.stdout)
-    assert files["initrd.img"] == files["kernel"] == files["cmdline"] == "match"
+    assert files["initrd.img"] == files["kernel"] == files["cmdline"] == files[SBOM] == "match"
     assert files["manifest.json"] == files["xen.cfg"] == files[PROVENANCE] == "mismatch"
-    assert "rebuild: 3 of 6 files differ" in r.stderr
+    assert "rebuild: 3 of 7 files differ" in r.stderr
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
 
 

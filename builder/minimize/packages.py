@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..tree import DIR, SYMLINK, Tree
 
@@ -20,6 +20,12 @@ class PackageDb:
     owners: dict[str, set[str]]  # real path -> the packages listing it
     files: dict[str, list[str]]  # package -> the real paths it lists (files and symlinks, no directories)
     depends: dict[str, list[str]]  # package -> the packages of its Pre-Depends/Depends (first alternative)
+    # package -> what the database says of it, as written there (untrusted text): "version", "arch", and for
+    # apk "license" (dpkg keeps licences in /usr/share/doc/P/copyright, read by builder/sbom.py)
+    meta: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+_APK_META = {"V:": "version", "A:": "arch", "L:": "license"}  # apk's installed-database letters
 
 
 def stem(pkg: str) -> str:
@@ -33,6 +39,7 @@ def package_db(tree: Tree) -> PackageDb:
     owners: dict[str, set[str]] = {}
     files: dict[str, list[str]] = {}
     depends: dict[str, list[str]] = {}
+    meta: dict[str, dict[str, str]] = {}
 
     def add(pkg: str, path: str) -> None:
         try:
@@ -76,6 +83,9 @@ def package_db(tree: Tree) -> PackageDb:
                         if first:
                             deps.append(first)
                 depends[fields["Package"]] = deps
+                meta[fields["Package"]] = {
+                    k: fields[f] for k, f in (("version", "Version"), ("arch", "Architecture")) if f in fields
+                }
     try:
         apk = tree.read("lib/apk/db/installed").decode("utf-8", "replace")
     except FileNotFoundError:
@@ -83,10 +93,13 @@ def package_db(tree: Tree) -> PackageDb:
     for para in apk.split("\n\n"):
         pkg, d = "", ""
         deps = []
+        about: dict[str, str] = {}
         for line in para.splitlines():
             if line.startswith("P:"):
                 pkg = line[2:]
                 files.setdefault(pkg, [])
+            elif line[:2] in _APK_META:
+                about[_APK_META[line[:2]]] = line[2:]
             elif line.startswith("F:"):
                 d = line[2:]
             elif line.startswith("R:") and pkg:
@@ -95,4 +108,5 @@ def package_db(tree: Tree) -> PackageDb:
                 deps = [w for w in line[2:].split() if not w.startswith(("so:", "cmd:", "pc:", "!"))]
         if pkg:
             depends[pkg] = [re.split(r"[<>=~]", x)[0] for x in deps]
-    return PackageDb(owners, files, depends)
+            meta[pkg] = about
+    return PackageDb(owners, files, depends, meta)

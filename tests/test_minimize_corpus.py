@@ -175,13 +175,23 @@ def test_path_string_never_takes_a_program(tmp_path: Path) -> None:
 def test_popen_keeps_bin_sh(tmp_path: Path) -> None:
     """glibc's popen()/system() run /bin/sh -c: initdb's `postgres -V` died with "popen failure: Cannot
     allocate memory" (glibc reports any failed spawn as ENOMEM) when auto dropped /bin/sh."""
-    prog = compiled(tmp_path, '#include <stdio.h>\nint main(void) { return pclose(popen("true", "r")); }\n')
+    prog = compiled(
+        tmp_path,
+        "#include <stdio.h>\n#include <stdlib.h>\nint main(void) {\n"
+        '  FILE *p = popen("sort -r", "w"); puts("cat -v"); system("true");\n'
+        "  return p ? pclose(p) : 1;\n}\n",
+    )
     t = base_tree()
     add_host_file(t, "usr/bin/prog", str(prog), 0o755)
     _, rep = entry(t, "prog")
     assert status(rep, "/usr/bin/dash") == ("kept", "glibc-sh")
     assert status(rep, "/usr/bin/sh") == ("kept", "glibc-sh")
     assert "/usr/bin/prog imports popen/system" in rep.paths["/usr/bin/dash"][2]
+    # the command line it popen()s (PostgreSQL's `locale -a`: "sh: 1: locale: not found", no collations)
+    assert status(rep, "/usr/bin/sort") == ("kept", "popen-command")
+    assert "`sort -r` in /usr/bin/prog" in rep.paths["/usr/bin/sort"][2]
+    assert status(rep, "/usr/bin/cat") == ("kept", "popen-command")  # any such string: it cannot tell
+    assert rep.paths["/usr/bin/ls"][0] == "dropped"
     _, rep = entry(t, "ls")
     assert rep.paths["/usr/bin/dash"][0] == "dropped"
 
@@ -337,6 +347,7 @@ NEEDED = [
     ("py-asgi", "/opt/venv/lib/python3.11/site-packages/uvicorn/main.py", "interpreter:python3.11"),
     ("py-asgi", "/opt/venv/pyvenv.cfg", "interpreter:python3.11"),  # else no site-packages
     ("postgres", "/usr/bin/dash", "glibc-sh"),  # initdb: "popen failure: Cannot allocate memory"
+    ("postgres", "/usr/bin/locale", "popen-command"),  # "sh: 1: locale: not found": no system collations
     ("postgres", "/usr/lib/postgresql/15/lib/plpgsql.so", "package:postgresql-15"),  # initdb loads it
     ("java-http", "/usr/lib/jvm/java-17-openjdk-amd64/lib/modules", "jvm-modules"),
     ("java-http", "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so", "jvm-libjvm"),

@@ -192,6 +192,11 @@ def test_popen_keeps_bin_sh(tmp_path: Path) -> None:
     assert "`sort -r` in /usr/bin/prog" in rep.paths["/usr/bin/sort"][2]
     assert status(rep, "/usr/bin/cat") == ("kept", "popen-command")  # any such string: it cannot tell
     assert rep.paths["/usr/bin/ls"][0] == "dropped"
+    # only the main program's strings: busybox run on the side names its init's `umount -a -r`
+    add_file(t, "run.sh", b"#!/bin/sh\nprog\nexec ls\n", 0o755)
+    _, rep = entry(t, "/run.sh")
+    assert status(rep, "/usr/bin/prog") == ("kept", "script")
+    assert rep.paths["/usr/bin/sort"][0] == "dropped"
     _, rep = entry(t, "ls")
     assert rep.paths["/usr/bin/dash"][0] == "dropped"
 

@@ -48,8 +48,8 @@ REASONS = {
     "or pthread_exit (without it: 'libgcc_s.so.1 must be installed', abort)",
     "glibc-sh": "/bin/sh: a kept object calls popen(), system() or wordexp(), which glibc runs through "
     "/bin/sh -c (without it popen fails with 'Cannot allocate memory')",
-    "popen-command": "a command a kept program runs through popen()/system(), named by a command line "
-    "string in it (PostgreSQL's `locale -a`, which imports the system's collations)",
+    "popen-command": "a command the image's main program runs through popen()/system(), named by a command "
+    "line string in it (PostgreSQL's `locale -a`, which imports the system's collations)",
     "optional-plugin": "a plugin its program loads only when present and runs without (PostgreSQL's LLVM "
     "JIT provider llvmjit.so and its bitcode: without them the server disables JIT); keep it with a recipe",
     "node-modules": "a node_modules directory Node.js searches from a kept entry script (walking up to /), "

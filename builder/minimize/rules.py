@@ -118,8 +118,8 @@ GLIBC_UNWIND_USERS = {"pthread_cancel", "pthread_exit"}
 # glibc runs these through /bin/sh -c (_PATH_BSHELL); without it popen() fails with ENOMEM (glibc reports
 # any failed spawn so) and system() returns 127: PostgreSQL's initdb dies on "popen failure"
 GLIBC_SHELL_USERS = {"popen", "system", "wordexp"}
-# A command line as a C string in such an object: a command word and an option ("locale -a", which
-# PostgreSQL popen()s to import the system's collations)
+# A command line as a C string in such an object, when it is the image's main program (argv[0]/Cmd[0]): a
+# command word and an option ("locale -a", which PostgreSQL popen()s to import the system's collations)
 POPEN_COMMAND = re.compile(rb"(?<=\x00)([a-z][a-z0-9_.+-]{1,30}) -{1,2}[A-Za-z][^\x00\n]{0,80}(?=\x00)")
 # Node.js: the program names it runs as, the files it runs as scripts, the kept files that can be its entry
 NODE = re.compile(r"node(js)?[\d.]*")
@@ -751,9 +751,11 @@ class Minimizer:
         sh = self.command("/bin/sh") if shells else None
         if sh is not None and self.tree.real_path(sh) not in self.done:
             self.need(sh, "glibc-sh", f"/{shells[0]} imports popen/system: glibc runs /bin/sh -c")
+        # only the image's main programs: a multi-call binary run on the side (busybox httpd) names its
+        # other applets' command lines ("umount -a -r" of its init) that the container never runs
         for o in self.objects if sh is not None else []:
             node = self.tree.lookup(o.real)
-            if not o.info.undefined & GLIBC_SHELL_USERS or node is None:
+            if not o.info.undefined & GLIBC_SHELL_USERS or node is None or o.real not in self.primary:
                 continue
             for m in POPEN_COMMAND.finditer(elf._head(node, node.size)):
                 prog = self.command(m.group(1).decode())

@@ -101,16 +101,7 @@ def test_docker_run(corpus_app: tuple[App, str], docker_host: Dockerd, tmp_path:
         docker_host.docker("rm", "-f", name)
 
 
-# PostgreSQL does not serve yet after auto (README, issue 13); strict, so a fix shows as XPASS and fails
-SERVES = [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="postgres: not yet green under auto"))
-    if n == "postgres"
-    else n
-    for n in APPS
-]
-
-
-@pytest.mark.parametrize("name", SERVES)
+@pytest.mark.parametrize("name", NAMES)
 def test_auto_serves_under_qemu(
     name: str, tmp_path_factory: pytest.TempPathFactory, default_kernel_path: Path
 ) -> None:

@@ -26,9 +26,28 @@ first reason that reaches it:
                     Only the first MiB of a script is read (a script with a payload is not parsed whole).
   glibc-nss         libnss_<service> for each service named in /etc/nsswitch.conf (glibc dlopen()s them).
   glibc-gconv       the gconv modules, only when a kept object imports iconv_open (else "gconv-unused").
-  locale            /usr/lib/locale/<name> for a LANG / LC_* locale set in Env.
+  glibc-libgcc      libgcc_s.so.1 when a kept object imports pthread_cancel/pthread_exit (glibc dlopen()s it).
+  glibc-sh          /bin/sh when a kept object imports popen/system/wordexp (glibc runs /bin/sh -c; without
+                    it popen fails with ENOMEM: initdb's "popen failure: Cannot allocate memory").
+  locale            /usr/lib/locale/<name> for a LANG / LC_* locale set in Env (the locale archive when it
+                    has no directory of its own).
   interpreter:X     python: its stdlib and site/dist-packages (minus tests, idlelib, tkinter, ensurepip,
-                    __pycache__), with the ELF closure of their extension modules.
+                    __pycache__; a venv's pyvenv.cfg and site-packages), with the ELF closure of their
+                    extension modules; perl, ruby, php: their module directories.
+  node-modules / node-package
+                    when node runs: from each entry script (a kept .js/.mjs/.cjs or node-shebang file the
+                    command line or a script names, an argv directory, the WorkingDir) the package root
+                    (nearest package.json, kept whole unless a bin directory; its "main"/"exports"), every
+                    node_modules directory up to / (native .node addons with their closure, linked workspace
+                    packages followed) and NODE_PATH.
+  jvm-*             when $JAVA_HOME/bin/java runs (with or without a package database): lib/modules
+                    (jvm-modules), lib/jvm.cfg (jvm-cfg), lib/VARIANT/libjvm.so of each KNOWN variant
+                    (jvm-libjvm, dlopen()ed) and its classes.jsa (jvm-cds), lib/security + conf/security
+                    (jvm-security), the cacerts trust store (jvm-cacerts), lib/tzdb.dat (jvm-tzdb), conf/
+                    (jvm-conf), jspawnhelper (jvm-helper), lib/*.so (jvm-native), the rest of lib/ (jvm-lib);
+                    dropped as jvm-unused: src.zip, ct.sym, classes_nocoops.jsa, variants not KNOWN.
+  optional-plugin   (dropped) plugins a program loads only when present and runs without: PostgreSQL's
+                    LLVM JIT (llvmjit.so, its bitcode; with libLLVM and libz3 ~160 MB). A recipe keeps them.
   package:P         Tinyx's idea, narrowed to what is not code: for every dpkg/apk package P owning a
                     kept file, P's other files, EXCEPT docs/man/info/locales ("doc"), headers and static
                     libs ("dev"), systemd units and the like ("init-system"), files in bin/sbin dirs
@@ -40,6 +59,9 @@ first reason that reaches it:
                     nginx -> nginx-common, redis-server -> redis-tools; not iproute2 or libc6's data).
                     This is what keeps the nginx look-alike near its floor: libc6's gconv (8 MB),
                     coreutils' other commands etc. never ride along.
+  path-string       a data file (not ELF, not a script, not executable) named by its absolute path as a
+                    string in a loaded ELF object or executed script (Debian libnode's externalized builtins).
+  symlink-target    the data file a kept symlink points at: no kept symlink dangles.
   etc / etc-link    all of /etc; the target of a symlink in /etc (e.g. /etc/localtime) except
                     /etc/alternatives (commands) and /etc/ssl/certs (hash links duplicating the bundle).
   directory / symlink / device

@@ -46,6 +46,29 @@ REASONS = {
     "symlink-target": "the data file a kept symlink points at (no kept symlink dangles)",
     "glibc-libgcc": "glibc dlopen()s libgcc_s.so.1 to unwind threads: a kept object imports pthread_cancel "
     "or pthread_exit (without it: 'libgcc_s.so.1 must be installed', abort)",
+    "glibc-sh": "/bin/sh: a kept object calls popen(), system() or wordexp(), which glibc runs through "
+    "/bin/sh -c (without it popen fails with 'Cannot allocate memory')",
+    "popen-command": "a command the image's main program runs through popen()/system(), named by a command "
+    "line string in it (PostgreSQL's `locale -a`, which imports the system's collations)",
+    "optional-plugin": "a plugin its program loads only when present and runs without (PostgreSQL's LLVM "
+    "JIT provider llvmjit.so and its bitcode: without them the server disables JIT); keep it with a recipe",
+    "node-modules": "a node_modules directory Node.js searches from a kept entry script (walking up to /), "
+    "or a NODE_PATH directory; native .node addons come with their ELF closure",
+    "node-package": 'the package of a kept Node.js entry script: its package.json ("type", "main", '
+    '"exports") and its own modules',
+    "jvm-modules": "the JVM's class library image $JAVA_HOME/lib/modules (libjvm opens it by path)",
+    "jvm-cfg": "$JAVA_HOME/lib/jvm.cfg: the java launcher reads it to choose the VM variant",
+    "jvm-libjvm": "the VM variant jvm.cfg marks KNOWN: the launcher dlopen()s lib/VARIANT/libjvm.so",
+    "jvm-cds": "the JVM's default class-data-sharing archive (lib/VARIANT/classes.jsa): faster start-up",
+    "jvm-security": "the JVM's security configuration (java.security, policies, blocked certificates)",
+    "jvm-cacerts": "the JVM's default TLS trust store ($JAVA_HOME/lib/security/cacerts)",
+    "jvm-tzdb": "the time-zone rules java.time reads ($JAVA_HOME/lib/tzdb.dat)",
+    "jvm-conf": "configuration the Java class library reads from $JAVA_HOME/conf",
+    "jvm-helper": "jspawnhelper: the JVM starts child processes through it",
+    "jvm-native": "a native library of the JDK modules in $JAVA_HOME/lib (System.loadLibrary by name)",
+    "jvm-lib": "another file of $JAVA_HOME/lib the class library reads by name (fonts, properties)",
+    "jvm-unused": "a JDK file no running program reads (sources, javac's ct.sym, the CDS archive for "
+    "uncompressed oops)",
 }
 # KIND of the reasons KIND:NAME -> their text, NAME filled in
 NAMED_REASONS = {

@@ -8,6 +8,8 @@ path keeps the first reason that reaches it.
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import re
 import shlex
 from collections.abc import Iterable
@@ -113,11 +115,59 @@ INTERPRETERS = (
 # glibc dlopen()s libgcc_s.so.1 to unwind the stack when a thread is cancelled or exits early
 # ("libgcc_s.so.1 must be installed for pthread_cancel to work", then abort)
 GLIBC_UNWIND_USERS = {"pthread_cancel", "pthread_exit"}
+# glibc runs these through /bin/sh -c (_PATH_BSHELL); without it popen() fails with ENOMEM (glibc reports
+# any failed spawn so) and system() returns 127: PostgreSQL's initdb dies on "popen failure"
+GLIBC_SHELL_USERS = {"popen", "system", "wordexp"}
+# A command line as a C string in such an object, when it is the image's main program (argv[0]/Cmd[0]): a
+# command word and an option ("locale -a", which PostgreSQL popen()s to import the system's collations)
+POPEN_COMMAND = re.compile(rb"(?<=\x00)([a-z][a-z0-9_.+-]{1,30}) -{1,2}[A-Za-z][^\x00\n]{0,80}(?=\x00)")
+# Node.js: the program names it runs as, the files it runs as scripts, the kept files that can be its entry
+NODE = re.compile(r"node(js)?[\d.]*")
+JS_SUFFIXES = (".js", ".mjs", ".cjs")
+ENTRY_REASONS = {"entrypoint", "cmd", "argv", "script", "healthcheck"}
+# Plugins a program loads only if present and runs fine without (tree path globs -> why). PostgreSQL's
+# JIT provider: jit.c checks that $pkglibdir/llvmjit.so exists and otherwise disables JIT for the
+# session; it drags in libLLVM and libz3 (135 MB) and the inlining bitcode (24 MB). Keep them with a
+# recipe's keep.paths when JIT matters.
+OPTIONAL_PLUGINS = (
+    (
+        ("usr/lib/postgresql/*/lib/llvmjit*", "usr/lib/postgresql/*/lib/bitcode/*"),
+        "PostgreSQL's LLVM JIT provider and its bitcode: without llvmjit.so the server disables JIT",
+    ),
+)
+# A JDK/JRE home ($JAVA_HOME/bin/java next to $JAVA_HOME/lib/modules): what the VM opens by path relative to
+# its home, not by linkage (sub-path glob, reason, why). The first match wins; the rest of lib/ is jvm-lib.
+JVM_FILES = (
+    ("lib/modules", "jvm-modules", "the class library image (jimage) libjvm opens at $JAVA_HOME/lib/modules"),
+    ("lib/jvm.cfg", "jvm-cfg", "the launcher reads it to choose the VM variant (lib/VARIANT/libjvm.so)"),
+    ("lib/security/cacerts", "jvm-cacerts", "the default TLS trust store (javax.net.ssl)"),
+    ("lib/security/*", "jvm-security", "the security providers' policy, blocked certs and public suffixes"),
+    ("conf/security/*", "jvm-security", "java.security: the providers and algorithms the class library uses"),
+    ("lib/tzdb.dat", "jvm-tzdb", "the time-zone rules java.time and java.util.TimeZone read"),
+    ("conf/*", "jvm-conf", "configuration the class library reads (net.properties, logging.properties)"),
+    ("lib/jspawnhelper", "jvm-helper", "ProcessBuilder/Runtime.exec start child processes through it"),
+    ("lib/*.so", "jvm-native", "native libraries of the JDK modules, System.loadLibrary()ed by name"),
+)
+# the class-data-sharing archive for -XX:-UseCompressedOops (heaps of 32 GB and more): -Xshare:auto runs
+# without it; lib/src.zip and lib/ct.sym serve the compiler and IDEs, never a running program
+JVM_UNUSED = (
+    ("lib/*/classes_nocoops.jsa", "CDS archive for -XX:-UseCompressedOops heaps; -Xshare:auto runs without"),
+    ("lib/src.zip", "the class library's sources (IDEs, debuggers)"),
+    ("lib/ct.sym", "javac --release's symbol table (the compiler, not a running program)"),
+)
 PY_DROP = ("test/", "tests/", "idlelib/", "tkinter/", "turtledemo/", "ensurepip/", "lib2to3/tests/")
 
 
 def _is_doc(path: str) -> bool:
     return path.startswith(DOC_PREFIXES) or "/man/man" in path
+
+
+def _optional_plugin(path: str) -> str | None:
+    """Why `path` is an OPTIONAL_PLUGINS file, or None."""
+    for globs, why in OPTIONAL_PLUGINS:
+        if any(fnmatch.fnmatchcase(path, g) for g in globs):
+            return why
+    return None
 
 
 def _in_lib(path: str) -> tuple[bool, bool]:
@@ -199,6 +249,8 @@ class Minimizer:
         for args in self.data_dirs:
             self.data_dir(*args)
         self.drain()
+        self.node()
+        self.drain()
         self.glibc()
         self.locales()
         if self.recipe:
@@ -228,7 +280,7 @@ class Minimizer:
         for sub, n in items:
             if n is None or n.kind != FILE:
                 continue
-            if n.mode & 0o111 or sub.endswith(".so") or ".so." in sub:  # programs, libraries: + closure
+            if n.mode & 0o111 or sub.endswith((".so", ".node")) or ".so." in sub:  # + ELF closure
                 self.need(sub, reason, detail)
 
     def entry(self) -> None:
@@ -351,8 +403,11 @@ class Minimizer:
             why = "PT_INTERP" if o.needed_by == path and o.name == interp else f"DT_NEEDED {o.name}"
             self.keep(o.path, "elf-closure", f"{why} of /{o.needed_by}")
         self.objects += objs
-        self.executed.add(objs[0].real if objs else path)
-        self.python(objs[0].real if objs else path, via=path)
+        real = objs[0].real if objs else path
+        self.executed.add(real)
+        self.python(real, via=path)
+        if real.endswith("/bin/java"):
+            self.jvm(real.rsplit("/", 2)[0])
 
     def script(self, real: str, node: Inode, strict: bool) -> None:
         self.executed.add(real)
@@ -538,6 +593,138 @@ class Minimizer:
                 if n.kind == FILE and (".so" in sub.rsplit("/", 1)[-1]):
                     self.need(sub, f"interpreter:{name}", detail)
 
+    def node(self) -> None:
+        """When a kept program runs as node: what `require`/`import` resolve from the app's entry scripts
+        (kept .js/.mjs/.cjs files and node-shebang scripts that the command line or a script names,
+        directories named by argv, the WorkingDir), wherever they are. From each, like Node's resolver:
+        the package root (the nearest directory with a package.json: the app's own files, its "type",
+        relative requires) kept whole unless it is a bin directory, the files its package.json "main" and
+        "exports" name, and every node_modules directory on the way up to / with everything in it (native
+        .node addons followed into their ELF closure; a package linked in from elsewhere, as npm
+        workspaces do, is followed to its directory); and the directories of NODE_PATH."""
+        if not any(NODE.fullmatch(r.rsplit("/", 1)[-1]) for r in self.executed):
+            return
+        starts: list[tuple[str, str]] = []  # (directory, the file or setting it comes from)
+        for path, (reason, _) in sorted(self.kept.items()):
+            node = self.tree.lookup(path)
+            if reason not in ENTRY_REASONS or node is None or node.kind != FILE:
+                continue
+            head = elf._head(node, 128).split(b"\n", 1)[0]
+            if path.endswith(JS_SUFFIXES) or head.startswith(b"#!") and re.search(rb"[/ ]node(js)?\b", head):
+                starts.append((path.rsplit("/", 1)[0] if "/" in path else "", f"/{path}"))
+        starts += [(self.tree.real_path(d), detail) for d, why, detail in self.data_dirs if why == "argv"]
+        if self.cwd:
+            starts.append((self.cwd, f"WorkingDir /{self.cwd}"))
+        for d in self.env.get("NODE_PATH", "").split(":"):
+            if d.startswith("/") and (n := self.tree.lookup(d, follow=True)) is not None and n.kind == DIR:
+                self.keep_tree(d, "node-modules", f"NODE_PATH {d}")
+        seen: set[str] = set()
+        while starts:
+            d, src = starts.pop(0)
+            if d in seen:
+                continue
+            seen.add(d)
+            parts = split(d)
+            roots = ["/".join(parts[:i]) for i in range(len(parts), -1, -1)]
+            for r in roots:
+                mods = f"{r}/node_modules".lstrip("/")
+                n = self.tree.lookup(mods, follow=True)
+                if n is None or n.kind != DIR or mods in seen:
+                    continue
+                seen.add(mods)
+                self.keep_tree(mods, "node-modules", f"require()/import from {src} search it")
+                real = self.tree.real_path(mods)
+                for sub, ln in _walk_from(self.tree.lookup(real) or n, real):
+                    if ln.kind == SYMLINK and (t := self.tree.lookup(sub, follow=True)) and t.kind == DIR:
+                        starts.append((self.tree.real_path(sub), f"/{sub} (a linked package)"))
+            pkg = next(
+                (r for r in roots if self.tree.lookup(f"{r}/package.json".lstrip("/")) is not None), None
+            )
+            if pkg is not None:
+                self.node_package(pkg, src)
+
+    def node_package(self, root: str, src: str) -> None:
+        """A Node package root found from `src`: its package.json, the directory whole (unless a bin or
+        system directory) and the files "main" and "exports" name."""
+        pj = f"{root}/package.json".lstrip("/")
+        self.keep(pj, "node-package", f'the package scope of {src}: its "type", "main" and "exports"')
+        if root and root not in BIN_DIRS and not (root.split("/")[0] in SYSTEM_TOPS and root.count("/") < 2):
+            self.keep_tree(root, "node-package", f"the package of {src}: its own modules")
+        try:
+            doc = json.loads(self.tree.read(pj))
+        except (FileNotFoundError, ValueError):
+            return
+        targets: list[str] = []
+        stack: list[object] = [doc.get("main"), doc.get("exports")] if isinstance(doc, dict) else []
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                targets.append(v)
+            elif isinstance(v, dict):
+                stack += list(v.values())
+            elif isinstance(v, list):
+                stack += v
+        for t in targets:
+            if "*" in t or t.startswith("/"):
+                continue
+            p = "/".join(split(f"{root}/{t}"))
+            for cand in (p, *(p + s for s in (*JS_SUFFIXES, ".json", ".node", "/index.js"))):
+                n = self.tree.lookup(cand, follow=True)
+                if n is not None and n.kind == FILE:
+                    self.need(cand, "node-package", f'"main"/"exports" of /{pj}')
+                    break
+
+    def jvm(self, home: str) -> None:
+        """A java launcher ran from `home`/bin: the files the VM opens relative to its home (JVM_FILES, each
+        with its own reason), the VM variants jvm.cfg marks KNOWN (lib/VARIANT/libjvm.so is dlopen()ed by the
+        launcher, not linked; its CDS archive classes.jsa speeds start-up), and the rest of lib/ (fonts,
+        properties the class library reads by name), minus JVM_UNUSED and the directories of the variants
+        that are not KNOWN. With or without a package database
+        (eclipse-temurin's /opt/java/openjdk belongs to no package)."""
+        node = self.tree.lookup(home, follow=True)
+        if node is None or node.kind != DIR or self.tree.lookup(f"{home}/lib/modules", follow=True) is None:
+            return
+        if home in self.done:
+            return
+        self.done.add(home)
+        unused = {
+            self.tree.real_path(p): why for g, why in JVM_UNUSED for p in elf.glob(self.tree, f"{home}/{g}")
+        }
+        for p, why in unused.items():
+            self.dropped_why.setdefault(p, ("jvm-unused", why))
+        try:
+            cfg = self.tree.read(f"{home}/lib/jvm.cfg").decode("utf-8", "replace")
+        except FileNotFoundError:
+            cfg = "-server KNOWN\n"
+        rows = [line.split() for line in cfg.splitlines()]
+        variants = [w[0].lstrip("-") for w in rows if len(w) > 1 and w[1] == "KNOWN"]
+        for v in variants:
+            for p in elf.glob(self.tree, f"{home}/lib/{v}/libjvm.so"):
+                why = f"VM variant {v!r} KNOWN in /{home}/lib/jvm.cfg (dlopen()ed)"
+                self.keep(p, "jvm-libjvm", why)
+                self.need(p, "jvm-libjvm", why)
+            for p in elf.glob(self.tree, f"{home}/lib/{v}/classes.jsa"):
+                self.keep(p, "jvm-cds", "the default class-data-sharing archive: faster start-up")
+        for g, reason, why in JVM_FILES:
+            for p in elf.glob(self.tree, f"{home}/{g}"):
+                n = self.tree.lookup(p, follow=True)
+                detail = f"{why} (/{home})"
+                if n is None or self.tree.real_path(p) in unused:
+                    continue
+                if n.kind == DIR:
+                    self.keep_tree(p, reason, detail)
+                else:
+                    self.keep(p, reason, detail)
+                    if n.kind == FILE and (n.mode & 0o111 or p.endswith(".so")):
+                        self.need(p, reason, detail)
+        lib = self.tree.real_path(f"{home}/lib")
+        lib_node = self.tree.lookup(lib)
+        # the directories of variants jvm.cfg does not mark KNOWN (IGNORE, WARN, ERROR): never loaded
+        other = tuple(f"{lib}/{w[0].lstrip('-')}/" for w in rows if len(w) > 1 and w[1] != "KNOWN")
+        for sub, n in _walk_from(lib_node, lib) if lib_node is not None else []:
+            if n.kind != DIR and sub not in self.kept and sub not in unused and not sub.startswith(other):
+                self.mark(sub, "jvm-lib", f"read by name from $JAVA_HOME/lib by the class library (/{home})")
+
     def glibc(self) -> None:
         libcs = [o for o in self.objects if o.real.rsplit("/", 1)[-1].startswith("libc.so.")]
         if not libcs:
@@ -560,6 +747,21 @@ class Minimizer:
         for p in elf.glob(self.tree, f"{libdir}/libgcc_s.so.1") if unwinders else []:
             if p not in self.done:
                 self.need(p, "glibc-libgcc", f"/{unwinders[0]} imports pthread_cancel/pthread_exit")
+        shells = [o.path for o in self.objects if o.info.undefined & GLIBC_SHELL_USERS]
+        sh = self.command("/bin/sh") if shells else None
+        if sh is not None and self.tree.real_path(sh) not in self.done:
+            self.need(sh, "glibc-sh", f"/{shells[0]} imports popen/system: glibc runs /bin/sh -c")
+        # only the image's main programs: a multi-call binary run on the side (busybox httpd) names its
+        # other applets' command lines ("umount -a -r" of its init) that the container never runs
+        for o in self.objects if sh is not None else []:
+            node = self.tree.lookup(o.real)
+            if not o.info.undefined & GLIBC_SHELL_USERS or node is None or o.real not in self.primary:
+                continue
+            for m in POPEN_COMMAND.finditer(elf._head(node, node.size)):
+                prog = self.command(m.group(1).decode())
+                if prog is not None:
+                    line = m.group(0).decode("ascii", "replace")
+                    self.need(prog, "popen-command", f"`{line}` in /{o.path}, run with popen/system")
         # libstdc++ imports iconv_open only for the codecvt facets of named locales (which need locale
         # data we only keep for LANG/LC_*); glibc's built-in converters (UTF-8, ASCII, ISO-8859-1, UCS-2/4,
         # UTF-16/32) need no module. So gconv is kept only for another importer of iconv_open.
@@ -655,6 +857,9 @@ class Minimizer:
                         ),
                     )
                     continue
+                optional = _optional_plugin(real)
+                if optional:
+                    self.dropped_why.setdefault(real, ("optional-plugin", optional))
                 if real in self.dropped_why:
                     continue
                 self.mark(real, f"package:{pkg}", why)
@@ -689,7 +894,8 @@ class Minimizer:
         """Absolute paths written as strings in kept ELF files and scripts (Debian's libnode loads its
         externalized builtins from /usr/share/nodejs/... by a path compiled in; programs open data files
         of other packages by absolute path): each that names an existing regular file that is data (not
-        ELF; its keeping not decided by another rule) is kept. Only what runs is read: the loaded ELF
+        ELF, not a script, not executable: postgres names /usr/bin/prove, a Perl script that would bring
+        all of Perl; its keeping not decided by another rule) is kept. Only what runs is read: the loaded ELF
         objects and the executed scripts (not every script under /etc). Directories are not taken whole."""
         for real in sorted({o.real for o in self.objects} | self.executed):
             node = self.tree.lookup(real)
@@ -704,8 +910,11 @@ class Minimizer:
                 if p in self.kept or p.startswith(PATH_STRING_SKIP) or _is_doc(p) or "/gconv/" in f"/{p}":
                     continue
                 hit = self.tree.lookup(p, follow=True)
-                if hit is None or hit.kind != FILE or elf._head(hit, 4) == elf.ELF_MAGIC:
+                if hit is None or hit.kind != FILE:
                     continue
+                hhead = elf._head(hit, 4)
+                if hit.mode & 0o111 or hhead == elf.ELF_MAGIC or hhead[:2] == b"#!":
+                    continue  # a program enters when something runs it, not because its name is known
                 try:
                     target = self.tree.real_path(p)
                 except LookupError:

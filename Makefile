@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap umoci docker-registry skopeo \
 	musl-tools busybox-static cpio zstd lz4 xz-utils strace bubblewrap apache2-utils openssl docker.io \
 	python3-guestfs linux-image-amd64 gosu nodejs \
-	linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves
+	linux-source-6.1 build-essential patch bc bison flex libelf-dev libssl-dev dwarves
 export XBUILD_CACHE ?= $(HOME)/.cache/xbuild
 
 .PHONY: fuzz setup apt venv test test-corpus test-fast demo bench lint clean

@@ -1,7 +1,8 @@
 """Launch → exec marker under nested Xen (`xbuild run --hypervisor xen-nested`), trimmed vs stock kernel.
 
-One run, side by side: the same busybox artifact (xbuild's init, `sh -c true`) paired once with the
-trimmed default kernel and once with Debian's cloud kernel, each booted as a Xen PV and a PVH guest in
+One run, side by side: the same busybox artifact (xbuild's init, `sh -c true`) paired with the trimmed
+default kernel, the same kernel built without kernels/patches/ (built once if not cached) and Debian's
+cloud kernel, each booted as a Xen PV and a PVH guest in
 the nested rig (Xen 4.17 under QEMU TCG). Prints host wall time from launch to the init's exec marker,
 the guest's own boot-clock time at the marker, and the ratios. Nested TCG is slow and the machine noisy:
 read the ratio, not the seconds.
@@ -15,7 +16,6 @@ boot clock at init start and at exec.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +25,10 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from kernel_boot import stock_kernel  # noqa: E402
 
+from builder.artifact import open_artifact  # noqa: E402
 from builder.build import BuildOptions, build  # noqa: E402
-from builder.kernel import default_kernel  # noqa: E402
+from builder.kernel import DEFAULT_FRAGMENTS, default_kernel  # noqa: E402
+from builder.kernel import build as build_kernel  # noqa: E402
 from builder.run import xen  # noqa: E402
 from tests.fixtures.images import make_busybox_image  # noqa: E402
 
@@ -69,14 +71,17 @@ def main() -> int:
         img = make_busybox_image(
             work / "oci", config_overrides={"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["true"]}
         )
-        trimmed = build(img.ref, BuildOptions(output=work / "trimmed", kernel=str(default_kernel().path)))
-        stock = work / "stock"
-        shutil.copytree(trimmed.path, stock)
-        shutil.copyfile(stock_kernel(), stock / "kernel")
+        variants = {}
+        for name, kernel in (
+            ("trimmed", default_kernel().path),
+            ("unpatched", build_kernel(DEFAULT_FRAGMENTS, patched=False).path),
+            ("stock", stock_kernel()),
+        ):
+            variants[name] = build(img.ref, BuildOptions(output=work / name, kernel=str(kernel))).path
         rows = {}
         for xen_type in ("pv", "pvh"):
-            for name, art in (("trimmed", trimmed.path), ("stock", stock)):
-                r = xen.run_nested(art, xen_type, timeout=300, console=open("/dev/null", "wb"))  # noqa: SIM115
+            for name, art in variants.items():
+                r = xen.run_nested(open_artifact(art), xen_type, timeout=300, console=open("/dev/null", "wb"))  # noqa: SIM115
                 if r.launch_to_exec_s is None or r.boot_ms is None:
                     print(f"{name} {xen_type}: no exec marker ({r.error})", file=sys.stderr)
                     return 1
@@ -85,8 +90,11 @@ def main() -> int:
     for (name, xen_type), (launch, guest) in rows.items():
         print(f"{xen_type:10} {name:8} {launch:14.2f} {guest:14.0f}")
     for xen_type in ("pv", "pvh"):
-        (tl, tg), (sl, sg) = rows["trimmed", xen_type], rows["stock", xen_type]
-        print(f"{xen_type}: trimmed/stock launch→exec {tl / sl:.2f}, guest boot {tg / sg:.2f}")
+        (tl, tg), (ul, ug), (sl, sg) = (rows[n, xen_type] for n in ("trimmed", "unpatched", "stock"))
+        print(
+            f"{xen_type}: trimmed/stock launch→exec {tl / sl:.2f}, guest boot {tg / sg:.2f};"
+            f" trimmed/unpatched guest boot {tg / ug:.2f}"
+        )
     return 0
 
 

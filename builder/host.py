@@ -62,6 +62,7 @@ NEEDS: tuple[Need, ...] = (
     Need("bc", "bc", KERNEL, _tool("bc")),
     Need("bison", "bison", KERNEL, _tool("bison")),
     Need("flex", "flex", KERNEL, _tool("flex")),
+    Need("patch", "patch", KERNEL, _tool("patch")),
     Need("libelf.h", "libelf-dev", KERNEL, _file("/usr/include/libelf.h")),
     Need("openssl/ssl.h", "libssl-dev", KERNEL, _file("/usr/include/openssl/ssl.h")),
     Need(

@@ -1,7 +1,8 @@
 """Trimmed guest kernels: `make tinyconfig` + fragments from `kernels/`, built once per hash, verified.
 
-One kernel boots as a Xen PV guest, a Xen PVH guest and under QEMU. `build()` caches each result in
-`$XBUILD_CACHE/kernels/<key>/` where key = sha256(source, fragment texts, `gcc --version`); `verify()` reads
+One kernel boots as a Xen PV guest, a Xen PVH guest and under QEMU. The source gets every patch in
+`kernels/patches/` (applied in name order). `build()` caches each result in `$XBUILD_CACHE/kernels/<key>/`
+where key = sha256(source, fragment texts, patch texts, `gcc --version`); `verify()` reads
 the Xen ELF notes (from the ELF itself or from inside a bzImage's compressed payload).
 
 The cache entry is untrusted like every other: kernel.json records the sha256 of each file of the entry
@@ -45,6 +46,7 @@ from .resources import data_dir
 
 KERNELS_DIR = data_dir("kernels")
 DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu", "block", "compat")
+PATCHES_DIR = KERNELS_DIR / "patches"  # every *.patch here is applied to every kernel xbuild builds
 # The file the artifact boots: the stripped vmlinux ELF (see kernels/README.md for the measurement).
 ARTIFACT_FORMAT = "elf"
 _RECIPE = "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage"
@@ -63,6 +65,7 @@ class Kernel:
     release: str
     size: int
     bzimage: Path  # always built; QEMU and Xen boot it too
+    patches: tuple[str, ...] = ()  # the kernels/patches/ file names applied (none: built before patches)
 
 
 @dataclass(frozen=True)
@@ -295,8 +298,16 @@ def default_source() -> Path:
     return Path(max(found, key=version))
 
 
-def cache_key(source: Path, fragments: Mapping[str, str], toolchain: str) -> str:
-    """sha256 of the source (tarball bytes, or each file's path and content), the fragments, the toolchain."""
+def patches() -> dict[str, str]:
+    """The patches every kernel gets: {file name: text} of `kernels/patches/*.patch`, in name order."""
+    return {p.name: p.read_text() for p in sorted(PATCHES_DIR.glob("*.patch"))}
+
+
+def cache_key(
+    source: Path, fragments: Mapping[str, str], toolchain: str, patch_texts: Mapping[str, str] | None = None
+) -> str:
+    """sha256 of the source (tarball bytes, or each file's path and content), the fragments, the patches
+    (None: those of `patches()`), the toolchain."""
     h = hashlib.sha256(_RECIPE.encode() + b"\0")
     if source.is_dir():
         for f in sorted(p for p in source.rglob("*") if ".git" not in p.parts and not p.is_dir()):
@@ -306,6 +317,8 @@ def cache_key(source: Path, fragments: Mapping[str, str], toolchain: str) -> str
         h.update(_file_digest(source))
     for name, text in fragments.items():
         h.update(f"\0fragment {name}\0{text}".encode())
+    for name, text in (patches() if patch_texts is None else patch_texts).items():
+        h.update(f"\0patch {name}\0{text}".encode())
     h.update(b"\0toolchain\0" + toolchain.encode())
     return h.hexdigest()
 
@@ -329,40 +342,46 @@ def _toolchain() -> str:
 
 def build_key(fragments: tuple[str, ...] = DEFAULT_FRAGMENTS, source: Path | None = None) -> str:
     """The cache key of the kernel `build(fragments, source)` gives, without building it."""
-    return _plan(fragments, source)[2]
+    return _plan(fragments, source, True)[3]
 
 
-def _plan(fragments: tuple[str, ...], source: Path | None) -> tuple[Path, dict[str, str], str]:
-    """The source (default_source() when None), the fragments' texts by name, and the cache key."""
+def _plan(
+    fragments: tuple[str, ...], source: Path | None, patched: bool
+) -> tuple[Path, dict[str, str], dict[str, str], str]:
+    """The source (default_source() when None), the fragments' and the patches' texts by name (no patches
+    unless `patched`), and the cache key."""
     source = Path(source) if source else default_source()
     if not source.exists():
         raise KernelError(f"kernel source {source} does not exist")
     texts = {name: fragment_path(name).read_text() for name in fragments}
-    return source, texts, cache_key(source, texts, _toolchain())
+    patch_texts = patches() if patched else {}
+    return source, texts, patch_texts, cache_key(source, texts, _toolchain(), patch_texts)
 
 
 def build(
     fragments: tuple[str, ...] = DEFAULT_FRAGMENTS,
     source: Path | None = None,
     progress: Say | None = None,
+    patched: bool = True,
 ) -> Kernel:
-    """Build (or reuse from the cache) the kernel for `fragments` from `source` (tarball or clean tree).
+    """Build (or reuse from the cache) the kernel for `fragments` from `source` (tarball or clean tree),
+    with kernels/patches/ applied unless not `patched` (for measuring what they do).
 
     `fragments`: names of `kernels/<name>.config` or paths to fragments. `progress` gets every line of the
     build's output (and a few `xbuild: ...` phase lines).
     The result lands in `$XBUILD_CACHE/kernels/<key>/`: vmlinux (stripped), bzImage, config, System.map,
     build.log, kernel.json. A failed build leaves `<key>.log` (and `<key>.config`) beside it.
     """
-    source, texts, key = _plan(fragments, source)
+    source, texts, patch_texts, key = _plan(fragments, source, patched)
     final = cache_dir("kernels") / key
     try:
         kernel = cached(final)
     except CacheError as bad:  # removed: built again below; if that fails, the entry is named
         try:
-            return _build(final, key, fragments, source, texts, progress)
+            return _build(final, key, fragments, source, texts, patch_texts, progress)
         except KernelError as e:
             raise CacheError(f"{bad}; building it again failed: {str(e).splitlines()[0]}") from None
-    return kernel or _build(final, key, fragments, source, texts, progress)
+    return kernel or _build(final, key, fragments, source, texts, patch_texts, progress)
 
 
 def _build(
@@ -371,6 +390,7 @@ def _build(
     fragments: tuple[str, ...],
     source: Path,
     texts: dict[str, str],
+    patch_texts: dict[str, str],
     progress: Say | None,
 ) -> Kernel:
     require(*(n for n in needs_of(KERNEL) if n != "linux-source"), error=KernelError)
@@ -397,7 +417,9 @@ def _build(
         # and on a loaded machine a build takes longer than that
         with tempfile.TemporaryDirectory(prefix=".work.", dir=out) as work_s:
             work = Path(work_s)
-            src = _unpack(source, work, run)
+            src = _unpack(source, work, run, copy=bool(patch_texts))
+            for name in patch_texts:
+                run("patch", "-p1", "--batch", "--forward", "-i", str(PATCHES_DIR / name), cwd=src)
             obj = work / "obj"
             run("make", f"O={obj}", "tinyconfig", cwd=src)
             merged = work / "merged.config"
@@ -428,19 +450,28 @@ def _build(
             release,
             (out / name).stat().st_size,
             final / "bzImage",
+            tuple(patch_texts),
         )
         verify(out / name)
-        meta = dataclasses.asdict(kernel) | {"source": str(source), "fragment_texts": texts}
+        meta = dataclasses.asdict(kernel) | {
+            "source": str(source),
+            "fragment_texts": texts,
+            "patch_texts": patch_texts,
+        }
         write_record(out, meta)
     cached(final)  # hold it (shared flock) like any entry in use
     return kernel
 
 
-def _unpack(source: Path, work: Path, run: Callable[..., None]) -> Path:
-    """The source tree to build from: `source` itself if a directory, else the tarball unpacked in `work`."""
-    if source.is_dir():
-        return source
+def _unpack(source: Path, work: Path, run: Callable[..., None], copy: bool) -> Path:
+    """The source tree to build from: the tarball unpacked in `work`; a directory `source` itself, or a
+    copy of it in `work` when `copy` (it is to be patched: the user's tree is never changed)."""
     src = work / "src"
+    if source.is_dir():
+        if not copy:
+            return source
+        run("cp", "-a", f"{source}/.", str(src), cwd=work)
+        return src
     src.mkdir()
     run("tar", "-xf", str(source), "-C", str(src), "--strip-components=1", cwd=work)
     return src
@@ -456,6 +487,7 @@ def _load(d: Path, meta: dict[str, Any] | None = None) -> Kernel:
         release=meta["release"],
         size=meta["size"],
         bzimage=d / "bzImage",
+        patches=tuple(meta.get("patches") or ()),
     )
 
 

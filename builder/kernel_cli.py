@@ -18,11 +18,12 @@ def _as_json(k: kern.Kernel) -> dict[str, Any]:
         "path": str(k.path),
         "bzimage": str(k.bzimage),
         "fragments": list(k.fragments),
+        "patches": list(k.patches),
     }
 
 
 def _line(k: kern.Kernel) -> str:
-    frags = "+".join(k.fragments)
+    frags = "+".join(k.fragments) + (f" +{len(k.patches)} patch(es)" if k.patches else "")
     return f"{k.key[:12]}  {k.release:<10} {k.fmt:<7} {k.size / 1e6:6.2f} MB  {frags:<20} {k.path}"
 
 

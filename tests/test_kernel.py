@@ -6,8 +6,11 @@ import gzip
 import importlib.util
 import json
 import lzma
+import re
 import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import lz4.block
@@ -244,6 +247,54 @@ def test_cache_key_stable_and_sensitive(tmp_path: Path) -> None:
     assert key != kern.cache_key(src, frags, "gcc 12")
 
 
+def test_cache_key_covers_the_patches(tmp_path: Path) -> None:
+    """A patch's name or text changes the key; None means the patches in kernels/patches/."""
+    src = tmp_path / "linux.tar.xz"
+    src.write_bytes(b"source bytes")
+    frags = {"base": "CONFIG_A=y\n"}
+    plain = kern.cache_key(src, frags, "gcc", {})
+    one = kern.cache_key(src, frags, "gcc", {"a.patch": "+x\n"})
+    assert len({plain, one, kern.cache_key(src, frags, "gcc", {"a.patch": "+y\n"})}) == 3
+    assert one != kern.cache_key(src, frags, "gcc", {"b.patch": "+x\n"})
+    assert kern.patches() and kern.cache_key(src, frags, "gcc") == kern.cache_key(
+        src, frags, "gcc", kern.patches()
+    )
+
+
+def test_kernel_patches_apply_to_the_release_source() -> None:
+    """Every kernels/patches/*.patch applies cleanly to Debian's linux-source (a dry run: nothing written)."""
+    source = kern.default_source()
+    with tempfile.TemporaryDirectory() as work:
+        for name in kern.patches():
+            rel = re.search(r"^\+\+\+ b/(\S+)", (kern.PATCHES_DIR / name).read_text(), re.M)
+            assert rel, name
+            subprocess.run(["tar", "-xf", str(source), "-C", work, "--wildcards", f"*/{rel[1]}"], check=True)
+            (top,) = Path(work).iterdir()
+            r = subprocess.run(
+                ["patch", "-p1", "--dry-run", "--batch", "--forward", "-i", str(kern.PATCHES_DIR / name)],
+                cwd=top,
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_patch_that_does_not_apply_fails_the_build_and_leaves_the_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source directory is patched in a copy (the user's tree is never changed); a patch that does not
+    apply is a KernelError naming it, and no cache entry is left."""
+    monkeypatch.setenv("XBUILD_CACHE", str(tmp_path / "cache"))
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/xen").mkdir(parents=True)
+    (tree / "arch/x86/xen/time.c").write_text("not the file the patch expects\n")
+    with pytest.raises(KernelError, match=r"kernel build failed: patch -p1 .*xen-calibrate-cpu.patch"):
+        kern.build(("base",), tree)
+    assert (tree / "arch/x86/xen/time.c").read_text() == "not the file the patch expects\n"
+    assert sorted(p.name for p in (tree / "arch/x86/xen").iterdir()) == ["time.c"]
+    assert not [p for p in (tmp_path / "cache/kernels").iterdir() if not p.name.endswith(".log")]
+
+
 def test_cache_key_source_tree(tmp_path: Path) -> None:
     tree = tmp_path / "linux"
     (tree / "kernel").mkdir(parents=True)
@@ -428,7 +479,7 @@ def test_cli_list_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(kernel, ["list", "--json"])
     assert result.exit_code == 0, result.output
     [listed] = json.loads(result.output)
-    assert listed | {"path": "", "bzimage": ""} == meta | {"path": "", "bzimage": ""}
+    assert listed | {"path": "", "bzimage": ""} == meta | {"path": "", "bzimage": "", "patches": []}
     assert listed["path"] == str(d / "vmlinux")
     assert "abc" in CliRunner().invoke(kernel, ["list"]).output
 

@@ -587,17 +587,18 @@ def test_full_cache_disk_at_the_compiled_init(sandbox: Sandbox, image: OciImage)
 def test_full_output_disk_leaves_nothing(sandbox: Sandbox, image: OciImage, room: str) -> None:
     sandbox.good_build(image.ref)
     initrd = next((sandbox.root / "work").glob("good-*/initrd.img")).stat().st_size
-    size = 64 << 10 if room == "none" else (initrd + 4095) // 4096 * 4096  # then manifest.json fails
+    size = 64 << 10 if room == "none" else (initrd + 4095) // 4096 * 4096  # then the SBOM fails
     full = sandbox.root / "work" / "full"
     with tmpfs(full, size):
         before = sandbox.snapshot()
         r = sandbox.xbuild(image.ref, "-o", str(full / "out"), "--kernel", "none", "-q")
         line = assert_refused(r, 1, f"no space left on {full}")
-        # the initrd, or then manifest.json (written in the artifact's temp directory: the final path named)
+        # the initrd, or then the next file the build writes, the SBOM (written in the artifact's temp
+        # directory: the final path named)
         assert line.endswith(
             f"(writing {full / 'out' / 'initrd.img'})"
             if room == "none"
-            else f"(writing {full / 'out' / 'manifest.json'})"
+            else f"(writing {full / 'out' / 'sbom.cdx.json'})"
         ), line
         assert sandbox.changes(before) == [] and list(full.iterdir()) == []
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import httpx
@@ -17,25 +16,11 @@ from builder.errors import PublishError
 from builder.oci import referrers
 from builder.oci.manifest import OCI_INDEX, OCI_MANIFEST
 from builder.publish import Blob, target
-from tests.fixtures.images import make_busybox_image
 from tests.fixtures.registry import Registry
-from tests.test_publish import _artifact
+from tests.test_publish import artifact, built  # noqa: F401  (the module-scoped artifact every test copies)
 
 CDX = "application/vnd.cyclonedx+json"
 INTOTO = "application/vnd.in-toto+json"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("built")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XBUILD_CACHE", str(work / "cache"))
-        return _artifact(make_busybox_image(work / "busybox-oci").ref, work / "art")
-
-
-@pytest.fixture
-def artifact(built: Path, tmp_path: Path, xbuild_cache: Path) -> Path:
-    return Path(shutil.copytree(built, tmp_path / "art"))
 
 
 def _index(registry: Registry, repo: str, digest: str) -> httpx.Response:

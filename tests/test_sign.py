@@ -23,24 +23,11 @@ from builder.oci import referrers
 from builder.oci.manifest import ACCEPT, OCI_MANIFEST
 from builder.publish import target
 from tests.fixtures.hostile import Sandbox, assert_refused
-from tests.fixtures.images import fixtures_dir, make_busybox_image
+from tests.fixtures.images import fixtures_dir
 from tests.fixtures.registry import Registry
-from tests.test_publish import _artifact
+from tests.test_publish import artifact, built  # noqa: F401  (the module-scoped artifact every test copies)
 
 JS = Path(__file__).parent / "fixtures" / "sigstore-js"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("built")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XBUILD_CACHE", str(work / "cache"))
-        return _artifact(make_busybox_image(work / "busybox-oci").ref, work / "art")
-
-
-@pytest.fixture
-def artifact(built: Path, tmp_path: Path, xbuild_cache: Path) -> Path:
-    return Path(shutil.copytree(built, tmp_path / "art"))
 
 
 @dataclasses.dataclass(frozen=True)

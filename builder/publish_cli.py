@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -13,6 +15,29 @@ from . import kernel as kern
 from . import publish, sign
 from .errors import PublishError
 from .options import stderr_say
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def verify_options(what: str) -> Callable[[F], F]:
+    """`--verify-key PUB` and `--verify-policy FILE`, the same on every command that takes a registry VM
+    image (`pull`, `run`): `what` starts their help ("Pull", "Run")."""
+
+    def add(f: F) -> F:
+        f = click.option(
+            "--verify-policy",
+            type=click.Path(path_type=Path, dir_okay=False),
+            metavar="FILE",
+            help=f"{what} only if this JSON policy admits it (public keys per repository pattern).",
+        )(f)
+        return click.option(
+            "--verify-key",
+            type=click.Path(path_type=Path, dir_okay=False),
+            metavar="PUB",
+            help=f"{what} only if a signature verifies with this public key (PEM); uses the digest verified.",
+        )(f)
+
+    return add
 
 
 def _report(pushed: publish.Pushed, seconds: float, as_json: bool) -> None:
@@ -108,18 +133,7 @@ def verify_cmd(ref: str, key: Path, insecure: bool) -> None:
     "--force", is_flag=True, help="Let -o replace a directory that is not an artifact (never a file)."
 )
 @click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
-@click.option(
-    "--verify-key",
-    type=click.Path(path_type=Path, dir_okay=False),
-    metavar="PUB",
-    help="Pull only if a signature verifies with this public key (PEM); pulls the digest verified.",
-)
-@click.option(
-    "--verify-policy",
-    type=click.Path(path_type=Path, dir_okay=False),
-    metavar="FILE",
-    help="Pull only what this JSON policy admits (public keys per repository pattern).",
-)
+@verify_options("Pull")
 def pull_cmd(
     ref: str, output: Path, force: bool, insecure: bool, verify_key: Path | None, verify_policy: Path | None
 ) -> None:

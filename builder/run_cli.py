@@ -16,6 +16,7 @@ from .build import BuildOptions, build
 from .cache import cache_dir
 from .errors import BadInput, PublishError, RunError
 from .options import MEMORY_MB, NESTED_XEN_TYPE, Accel, Hypervisor, Say, XenType, choices, stderr_say
+from .publish_cli import verify_options
 from .run.console import RunResult
 
 
@@ -122,18 +123,7 @@ def resolve_artifact(
 )
 @click.option("--icount", is_flag=True, help="QEMU: deterministic guest time (-icount), for boot benchmarks.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP to the registry when pulling.")
-@click.option(
-    "--verify-key",
-    type=click.Path(path_type=Path, dir_okay=False),
-    metavar="PUB",
-    help="Run the registry VM image only if a signature verifies with this public key (PEM).",
-)
-@click.option(
-    "--verify-policy",
-    type=click.Path(path_type=Path, dir_okay=False),
-    metavar="FILE",
-    help="Run the registry VM image only if this JSON policy admits it (public keys per repository).",
-)
+@verify_options("Run a registry VM image")
 @click.option("--json", "as_json", is_flag=True, help="Console to stderr; a JSON result on stdout.")
 def run_cmd(
     target: str,

@@ -94,7 +94,7 @@ class BuildOptions:
     platform: Platform = field(default_factory=Platform)
     insecure: bool = False
     minimize: MinimizeMode = MinimizeMode.AUTO
-    recipe: str | None = None  # a recipe name or file; None: matched by repository
+    recipe: str | Recipe | None = None  # a recipe name or file, or one loaded; None: matched by repository
     kernel: str | None = "default"  # "default", a path, oci://REF, or None for no kernel
     memory_mb: int | None = None  # None: the recipe's, else DEFAULT_MEMORY_MB
     xen_type: XenType = DEFAULT_XEN_TYPE
@@ -198,6 +198,8 @@ def _pinned(ref: reference.ImageRef, pin: str | None) -> reference.ImageRef:
 
 
 def _recipe(ref: reference.ImageRef, opts: BuildOptions) -> Recipe | None:
+    if isinstance(opts.recipe, Recipe):
+        return opts.recipe
     return load_recipe(opts.recipe) if opts.recipe else recipe_for_ref(ref)
 
 

@@ -301,6 +301,7 @@ def build_cmd(
             raise BadInput(f"{given[0]} needs --format disk")
     silent = quiet or as_json
     say = stderr_say(silent)
+    own_recipe = load_recipe(recipe) if recipe else None  # loaded once: the build and the verify use it
     opts = BuildOptions(
         output=output,
         force=force,
@@ -309,7 +310,7 @@ def build_cmd(
         platform=Platform.parse(platform),
         insecure=insecure,
         minimize=MinimizeMode(minimize),
-        recipe=recipe,
+        recipe=own_recipe,
         kernel=None if kernel_opt == "none" else kernel_opt,
         memory_mb=memory,
         xen_type=XenType(xen_type),
@@ -329,7 +330,6 @@ def build_cmd(
     )
     assert opts.cache is not None
     art = build(image, opts)
-    own_recipe = load_recipe(recipe) if recipe else None
     pulled = opts.cache.pulled("artifact")
     unverified = None  # why an artifact with checks to run was not verified
     if verify or verify_on:

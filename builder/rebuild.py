@@ -118,6 +118,7 @@ def _sha256(path: Path) -> str | None:
 def options(inputs: BuildInputs, output: Path, recipe: str | None, insecure: bool, log: Say) -> BuildOptions:
     """The BuildOptions that give `inputs` again, into `output`; RebuildError for a recorded recipe that
     cannot be had (missing, or its sha256 changed)."""
+    found = None
     if inputs.recipe is not None:
         found = load_recipe(recipe or inputs.recipe)
         if found.sha256 != inputs.recipe_sha256:
@@ -135,7 +136,7 @@ def options(inputs: BuildInputs, output: Path, recipe: str | None, insecure: boo
         platform=Platform.parse(inputs.platform),
         insecure=insecure,
         minimize=MinimizeMode(inputs.minimize),
-        recipe=(recipe or inputs.recipe) if inputs.recipe else None,
+        recipe=found,  # the very recipe whose sha256 was checked
         kernel=None if kernel is None else "default" if kernel.key else kernel.source,
         memory_mb=inputs.memory_mb,
         xen_type=XenType(inputs.xen_type),

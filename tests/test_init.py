@@ -553,3 +553,23 @@ def test_signals_to_pid1_are_forwarded(tmp_path: Path, cloud_kernel: Path) -> No
     r = boot(art, timeout=60)
     assert b"got-hup" in r.console and b"got-term" in r.console, r.console.decode()
     assert r.exit_status == 6
+
+
+def test_init_key_covers_source_compiler_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The init's cache key changes with init.c's bytes, the compiler (its name and `--version`) and
+    the flags; the same three give the same key."""
+    from builder import init
+
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\necho 'cc 1.0'\n")
+    cc.chmod(0o755)
+    key = init.cache_key(b"int main(){}", str(cc))
+    assert key == init.cache_key(b"int main(){}", str(cc))
+    assert key != init.cache_key(b"int main(){return 1;}", str(cc))
+    cc.write_text("#!/bin/sh\necho 'cc 1.1'\n")
+    assert key != init.cache_key(b"int main(){}", str(cc))
+    cc.write_text("#!/bin/sh\necho 'cc 1.0'\n")
+    monkeypatch.setattr(init, "FLAGS", (*init.FLAGS, "-O3"))
+    assert key != init.cache_key(b"int main(){}", str(cc))
+    monkeypatch.undo()
+    assert key == init.cache_key(b"int main(){}", str(cc))

@@ -552,7 +552,7 @@ def test_disk_round_trip(
 def test_disk_push_refuses_a_changed_disk(
     disk_artifact: Path, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    publish.push(disk_artifact, f"{registry.host}/vm/changed:v1")
+    v1 = publish.push(disk_artifact, f"{registry.host}/vm/changed:v1")
     with open(disk_artifact / DISK, "r+b") as f:  # what an rw guest started by `xl create` would do
         f.seek(8 << 20)
         f.write(b"written in place")
@@ -566,7 +566,9 @@ def test_disk_push_refuses_a_changed_disk(
             publish.push(disk_artifact, f"{registry.host}/vm/changed:v2")
         assert e.value.exit_code == 2 and "\n" not in str(e.value)
     assert not [p for p in (tmp_path / "fresh-cache").rglob("*") if p.is_file()]  # no blob of it kept
-    assert httpx.get(f"{registry.url}/v2/vm/changed/tags/list").json()["tags"] == ["v1"]
+    # v1 and its referrers index (the SBOM and provenance push attached to it): nothing of the refused push
+    tags = httpx.get(f"{registry.url}/v2/vm/changed/tags/list").json()["tags"]
+    assert sorted(tags) == sorted(["v1", f"sha256-{v1.digest[7:]}"])
 
 
 def _upload(registry: Registry, repo: str, path: Path, media_type: str, title: str | None) -> dict:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -509,8 +508,6 @@ def test_fixture_smoke_in_chroot_probe(fixture: str, recipe: str, request: pytes
     new, rep = minimize(tree, image.config, rec)
     ok, msg = _bench().chroot_smoke(new, image.config, rec)
     assert ok, msg + "\n" + rep.summary()
-    with tempfile.TemporaryDirectory():
-        pass
 
 
 # -- the probe and trace mode ----------------------------------------------------------------------

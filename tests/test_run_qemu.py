@@ -216,10 +216,12 @@ def test_sigterm_to_the_runner_stops_the_guest(
 
 @slow
 def test_timeout_kills_a_hung_guest(tmp_path: Path, cloud_kernel: Path) -> None:
-    """A guest that never reaches init (no initrd content) and ignores the power button is killed."""
+    """A guest that never reaches init and ignores the power button is killed. (Not by a panic: a panic
+    before exec ends the run at once, tests/test_memory.py; here the kernel waits for a root device that
+    never comes, `rootwait`.)"""
     (tmp_path / "initrd.img").write_bytes(b"\0" * 512)
     (tmp_path / "kernel").symlink_to(cloud_kernel)
-    (tmp_path / "cmdline").write_text("console=ttyS0 quiet panic=0 rdinit=/nothing")
+    (tmp_path / "cmdline").write_text("console=ttyS0 quiet rdinit=/nothing root=/dev/xbuild-none rootwait")
     t0 = time.monotonic()
     r = run(tmp_path, accel="tcg", console=None, timeout=5, stop_grace=3)
     assert r.exit_status is None and r.error and "timed out" in r.error

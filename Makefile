@@ -6,7 +6,8 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap umoci docker-registry skopeo \
 	musl-tools busybox-static cpio zstd lz4 xz-utils strace bubblewrap apache2-utils openssl docker.io \
 	python3-guestfs linux-image-amd64 gosu nodejs \
-	linux-source-6.1 build-essential patch bc bison flex libelf-dev libssl-dev dwarves
+	linux-source-6.1 build-essential patch bc bison flex libelf-dev libssl-dev dwarves \
+	gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm qemu-user-static binfmt-support
 export XBUILD_CACHE ?= $(HOME)/.cache/xbuild
 
 .PHONY: fuzz setup apt venv test test-corpus test-fast demo bench lint clean
@@ -16,6 +17,11 @@ setup: apt venv
 apt: .work/apt.stamp
 .work/apt.stamp: Makefile
 	@mkdir -p .work
+	@# arm64 guests: apt must know arm64 packages (Xen on arm, Debian's arm64 kernels, busybox) for
+	@# `apt-get download PKG:arm64`; nothing arm64 is installed on the host
+	@dpkg --print-foreign-architectures | grep -qx arm64 || { \
+		$$( [ $$(id -u) -eq 0 ] || echo sudo ) dpkg --add-architecture arm64 && \
+		$$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get update -qq; }
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
@@ -26,6 +32,9 @@ apt: .work/apt.stamp
 	@# installed already brings npm (NodeSource's does, and conflicts with Debian's)
 	@command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive $$( [ $$(id -u) -eq 0 ] || echo sudo ) \
 		apt-get install -y -qq --no-install-recommends npm
+	@# foreign debootstrap second stages (arm64 test images) run through binfmt_misc + qemu-user-static
+	@update-binfmts --display qemu-aarch64 2>/dev/null | grep -q enabled || \
+		$$( [ $$(id -u) -eq 0 ] || echo sudo ) update-binfmts --enable qemu-aarch64
 	@touch $@
 
 venv: $(VENV)/.stamp

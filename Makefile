@@ -52,7 +52,7 @@ $(VENV)/.stamp: pyproject.toml Makefile | apt
 
 # Everything: unit tests and the slow ones (boots, kernel build, debootstrap fixtures, registry).
 test: setup
-	$(PY) -m pytest -q -m 'not corpus'; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 0; }; exit $$rc
+	$(PY) -m pytest -q -m 'not corpus' --durations=40; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; exit 0; }; exit $$rc
 
 # The compatibility corpus of real applications (README: "What runs where"; hours cold on 2 cores).
 test-corpus: setup

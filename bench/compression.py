@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernel_boot import qemu_icount
 from builder.compression import LZ4_LEGACY_CHUNK, ZSTD_DEFAULT_LEVEL
 
 ZSTD_LEVELS = (3, 6, 9, 12, 15, 19)
@@ -60,6 +61,7 @@ def candidates(quick: bool) -> list[Candidate]:
         rows += [Candidate("zstd", lvl, threads=1) for lvl in (3, ZSTD_DEFAULT_LEVEL)]
     rows += [
         Candidate("zstd", 9, (("window_log", 23),)),
+        Candidate("zstd", 10, (("window_log", 23),)),
         Candidate("zstd", 12, (("window_log", 23),)),
         Candidate("zstd", 9, (("window_log", 23), ("enable_ldm", 1))),
         Candidate("lz4", 9),
@@ -145,22 +147,8 @@ FREED = re.compile(r"\[\s*(\d+\.\d+)\] Freeing initrd memory")
 def guest_unpack(bzimage: Path, initrd: Path, memory_mb: int) -> float:
     """Guest seconds (icount) from the kernel's "Unpacking initramfs" to "Freeing initrd memory"."""
     argv = [
-        "qemu-system-x86_64",
-        "-accel",
-        "tcg",
-        "-icount",
-        "shift=0,sleep=off",
-        "-m",
-        str(memory_mb),
-        "-nographic",
-        "-no-reboot",
-        "-net",
-        "none",
-        "-kernel",
-        str(bzimage),
-        "-initrd",
-        str(initrd),
-        "-append",
+        *qemu_icount(memory_mb),
+        *("-kernel", str(bzimage), "-initrd", str(initrd), "-append"),
         "console=ttyS0 printk.time=1 loglevel=7 panic=-1 initramfs_async=0 rdinit=/xbuild-bench-none",
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

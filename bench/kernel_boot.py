@@ -37,19 +37,17 @@ from builder.kernel import (
     parse_config,
 )
 
-QEMU = [
-    "qemu-system-x86_64",
-    "-accel",
-    "tcg",
-    "-icount",
-    "shift=0,sleep=off",
-    "-m",
-    "256",
-    "-nographic",
-    "-no-reboot",
-    "-net",
-    "none",
-]
+
+def qemu_icount(memory_mb: int) -> list[str]:
+    """QEMU TCG with `memory_mb` of RAM, guest time counted in instructions (deterministic), console on
+    stdio, no network, no reboot: the argv every -icount bench boots with (`-kernel` ... to be appended)."""
+    return [
+        *("qemu-system-x86_64", "-accel", "tcg", "-icount", "shift=0,sleep=off", "-m", str(memory_mb)),
+        *("-nographic", "-no-reboot", "-net", "none"),
+    ]
+
+
+QEMU = qemu_icount(256)
 MARKER = re.compile(r"xbuild: exec (\S+) at (\d+)us")
 TSC = re.compile(r"xbuild: tsc (\d+)")
 STOCK_PACKAGE = "linux-image-cloud-amd64"

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -370,6 +370,9 @@ def run_job(
                 + (f"; {errors[0]}" if errors else "")
                 + ")"
             )
+        if result.exit_status is None:
+            log = rig.dir / "console.log"
+            result = replace(result, error=f"{result.error or 'no exit status'} (Xen and dom0 log: {log})")
         return result
     finally:
         _end(job, tmp, forwarded)

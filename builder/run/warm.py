@@ -364,11 +364,9 @@ def run_job(
             said = sup.stderr.decode(errors="replace").strip()
             raise RunError(f"the warm rig stopped under the guest: {said} (`xbuild rig status`)")
         if result.exit_status is None and not result.console and (d / "done").exists():
-            errors = [ln for ln in _text(d / "xl.err").splitlines() if "error" in ln][:1]
+            said = dom0_says(d / "xl.err")
             raise RunError(
-                f"the guest could not be created or printed nothing (dom0: xl exited {_text(d / 'done')}"
-                + (f"; {errors[0]}" if errors else "")
-                + ")"
+                f"the guest could not be created or printed nothing (xl exited {_text(d / 'done')}){said}"
             )
         if result.exit_status is None:
             log = rig.dir / "console.log"

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The warm rig's job loop in dom0 (builder/run/warm.py copies it into the share; dom0-init.sh execs it).
 # /share is the host's share directory (virtio-9p). The host talks to dom0 only through files there:
-#   heartbeat        written here every 2 s: dom0's uptime, then the names of the running guests
+#   heartbeat        written here every 5 s: dom0's uptime, then the names of the running guests
 #   halt             the host asks dom0 to destroy every guest and power off (`xbuild rig stop`)
 #   jobs/ID/         one guest, renamed into place by its client once complete: kernel, initrd.img,
 #                    guest.cfg, name (the domain's), grace (s), ports ("DOM0PORT GUESTIP GUESTPORT" lines),
@@ -20,7 +20,7 @@ beat() {
   while :; do
     read -r up _ </proc/uptime
     echo "$up" $(guests) >$S/heartbeat
-    sleep 2
+    sleep 5
   done
 }
 stopjob() {  # $1 name, $2 grace: what a cold rig's "stop" does
@@ -69,5 +69,5 @@ while :; do
     id=${d##*/}
     if [ -d "$d" ] && [ ! -e "/run/jobs/$id" ]; then : >"/run/jobs/$id"; job "$id" & fi
   done
-  sleep 0.5
+  sleep 1
 done

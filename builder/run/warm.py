@@ -53,7 +53,9 @@ TAIL = Path(__file__).with_name("warm_tail.py")
 DEFAULT_MEMORY_MB = 2048
 MEMORY_RANGE_MB = (1024, 65536)
 READY_S = 600.0  # `rig start`: Xen and dom0 up (under TCG on a loaded machine)
-HEARTBEAT_S = 30.0  # dom0 writes its heartbeat every second; silent this long: wedged
+HEARTBEAT_S = (
+    180.0  # dom0 writes its heartbeat every 5 s; silent this long: wedged (TCG at load 13: 31 s seen)
+)
 HALT_S = 30.0  # `rig stop`: dom0 destroys its guests and powers off, else QEMU is killed
 DONE_WAIT_S = 20.0  # a run's end: the guest destroyed and its `xl create` returned
 GUEST_NET = "10.0.3."  # guests' addresses: 10.0.3.2-254, dom0 10.0.3.1 on every vif (vif-xbuild.sh)

@@ -10,7 +10,8 @@
 # `xl create -c guest.cfg` with the console to jobs/ID/console and xl's errors to jobs/ID/xl.err, and
 # writes jobs/ID/done (xl's status) when the guest is gone. While it runs: jobs/ID/stop → `xl shutdown`,
 # `xl destroy` after the grace (as a cold rig does); jobs/ID/destroy, the job dir removed, or the lease
-# unchanged for LEASE_S seconds (the client is gone) → `xl destroy` at once, repeated until xl returns.
+# unchanged for LEASE_S polls (the client is gone) → `xl destroy` at once, repeated until xl returns; the
+# job dir of a client that is gone is removed by dom0 once the guest is.
 S=/share
 LEASE_S=10
 # dom0 has one vcpu under TCG: its loops use shell builtins where they can (each fork costs)
@@ -30,12 +31,13 @@ stopjob() {  # $1 name, $2 grace: what a cold rig's "stop" does
   while xl domid "$1" >/dev/null 2>&1 && [ "$(cut -d. -f1 /proc/uptime)" -lt $limit ]; do sleep 0.5; done
   xl destroy "$1" 2>/dev/null && say "$1 destroyed after $2 s"
 }
-watch() {  # $1 job dir, $2 name, $3 grace
+watch() {  # $1 job dir, $2 name, $3 grace, $4 the mark of a gone client
   last=""; still=0; stopping=""
   while sleep 1; do
     l=""; read -r l 2>/dev/null <"$1/lease"
     if [ "$l" = "$last" ]; then still=$((still+1)); else still=0; last=$l; fi
-    if [ ! -d "$1" ] || [ -e "$1/destroy" ] || [ $still -ge $LEASE_S ]; then
+    if [ $still -ge $LEASE_S ] && [ ! -e "$4" ]; then : >"$4"; say "$2: its client is gone"; fi
+    if [ ! -d "$1" ] || [ -e "$1/destroy" ] || [ -e "$4" ]; then
       xl destroy "$2" 2>/dev/null && say "$2 destroyed (client done or gone)"
     elif [ -e "$1/stop" ] && [ -z "$stopping" ]; then
       stopping=1; stopjob "$2" "$3" &
@@ -48,7 +50,7 @@ job() {
   while read -r h ip g; do
     [ -n "$g" ] && { nc -ll -p "$h" -e nc "$ip" "$g" & relays="$relays $!"; }
   done <"$d/ports"
-  watch "$d" "$name" "$grace" &
+  watch "$d" "$name" "$grace" "/run/jobs/$1.gone" &
   w=$!
   xl create -c "$d/guest.cfg" </dev/null >"$d/console" 2>"$d/xl.err"
   rc=$?
@@ -56,6 +58,7 @@ job() {
   kill $w $relays 2>/dev/null
   echo "$rc" >"$d/.done" && mv "$d/.done" "$d/done"
   say "job $1: xl exited $rc"
+  [ -e "/run/jobs/$1.gone" ] && rm -rf "$d"  # nobody else will: its client is gone
 }
 mkdir -p /run/jobs $S/jobs
 beat &

@@ -522,7 +522,7 @@ def test_warm_rig_runs_two_clients_at_once(warm_rig: WarmRig, artifact: Artifact
         r = results[word]
         assert isinstance(r, RunResult) and r.exit_status == 7, r
         assert f"argv[1]={word}".encode() in r.console and other.encode() not in r.console
-    assert not _processes_mentioning(str(warm_rig.share))  # the console tails are gone
+    assert not _processes_mentioning(str(warm_rig.share / "jobs"))  # the console tails are gone
 
 
 @pytest.mark.slow
@@ -545,7 +545,7 @@ def test_warm_rig_destroys_a_killed_clients_guest(
     assert len(warm_rig_guests()) == 1
     proc.kill()
     proc.wait()
-    _wait_for(lambda: not _processes_mentioning(str(warm_rig.share)), 10)
+    _wait_for(lambda: not _processes_mentioning(str(warm_rig.share / "jobs")), 10)
     _wait_for(lambda: not warm_rig_guests() and not list((warm_rig.share / "jobs").iterdir()), 180)
     assert re.search(
         rb"xenrig: xbuild-\S+ destroyed \(client done or gone\)", (warm_rig.dir / "console.log").read_bytes()

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from ..cache import atomic_file, cache_dir
+from ..cache import atomic_file, cache_root
 from ..errors import BadInput, RunError
 from ..options import Say
 from ..proc import Supervisor, run_tool
@@ -61,16 +61,21 @@ DONE_WAIT_S = 20.0  # a run's end: the guest destroyed and its `xl create` retur
 GUEST_NET = "10.0.3."  # guests' addresses: 10.0.3.2-254, dom0 10.0.3.1 on every vif (vif-xbuild.sh)
 
 
-def state_dir() -> Path:
-    """The rig's state directory (module docstring), created 0700; RunError when another user owns it."""
+def state_dir(create: bool = True) -> Path:
+    """The rig's state directory (module docstring), created 0700 unless `create` is False (status, stop
+    and every xen-nested run only look: a cold run leaves nothing); RunError when another user owns it."""
     if env := os.environ.get("XBUILD_RIG"):
         d = Path(env)
     elif run := os.environ.get("XDG_RUNTIME_DIR"):
         d = Path(run) / "xbuild-rig"
     else:
-        d = cache_dir("rig-run")
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = d.stat()
+        d = cache_root() / "rig-run"
+    if create:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        st = d.stat()
+    except FileNotFoundError:
+        return d
     if st.st_uid != os.geteuid():
         raise RunError(f"{d}: the warm rig's state directory belongs to uid {st.st_uid}, not to this user")
     if st.st_mode & 0o077:
@@ -118,7 +123,7 @@ class Status:
             "detail": self.detail,
             "pid": r.pid if r else None,
             "memory_mb": r.memory_mb if r else None,
-            "dir": str(r.dir if r else state_dir()),
+            "dir": str(r.dir if r else state_dir(create=False)),
             "guests": list(self.guests),
         }
 
@@ -133,7 +138,7 @@ def _read_state(d: Path) -> WarmRig | None:
 
 def status() -> Status:
     """The rig's state (see Status); reads only: a crashed or wedged rig is cleaned by `start`/`stop`."""
-    d = state_dir()
+    d = state_dir(create=False)
     rig = _read_state(d)
     if rig is None:
         return Status("not running", f"no warm rig ({d} holds none)", None)
@@ -223,7 +228,9 @@ def stop(progress: Say | None = None) -> Status:
     """Stop the rig: dom0 destroys every guest and powers off (QEMU is killed after HALT_S otherwise);
     the state is removed. Returns the status it had."""
     say = progress or (lambda _m: None)
-    d = state_dir()
+    d = state_dir(create=False)
+    if not d.is_dir():
+        return status()
     with _locked(d / "lock"):
         st = status()
         if st.rig is not None:

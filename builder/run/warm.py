@@ -398,6 +398,7 @@ def _end(job: Job, tmp: Path, forwarded: list[int]) -> None:
         _hostfwd(job.rig, "remove", h, check=False)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(d, ignore_errors=True)
+    (job.rig.share / "consoles" / f"guest-{job.name}.log").unlink(missing_ok=True)
     (job.rig.dir / "ips" / str(job.slot)).unlink(missing_ok=True)
 
 

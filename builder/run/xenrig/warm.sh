@@ -7,7 +7,8 @@
 #                    guest.cfg, name (the domain's), grace (s), ports ("DOM0PORT GUESTIP GUESTPORT" lines),
 #                    lease (a counter the client's tail process bumps every second)
 # For each new job dir dom0 relays each port (busybox nc; QEMU forwards the host's port to dom0's), runs
-# `xl create -c guest.cfg` with the console to jobs/ID/console and xl's errors to jobs/ID/xl.err, and
+# `xl create -F guest.cfg` (xl's errors to jobs/ID/xl.err; jobs/ID/console links to consoles/guest-NAME.log,
+# the guest's console as xenconsoled logs it), and
 # writes jobs/ID/done (xl's status) when the guest is gone. While it runs: jobs/ID/stop → `xl shutdown`,
 # `xl destroy` after the grace (as a cold rig does); jobs/ID/destroy, the job dir removed, or the lease
 # unchanged for LEASE_S polls (the client is gone) → `xl destroy` at once, repeated until xl returns; the
@@ -52,7 +53,8 @@ job() {
   done <"$d/ports"
   watch "$d" "$name" "$grace" "/run/jobs/$1.gone" &
   w=$!
-  xl create -c "$d/guest.cfg" </dev/null >"$d/console" 2>"$d/xl.err"
+  ln -s "../../consoles/guest-$name.log" "$d/console"  # xenconsoled's log of this guest (see below)
+  xl create -F "$d/guest.cfg" </dev/null >/dev/null 2>"$d/xl.err"
   rc=$?
   xl destroy "$name" 2>/dev/null
   kill $w $relays 2>/dev/null
@@ -60,7 +62,10 @@ job() {
   say "job $1: xl exited $rc"
   [ -e "/run/jobs/$1.gone" ] && rm -rf "$d"  # nobody else will: its client is gone
 }
-mkdir -p /run/jobs $S/jobs
+mkdir -p /run/jobs $S/jobs $S/consoles
+# guest consoles go to files written by xenconsoled itself (not `xl create -c`, whose xenconsole client can
+# miss a guest's pty when two guests are created at once under TCG: a run then saw no console at all)
+killall xenconsoled; sleep 1; xenconsoled --log=guest --log-dir=$S/consoles || { say "xenconsoled failed"; reboot -f; }
 beat &
 say "warm rig ready"
 while :; do

@@ -60,7 +60,7 @@ job() {
   kill $w $relays 2>/dev/null
   echo "$rc" >"$d/.done" && mv "$d/.done" "$d/done"
   say "job $1: xl exited $rc"
-  [ -e "/run/jobs/$1.gone" ] && rm -rf "$d"  # nobody else will: its client is gone
+  [ -e "/run/jobs/$1.gone" ] && rm -rf "$d" "$S/consoles/guest-$name.log"  # its client is gone: nobody else will
 }
 mkdir -p /run/jobs $S/jobs $S/consoles
 # guest consoles go to files written by xenconsoled itself (not `xl create -c`, whose xenconsole client can

@@ -45,6 +45,7 @@ from .options import (
 )
 from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd, sign_cmd, verify_cmd
 from .recipes import load_recipe
+from .rig_cli import rig_cmd
 from .run_cli import run_cmd
 from .sbom_cli import sbom_cmd
 from .verify import plan, skip_reason, verify_artifact
@@ -369,6 +370,7 @@ main.add_command(verify_cmd)
 main.add_command(run_cmd)
 main.add_command(sbom_cmd)
 main.add_command(cache_cmd)
+main.add_command(rig_cmd)
 kernel.add_command(kernel_push_cmd)
 main.add_command(kernel)
 

@@ -159,7 +159,18 @@ def run_cmd(
     check_memory(art, memory)
     memory = memory or art.manifest.guest.memory_mb
     result = _boot(
-        art, hypervisor, forwards, memory, timeout, list(args), kernel_args, console, accel, icount, xen_type
+        art,
+        hypervisor,
+        forwards,
+        memory,
+        timeout,
+        list(args),
+        kernel_args,
+        console,
+        accel,
+        icount,
+        xen_type,
+        log,
     )
     health = health_state(art, result)
     report = {
@@ -226,6 +237,7 @@ def _boot(
     accel: str,
     icount: bool,
     xen_type: str | None,
+    log: Say,
 ) -> RunResult:
     if hypervisor == Hypervisor.QEMU:
         from .run import qemu
@@ -253,6 +265,7 @@ def _boot(
             console,
             ports=ports,
             kernel_args=kernel_args,
+            progress=log,
         )
     if ports:
         raise BadInput("-p with --hypervisor xen: forward ports with the dom0's own bridge/vif set-up")

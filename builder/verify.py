@@ -151,6 +151,7 @@ def verify_artifact(
                     ports=ports,
                     kernel_args=health_args,
                     stop_event=stop,
+                    progress=log,
                 )
             )
         except XbuildError as e:

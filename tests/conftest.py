@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.fixtures.dockerd",
     "tests.fixtures.minimize_images",
     "tests.fixtures.hostile",
+    "tests.fixtures.warm_rig",
 ]
 
 # Slow fixtures (kernel, debootstrap images, Xen rig) are cached across runs in the user's cache.

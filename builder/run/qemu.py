@@ -329,31 +329,8 @@ class Qemu:
     def qmp(
         self, commands: list[tuple[str, dict[str, Any] | None]], timeout: float = 3.0
     ) -> list[dict[str, Any]]:
-        """Run QMP commands; returns their replies ([] if the monitor is not reachable)."""
-        replies: list[dict[str, Any]] = []
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect(self.qmp_path)
-                f = s.makefile("rwb")
-                f.readline()  # greeting
-                for name, args in [("qmp_capabilities", None), *commands]:
-                    msg: dict[str, Any] = {"execute": name}
-                    if args:
-                        msg["arguments"] = args
-                    f.write(json.dumps(msg).encode() + b"\r\n")
-                    f.flush()
-                    while True:
-                        line = f.readline()
-                        if not line:
-                            return replies
-                        reply = json.loads(line)
-                        if "return" in reply or "error" in reply:
-                            replies.append(reply)
-                            break
-        except (OSError, ValueError):
-            pass
-        return replies
+        """Run QMP commands on this QEMU (see qmp)."""
+        return qmp(self.qmp_path, commands, timeout)
 
     def kill(self) -> None:
         """Kill QEMU's process group (no-op when it is gone) and clean up."""
@@ -375,6 +352,36 @@ class Qemu:
                 f"{bytes(self.supervisor.stderr).decode(errors='replace').strip()[-500:]}"
             )
         return result
+
+
+def qmp(
+    path: str, commands: list[tuple[str, dict[str, Any] | None]], timeout: float = 3.0
+) -> list[dict[str, Any]]:
+    """Run QMP commands on the monitor socket `path`; returns their replies ([] if it is not reachable)."""
+    replies: list[dict[str, Any]] = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            f = s.makefile("rwb")
+            f.readline()  # greeting
+            for name, args in [("qmp_capabilities", None), *commands]:
+                msg: dict[str, Any] = {"execute": name}
+                if args:
+                    msg["arguments"] = args
+                f.write(json.dumps(msg).encode() + b"\r\n")
+                f.flush()
+                while True:
+                    line = f.readline()
+                    if not line:
+                        return replies
+                    reply = json.loads(line)
+                    if "return" in reply or "error" in reply:
+                        replies.append(reply)
+                        break
+    except (OSError, ValueError):
+        pass
+    return replies
 
 
 # ------------------------------------------------------------------------------------------- KVM probe

@@ -64,6 +64,8 @@ BLK_MODULES = (
     "xen-blkback",
 )
 BRIDGE_MODULES = ("llc", "stp", "bridge")  # loaded in this order in bridge mode (xenrig.bridge=)
+# the warm rig's virtio-9p share (builder/run/warm.py), loaded in this order after BLK_MODULES' virtio ones
+WARM_MODULES = ("netfs", "fscache", "9pnet", "9pnet_virtio", "9p")
 TOOLS = ("xl", "xenstored", "xenconsoled", "xenconsole", "xen-init-dom0")
 DOM0_INIT = Path(__file__).with_name("xenrig") / "dom0-init.sh"
 VIF_SCRIPT = Path(__file__).with_name("xenrig") / "vif-xbuild.sh"
@@ -94,6 +96,7 @@ def ensure_rig(progress: Say | None = None) -> Rig:
         BLK_MODULES,
         BRIDGE_MODULES,
         VIF_BRIDGE_SCRIPT.read_text(),
+        WARM_MODULES,
     ]
     # resolving versions costs seconds of apt-cache: remember the answer until the apt lists change
     lists = os.stat("/var/lib/apt/lists").st_mtime_ns
@@ -193,7 +196,7 @@ def dom0_tree(root: Path, moddir: Path) -> Tree:
         "etc/xen/scripts/vif-bridge": regular(VIF_BRIDGE_SCRIPT.read_bytes(), 0o755),
         "etc/xen/xl.conf": regular(b"", 0o644),
     }
-    for d in ("proc", "sys", "run", "tmp", "root", "guest", "sbin", "usr/sbin"):
+    for d in ("proc", "sys", "run", "tmp", "root", "guest", "share", "sbin", "usr/sbin"):
         entries[d] = directory()
     for name in DOM0_MODULES:
         entries[f"lib/modules/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
@@ -201,6 +204,8 @@ def dom0_tree(root: Path, moddir: Path) -> Tree:
         entries[f"lib/modules/net/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     for i, name in enumerate(BRIDGE_MODULES):
         entries[f"lib/modules/bridge/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
+    for i, name in enumerate(WARM_MODULES):
+        entries[f"lib/modules/warm/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     for i, name in enumerate(BLK_MODULES):  # numbered: dom0-init.sh loads them in glob order
         entries[f"lib/modules/blk/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     bindir = _one(root.glob("usr/lib/xen-4*/bin"))

@@ -14,6 +14,9 @@ explicit driver, no backing file followed, a throwaway overlay for rw, so the ar
 changes, as with `docker run`). dom0 loads virtio-blk and blkback, names it
 /dev/xbuild-disk0 by its serial, and the guest's config gets a raw disk line to it.
 
+A warm rig (builder/run/warm.py) runs the same dom0 in the background and takes the guest's files through
+a virtio-9p share instead; both build the outer QEMU's argv with rig_qemu_argv.
+
 The outer QEMU, or `xl create -c`, is run by a builder.proc.Supervisor: its own session, killed with the
 runner, SIGTERM/SIGINT/timeout as a stop request (`stop` to dom0, or `xl shutdown`), `xl destroy` GRACE_S
 later, the process group killed EXIT_WAIT_S after that or after the guest's exit status.
@@ -53,7 +56,7 @@ from . import cmdline
 from .console import RunResult
 from .qemu import qemu_binary, root_disks
 from .ready import RELAYED_HOLD_S
-from .rig import ensure_rig, host_file
+from .rig import Rig, ensure_rig, host_file
 
 DOM0_DISK = "/dev/xbuild-disk{}"  # dom0's name of the outer QEMU's Nth virtio disk (its serial)
 GUEST_IP, DOM0_VIF_IP = "10.0.3.2", "10.0.3.1"  # a point-to-point link dom0 ↔ guest (see vif-xbuild.sh)
@@ -98,16 +101,18 @@ def guest_config(
     disk: str | None = None,
     network: bool = False,
     rig: bool = False,
+    guest_ip: str = GUEST_IP,
 ) -> str:
     """The xl config of a run: the validated artifact's command line, vcpus and root disk mode, the given
     paths (`disk`: where xl finds the root disk) and nothing else. `rig`: for the nested rig (TCG-safe TSC;
-    with `network`, one vif routed by dom0's own script and the guest's `ip=` set to match); otherwise the
+    with `network`, one vif routed by dom0's own script to `guest_ip` and the guest's `ip=` set to match; a
+    warm rig gives each guest its own); otherwise the
     manifest's network, as the artifact's xen.cfg has it (a vif on its bridge, its `ip=`). The runner's
     `ip=` replaces any the artifact's command line has."""
     vif, ip_word = None, None
     if rig and network:
-        vif = f"ip={GUEST_IP},script=/etc/xen/scripts/vif-xbuild"
-        ip_word = f"ip={GUEST_IP}::{DOM0_VIF_IP}:255.255.255.0::eth0:off"
+        vif = f"ip={guest_ip},script=/etc/xen/scripts/vif-xbuild"
+        ip_word = f"ip={guest_ip}::{DOM0_VIF_IP}:255.255.255.0::eth0:off"
     elif not rig and (net := art.manifest.network):
         vif, ip_word = net.vif, net.ip_word
     extra = cmdline.with_ip(xen_extra(art), ip_word) if ip_word else xen_extra(art)
@@ -169,6 +174,9 @@ def run_nested(
     dom0, with a config generated from its manifest (guest_config); its root disk goes to the outer QEMU.
     With `probe` (BridgeProbe): the artifact directory goes into dom0 and its own xen.cfg is run instead;
     an initramfs artifact whose xen.cfg has a vif only (ConfigError), no `ports`, `xen_type` is xen.cfg's.
+    When a warm rig was started (builder/run/warm.py, `xbuild rig start`; a crashed one is restarted) and
+    the run has neither a root disk nor a probe, the guest runs in it instead, with one progress line, under
+    the same contract; RunError also when the warm rig stops under the guest.
     """
     _check_xen_type(xen_type)
     guest_mb = memory_mb or art.manifest.guest.memory_mb
@@ -180,7 +188,6 @@ def run_nested(
         raise ConfigError(
             "the hand-run check needs an initramfs artifact whose xen.cfg has a vif, and no forwarded ports"
         )
-    qemu = qemu_binary()
     # the outer QEMU opens the disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-disk0
     outer_disks = root_disks(art)
     cfg = guest_config(
@@ -196,6 +203,37 @@ def run_nested(
         network=bool(ports),
         rig=True,
     )
+    if probe is None and not outer_disks:
+        from . import warm
+
+        if (up := warm.running(progress)) is not None:
+            job = warm.reserve(up, domain_name(art.manifest.guest.hostname))
+            if progress is not None:
+                progress(f"running in the warm rig (QEMU pid {up.pid}, guest {job.ip})")
+            return warm.run_job(
+                job,
+                kernel=art.kernel,
+                initrd=art.initrd,
+                config=guest_config(
+                    art,
+                    name=job.name,
+                    kernel=f"{job.dom0_dir}/kernel",
+                    ramdisk=f"{job.dom0_dir}/initrd.img",
+                    xen_type=xen_type,
+                    memory_mb=guest_mb,
+                    extra_args=extra_args,
+                    kernel_args=kernel_args,
+                    network=bool(ports),
+                    rig=True,
+                    guest_ip=job.ip,
+                ),
+                grace=GRACE_S,
+                settle=EXIT_WAIT_S,
+                ports=ports,
+                timeout=timeout,
+                console=console,
+                stop_event=stop_event,
+            )
     rig = ensure_rig(progress)
     work = Path(tempfile.mkdtemp(prefix="xbuild-xen-"))
     log, initrd, overlays = work / "xen-console.log", work / "dom0-initrd.img", work / "overlays"
@@ -228,37 +266,15 @@ def run_nested(
             dom0 += f" xenrig.guest={GUEST_IP} xenrig.ports={','.join(str(g) for _h, g in ports)}"
             fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in ports)
             net = ["-netdev", f"user,id=net0{fwd}", "-device", "e1000,netdev=net0"]
-        argv = [
-            qemu,
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max,-smap",
-            "-smp",
-            "2",
-            "-m",
-            str(max(1024, DOM0_MEM_MB + guest_mb + 256)),
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-chardev",
-            f"file,id=xen,path={log},append=on",
-            "-serial",
-            "chardev:xen",
-            "-chardev",
-            "stdio,id=guest,signal=off",
-            "-serial",
-            "chardev:guest",
-            *net,
-            *blk,
-            "-kernel",
-            str(rig.xen),
-            "-append",
-            XEN_CMDLINE,
-            "-initrd",
-            f"{rig.dom0_kernel} {dom0.replace(',', ',,')},{initrd}",
-        ]
+        guest_serial = ["-chardev", "stdio,id=guest,signal=off", "-serial", "chardev:guest"]
+        argv = rig_qemu_argv(
+            rig,
+            memory_mb=max(1024, DOM0_MEM_MB + guest_mb + 256),
+            log=log,
+            initrd=initrd,
+            dom0=dom0,
+            devices=[*guest_serial, *net, *blk],
+        )
         with open(log, "ab") as err:
             # QEMU's stdin is COM2, dom0's ttyS1: dom0 shuts the guest down, destroys it after its grace
             sup = Supervisor(
@@ -275,7 +291,7 @@ def run_nested(
         xl_failed = re.search(rb"xl exited [1-9]", log.read_bytes()) is not None
         keep = result.exit_status is None
         if keep and (xl_failed or not result.console):
-            raise RunError(f"the guest could not be created or printed nothing{_dom0_says(log)}; log: {log}")
+            raise RunError(f"the guest could not be created or printed nothing{dom0_says(log)}; log: {log}")
         if keep:
             result = replace(result, error=f"{result.error or 'no exit status'} (Xen and dom0 log: {log})")
         return result
@@ -286,7 +302,41 @@ def run_nested(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _dom0_says(log: Path) -> str:
+def rig_qemu_argv(
+    rig: Rig, *, memory_mb: int, log: Path, initrd: Path, dom0: str, devices: Sequence[str]
+) -> list[str]:
+    """The outer QEMU's argv, cold rig or warm (builder/run/warm.py): TCG, `memory_mb` of RAM, Xen as the
+    kernel (XEN_CMDLINE), dom0's kernel with command line `dom0` and `initrd` as Xen's modules, COM1 (Xen's
+    and dom0's console) appended to `log`, then `devices` (COM2 first: dom0's ttyS1; network, disks...)."""
+    return [
+        qemu_binary(),
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max,-smap",
+        "-smp",
+        "2",
+        "-m",
+        str(memory_mb),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-chardev",
+        f"file,id=xen,path={log},append=on",
+        "-serial",
+        "chardev:xen",
+        *devices,
+        "-kernel",
+        str(rig.xen),
+        "-append",
+        XEN_CMDLINE,
+        "-initrd",
+        f"{rig.dom0_kernel} {dom0.replace(',', ',,')},{initrd}",
+    ]
+
+
+def dom0_says(log: Path) -> str:
     """dom0's last own line and the toolstack's first error, from the log."""
     text = log.read_bytes() if log.exists() else b""
     own = re.findall(rb"xenrig: (.*?)\r?$", text, re.MULTILINE)[-1:]

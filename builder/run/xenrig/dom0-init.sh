@@ -20,10 +20,11 @@ mkdir -p /run/lock /run/xen /run/xenstored /var/log/xen/console /var/lib/xen /va
 say() { echo "xenrig: $* at $(cut -d' ' -f1 /proc/uptime)s"; }
 end() { say "$*"; reboot -f; sleep 10; poweroff -f; }
 stty -F /dev/ttyS1 raw -echo || end "no ttyS1"
-grace=10; ports=""; guest=""; disks=0; bridge=""; probe=80; name=xbuild; cfg=/guest/guest.cfg
+grace=10; ports=""; guest=""; disks=0; bridge=""; probe=80; name=xbuild; cfg=/guest/guest.cfg; warm=0
 for a in $(cat /proc/cmdline); do case $a in
   xenrig.grace=*) grace=${a#*=};; xenrig.ports=*) ports=${a#*=};; xenrig.guest=*) guest=${a#*=};;
   xenrig.disks=*) disks=${a#*=};; xenrig.bridge=*) bridge=${a#*=};; xenrig.probe=*) probe=${a#*=};;
+  xenrig.warm=*) warm=${a#*=};;
 esac; done
 say "dom0 init"
 for m in /lib/modules/*.ko; do insmod "$m" || end "insmod $m failed"; done
@@ -40,6 +41,13 @@ xenstored --pid-file /run/xenstored.pid || end "xenstored failed"
 n=0; until xenstore-ls / >/dev/null 2>&1; do n=$((n+1)); [ $n -gt 300 ] && end "xenstored not answering"; sleep 0.1; done
 xen-init-dom0 >/dev/null || end "xen-init-dom0 failed"
 xenconsoled --log=none || end "xenconsoled failed"
+if [ "$warm" = 1 ]; then
+  for m in /lib/modules/blk/*.ko /lib/modules/warm/*.ko /lib/modules/net/*.ko; do insmod "$m" || end "insmod $m failed"; done
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 xbuild /share || end "no 9p share"
+  ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || end "no eth0"
+  say "toolstack ready (warm)"
+  exec sh /share/warm.sh
+fi
 if [ -n "$ports" ]; then  # QEMU's user net reaches dom0 as 10.0.2.15; relay each port to the guest
   for m in /lib/modules/net/*.ko; do insmod "$m" || end "insmod $m failed"; done
   ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || end "no eth0"

@@ -1,0 +1,81 @@
+#!/bin/sh
+# The warm rig's job loop in dom0 (builder/run/warm.py copies it into the share; dom0-init.sh execs it).
+# /share is the host's share directory (virtio-9p). The host talks to dom0 only through files there:
+#   heartbeat        written here every 5 s: dom0's uptime, then the names of the running guests
+#   halt             the host asks dom0 to destroy every guest and power off (`xbuild rig stop`)
+#   jobs/ID/         one guest, renamed into place by its client once complete: kernel, initrd.img,
+#                    guest.cfg, name (the domain's), grace (s), ports ("DOM0PORT GUESTIP GUESTPORT" lines),
+#                    lease (a counter the client's tail process bumps every second)
+# For each new job dir dom0 relays each port (busybox nc; QEMU forwards the host's port to dom0's), runs
+# `xl create -F guest.cfg` (xl's errors to jobs/ID/xl.err; jobs/ID/console links to consoles/guest-NAME.log,
+# the guest's console as xenconsoled logs it), and
+# writes jobs/ID/done (xl's status) when the guest is gone. While it runs: jobs/ID/stop → `xl shutdown`,
+# `xl destroy` after the grace (as a cold rig does); jobs/ID/destroy, the job dir removed, or the lease
+# unchanged for LEASE_S polls (the client is gone) → `xl destroy` at once, repeated until xl returns; the
+# job dir of a client that is gone is removed by dom0 once the guest is.
+S=/share
+LEASE_S=10
+# dom0 has one vcpu under TCG: its loops use shell builtins where they can (each fork costs)
+say() { read -r up _ </proc/uptime; echo "xenrig: $* at ${up}s"; }
+guests() { for id in $(xenstore list /local/domain); do [ "$id" = 0 ] || xenstore read "/local/domain/$id/name"; done; }
+beat() {
+  while :; do
+    read -r up _ </proc/uptime
+    echo "$up" $(guests) >$S/heartbeat
+    sleep 5
+  done
+}
+stopjob() {  # $1 name, $2 grace: what a cold rig's "stop" does
+  n=0; until xl domid "$1" >/dev/null 2>&1 || [ $n -ge 20 ]; do sleep 0.5; n=$((n+1)); done  # being created
+  xl shutdown "$1" && say "$1 asked to shut down"
+  limit=$(($(cut -d. -f1 /proc/uptime) + $2))
+  while xl domid "$1" >/dev/null 2>&1 && [ "$(cut -d. -f1 /proc/uptime)" -lt $limit ]; do sleep 0.5; done
+  xl destroy "$1" 2>/dev/null && say "$1 destroyed after $2 s"
+}
+watch() {  # $1 job dir, $2 name, $3 grace, $4 the mark of a gone client
+  last=""; still=0; stopping=""
+  while sleep 1; do
+    l=""; read -r l 2>/dev/null <"$1/lease"
+    if [ "$l" = "$last" ]; then still=$((still+1)); else still=0; last=$l; fi
+    if [ $still -ge $LEASE_S ] && [ ! -e "$4" ]; then : >"$4"; say "$2: its client is gone"; fi
+    if [ ! -d "$1" ] || [ -e "$1/destroy" ] || [ -e "$4" ]; then
+      xl destroy "$2" 2>/dev/null && say "$2 destroyed (client done or gone)"
+    elif [ -e "$1/stop" ] && [ -z "$stopping" ]; then
+      stopping=1; stopjob "$2" "$3" &
+    fi
+  done
+}
+job() {
+  d=$S/jobs/$1; name=$(cat "$d/name"); grace=$(cat "$d/grace"); relays=""
+  say "job $1: $name"
+  while read -r h ip g; do
+    [ -n "$g" ] && { nc -ll -p "$h" -e nc "$ip" "$g" & relays="$relays $!"; }
+  done <"$d/ports"
+  watch "$d" "$name" "$grace" "/run/jobs/$1.gone" &
+  w=$!
+  ln -s "../../consoles/guest-$name.log" "$d/console"  # xenconsoled's log of this guest (see below)
+  xl create -F "$d/guest.cfg" </dev/null >/dev/null 2>"$d/xl.err"
+  rc=$?
+  xl destroy "$name" 2>/dev/null
+  kill $w $relays 2>/dev/null
+  echo "$rc" >"$d/.done" && mv "$d/.done" "$d/done"
+  say "job $1: xl exited $rc"
+  [ -e "/run/jobs/$1.gone" ] && rm -rf "$d" "$S/consoles/guest-$name.log"  # its client is gone: nobody else will
+}
+mkdir -p /run/jobs $S/jobs $S/consoles
+# guest consoles go to files written by xenconsoled itself (not `xl create -c`, whose xenconsole client can
+# miss a guest's pty when two guests are created at once under TCG: a run then saw no console at all)
+killall xenconsoled; sleep 1; xenconsoled --log=guest --log-dir=$S/consoles || { say "xenconsoled failed"; reboot -f; }
+beat &
+say "warm rig ready"
+while :; do
+  if [ -e $S/halt ]; then
+    for id in $(xenstore list /local/domain); do [ "$id" = 0 ] || xl destroy "$id"; done
+    say "halt"; reboot -f; sleep 10; poweroff -f
+  fi
+  for d in $S/jobs/*; do
+    id=${d##*/}
+    if [ -d "$d" ] && [ ! -e "/run/jobs/$id" ]; then : >"/run/jobs/$id"; job "$id" & fi
+  done
+  sleep 1
+done

@@ -4,7 +4,11 @@ The nested run boots the rig (builder/run/rig.py: Xen 4.17, Debian's standard ke
 initramfs with busybox, the toolstack and `xenrig/dom0-init.sh`) and appends the guest (kernel, ramdisk,
 generated xl config) to dom0's initramfs as a second cpio archive (builder.cpio.write_cpio). QEMU's COM1 is
 Xen's and dom0's console (a log file); COM2, dom0's ttyS1, carries only the guest console out
-(xl create -c) and "stop" requests in.
+(xl create -c) and "stop" requests in. A linux/arm64 artifact runs on the arm64 rig (rig.ARCHES["arm64"]):
+Xen loaded by `qemu-system-aarch64 -M virt,virtualization=on` as its kernel, dom0's kernel and initramfs
+by QEMU's guest-loader device, Xen's and dom0's console on the virt board's PL011 (the log), the guest's
+console and "stop" on a virtio serial port (xenrig.relay), and the guest booted as xl's "pvh" (the only
+type on arm), its kernel the artifact's arm64 Image.
 
 Both runners take a validated Artifact (builder/artifact.py) and generate the guest's xl config from its
 manifest (guest_config, through the one writer builder.artifact.xen_config); the artifact's xen.cfg is
@@ -37,9 +41,9 @@ from typing import BinaryIO
 from ..artifact import NAMES, Artifact, XlDisk, xen_config
 from ..cpio import write_cpio
 from ..errors import ConfigError, RunError
+from ..host import require
 from ..options import (
     NESTED_MEMORY_MB,
-    NESTED_XEN_TYPE,
     DiskFormat,
     DiskMode,
     Say,
@@ -53,15 +57,19 @@ from . import cmdline
 from .console import RunResult
 from .qemu import qemu_binary, root_disks
 from .ready import RELAYED_HOLD_S
-from .rig import ensure_rig, host_file
+from .rig import ARCHES, ArchSpec, Rig, ensure_rig, host_file
 
 DOM0_DISK = "/dev/xbuild-disk{}"  # dom0's name of the outer QEMU's Nth virtio disk (its serial)
 GUEST_IP, DOM0_VIF_IP = "10.0.3.2", "10.0.3.1"  # a point-to-point link dom0 ↔ guest (see vif-xbuild.sh)
 DOM0_MEM_MB = 512
-XEN_CMDLINE = (
-    f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M dom0_max_vcpus=1"
-    " bootscrub=false"
-)
+XEN_CMDLINE = {  # per rig architecture: Xen's console is COM1 on amd64, the PL011 of the device tree on arm
+    "amd64": f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M dom0_max_vcpus=1"
+    " bootscrub=false",
+    "arm64": f"console=dtuart dom0_mem={DOM0_MEM_MB}M dom0_max_vcpus=1 bootscrub=false",
+}
+# arm64: where QEMU's guest-loader puts dom0's kernel (RAM starts at 0x40000000 on virt, Xen sits at its
+# start) and the lowest address of dom0's initramfs (above the device tree QEMU puts at 0x48000000)
+ARM_DOM0_KERNEL_ADDR, ARM_DOM0_INITRD_MIN = 0x42000000, 0x4A000000
 DOM0_CMDLINE = "console=hvc0 quiet cryptomgr.notests"  # crypto self-tests cost dom0 ~0.5 s under TCG
 GUEST_NAME = "xbuild"
 GRACE_S = 10  # seconds between `xl shutdown` and `xl destroy`
@@ -75,9 +83,23 @@ EXIT_WAIT_S = 30.0  # after the guest is done (or forced off): time for dom0 and
 # paths) reaches xl or dom0.
 
 
-def _check_xen_type(xen_type: str) -> None:
+def _check_xen_type(xen_type: str, arch: str = "amd64") -> None:
     if xen_type not in choices(XenType):
         raise ConfigError(f"xen type must be {' or '.join(choices(XenType))}, not {xen_type!r}")
+    if xen_type not in (types := ARCHES[arch].guest_types):
+        raise ConfigError(f"Xen on {arch} boots {' or '.join(types)} guests only, not {xen_type}")
+
+
+def artifact_arch(art: Artifact) -> str:
+    """The rig architecture of the artifact's platform (linux/amd64, linux/arm64); ConfigError for another."""
+    os_name, _, arch = art.manifest.source.platform.partition("/")
+    arch = arch.split("/")[0]
+    if os_name != "linux" or arch not in ARCHES:
+        raise ConfigError(
+            f"no nested Xen rig for {art.manifest.source.platform}: "
+            f"{', '.join('linux/' + a for a in ARCHES)} only"
+        )
+    return arch
 
 
 def xen_extra(art: Artifact) -> str:
@@ -125,7 +147,7 @@ def guest_config(
         disks=disks,
         vif=vif,
         maxmem=True,
-        tsc_native=rig and xen_type == XenType.PVH,
+        tsc_native=rig and xen_type == XenType.PVH and artifact_arch(art) == "amd64",  # x86's TSC
     )
 
 
@@ -146,7 +168,7 @@ class BridgeProbe:
 
 def run_nested(
     art: Artifact,
-    xen_type: str = NESTED_XEN_TYPE,
+    xen_type: str | None = None,
     memory_mb: int | None = None,
     timeout: float | None = None,
     extra_args: Sequence[str] = (),
@@ -169,8 +191,13 @@ def run_nested(
     dom0, with a config generated from its manifest (guest_config); its root disk goes to the outer QEMU.
     With `probe` (BridgeProbe): the artifact directory goes into dom0 and its own xen.cfg is run instead;
     an initramfs artifact whose xen.cfg has a vif only (ConfigError), no `ports`, `xen_type` is xen.cfg's.
+    The rig is the artifact platform's (artifact_arch); `xen_type` None: that rig's default (amd64: pv,
+    arm64: pvh, its only type).
     """
-    _check_xen_type(xen_type)
+    arch = artifact_arch(art)
+    spec = ARCHES[arch]
+    xen_type = xen_type or spec.guest_types[0]
+    _check_xen_type(xen_type, arch)
     guest_mb = memory_mb or art.manifest.guest.memory_mb
     if why := memory_outside(guest_mb, NESTED_MEMORY_MB):
         raise ConfigError(f"guest memory under the nested rig: {why}")
@@ -180,7 +207,7 @@ def run_nested(
         raise ConfigError(
             "the hand-run check needs an initramfs artifact whose xen.cfg has a vif, and no forwarded ports"
         )
-    qemu = qemu_binary()
+    qemu = qemu_binary() if arch == "amd64" else require(spec.qemu, error=RunError)[0]
     # the outer QEMU opens the disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-disk0
     outer_disks = root_disks(art)
     cfg = guest_config(
@@ -196,7 +223,7 @@ def run_nested(
         network=bool(ports),
         rig=True,
     )
-    rig = ensure_rig(progress)
+    rig = ensure_rig(progress, arch)
     work = Path(tempfile.mkdtemp(prefix="xbuild-xen-"))
     log, initrd, overlays = work / "xen-console.log", work / "dom0-initrd.img", work / "overlays"
     overlays.mkdir()
@@ -228,37 +255,10 @@ def run_nested(
             dom0 += f" xenrig.guest={GUEST_IP} xenrig.ports={','.join(str(g) for _h, g in ports)}"
             fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in ports)
             net = ["-netdev", f"user,id=net0{fwd}", "-device", "e1000,netdev=net0"]
-        argv = [
-            qemu,
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max,-smap",
-            "-smp",
-            "2",
-            "-m",
-            str(max(1024, DOM0_MEM_MB + guest_mb + 256)),
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-chardev",
-            f"file,id=xen,path={log},append=on",
-            "-serial",
-            "chardev:xen",
-            "-chardev",
-            "stdio,id=guest,signal=off",
-            "-serial",
-            "chardev:guest",
-            *net,
-            *blk,
-            "-kernel",
-            str(rig.xen),
-            "-append",
-            XEN_CMDLINE,
-            "-initrd",
-            f"{rig.dom0_kernel} {dom0.replace(',', ',,')},{initrd}",
-        ]
+        if spec.relay != "ttyS1":
+            dom0 += f" xenrig.relay={spec.relay}"
+        memory = max(1024, DOM0_MEM_MB + guest_mb + 256)
+        argv = outer_argv(spec, rig, qemu, memory, log, dom0, initrd, [*net, *blk])
         with open(log, "ab") as err:
             # QEMU's stdin is COM2, dom0's ttyS1: dom0 shuts the guest down, destroys it after its grace
             sup = Supervisor(
@@ -284,6 +284,59 @@ def run_nested(
         shutil.rmtree(overlays, ignore_errors=True)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def outer_argv(
+    spec: ArchSpec,
+    rig: Rig,
+    qemu: str,
+    memory_mb: int,
+    log: Path,
+    dom0: str,
+    initrd: Path,
+    devices: list[str],
+) -> list[str]:
+    """The outer QEMU's command line: Xen as its kernel, dom0's kernel (`dom0`: its command line) and
+    initramfs `initrd`, the first serial port to the `log` (Xen's and dom0's console), the guest's console
+    relay on stdin/stdout (amd64: COM2; arm64: the virtio serial port spec.relay), then `devices`."""
+    argv = [
+        qemu,
+        *spec.machine,
+        "-m",
+        str(memory_mb),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-chardev",
+        f"file,id=xen,path={log},append=on",
+        "-serial",
+        "chardev:xen",
+        "-chardev",
+        "stdio,id=guest,signal=off",
+    ]
+    if spec.relay == "ttyS1":
+        argv += ["-serial", "chardev:guest"]
+    else:
+        argv += [
+            "-device",
+            "virtio-serial-device",
+            "-device",
+            f"virtserialport,chardev=guest,name={spec.relay}",
+        ]
+    argv += [*devices, "-kernel", str(rig.xen), "-append", XEN_CMDLINE[rig.arch]]
+    dom0 = dom0.replace(",", ",,")  # QEMU's option syntax
+    if spec.relay == "ttyS1":  # multiboot: a module's command line follows its path
+        return [*argv, "-initrd", f"{rig.dom0_kernel} {dom0},{initrd}"]
+    kernel_end = ARM_DOM0_KERNEL_ADDR + rig.dom0_kernel.stat().st_size
+    initrd_addr = max(ARM_DOM0_INITRD_MIN, -(-kernel_end // 0x200000) * 0x200000)  # 2 MiB aligned
+    return [
+        *argv,
+        "-device",
+        f"guest-loader,addr={ARM_DOM0_KERNEL_ADDR:#x},kernel={rig.dom0_kernel},bootargs={dom0}",
+        "-device",
+        f"guest-loader,addr={initrd_addr:#x},initrd={initrd}",
+    ]
 
 
 def _dom0_says(log: Path) -> str:

@@ -11,7 +11,7 @@ builder.cpio.write_cpio: busybox, the Xen modules, the toolstack and its library
 Per architecture (ARCHES, data rather than code paths): amd64 is the rig above, booted under
 qemu-system-x86_64; arm64 is Xen 4.17 for arm64 and Debian's arm64 kernel as dom0 (its `Image` used as it
 is), booted under `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3` with QEMU's guest-loader
-device loading dom0, the guest's console relayed over a virtio serial port (dom0 has no second UART).
+device loading dom0, the guest's console relayed over a virtio console (dom0 has no second UART).
 arm64's packages are apt's foreign-architecture ones (`NAME:arm64`), its library closure is found with
 builder.elf.Resolver in the unpacked packages (libc6 and libgcc-s1 among them), never the host's ldd.
 """
@@ -83,10 +83,10 @@ class ArchSpec:
 
     `hypervisor`: Xen's package, `xen_file` its file in the unpacked packages (gunzipped when it ends in
     .gz); `libraries`: packages that hold the toolstack's library closure (empty: the host's, by ldd);
-    `dom0_modules`: loaded by dom0-init.sh at start, besides DOM0_MODULES; `relay`: dom0's way out for the
-    guest's console (a tty, or the name of a virtio serial port); `qemu`: the outer QEMU, `machine` its
-    arguments before the devices; `xen_console`: Xen's own console= words; `guest_types`: the xl types Xen
-    boots there; `needs`: the builder.host needs of building and booting the rig."""
+    `dom0_modules`: loaded by dom0-init.sh at start, besides DOM0_MODULES; `relay`: dom0's tty for the
+    guest's console (ttyS1: the outer QEMU's second UART; else a virtio console's); `qemu`: the outer
+    QEMU, `machine` its arguments before the devices; `guest_types`: the xl types Xen boots there (the
+    first is the default); `needs`: the builder.host needs of building and booting the rig."""
 
     apt_suffix: str  # "" for the host's own architecture, ":arm64" for a foreign one
     hypervisor: str
@@ -97,7 +97,6 @@ class ArchSpec:
     relay: str
     qemu: str
     machine: tuple[str, ...]
-    xen_console: str
     guest_types: tuple[str, ...]
     needs: tuple[str, ...]
 
@@ -113,7 +112,6 @@ ARCHES = {
         relay="ttyS1",
         qemu="qemu-system-x86_64",
         machine=("-accel", "tcg", "-cpu", "max,-smap", "-smp", "2"),
-        xen_console="console=com1 com1=115200,8n1",
         guest_types=(NESTED_XEN_TYPE, XenType.PVH),  # the first: the rig's default
         needs=needs_of(NESTED),
     ),
@@ -138,7 +136,7 @@ ARCHES = {
             "liblzo2-2",
         ),
         dom0_modules=("virtio_mmio", "virtio_console"),
-        relay="xbuild.guest",
+        relay="hvc1",  # a virtio console: hvc0 is Xen's
         qemu="qemu-system-aarch64",
         # cortex-a57: EL2 under TCG without max's pointer authentication, which TCG emulates slowly
         machine=(
@@ -151,7 +149,6 @@ ARCHES = {
             "-smp",
             "2",
         ),
-        xen_console="console=dtuart",
         guest_types=(XenType.PVH,),  # Xen on arm has one guest type, xl's "pvh"
         needs=("apt-get", "apt-cache", "dpkg-deb", *needs_of(NESTED_ARM64)),  # no ldd: builder.elf
     ),
@@ -304,13 +301,15 @@ def dom0_tree(root: Path, moddir: Path, spec: ArchSpec = ARCHES["amd64"]) -> Tre
     }
     for d in ("proc", "sys", "run", "tmp", "root", "guest", "sbin", "usr/sbin"):
         entries[d] = directory()
+    # a module the kernel has built in (arm64's virtio, virtio_ring) is left out
+    builtin = {Path(line).name for line in (moddir / "modules.builtin").read_text().split()}
     for name in (*DOM0_MODULES, *spec.dom0_modules):
         entries[f"lib/modules/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     for name in NET_MODULES:
         entries[f"lib/modules/net/{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     for i, name in enumerate(BRIDGE_MODULES):
         entries[f"lib/modules/bridge/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
-    for i, name in enumerate(BLK_MODULES):  # numbered: dom0-init.sh loads them in glob order
+    for i, name in enumerate(n for n in BLK_MODULES if f"{n}.ko" not in builtin):  # loaded in glob order
         entries[f"lib/modules/blk/{i}-{name}.ko"] = host_file(_one(moddir.rglob(f"{name}.ko")), 0o644)
     bindir = _one(root.glob("usr/lib/xen-4*/bin"))
     binaries = [bindir / t for t in TOOLS] + [root / "usr" / "bin" / "xenstore"]

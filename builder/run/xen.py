@@ -7,8 +7,8 @@ Xen's and dom0's console (a log file); COM2, dom0's ttyS1, carries only the gues
 (xl create -c) and "stop" requests in. A linux/arm64 artifact runs on the arm64 rig (rig.ARCHES["arm64"]):
 Xen loaded by `qemu-system-aarch64 -M virt,virtualization=on` as its kernel, dom0's kernel and initramfs
 by QEMU's guest-loader device, Xen's and dom0's console on the virt board's PL011 (the log), the guest's
-console and "stop" on a virtio serial port (xenrig.relay), and the guest booted as xl's "pvh" (the only
-type on arm), its kernel the artifact's arm64 Image.
+console and "stop" on a virtio console (dom0's hvc1, xenrig.relay), and the guest booted as xl's "pvh"
+(the only type on arm), its kernel the artifact's arm64 Image.
 
 Both runners take a validated Artifact (builder/artifact.py) and generate the guest's xl config from its
 manifest (guest_config, through the one writer builder.artifact.xen_config); the artifact's xen.cfg is
@@ -298,7 +298,8 @@ def outer_argv(
 ) -> list[str]:
     """The outer QEMU's command line: Xen as its kernel, dom0's kernel (`dom0`: its command line) and
     initramfs `initrd`, the first serial port to the `log` (Xen's and dom0's console), the guest's console
-    relay on stdin/stdout (amd64: COM2; arm64: the virtio serial port spec.relay), then `devices`."""
+    relay on stdin/stdout (amd64: COM2, dom0's ttyS1; arm64: a virtio console, dom0's hvc1), then
+    `devices`."""
     argv = [
         qemu,
         *spec.machine,
@@ -318,12 +319,7 @@ def outer_argv(
     if spec.relay == "ttyS1":
         argv += ["-serial", "chardev:guest"]
     else:
-        argv += [
-            "-device",
-            "virtio-serial-device",
-            "-device",
-            f"virtserialport,chardev=guest,name={spec.relay}",
-        ]
+        argv += ["-device", "virtio-serial-device", "-device", "virtconsole,chardev=guest"]  # dom0's hvc1
     argv += [*devices, "-kernel", str(rig.xen), "-append", XEN_CMDLINE[rig.arch]]
     dom0 = dom0.replace(",", ",,")  # QEMU's option syntax
     if spec.relay == "ttyS1":  # multiboot: a module's command line follows its path

@@ -3,8 +3,8 @@
 # Starts the toolstack, creates /guest/guest.cfg with the guest console on ttyS1 (the host reads only the
 # guest there), and turns a "stop" line from ttyS1 into `xl shutdown`, then `xl destroy` after the grace.
 # Its own output goes to hvc0 (the host's log). When the guest is gone it reboots: QEMU runs -no-reboot.
-# With xenrig.relay=NAME (arm64: QEMU virt has one UART, Xen's), the virtio serial port NAME is ttyS1's
-# stand-in; it is opened once, as fd 3, as a virtio port can be open only once at a time.
+# With xenrig.relay=TTY (arm64: QEMU virt has one UART, Xen's), TTY stands in for ttyS1: hvc1, QEMU's
+# virtconsole, once the virtio_console module has found it.
 # With xenrig.disks=N, QEMU attached N virtio disks with serials xbuild-disk0..N-1 (the guest's disks, as
 # raw block devices): they appear as /dev/xbuild-diskI, the targets of the guest's phy disk lines.
 # With xenrig.bridge=NAME (the hand-run check, builder.run.xen.BridgeProbe): dom0 is set up as Debian's Xen
@@ -21,7 +21,7 @@ mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; m
 mkdir -p /run/lock /run/xen /run/xenstored /var/log/xen/console /var/lib/xen /var/lib/xenstored
 say() { echo "xenrig: $* at $(cut -d' ' -f1 /proc/uptime)s"; }
 end() { say "$*"; reboot -f; sleep 10; poweroff -f; }
-grace=10; relay=""; ports=""; guest=""; disks=0; bridge=""; probe=80; name=xbuild; cfg=/guest/guest.cfg
+grace=10; relay=ttyS1; ports=""; guest=""; disks=0; bridge=""; probe=80; name=xbuild; cfg=/guest/guest.cfg
 for a in $(cat /proc/cmdline); do case $a in
   xenrig.grace=*) grace=${a#*=};; xenrig.ports=*) ports=${a#*=};; xenrig.guest=*) guest=${a#*=};;
   xenrig.disks=*) disks=${a#*=};; xenrig.bridge=*) bridge=${a#*=};; xenrig.probe=*) probe=${a#*=};;
@@ -29,18 +29,9 @@ for a in $(cat /proc/cmdline); do case $a in
 esac; done
 say "dom0 init"
 for m in /lib/modules/*.ko; do insmod "$m" || end "insmod $m failed"; done
-if [ -z "$relay" ]; then
-  stty -F /dev/ttyS1 raw -echo || end "no ttyS1"
-  exec 3<>/dev/ttyS1
-else  # QEMU announces the port after the driver binds: wait for its name
-  n=0; port=""
-  while [ -z "$port" ] && [ $n -lt 100 ]; do
-    for f in /sys/class/virtio-ports/*/name; do [ "$(cat "$f" 2>/dev/null)" = "$relay" ] && port=${f%/name}; done
-    [ -n "$port" ] || sleep 0.1; n=$((n+1))
-  done
-  [ -n "$port" ] || end "no virtio port $relay"
-  exec 3<>"/dev/${port##*/}" || end "cannot open the virtio port $relay"
-fi
+n=0; until stty -F "/dev/$relay" raw -echo 2>/dev/null; do  # hvc1 comes once QEMU announced its port
+  n=$((n+1)); [ $n -gt 100 ] && end "no $relay"; sleep 0.1
+done
 if [ "$disks" -gt 0 ]; then  # virtio-blk and blkback (the files are numbered in load order)
   for m in /lib/modules/blk/*.ko; do insmod "$m" || end "insmod $m failed"; done
   for s in /sys/block/vd*/serial; do
@@ -83,7 +74,7 @@ stop() {
   limit=$(($(secs) + grace)); while xl domid "$name" >/dev/null 2>&1 && [ "$(secs)" -lt $limit ]; do sleep 0.5; done
   xl destroy "$name" 2>/dev/null && say "guest destroyed after ${grace}s"
 }
-tell() { say "$*"; say "$*" >&3; }
+tell() { say "$*"; say "$*" >"/dev/$relay"; }
 check() {  # the bridge mode's probe: the guest's DHCP lease, then its answer on port $probe
   n=0; addr=""
   while [ -z "$addr" ] && [ $n -lt 600 ]; do
@@ -101,11 +92,11 @@ check() {  # the bridge mode's probe: the guest's DHCP lease, then its answer on
   else tell "GET http://$addr:$probe/: no answer ($(tr -s '\r\n' '  ' </run/nc.err); on $bridge: $(ls /sys/class/net/$bridge/brif))"; fi
   stop
 }
-(while read -r cmd; do [ "$cmd" = stop ] && stop; done <&3) &
+(while read -r cmd; do [ "$cmd" = stop ] && stop; done <"/dev/$relay") &
 [ -e /run/stop ] && end "stopped before the guest was created"
 [ -n "$bridge" ] && check &
 if [ -n "$bridge" ]; then cd /artifact || end "no /artifact"; fi
-xl create -c "$cfg" </dev/null >&3
+xl create -c "$cfg" </dev/null >"/dev/$relay"
 rc=$?
 xl destroy "$name" 2>/dev/null
 end "xl exited $rc"

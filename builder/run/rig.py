@@ -33,7 +33,7 @@ from ..cache import atomic_dir, atomic_file, cache_dir
 from ..cpio import write_cpio
 from ..elf import Resolver
 from ..errors import MinimizeError, RunError
-from ..host import NESTED, NESTED_ARM64, needs_of, require
+from ..host import NESTED, needs_of, require
 from ..kernel import vmlinux
 from ..options import NESTED_XEN_TYPE, Say, XenType
 from ..proc import run_tool
@@ -150,7 +150,7 @@ ARCHES = {
             "2",
         ),
         guest_types=(XenType.PVH,),  # Xen on arm has one guest type, xl's "pvh"
-        needs=("apt-get", "apt-cache", "dpkg-deb", *needs_of(NESTED_ARM64)),  # no ldd: builder.elf
+        needs=("apt-get", "apt-cache", "dpkg-deb", "qemu-system-aarch64"),  # no ldd: builder.elf
     ),
 }
 

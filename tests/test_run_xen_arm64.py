@@ -3,7 +3,7 @@ nested in `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3` (TCG), t
 
 One boot proves the console (only the guest's lines on stdout, Xen's and dom0's in no output), the exit
 status, the arguments after `--`, `-e` and the image's User on an aarch64 DomU. The refusals cost no boot
-but one: a dom0 that is not up when the run times out ends in one error line naming the kept log.
+but one: a run that times out before dom0 is up ends in one error line naming the kept log.
 The arm64 artifact is armimage's probe image (tests/fixtures/images.arm64_layout) built for linux/arm64 with
 xbuild's arm64 kernel (kernel.default_kernel(arch="arm64")), both from the real cache.
 """
@@ -96,9 +96,12 @@ def test_arm64_rig_refusals(arm64_artifact: Path, sandbox: Sandbox, tmp_path: Pa
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
 
 
-def test_arm64_dom0_not_up_names_the_log(arm64_artifact: Path, sandbox: Sandbox) -> None:  # noqa: F811
-    """A run that times out before dom0 has started the guest: exit 1, one line naming Xen's and dom0's log,
-    which is kept (the only thing left in TMPDIR)."""
+def test_arm64_run_stopped_before_the_guest_names_the_log(
+    arm64_artifact: Path,
+    sandbox: Sandbox,  # noqa: F811
+) -> None:
+    """A run that times out before dom0 has created the guest (5 s: dom0 is not up yet): exit 1, one line
+    with dom0's last word and Xen's and dom0's log, which is kept (the only thing left in TMPDIR)."""
     r = sandbox.xbuild(
         "run", "--hypervisor", "xen-nested", "--timeout", "5", str(arm64_artifact), env=_real_cache(sandbox)
     )

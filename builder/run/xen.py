@@ -338,8 +338,8 @@ def outer_argv(
 def _dom0_says(log: Path) -> str:
     """dom0's last own line and the toolstack's first error, from the log."""
     text = log.read_bytes() if log.exists() else b""
-    own = re.findall(rb"xenrig: (.*?)\r?$", text, re.MULTILINE)[-1:]
-    errors = re.findall(rb"(?:xc|libxl): error: (.*?)\r?$", text, re.MULTILINE)[:1]
+    own = re.findall(rb"xenrig: (.*?)\r*$", text, re.MULTILINE)[-1:]  # arm64: hvc0 lines end \r\r\n
+    errors = re.findall(rb"(?:xc|libxl): error: (.*?)\r*$", text, re.MULTILINE)[:1]
     said = own + errors
     return f" (dom0: {'; '.join(s.decode(errors='replace') for s in said)})" if said else ""
 

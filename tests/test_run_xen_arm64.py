@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -100,13 +101,16 @@ def test_arm64_run_stopped_before_the_guest_names_the_log(
     arm64_artifact: Path,
     sandbox: Sandbox,  # noqa: F811
 ) -> None:
-    """A run that times out before dom0 has created the guest (5 s: dom0 is not up yet): exit 1, one line
-    with dom0's last word and Xen's and dom0's log, which is kept (the only thing left in TMPDIR)."""
+    """A run that times out (5 s) before dom0 is up: exit 1, one line naming Xen's and dom0's log, which is
+    kept (the only thing left in TMPDIR). Whether the guest got as far as printing by the time QEMU is
+    stopped depends on the host's speed: the line says "could not be created or printed nothing" or "ended
+    without an exit status: timed out after 5s"."""
     r = sandbox.xbuild(
         "run", "--hypervisor", "xen-nested", "--timeout", "5", str(arm64_artifact), env=_real_cache(sandbox)
     )
-    line = assert_refused(r, 1, "the guest could not be created or printed nothing", "log: ")
-    log = Path(line.rsplit("log: ", 1)[1])
+    line = assert_refused(r, 1, "xen-console.log")
+    assert "could not be created or printed nothing" in line or "timed out after 5s" in line, line
+    log = Path(re.findall(r"(/\S+/xen-console\.log)", line)[0])
     assert log.is_file() and log.is_relative_to(sandbox.tmp), line
     assert b"Xen" in log.read_bytes()
     assert sorted(sandbox.stale_temps()) == [str(log.parent), str(log)]

@@ -2,8 +2,7 @@
 nested in `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3` (TCG), through the real CLI.
 
 One boot proves the console (only the guest's lines on stdout, Xen's and dom0's in no output), the exit
-status, the arguments after `--`, `-e` and the image's User on an aarch64 DomU. The refusals cost no boot
-but one: a run that times out before dom0 is up ends in one error line naming the kept log.
+status, the arguments after `--`, `-e` and the image's User on an aarch64 DomU. The refusals cost no boot.
 The arm64 artifact is armimage's probe image (tests/fixtures/images.arm64_layout) built for linux/arm64 with
 xbuild's arm64 kernel (kernel.default_kernel(arch="arm64")), both from the real cache.
 """
@@ -11,8 +10,6 @@ xbuild's arm64 kernel (kernel.default_kernel(arch="arm64")), both from the real 
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 from pathlib import Path
 
@@ -95,23 +92,3 @@ def test_arm64_rig_refusals(arm64_artifact: Path, sandbox: Sandbox, tmp_path: Pa
     r = sandbox.xbuild("run", "--hypervisor", "xen-nested", art, env=sandbox.env(APT_CONFIG=str(conf)))
     assert_refused(r, 1, "linux-image-arm64:arm64", "dpkg --add-architecture arm64")
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
-
-
-def test_arm64_run_stopped_before_the_guest_names_the_log(
-    arm64_artifact: Path,
-    sandbox: Sandbox,  # noqa: F811
-) -> None:
-    """A run that times out (5 s) before dom0 is up: exit 1, one line naming Xen's and dom0's log, which is
-    kept (the only thing left in TMPDIR). Whether the guest got as far as printing by the time QEMU is
-    stopped depends on the host's speed: the line says "could not be created or printed nothing" or "ended
-    without an exit status: timed out after 5s"."""
-    r = sandbox.xbuild(
-        "run", "--hypervisor", "xen-nested", "--timeout", "5", str(arm64_artifact), env=_real_cache(sandbox)
-    )
-    line = assert_refused(r, 1, "xen-console.log")
-    assert "could not be created or printed nothing" in line or "timed out after 5s" in line, line
-    log = Path(re.findall(r"(/\S+/xen-console\.log)", line)[0])
-    assert log.is_file() and log.is_relative_to(sandbox.tmp), line
-    assert b"Xen" in log.read_bytes()
-    assert sorted(sandbox.stale_temps()) == [str(log.parent), str(log)]
-    os.unlink(log)

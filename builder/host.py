@@ -50,6 +50,7 @@ def _module(name: str) -> Callable[[], str | None]:
 
 BUILD, KERNEL, DISK = "build (the guest init)", "kernel build", "--format disk"
 TRACE, QEMU, NESTED = "--minimize trace", "run / --verify under QEMU", "run --hypervisor xen-nested"
+NESTED_ARM64 = "run --hypervisor xen-nested of a linux/arm64 artifact"
 KERNEL_SOURCES = "/usr/src/linux-source-*.tar.*"  # Debian's linux-source-X.Y tarballs
 
 NEEDS: tuple[Need, ...] = (
@@ -84,6 +85,7 @@ NEEDS: tuple[Need, ...] = (
     Need("apt-cache", "apt", NESTED, _tool("apt-cache")),
     Need("dpkg-deb", "dpkg", NESTED, _tool("dpkg-deb")),
     Need("ldd", "libc-bin", NESTED, _tool("ldd")),
+    Need("qemu-system-aarch64", "qemu-system-arm", NESTED_ARM64, _tool("qemu-system-aarch64")),
     Need("xl", "xen-utils-4.17", "run --hypervisor xen (on a dom0)", _tool("xl"), optional=True),
 )
 _BY_NAME = {n.name: n for n in NEEDS}

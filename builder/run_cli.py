@@ -112,7 +112,7 @@ def resolve_artifact(
 @click.option(
     "--xen-type",
     type=click.Choice(choices(XenType)),
-    help=f"Xen guest type [the artifact's; {NESTED_XEN_TYPE} nested].",
+    help=f"Xen guest type [the artifact's; {NESTED_XEN_TYPE} nested, pvh on arm64].",
 )
 @click.option(
     "--accel",
@@ -258,7 +258,7 @@ def _boot(
     if hypervisor == Hypervisor.XEN_NESTED:
         return xen.run_nested(
             art,
-            xen_type or NESTED_XEN_TYPE,
+            xen_type,
             memory,
             timeout,
             args,

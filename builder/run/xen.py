@@ -4,7 +4,11 @@ The nested run boots the rig (builder/run/rig.py: Xen 4.17, Debian's standard ke
 initramfs with busybox, the toolstack and `xenrig/dom0-init.sh`) and appends the guest (kernel, ramdisk,
 generated xl config) to dom0's initramfs as a second cpio archive (builder.cpio.write_cpio). QEMU's COM1 is
 Xen's and dom0's console (a log file); COM2, dom0's ttyS1, carries only the guest console out
-(xl create -c) and "stop" requests in.
+(xl create -c) and "stop" requests in. A linux/arm64 artifact runs on the arm64 rig (rig.ARCHES["arm64"]):
+Xen loaded by `qemu-system-aarch64 -M virt,virtualization=on` as its kernel, dom0's kernel and initramfs
+by QEMU's guest-loader device, Xen's and dom0's console on the virt board's PL011 (the log), the guest's
+console and "stop" on a virtio console (dom0's hvc1, xenrig.relay), and the guest booted as xl's "pvh"
+(the only type on arm), its kernel the artifact's arm64 Image.
 
 Both runners take a validated Artifact (builder/artifact.py) and generate the guest's xl config from its
 manifest (guest_config, through the one writer builder.artifact.xen_config); the artifact's xen.cfg is
@@ -40,9 +44,9 @@ from typing import BinaryIO
 from ..artifact import NAMES, Artifact, XlDisk, xen_config
 from ..cpio import write_cpio
 from ..errors import ConfigError, RunError
+from ..host import require
 from ..options import (
     NESTED_MEMORY_MB,
-    NESTED_XEN_TYPE,
     DiskFormat,
     DiskMode,
     Say,
@@ -56,15 +60,19 @@ from . import cmdline
 from .console import RunResult
 from .qemu import qemu_binary, root_disks
 from .ready import RELAYED_HOLD_S
-from .rig import Rig, ensure_rig, host_file
+from .rig import ARCHES, ArchSpec, Rig, ensure_rig, host_file
 
 DOM0_DISK = "/dev/xbuild-disk{}"  # dom0's name of the outer QEMU's Nth virtio disk (its serial)
 GUEST_IP, DOM0_VIF_IP = "10.0.3.2", "10.0.3.1"  # a point-to-point link dom0 ↔ guest (see vif-xbuild.sh)
 DOM0_MEM_MB = 512
-XEN_CMDLINE = (
-    f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M dom0_max_vcpus=1"
-    " bootscrub=false"
-)
+XEN_CMDLINE = {  # per rig architecture: Xen's console is COM1 on amd64, the PL011 of the device tree on arm
+    "amd64": f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M dom0_max_vcpus=1"
+    " bootscrub=false",
+    "arm64": f"console=dtuart dom0_mem={DOM0_MEM_MB}M dom0_max_vcpus=1 bootscrub=false",
+}
+# arm64: where QEMU's guest-loader puts dom0's kernel (RAM starts at 0x40000000 on virt, Xen sits at its
+# start) and the lowest address of dom0's initramfs (above the device tree QEMU puts at 0x48000000)
+ARM_DOM0_KERNEL_ADDR, ARM_DOM0_INITRD_MIN = 0x42000000, 0x4A000000
 DOM0_CMDLINE = "console=hvc0 quiet cryptomgr.notests"  # crypto self-tests cost dom0 ~0.5 s under TCG
 GUEST_NAME = "xbuild"
 GRACE_S = 10  # seconds between `xl shutdown` and `xl destroy`
@@ -78,9 +86,23 @@ EXIT_WAIT_S = 30.0  # after the guest is done (or forced off): time for dom0 and
 # paths) reaches xl or dom0.
 
 
-def _check_xen_type(xen_type: str) -> None:
+def _check_xen_type(xen_type: str, arch: str = "amd64") -> None:
     if xen_type not in choices(XenType):
         raise ConfigError(f"xen type must be {' or '.join(choices(XenType))}, not {xen_type!r}")
+    if xen_type not in (types := ARCHES[arch].guest_types):
+        raise ConfigError(f"Xen on {arch} boots {' or '.join(types)} guests only, not {xen_type}")
+
+
+def artifact_arch(art: Artifact) -> str:
+    """The rig architecture of the artifact's platform (linux/amd64, linux/arm64); ConfigError for another."""
+    os_name, _, arch = art.manifest.source.platform.partition("/")
+    arch = arch.split("/")[0]
+    if os_name != "linux" or arch not in ARCHES:
+        raise ConfigError(
+            f"no nested Xen rig for {art.manifest.source.platform}: "
+            f"{', '.join('linux/' + a for a in ARCHES)} only"
+        )
+    return arch
 
 
 def xen_extra(art: Artifact) -> str:
@@ -130,7 +152,7 @@ def guest_config(
         disks=disks,
         vif=vif,
         maxmem=True,
-        tsc_native=rig and xen_type == XenType.PVH,
+        tsc_native=rig and xen_type == XenType.PVH and artifact_arch(art) == "amd64",  # x86's TSC
     )
 
 
@@ -151,7 +173,7 @@ class BridgeProbe:
 
 def run_nested(
     art: Artifact,
-    xen_type: str = NESTED_XEN_TYPE,
+    xen_type: str | None = None,
     memory_mb: int | None = None,
     timeout: float | None = None,
     extra_args: Sequence[str] = (),
@@ -174,11 +196,16 @@ def run_nested(
     dom0, with a config generated from its manifest (guest_config); its root disk goes to the outer QEMU.
     With `probe` (BridgeProbe): the artifact directory goes into dom0 and its own xen.cfg is run instead;
     an initramfs artifact whose xen.cfg has a vif only (ConfigError), no `ports`, `xen_type` is xen.cfg's.
-    When a warm rig was started (builder/run/warm.py, `xbuild rig start`; a crashed one is restarted) and
+    When a warm rig was started (amd64; builder/run/warm.py, `xbuild rig start`; a crashed one is restarted) and
     the run has neither a root disk nor a probe, the guest runs in it instead, with one progress line, under
     the same contract; RunError also when the warm rig stops under the guest.
+    The rig is the artifact platform's (artifact_arch); `xen_type` None: that rig's default (amd64: pv,
+    arm64: pvh, its only type).
     """
-    _check_xen_type(xen_type)
+    arch = artifact_arch(art)
+    spec = ARCHES[arch]
+    xen_type = xen_type or spec.guest_types[0]
+    _check_xen_type(xen_type, arch)
     guest_mb = memory_mb or art.manifest.guest.memory_mb
     if why := memory_outside(guest_mb, NESTED_MEMORY_MB):
         raise ConfigError(f"guest memory under the nested rig: {why}")
@@ -188,6 +215,7 @@ def run_nested(
         raise ConfigError(
             "the hand-run check needs an initramfs artifact whose xen.cfg has a vif, and no forwarded ports"
         )
+    outer_qemu(arch)  # before the rig is built: a host without it is told at once
     # the outer QEMU opens the disk (qcow2 too) and dom0 gets it as the raw block device /dev/xbuild-disk0
     outer_disks = root_disks(art)
     cfg = guest_config(
@@ -203,7 +231,7 @@ def run_nested(
         network=bool(ports),
         rig=True,
     )
-    if probe is None and not outer_disks:
+    if probe is None and not outer_disks and arch == "amd64":  # the warm rig is amd64's
         from . import warm
 
         if (up := warm.running(progress)) is not None:
@@ -234,7 +262,7 @@ def run_nested(
                 console=console,
                 stop_event=stop_event,
             )
-    rig = ensure_rig(progress)
+    rig = ensure_rig(progress, arch)
     work = Path(tempfile.mkdtemp(prefix="xbuild-xen-"))
     log, initrd, overlays = work / "xen-console.log", work / "dom0-initrd.img", work / "overlays"
     overlays.mkdir()
@@ -266,14 +294,15 @@ def run_nested(
             dom0 += f" xenrig.guest={GUEST_IP} xenrig.ports={','.join(str(g) for _h, g in ports)}"
             fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in ports)
             net = ["-netdev", f"user,id=net0{fwd}", "-device", "e1000,netdev=net0"]
-        guest_serial = ["-chardev", "stdio,id=guest,signal=off", "-serial", "chardev:guest"]
+        if spec.relay != "ttyS1":
+            dom0 += f" xenrig.relay={spec.relay}"
         argv = rig_qemu_argv(
             rig,
             memory_mb=max(1024, DOM0_MEM_MB + guest_mb + 256),
             log=log,
             initrd=initrd,
             dom0=dom0,
-            devices=[*guest_serial, *net, *blk],
+            devices=[*guest_relay(spec), *net, *blk],
         )
         with open(log, "ab") as err:
             # QEMU's stdin is COM2, dom0's ttyS1: dom0 shuts the guest down, destroys it after its grace
@@ -302,20 +331,32 @@ def run_nested(
             shutil.rmtree(work, ignore_errors=True)
 
 
+def outer_qemu(arch: str) -> str:
+    """The outer QEMU of `arch`'s rig (a needs error naming the package when the host has none)."""
+    return qemu_binary() if arch == "amd64" else require(ARCHES[arch].qemu, error=RunError)[0]
+
+
+def guest_relay(spec: ArchSpec) -> list[str]:
+    """The outer QEMU's devices carrying the guest's console out and "stop" in on stdin/stdout: amd64's
+    COM2 (dom0's ttyS1), else a virtio console (dom0's hvc1)."""
+    relay = ["-chardev", "stdio,id=guest,signal=off"]
+    if spec.relay == "ttyS1":
+        return [*relay, "-serial", "chardev:guest"]
+    return [*relay, "-device", "virtio-serial-device", "-device", "virtconsole,chardev=guest"]
+
+
 def rig_qemu_argv(
     rig: Rig, *, memory_mb: int, log: Path, initrd: Path, dom0: str, devices: Sequence[str]
 ) -> list[str]:
-    """The outer QEMU's argv, cold rig or warm (builder/run/warm.py): TCG, `memory_mb` of RAM, Xen as the
-    kernel (XEN_CMDLINE), dom0's kernel with command line `dom0` and `initrd` as Xen's modules, COM1 (Xen's
-    and dom0's console) appended to `log`, then `devices` (COM2 first: dom0's ttyS1; network, disks...)."""
-    return [
-        qemu_binary(),
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max,-smap",
-        "-smp",
-        "2",
+    """The outer QEMU's argv, cold rig or warm (builder/run/warm.py): the rig's architecture's machine (TCG),
+    `memory_mb` of RAM, Xen as the kernel (XEN_CMDLINE), dom0's kernel with command line `dom0` and `initrd`
+    (amd64: as Xen's multiboot modules; arm64: through QEMU's guest-loader device), the first serial port
+    (Xen's and dom0's console) appended to `log`, then `devices` (the guest relay first, see guest_relay;
+    network, disks...)."""
+    spec = ARCHES[rig.arch]
+    argv = [
+        outer_qemu(rig.arch),
+        *spec.machine,
         "-m",
         str(memory_mb),
         "-nodefaults",
@@ -330,17 +371,27 @@ def rig_qemu_argv(
         "-kernel",
         str(rig.xen),
         "-append",
-        XEN_CMDLINE,
-        "-initrd",
-        f"{rig.dom0_kernel} {dom0.replace(',', ',,')},{initrd}",
+        XEN_CMDLINE[rig.arch],
+    ]
+    dom0 = dom0.replace(",", ",,")  # QEMU's option syntax
+    if rig.arch == "amd64":  # multiboot: a module's command line follows its path
+        return [*argv, "-initrd", f"{rig.dom0_kernel} {dom0},{initrd}"]
+    kernel_end = ARM_DOM0_KERNEL_ADDR + rig.dom0_kernel.stat().st_size
+    initrd_addr = max(ARM_DOM0_INITRD_MIN, -(-kernel_end // 0x200000) * 0x200000)  # 2 MiB aligned
+    return [
+        *argv,
+        "-device",
+        f"guest-loader,addr={ARM_DOM0_KERNEL_ADDR:#x},kernel={rig.dom0_kernel},bootargs={dom0}",
+        "-device",
+        f"guest-loader,addr={initrd_addr:#x},initrd={initrd}",
     ]
 
 
 def dom0_says(log: Path) -> str:
     """dom0's last own line and the toolstack's first error, from the log."""
     text = log.read_bytes() if log.exists() else b""
-    own = re.findall(rb"xenrig: (.*?)\r?$", text, re.MULTILINE)[-1:]
-    errors = re.findall(rb"(?:xc|libxl): error: (.*?)\r?$", text, re.MULTILINE)[:1]
+    own = re.findall(rb"xenrig: (.*?)\r*$", text, re.MULTILINE)[-1:]  # arm64: hvc0 lines end \r\r\n
+    errors = re.findall(rb"(?:xc|libxl): error: (.*?)\r*$", text, re.MULTILINE)[:1]
     said = own + errors
     return f" (dom0: {'; '.join(s.decode(errors='replace') for s in said)})" if said else ""
 

@@ -3,6 +3,8 @@
 # Starts the toolstack, creates /guest/guest.cfg with the guest console on ttyS1 (the host reads only the
 # guest there), and turns a "stop" line from ttyS1 into `xl shutdown`, then `xl destroy` after the grace.
 # Its own output goes to hvc0 (the host's log). When the guest is gone it reboots: QEMU runs -no-reboot.
+# With xenrig.relay=TTY (arm64: QEMU virt has one UART, Xen's), TTY stands in for ttyS1: hvc1, QEMU's
+# virtconsole, once the virtio_console module has found it.
 # With xenrig.disks=N, QEMU attached N virtio disks with serials xbuild-disk0..N-1 (the guest's disks, as
 # raw block devices): they appear as /dev/xbuild-diskI, the targets of the guest's phy disk lines.
 # With xenrig.bridge=NAME (the hand-run check, builder.run.xen.BridgeProbe): dom0 is set up as Debian's Xen
@@ -13,21 +15,24 @@
 # and, between the guest's lines, to ttyS1), then shuts the guest down.
 /bin/busybox --install -s
 export PATH="$(echo /usr/lib/xen-*/bin):/usr/sbin:/usr/bin:/sbin:/bin"
-export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu
+export LD_LIBRARY_PATH="$(echo /usr/lib/*-linux-gnu):$(echo /lib/*-linux-gnu)"
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
 mkdir -p /run/lock /run/xen /run/xenstored /var/log/xen/console /var/lib/xen /var/lib/xenstored
 say() { echo "xenrig: $* at $(cut -d' ' -f1 /proc/uptime)s"; }
 end() { say "$*"; reboot -f; sleep 10; poweroff -f; }
-stty -F /dev/ttyS1 raw -echo || end "no ttyS1"
-grace=10; ports=""; guest=""; disks=0; bridge=""; probe=80; name=xbuild; cfg=/guest/guest.cfg; warm=0
+grace=10; relay=ttyS1; ports=""; guest=""; disks=0; bridge=""; probe=80; name=xbuild; cfg=/guest/guest.cfg
+warm=0
 for a in $(cat /proc/cmdline); do case $a in
   xenrig.grace=*) grace=${a#*=};; xenrig.ports=*) ports=${a#*=};; xenrig.guest=*) guest=${a#*=};;
   xenrig.disks=*) disks=${a#*=};; xenrig.bridge=*) bridge=${a#*=};; xenrig.probe=*) probe=${a#*=};;
-  xenrig.warm=*) warm=${a#*=};;
+  xenrig.relay=*) relay=${a#*=};; xenrig.warm=*) warm=${a#*=};;
 esac; done
 say "dom0 init"
 for m in /lib/modules/*.ko; do insmod "$m" || end "insmod $m failed"; done
+n=0; until stty -F "/dev/$relay" raw -echo 2>/dev/null; do  # hvc1 comes once QEMU announced its port
+  n=$((n+1)); [ $n -gt 100 ] && end "no $relay"; sleep 0.1
+done
 if [ "$disks" -gt 0 ]; then  # virtio-blk and blkback (the files are numbered in load order)
   for m in /lib/modules/blk/*.ko; do insmod "$m" || end "insmod $m failed"; done
   for s in /sys/block/vd*/serial; do
@@ -77,7 +82,7 @@ stop() {
   limit=$(($(secs) + grace)); while xl domid "$name" >/dev/null 2>&1 && [ "$(secs)" -lt $limit ]; do sleep 0.5; done
   xl destroy "$name" 2>/dev/null && say "guest destroyed after ${grace}s"
 }
-tell() { say "$*"; say "$*" >/dev/ttyS1; }
+tell() { say "$*"; say "$*" >"/dev/$relay"; }
 check() {  # the bridge mode's probe: the guest's DHCP lease, then its answer on port $probe
   n=0; addr=""
   while [ -z "$addr" ] && [ $n -lt 600 ]; do
@@ -95,11 +100,11 @@ check() {  # the bridge mode's probe: the guest's DHCP lease, then its answer on
   else tell "GET http://$addr:$probe/: no answer ($(tr -s '\r\n' '  ' </run/nc.err); on $bridge: $(ls /sys/class/net/$bridge/brif))"; fi
   stop
 }
-(while read -r cmd; do [ "$cmd" = stop ] && stop; done </dev/ttyS1) &
+(while read -r cmd; do [ "$cmd" = stop ] && stop; done <"/dev/$relay") &
 [ -e /run/stop ] && end "stopped before the guest was created"
 [ -n "$bridge" ] && check &
 if [ -n "$bridge" ]; then cd /artifact || end "no /artifact"; fi
-xl create -c "$cfg" </dev/null >/dev/ttyS1
+xl create -c "$cfg" </dev/null >"/dev/$relay"
 rc=$?
 xl destroy "$name" 2>/dev/null
 end "xl exited $rc"

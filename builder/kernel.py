@@ -565,6 +565,7 @@ def _unpack(source: Path, work: Path, run: Callable[..., None], copy: bool) -> P
 
 def _load(d: Path, meta: dict[str, Any] | None = None) -> Kernel:
     meta = meta if meta is not None else json.loads((d / KERNEL_JSON).read_text())
+    arch = str(meta.get("arch", "amd64"))  # entries from before arm64 have none
     return Kernel(
         key=meta["key"],
         path=d / Path(meta["path"]).name,
@@ -572,9 +573,9 @@ def _load(d: Path, meta: dict[str, Any] | None = None) -> Kernel:
         fragments=tuple(meta["fragments"]),
         release=meta["release"],
         size=meta["size"],
-        bzimage=d / "bzImage" if meta.get("bzimage") else None,
+        bzimage=d / "bzImage" if arch == "amd64" else None,
         patches=tuple(meta.get("patches") or ()),
-        arch=meta.get("arch", "amd64"),
+        arch=arch,
     )
 
 
@@ -687,9 +688,11 @@ def default_kernel(progress: Say | None = None, arch: str = "amd64") -> Kernel:
     return build(None, None, progress, arch=arch)
 
 
-def cmdline() -> str:
-    """The default boot flags from `kernels/cmdline`, comments stripped; the runner adds the console."""
-    lines = (KERNELS_DIR / "cmdline").read_text().splitlines()
+def cmdline(arch: str = "amd64") -> str:
+    """The default boot flags of `arch`'s kernel from `kernels/[<arch>/]cmdline`, comments stripped; the
+    runner adds the console."""
+    own = KERNELS_DIR / arch / "cmdline"
+    lines = (own if own.is_file() else KERNELS_DIR / "cmdline").read_text().splitlines()
     return " ".join(w for line in lines for w in line.split("#", 1)[0].split())
 
 
@@ -706,8 +709,9 @@ def verify(path: Path, require: tuple[str, ...] | None = None, arch: str = "amd6
     """What the kernel file `path` boots as; KernelError if a `require`d mode is missing (None: every Xen
     mode of the arch, ("pv", "pvh") for amd64, ("xen",) for arm64).
 
-    amd64: the Xen ELF notes of a vmlinux ELF or a bzImage. arm64: the Image header (a gzip-compressed
-    Image too, as Debian ships it), and Xen guest support from the .config the Image embeds (IKCONFIG).
+    amd64: the Xen ELF notes of a vmlinux ELF or a bzImage. arm64: the Image header (of a gzip-compressed
+    Image too), and Xen guest support from the .config the Image embeds (IKCONFIG), else from the one beside
+    it: `config` (an xbuild cache entry) or `config-<release>` beside `vmlinuz-<release>` (Debian's /boot).
     """
     path = Path(path)
     try:
@@ -755,13 +759,16 @@ def _verify_image(path: Path, data: bytes, require: tuple[str, ...]) -> KernelIn
     if image[0x38:0x3C] != ARM64_IMAGE_MAGIC:
         raise KernelError(f"kernel {path}: not an arm64 Image (no ARM\\x64 magic at 0x38)")
     config = image_config(image)
+    if config is None:
+        beside = [path.with_name("config-" + path.name.removeprefix("vmlinuz-")), path.with_name("config")]
+        config = next((parse_config(c.read_text(errors="replace")) for c in beside if c.is_file()), None)
     modes = ["qemu"]
     if config is not None and all(config.get(s) == "y" for s in ("XEN", "HVC_XEN")):
         modes.insert(0, "xen")
     no_xen = (
         "no Xen guest support (CONFIG_XEN and CONFIG_HVC_XEN)"
         if config is not None
-        else "cannot tell its Xen guest support: no embedded .config (build with CONFIG_IKCONFIG)"
+        else "cannot tell its Xen guest support: no .config in it (CONFIG_IKCONFIG) nor beside it"
     )
     problems = [no_xen if m == "xen" else f"no mode {m!r} on arm64" for m in require if m not in modes]
     if problems:

@@ -7,9 +7,9 @@ prints `xbuild: exec <path> at <N>us` (N = CLOCK_BOOTTIME) and the time since re
 architected counter on arm64: `tsc` below) counts guest nanoseconds, so it also covers firmware and the
 bzImage decompressor; CLOCK_BOOTTIME is inflated under TCG on amd64 (see kernels/README.md).
 
-`--arch arm64`: xbuild's arm64 Image against Debian's arm64 cloud kernel (linux-image-cloud-arm64:arm64) under
-`qemu-system-aarch64 -M virt -cpu max` (`--cpu cortex-a57` to compare), the marker cross-compiled with
-aarch64-linux-gnu-gcc.
+`--arch arm64`: xbuild's arm64 Image against Debian's arm64 cloud kernel (linux-image-cloud-arm64:arm64)
+under `qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on` (`--cpu MODEL` to compare), the marker
+cross-compiled with aarch64-linux-gnu-gcc.
 
 `python bench/kernel_boot.py --cost FRAGMENT...` prices fragments instead: the default kernel without them
 against the one with them (both built and cached by builder.kernel.build): stripped vmlinux and bzImage
@@ -61,7 +61,7 @@ TARGETS = {
     ),
     "arm64": Target(
         "arm64",
-        ("qemu-system-aarch64", "-M", "virt", "-cpu", "max"),
+        ("qemu-system-aarch64", "-M", "virt", "-cpu", "max,pauth-impdef=on"),  # as `xbuild run`
         "ttyAMA0",
         ("aarch64-linux-gnu-gcc",),
         "linux-image-cloud-arm64",
@@ -255,7 +255,9 @@ def main() -> None:
         help="price these fragments: the default kernel without them against the one with them",
     )
     ap.add_argument("--arch", choices=list(TARGETS), default="amd64", help="the guest architecture measured")
-    ap.add_argument("--cpu", help="arm64: the -cpu model [default: max, as `xbuild run` uses]")
+    ap.add_argument(
+        "--cpu", help="arm64: the -cpu model [default: max,pauth-impdef=on, as `xbuild run` uses]"
+    )
     args = ap.parse_args()
     if args.cost:
         fragment_cost(args.cost)

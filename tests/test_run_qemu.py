@@ -385,13 +385,14 @@ def _platform_artifact(directory: Path, platform: str, **files: bytes) -> Artifa
 
 
 def test_arm64_guests_run_under_qemu_system_aarch64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One argv builder, the machine as data: virt, -cpu max, PL011 console, no x86 flags; virtio-pci net
-    and disks as on amd64; TCG only (auto never picks KVM for it, even where KVM works)."""
+    """One argv builder, the machine as data: virt, -cpu max (cheap pointer auth), PL011 console, no x86
+    flags; virtio-pci net and disks as on amd64; TCG only (auto never picks KVM for it, even where KVM
+    works)."""
     arm = Qemu.for_artifact(
         _platform_artifact(tmp_path / "art", "linux/arm64", kernel=b"k", initrd=b"i"), ports=[(8080, 80)]
     )
     cmd = _command(arm)
-    assert cmd[:7] == ["qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "max"]
+    assert cmd[:7] == ["qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "max,pauth-impdef=on"]
     append = cmd[cmd.index("-append") + 1]
     assert append == f"quiet rdinit=/.xbuild/init console=ttyAMA0 panic=-1 {NET_CMDLINE}"
     assert "virtio-net-pci,netdev=n0" in cmd and "-no-reboot" in cmd

@@ -424,6 +424,25 @@ def test_default_kernel_verifies_and_boots() -> None:
     assert 0 < result.marker_us < 1_000_000
 
 
+@pytest.mark.slow
+def test_arm64_kernel_verifies_and_boots() -> None:
+    """The arm64 kernel (cross-built once, cached; ~N min of the cold suite): an Image with the Xen guest
+    support verify() reads from its embedded .config, listed with its arch, booted under qemu-system-aarch64
+    -M virt to the marker (cross-compiled) on the PL011 console."""
+    k = kern.default_kernel(arch="arm64")
+    assert (k.arch, k.fmt, k.path.name, k.bzimage) == ("arm64", "image", "Image", None)
+    assert k in kern.list_kernels() and kern.default_kernel(arch="arm64") == k
+    assert k.key == kern.build_key(arch="arm64") != kern.build_key()
+    assert kern.verify(k.path, arch="arm64").modes == ("xen", "qemu")
+    with pytest.raises(KernelError, match="not an arm64 Image"):
+        kern.verify(kern.default_kernel().path, arch="arm64")
+    bench = _bench()
+    target = bench.TARGETS["arm64"]
+    append = f"console={target.console} panic=-1 {kern.cmdline('arm64')}"
+    result = bench.boot(k.path, bench.marker_initramfs(target), append, qemu=target.qemu)
+    assert 0 < result.marker_us < 2_000_000 and result.tsc_us
+
+
 COMPAT_C = r"""/* xbuild test program: calls what kernels/compat.config provides; one line per call,
    exits with the number of failures. */
 #define _GNU_SOURCE

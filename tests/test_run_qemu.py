@@ -459,7 +459,7 @@ def test_an_arm64_guest_under_xbuild_run(sandbox: Sandbox, tmp_path: Path) -> No
     seen = report(RunResult(0, None, None, None, None, r.stdout.encode()))
     assert seen["argv"] == ["probe", "report"]
     assert seen["env"] == {"PATH": "/bin", "HOSTNAME": "arm", "FOO": "bar", "X": "y z", "HOME": "/home/app"}
-    assert (seen["uid"], seen["gid"], seen["groups"]) == (1000, 1000, [1000])
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (1000, 1000, [10, 50, 1000])
     assert "booted to exec in" in r.stderr
     r = sandbox.xbuild("run", str(art.path), "--", "exit", "7", timeout=600)
     assert r.returncode == 7, r.stdout + r.stderr

@@ -410,8 +410,10 @@ def _digest(path: str, *identity: int) -> bytes:
         return hashlib.file_digest(f, "sha256").digest()
 
 
-def _toolchain(arch: Arch) -> str:
-    return run_tool([arch.compiler, "--version"], KernelError, hint=install_hint(arch.compiler)).stdout
+def _toolchain(arch: str = "amd64") -> str:
+    """`--version` of the compiler that builds `arch`'s kernel (part of the key)."""
+    cc = arch_of(arch).compiler
+    return run_tool([cc, "--version"], KernelError, hint=install_hint(cc)).stdout
 
 
 def build_key(
@@ -439,7 +441,7 @@ def _plan(fragments: tuple[str, ...] | None, source: Path | None, patched: bool,
     fragments = tuple(fragments or arch.fragments)
     texts = {name: fragment_path(name, arch.name).read_text() for name in fragments}
     patch_texts = patches() if patched else {}
-    key = cache_key(source, texts, _toolchain(arch), patch_texts, arch.name)
+    key = cache_key(source, texts, _toolchain(arch.name), patch_texts, arch.name)
     return _Plan(source, fragments, texts, patch_texts, key)
 
 

@@ -608,3 +608,12 @@ def test_cli_build_unknown_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     result = CliRunner().invoke(kernel, ["build", "--fragment", "nope", "--source", str(src), "--json"])
     assert isinstance(result.exception, KernelError)
     assert "no kernel fragment 'nope'" in str(result.exception)
+    arm = CliRunner().invoke(
+        kernel, ["build", "--platform", "linux/arm64", "--fragment", "arch", "--source", str(src), "--json"]
+    )
+    assert isinstance(arm.exception, KernelError)  # arm64 has `arch`: the empty tarball is what fails
+    assert str(arm.exception).startswith("kernel build failed: tar -xf")
+    amd = CliRunner().invoke(kernel, ["build", "--fragment", "arch", "--source", str(src), "--json"])
+    assert "no kernel fragment 'arch' for amd64" in str(amd.exception)
+    bad = CliRunner().invoke(kernel, ["build", "--platform", "linux/s390x", "--source", str(src)])
+    assert bad.exit_code == 2 and "linux/s390x" in bad.output

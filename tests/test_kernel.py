@@ -426,9 +426,9 @@ def test_default_kernel_verifies_and_boots() -> None:
 
 @pytest.mark.slow
 def test_arm64_kernel_verifies_and_boots() -> None:
-    """The arm64 kernel (cross-built once, cached; 18 min wall, 16 min CPU cold at load 5-7): an Image with the Xen guest
-    support verify() reads from its embedded .config, listed with its arch, booted under qemu-system-aarch64
-    -M virt to the marker (cross-compiled) on the PL011 console."""
+    """The arm64 kernel (cross-built once, cached; cold: 18 min wall, 16 min CPU at load 5-7): an Image
+    with the Xen guest support verify() reads from its embedded .config, listed with its arch, booted under
+    qemu-system-aarch64 -M virt to the marker (cross-compiled) on the PL011 console."""
     k = kern.default_kernel(arch="arm64")
     assert (k.arch, k.fmt, k.path.name, k.bzimage) == ("arm64", "image", "Image", None)
     assert k in kern.list_kernels() and kern.default_kernel(arch="arm64") == k

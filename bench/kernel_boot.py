@@ -1,10 +1,15 @@
 """Boot time to /init's marker: xbuild's default kernel vs Debian's cloud kernel, under QEMU TCG -icount.
 
-Run as `python bench/kernel_boot.py [--runs N]` with xbuild installed (make venv). Both kernels boot the same
-initramfs: static busybox plus kernels/marker.c as /init, which prints `xbuild: exec <path> at <N>us`
-(N = CLOCK_BOOTTIME) and the TSC, then powers off. With `-icount shift=0,sleep=off` guest time is
-deterministic and the TSC counts guest nanoseconds since reset, so it also covers firmware and the bzImage
-decompressor; CLOCK_BOOTTIME is inflated under TCG (see kernels/README.md).
+Run as `python bench/kernel_boot.py [--runs N] [--arch arm64 [--cpu MODEL]]` with xbuild installed (make
+venv). Both kernels boot the same initramfs: kernels/marker.c as /init (amd64: plus static busybox), which
+prints `xbuild: exec <path> at <N>us` (N = CLOCK_BOOTTIME) and the time since reset, then powers off. With
+`-icount shift=0,sleep=off` guest time is deterministic; the time since reset (the TSC on amd64, the
+architected counter on arm64: `tsc` below) counts guest nanoseconds, so it also covers firmware and the
+bzImage decompressor; CLOCK_BOOTTIME is inflated under TCG on amd64 (see kernels/README.md).
+
+`--arch arm64`: xbuild's arm64 Image against Debian's arm64 cloud kernel (linux-image-cloud-arm64:arm64)
+under `qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on` (`--cpu MODEL` to compare), the marker
+cross-compiled with aarch64-linux-gnu-gcc.
 
 `python bench/kernel_boot.py --cost FRAGMENT...` prices fragments instead: the default kernel without them
 against the one with them (both built and cached by builder.kernel.build): stripped vmlinux and bzImage
@@ -38,19 +43,47 @@ from builder.kernel import (
 )
 
 
-def qemu_icount(memory_mb: int) -> list[str]:
-    """QEMU TCG with `memory_mb` of RAM, guest time counted in instructions (deterministic), console on
-    stdio, no network, no reboot: the argv every -icount bench boots with (`-kernel` ... to be appended)."""
+@dataclass(frozen=True)
+class Target:
+    """What differs between the architectures measured: the emulator, console, marker compiler, reference."""
+
+    arch: str
+    qemu: tuple[str, ...]  # the emulator and its machine (QEMU_FLAGS follow)
+    console: str
+    cc: tuple[str, ...]  # the marker's compiler: the first found
+    stock_package: str  # Debian's cloud kernel metapackage
+    busybox: bool  # the host's static busybox in the marker initramfs (amd64, as measured since the start)
+
+
+TARGETS = {
+    "amd64": Target(
+        "amd64", ("qemu-system-x86_64",), "ttyS0", ("musl-gcc", "gcc"), "linux-image-cloud-amd64", True
+    ),
+    "arm64": Target(
+        "arm64",
+        ("qemu-system-aarch64", "-M", "virt", "-cpu", "max,pauth-impdef=on"),  # as `xbuild run`
+        "ttyAMA0",
+        ("aarch64-linux-gnu-gcc",),
+        "linux-image-cloud-arm64",
+        False,
+    ),
+}
+AMD64 = TARGETS["amd64"]
+
+
+def qemu_icount(memory_mb: int, qemu: tuple[str, ...] = AMD64.qemu) -> list[str]:
+    """`qemu` (an emulator and its machine, a Target's) under TCG with `memory_mb` of RAM, guest time
+    counted in instructions (deterministic), console on stdio, no network, no reboot: the argv every -icount
+    bench boots with (`-kernel` ... to be appended)."""
     return [
-        *("qemu-system-x86_64", "-accel", "tcg", "-icount", "shift=0,sleep=off", "-m", str(memory_mb)),
+        *qemu,
+        *("-accel", "tcg", "-icount", "shift=0,sleep=off", "-m", str(memory_mb)),
         *("-nographic", "-no-reboot", "-net", "none"),
     ]
 
 
-QEMU = qemu_icount(256)
 MARKER = re.compile(r"xbuild: exec (\S+) at (\d+)us")
 TSC = re.compile(r"xbuild: tsc (\d+)")
-STOCK_PACKAGE = "linux-image-cloud-amd64"
 
 
 @dataclass(frozen=True)
@@ -63,29 +96,34 @@ class Boot:
     console: str
 
 
-def marker_initramfs() -> Path:
-    """An uncompressed newc cpio: /dev/console, busybox (+ /bin/sh), the marker program as /init.
+def marker_initramfs(target: Target = AMD64) -> Path:
+    """An uncompressed newc cpio: /dev/console, busybox (+ /bin/sh) where `target.busybox`, the marker
+    program as /init.
 
-    Cached by the hash of marker.c and busybox.
+    Cached by the hash of marker.c, the compiler's name and busybox.
     """
-    busybox = shutil.which("busybox")
-    if not busybox:
+    cc = next((c for c in target.cc if shutil.which(c)), None)
+    if cc is None:
+        sys.exit(f"no compiler for the {target.arch} marker ({' or '.join(target.cc)})")
+    busybox = shutil.which("busybox") if target.busybox else None
+    if target.busybox and not busybox:
         sys.exit("busybox not found: apt-get install busybox-static")
-    digest = hashlib.sha256((KERNELS_DIR / "marker.c").read_bytes() + Path(busybox).read_bytes()).hexdigest()
-    out = cache_dir("bench") / f"marker-initramfs-{digest[:16]}.cpio"
+    inputs = (KERNELS_DIR / "marker.c").read_bytes() + (
+        Path(busybox).read_bytes() if busybox else cc.encode()
+    )
+    out = cache_dir("bench") / f"marker-initramfs-{hashlib.sha256(inputs).hexdigest()[:16]}.cpio"
     if out.exists():
         return out
-    init = cache_dir("bench") / "marker"
-    cc = shutil.which("musl-gcc") or "gcc"
+    init = cache_dir("bench") / f"marker-{target.arch}"
     subprocess.run([cc, "-static", "-Os", "-s", "-o", str(init), str(KERNELS_DIR / "marker.c")], check=True)
-    entries = [
-        ("dev", 0o040755, b"", 0),
-        ("dev/console", 0o020600, b"", (5 << 8) | 1),
-        ("bin", 0o040755, b"", 0),
-        ("bin/busybox", 0o100755, Path(busybox).read_bytes(), 0),
-        ("bin/sh", 0o120777, b"busybox", 0),
-        ("init", 0o100755, init.read_bytes(), 0),
-    ]
+    entries = [("dev", 0o040755, b"", 0), ("dev/console", 0o020600, b"", (5 << 8) | 1)]
+    if busybox:
+        entries += [
+            ("bin", 0o040755, b"", 0),
+            ("bin/busybox", 0o100755, Path(busybox).read_bytes(), 0),
+            ("bin/sh", 0o120777, b"busybox", 0),
+        ]
+    entries.append(("init", 0o100755, init.read_bytes(), 0))
     with atomic_file(out) as f:
         for ino, (name, mode, data, rdev) in enumerate(entries + [("TRAILER!!!", 0, b"", 0)], 1):
             f.write(_newc(ino, name, mode, data, rdev))
@@ -98,28 +136,32 @@ def _newc(ino: int, name: str, mode: int, data: bytes, rdev: int) -> bytes:
     return head + b"\0" * (-len(head) % 4) + data + b"\0" * (-len(data) % 4)
 
 
-def stock_kernel() -> Path:
-    """Debian's cloud kernel (vmlinuz), fetched with apt-get download and unpacked into the cache once."""
-    d = cache_dir("bench", "stock")
+def stock_kernel(target: Target = AMD64) -> Path:
+    """Debian's cloud kernel (vmlinuz) for `target`, fetched with apt-get download and unpacked into the
+    cache once."""
+    d = cache_dir("bench", "stock" if target.arch == "amd64" else f"stock-{target.arch}")
     found = sorted(glob.glob(str(d / "x/boot/vmlinuz-*")))
     if found:
         return Path(found[-1])
-    deps = subprocess.run(["apt-cache", "depends", STOCK_PACKAGE], capture_output=True, text=True, check=True)
-    pkg = re.search(r"Depends: (linux-image-\S+)", deps.stdout)
+    meta = f"{target.stock_package}:{target.arch}"
+    deps = subprocess.run(["apt-cache", "depends", meta], capture_output=True, text=True, check=True)
+    pkg = re.search(r"Depends: (linux-image-[^\s:]+)", deps.stdout)
     if not pkg:
-        sys.exit(f"cannot resolve {STOCK_PACKAGE}: {deps.stdout}")
-    subprocess.run(["apt-get", "download", pkg[1]], cwd=d, check=True, capture_output=True)
+        sys.exit(f"cannot resolve {meta}: {deps.stdout}")
+    subprocess.run(["apt-get", "download", f"{pkg[1]}:{target.arch}"], cwd=d, check=True, capture_output=True)
     deb = max(d.glob(f"{pkg[1]}_*.deb"))
     subprocess.run(["dpkg-deb", "-x", str(deb), str(d / "x")], check=True)
     deb.unlink()
     return Path(max(glob.glob(str(d / "x/boot/vmlinuz-*"))))
 
 
-def boot(kernel: Path, initrd: Path, append: str, timeout: float = 300) -> Boot:
-    """Boot `kernel` under QEMU TCG with -icount to the marker; raise RuntimeError if it never prints it."""
+def boot(
+    kernel: Path, initrd: Path, append: str, timeout: float = 300, qemu: tuple[str, ...] = AMD64.qemu
+) -> Boot:
+    """Boot `kernel` under `qemu` (TCG, -icount) to the marker; raise RuntimeError if it never prints it."""
     t0 = time.monotonic()
     proc = subprocess.run(
-        [*QEMU, "-kernel", str(kernel), "-initrd", str(initrd), "-append", append],
+        [*qemu_icount(256, qemu), "-kernel", str(kernel), "-initrd", str(initrd), "-append", append],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=timeout,
@@ -132,6 +174,13 @@ def boot(kernel: Path, initrd: Path, append: str, timeout: float = 300) -> Boot:
         raise RuntimeError(f"{kernel}: no marker (qemu rc={proc.returncode})\n{console[-3000:]}")
     t = TSC.search(console)
     return Boot(int(m[2]), int(t[1]) // 1000 if t else None, wall, console)
+
+
+def bzimage(kernel: Kernel) -> Path:
+    """The bzImage an amd64 kernel is built with (the amd64 measurements compare it with the vmlinux)."""
+    if kernel.bzimage is None:
+        raise SystemExit(f"kernel {kernel.key[:12]} ({kernel.arch}) has no bzImage")
+    return kernel.bzimage
 
 
 INITCALL = re.compile(r"initcall (\S+) returned -?\d+ after (\d+) usecs")
@@ -174,7 +223,7 @@ def fragment_cost(names: list[str]) -> None:
         rows.append(
             (
                 k.size / 1e6,
-                k.bzimage.stat().st_size / 1e6,
+                bzimage(k).stat().st_size / 1e6,
                 (shipped.tsc_us or 0) / 1e3,
                 shipped.marker_us / 1e3,
                 (nolapic.tsc_us or 0) / 1e3,
@@ -206,9 +255,16 @@ def main() -> None:
         metavar="FRAGMENT",
         help="price these fragments: the default kernel without them against the one with them",
     )
+    ap.add_argument("--arch", choices=list(TARGETS), default="amd64", help="the guest architecture measured")
+    ap.add_argument(
+        "--cpu", help="arm64: the -cpu model [default: max,pauth-impdef=on, as `xbuild run` uses]"
+    )
     args = ap.parse_args()
     if args.cost:
         fragment_cost(args.cost)
+        return
+    if args.arch != "amd64":
+        arm64(TARGETS[args.arch], args.runs, args.cpu)
         return
 
     kernel = default_kernel(progress=lambda line: print(line, file=sys.stderr))
@@ -216,12 +272,12 @@ def main() -> None:
     initrd = marker_initramfs()
     kernels = [
         ("xbuild " + kernel.fmt, kernel.path, f"console=ttyS0 panic=-1 {cmdline()}"),
-        ("xbuild bzImage", kernel.bzimage, f"console=ttyS0 panic=-1 {cmdline()}"),
+        ("xbuild bzImage", bzimage(kernel), f"console=ttyS0 panic=-1 {cmdline()}"),
         ("stock cloud", stock, "console=ttyS0 panic=-1 quiet"),
     ]
     sizes = {
         kernels[0][0]: kernel.size,
-        kernels[1][0]: kernel.bzimage.stat().st_size,
+        kernels[1][0]: bzimage(kernel).stat().st_size,
         kernels[2][0]: stock.stat().st_size,
     }
     print(f"initramfs {initrd} ({initrd.stat().st_size} bytes); median of {args.runs} run(s)")
@@ -252,6 +308,36 @@ def main() -> None:
                 f"ratio {name} / stock: marker {marker / s_marker:.3f}  tsc {tsc / s_tsc:.3f}  "
                 f"wall {wall / s_wall:.3f}"
             )
+
+
+def arm64(target: Target, runs: int, cpu: str | None) -> None:
+    """xbuild's arm64 Image against Debian's arm64 cloud kernel, the marker's times and the ratio."""
+    kernel = default_kernel(progress=lambda line: print(line, file=sys.stderr), arch=target.arch)
+    stock = stock_kernel(target)
+    initrd = marker_initramfs(target)
+    qemu = target.qemu if cpu is None else (*target.qemu[: target.qemu.index("-cpu")], "-cpu", cpu)
+    kernels = [
+        (f"xbuild {kernel.fmt}", kernel.path, f"console={target.console} panic=-1 {cmdline(target.arch)}"),
+        ("stock cloud", stock, f"console={target.console} panic=-1 quiet"),
+    ]
+    print(f"initramfs {initrd} ({initrd.stat().st_size} bytes); median of {runs} run(s); {' '.join(qemu)}")
+    print(
+        f"xbuild kernel {kernel.key[:12]} {kernel.release} ({'+'.join(kernel.fragments)}), "
+        f"cmdline: {cmdline(target.arch)}; stock: {stock.name}"
+    )
+    print(f"{'kernel':<16}{'size MB':>8}{'marker ms':>11}{'tsc ms':>9}{'wall s':>8}")
+    res = {}
+    for name, path, append in kernels:
+        boots = [boot(path, initrd, append, qemu=qemu) for _ in range(runs)]
+        res[name] = (
+            statistics.median(b.marker_us for b in boots) / 1000,
+            statistics.median(b.tsc_us or 0 for b in boots) / 1000,
+            statistics.median(b.wall_s for b in boots),
+        )
+        marker, tsc, wall = res[name]
+        print(f"{name:<16}{path.stat().st_size / 1e6:>8.2f}{marker:>11.1f}{tsc:>9.1f}{wall:>8.2f}")
+    (m, t, w), (sm, st, sw) = res[kernels[0][0]], res["stock cloud"]
+    print(f"ratio xbuild / stock: marker {m / sm:.3f}  tsc {t / st:.3f}  wall {w / sw:.3f}")
 
 
 TCG_FLAG_SETS = [

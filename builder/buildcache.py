@@ -241,12 +241,13 @@ def _first(e: XbuildError, ref: str) -> str:
     return line if ref.split(":", 1)[0] in line else f"{ref}: {line}"
 
 
-def trimmed_kernel(cache: BuildCache, fragments: tuple[str, ...]) -> Kernel:
-    """The trimmed kernel for `fragments`: the local entry, else the registry's, else built (and pushed)."""
+def trimmed_kernel(cache: BuildCache, fragments: tuple[str, ...], arch: str = "amd64") -> Kernel:
+    """The trimmed `arch` kernel for `fragments`: the local entry, else the registry's, else built (and
+    pushed)."""
     from . import kernel as kern
     from .publish import pull_kernel, push_kernel
 
-    key = kern.build_key(fragments)
+    key = kern.build_key(fragments, arch=arch)
 
     def local() -> Kernel | None:
         try:
@@ -258,7 +259,7 @@ def trimmed_kernel(cache: BuildCache, fragments: tuple[str, ...]) -> Kernel:
     def pull(ref: str) -> tuple[Kernel, str]:
         path = pull_kernel(ref, cache.insecure)
         try:
-            kern.verify(path)
+            kern.verify(path, arch=arch)
         except KernelError as e:  # digest-verified but not a bootable kernel: out of the cache again
             remove_entry(path.parent)
             raise PublishError(f"{ref}: {e}") from None
@@ -269,7 +270,7 @@ def trimmed_kernel(cache: BuildCache, fragments: tuple[str, ...]) -> Kernel:
 
     def build() -> Kernel:
         cache.log(f"building the kernel ({' '.join(fragments)}) once; it is cached afterwards")
-        return kern.build(fragments)
+        return kern.build(fragments, arch=arch)
 
     def push(k: Kernel, ref: str) -> str:
         return push_kernel(k, ref, cache.insecure).reference

@@ -50,12 +50,13 @@ def _module(name: str) -> Callable[[], str | None]:
 
 BUILD, KERNEL, DISK = "build (the guest init)", "kernel build", "--format disk"
 TRACE, QEMU, NESTED = "--minimize trace", "run / --verify under QEMU", "run --hypervisor xen-nested"
-NESTED_ARM64 = "run --hypervisor xen-nested of a linux/arm64 artifact"
+ARM64, QEMU_ARM64 = "arm64 guests (kernel, init)", "run / --verify of arm64 guests under QEMU"
 KERNEL_SOURCES = "/usr/src/linux-source-*.tar.*"  # Debian's linux-source-X.Y tarballs
 
 NEEDS: tuple[Need, ...] = (
     Need("musl-gcc or gcc", "musl-tools", BUILD, _tool("musl-gcc", "gcc")),
     Need("qemu-system-x86_64", "qemu-system-x86", QEMU, _tool("qemu-system-x86_64")),
+    Need("qemu-system-aarch64", "qemu-system-arm", QEMU_ARM64, _tool("qemu-system-aarch64")),
     Need("qemu-img", "qemu-utils", f"{DISK} qcow2, run of a qcow2 disk", _tool("qemu-img")),
     Need("linux-source", "linux-source-6.1", KERNEL, _file(KERNEL_SOURCES)),
     Need("make", "make", KERNEL, _tool("make")),
@@ -64,6 +65,7 @@ NEEDS: tuple[Need, ...] = (
     Need("bison", "bison", KERNEL, _tool("bison")),
     Need("flex", "flex", KERNEL, _tool("flex")),
     Need("patch", "patch", KERNEL, _tool("patch")),
+    Need("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", ARM64, _tool("aarch64-linux-gnu-gcc")),
     Need("libelf.h", "libelf-dev", KERNEL, _file("/usr/include/libelf.h")),
     Need("openssl/ssl.h", "libssl-dev", KERNEL, _file("/usr/include/openssl/ssl.h")),
     Need(
@@ -85,7 +87,6 @@ NEEDS: tuple[Need, ...] = (
     Need("apt-cache", "apt", NESTED, _tool("apt-cache")),
     Need("dpkg-deb", "dpkg", NESTED, _tool("dpkg-deb")),
     Need("ldd", "libc-bin", NESTED, _tool("ldd")),
-    Need("qemu-system-aarch64", "qemu-system-arm", NESTED_ARM64, _tool("qemu-system-aarch64")),
     Need("xl", "xen-utils-4.17", "run --hypervisor xen (on a dom0)", _tool("xl"), optional=True),
 )
 _BY_NAME = {n.name: n for n in NEEDS}
@@ -96,7 +97,8 @@ def need(name: str) -> Need:
 
 
 def needs_of(feature: str) -> tuple[str, ...]:
-    """The names of every need of `feature` (BUILD, KERNEL, DISK, TRACE, QEMU, NESTED), in table order."""
+    """The names of every need of `feature` (BUILD, KERNEL, DISK, TRACE, QEMU, NESTED, ARM64, QEMU_ARM64), in
+    table order."""
     return tuple(n.name for n in NEEDS if n.feature == feature)
 
 

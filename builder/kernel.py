@@ -1,9 +1,13 @@
 """Trimmed guest kernels: `make tinyconfig` + fragments from `kernels/`, built once per hash, verified.
 
-One kernel boots as a Xen PV guest, a Xen PVH guest and under QEMU. The source gets every patch in
-`kernels/patches/` (applied in name order). `build()` caches each result in `$XBUILD_CACHE/kernels/<key>/`
-where key = sha256(source, fragment texts, patch texts, `gcc --version`); `verify()` reads
-the Xen ELF notes (from the ELF itself or from inside a bzImage's compressed payload).
+One kernel per architecture (ARCHES: "amd64", "arm64", named as OCI and Debian name them). The amd64 one
+boots as a Xen PV guest, a Xen PVH guest and under QEMU; the arm64 one, cross-compiled with Debian's
+aarch64-linux-gnu-gcc, as a Xen guest on arm64 and under QEMU `-M virt`. A fragment name means
+`kernels/<arch>/<name>.config` where the architecture has its own, else the shared `kernels/<name>.config`.
+The source gets every patch in `kernels/patches/` (applied in name order). `build()` caches each result in
+`$XBUILD_CACHE/kernels/<key>/` where key = sha256(the arch's recipe, source, fragment texts, patch texts,
+the compiler's `--version`); `verify()` reads the Xen ELF notes of an amd64 kernel (from the ELF itself or
+from inside a bzImage's compressed payload), and the Image header and the embedded .config of an arm64 one.
 
 The cache entry is untrusted like every other: kernel.json records the sha256 of each file of the entry
 (RECORD), written when the kernel is built or pulled; `cached()` checks them whenever the entry is used and
@@ -27,7 +31,7 @@ import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +49,60 @@ from .proc import run_tool
 from .resources import data_dir
 
 KERNELS_DIR = data_dir("kernels")
-DEFAULT_FRAGMENTS = ("base", "xen", "net", "qemu", "block", "compat")
 PATCHES_DIR = KERNELS_DIR / "patches"  # every *.patch here is applied to every kernel xbuild builds
-# The file the artifact boots: the stripped vmlinux ELF (see kernels/README.md for the measurement).
-ARTIFACT_FORMAT = "elf"
-_RECIPE = "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage"
 KERNEL_JSON = "kernel.json"
 RECORD = "sha256"  # kernel.json: {file name: hex sha256} of every other file of the entry
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How xbuild builds one architecture's kernel: all that differs between architectures is this data."""
+
+    name: str  # OCI/Debian name: "amd64", "arm64"
+    make_vars: tuple[str, ...]  # ARCH= and CROSS_COMPILE= for every make call (none: the host's own)
+    compiler: str  # the C compiler whose `--version` is part of the key
+    srcarch: str  # the kernel's arch/ directory (Kconfig's $(SRCARCH))
+    target: str  # the make target
+    image: str  # the built boot file under O=, copied into the entry under its own name
+    fmt: str  # the artifact's boot file: "elf" (the stripped vmlinux, see kernels/README.md) or "image"
+    fragments: tuple[str, ...]  # the default kernel's
+    recipe: str  # hashed first into the key
+
+
+ARCHES = {
+    "amd64": Arch(
+        "amd64",
+        (),
+        "gcc",
+        "x86",
+        "bzImage",
+        "arch/x86/boot/bzImage",
+        "elf",
+        ("base", "xen", "net", "qemu", "block", "compat"),
+        "xbuild-kernel-1: tinyconfig, fragments merged with allnoconfig, make bzImage",
+    ),
+    "arm64": Arch(
+        "arm64",
+        ("ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-"),
+        "aarch64-linux-gnu-gcc",
+        "arm64",
+        "Image",
+        "arch/arm64/boot/Image",
+        "image",
+        ("base", "arch", "xen", "net", "qemu", "block", "compat"),
+        "xbuild-kernel-1 arm64: tinyconfig, fragments merged with allnoconfig, "
+        "make ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- Image",
+    ),
+}
+DEFAULT_FRAGMENTS = ARCHES["amd64"].fragments
+
+
+def arch_of(name: str) -> Arch:
+    """The Arch called `name`; KernelError naming the known ones for anything else."""
+    try:
+        return ARCHES[name]
+    except KeyError:
+        raise KernelError(f"no kernel for architecture {name!r} (known: {', '.join(ARCHES)})") from None
 
 
 @dataclass(frozen=True)
@@ -59,13 +110,14 @@ class Kernel:
     """A built kernel in the cache."""
 
     key: str
-    path: Path  # the bootable file: `vmlinux` (stripped ELF) or `bzImage`
-    fmt: str  # "elf" or "bzimage"
+    path: Path  # the bootable file: `vmlinux` (stripped ELF), `bzImage` or (arm64) `Image`
+    fmt: str  # "elf", "bzimage" or "image"
     fragments: tuple[str, ...]
     release: str
     size: int
-    bzimage: Path  # always built; QEMU and Xen boot it too
+    bzimage: Path | None  # amd64: always built, QEMU and Xen boot it too; None for arm64
     patches: tuple[str, ...] = ()  # the kernels/patches/ file names applied (none: built before patches)
+    arch: str = "amd64"
 
 
 @dataclass(frozen=True)
@@ -73,8 +125,8 @@ class KernelInfo:
     """What `verify()` found in a kernel file."""
 
     path: Path
-    fmt: str  # "elf" or "bzimage"
-    modes: tuple[str, ...]  # subset of ("pv", "pvh", "qemu")
+    fmt: str  # "elf", "bzimage" or "image" (arm64)
+    modes: tuple[str, ...]  # subset of ("pv", "pvh", "qemu") for amd64, of ("xen", "qemu") for arm64
     entry: int | None  # XEN_ELFNOTE_ENTRY (PV)
     phys32_entry: int | None  # XEN_ELFNOTE_PHYS32_ENTRY (PVH, and QEMU's -kernel for an ELF)
 
@@ -97,16 +149,23 @@ class Dropped:
 # ---------------------------------------------------------------------------------------------- fragments
 
 
-def fragment_path(name: str) -> Path:
-    """`kernels/<name>.config`, or `name` itself if it is a path to a file."""
+def fragment_path(name: str, arch: str = "amd64") -> Path:
+    """`kernels/<arch>/<name>.config` if the architecture has its own, else `kernels/<name>.config`, or
+    `name` itself if it is a path to a file."""
     p = Path(name)
     if p.suffix == ".config" and p.is_file():
         return p
-    p = KERNELS_DIR / f"{name}.config"
-    if not p.is_file():
-        known = ", ".join(sorted(f.stem for f in KERNELS_DIR.glob("*.config")))
-        raise KernelError(f"no kernel fragment {name!r} (known: {known})")
-    return p
+    for p in (KERNELS_DIR / arch / f"{name}.config", KERNELS_DIR / f"{name}.config"):
+        if p.is_file():
+            return p
+    known = ", ".join(sorted({f.stem for d in (KERNELS_DIR, KERNELS_DIR / arch) for f in d.glob("*.config")}))
+    raise KernelError(f"no kernel fragment {name!r} for {arch} (known: {known})")
+
+
+def arch_fragments(fragments: Iterable[str], arch: str) -> tuple[str, ...]:
+    """Those of `fragments` that are the architecture's own (`kernels/<arch>/`): they may override what a
+    shared fragment before them sets (check_fragments' `overriding`)."""
+    return tuple(n for n in fragments if fragment_path(n, arch).parent == KERNELS_DIR / arch)
 
 
 _LINE = re.compile(r"^(?:CONFIG_(\w+)=(.*)|# CONFIG_(\w+) is not set)\s*$")
@@ -122,18 +181,29 @@ def parse_config(text: str) -> dict[str, str]:
 
 
 def check_fragments(
-    fragments: Mapping[str, str], config_text: str, kconfig_root: Path | None = None
+    fragments: Mapping[str, str],
+    config_text: str,
+    kconfig_root: Path | None = None,
+    srcarch: str = "x86",
+    overriding: Collection[str] = (),
 ) -> list[Dropped]:
-    """Every symbol a fragment (name → text) sets that the final .config does not have as asked.
+    """Every symbol a fragment (name → text, in merge order) sets that the final .config does not have as
+    asked. Fragments disagreeing on a symbol are named, unless the later one is in `overriding` (an
+    architecture's own fragment: its value replaces the shared fragment's, as merge_config.sh does).
 
-    With `kconfig_root` (a kernel source tree), each one is explained by its false `depends on`/`if`.
+    With `kconfig_root` (a kernel source tree, `srcarch` its arch/ directory), each one is explained by its
+    false `depends on`/`if`.
     """
     final = parse_config(config_text)
     asked = {name: parse_config(text) for name, text in fragments.items()}
-    deps = KconfigDeps(kconfig_root) if kconfig_root else None
+    names = list(asked)
+    deps = KconfigDeps(kconfig_root, srcarch) if kconfig_root else None
     dropped = []
     for name, syms in asked.items():
+        later = names[names.index(name) + 1 :]
         for sym, wanted in syms.items():
+            if any(sym in asked[o] for o in later if o in overriding):
+                continue
             got = final.get(sym, "n")
             if got.strip('"') == wanted.strip('"'):
                 continue
@@ -304,11 +374,15 @@ def patches() -> dict[str, str]:
 
 
 def cache_key(
-    source: Path, fragments: Mapping[str, str], toolchain: str, patch_texts: Mapping[str, str] | None = None
+    source: Path,
+    fragments: Mapping[str, str],
+    toolchain: str,
+    patch_texts: Mapping[str, str] | None = None,
+    arch: str = "amd64",
 ) -> str:
-    """sha256 of the source (tarball bytes, or each file's path and content), the fragments, the patches
-    (None: those of `patches()`), the toolchain."""
-    h = hashlib.sha256(_RECIPE.encode() + b"\0")
+    """sha256 of the architecture's recipe, the source (tarball bytes, or each file's path and content), the
+    fragments, the patches (None: those of `patches()`), the toolchain (its compiler's `--version`)."""
+    h = hashlib.sha256(arch_of(arch).recipe.encode() + b"\0")
     if source.is_dir():
         for f in sorted(p for p in source.rglob("*") if ".git" not in p.parts and not p.is_dir()):
             h.update(str(f.relative_to(source)).encode() + b"\0")
@@ -336,64 +410,75 @@ def _digest(path: str, *identity: int) -> bytes:
         return hashlib.file_digest(f, "sha256").digest()
 
 
-def _toolchain() -> str:
-    return run_tool(["gcc", "--version"], KernelError, hint=install_hint("gcc")).stdout
+def _toolchain(arch: str = "amd64") -> str:
+    """`--version` of the compiler that builds `arch`'s kernel (part of the key)."""
+    cc = arch_of(arch).compiler
+    return run_tool([cc, "--version"], KernelError, hint=install_hint(cc)).stdout
 
 
-def build_key(fragments: tuple[str, ...] = DEFAULT_FRAGMENTS, source: Path | None = None) -> str:
-    """The cache key of the kernel `build(fragments, source)` gives, without building it."""
-    return _plan(fragments, source, True)[3]
+def build_key(
+    fragments: tuple[str, ...] | None = None, source: Path | None = None, arch: str = "amd64"
+) -> str:
+    """The cache key of the kernel `build(fragments, source, arch=arch)` gives, without building it."""
+    return _plan(fragments, source, True, arch_of(arch)).key
 
 
-def _plan(
-    fragments: tuple[str, ...], source: Path | None, patched: bool
-) -> tuple[Path, dict[str, str], dict[str, str], str]:
-    """The source (default_source() when None), the fragments' and the patches' texts by name (no patches
-    unless `patched`), and the cache key."""
+@dataclass(frozen=True)
+class _Plan:
+    source: Path
+    fragments: tuple[str, ...]
+    texts: dict[str, str]  # fragment name → text, in merge order
+    patch_texts: dict[str, str]
+    key: str
+
+
+def _plan(fragments: tuple[str, ...] | None, source: Path | None, patched: bool, arch: Arch) -> _Plan:
+    """The source (default_source() when None), the fragments (the arch's default when None), their and the
+    patches' texts by name (no patches unless `patched`), and the cache key."""
     source = Path(source) if source else default_source()
     if not source.exists():
         raise KernelError(f"kernel source {source} does not exist")
-    texts = {name: fragment_path(name).read_text() for name in fragments}
+    fragments = tuple(fragments or arch.fragments)
+    texts = {name: fragment_path(name, arch.name).read_text() for name in fragments}
     patch_texts = patches() if patched else {}
-    return source, texts, patch_texts, cache_key(source, texts, _toolchain(), patch_texts)
+    key = cache_key(source, texts, _toolchain(arch.name), patch_texts, arch.name)
+    return _Plan(source, fragments, texts, patch_texts, key)
 
 
 def build(
-    fragments: tuple[str, ...] = DEFAULT_FRAGMENTS,
+    fragments: tuple[str, ...] | None = None,
     source: Path | None = None,
     progress: Say | None = None,
     patched: bool = True,
+    arch: str = "amd64",
 ) -> Kernel:
-    """Build (or reuse from the cache) the kernel for `fragments` from `source` (tarball or clean tree),
-    with kernels/patches/ applied unless not `patched` (for measuring what they do).
+    """Build (or reuse from the cache) the `arch` kernel for `fragments` (None: the arch's default) from
+    `source` (tarball or clean tree), with kernels/patches/ applied unless not `patched` (for measuring
+    what they do).
 
-    `fragments`: names of `kernels/<name>.config` or paths to fragments. `progress` gets every line of the
-    build's output (and a few `xbuild: ...` phase lines).
-    The result lands in `$XBUILD_CACHE/kernels/<key>/`: vmlinux (stripped), bzImage, config, System.map,
-    build.log, kernel.json. A failed build leaves `<key>.log` (and `<key>.config`) beside it.
+    `fragments`: names of `kernels/[<arch>/]<name>.config` or paths to fragments. `progress` gets every line
+    of the build's output (and a few `xbuild: ...` phase lines).
+    The result lands in `$XBUILD_CACHE/kernels/<key>/`: for amd64 vmlinux (stripped) and bzImage, for arm64
+    Image; config, System.map, build.log, kernel.json. A failed build leaves `<key>.log` (and
+    `<key>.config`) beside it.
     """
-    source, texts, patch_texts, key = _plan(fragments, source, patched)
-    final = cache_dir("kernels") / key
+    a = arch_of(arch)
+    plan = _plan(fragments, source, patched, a)
+    final = cache_dir("kernels") / plan.key
     try:
         kernel = cached(final)
     except CacheError as bad:  # removed: built again below; if that fails, the entry is named
         try:
-            return _build(final, key, fragments, source, texts, patch_texts, progress)
+            return _build(final, plan, a, progress)
         except KernelError as e:
             raise CacheError(f"{bad}; building it again failed: {str(e).splitlines()[0]}") from None
-    return kernel or _build(final, key, fragments, source, texts, patch_texts, progress)
+    return kernel or _build(final, plan, a, progress)
 
 
-def _build(
-    final: Path,
-    key: str,
-    fragments: tuple[str, ...],
-    source: Path,
-    texts: dict[str, str],
-    patch_texts: dict[str, str],
-    progress: Say | None,
-) -> Kernel:
-    require(*(n for n in needs_of(KERNEL) if n != "linux-source"), error=KernelError)
+def _build(final: Path, plan: _Plan, arch: Arch, progress: Say | None) -> Kernel:
+    key, source, texts, patch_texts = plan.key, plan.source, plan.texts, plan.patch_texts
+    cross = (arch.compiler,) if arch.make_vars else ()
+    require(*(n for n in needs_of(KERNEL) if n != "linux-source"), *cross, error=KernelError)
     say = progress or (lambda line: None)
     log_path = cache_dir("kernels") / f"{key}.log"
     with atomic_dir(final) as out, log_path.open("w") as log:
@@ -421,38 +506,41 @@ def _build(
             for name in patch_texts:
                 run("patch", "-p1", "--batch", "--forward", "-i", str(PATCHES_DIR / name), cwd=src)
             obj = work / "obj"
-            run("make", f"O={obj}", "tinyconfig", cwd=src)
+            make = ("make", f"O={obj}", *arch.make_vars)
+            run(*make, "tinyconfig", cwd=src)
             merged = work / "merged.config"
             merged.write_text((obj / ".config").read_text() + "".join(texts.values()))
-            run("make", f"O={obj}", f"KCONFIG_ALLCONFIG={merged}", "allnoconfig", cwd=src)
+            run(*make, f"KCONFIG_ALLCONFIG={merged}", "allnoconfig", cwd=src)
             config = (obj / ".config").read_text()
-            if dropped := check_fragments(texts, config, src):
+            overriding = arch_fragments(plan.fragments, arch.name)
+            if dropped := check_fragments(texts, config, src, arch.srcarch, overriding):
                 kept = shutil.copy(obj / ".config", cache_dir("kernels") / f"{key}.config")
                 raise KernelError(
                     f"kernel config drops {len(dropped)} requested symbol(s) (final .config: {kept}): "
                     + " | ".join(map(str, dropped))
                 )
-            run("make", f"O={obj}", f"-j{os.cpu_count() or 1}", "bzImage", cwd=src)
-            release = run_tool(["make", "-s", f"O={obj}", "kernelrelease"], KernelError, cwd=src).stdout
-            release = release.strip()
-            shutil.copy(obj / "arch/x86/boot/bzImage", out / "bzImage")
-            run_tool(["strip", "-o", str(out / "vmlinux"), str(obj / "vmlinux")], KernelError)
+            run(*make, f"-j{os.cpu_count() or 1}", arch.target, cwd=src)
+            release = run_tool([*make, "-s", "kernelrelease"], KernelError, cwd=src).stdout.strip()
+            shutil.copy(obj / arch.image, out / Path(arch.image).name)
+            if arch.fmt == "elf":
+                run_tool(["strip", "-o", str(out / "vmlinux"), str(obj / "vmlinux")], KernelError)
             shutil.copy(obj / ".config", out / "config")
             shutil.copy(obj / "System.map", out / "System.map")
         log.close()
         shutil.move(log_path, out / "build.log")
-        name = "vmlinux" if ARTIFACT_FORMAT == "elf" else "bzImage"
+        name = "vmlinux" if arch.fmt == "elf" else Path(arch.image).name
         kernel = Kernel(
             key,
             final / name,
-            ARTIFACT_FORMAT,
-            tuple(fragments),
+            arch.fmt,
+            plan.fragments,
             release,
             (out / name).stat().st_size,
-            final / "bzImage",
+            final / "bzImage" if arch.name == "amd64" else None,
             tuple(patch_texts),
+            arch.name,
         )
-        verify(out / name)
+        verify(out / name, arch=arch.name)
         meta = dataclasses.asdict(kernel) | {
             "source": str(source),
             "fragment_texts": texts,
@@ -479,6 +567,7 @@ def _unpack(source: Path, work: Path, run: Callable[..., None], copy: bool) -> P
 
 def _load(d: Path, meta: dict[str, Any] | None = None) -> Kernel:
     meta = meta if meta is not None else json.loads((d / KERNEL_JSON).read_text())
+    arch = str(meta.get("arch", "amd64"))  # entries from before arm64 have none
     return Kernel(
         key=meta["key"],
         path=d / Path(meta["path"]).name,
@@ -486,8 +575,9 @@ def _load(d: Path, meta: dict[str, Any] | None = None) -> Kernel:
         fragments=tuple(meta["fragments"]),
         release=meta["release"],
         size=meta["size"],
-        bzimage=d / "bzImage",
+        bzimage=d / "bzImage" if arch == "amd64" else None,
         patches=tuple(meta.get("patches") or ()),
+        arch=arch,
     )
 
 
@@ -595,14 +685,16 @@ def verify_cached() -> Iterator[tuple[Path, str | None]]:
         yield d, _check(d)[1]
 
 
-def default_kernel(progress: Say | None = None) -> Kernel:
-    """The kernel for DEFAULT_FRAGMENTS from the default source; built on first use."""
-    return build(DEFAULT_FRAGMENTS, None, progress)
+def default_kernel(progress: Say | None = None, arch: str = "amd64") -> Kernel:
+    """The `arch` kernel of the arch's default fragments from the default source; built on first use."""
+    return build(None, None, progress, arch=arch)
 
 
-def cmdline() -> str:
-    """The default boot flags from `kernels/cmdline`, comments stripped; the runner adds the console."""
-    lines = (KERNELS_DIR / "cmdline").read_text().splitlines()
+def cmdline(arch: str = "amd64") -> str:
+    """The default boot flags of `arch`'s kernel from `kernels/[<arch>/]cmdline`, comments stripped; the
+    runner adds the console."""
+    own = KERNELS_DIR / arch / "cmdline"
+    lines = (own if own.is_file() else KERNELS_DIR / "cmdline").read_text().splitlines()
     return " ".join(w for line in lines for w in line.split("#", 1)[0].split())
 
 
@@ -615,13 +707,22 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 _NOTE_NUMBERS = {name: num for name, num in ENUM_NOTE_N_TYPE.items() if isinstance(num, int)}
 
 
-def verify(path: Path, require: tuple[str, ...] = ("pv", "pvh")) -> KernelInfo:
-    """Read the Xen ELF notes of a vmlinux ELF or a bzImage; KernelError if a `require`d mode is missing."""
+def verify(path: Path, require: tuple[str, ...] | None = None, arch: str = "amd64") -> KernelInfo:
+    """What the kernel file `path` boots as; KernelError if a `require`d mode is missing (None: every Xen
+    mode of the arch, ("pv", "pvh") for amd64, ("xen",) for arm64).
+
+    amd64: the Xen ELF notes of a vmlinux ELF or a bzImage. arm64: the Image header (of a gzip-compressed
+    Image too), and Xen guest support from the .config the Image embeds (IKCONFIG), else from the one beside
+    it: `config` (an xbuild cache entry) or `config-<release>` beside `vmlinuz-<release>` (Debian's /boot).
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise KernelError(f"kernel {path}: cannot read: {e.strerror}") from None
+    if arch_of(arch).fmt == "image":
+        return _verify_image(path, data, require or ("xen",))
+    require = require or ("pv", "pvh")
     fmt, elf = ("elf" if data[:4] == ELF_MAGIC else "bzimage"), vmlinux(path, data)
     notes = dict(_xen_notes(path, elf))
     entry = _addr(notes.get(XEN_ELFNOTE_ENTRY))
@@ -642,6 +743,51 @@ def verify(path: Path, require: tuple[str, ...] = ("pv", "pvh")) -> KernelInfo:
     if problems:
         raise KernelError(f"kernel {path}: " + "; ".join(problems))
     return KernelInfo(path, fmt, tuple(modes), entry, phys32)
+
+
+ARM64_IMAGE_MAGIC = b"ARM\x64"  # at offset 0x38 of an arm64 Image (Documentation/arm64/booting.rst)
+IKCONFIG_START, IKCONFIG_END = b"IKCFG_ST", b"IKCFG_ED"  # around the gzip'd .config (kernel/configs.c)
+
+
+def _verify_image(path: Path, data: bytes, require: tuple[str, ...]) -> KernelInfo:
+    """verify() of an arm64 kernel: "qemu" for any arm64 Image, "xen" where its embedded .config has the
+    Xen guest support (XEN and its console HVC_XEN)."""
+    image = data
+    if sniff(data) == "gzip":
+        try:
+            image = decompress("gzip", data)
+        except CorruptData as e:
+            raise KernelError(f"kernel {path}: cannot decompress the gzip'd Image: {e}") from None
+    if image[0x38:0x3C] != ARM64_IMAGE_MAGIC:
+        raise KernelError(f"kernel {path}: not an arm64 Image (no ARM\\x64 magic at 0x38)")
+    config = image_config(image)
+    if config is None:
+        beside = [path.with_name("config-" + path.name.removeprefix("vmlinuz-")), path.with_name("config")]
+        config = next((parse_config(c.read_text(errors="replace")) for c in beside if c.is_file()), None)
+    modes = ["qemu"]
+    if config is not None and all(config.get(s) == "y" for s in ("XEN", "HVC_XEN")):
+        modes.insert(0, "xen")
+    no_xen = (
+        "no Xen guest support (CONFIG_XEN and CONFIG_HVC_XEN)"
+        if config is not None
+        else "cannot tell its Xen guest support: no .config in it (CONFIG_IKCONFIG) nor beside it"
+    )
+    problems = [no_xen if m == "xen" else f"no mode {m!r} on arm64" for m in require if m not in modes]
+    if problems:
+        raise KernelError(f"kernel {path}: " + "; ".join(problems))
+    return KernelInfo(path, "image", tuple(modes), None, None)
+
+
+def image_config(image: bytes) -> dict[str, str] | None:
+    """The .config a kernel image embeds (CONFIG_IKCONFIG), parsed; None if it embeds none."""
+    start = image.find(IKCONFIG_START)
+    end = image.find(IKCONFIG_END, start)
+    if start < 0 or end < 0:
+        return None
+    try:
+        return parse_config(decompress("gzip", image[start + len(IKCONFIG_START) : end]).decode())
+    except (CorruptData, UnicodeDecodeError):
+        return None
 
 
 def _xen_notes(path: Path, elf: bytes) -> Iterator[tuple[int, bytes]]:

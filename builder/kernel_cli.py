@@ -16,7 +16,7 @@ from . import kernel as kern
 def _as_json(k: kern.Kernel) -> dict[str, Any]:
     return {f.name: getattr(k, f.name) for f in dataclasses.fields(k)} | {
         "path": str(k.path),
-        "bzimage": str(k.bzimage),
+        "bzimage": str(k.bzimage) if k.bzimage else None,
         "fragments": list(k.fragments),
         "patches": list(k.patches),
     }
@@ -24,12 +24,13 @@ def _as_json(k: kern.Kernel) -> dict[str, Any]:
 
 def _line(k: kern.Kernel) -> str:
     frags = "+".join(k.fragments) + (f" +{len(k.patches)} patch(es)" if k.patches else "")
-    return f"{k.key[:12]}  {k.release:<10} {k.fmt:<7} {k.size / 1e6:6.2f} MB  {frags:<20} {k.path}"
+    size = f"{k.size / 1e6:6.2f} MB"
+    return f"{k.key[:12]}  {k.arch:<5} {k.release:<10} {k.fmt:<7} {size}  {frags:<20} {k.path}"
 
 
 @click.group("kernel")
 def kernel() -> None:
-    """Trimmed guest kernels (Xen PV/PVH + QEMU), built from kernels/*.config and cached."""
+    """Trimmed guest kernels (Xen + QEMU; amd64 and arm64), built from kernels/*.config and cached."""
 
 
 @kernel.command("build")
@@ -38,8 +39,16 @@ def kernel() -> None:
     "fragments",
     multiple=True,
     metavar="NAME",
-    help=f"kernels/NAME.config or a path to a .config fragment; repeatable "
-    f"[default: {' '.join(kern.DEFAULT_FRAGMENTS)}]",
+    help="kernels/[ARCH/]NAME.config or a path to a .config fragment; repeatable [default: "
+    + "; ".join(f"{a.name}: {' '.join(a.fragments)}" for a in kern.ARCHES.values())
+    + "]",
+)
+@click.option(
+    "--platform",
+    default="linux/amd64",
+    show_default=True,
+    type=click.Choice([f"linux/{a}" for a in kern.ARCHES]),
+    help="the guest platform the kernel is for (arm64: cross-compiled with aarch64-linux-gnu-gcc)",
 )
 @click.option(
     "--source",
@@ -47,11 +56,11 @@ def kernel() -> None:
     help="kernel source tarball or clean tree [default: newest /usr/src/linux-source-*.tar.*]",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON, no progress")
-def build_cmd(fragments: tuple[str, ...], source: Path | None, as_json: bool) -> None:
+def build_cmd(fragments: tuple[str, ...], platform: str, source: Path | None, as_json: bool) -> None:
     """Build a kernel (or reuse the cached one) and print where it is."""
-    fragments = fragments or kern.DEFAULT_FRAGMENTS
+    arch = platform.removeprefix("linux/")
     if as_json:
-        k = kern.build(fragments, source)
+        k = kern.build(fragments or None, source, arch=arch)
         click.echo(json.dumps(_as_json(k), indent=2))
         return
     with tqdm(desc="kernel", unit=" files", disable=None) as bar:
@@ -62,7 +71,7 @@ def build_cmd(fragments: tuple[str, ...], source: Path | None, as_json: bool) ->
             elif line.startswith("  ") and line.split()[:1] in (["CC"], ["AS"], ["LD"], ["AR"]):
                 bar.update()
 
-        k = kern.build(fragments, source, progress)
+        k = kern.build(fragments or None, source, progress, arch=arch)
     click.echo(_line(k))
 
 

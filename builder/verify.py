@@ -31,7 +31,7 @@ from .host import install_hint
 from .options import VERIFY_HYPERVISORS, VERIFY_MEMORY_MB, Accel, Hypervisor, Say, choices
 from .recipes import Recipe, load_recipe, smoke_test
 from .run.console import HEALTH_RE, RunResult
-from .run.qemu import QEMU, Qemu, choose_accel
+from .run.qemu import MACHINES, Qemu, choose_accel
 
 NESTED_SLACK_S = 90
 HEALTH_WAIT_MAX_S = 600  # the longest verify waits for a health verdict
@@ -65,8 +65,12 @@ def skip_reason(art: Artifact, hypervisor: str = Hypervisor.QEMU) -> str | None:
     """Why `art` cannot be booted here (None: it can)."""
     if not art.has_kernel:
         return "the artifact has no kernel (--kernel none)"
-    if hypervisor == Hypervisor.QEMU and shutil.which(QEMU) is None:
-        return f"{QEMU} is not installed ({install_hint(QEMU)})"
+    if hypervisor == Hypervisor.QEMU:
+        machine = MACHINES.get(art.manifest.source.platform)
+        if machine is None:
+            return f"xbuild cannot run a {art.manifest.source.platform} guest under QEMU"
+        if shutil.which(machine.binary) is None:
+            return f"{machine.binary} is not installed ({install_hint(machine.binary)})"
     return None
 
 
@@ -128,7 +132,7 @@ def verify_artifact(
             memory_mb=memory,
             console=console,
             kernel_args=health_args,
-            accel=choose_accel(Accel.AUTO, art.kernel, False),
+            accel=choose_accel(Accel.AUTO, art.kernel, False, art.manifest.source.platform),
             network=bool(ports),
         )
         if hypervisor == Hypervisor.QEMU

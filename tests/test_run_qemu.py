@@ -8,6 +8,7 @@ kernel cache or $XBUILD_TRIMMED_KERNEL, else they are skipped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,15 +22,24 @@ from pathlib import Path
 
 import pytest
 
-from builder.artifact import Artifact, DiskInfo
+from builder import kernel as kern
+from builder.artifact import MANIFEST, Artifact, DiskInfo, open_artifact
+from builder.cpio import pack
 from builder.errors import ArtifactError, BadInput, RunError
+from builder.flatten import flatten
+from builder.guest import guest_config, install
+from builder.init import init_binary
+from builder.reference import parse
 from builder.run import qemu
+from builder.run.console import RunResult
 from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
+from builder.source import load
 from tests.fixtures import images as fx
-from tests.fixtures.artifacts import fake_artifact
+from tests.fixtures.artifacts import fake_artifact, manifest_for
 from tests.fixtures.hostile import Sandbox, assert_refused
 from tests.test_init import (  # noqa: F401
     CMDLINE,
+    PROBE_C,
     artifact_from,
     boot,
     cloud_kernel,
@@ -360,3 +370,96 @@ def test_run_without_qemu_leaves_no_temp_dir(sandbox: Sandbox, tmp_path: Path) -
         "apt-get install qemu-system-x86",
     )
     assert sandbox.stale_temps() == []
+
+
+# ------------------------------------------------------------------------------------------------ arm64
+
+
+def _platform_artifact(directory: Path, platform: str, **files: bytes) -> Artifact:
+    """fake_artifact's files and manifest, the manifest's source.platform set to `platform`."""
+    fake_artifact(directory, cmdline="quiet rdinit=/.xbuild/init", **files)
+    m = manifest_for(directory)
+    m = dataclasses.replace(m, source=dataclasses.replace(m.source, platform=platform))
+    (directory / MANIFEST).write_bytes(m.dump())
+    return open_artifact(directory)
+
+
+def test_arm64_guests_run_under_qemu_system_aarch64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One argv builder, the machine as data: virt, -cpu max (cheap pointer auth), PL011 console, no x86
+    flags; virtio-pci net and disks as on amd64; TCG only (auto never picks KVM for it, even where KVM
+    works)."""
+    arm = Qemu.for_artifact(
+        _platform_artifact(tmp_path / "art", "linux/arm64", kernel=b"k", initrd=b"i"), ports=[(8080, 80)]
+    )
+    cmd = _command(arm)
+    assert cmd[:7] == ["qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "max,pauth-impdef=on"]
+    append = cmd[cmd.index("-append") + 1]
+    assert append == f"quiet rdinit=/.xbuild/init console=ttyAMA0 panic=-1 {NET_CMDLINE}"
+    assert "virtio-net-pci,netdev=n0" in cmd and "-no-reboot" in cmd
+    amd = _command(
+        Qemu.for_artifact(_platform_artifact(tmp_path / "amd", "linux/amd64", kernel=b"k", initrd=b"i"))
+    )
+    assert amd[:7] == ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-cpu", "max"]
+    assert amd[amd.index("-append") + 1].split()[2:] == [
+        "console=ttyS0",
+        "panic=-1",
+        "no_timer_check",
+        "noapictimer",
+    ]
+    assert guest_cmdline("quiet", machine=qemu.MACHINES["linux/arm64"]) == (
+        "quiet console=ttyAMA0 rdinit=/.xbuild/init panic=-1"
+    )
+    monkeypatch.setattr(qemu, "kvm_works", lambda kernel: True)
+    assert qemu.choose_accel("auto", Path("/k"), False, "linux/arm64") == "tcg"
+    assert qemu.choose_accel("auto", Path("/k"), False) == "kvm"
+    with pytest.raises(RunError, match="KVM cannot run a linux/arm64 guest on this host"):
+        Qemu(tmp_path / "art", platform="linux/arm64", accel="kvm")
+
+
+def test_a_platform_xbuild_cannot_run_is_refused(sandbox: Sandbox, tmp_path: Path) -> None:
+    """`xbuild run` of a linux/s390x artifact: one line, exit 2, nothing started or left behind."""
+    art = _platform_artifact(tmp_path / "art", "linux/s390x", kernel=b"k", initrd=b"i")
+    before = sandbox.snapshot()
+    r = sandbox.xbuild("run", str(art.path))
+    assert_refused(
+        r, 2, "cannot run a 'linux/s390x' guest: xbuild runs linux/amd64 and linux/arm64 guests under QEMU"
+    )
+    assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
+
+
+def _arm64_static(source: str, name: str, d: Path) -> bytes:
+    """`source` compiled static for arm64 with Debian's cross compiler (gcc-aarch64-linux-gnu)."""
+    (d / f"{name}.c").write_text(source)
+    cmd = ["aarch64-linux-gnu-gcc", "-static", "-Os", "-s", "-o", str(d / name), str(d / f"{name}.c")]
+    subprocess.run(cmd, check=True)
+    return (d / name).read_bytes()
+
+
+@slow
+def test_an_arm64_guest_under_xbuild_run(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The arm64 kernel (built once, cached) + the cross-compiled init and a cross-compiled probe, hand-packed
+    into a linux/arm64 artifact, under the real `xbuild run`: the entrypoint's argv, env (the image's, -e),
+    user and groups as on amd64 (tests/test_init.py), and its exit status is xbuild run's."""
+    image = kern.default_kernel(arch="arm64")
+    fx.write_oci_image(
+        tmp_path / "layout",
+        "t",
+        [probe_members(_arm64_static(PROBE_C, "probe", tmp_path))],
+        {"Entrypoint": ["probe"], "Cmd": ["report"], "Env": ["FOO=bar", "PATH=/bin"], "User": "app"},
+    )
+    oci = load(parse(f"oci:{tmp_path / 'layout'}:t"))
+    tree = flatten(oci).tree
+    install(tree, guest_config(oci.config, tree, "arm"), init_binary(arch="arm64"))
+    d = tmp_path / "art"
+    d.mkdir()
+    pack(tree, d / "initrd.img", "lz4")
+    art = _platform_artifact(d, "linux/arm64", kernel=image.path.read_bytes())
+    r = sandbox.xbuild("run", str(art.path), "-e", "X=y z", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = report(RunResult(0, None, None, None, None, r.stdout.encode()))
+    assert seen["argv"] == ["probe", "report"]
+    assert seen["env"] == {"PATH": "/bin", "HOSTNAME": "arm", "FOO": "bar", "X": "y z", "HOME": "/home/app"}
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (1000, 1000, [10, 50, 1000])
+    assert "booted to exec in" in r.stderr
+    r = sandbox.xbuild("run", str(art.path), "--", "exit", "7", timeout=600)
+    assert r.returncode == 7, r.stdout + r.stderr

@@ -1,9 +1,13 @@
 """Boot an artifact directory under QEMU, stream its console and return the entrypoint's exit status.
 
-The artifact dir holds `kernel` (ELF vmlinux or bzImage; `vmlinux`/`bzImage` are accepted too),
-`initrd.img` and `cmdline` (one line). QEMU runs `-M pc` with the serial console on a pipe we read,
-`-no-reboot`, a QMP socket for graceful stops, and - when ports are forwarded or `network=True` - user
-networking on a virtio-net-pci NIC, the guest configured by the kernel's `ip=` autoconfiguration.
+The artifact dir holds `kernel` (ELF vmlinux or bzImage; `vmlinux`/`bzImage` are accepted too; an arm64
+Image for a linux/arm64 artifact), `initrd.img` and `cmdline` (one line). The guest's platform (the
+manifest's source.platform) picks a Machine, the only place the architectures differ: linux/amd64 runs
+under `qemu-system-x86_64 -M pc` (console ttyS0), linux/arm64 under `qemu-system-aarch64 -M virt -cpu
+max,pauth-impdef=on` (TCG only on this amd64 host; PL011 console ttyAMA0); a platform with no Machine is
+refused (exit 2). Either way QEMU gets the serial console on a pipe we read, `-no-reboot`, a QMP socket for
+graceful stops, and - when ports are forwarded or `network=True` - user networking on a virtio-net-pci NIC,
+the guest configured by the kernel's `ip=` autoconfiguration.
 
 An artifact is booted only as a validated `Artifact` (builder/artifact.py: `Qemu.for_artifact`, `run`):
 kernel, initrd, command line, memory, vcpus and disks come from it, never from a path or a word the
@@ -44,14 +48,61 @@ from typing import Any, BinaryIO
 
 from ..artifact import Artifact, disk_virtual_size
 from ..cache import atomic_file, cache_dir
-from ..errors import RunError
+from ..errors import ArtifactError, RunError
 from ..host import install_hint, require
 from ..options import DEFAULT_MEMORY_MB, Accel, DiskFormat, DiskMode, choices
 from ..proc import Supervisor, run_tool
 from . import cmdline
 from .console import ConsoleWatcher, RunResult
 
-QEMU = "qemu-system-x86_64"
+
+@dataclass(frozen=True)
+class Machine:
+    """How QEMU boots guests of one platform: everything that differs between architectures."""
+
+    platform: str  # OCI platform of the guest: "linux/amd64", "linux/arm64"
+    binary: str  # the QEMU system emulator (a builder/host.py need)
+    machine: str  # -M
+    tcg_cpu: str  # -cpu under TCG (KVM: host)
+    console: str  # the kernel's console= for the first serial port
+    kernel_args: tuple[str, ...]  # added to every command line (unless there)
+    tcg_args: tuple[str, ...]  # added under TCG only
+    uname: str  # os.uname().machine of a host whose KVM runs it (anywhere else: TCG only)
+
+    @property
+    def kvm(self) -> bool:
+        """Whether KVM can run this machine's guests on this host."""
+        return os.uname().machine == self.uname
+
+
+MACHINES = {
+    m.platform: m
+    for m in (
+        # no_timer_check: QEMU always delivers the timer IRQ; on a loaded host under TCG the IO-APIC timer
+        # check can fail and panic the kernel ("IO-APIC + timer doesn't work!"). noapictimer: under TCG the
+        # LAPIC timer calibration costs ~100 ms and makes jiffies (and so the boot clock the init's marker
+        # reads) run fast; Xen and KVM never calibrate it this way
+        Machine(
+            "linux/amd64",
+            "qemu-system-x86_64",
+            "pc",
+            "max",
+            "ttyS0",
+            ("no_timer_check",),
+            ("noapictimer",),
+            "x86_64",
+        ),
+        # virt: device tree, GIC, PSCI, PL011, virtio-mmio and a PCIe host; the architected timer needs no
+        # calibration. -cpu max: every feature an image may probe for; pauth-impdef=on: QEMU's cheap pointer
+        # authentication instead of the architected QARMA5, which made a Debian kernel's boot 3.4x slower in
+        # wall time under TCG at the same guest time (kernels/README.md, arm64)
+        Machine(
+            "linux/arm64", "qemu-system-aarch64", "virt", "max,pauth-impdef=on", "ttyAMA0", (), (), "aarch64"
+        ),
+    )
+}
+AMD64 = MACHINES["linux/amd64"]
+QEMU = AMD64.binary  # the host's own: the KVM probe's
 GUEST_IP = "10.0.2.15"
 NET_CMDLINE = f"ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3"
 DEFAULT_STOP_GRACE = 20.0  # host side: longer than init's default 10 s grace
@@ -120,6 +171,16 @@ class Disk:
         return [a for n in nodes for a in ("-blockdev", json.dumps(n))] + ["-device", dev]
 
 
+def machine_for(platform: str) -> Machine:
+    """The Machine that runs guests of `platform`; ArtifactError (exit 2) for one xbuild cannot run."""
+    try:
+        return MACHINES[platform]
+    except KeyError:
+        raise ArtifactError(
+            f"cannot run a {platform[:40]!r} guest: xbuild runs {' and '.join(MACHINES)} guests under QEMU"
+        ) from None
+
+
 def root_disks(art: Artifact) -> tuple[Disk, ...]:
     """The validated artifact's root disk as a Disk (none for an initramfs artifact)."""
     if art.disk is None or art.manifest.disk is None:
@@ -129,23 +190,25 @@ def root_disks(art: Artifact) -> tuple[Disk, ...]:
 
 
 def guest_cmdline(
-    base: str, *, network: bool = False, kernel_args: Sequence[str] = (), extra_args: Sequence[str] = ()
+    base: str,
+    *,
+    network: bool = False,
+    kernel_args: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    machine: Machine = AMD64,
 ) -> str:
-    """The artifact's command line + console + ip= + kernel_args, then ` -- extra_args` (they replace Cmd);
-    the user's words are quoted for the init (builder/run/cmdline.py)."""
+    """The artifact's command line + the machine's console and flags + ip= + kernel_args, then
+    ` -- extra_args` (they replace Cmd); the user's words are quoted for the init (builder/run/cmdline.py)."""
     head, tail = cmdline.split(base)
     if not any(w.startswith("console=") for w in head):
-        head.append("console=ttyS0")
+        head.append(f"console={machine.console}")
     if not any(w.startswith("rdinit=") for w in head):
         from ..guest import INIT_CMDLINE
 
         head.append(INIT_CMDLINE)
     if not any(w.startswith("panic=") for w in head):
         head.append("panic=-1")
-    if "no_timer_check" not in head:
-        # QEMU always delivers the timer IRQ; on a loaded host under TCG the IO-APIC timer check can
-        # fail and panic the kernel ("IO-APIC + timer doesn't work!")
-        head.append("no_timer_check")
+    head += [w for w in machine.kernel_args if w not in head]
     if network and not any(w.startswith("ip=") for w in head):
         head.append(NET_CMDLINE)
     return cmdline.with_args(
@@ -153,13 +216,15 @@ def guest_cmdline(
     )
 
 
-def qemu_binary() -> str:
-    """Where QEMU is; RunError naming its Debian package when it is not installed (builder/host.py)."""
-    (exe,) = require(QEMU, error=RunError)
+def qemu_binary(machine: Machine = AMD64) -> str:
+    """Where the machine's QEMU is; RunError naming its Debian package when it is not installed
+    (builder/host.py)."""
+    (exe,) = require(machine.binary, error=RunError)
     return exe
 
 
 def qemu_version() -> str:
+    """The version line of the host's own QEMU (the KVM probe's key)."""
     out = run_tool([qemu_binary(), "--version"], RunError, timeout=30).stdout
     return out.splitlines()[0] if out else "unknown"
 
@@ -188,8 +253,13 @@ class Qemu:
         vcpus: int = 1,
         kernel: Path | None = None,
         stop_grace: float = DEFAULT_STOP_GRACE,
+        platform: str = AMD64.platform,
     ):
-        """Boot the bare directory `artifact` (see the module docstring); for an artifact: for_artifact."""
+        """Boot the bare directory `artifact` (see the module docstring) as a `platform` guest; for an
+        artifact: for_artifact."""
+        self.machine = machine_for(platform)
+        if accel == Accel.KVM and not self.machine.kvm:
+            raise RunError(f"KVM cannot run a {platform} guest on this host: use TCG")
         self.artifact = Path(artifact)
         self.kernel = kernel or kernel_path(self.artifact)
         self.initrd = initrd or self.artifact / "initrd.img"
@@ -201,12 +271,14 @@ class Qemu:
             except OSError:
                 cmdline = ""
         self.network = network or bool(ports)
-        if accel == Accel.TCG and "noapictimer" not in cmdline.split():
-            # TCG only: the LAPIC timer calibration costs ~100 ms and makes jiffies (and so the boot
-            # clock the init's marker reads) run fast; Xen and KVM never calibrate it this way
-            kernel_args = ("noapictimer", *kernel_args)
+        if accel == Accel.TCG:
+            kernel_args = (*(w for w in self.machine.tcg_args if w not in cmdline.split()), *kernel_args)
         self.cmdline = guest_cmdline(
-            cmdline, network=self.network, kernel_args=kernel_args, extra_args=extra_args
+            cmdline,
+            network=self.network,
+            kernel_args=kernel_args,
+            extra_args=extra_args,
+            machine=self.machine,
         )
         self.ports, self.memory_mb = tuple(ports), memory_mb
         self.disks, self.vcpus = tuple(disks), vcpus
@@ -225,7 +297,8 @@ class Qemu:
 
     @classmethod
     def for_artifact(cls, art: Artifact, **kw: Any) -> Qemu:
-        """A guest for a validated artifact: its kernel, initrd, command line, vcpus and root disk."""
+        """A guest for a validated artifact: its platform, kernel, initrd, command line, vcpus and root
+        disk."""
         art.bootable()
         return cls(
             art.path,
@@ -234,19 +307,20 @@ class Qemu:
             cmdline=art.cmdline,
             disks=root_disks(art),
             vcpus=art.manifest.guest.vcpus,
+            platform=art.manifest.source.platform,
             **kw,
         )
 
     def command(self) -> list[str]:
         kvm = self.accel == Accel.KVM
         cmd = [
-            QEMU,
+            self.machine.binary,
             "-M",
-            "pc",
+            self.machine.machine,
             "-accel",
             "kvm" if kvm else "tcg",
             "-cpu",
-            "host" if kvm else "max",
+            "host" if kvm else self.machine.tcg_cpu,
             "-m",
             str(self.memory_mb),
             "-smp",
@@ -282,11 +356,11 @@ class Qemu:
         """Start QEMU (its overlays made by qemu-img first). On any failure, the guest's temp directory
         is removed (kill) before the exception propagates: nothing is left when start() raises."""
         try:
-            qemu_binary()
+            qemu_binary(self.machine)
             try:
                 self.supervisor.start(self.command())
             except OSError as e:
-                raise RunError(f"cannot start {QEMU}: {e}") from None
+                raise RunError(f"cannot start {self.machine.binary}: {e}") from None
         except BaseException:
             self.kill()
             raise
@@ -348,7 +422,7 @@ class Qemu:
         rc = self.supervisor.proc.returncode if self.supervisor.proc else None
         if result.exit_status is None and not result.console and not self.supervisor.killed and rc:
             raise RunError(
-                f"{QEMU} failed (status {rc}): "
+                f"{self.machine.binary} failed (status {rc}): "
                 f"{bytes(self.supervisor.stderr).decode(errors='replace').strip()[-500:]}"
             )
         return result
@@ -454,7 +528,8 @@ def _probe_kvm(kernel: Path) -> bool:
         return result.exit_status is not None
 
 
-def choose_accel(accel: str, kernel: Path, icount: bool) -> str:
+def choose_accel(accel: str, kernel: Path, icount: bool, platform: str = AMD64.platform) -> str:
+    """The accelerator for `accel` ("auto": KVM where it works and can run the platform, else TCG)."""
     if accel not in choices(Accel):
         raise RunError(f"unknown accelerator {accel!r} ({', '.join(choices(Accel))})")
     if icount:
@@ -462,7 +537,7 @@ def choose_accel(accel: str, kernel: Path, icount: bool) -> str:
             raise RunError("-icount needs TCG: use accel='tcg' or 'auto'")
         return Accel.TCG
     if accel == Accel.AUTO:
-        return Accel.KVM if kvm_works(kernel) else Accel.TCG
+        return Accel.KVM if machine_for(platform).kvm and kvm_works(kernel) else Accel.TCG
     return accel
 
 
@@ -482,16 +557,21 @@ def run(
     kernel_args: Sequence[str] = (),
     network: bool = False,
     stop_grace: float = DEFAULT_STOP_GRACE,
+    platform: str = AMD64.platform,
 ) -> RunResult:
     """Boot `artifact` and return the entrypoint's result (exit_status None: no status line seen).
 
-    An Artifact is booted as validated (Qemu.for_artifact); a Path is a bare boot directory (Qemu).
+    An Artifact is booted as validated (Qemu.for_artifact, on its manifest's platform); a Path is a bare
+    boot directory (Qemu) booted as a `platform` guest.
 
     `extra_args` go after `--` on the kernel command line (they replace the image's Cmd);
     `kernel_args` before it (e.g. `xbuild.env=K=V`, `xbuild.grace=2`, `xbuild.debug`).
     Timeout, SIGINT and SIGTERM stop the guest gracefully; after a SIGINT, KeyboardInterrupt is raised.
     """
-    kernel = artifact.kernel if isinstance(artifact, Artifact) else kernel_path(Path(artifact))
+    if isinstance(artifact, Artifact):
+        kernel, platform = artifact.kernel, artifact.manifest.source.platform
+    else:
+        kernel = kernel_path(Path(artifact))
     kw: dict[str, Any] = dict(
         ports=ports,
         memory_mb=memory_mb,
@@ -500,11 +580,13 @@ def run(
         console=console,
         icount=icount,
         network=network,
-        accel=choose_accel(accel, kernel, icount),
+        accel=choose_accel(accel, kernel, icount, platform),
         stop_grace=stop_grace,
     )
     guest = (
-        Qemu.for_artifact(artifact, **kw) if isinstance(artifact, Artifact) else Qemu(Path(artifact), **kw)
+        Qemu.for_artifact(artifact, **kw)
+        if isinstance(artifact, Artifact)
+        else Qemu(Path(artifact), platform=platform, **kw)
     )
     with guest:
         return guest.wait(timeout)

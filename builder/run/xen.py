@@ -196,9 +196,9 @@ def run_nested(
     dom0, with a config generated from its manifest (guest_config); its root disk goes to the outer QEMU.
     With `probe` (BridgeProbe): the artifact directory goes into dom0 and its own xen.cfg is run instead;
     an initramfs artifact whose xen.cfg has a vif only (ConfigError), no `ports`, `xen_type` is xen.cfg's.
-    When a warm rig was started (amd64; builder/run/warm.py, `xbuild rig start`; a crashed one is restarted) and
-    the run has neither a root disk nor a probe, the guest runs in it instead, with one progress line, under
-    the same contract; RunError also when the warm rig stops under the guest.
+    When a warm rig was started (builder/run/warm.py, `xbuild rig start`; a crashed one is restarted) and
+    the run is amd64's and has neither a root disk nor a probe, the guest runs in it instead, with one
+    progress line, under the same contract; RunError also when the warm rig stops under the guest.
     The rig is the artifact platform's (artifact_arch); `xen_type` None: that rig's default (amd64: pv,
     arm64: pvh, its only type).
     """

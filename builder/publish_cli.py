@@ -14,6 +14,7 @@ import click
 from . import kernel as kern
 from . import publish, sign
 from .errors import PublishError
+from .image import Platform
 from .options import stderr_say
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -133,13 +134,26 @@ def verify_cmd(ref: str, key: Path, insecure: bool) -> None:
     "--force", is_flag=True, help="Let -o replace a directory that is not an artifact (never a file)."
 )
 @click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
+@click.option(
+    "--platform",
+    metavar="OS/ARCH",
+    help="The platform's VM image when REF is a multi-platform index [this host's]; it must be built for it.",
+)
 @verify_options("Pull")
 def pull_cmd(
-    ref: str, output: Path, force: bool, insecure: bool, verify_key: Path | None, verify_policy: Path | None
+    ref: str,
+    output: Path,
+    force: bool,
+    insecure: bool,
+    platform: str | None,
+    verify_key: Path | None,
+    verify_policy: Path | None,
 ) -> None:
-    """Pull the VM artifact REF into a directory; prints the directory."""
+    """Pull the VM artifact REF (or, from a multi-platform index, the one for --platform) into a directory;
+    prints the directory."""
+    want = Platform.parse(platform) if platform else None
     r = sign.admit(publish.target(ref), verify_key, verify_policy, insecure, stderr_say())
-    click.echo(publish.pull(r, output, insecure, force=force))
+    click.echo(publish.pull(r, output, insecure, force=force, platform=want))
 
 
 @click.command("push")

@@ -123,16 +123,30 @@ def _files(d: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
 
 
-def test_multi_platform_build_push_pull(source: dict[str, str], registry: Registry, sandbox: Sandbox) -> None:
+@pytest.fixture(scope="module")
+def multi(
+    source: dict[str, str], registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """(-o DIR, pushed REF) of `xbuild SOURCE --platform linux/amd64,linux/arm64 --push REF`, run once."""
+    box = Sandbox(tmp_path_factory.mktemp("multi-build") / "sandbox")
+    for d in (box.home, box.tmp, box.cache, box.root / "work"):
+        d.mkdir(parents=True)
+    out, vm = box.root / "work" / "multi", f"{registry.host}/vm/multi:1"
+    r = box.xbuild(
+        source["ref"], "--platform", ",".join(PLATFORMS), "--kernel", "none", "-o", str(out), "--push", vm
+    )
+    assert r.returncode == 0, r.stderr
+    return out, vm
+
+
+def test_multi_platform_build_push_pull(
+    source: dict[str, str], multi: tuple[Path, str], registry: Registry, sandbox: Sandbox
+) -> None:
     """One command builds both platforms, each artifact from its platform's manifest with its platform's
     init; --push pushes ONE index whose entries are the VM images (each with its platform, SBOM and
     provenance attached to it); pull takes the host's platform, or --platform's, and refuses one the index
     lacks."""
-    out, vm = sandbox.root / "work" / "multi", f"{registry.host}/vm/multi:1"
-    r = sandbox.xbuild(
-        source["ref"], "--platform", ",".join(PLATFORMS), "--kernel", "none", "-o", str(out), "--push", vm
-    )
-    assert r.returncode == 0, r.stderr
+    out, vm = multi
     assert sorted(p.name for p in out.iterdir()) == ["linux-amd64", "linux-arm64"]
     for platform, machine in zip(PLATFORMS, ("EM_X86_64", "EM_AARCH64"), strict=True):
         art = out / platform.replace("/", "-")
@@ -228,4 +242,32 @@ def test_config_architecture_lies(sandbox: Sandbox, tmp_path: Path, minimize: st
             str(sandbox.out),
         )
         assert_refused(sandbox.xbuild(f"oci:{layout}:{tag}", *args), 2, needle)
+    assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
+
+
+def test_hostile_vm_indexes(multi: tuple[Path, str], registry: Registry, sandbox: Sandbox) -> None:
+    """Indexes of VM images a registry may serve: an entry whose platform lies about its VM image, 10,000
+    entries, an index nested in an index: each pull is one line, exit 2, nothing written."""
+    _, vm = multi
+    raw, _ = registry.manifest("vm/multi", "1")
+    amd64, arm64 = json.loads(raw)["manifests"]
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX}
+    registry.put_manifest(
+        "vm/multi", "liar", index | {"manifests": [amd64 | {"platform": arm64["platform"]}]}, OCI_INDEX
+    )
+    many = [amd64 | {"platform": {"os": "linux", "architecture": f"x{i}"}} for i in range(10_000)]
+    registry.put_manifest("vm/multi", "many", index | {"manifests": [*many, arm64]}, OCI_INDEX)
+    inner, size = _digest(registry, "vm/multi", "1")
+    nested = [_entry(inner, size, "arm64", OCI_INDEX)]
+    registry.put_manifest("vm/multi", "nested", index | {"manifests": nested}, OCI_INDEX)
+    cases = [
+        ("liar", "vm/multi:liar: the VM image is for linux/amd64, not linux/arm64", ""),
+        ("many", "index lists 10001 manifests (more than 256)", ""),
+        ("nested", "index nesting too deep", ""),
+    ]
+    before = sandbox.snapshot()
+    for tag, needle, more in cases:
+        ref = vm.rsplit(":", 1)[0] + f":{tag}"
+        r = sandbox.xbuild("pull", ref, "--platform", "linux/arm64", "-o", str(sandbox.out))
+        assert_refused(r, 2, needle, *([more] if more else []))
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []

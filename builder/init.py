@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import atomic_file, cache_dir, is_temp, mount_point, no_space, remove_entry, touch
-from .elf import parse
+from .elf import MACHINES, parse
 from .errors import MinimizeError, NoSpaceError, PackError
 from .host import require
 from .proc import run_tool
@@ -38,20 +38,17 @@ FLAGS = (
 )
 
 
-
-
 @dataclass(frozen=True)
 class Arch:
     """How the init of one guest architecture is compiled and what it must be."""
 
     need: str  # builder/host.py's need naming the compiler(s), first found is used
     env: str  # the variable that names another compiler
-    machine: str  # the ELF e_machine its binary must have (builder/elf.py's names)
 
 
-ARCHES = {
-    "amd64": Arch("musl-gcc or gcc", "XBUILD_INIT_CC", "EM_X86_64"),
-    "arm64": Arch("aarch64-linux-musl-gcc or aarch64-linux-gnu-gcc", "XBUILD_INIT_CC_ARM64", "EM_AARCH64"),
+ARCHES = {  # its binary's ELF machine: elf.MACHINES
+    "amd64": Arch("musl-gcc or gcc", "XBUILD_INIT_CC"),
+    "arm64": Arch("aarch64-linux-musl-gcc or aarch64-linux-gnu-gcc", "XBUILD_INIT_CC_ARM64"),
 }
 
 
@@ -83,7 +80,8 @@ def check_binary(data: bytes, arch: str, what: str) -> None:
         info = parse(data, what)
     except MinimizeError as e:
         raise PackError(str(e)) from None
-    want = _arch(arch).machine
+    _arch(arch)
+    want = MACHINES[arch]
     if not info.static or info.machine != want or info.etype != "ET_EXEC":
         raise PackError(
             f"{what} is not a static {want} executable ({info.machine}, {info.etype}, "

@@ -40,7 +40,7 @@ FLAGS = (
 
 @dataclass(frozen=True)
 class Arch:
-    """How the init of one guest architecture is compiled and what it must be."""
+    """How the init of one guest architecture is compiled."""
 
     need: str  # builder/host.py's need naming the compiler(s), first found is used
     env: str  # the variable that names another compiler

@@ -338,6 +338,10 @@ def build_cmd(
     )
     if len(platforms) > 1:  # every platform's options checked before anything is built
         top = output or default_output(reference.parse(image))
+        if (top / "manifest.json").exists():
+            raise BadInput(
+                f"-o {top}: holds an artifact; a build of several platforms writes DIR/OS-ARCH/ ones"
+            )
         runs = [
             dataclasses.replace(
                 opts, platform=p, output=top / platform_dir(p), cache=BuildCache(cache_repo, insecure, say)

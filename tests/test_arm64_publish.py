@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,19 @@ def test_unserved_platforms_refused(
     """A platform xbuild has no init and kernel for is refused before anything is pulled or written."""
     before = sandbox.snapshot()
     assert_refused(sandbox.xbuild(source["ref"], "--platform", platforms, "-o", str(sandbox.out)), 2, needle)
+    assert sandbox.changes(before) == []
+
+
+def test_several_platforms_never_write_into_an_artifact(
+    source: dict[str, str], multi: tuple[Path, str], sandbox: Sandbox
+) -> None:
+    """-o naming an artifact directory is refused for a build of several platforms (it would nest theirs
+    inside it), before anything is pulled or written."""
+    art = sandbox.root / "work" / "one"
+    shutil.copytree(multi[0] / "linux-amd64", art)
+    before = sandbox.snapshot()
+    r = sandbox.xbuild(source["ref"], "--platform", ",".join(PLATFORMS), "--kernel", "none", "-o", str(art))
+    assert_refused(r, 2, f"-o {art}: holds an artifact")
     assert sandbox.changes(before) == []
 
 

@@ -333,6 +333,14 @@ def push_index(
     )
 
 
+def platform_dirs(directory: Path) -> list[Path]:
+    """The artifacts of a build of several platforms' `-o DIR` (its subdirectories holding a manifest.json:
+    `linux-amd64/`, `linux-arm64/`), sorted; [] when `directory` is an artifact itself or holds none."""
+    if (directory / MANIFEST).exists() or not directory.is_dir():
+        return []
+    return sorted(d for d in directory.iterdir() if d.is_dir() and (d / MANIFEST).is_file())
+
+
 def _platform_json(text: str) -> dict[str, str]:
     p = Platform.parse(text)
     return {"os": p.os, "architecture": p.architecture} | ({"variant": p.variant} if p.variant else {})

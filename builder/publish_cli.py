@@ -74,12 +74,18 @@ def _report(pushed: publish.Pushed, seconds: float, as_json: bool) -> None:
 )
 def push_cmd(artifact: Path, ref: str, insecure: bool, as_json: bool, quiet: bool, key: Path | None) -> None:
     """Push the ARTIFACT directory to REF (REGISTRY/REPO:TAG) as an OCI artifact; prints REF@DIGEST.
-    Its SBOM and provenance documents are attached as OCI referrers; `--sign` attaches a signature too."""
+    Its SBOM and provenance documents are attached as OCI referrers; `--sign` attaches a signature too.
+    The -o DIR of a build of several platforms is pushed as one OCI index of its artifacts."""
     start = time.monotonic()
     say = stderr_say(quiet or as_json)
     if key is not None:
         sign.load_private_key(key)  # a bad key is refused before anything is pushed
-    pushed = publish.push(artifact, ref, insecure, say)
+    platforms = publish.platform_dirs(artifact)  # a build of several platforms' -o DIR: one index of them
+    pushed = (
+        publish.push_index(platforms, ref, insecure, say)
+        if platforms
+        else publish.push(artifact, ref, insecure, say)
+    )
     if key is not None:
         pinned = dataclasses.replace(publish.target(ref), digest=pushed.digest)
         sign.sign(pinned, key, insecure, say)

@@ -169,6 +169,11 @@ def test_multi_platform_build_push_pull(
             attached = [x.artifact_type for x in referrers.list_referrers(repo, e["digest"])]
             assert len(attached) == 2 and sorted(attached) == sorted(t for t in documents if t), attached
 
+    # `xbuild push DIR` of the same -o DIR: the same index, byte for byte
+    again = sandbox.xbuild("push", str(out), f"{registry.host}/vm/multi:again")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"{registry.host}/vm/multi:again@sha256:{hashlib.sha256(raw).hexdigest()}"
+
     host = sandbox.root / "work" / "pulled-host"
     assert sandbox.xbuild("pull", vm, "-o", str(host)).returncode == 0
     assert _files(host) == _files(out / "linux-amd64")  # this host is amd64

@@ -145,8 +145,8 @@ def test_multi_platform_build_push_pull(
 ) -> None:
     """One command builds both platforms, each artifact from its platform's manifest with its platform's
     init; --push pushes ONE index whose entries are the VM images (each with its platform, SBOM and
-    provenance attached to it); pull takes the host's platform, or --platform's, and refuses one the index
-    lacks."""
+    provenance attached to it); `xbuild push DIR --sign` pushes the same index and signs it; pull takes the
+    host's platform, or --platform's (checking the index's signature), and refuses one the index lacks."""
     out, vm = multi
     assert sorted(p.name for p in out.iterdir()) == ["linux-amd64", "linux-arm64"]
     for platform, machine in zip(PLATFORMS, ("EM_X86_64", "EM_AARCH64"), strict=True):
@@ -169,10 +169,30 @@ def test_multi_platform_build_push_pull(
             attached = [x.artifact_type for x in referrers.list_referrers(repo, e["digest"])]
             assert len(attached) == 2 and sorted(attached) == sorted(t for t in documents if t), attached
 
-    # `xbuild push DIR` of the same -o DIR: the same index, byte for byte
-    again = sandbox.xbuild("push", str(out), f"{registry.host}/vm/multi:again")
+    # `xbuild push DIR --sign` of the same -o DIR: the same index, byte for byte, its digest signed; a pull
+    # of one platform checks that signature (the index digest pins every platform's VM image)
+    key = sandbox.root / "key.pem"
+    subprocess.run(
+        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)], check=True
+    )
+    subprocess.run(
+        ["openssl", "ec", "-in", str(key), "-pubout", "-out", f"{key}.pub"], check=True, capture_output=True
+    )
+    again = sandbox.xbuild("push", str(out), f"{registry.host}/vm/multi:signed", "--sign", str(key))
     assert again.returncode == 0, again.stderr
-    assert again.stdout.strip() == f"{registry.host}/vm/multi:again@sha256:{hashlib.sha256(raw).hexdigest()}"
+    assert again.stdout.strip() == f"{registry.host}/vm/multi:signed@sha256:{hashlib.sha256(raw).hexdigest()}"
+    signed = sandbox.root / "work" / "pulled-signed"
+    pull = (
+        "pull",
+        f"{registry.host}/vm/multi:signed",
+        "--platform",
+        "linux/arm64",
+        "--verify-key",
+        f"{key}.pub",
+    )
+    r = sandbox.xbuild(*pull, "-o", str(signed))
+    assert r.returncode == 0, r.stderr
+    assert _files(signed) == _files(out / "linux-arm64")
 
     host = sandbox.root / "work" / "pulled-host"
     assert sandbox.xbuild("pull", vm, "-o", str(host)).returncode == 0

@@ -128,6 +128,8 @@ class BuildOptions:
             raise BadInput(
                 f"--platform {self.platform}: xbuild builds {served} guests only (its init and kernel)"
             )
+        if self.platform.architecture == "arm64" and self.xen_type != XenType.PVH:  # libxl_arm: PVH only
+            raise BadInput(f"--xen-type {self.xen_type}: Xen on arm64 runs pvh guests only")
         if self.bridge is not None and (why := network_problem(self.bridge)):
             raise BadInput(f"--bridge: {why}")
         if self.ip is not None:

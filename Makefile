@@ -7,7 +7,7 @@ APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap umoci docker
 	musl-tools busybox-static cpio zstd lz4 xz-utils strace bubblewrap apache2-utils openssl docker.io \
 	python3-guestfs linux-image-amd64 gosu nodejs \
 	linux-source-6.1 build-essential patch bc bison flex libelf-dev libssl-dev dwarves \
-	gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm qemu-user-static binfmt-support
+	gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm qemu-user-static binfmt-support musl-dev:arm64
 export XBUILD_CACHE ?= $(HOME)/.cache/xbuild
 
 .PHONY: fuzz setup apt venv test test-corpus test-fast demo bench lint clean
@@ -18,7 +18,7 @@ apt: .work/apt.stamp
 .work/apt.stamp: Makefile
 	@mkdir -p .work
 	@# arm64 guests: apt must know arm64 packages (Xen on arm, Debian's arm64 kernels, busybox) for
-	@# `apt-get download PKG:arm64`; nothing arm64 is installed on the host
+	@# `apt-get download PKG:arm64`; the one arm64 package installed is musl-dev:arm64 (the arm64 init's libc)
 	@dpkg --print-foreign-architectures | grep -qx arm64 || { \
 		$$( [ $$(id -u) -eq 0 ] || echo sudo ) dpkg --add-architecture arm64 && \
 		$$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get update -qq; }

@@ -80,8 +80,9 @@ from .run.cmdline import with_ip
 from .text import is_decimal
 from .tree import Tree
 
-GUEST_PLATFORMS = (("linux", "amd64"),)  # what the init and the kernels are built for (issue 18: arm64)
-QEMU_CONSOLE, XEN_CONSOLE = "console=ttyS0", "console=hvc0"
+GUEST_PLATFORMS = (("linux", "amd64"), ("linux", "arm64"))  # what the init and the kernels are built for
+QEMU_CONSOLES = {"amd64": "console=ttyS0", "arm64": "console=ttyAMA0"}  # QEMU's serial: 16550, virt's PL011
+XEN_CONSOLE = "console=hvc0"
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class BuildOptions:
             raise BadInput(
                 f"--platform {self.platform}: xbuild builds {served} guests only (its init and kernel)"
             )
+        if self.platform.architecture == "arm64" and self.xen_type != XenType.PVH:  # libxl_arm: PVH only
+            raise BadInput(f"--xen-type {self.xen_type}: Xen on arm64 runs pvh guests only")
         if self.bridge is not None and (why := network_problem(self.bridge)):
             raise BadInput(f"--bridge: {why}")
         if self.ip is not None:
@@ -212,13 +215,15 @@ class _KernelPlan:
     fmt: str = ""
 
 
-def _kernel_plan(opts: BuildOptions, recipe: Recipe | None) -> _KernelPlan | None:
-    """The kernel as a build input, nothing built yet: the trimmed kernel's key and fragments, or the given
-    file (pulled for oci://, checked by kernel.verify) and its sha256; None for --kernel none."""
+def _kernel_plan(opts: BuildOptions, recipe: Recipe | None, arch: str) -> _KernelPlan | None:
+    """The kernel for `arch` as a build input, nothing built yet: the trimmed kernel's key and fragments, or
+    the given file (pulled for oci://, checked by kernel.verify) and its sha256; None for --kernel none."""
     from . import kernel as kern
 
     if opts.kernel is None:
         return None
+    if arch != "amd64":  # until builder/kernel.py builds and verifies arm64 kernels (issue 18.2)
+        raise BadInput(f"--platform {opts.platform}: xbuild has no {arch} kernel yet (use --kernel none)")
     if opts.kernel == "default":
         fragments = kern.DEFAULT_FRAGMENTS + tuple(
             f for f in (recipe.kernel_fragments if recipe else ()) if f not in kern.DEFAULT_FRAGMENTS
@@ -268,6 +273,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     if opts.pin and image.manifest_digest != opts.pin:
         raise SourceError(f"{ref}: the image is {image.manifest_digest}, not {opts.pin}")
     opts.log(f"image {ref} ({image.manifest_digest[:19]}, {len(image.layers)} layers, {image.platform})")
+    arch = image.platform.architecture  # the source gave the manifest for opts.platform, checked its config
     hostname = opts.hostname or default_hostname(ref)
     epoch = source_date_epoch(image, opts.epoch)
     memory = opts.memory_mb or _default_memory(recipe, disk)
@@ -275,7 +281,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         " ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
         "the kernel command line",
     )
-    kernel_plan = _kernel_plan(opts, recipe)
+    kernel_plan = _kernel_plan(opts, recipe, arch)
     network = _network(opts, recipe, image)
     inputs = BuildInputs(
         source_reference=str(ref),
@@ -285,7 +291,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         recipe_sha256=recipe.sha256 if recipe else None,
         minimize=opts.minimize.value,
         kernel=kernel_plan.input if kernel_plan else None,
-        init_key=init.key(),
+        init_key=init.key(arch),
         xbuild_version=__version__,
         compression=opts.compression,
         level=opts.level,
@@ -315,10 +321,10 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     gc = guest_config(config, flat.tree, hostname)
     if disk:
         gc = dataclasses.replace(gc, root_devices=ROOT_DEVICES, root_mode=opts.disk_mode)
-    tree, report = minimize(flat.tree, config, recipe, opts.minimize)
+    tree, report = minimize(flat.tree, config, recipe, opts.minimize, arch)
     if opts.minimize != MinimizeMode.NONE:
         opts.log(report.summary().splitlines()[0])
-    init_bin = init_binary(cache)
+    init_bin = init_binary(cache, arch)
     install(tree, gc, init_bin)
     kernel = _kernel(opts, kernel_plan, cache) if kernel_plan else None
     guest = Guest.of(gc, memory_mb=memory, xen_type=opts.xen_type, recipe=recipe.name if recipe else None)
@@ -349,7 +355,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             kernel_info = dataclasses.replace(kernel[1], size=(tmp / KERNEL).stat().st_size)
             need = memory_need(tmp / KERNEL, tmp / INITRD, packed.compression, initramfs)
             guest = _min_memory(guest, need, opts)
-            cmdline = f"{QEMU_CONSOLE} {flags}"
+            cmdline = f"{QEMU_CONSOLES[arch]} {flags}"
             (tmp / CMDLINE).write_text(cmdline + "\n")
             (tmp / XEN_CFG).write_text(
                 xen_config(

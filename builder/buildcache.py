@@ -5,7 +5,7 @@ Products and their entries in REPO (REGISTRY/REPOSITORY, no tag), one tag per ke
 
     kernel    REPO:kernel-<key>    builder/kernel.py build_key (source, fragments, toolchain); a kernel
                                    artifact as `xbuild kernel push` makes it (publish.push_kernel)
-    init      REPO:init-<key>      builder/init.py key (source, compiler, flags); an init artifact
+    init      REPO:init-<key>      builder/init.py key (arch, source, compiler, flags); an init artifact
                                    (publish.push_init)
     artifact  REPO:artifact-<key>  builder/inputs.py BuildInputs.key (every input of the artifact); the VM
                                    artifact as `xbuild push` makes it (publish.push)
@@ -46,13 +46,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import elf
 from .cache import cache_dir, remove_entry
 from .errors import (
     CacheError,
     KernelError,
-    MinimizeError,
     NoSpaceError,
+    PackError,
     PublishError,
     RegistryUnavailable,
     XbuildError,
@@ -278,30 +277,28 @@ def trimmed_kernel(cache: BuildCache, fragments: tuple[str, ...], arch: str = "a
     return cache.obtain("kernel", key, local, pull, build, push)
 
 
-def init_binary(cache: BuildCache) -> bytes:
-    """The guest init: the local entry, else the registry's (a static x86-64 ELF), else compiled (and
-    pushed)."""
+def init_binary(cache: BuildCache, arch: str = "amd64") -> bytes:
+    """The guest init for `arch`: the local entry, else the registry's (a static executable for `arch`,
+    init.check_binary), else compiled (and pushed)."""
     from . import init
     from .publish import pull_init, push_init
 
-    key = init.key()
+    key = init.key(arch)
 
     def pull(ref: str) -> tuple[bytes, str]:
         named, data, pulled = pull_init(ref, cache.insecure)
         if named != key:
             raise PublishError(f"{ref}: holds the init of another key ({named[:64]!r})")
         try:
-            info = elf.parse(data, f"{ref}: init")
-        except MinimizeError as e:
+            init.check_binary(data, arch, f"{ref}: init")
+        except PackError as e:
             raise PublishError(str(e)) from None
-        if not info.static or info.machine != "EM_X86_64" or info.etype != "ET_EXEC":
-            raise PublishError(f"{ref}: init is not a static x86-64 executable")
         return data, pulled
 
     def push(data: bytes, ref: str) -> str:
         return push_init(data, key, ref, cache.insecure).reference
 
-    return cache.obtain("init", key, lambda: init.cached(key), pull, init.init_binary, push)
+    return cache.obtain("init", key, lambda: init.cached(key), pull, lambda: init.init_binary(arch), push)
 
 
 def cached_artifact(

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .artifact import Manifest
-from .build import BuildOptions, build
+from . import __version__, reference
+from .artifact import Artifact, Manifest
+from .build import BuildOptions, build, default_output
 from .buildcache import ENV as CACHE_ENV
 from .buildcache import BuildCache
 from .cache import parse_size
@@ -39,12 +40,13 @@ from .options import (
     NetworkMode,
     OutputFormat,
     Progress,
+    Say,
     XenType,
     choices,
     stderr_say,
 )
 from .publish_cli import kernel_push_cmd, pull_cmd, push_cmd, sign_cmd, verify_cmd
-from .recipes import load_recipe
+from .recipes import Recipe, load_recipe
 from .rig_cli import rig_cmd
 from .run_cli import run_cmd
 from .sbom_cli import sbom_cmd
@@ -122,7 +124,12 @@ def main() -> None:
     "(zstd:19 is the size-first mode: smaller, several times slower to build).",
 )
 @click.option(
-    "--platform", default="linux/amd64", show_default=True, help="Platform to pick from a manifest list."
+    "--platform",
+    default=str(Platform.host()),
+    show_default=True,
+    metavar="OS/ARCH[,OS/ARCH...]",
+    help="Platform(s) to build, each taken from the image's manifest list: linux/amd64, linux/arm64. "
+    "Several: one artifact each, in -o DIR/OS-ARCH/, and --push pushes one OCI index of them.",
 )
 @click.option(
     "--insecure", is_flag=True, help="Talk plain HTTP to the registry (localhost and 127.0.0.0/8 always do)."
@@ -303,12 +310,13 @@ def build_cmd(
     silent = quiet or as_json
     say = stderr_say(silent)
     own_recipe = load_recipe(recipe) if recipe else None  # loaded once: the build and the verify use it
+    platforms = _platforms(platform)
     opts = BuildOptions(
         output=output,
         force=force,
         compression=comp,
         level=level,
-        platform=Platform.parse(platform),
+        platform=platforms[0],
         insecure=insecure,
         minimize=MinimizeMode(minimize),
         recipe=own_recipe,
@@ -329,6 +337,66 @@ def build_cmd(
         cache=BuildCache(cache_repo, insecure, say),
         log=say,
     )
+    if len(platforms) > 1:  # every platform's options checked before anything is built
+        top = output or default_output(reference.parse(image))
+        if (top / "manifest.json").exists():
+            raise BadInput(
+                f"-o {top}: holds an artifact; a build of several platforms writes DIR/OS-ARCH/ ones"
+            )
+        runs = [
+            dataclasses.replace(
+                opts, platform=p, output=top / platform_dir(p), cache=BuildCache(cache_repo, insecure, say)
+            )
+            for p in platforms
+        ]
+    else:
+        runs = [opts]
+    arts = []
+    for one in runs:
+        if len(runs) > 1:
+            say(f"building {image} for {one.platform}")
+        arts.append(_build_one(image, one, verify, verify_on, own_recipe, say))
+    if push_ref:
+        from .publish import push, push_index
+
+        if len(arts) > 1:
+            say(f"pushed {push_index([a.path for a in arts], push_ref, insecure, say).reference}")
+        else:
+            say(f"pushed {push(arts[0].path, push_ref, insecure, say).reference}")
+    docs = {}
+    for one, art in zip(runs, arts, strict=True):
+        assert one.cache is not None
+        docs[str(one.platform)] = art.manifest.to_json() | {"products": one.cache.to_json()}
+        if not quiet and not as_json:
+            _summary(art.path, art.manifest)
+    if as_json:  # one platform: its manifest; several: {"platforms": {platform: manifest}}
+        doc = next(iter(docs.values())) if len(docs) == 1 else {"platforms": docs}
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _platforms(text: str) -> list[Platform]:
+    """The --platform list (comma-separated), each parsed once; BadInput for one named twice."""
+    platforms = [Platform.parse(p.strip()) for p in text.split(",")]
+    for p in platforms:
+        if platforms.count(p) > 1:
+            raise BadInput(f"--platform {text}: {p} is named twice")
+    return platforms
+
+
+def platform_dir(p: Platform) -> str:
+    """The directory of platform `p`'s artifact in a multi-platform build's -o DIR: `linux-arm64`."""
+    return str(p).replace("/", "-")
+
+
+def _build_one(
+    image: str,
+    opts: BuildOptions,
+    verify: bool | None,
+    verify_on: str | None,
+    own_recipe: Recipe | None,
+    say: Say,
+) -> Artifact:
+    """One platform's build, then its verify and its push to the build cache (build_cmd's doc)."""
     assert opts.cache is not None
     art = build(image, opts)
     pulled = opts.cache.pulled("artifact")
@@ -352,15 +420,7 @@ def build_cmd(
             opts.cache.push_artifact(art, say)
     for product in opts.cache.products:
         say(product.line())
-    if push_ref:
-        from .publish import push
-
-        say(f"pushed {push(art.path, push_ref, insecure, say).reference}")
-    if as_json:
-        products = {"products": opts.cache.to_json()}
-        click.echo(json.dumps(art.manifest.to_json() | products, indent=2, sort_keys=True))
-    elif not quiet:
-        _summary(art.path, art.manifest)
+    return art
 
 
 main.add_command(push_cmd)

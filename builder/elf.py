@@ -35,6 +35,7 @@ from .errors import MinimizeError
 from .tree import DIR, FILE, Tree, open_content, split
 
 ELF_MAGIC = b"\x7fELF"
+MACHINES = {"amd64": "EM_X86_64", "arm64": "EM_AARCH64"}  # OCI architecture -> e_machine of its programs
 MULTIARCH = {
     "EM_X86_64": "x86_64-linux-gnu",
     "EM_AARCH64": "aarch64-linux-gnu",

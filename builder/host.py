@@ -55,6 +55,12 @@ KERNEL_SOURCES = "/usr/src/linux-source-*.tar.*"  # Debian's linux-source-X.Y ta
 
 NEEDS: tuple[Need, ...] = (
     Need("musl-gcc or gcc", "musl-tools", BUILD, _tool("musl-gcc", "gcc")),
+    Need(
+        "aarch64-linux-musl-gcc or aarch64-linux-gnu-gcc",
+        "musl-dev:arm64",
+        f"{BUILD} for arm64",
+        _tool("aarch64-linux-musl-gcc", "aarch64-linux-gnu-gcc"),
+    ),
     Need("qemu-system-x86_64", "qemu-system-x86", QEMU, _tool("qemu-system-x86_64")),
     Need("qemu-system-aarch64", "qemu-system-arm", QEMU_ARM64, _tool("qemu-system-aarch64")),
     Need("qemu-img", "qemu-utils", f"{DISK} qcow2, run of a qcow2 disk", _tool("qemu-img")),

@@ -4,6 +4,7 @@ runtime config and layers, as later stages read them. `oci.manifest` builds it f
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -24,6 +25,12 @@ class Platform:
         if len(parts) not in (2, 3) or not all(parts):
             raise SourceError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/amd64")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    @classmethod
+    def host(cls) -> Platform:
+        """This machine's platform, named as OCI names it (x86_64 is amd64, aarch64 arm64)."""
+        machine = platform.machine()
+        return cls("linux", {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine))
 
     def __str__(self) -> str:
         return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")

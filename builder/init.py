@@ -13,10 +13,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import atomic_file, cache_dir, is_temp, mount_point, no_space, remove_entry, touch
-from .errors import NoSpaceError, PackError
+from .elf import MACHINES, parse
+from .errors import MinimizeError, NoSpaceError, PackError
 from .host import require
 from .proc import run_tool
 from .resources import data_dir
@@ -36,16 +38,55 @@ FLAGS = (
 )
 
 
-def compiler() -> str:
-    """The compiler used: $XBUILD_INIT_CC, else musl-gcc, else gcc (builder/host.py's "musl-gcc or gcc")."""
-    cc = os.environ.get("XBUILD_INIT_CC")
+@dataclass(frozen=True)
+class Arch:
+    """How the init of one guest architecture is compiled."""
+
+    need: str  # builder/host.py's need naming the compiler(s), first found is used
+    env: str  # the variable that names another compiler
+
+
+ARCHES = {  # its binary's ELF machine: elf.MACHINES
+    "amd64": Arch("musl-gcc or gcc", "XBUILD_INIT_CC"),
+    "arm64": Arch("aarch64-linux-musl-gcc or aarch64-linux-gnu-gcc", "XBUILD_INIT_CC_ARM64"),
+}
+
+
+def _arch(arch: str) -> Arch:
+    try:
+        return ARCHES[arch]
+    except KeyError:
+        served = ", ".join(ARCHES)
+        raise PackError(f"no guest init for architecture {arch!r} (xbuild builds {served})") from None
+
+
+def compiler(arch: str = "amd64") -> str:
+    """The compiler used for `arch`: its variable ($XBUILD_INIT_CC for amd64, $XBUILD_INIT_CC_ARM64 for
+    arm64) if set, else the first tool of its builder/host.py need."""
+    a = _arch(arch)
+    cc = os.environ.get(a.env)
     if not cc:
-        (path,) = require("musl-gcc or gcc", error=PackError)
+        (path,) = require(a.need, error=PackError)
         return path
     found = shutil.which(cc)
     if found is None:
-        raise PackError(f"no C compiler to build the guest init: XBUILD_INIT_CC={cc} is not found")
+        raise PackError(f"no C compiler to build the guest init: {a.env}={cc} is not found")
     return found
+
+
+def check_binary(data: bytes, arch: str, what: str) -> None:
+    """PackError unless `data` is a static ELF executable for `arch`'s machine."""
+    try:
+        info = parse(data, what)
+    except MinimizeError as e:
+        raise PackError(str(e)) from None
+    _arch(arch)
+    want = MACHINES[arch]
+    if not info.static or info.machine != want or info.etype != "ET_EXEC":
+        raise PackError(
+            f"{what} is not a static {want} executable ({info.machine}, {info.etype}, "
+            f"{'static' if info.static else 'dynamic'})"
+        )
 
 
 def build_command(cc: str, source: Path, out: Path) -> list[str]:
@@ -58,16 +99,16 @@ def _version(cc: str) -> str:
     return f"{Path(cc).name}\n{r.stdout}"
 
 
-def cache_key(source: bytes, cc: str) -> str:
+def cache_key(source: bytes, cc: str, arch: str = "amd64") -> str:
     h = hashlib.sha256()
-    for part in (source, _version(cc).encode(), " ".join(FLAGS).encode()):
+    for part in (arch.encode(), source, _version(cc).encode(), " ".join(FLAGS).encode()):
         h.update(len(part).to_bytes(8, "little") + part)
     return h.hexdigest()
 
 
-def key() -> str:
-    """The cache key of the init `init_binary()` gives, without compiling it."""
-    return cache_key(_source(), compiler())
+def key(arch: str = "amd64") -> str:
+    """The cache key of the init `init_binary(arch)` gives, without compiling it."""
+    return cache_key(_source(), compiler(arch), arch)
 
 
 def _source() -> bytes:
@@ -77,12 +118,12 @@ def _source() -> bytes:
         raise PackError(f"cannot read the init source {SOURCE}: {e}") from None
 
 
-def init_binary() -> bytes:
-    """The static init binary, built on first use and cached under cache_dir('init', key) with its sha256
-    beside it (`init.sha256`): a cached binary that does not match it (or a missing or odd entry) is
-    compiled again."""
-    cc = compiler()
-    entry = cache_dir("init", cache_key(_source(), cc))
+def init_binary(arch: str = "amd64") -> bytes:
+    """The static init binary for `arch`, built on first use and cached under cache_dir('init', key) with
+    its sha256 beside it (`init.sha256`): a cached binary that does not match it (or a missing or odd
+    entry) is compiled again. PackError if the compiler gives no static executable for `arch`."""
+    cc = compiler(arch)
+    entry = cache_dir("init", cache_key(_source(), cc, arch))
     final, sums = entry / "init", entry / "init.sha256"
     cached = _cached(final, sums)
     if cached is not None:
@@ -99,6 +140,7 @@ def init_binary() -> bytes:
             tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
             raise PackError(f"building the guest init failed ({' '.join(cmd)}): {' | '.join(tail)}")
         data = out.read_bytes()
+    check_binary(data, arch, f"the guest init built by {cc}")
     with atomic_file(sums, "w") as f:
         f.write(hashlib.sha256(data).hexdigest() + "\n")
     with atomic_file(final) as f:

@@ -66,9 +66,18 @@ from .blobs import CHUNK, HashingReader, HashingWriter, blob_path, check_digest,
 from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, lock_shared, remove_entry
 from .compression import CorruptData, compressor, reader
 from .errors import ArtifactError, CacheError, PublishError, SourceError, XbuildError
+from .image import Platform
 from .kernel import Kernel
 from .oci import referrers
-from .oci.manifest import ACCEPT, DOCKER_CONFIG, OCI_CONFIG, OCI_MANIFEST, Descriptor, manifest_parts
+from .oci.manifest import (
+    ACCEPT,
+    DOCKER_CONFIG,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    manifest_parts,
+)
 from .oci.repository import Repository
 from .options import DiskFormat, Say
 from .reference import ImageRef, parse
@@ -170,6 +179,8 @@ class Pushed:
     uploaded_bytes: int
     disk: dict[str, Any] | None = None  # {file, media_type, file_size, blob_size} when there is a disk
     referrers: dict[str, str] | None = None  # attached documents: file name → referrer manifest digest
+    size: int = 0  # of the pushed manifest (or index)
+    platforms: dict[str, Pushed] | None = None  # a pushed index: its entries by platform ("linux/arm64")
 
 
 def target(text: str | ImageRef) -> ImageRef:
@@ -268,21 +279,100 @@ def push(directory: Path, ref: str | ImageRef, insecure: bool = False, log: Say 
     return _push(target(ref), VM, config, layers, annotations, insecure, log)
 
 
+def push_index(
+    directories: list[Path], ref: str | ImageRef, insecure: bool = False, log: Say = lambda msg: None
+) -> Pushed:
+    """Push artifacts of several platforms as ONE OCI index tagged `ref`: each directory is pushed by digest
+    (`push`'s manifest, its SBOM and provenance attached to it as referrers), then the index naming them,
+    each entry with the platform its manifest.json records (`source.platform`; a platform twice is refused
+    before anything is pushed). The index is canonical JSON, so the same artifacts give the same digest.
+    The counts are summed over the platforms; `platforms` holds each one's Pushed."""
+    r = target(ref)
+    if r.digest:
+        raise PublishError(f"{r}: push needs a tag, not a digest")
+    parts: list[tuple[str, Blob, list[Blob], dict[str, str]]] = []
+    for d in directories:
+        config, layers, annotations = vm_blobs(d, log)
+        platform = open_artifact(d).manifest.source.platform
+        if platform in (p for p, *_ in parts):
+            raise PublishError(f"{d}: a second artifact for {platform}")
+        parts.append((platform, config, layers, annotations))
+    pushed = {p: _push(r, VM, c, ls, a, insecure, log, by_digest=True) for p, c, ls, a in parts}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "artifactType": VM_ARTIFACT,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "artifactType": VM_ARTIFACT,
+                "digest": one.digest,
+                "size": one.size,
+                "platform": _platform_json(platform),
+            }
+            for platform, one in pushed.items()
+        ],
+        "annotations": {TOOL_VERSION: __version__},
+    }
+    raw = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    with _repository(r, insecure, push=True) as repo:
+        repo.put_manifest(str(r.tag), raw, digest, OCI_INDEX)
+    log(f"pushed the index of {', '.join(pushed)}")
+    total = {k: sum(getattr(one, k) for one in pushed.values()) for k in ("uploaded", "present", "mounted")}
+    sent = sum(one.uploaded_bytes for one in pushed.values())
+    return Pushed(
+        f"{r.docker_name}@{digest}",
+        digest,
+        total["uploaded"],
+        total["present"],
+        total["mounted"],
+        sent,
+        size=len(raw),
+        platforms=pushed,
+    )
+
+
+def platform_dirs(directory: Path) -> list[Path]:
+    """The artifacts of a build of several platforms' `-o DIR` (its subdirectories holding a manifest.json:
+    `linux-amd64/`, `linux-arm64/`), sorted; [] when `directory` is an artifact itself or holds none."""
+    if (directory / MANIFEST).exists() or not directory.is_dir():
+        return []
+    return sorted(d for d in directory.iterdir() if d.is_dir() and (d / MANIFEST).is_file())
+
+
+def _platform_json(text: str) -> dict[str, str]:
+    p = Platform.parse(text)
+    return {"os": p.os, "architecture": p.architecture} | ({"variant": p.variant} if p.variant else {})
+
+
 def pull(
-    ref: str | ImageRef, dest: Path, insecure: bool = False, reuse: bool = False, force: bool = False
+    ref: str | ImageRef,
+    dest: Path,
+    insecure: bool = False,
+    reuse: bool = False,
+    force: bool = False,
+    platform: Platform | None = None,
 ) -> Path:
     """Pull the VM artifact `ref` into `dest` (replacing an earlier artifact there: prepare_output decides,
-    `force` as for `-o`); return `dest`. The manifest is validated (Manifest) before any layer is fetched,
+    `force` as for `-o`); return `dest`. `ref` is one VM image, or an index of VM images (not nested) of
+    which the entry for `platform` (None: the host's) is taken; either way the artifact must be built for
+    that platform (its manifest.json's `source.platform`), so an index entry whose platform lies about its
+    image is refused. The manifest is validated (Manifest) before any layer is fetched,
     the directory (open_artifact) before it is renamed into place.
     `reuse`: keep `dest` as it is when it holds this very artifact already (its manifest.json is the
     pushed one byte for byte and every file still hashes to what was pushed: one sha256 pass over the copy),
     so only the manifest and config are fetched: for caches nothing writes to.
     Every cached blob used is checked against its digest as it is read (`_from_cache`)."""
     r = target(ref)
+    want = platform or Platform.host()
     prepare_output(dest, force)
     with _repository(r, insecure, push=False) as repo:
-        config_raw, meta, layers, _ = _fetch(repo, r, VM)
-        disk = _vm_manifest(meta, layers, repo.what).disk
+        config_raw, meta, layers, _ = _fetch(repo, r, VM, want)
+        vm = _vm_manifest(meta, layers, repo.what)
+        if not want.matches(_platform_json(vm.source.platform)):
+            raise PublishError(f"{repo.what}: the VM image is for {vm.source.platform}, not {want}")
+        disk = vm.disk
         if (
             reuse
             and (dest / MANIFEST).is_file()
@@ -438,7 +528,10 @@ def _push(
     annotations: dict[str, str],
     insecure: bool,
     log: Say,
+    by_digest: bool = False,
 ) -> Pushed:
+    """Push one manifest of `kind` to `ref`'s repository as `ref`'s tag, or `by_digest` only (for an index
+    to name)."""
     if ref.digest:
         raise PublishError(f"{ref}: push needs a tag, not a digest")
     manifest = {
@@ -461,7 +554,7 @@ def _push(
             sent += blob.size if how == "uploaded" else 0
             of = f", zstd of {blob.file_size / 1e6:.1f} MB" if blob.file_size is not None else ""
             log(f"{how} {name} ({blob.size / 1e6:.1f} MB{of})")
-        repo.put_manifest(str(ref.tag), raw, digest)
+        repo.put_manifest(digest if by_digest else str(ref.tag), raw, digest)
         attached = _attach_documents(repo, referrers.Subject(OCI_MANIFEST, digest, len(raw)), layers, log)
     disk = next(
         (
@@ -480,6 +573,7 @@ def _push(
         sent,
         disk,
         attached or None,
+        len(raw),
     )
 
 
@@ -506,11 +600,14 @@ def _attach_documents(
     return attached
 
 
-def _fetch(repo: Repository, ref: ImageRef, kind: _Kind) -> tuple[bytes, dict[str, Any], list[Blob], str]:
-    """(config bytes, config, layers, manifest digest) of the artifact `ref` names, checked to be of `kind`;
+def _fetch(
+    repo: Repository, ref: ImageRef, kind: _Kind, platform: Platform | None = None
+) -> tuple[bytes, dict[str, Any], list[Blob], str]:
+    """(config bytes, config, layers, manifest digest) of the artifact `ref` names (with `platform`: or the
+    entry for it of the index `ref` names, an index of manifests only), checked to be of `kind`;
     the manifest and config are read through the blob cache, verified (`Repository.manifest`, `.config`);
     layers are fetched as they are used (`_from_cache`)."""
-    manifest = repo.manifest(ref, None)
+    manifest = repo.manifest(ref, platform, depth=2)
     doc, what = manifest.doc, repo.what
     config: dict[str, Any] = doc["config"] if isinstance(doc.get("config"), dict) else {}
     atype, ctype = doc.get("artifactType"), config.get("mediaType")

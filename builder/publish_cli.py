@@ -14,6 +14,7 @@ import click
 from . import kernel as kern
 from . import publish, sign
 from .errors import PublishError
+from .image import Platform
 from .options import stderr_say
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -73,12 +74,18 @@ def _report(pushed: publish.Pushed, seconds: float, as_json: bool) -> None:
 )
 def push_cmd(artifact: Path, ref: str, insecure: bool, as_json: bool, quiet: bool, key: Path | None) -> None:
     """Push the ARTIFACT directory to REF (REGISTRY/REPO:TAG) as an OCI artifact; prints REF@DIGEST.
-    Its SBOM and provenance documents are attached as OCI referrers; `--sign` attaches a signature too."""
+    Its SBOM and provenance documents are attached as OCI referrers; `--sign` attaches a signature too.
+    The -o DIR of a build of several platforms is pushed as one OCI index of its artifacts."""
     start = time.monotonic()
     say = stderr_say(quiet or as_json)
     if key is not None:
         sign.load_private_key(key)  # a bad key is refused before anything is pushed
-    pushed = publish.push(artifact, ref, insecure, say)
+    platforms = publish.platform_dirs(artifact)  # a build of several platforms' -o DIR: one index of them
+    pushed = (
+        publish.push_index(platforms, ref, insecure, say)
+        if platforms
+        else publish.push(artifact, ref, insecure, say)
+    )
     if key is not None:
         pinned = dataclasses.replace(publish.target(ref), digest=pushed.digest)
         sign.sign(pinned, key, insecure, say)
@@ -133,13 +140,26 @@ def verify_cmd(ref: str, key: Path, insecure: bool) -> None:
     "--force", is_flag=True, help="Let -o replace a directory that is not an artifact (never a file)."
 )
 @click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
+@click.option(
+    "--platform",
+    metavar="OS/ARCH",
+    help="The platform's VM image when REF is a multi-platform index [this host's]; it must be built for it.",
+)
 @verify_options("Pull")
 def pull_cmd(
-    ref: str, output: Path, force: bool, insecure: bool, verify_key: Path | None, verify_policy: Path | None
+    ref: str,
+    output: Path,
+    force: bool,
+    insecure: bool,
+    platform: str | None,
+    verify_key: Path | None,
+    verify_policy: Path | None,
 ) -> None:
-    """Pull the VM artifact REF into a directory; prints the directory."""
+    """Pull the VM artifact REF (or, from a multi-platform index, the one for --platform) into a directory;
+    prints the directory."""
+    want = Platform.parse(platform) if platform else None
     r = sign.admit(publish.target(ref), verify_key, verify_policy, insecure, stderr_say())
-    click.echo(publish.pull(r, output, insecure, force=force))
+    click.echo(publish.pull(r, output, insecure, force=force, platform=want))
 
 
 @click.command("push")

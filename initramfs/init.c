@@ -645,7 +645,7 @@ static const char *wait_root(void)
 }
 
 /* Move the mount on `dir` into the new root; detach it when that is impossible (no such directory). */
-static void move_mount(const char *dir)
+static void move_into_root(const char *dir)
 {
 	char target[256];
 	snprintf(target, sizeof target, NEWROOT "%s", dir);
@@ -671,8 +671,8 @@ static void switch_to_disk(void)
 		die(EXIT_SETUP, "root disk: cannot mount %s (ext4, %s): %s", dev, cfg.root_ro ? "ro" : "rw",
 		    strerror(errno));
 	DBG("mounted %s on / (%s) at %lluus\n", dev, cfg.root_ro ? "ro" : "rw", boot_us());
-	move_mount("/dev");
-	move_mount("/proc");
+	move_into_root("/dev");
+	move_into_root("/proc");
 	/* what the initramfs held: this init (it keeps running from memory), its config, the links to it */
 	static const char *const own[] = { "/init", "/dev/console", CONFIG_PATH, INIT_PATH };
 	for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)

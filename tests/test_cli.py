@@ -62,9 +62,10 @@ def test_bare_image_means_build_and_json_is_the_manifest(
         (["oci:{layout}", "--format", "squashfs"], "'squashfs' is not one of"),
         (["oci:{layout}", "--memory", "100000"], "100000 is not in the range 16<=x<=65536"),
         (
-            ["oci:{layout}", "--platform", "linux/arm64"],
-            "--platform linux/arm64: xbuild builds linux/amd64 guests",
+            ["oci:{layout}", "--platform", "linux/s390x"],
+            "--platform linux/s390x: xbuild builds linux/amd64, linux/arm64 guests only",
         ),
+        (["oci:{layout}", "--platform", "linux/arm64"], "image is for linux/amd64, not linux/arm64"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(

@@ -573,3 +573,51 @@ def test_init_key_covers_source_compiler_and_flags(tmp_path: Path, monkeypatch: 
     assert key != init.cache_key(b"int main(){}", str(cc))
     monkeypatch.undo()
     assert key == init.cache_key(b"int main(){}", str(cc))
+    assert key != init.cache_key(b"int main(){}", str(cc), "arm64")  # the same compiler named for arm64
+
+
+def test_arm64_init_cross_compiled_static(xbuild_cache: Path) -> None:
+    """init_binary("arm64"): a static aarch64 executable from the arm64 compiler (musl-dev:arm64's
+    aarch64-linux-musl-gcc here: under 200 KB), cached under a key of its own."""
+    from builder import init
+    from builder.elf import parse
+
+    data = init_binary("arm64")
+    info = parse(data)
+    assert (info.machine, info.etype, info.static) == ("EM_AARCH64", "ET_EXEC", True)
+    assert Path(compiler("arm64")).name == "aarch64-linux-musl-gcc" and len(data) < 200_000
+    assert init.key("arm64") != init.key() and init.cached(init.key("arm64")) == data
+    assert parse(init_binary()).machine == "EM_X86_64"
+    assert sorted(e.name for e in (xbuild_cache / "init").iterdir()) == sorted(
+        [init.key(), init.key("arm64")]
+    )
+
+
+@pytest.mark.parametrize(
+    ("arch", "variable", "cc", "machine"),
+    [
+        ("arm64", "XBUILD_INIT_CC_ARM64", "aarch64-linux-gnu-gcc", "EM_AARCH64"),
+        ("amd64", "XBUILD_INIT_CC", "gcc", "EM_X86_64"),
+    ],
+)
+def test_init_glibc_static_fallback(
+    xbuild_cache: Path, monkeypatch: pytest.MonkeyPatch, arch: str, variable: str, cc: str, machine: str
+) -> None:
+    """Without musl, `gcc -static` (glibc) builds a working static init for each architecture (init.c's
+    names do not clash with glibc's declarations)."""
+    from builder.elf import parse
+
+    monkeypatch.setenv(variable, cc)
+    info = parse(init_binary(arch))
+    assert (info.machine, info.static) == (machine, True)
+
+
+def test_init_of_the_wrong_machine_refused(xbuild_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that builds for another machine than the architecture's (musl-gcc named for arm64) gives
+    no init: PackError, nothing cached."""
+    from builder.errors import PackError
+
+    monkeypatch.setenv("XBUILD_INIT_CC_ARM64", "musl-gcc")
+    with pytest.raises(PackError, match="is not a static EM_AARCH64 executable .EM_X86_64"):
+        init_binary("arm64")
+    assert not any((xbuild_cache / "init").glob("*/init"))

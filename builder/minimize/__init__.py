@@ -94,15 +94,25 @@ from .rules import Minimizer
 
 
 def minimize(
-    tree: Tree, config: ImageConfig, recipe: Recipe | None = None, mode: str = MinimizeMode.AUTO
+    tree: Tree,
+    config: ImageConfig,
+    recipe: Recipe | None = None,
+    mode: str = MinimizeMode.AUTO,
+    arch: str | None = None,
 ) -> tuple[Tree, Report]:
-    """Keep what `config`'s entrypoint needs (see the module doc); never mutates `tree`."""
+    """Keep what `config`'s entrypoint needs (see the module doc); never mutates `tree`. With `arch` (the
+    image's OCI architecture), an ELF program the entrypoint surely runs (argv[0], Cmd[0], their `#!`
+    interpreters, in every mode) that is for another machine is a MinimizeError."""
     if mode not in choices(MinimizeMode):
         raise MinimizeError(
             f"unknown minimize mode {mode!r} (choose from {', '.join(choices(MinimizeMode))})"
         )
-    m = Minimizer(tree, config, recipe)
+    m = Minimizer(tree, config, recipe, arch)
     if mode == MinimizeMode.NONE:
+        c = config
+        argv = list(c.entrypoint) + list(c.cmd) if c.entrypoint else list(c.cmd)
+        if argv and (first := m.command(argv[0])) is not None:
+            m.check_machine(first, "the entrypoint's")
         for path, node in tree.walk():
             if path and node.kind != DIR:
                 m.mark(path, "none", "minimize disabled")

@@ -188,8 +188,9 @@ def _in_lib(path: str) -> tuple[bool, bool]:
 class Minimizer:
     """One minimization of one tree (module doc); the input tree is never mutated."""
 
-    def __init__(self, tree: Tree, config: ImageConfig, recipe: Recipe | None):
+    def __init__(self, tree: Tree, config: ImageConfig, recipe: Recipe | None, arch: str | None = None):
         self.tree, self.config, self.recipe = tree, config, recipe
+        self.arch = arch  # the image's architecture (OCI name): its entrypoint's programs must be for it
         self.env = dict(e.split("=", 1) for e in config.env if "=" in e)
         self.path_dirs = [d for d in self.env.get("PATH", DEFAULT_PATH).split(":") if d]
         self.cwd = "/".join(split(config.working_dir or "/"))
@@ -395,7 +396,20 @@ class Minimizer:
             elif head[:2] == b"#!":
                 self.script(real, node, strict)
 
+    def check_machine(self, path: str, what: str) -> None:
+        """MinimizeError if `path` is an ELF program for another machine than the image's architecture:
+        the guest could not run it (exec format error) and no kernel of that architecture is paired."""
+        info = self.resolver.info(path)
+        want = elf.MACHINES.get(self.arch or "")
+        if info is not None and want is not None and info.machine != want:
+            raise MinimizeError(
+                f"{what} /{path} is an {info.machine} program, but the image says linux/{self.arch} "
+                f"({want}): a linux/{self.arch} guest cannot run it"
+            )
+
     def elf(self, path: str, strict: bool) -> None:
+        if strict:
+            self.check_machine(path, "the entrypoint's")
         objs, missing = self.resolver.closure(path, strict=strict)
         self.notes += missing
         interp = objs[0].info.interp if objs else None

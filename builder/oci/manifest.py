@@ -28,6 +28,7 @@ SCHEMA1_TYPES = (
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
 )
 ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+INDEX_ENTRIES = 256  # an index with more is refused (Docker Hub's largest official images list ~20)
 MANIFEST_LIMIT = 4 << 20  # largest manifest or index read (distribution's own limit for a manifest PUT)
 CONFIG_LIMIT = 4 << 20  # largest config read (an image's, an artifact's): real ones are a few KiB
 
@@ -110,10 +111,12 @@ def descriptor(d: Any, what: str) -> Descriptor:
 
 
 def select_platform(index: dict[str, Any], platform: Platform, what: str) -> Descriptor:
-    """Pick the manifest for `platform` from an OCI index / Docker manifest list."""
+    """Pick the manifest for `platform` from an OCI index / Docker manifest list (at most INDEX_ENTRIES)."""
     manifests = index.get("manifests")
     if not isinstance(manifests, list) or not manifests:
         raise SourceError(f"{what}: index lists no manifests")
+    if len(manifests) > INDEX_ENTRIES:
+        raise SourceError(f"{what}: index lists {len(manifests)} manifests (more than {INDEX_ENTRIES})")
     seen = []
     for m in manifests:
         d = descriptor(m, what)
@@ -133,12 +136,14 @@ def resolve(
     platform: Platform | None,
     what: str,
     media_type: str | None = None,
+    depth: int = 4,
 ) -> ImageManifest:
     """The image manifest for `platform` from the manifest or index `raw` (already verified to be `digest`;
     `media_type` is what its descriptor says, if anything): an index is followed to its entry for `platform`
-    (`read(digest)` gives a manifest's bytes, verified), nested at most 4 deep; with `platform` None an
-    index is refused like any other type that is not an image manifest. Schema 1 manifests are refused."""
-    for _ in range(4):  # index -> (nested index ->) manifest
+    (`read(digest)` gives a manifest's bytes, verified), `depth` documents in all (4: indexes nested 3 deep;
+    2: an index of manifests only); with `platform` None an index is refused like any other type that is
+    not an image manifest. Schema 1 manifests are refused."""
+    for _ in range(depth):  # index -> (nested index ->) manifest
         doc = load_json(raw, f"{what} manifest {digest[:19]}")
         if doc.get("schemaVersion") == 1 or doc.get("mediaType") in SCHEMA1_TYPES:
             raise SourceError(

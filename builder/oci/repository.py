@@ -42,13 +42,13 @@ class Repository(RegistryClient):
 
     # -- pull -----------------------------------------------------------------------------------------------
 
-    def manifest(self, ref: ImageRef, platform: Platform | None) -> ImageManifest:
+    def manifest(self, ref: ImageRef, platform: Platform | None, depth: int = 4) -> ImageManifest:
         """The image manifest `ref` (tag or digest) names, for `platform` when it is an index (None: an index
-        is refused), its digest verified (against the ref's when pinned)."""
+        is refused; `depth` as for `resolve`), its digest verified (against the ref's when pinned)."""
         digest = ref.digest or self._resolve_tag(str(ref.tag))
         raw, digest = self._manifest(digest or str(ref.tag), digest)
         with self.own_errors():
-            return resolve(raw, digest, lambda d: self._manifest(d, d)[0], platform, self.what)
+            return resolve(raw, digest, lambda d: self._manifest(d, d)[0], platform, self.what, depth=depth)
 
     def _resolve_tag(self, tag: str) -> str | None:
         """The tag's manifest digest from a HEAD request, or None if the registry does not say."""
@@ -164,9 +164,10 @@ class Repository(RegistryClient):
         self.remember(digest)
         return "uploaded"
 
-    def put_manifest(self, tag: str, raw: bytes, digest: str) -> None:
-        """PUT the OCI image manifest `raw` (whose digest is `digest`) as `tag`."""
-        resp = self.send("PUT", f"{self.base}/manifests/{tag}", {"Content-Type": OCI_MANIFEST}, raw)
+    def put_manifest(self, tag: str, raw: bytes, digest: str, media_type: str = OCI_MANIFEST) -> None:
+        """PUT the OCI manifest (or index: `media_type`) `raw`, whose digest is `digest`, as `tag` (a tag, or
+        the digest itself for a manifest an index will name)."""
+        resp = self.send("PUT", f"{self.base}/manifests/{tag}", {"Content-Type": media_type}, raw)
         if resp.status_code != 201:
             raise self.failure(resp, "manifest upload")
         answered = resp.headers.get("Docker-Content-Digest")

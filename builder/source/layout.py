@@ -123,6 +123,8 @@ def _oci(ref: ImageRef, files: _Files, platform: Platform) -> Image:
         if not chosen:
             names = sorted({str((m.get("annotations") or {}).get(REF_ANNOTATION, "?")) for m in manifests})
             raise SourceError(f"{what}: no image tagged {ref.name!r} (has: {', '.join(names)})")
+        # one tag on one manifest per platform (as `docker buildx --output type=oci` writes): the platform's
+        chosen = [m for m in chosen if platform.matches(m.get("platform") or {})] or chosen
     elif len(manifests) == 1:
         chosen = manifests
     else:

@@ -222,13 +222,12 @@ def _kernel_plan(opts: BuildOptions, recipe: Recipe | None, arch: str) -> _Kerne
 
     if opts.kernel is None:
         return None
-    if arch != "amd64":  # until builder/kernel.py builds and verifies arm64 kernels (issue 18.2)
-        raise BadInput(f"--platform {opts.platform}: xbuild has no {arch} kernel yet (use --kernel none)")
     if opts.kernel == "default":
-        fragments = kern.DEFAULT_FRAGMENTS + tuple(
-            f for f in (recipe.kernel_fragments if recipe else ()) if f not in kern.DEFAULT_FRAGMENTS
+        default = kern.arch_of(arch).fragments
+        fragments = default + tuple(
+            f for f in (recipe.kernel_fragments if recipe else ()) if f not in default
         )
-        return _KernelPlan(KernelInput(key=kern.build_key(fragments), fragments=fragments))
+        return _KernelPlan(KernelInput(key=kern.build_key(fragments, arch=arch), fragments=fragments))
     if opts.kernel.startswith("oci://"):
         from .publish import pull_kernel
 
@@ -237,15 +236,15 @@ def _kernel_plan(opts: BuildOptions, recipe: Recipe | None, arch: str) -> _Kerne
         path = Path(opts.kernel)
         if not path.is_file():
             raise BadInput(f"--kernel {opts.kernel}: no such file")
-    fmt = kern.verify(path).fmt
+    fmt = kern.verify(path, arch=arch).fmt
     return _KernelPlan(KernelInput(source=opts.kernel, sha256=file_sha256(path)), path, fmt)
 
 
-def _kernel(opts: BuildOptions, plan: _KernelPlan, cache: BuildCache) -> tuple[Path, KernelInfo]:
-    """The kernel file to pair and what the manifest says of it (its size filled in once copied)."""
+def _kernel(opts: BuildOptions, plan: _KernelPlan, cache: BuildCache, arch: str) -> tuple[Path, KernelInfo]:
+    """The `arch` kernel file to pair and what the manifest says of it (its size filled in once copied)."""
     if plan.path is not None:
         return plan.path, KernelInfo(size=0, format=plan.fmt, source=opts.kernel)
-    k = trimmed_kernel(cache, plan.input.fragments or ())
+    k = trimmed_kernel(cache, plan.input.fragments or (), arch)
     return k.path, KernelInfo(size=0, format=k.fmt, key=k.key, release=k.release, fragments=k.fragments)
 
 
@@ -278,7 +277,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
     epoch = source_date_epoch(image, opts.epoch)
     memory = opts.memory_mb or _default_memory(recipe, disk)
     flags = cmdline_words(
-        " ".join([_kernel_flags(), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
+        " ".join([_kernel_flags(arch), INIT_CMDLINE, *(recipe.cmdline if recipe else ())]),
         "the kernel command line",
     )
     kernel_plan = _kernel_plan(opts, recipe, arch)
@@ -326,7 +325,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         opts.log(report.summary().splitlines()[0])
     init_bin = init_binary(cache, arch)
     install(tree, gc, init_bin)
-    kernel = _kernel(opts, kernel_plan, cache) if kernel_plan else None
+    kernel = _kernel(opts, kernel_plan, cache, arch) if kernel_plan else None
     guest = Guest.of(gc, memory_mb=memory, xen_type=opts.xen_type, recipe=recipe.name if recipe else None)
     with atomic_dir(out) as tmp:
         disk_section = _write_disk(tree, tmp, opts, epoch) if disk else None
@@ -451,10 +450,10 @@ def _write_disk(tree: Tree, tmp: Path, opts: BuildOptions, epoch: int | None) ->
     )
 
 
-def _kernel_flags() -> str:
+def _kernel_flags(arch: str) -> str:
     from .kernel import cmdline
 
-    return cmdline()
+    return cmdline(arch)
 
 
 def _check_output(out: Path, force: bool) -> None:

@@ -75,11 +75,6 @@ def test_arm64_image_builds(probe_ref: str, sandbox: Sandbox) -> None:
     assert "KEPT (elf-closure)" in why.stdout and "DT_NEEDED libc.so.6 of /bin/sh" in why.stdout, why.stdout
 
 
-@pytest.mark.xfail(
-    reason="needs xbuild's arm64 kernel and the qemu-system-aarch64 runner (helper armkernel); the lead "
-    "removes this mark when they are merged",
-    strict=True,
-)
 def test_arm64_boot_exit_env_user(probe_ref: str, sandbox: Sandbox) -> None:
     """The arm64 artifact with xbuild's arm64 kernel boots under `xbuild run` (qemu-system-aarch64 -M virt,
     TCG): the probe runs as the image's User with its Env on an aarch64 machine, and its exit status (the

@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fixtures.minimize_images",
     "tests.fixtures.hostile",
     "tests.fixtures.warm_rig",
+    "tests.fixtures.arm64",
 ]
 
 # Slow fixtures (kernel, debootstrap images, Xen rig) are cached across runs in the user's cache.

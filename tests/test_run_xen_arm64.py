@@ -2,26 +2,19 @@
 nested in `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3` (TCG), through the real CLI.
 
 One boot proves the console (only the guest's lines on stdout, Xen's and dom0's in no output), the exit
-status, the arguments after `--`, `-e` and the image's User on an aarch64 DomU. The refusals cost no boot;
-the arm64 tests skip without the arm64 fixture image. One fast test reads an arm64 rig log.
-The arm64 artifact is armimage's probe image (tests/fixtures/images.arm64_layout) built for linux/arm64 with
-xbuild's arm64 kernel (kernel.default_kernel(arch="arm64")), both from the real cache.
+status, the arguments after `--`, `-e` and the image's User on an aarch64 DomU. The refusals cost no boot.
+One fast test reads an arm64 rig log. The artifact is tests/fixtures/arm64.py's (built once per session).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
 
-from builder.cache import cache_root
 from builder.run import xen
-from tests.fixtures import images
 from tests.fixtures.hostile import Sandbox, assert_refused, sandbox  # noqa: F401 (a fixture)
-
-arm64_layout = getattr(images, "arm64_layout", None)  # the arm64 fixture image (helper armimage's branch)
 
 
 def test_dom0_words_are_one_line(tmp_path: Path) -> None:
@@ -35,29 +28,8 @@ def test_dom0_words_are_one_line(tmp_path: Path) -> None:
     assert xen.dom0_says(log) == " (dom0: xl exited 1 at 9.1s; no kernel)"
 
 
-@pytest.fixture(scope="module")
-def arm64_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The arm64 probe image built for linux/arm64 with the default arm64 kernel (the real cache)."""
-    if arm64_layout is None:
-        pytest.skip("no arm64 fixture image (tests.fixtures.images.arm64_layout)")
-    out = tmp_path_factory.mktemp("arm64-xen") / "probe"
-    box = Sandbox(out.parent / "build")
-    for d in (box.home, box.tmp, box.root / "work"):
-        d.mkdir(parents=True)
-    ref = f"oci:{arm64_layout()}:arm64-probe"
-    r = box.xbuild(ref, "--platform", "linux/arm64", "-o", str(out), timeout=3600, env=_real_cache(box))
-    assert r.returncode == 0, r.stderr
-    assert json.loads((out / "manifest.json").read_text())["source"]["platform"] == "linux/arm64"
-    return out
-
-
-def _real_cache(box: Sandbox) -> dict[str, str]:
-    """The sandbox's HOME and TMPDIR, the real cache: the arm64 kernel and rig are built once."""
-    return box.env(XBUILD_CACHE=str(cache_root()))
-
-
 @pytest.mark.slow  # an arm64 kernel, the arm64 rig and one nested TCG boot
-def test_arm64_guest_on_nested_xen(arm64_artifact: Path, sandbox: Sandbox) -> None:  # noqa: F811
+def test_arm64_guest_on_nested_xen(arm64_artifact: Path, sandbox: Sandbox) -> None:
     """`xbuild run --hypervisor xen-nested` of the arm64 artifact: the DomU runs the probe as the image's
     User with the run's -e and arguments, stdout carries its console only, its exit status is the run's."""
     before = sandbox.snapshot()
@@ -75,7 +47,7 @@ def test_arm64_guest_on_nested_xen(arm64_artifact: Path, sandbox: Sandbox) -> No
         "3",
         "two words",
         timeout=1200,
-        env=_real_cache(sandbox),
+        env=sandbox.shared_cache_env(),
     )
     took = time.monotonic() - start
     assert r.returncode == 3, r.stdout + r.stderr
@@ -88,12 +60,14 @@ def test_arm64_guest_on_nested_xen(arm64_artifact: Path, sandbox: Sandbox) -> No
 
 
 @pytest.mark.slow  # the arm64 artifact (its kernel)
-def test_arm64_rig_refusals(arm64_artifact: Path, sandbox: Sandbox, tmp_path: Path) -> None:  # noqa: F811
+def test_arm64_rig_refusals(arm64_artifact: Path, sandbox: Sandbox, tmp_path: Path) -> None:
     """Each in one line, nothing left behind: a guest type Xen on arm does not have (2), no
     qemu-system-aarch64 (1, with the apt line), apt without the arm64 architecture (1, with the dpkg line)."""
     before = sandbox.snapshot()
     art = str(arm64_artifact)
-    r = sandbox.xbuild("run", "--hypervisor", "xen-nested", "--xen-type", "pv", art, env=_real_cache(sandbox))
+    r = sandbox.xbuild(
+        "run", "--hypervisor", "xen-nested", "--xen-type", "pv", art, env=sandbox.shared_cache_env()
+    )
     assert_refused(r, 2, "Xen on arm64 boots pvh guests only, not pv")
     bare = tmp_path / "bin"  # a PATH without qemu-system-aarch64
     bare.mkdir()

@@ -22,7 +22,17 @@ from builder.build import BuildOptions, build
 from builder.cpio import pack, read_cpio
 from builder.guest import CONFIG_PATH, GuestConfig, census, install
 from builder.init import init_binary
-from builder.memory import ENTRY_BYTES, MIB, PAGE, MemoryNeed, decompressor_bytes, kernel_span, tree_bytes
+from builder.memory import (
+    ENTRY_BYTES,
+    LOADER_TOP,
+    MIB,
+    PAGE,
+    MemoryNeed,
+    decompressor_bytes,
+    kernel_load_end,
+    kernel_span,
+    tree_bytes,
+)
 from builder.run.console import ConsoleWatcher
 from builder.run.qemu import Qemu
 from builder.tree import Inode, Tree, directory, regular
@@ -78,6 +88,10 @@ def test_kernel_span_and_decompressor(default_kernel_path: Path, tmp_path: Path)
         loads = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
     assert span >= sum(s["p_memsz"] for s in loads)  # the gaps between segments count too
     assert span < default_kernel_path.stat().st_size * 2
+    # linked at 2 MB (CONFIG_PHYSICAL_START), not 16: the initrd at the top of a small guest's memory is clear
+    # of it; the 2 MB paddings between text, rodata and data are gone (kernels/patches)
+    assert kernel_load_end(default_kernel_path) == 2 * MIB + span
+    assert span < 10 * MIB
     tree = Tree()
     tree.add("f", regular(os.urandom(1 << 16), 0o644))
     for level, window in ((19, 8 * MIB), (1, 512 << 10)):
@@ -87,6 +101,11 @@ def test_kernel_span_and_decompressor(default_kernel_path: Path, tmp_path: Path)
     assert MemoryNeed(0, 0, 0, 0, 0, fixed=63 * MIB, reserved=0).min_mb == 64
     # the larger of the peak and the tmpfs cap (half the managed memory holds the files' pages)
     assert MemoryNeed(1 * MIB, 2 * MIB, 0, 30 * MIB, 29 * MIB, fixed=0, reserved=0).min_mb == 62
+    # a kernel linked at 16 MB, 12 MB long, with a 5 MB initrd: QEMU puts the initrd at the top of memory, so
+    # 32 MB (enough by peak and tmpfs) would load it over the kernel's end; the guest died without a line
+    need = MemoryNeed(12 * MIB, 5 * MIB, 0, 1 * MIB, 1 * MIB, fixed=0, reserved=0, load_end=28 * MIB)
+    assert need.placement == 33 * MIB + LOADER_TOP and need.min_mb == 34
+    assert MemoryNeed(12 * MIB, 5 * MIB, 0, 1 * MIB, 1 * MIB, fixed=0, reserved=0).placement == 0
 
 
 def test_watcher_stops_at_the_kernel_s_fatal_line_only_before_exec() -> None:

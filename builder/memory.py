@@ -29,7 +29,10 @@ The constants were calibrated by bisection against real boots under QEMU (`bench
 the README's Density section): the smallest memory at which the guest reaches the exec marker with its
 whole tree was 29 MB for static-hello and 45 MB for the nginx look-alike (FIXED is the larger of their
 peak remainders, static-hello's 8.2 MiB, plus a margin), and 296 MB for the python-web image
-unminimized (123.6 MiB of file data, tmpfs-bound: RESERVED 3.5 MiB measured, plus a margin). Below
+unminimized (123.6 MiB of file data, tmpfs-bound: RESERVED 3.5 MiB measured, plus a margin), all with
+the kernel of that time (12.1 MiB span, linked at 16 MB). With today's (6.1 MiB, linked at 2 MB:
+kernels/README.md) the same bisection gives 17 MB for static-hello (formula 20) and 38 MB for the nginx
+look-alike (formula 42; tmpfs-bound: "write error" at 37). Below
 the result a guest fails to unpack its initramfs ("Initramfs unpacking failed: write error" when the
 tmpfs is full), is left with a partial tree, or the kernel deadlocks on memory. The program's own
 memory is the program's: a recipe's `memory` (the smoke-tested figure of `bench/density.py`) covers it.

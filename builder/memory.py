@@ -16,15 +16,23 @@ Two limits, the larger wins:
 
       tmpfs = 2 x tree data + kernel span + initrd + RESERVED
 
-and the struct page array takes 64 bytes per 4 KiB page of guest memory (1/64 of it) from either:
+and the struct page array takes 64 bytes per 4 KiB page of guest memory (1/64 of it) from either. A third
+limit is where the boot loader puts things: an ELF kernel is loaded at its physical addresses and QEMU (and
+Xen's toolstack) place the initrd at the top of memory, so both must fit side by side, or the initrd lands on
+the kernel and the guest dies before its first line (a kernel linked at 16 MB, 12 MB long, with a 5 MB
+initrd, in 32 MB):
 
-    min_memory = max(peak, tmpfs) * 64/63, rounded up to a MiB
+    placement = kernel load end + initrd + LOADER_TOP
+    min_memory = max(max(peak, tmpfs) * 64/63, placement), rounded up to a MiB
 
 The constants were calibrated by bisection against real boots under QEMU (`bench/density.py --boot-only`;
 the README's Density section): the smallest memory at which the guest reaches the exec marker with its
 whole tree was 29 MB for static-hello and 45 MB for the nginx look-alike (FIXED is the larger of their
 peak remainders, static-hello's 8.2 MiB, plus a margin), and 296 MB for the python-web image
-unminimized (123.6 MiB of file data, tmpfs-bound: RESERVED 3.5 MiB measured, plus a margin). Below
+unminimized (123.6 MiB of file data, tmpfs-bound: RESERVED 3.5 MiB measured, plus a margin), all with
+the kernel of that time (12.1 MiB span, linked at 16 MB). With today's (6.1 MiB, linked at 2 MB:
+kernels/README.md) the same bisection gives 17 MB for static-hello (formula 20) and 38 MB for the nginx
+look-alike (formula 42; tmpfs-bound: "write error" at 37). Below
 the result a guest fails to unpack its initramfs ("Initramfs unpacking failed: write error" when the
 tmpfs is full), is left with a partial tree, or the kernel deadlocks on memory. The program's own
 memory is the program's: a recipe's `memory` (the smoke-tested figure of `bench/density.py`) covers it.
@@ -49,6 +57,7 @@ RESERVED_BYTES = 6 * MIB  # calibrated: see the module docstring
 SHORT_SYMLINK = 128  # tmpfs keeps a shorter symlink target in the inode, a longer one in a page
 GZIP_BUFFERS = 256 << 10  # inflate's window and buffers
 ZSTD_BLOCK = 128 << 10  # ZSTD_BLOCKSIZE_MAX: the unzstd output buffer, beside the frame's window
+LOADER_TOP = 128 << 10  # what QEMU keeps free above the initrd (its ACPI tables) at the top of low memory
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class MemoryNeed:
     data: int  # its pages that count against the tmpfs's size
     fixed: int = FIXED_BYTES
     reserved: int = RESERVED_BYTES
+    load_end: int = 0  # the physical address an ELF kernel ends at (0: a relocatable bzImage)
 
     @property
     def peak(self) -> int:
@@ -72,8 +82,12 @@ class MemoryNeed:
         return 2 * self.data + self.kernel + self.initrd + self.reserved
 
     @property
+    def placement(self) -> int:
+        return self.load_end + self.initrd + LOADER_TOP if self.load_end else 0
+
+    @property
     def min_mb(self) -> int:
-        return math.ceil(max(self.peak, self.tmpfs) * 64 / 63 / MIB)
+        return math.ceil(max(max(self.peak, self.tmpfs) * 64 / 63, self.placement) / MIB)
 
     def summary(self) -> str:
         parts = (
@@ -86,7 +100,7 @@ class MemoryNeed:
         peak = " + ".join(f"{name} {size / MIB:.1f}" for name, size in parts)
         return (
             f"peak {peak} MiB; tmpfs 2 x data {self.data / MIB:.1f} + kernel + initrd + "
-            f"{self.reserved / MIB:.1f} MiB; +1/64 page array"
+            f"{self.reserved / MIB:.1f} MiB; +1/64 page array; placement {self.placement / MIB:.1f} MiB"
         )
 
 
@@ -107,24 +121,49 @@ def tree_bytes(tree: Tree) -> tuple[int, int]:
     return entries * ENTRY_BYTES + data, data
 
 
+def _elf_loads(kernel: Path) -> list[tuple[int, int]]:
+    """An ELF kernel's loadable segments as (physical address, size in memory); [] for any other file."""
+    with kernel.open("rb") as f:
+        if f.read(4) != b"\x7fELF":
+            return []
+        from elftools.elf.elffile import ELFFile
+
+        f.seek(0)
+        return [(s["p_paddr"], s["p_memsz"]) for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
+
+
+def _setup_header(kernel: Path) -> bytes | None:
+    """A bzImage's first 4 KiB (its boot protocol setup header), None for any other file."""
+    with kernel.open("rb") as f:
+        head = f.read(4096)
+    return head if head[0x202:0x206] == b"HdrS" and len(head) >= 0x264 else None
+
+
 def kernel_span(kernel: Path) -> int:
     """The memory the kernel image occupies once loaded: an ELF vmlinux's loadable segments from the
     first to the end of the last (the gaps between them stay reserved through the boot); a bzImage's
     setup header `init_size` (the linear memory it needs to decompress and run). A file that is neither
     counts twice its size."""
-    with kernel.open("rb") as f:
-        head = f.read(4096)
-        if head[:4] == b"\x7fELF":
-            from elftools.elf.elffile import ELFFile
-
-            f.seek(0)
-            loads = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
-            if loads:
-                start = min(s["p_paddr"] for s in loads)
-                return int(max(s["p_paddr"] + s["p_memsz"] for s in loads) - start)
-        if head[0x202:0x206] == b"HdrS" and len(head) >= 0x264:
-            return int(struct.unpack_from("<I", head, 0x260)[0])
+    loads = _elf_loads(kernel)
+    if loads:
+        return int(max(a + n for a, n in loads) - min(a for a, _ in loads))
+    head = _setup_header(kernel)
+    if head is not None:
+        return int(struct.unpack_from("<I", head, 0x260)[0])
     return 2 * kernel.stat().st_size
+
+
+def kernel_load_end(kernel: Path) -> int:
+    """The physical address the kernel's image ends at where the loader must put it where it is linked: an
+    ELF's last segment; a bzImage that is not relocatable, its `pref_address` + `init_size`. 0 where the
+    loader may put it anywhere (a relocatable bzImage)."""
+    loads = _elf_loads(kernel)
+    if loads:
+        return int(max(a + n for a, n in loads))
+    head = _setup_header(kernel)
+    if head is not None and not head[0x234]:  # relocatable_kernel
+        return int(struct.unpack_from("<Q", head, 0x258)[0] + struct.unpack_from("<I", head, 0x260)[0])
+    return 0
 
 
 def decompressor_bytes(initrd: Path, compression: str) -> int:
@@ -148,5 +187,10 @@ def memory_need(kernel: Path, initrd: Path, compression: str, tree: Tree) -> Mem
     """The parts of the minimum memory for booting `kernel` with `initrd` (packed from `tree`)."""
     total, data = tree_bytes(tree)
     return MemoryNeed(
-        kernel_span(kernel), initrd.stat().st_size, decompressor_bytes(initrd, compression), total, data
+        kernel_span(kernel),
+        initrd.stat().st_size,
+        decompressor_bytes(initrd, compression),
+        total,
+        data,
+        load_end=kernel_load_end(kernel),
     )

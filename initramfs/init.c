@@ -82,9 +82,9 @@
  * console drained, file systems synced, the guest powered off. A stop from outside - SIGPWR (sent by
  * `init --poweroff`, which init installs as /proc/sys/kernel/poweroff_cmd: Xen's `xl shutdown` runs it
  * through orderly_poweroff), SIGINT (ctrl-alt-del, after reboot(RB_DISABLE_CAD)) or KEY_POWER on an
- * evdev "Power Button" (QEMU system_powerdown with ACPI_BUTTON + INPUT_EVDEV) - sends the StopSignal
- * to the program, waits the grace period, then SIGKILLs everything. SIGTERM, SIGHUP and the StopSignal
- * received by init are forwarded to the program as they are.
+ * evdev device (QEMU system_powerdown: ACPI's Power Button on x86, gpio-keys on arm64 virt) - sends the
+ * StopSignal to the program, waits the grace period, then SIGKILLs everything. SIGTERM, SIGHUP and the
+ * StopSignal received by init are forwarded to the program as they are.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -122,7 +122,7 @@
 #define EXIT_NOTFOUND 127
 
 /* evdev, without <linux/input.h> */
-#define EVIOCGNAME(len) ((2u << 30) | ((unsigned)(len) << 16) | ('E' << 8) | 0x06)
+#define EVIOCGBIT(ev, len) ((2u << 30) | ((unsigned)(len) << 16) | ('E' << 8) | (0x20 + (ev)))
 #define EV_KEY 1
 #define KEY_POWER 116
 struct evdev_event { long sec, usec; unsigned short type, code; int value; };
@@ -759,17 +759,21 @@ static void setup_network(void)
 	}
 }
 
+/* Every evdev device that can send KEY_POWER: ACPI's "Power Button" (x86: QEMU system_powerdown), the
+ * gpio-keys of QEMU virt's PL061 (arm64). */
 static int open_power_buttons(int *fds, int max)
 {
 	int n = 0;
 	for (int i = 0; i < 32 && n < max; i++) {
-		char path[32], name[256] = "";
+		char path[32];
+		unsigned char keys[KEY_POWER / 8 + 1] = {0};
 		snprintf(path, sizeof path, "/dev/input/event%d", i);
 		int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
 		if (fd < 0)
 			continue;
-		if (ioctl(fd, EVIOCGNAME(sizeof name - 1), name) >= 0 && strstr(name, "Power Button")) {
-			DBG("watching %s (%s)\n", path, name);
+		if (ioctl(fd, EVIOCGBIT(EV_KEY, sizeof keys), keys) >= 0
+		    && (keys[KEY_POWER / 8] >> (KEY_POWER % 8)) & 1) {
+			DBG("watching %s\n", path);
 			fds[n++] = fd;
 		} else {
 			close(fd);

@@ -439,7 +439,8 @@ def _arm64_static(source: str, name: str, d: Path) -> bytes:
 def test_an_arm64_guest_under_xbuild_run(sandbox: Sandbox, tmp_path: Path) -> None:
     """The arm64 kernel (built once, cached) + the cross-compiled init and a cross-compiled probe, hand-packed
     into a linux/arm64 artifact, under the real `xbuild run`: the entrypoint's argv, env (the image's, -e),
-    user and groups as on amd64 (tests/test_init.py), and its exit status is xbuild run's."""
+    user and groups as on amd64 (tests/test_init.py), its exit status is xbuild run's, and a stop reaches it
+    as its StopSignal (the init watches every evdev device that sends KEY_POWER)."""
     image = kern.default_kernel(arch="arm64")
     fx.write_oci_image(
         tmp_path / "layout",
@@ -463,3 +464,6 @@ def test_an_arm64_guest_under_xbuild_run(sandbox: Sandbox, tmp_path: Path) -> No
     assert "booted to exec in" in r.stderr
     r = sandbox.xbuild("run", str(art.path), "--", "exit", "7", timeout=600)
     assert r.returncode == 7, r.stdout + r.stderr
+    # a stop (--timeout) reaches the program gracefully: QEMU virt's power button is a gpio-keys device
+    r = sandbox.xbuild("run", str(art.path), "--timeout", "20", "--", "wait-signal", timeout=600)
+    assert "probe: got signal 15" in r.stdout, r.stdout + r.stderr

@@ -199,6 +199,8 @@ def stale_temps(root: Path, age: float = TEMP_AGE) -> Iterator[Path]:
             except OSError:
                 continue
             for c in children:
+                if d == root and c.name == RUNTIME:
+                    continue
                 if is_temp(c.name):
                     with suppress(OSError):
                         if c.stat(follow_symlinks=False).st_mtime < limit:
@@ -249,6 +251,9 @@ def file_sha256(path: Path) -> str:
 # ---- the cache as a whole: what `xbuild cache du|prune` see ------------------------------------------
 
 NAMESPACES = ("blobs/sha256", "diffs/sha256")  # kinds whose entries sit one level further down
+# a running process's state kept under the cache root (the warm rig's, builder/run/warm.py), not cache
+# entries: never listed, pruned or collected as temps
+RUNTIME = "rig-run"
 
 
 @dataclass(frozen=True)
@@ -279,7 +284,7 @@ def disk_usage(path: Path) -> int:
 def entries(root: Path) -> list[Entry]:
     """Every entry of the cache (temps excluded), least recently used first."""
     found = []
-    for kind_dir in sorted(p for p in root.iterdir() if not is_temp(p.name)):
+    for kind_dir in sorted(p for p in root.iterdir() if not is_temp(p.name) and p.name != RUNTIME):
         if not kind_dir.is_dir() or kind_dir.is_symlink():
             found.append(_entry(kind_dir, kind_dir.name))
             continue

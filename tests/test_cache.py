@@ -840,3 +840,23 @@ def test_full_cache_disk_while_push_compresses_the_disk(
         )
         assert list(sandbox.cache.rglob(".*")) == []  # (TMPDIR holds the disk build's guestfs cache)
     assert sandbox.changes(before) == []
+
+
+def test_prune_leaves_the_warm_rigs_state_alone(sandbox: Sandbox) -> None:
+    """The warm rig's state under the cache (`rig-run`, when neither $XBUILD_RIG nor $XDG_RUNTIME_DIR is
+    set) is a running process's: `cache prune --max-size` and the temp collection never touch it, old
+    temp-named files in its share included; `cache du` does not list it."""
+    state = sandbox.cache / "rig-run"
+    (state / "share" / "jobs").mkdir(parents=True)
+    (state / "state.json").write_text("{}")
+    job = state / "share" / "jobs" / ".xbuild-job.1"
+    job.write_bytes(b"x" * 4096)
+    for p in (state / "state.json", job):
+        age(p, 10 * HOUR)
+    r = sandbox.xbuild("cache", "prune", "--max-size", "1K", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert not any("rig-run" in p for p in report["temps"] + [e["path"] for e in report["removed"]])
+    assert (state / "state.json").exists() and job.exists()
+    du = sandbox.xbuild("cache", "du", "--json")
+    assert "rig-run" not in du.stdout, du.stdout

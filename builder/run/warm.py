@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from ..cache import atomic_file, cache_root
+from ..cache import RUNTIME, atomic_file, cache_root
 from ..errors import BadInput, RunError
 from ..options import Say
 from ..proc import Supervisor, run_tool
@@ -69,7 +69,7 @@ def state_dir(create: bool = True) -> Path:
     elif run := os.environ.get("XDG_RUNTIME_DIR"):
         d = Path(run) / "xbuild-rig"
     else:
-        d = cache_root() / "rig-run"
+        d = cache_root() / RUNTIME
     if create:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:

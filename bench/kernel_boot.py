@@ -293,12 +293,7 @@ def main() -> None:
         )
         res = {}
         for name, path, append in kernels:
-            boots = [boot(path, initrd, f"{append} {flags}".strip()) for _ in range(args.runs)]
-            res[name] = (
-                statistics.median(b.marker_us for b in boots) / 1000,
-                statistics.median(b.tsc_us or 0 for b in boots) / 1000,
-                statistics.median(b.wall_s for b in boots),
-            )
+            res[name] = medians(path, initrd, f"{append} {flags}".strip(), args.runs)
             marker, tsc, wall = res[name]
             print(f"{name:<16}{sizes[name] / 1e6:>8.2f}{marker:>11.1f}{tsc:>9.1f}{wall:>8.2f}")
         s_marker, s_tsc, s_wall = res["stock cloud"]
@@ -308,6 +303,19 @@ def main() -> None:
                 f"ratio {name} / stock: marker {marker / s_marker:.3f}  tsc {tsc / s_tsc:.3f}  "
                 f"wall {wall / s_wall:.3f}"
             )
+
+
+def medians(
+    kernel: Path, initrd: Path, append: str, runs: int, qemu: tuple[str, ...] = AMD64.qemu
+) -> tuple[float, float, float]:
+    """`runs` boots of `kernel` to the marker: the medians of the marker's ms, the time-since-reset ms and
+    the host's wall seconds."""
+    boots = [boot(kernel, initrd, append, qemu=qemu) for _ in range(runs)]
+    return (
+        statistics.median(b.marker_us for b in boots) / 1000,
+        statistics.median(b.tsc_us or 0 for b in boots) / 1000,
+        statistics.median(b.wall_s for b in boots),
+    )
 
 
 def arm64(target: Target, runs: int, cpu: str | None) -> None:
@@ -328,12 +336,7 @@ def arm64(target: Target, runs: int, cpu: str | None) -> None:
     print(f"{'kernel':<16}{'size MB':>8}{'marker ms':>11}{'tsc ms':>9}{'wall s':>8}")
     res = {}
     for name, path, append in kernels:
-        boots = [boot(path, initrd, append, qemu=qemu) for _ in range(runs)]
-        res[name] = (
-            statistics.median(b.marker_us for b in boots) / 1000,
-            statistics.median(b.tsc_us or 0 for b in boots) / 1000,
-            statistics.median(b.wall_s for b in boots),
-        )
+        res[name] = medians(path, initrd, append, runs, qemu)
         marker, tsc, wall = res[name]
         print(f"{name:<16}{path.stat().st_size / 1e6:>8.2f}{marker:>11.1f}{tsc:>9.1f}{wall:>8.2f}")
     (m, t, w), (sm, st, sw) = res[kernels[0][0]], res["stock cloud"]

@@ -2,19 +2,24 @@
 nested in `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3` (TCG), through the real CLI.
 
 One boot proves the console (only the guest's lines on stdout, Xen's and dom0's in no output), the exit
-status, the arguments after `--`, `-e` and the image's User on an aarch64 DomU. The refusals cost no boot.
-One fast test reads an arm64 rig log. The artifact is tests/fixtures/arm64.py's (built once per session).
+status, the arguments after `--`, `-e` and the image's User on an aarch64 DomU; a second proves `-p` and a
+stop. The refusals cost no boot. One fast test reads an arm64 rig log. The artifacts are
+tests/fixtures/arm64.py's (built once per session).
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from builder.run import xen
-from tests.fixtures.hostile import Sandbox, assert_refused, sandbox  # noqa: F401 (a fixture)
+from tests.fixtures.hostile import XBUILD, Sandbox, assert_refused, sandbox  # noqa: F401 (a fixture)
+from tests.fixtures.registry import free_port
 
 
 def test_dom0_words_are_one_line(tmp_path: Path) -> None:
@@ -78,3 +83,40 @@ def test_arm64_rig_refusals(arm64_artifact: Path, sandbox: Sandbox, tmp_path: Pa
     r = sandbox.xbuild("run", "--hypervisor", "xen-nested", art, env=sandbox.env(APT_CONFIG=str(conf)))
     assert_refused(r, 1, "linux-image-arm64:arm64", "dpkg --add-architecture arm64")
     assert sandbox.changes(before) == [] and sandbox.stale_temps() == []
+
+
+@pytest.mark.slow  # one more nested arm64 boot
+def test_arm64_port_forwarding_on_nested_xen(arm64_httpd_artifact: Path, sandbox: Sandbox) -> None:
+    """`-p HOST:80` under the arm64 rig reaches the DomU's httpd (dom0 relays it to the guest's vif, as on
+    amd64); SIGTERM to `xbuild run` stops the guest, whose program's end is the run's status."""
+    port = free_port()
+    run = subprocess.Popen(
+        [
+            *XBUILD,
+            "run",
+            "--hypervisor",
+            "xen-nested",
+            "-p",
+            f"{port}:80",
+            "--timeout",
+            "600",
+            str(arm64_httpd_artifact),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=sandbox.shared_cache_env(),
+        cwd=sandbox.root / "work",
+    )
+    body = b""
+    deadline = time.monotonic() + 600
+    try:
+        while run.poll() is None and not body and time.monotonic() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+            except OSError:
+                time.sleep(2)
+    finally:
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=180)
+    assert body == b"hello from xen on arm64\n", (out, err)
+    assert b"killed by signal 15" in out and run.returncode == 143, (out, err)

@@ -41,6 +41,16 @@ def verify_options(what: str) -> Callable[[F], F]:
     return add
 
 
+def platform_option(f: F) -> F:
+    """`--platform OS/ARCH`, the same on every command that takes a registry VM image (`pull`, `run`)."""
+    return click.option(
+        "--platform",
+        metavar="OS/ARCH",
+        help="The platform's VM image when REF is a multi-platform index [this host's]; it must be built "
+        "for it.",
+    )(f)
+
+
 def _report(pushed: publish.Pushed, seconds: float, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(pushed) | {"seconds": round(seconds, 3)}, indent=2))
@@ -140,11 +150,7 @@ def verify_cmd(ref: str, key: Path, insecure: bool) -> None:
     "--force", is_flag=True, help="Let -o replace a directory that is not an artifact (never a file)."
 )
 @click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS for the registry.")
-@click.option(
-    "--platform",
-    metavar="OS/ARCH",
-    help="The platform's VM image when REF is a multi-platform index [this host's]; it must be built for it.",
-)
+@platform_option
 @verify_options("Pull")
 def pull_cmd(
     ref: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,8 +16,9 @@ from .artifact import Artifact, open_artifact
 from .build import BuildOptions, build
 from .cache import cache_dir
 from .errors import BadInput, PublishError, RunError
+from .image import Platform
 from .options import MEMORY_MB, NESTED_XEN_TYPE, Accel, Hypervisor, Say, XenType, choices, stderr_say
-from .publish_cli import verify_options
+from .publish_cli import platform_option, verify_options
 from .run.console import RunResult
 
 
@@ -38,22 +40,36 @@ def _port(text: str) -> tuple[int, int]:
     return pair
 
 
-def pull_cached(target: str, insecure: bool) -> Artifact:
-    """The VM image REF `target` pulled into the cache (`pulled/<key>`, reused while every file is intact);
-    PublishError when it is not an xbuild VM image."""
+def _key(name: str, platform: Platform | None) -> str:
+    """The cache entry (`pulled/`, `built/`) of `name` for `platform` (None: the host's)."""
+    return hashlib.sha256((name if platform is None else f"{name} {platform}").encode()).hexdigest()[:16]
+
+
+def pull_cached(target: str, insecure: bool, platform: Platform | None = None) -> Artifact:
+    """The VM image REF `target` (from an index: `platform`'s, None the host's) pulled into the cache
+    (`pulled/<key>`, reused while every file is intact); PublishError when it is not an xbuild VM image."""
     from .publish import pull
 
-    key = hashlib.sha256(target.encode()).hexdigest()[:16]
-    return open_artifact(pull(target, cache_dir("pulled") / key, insecure, reuse=True))
+    dest = cache_dir("pulled") / _key(target, platform)
+    return open_artifact(pull(target, dest, insecure, reuse=True, platform=platform))
 
 
 def resolve_artifact(
-    target: str, insecure: bool, log: Say, verify_key: Path | None = None, policy: Path | None = None
+    target: str,
+    insecure: bool,
+    log: Say,
+    verify_key: Path | None = None,
+    policy: Path | None = None,
+    platform: Platform | None = None,
 ) -> Artifact:
     """A directory as is; a registry REF pulled when it is an xbuild VM image, else built like `xbuild`.
     With `verify_key` or `policy`: only a registry VM image `sign.admit` admits (a signature verifies),
-    pulled by the digest verified; anything else refused before anything is written."""
+    pulled by the digest verified; anything else refused before anything is written. `platform` (None:
+    the host's) picks the VM image from a multi-platform index, or the image to build; a directory is what
+    it is (refused with a platform)."""
     path = Path(target)
+    if platform is not None and path.is_dir():
+        raise BadInput(f"{target} is a directory: --platform picks a registry VM image or an image to build")
     if verify_key is not None or policy is not None:
         from .publish import pull
         from .publish import target as registry_ref
@@ -62,26 +78,26 @@ def resolve_artifact(
         if path.is_dir():
             raise BadInput(f"{target}: signatures are checked on a VM image in a registry, not a directory")
         pinned = admit(registry_ref(target), verify_key, policy, insecure, log)
-        key = hashlib.sha256(str(pinned.docker_name).encode()).hexdigest()[:16]
-        pulled = pull(pinned, cache_dir("pulled") / key, insecure, reuse=True)
+        dest = cache_dir("pulled") / _key(str(pinned.docker_name), platform)
+        pulled = pull(pinned, dest, insecure, reuse=True, platform=platform)
         log(f"pulled the VM image {pinned.docker_name}")
         return open_artifact(pulled)
     if path.is_dir():
         return open_artifact(path)
-    key = hashlib.sha256(target.encode()).hexdigest()[:16]
     from . import reference
 
     ref = reference.parse(target)
     if ref.transport == "docker":
         try:
-            art = pull_cached(target, insecure)
+            art = pull_cached(target, insecure, platform)
             log(f"pulled the VM image {target}")
             return art
         except PublishError as e:
             if "not an xbuild" not in str(e):
                 raise
     log(f"building {target} first")
-    return build(target, BuildOptions(output=cache_dir("built") / key, insecure=insecure, log=log))
+    opts = BuildOptions(output=cache_dir("built") / _key(target, platform), insecure=insecure, log=log)
+    return build(target, replace(opts, platform=platform) if platform else opts)
 
 
 @click.command("run", context_settings={"ignore_unknown_options": False})
@@ -123,6 +139,7 @@ def resolve_artifact(
 )
 @click.option("--icount", is_flag=True, help="QEMU: deterministic guest time (-icount), for boot benchmarks.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP to the registry when pulling.")
+@platform_option
 @verify_options("Run a registry VM image")
 @click.option("--json", "as_json", is_flag=True, help="Console to stderr; a JSON result on stdout.")
 def run_cmd(
@@ -139,6 +156,7 @@ def run_cmd(
     insecure: bool,
     verify_key: Path | None,
     verify_policy: Path | None,
+    platform: str | None,
     as_json: bool,
 ) -> None:
     """Boot ARTIFACT, stream its console, exit with the entrypoint's status.
@@ -152,7 +170,8 @@ def run_cmd(
         if "=" not in e or e.startswith("="):
             raise BadInput(f"--env {e!r}: expected KEY=VALUE")
     kernel_args = [f"xbuild.env={e}" for e in envs]
-    art = resolve_artifact(target, insecure, log, verify_key, verify_policy).bootable()
+    want = Platform.parse(platform) if platform else None
+    art = resolve_artifact(target, insecure, log, verify_key, verify_policy, want).bootable()
     if hypervisor == Hypervisor.AUTO:
         hypervisor = Hypervisor.XEN if is_dom0() else Hypervisor.QEMU
     console = sys.stderr.buffer if as_json else sys.stdout.buffer

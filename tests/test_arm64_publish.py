@@ -205,6 +205,11 @@ def test_multi_platform_build_push_pull(
     r = sandbox.xbuild("pull", vm, "--platform", "linux/s390x", "-o", str(sandbox.out))
     assert_refused(r, 2, "no manifest for platform linux/s390x (has: linux/amd64, linux/arm64)")
     assert sandbox.changes(before) == []
+    # `xbuild run REF --platform P` picks from the index the same way; a directory takes no platform
+    r = sandbox.xbuild("run", vm, "--platform", "linux/s390x")
+    assert_refused(r, 2, "no manifest for platform linux/s390x (has: linux/amd64, linux/arm64)")
+    r = sandbox.xbuild("run", str(arm), "--platform", "linux/arm64")
+    assert_refused(r, 2, "is a directory: --platform picks a registry VM image or an image to build")
 
 
 @pytest.mark.parametrize(

@@ -71,8 +71,10 @@ bench: setup
 	$(PY) bench/pack.py
 	nice -n 10 $(PY) bench/compression.py --quick
 	$(PY) bench/kernel_boot.py
+	$(PY) bench/kernel_boot.py --arch arm64
 	$(PY) bench/minimize.py
 	$(PY) bench/xen_boot.py
+	$(PY) bench/warm_rig.py
 	$(PY) bench/disk.py
 	$(PY) bench/disk_boot.py
 	$(PY) bench/hostile.py

@@ -41,6 +41,7 @@ from builder.kernel import (
     default_kernel,
     parse_config,
 )
+from builder.run.qemu import MACHINES
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,15 @@ class Target:
     busybox: bool  # the host's static busybox in the marker initramfs (amd64, as measured since the start)
 
 
+ARM64 = MACHINES["linux/arm64"]
 TARGETS = {
     "amd64": Target(
         "amd64", ("qemu-system-x86_64",), "ttyS0", ("musl-gcc", "gcc"), "linux-image-cloud-amd64", True
     ),
-    "arm64": Target(
+    "arm64": Target(  # the machine `xbuild run` boots arm64 guests on
         "arm64",
-        ("qemu-system-aarch64", "-M", "virt", "-cpu", "max,pauth-impdef=on"),  # as `xbuild run`
-        "ttyAMA0",
+        (ARM64.binary, "-M", ARM64.machine, "-cpu", ARM64.tcg_cpu),
+        ARM64.console,
         ("aarch64-linux-gnu-gcc",),
         "linux-image-cloud-arm64",
         False,

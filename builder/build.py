@@ -77,11 +77,11 @@ from .options import (
 from .provenance import Dependencies
 from .recipes import Recipe, load_recipe, recipe_for_ref
 from .run.cmdline import with_ip
+from .run.qemu import MACHINES
 from .text import is_decimal
 from .tree import Tree
 
 GUEST_PLATFORMS = (("linux", "amd64"), ("linux", "arm64"))  # what the init and the kernels are built for
-QEMU_CONSOLES = {"amd64": "console=ttyS0", "arm64": "console=ttyAMA0"}  # QEMU's serial: 16550, virt's PL011
 XEN_CONSOLE = "console=hvc0"
 
 
@@ -354,7 +354,7 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
             kernel_info = dataclasses.replace(kernel[1], size=(tmp / KERNEL).stat().st_size)
             need = memory_need(tmp / KERNEL, tmp / INITRD, packed.compression, initramfs)
             guest = _min_memory(guest, need, opts)
-            cmdline = f"{QEMU_CONSOLES[arch]} {flags}"
+            cmdline = f"console={MACHINES[f'linux/{arch}'].console} {flags}"
             (tmp / CMDLINE).write_text(cmdline + "\n")
             (tmp / XEN_CFG).write_text(
                 xen_config(

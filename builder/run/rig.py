@@ -86,9 +86,10 @@ class ArchSpec:
     `hypervisor`: Xen's package, `xen_file` its file in the unpacked packages (gunzipped when it ends in
     .gz); `libraries`: packages that hold the toolstack's library closure (empty: the host's, by ldd);
     `dom0_modules`: loaded by dom0-init.sh at start, besides DOM0_MODULES; `relay`: dom0's tty for the
-    guest's console (ttyS1: the outer QEMU's second UART; else a virtio console's); `qemu`: the outer
-    QEMU, `machine` its arguments before the devices; `guest_types`: the xl types Xen boots there (the
-    first is the default); `needs`: the builder.host needs of building and booting the rig."""
+    guest's console (ttyS1: the outer QEMU's second UART; else a virtio console's); `machine`: the outer
+    QEMU's arguments before the devices (its binary: builder.run.qemu's Machine of the platform);
+    `guest_types`: the xl types Xen boots there (the first is the default); `needs`: the builder.host needs
+    of building and booting the rig."""
 
     apt_suffix: str  # "" for the host's own architecture, ":arm64" for a foreign one
     hypervisor: str
@@ -97,7 +98,6 @@ class ArchSpec:
     libraries: tuple[str, ...]
     dom0_modules: tuple[str, ...]
     relay: str
-    qemu: str
     machine: tuple[str, ...]
     guest_types: tuple[str, ...]
     needs: tuple[str, ...]
@@ -112,7 +112,6 @@ ARCHES = {
         libraries=(),
         dom0_modules=(),
         relay="ttyS1",
-        qemu="qemu-system-x86_64",
         machine=("-accel", "tcg", "-cpu", "max,-smap", "-smp", "2"),
         guest_types=(NESTED_XEN_TYPE, XenType.PVH),  # the first: the rig's default
         needs=needs_of(NESTED),
@@ -139,7 +138,6 @@ ARCHES = {
         ),
         dom0_modules=("virtio_mmio", "virtio_console"),
         relay="hvc1",  # a virtio console: hvc0 is Xen's
-        qemu="qemu-system-aarch64",
         # cortex-a57: EL2 under TCG without max's pointer authentication, which TCG emulates slowly
         machine=(
             "-accel",

@@ -44,7 +44,6 @@ from typing import BinaryIO
 from ..artifact import NAMES, Artifact, XlDisk, xen_config
 from ..cpio import write_cpio
 from ..errors import ConfigError, RunError
-from ..host import require
 from ..options import (
     NESTED_MEMORY_MB,
     DiskFormat,
@@ -58,7 +57,7 @@ from ..proc import Supervisor, run_tool
 from ..tree import Tree, directory, regular
 from . import cmdline
 from .console import RunResult
-from .qemu import qemu_binary, root_disks
+from .qemu import machine_for, qemu_binary, root_disks
 from .ready import RELAYED_HOLD_S
 from .rig import ARCHES, ArchSpec, Rig, ensure_rig, host_file
 
@@ -333,7 +332,7 @@ def run_nested(
 
 def outer_qemu(arch: str) -> str:
     """The outer QEMU of `arch`'s rig (a needs error naming the package when the host has none)."""
-    return qemu_binary() if arch == "amd64" else require(ARCHES[arch].qemu, error=RunError)[0]
+    return qemu_binary(machine_for(f"linux/{arch}"))
 
 
 def guest_relay(spec: ArchSpec) -> list[str]:

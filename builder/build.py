@@ -369,7 +369,12 @@ def build(ref_text: str, opts: BuildOptions = BuildOptions()) -> Artifact:
         from .sbom import Subject, write_sbom  # cyclonedx takes ~0.3 s to import: only when building
 
         sbom = write_sbom(
-            tmp, flat.tree, tree, Subject(str(ref), image.manifest_digest, __version__, epoch), kernel
+            tmp,
+            flat.tree,
+            tree,
+            Subject(str(ref), image.manifest_digest, __version__, epoch),
+            kernel,
+            None if disk else packed.digests,  # a disk's initramfs is another tree than `tree`
         )
         opts.log(f"sbom: {sbom.components} components, {sbom.files} files ({sbom.format})")
         manifest = Manifest(

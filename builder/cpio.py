@@ -12,6 +12,7 @@ it (the kernel stops unpacking at its first error; initramfs/init.c checks the r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Callable
@@ -37,6 +38,7 @@ class Packed:
     uncompressed_size: int  # cpio bytes
     sha256: str
     entries: int
+    digests: dict[str, str]  # path -> hex sha256 of each regular file written (hashed as it was read)
 
 
 def pack(
@@ -64,7 +66,9 @@ def pack(
             sink.close()
     except OSError as e:
         raise PackError(f"cannot write {out}: {e}") from None
-    return Packed(out, compression, lvl, hashing.count, writer.offset, hashing.hash.hexdigest(), count)
+    return Packed(
+        out, compression, lvl, hashing.count, writer.offset, hashing.hash.hexdigest(), count, writer.digests
+    )
 
 
 def write_cpio(out: BinaryIO, tree: Tree, epoch: int | None = None) -> int:
@@ -79,6 +83,7 @@ class _CpioWriter:
     def __init__(self, out, epoch: int | None, progress: Callable[[int], None] | None):  # type: ignore
         self.out, self.epoch, self.progress = out, epoch, progress
         self.offset = 0
+        self.digests: dict[str, str] = {}  # path -> sha256 of each regular file, after write_tree
 
     def _emit(self, b: bytes) -> None:
         self.out.write(b)
@@ -113,6 +118,7 @@ class _CpioWriter:
         walked = entries(tree, self.epoch)
         if last is not None:
             walked = [e for e in walked if e.path != last] + [e for e in walked if e.path == last]
+        node_digest: dict[int, str] = {}  # id(file node) -> sha256 (a hardlink group is written once)
         with ContentReader() as contents:
             for e in walked:
                 node = e.node
@@ -136,13 +142,17 @@ class _CpioWriter:
                 )
                 if node.kind == SYMLINK:
                     self._emit(os.fsencode(node.target))
-                elif size:
+                elif node.kind == FILE and e.last:
+                    h = hashlib.sha256()
                     for chunk in contents.chunks(node):
+                        h.update(chunk)
                         self._emit(chunk)
+                    node_digest[id(node)] = h.hexdigest()
                     if self.progress and isinstance(node.content, Content):
                         self.progress(node.size)
                 self._pad()
             self.header(TRAILER, 0, 0, 0, 0, 1, 0, 0)
+        self.digests = {e.path: node_digest[id(e.node)] for e in walked if e.node.kind == FILE}
         return len(walked)
 
 

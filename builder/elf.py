@@ -123,7 +123,9 @@ class _Reader:
         self.stream.seek(offset)
         return self.stream.read(size)
 
-    def records(self, layout: struct.Struct, offset: int, count: int, stride: int) -> Iterator[tuple[int, ...]]:
+    def records(
+        self, layout: struct.Struct, offset: int, count: int, stride: int
+    ) -> Iterator[tuple[int, ...]]:
         if count and stride < layout.size:
             raise MinimizeError(f"{self.what}: malformed ELF file (entry size {stride})")
         table = self.bytes(offset, stride * count)

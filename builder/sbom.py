@@ -41,7 +41,7 @@ import re
 import uuid
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -106,11 +106,17 @@ class _Skip(Exception):
 
 
 def write_sbom(
-    directory: Path, source: Tree, kept: Tree, subject: Subject, kernel: tuple[Path, KernelInfo] | None
+    directory: Path,
+    source: Tree,
+    kept: Tree,
+    subject: Subject,
+    kernel: tuple[Path, KernelInfo] | None,
+    digests: Mapping[str, str] | None = None,
 ) -> SbomInfo:
     """Write `directory`/sbom.cdx.json for the artifact being written there (its kernel file, if any, already
     copied in; `kernel` is where it came from and what the manifest says of it) and return the manifest's
-    section. A cached kernel xbuild built (KernelInfo.key) has its .config beside it."""
+    section. A cached kernel xbuild built (KernelInfo.key) has its .config beside it. `digests`: the sha256
+    of files of `kept` already hashed (by pack, as it read them), so they are not read again."""
     if kernel is not None:
         path, info = kernel
         config = path.parent / "config" if info.key else None
@@ -124,7 +130,7 @@ def write_sbom(
                 source=info.source,
             ),
         )
-    doc = sbom(source, kept, subject)
+    doc = sbom(source, kept, subject, digests)
     with no_space(directory / SBOM):
         (directory / SBOM).write_bytes(doc)
     parsed = json.loads(doc)
@@ -139,9 +145,10 @@ def write_sbom(
     )
 
 
-def sbom(source: Tree, kept: Tree, subject: Subject) -> bytes:
-    """The CycloneDX 1.6 JSON document (UTF-8, ends with a newline) of `kept`; see the module doc."""
-    files = _hashes(kept)
+def sbom(source: Tree, kept: Tree, subject: Subject, digests: Mapping[str, str] | None = None) -> bytes:
+    """The CycloneDX 1.6 JSON document (UTF-8, ends with a newline) of `kept`; see the module doc.
+    `digests`: path -> sha256 of files of `kept` already known (the others are read and hashed)."""
+    files = _hashes(kept, digests or {})
     owner: dict[str, str] = {}  # path -> bom-ref of the component it belongs to
     components: list[Component] = []
     skipped: list[str] = []
@@ -186,14 +193,17 @@ def sbom(source: Tree, kept: Tree, subject: Subject) -> bytes:
 # ---- files -------------------------------------------------------------------------------------------------
 
 
-def _hashes(tree: Tree) -> dict[str, str]:
-    """path → hex sha256 of every regular file of `tree` (a hardlink group hashed once)."""
+def _hashes(tree: Tree, known: Mapping[str, str]) -> dict[str, str]:
+    """path → hex sha256 of every regular file of `tree` (a hardlink group hashed once), `known` ones taken
+    from there."""
     out: dict[str, str] = {}
     seen: dict[int, str] = {}
     with ContentReader() as reader:
         for path, node in tree.walk():
             if node.kind != FILE:
                 continue
+            if path in known:
+                seen.setdefault(id(node), known[path])
             if id(node) not in seen:
                 h = hashlib.sha256()
                 for chunk in reader.chunks(node):

@@ -88,9 +88,10 @@ def test_parse_of_a_corrupted_object_is_facts_or_malformed(edits: list[tuple[int
     for at, value in edits:
         data[at if at < 0x2000 else shoff + (at - 0x2000) % (len(data) - shoff)] = value
     try:
-        elf.parse(bytes(data), "/x")
+        info = elf.parse(bytes(data), "/x")
     except MinimizeError:
-        pass
+        return
+    assert info.elfclass in (32, 64) and all(isinstance(n, str) for n in info.needed)
 
 
 def test_parse_rejects_non_elf() -> None:

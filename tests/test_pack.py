@@ -113,6 +113,20 @@ def test_hardlinks_share_inode_and_data(tmp_path: Path, tree: Tree) -> None:
     assert ents["links/hard"]["nlink"] == 1  # its first name was whited out
 
 
+def test_digests_are_the_sha256_of_every_regular_file_written(tmp_path: Path, tree: Tree) -> None:
+    """pack hashes each file as it reads it (the SBOM takes these instead of reading the tree again): every
+    regular file's path, both names of a hardlink group, the data the archive holds for it."""
+    result = pack(tree, tmp_path / "initrd", "none")
+    ents = by_name(read_cpio((tmp_path / "initrd").read_bytes()))
+    files = {n for n, e in ents.items() if stat.S_ISREG(int(e["mode"]))}
+    assert set(result.digests) == files and {"data/keep.txt", "links/hard-to-keep"} <= files
+    data = {n: e["data"] for n, e in ents.items() if e["size"]}
+    for name in files:
+        group = [n for n in files if ents[n]["ino"] == ents[name]["ino"]]
+        body = next(data[n] for n in group if n in data) if any(n in data for n in group) else b""
+        assert result.digests[name] == hashlib.sha256(body).hexdigest(), name
+
+
 def test_devices_and_special_modes(tmp_path: Path, tree: Tree) -> None:
     ents = by_name(packed(tree, tmp_path / "initrd"))
     assert (ents["dev/null"]["mode"], ents["dev/null"]["rdevmajor"], ents["dev/null"]["rdevminor"]) == (

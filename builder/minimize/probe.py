@@ -75,6 +75,7 @@ from ..guest import guest_config
 from ..host import check, missing_packages
 from ..image import ImageConfig
 from ..recipes import Recipe, Smoke
+from ..run.warm_tail import proc_starttime  # standard library only: it runs as a script too
 from ..tree import DIR, FILE, SYMLINK, ContentReader, Inode, Tree, entries, split
 
 HOST_ID_BASE = 1_878_982_656  # 0x6FFF0000: the top 64 Ki of systemd's container range (UIDS-GIDS.md)
@@ -505,16 +506,8 @@ def _wait_gone(pid: int | None, timeout: float = 10.0) -> None:
     reaped every other process of its namespace. (Its reaper is the host's init, once bwrap is gone;
     some inits reap only every few seconds.)"""
     end = time.monotonic() + timeout
-    while pid is not None and _running(pid) and time.monotonic() < end:
+    while pid is not None and proc_starttime(pid) is not None and time.monotonic() < end:
         time.sleep(0.02)
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _sandbox_pid(info_r: int, timeout: float = 30.0) -> int | None:

@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="interleaved rounds per guest type (default 3)")
     ap.add_argument("--unpatched", action="store_true", help="also the default kernel without the patches")
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs: at least 1")
     if args.phases:
         return phases()
     with tempfile.TemporaryDirectory(prefix="xbuild-xen-bench-") as tmp:

@@ -188,8 +188,8 @@ def test_hand_run_xen_cfg_answers_on_the_bridge(web_ref: str, tmp_path: Path) ->
     text = console.getvalue().decode(errors="replace")
     (tmp_path / "console.txt").write_text(text)
     print(text)
-    assert "xenrig: guest leased 10.0.4.1" in text, text
-    assert re.search(rf"answered: HTTP/1.[01] 200 OK \| {PAGE.decode().strip()}", text), text
+    assert "xenrig: guest leased 10.0.4.1" in text, (text, result.error)
+    assert re.search(rf"answered: HTTP/1.[01] 200 OK \| {PAGE.decode().strip()}", text), (text, result.error)
     assert result.exit_status is not None, result
 
 

@@ -77,6 +77,8 @@ DOM0_INIT = Path(__file__).with_name("xenrig") / "dom0-init.sh"
 VIF_SCRIPT = Path(__file__).with_name("xenrig") / "vif-xbuild.sh"
 VIF_BRIDGE_SCRIPT = Path(__file__).with_name("xenrig") / "vif-bridge.sh"  # dom0's /etc/xen/scripts/vif-bridge
 BLOCK_SCRIPT = Path(__file__).with_name("xenrig") / "block-xbuild.sh"  # dom0's /etc/xen/scripts/block
+# dom0's /etc/xenrig/stopguest.sh: a guest's graceful stop, sourced by dom0-init.sh and the warm rig's warm.sh
+STOP_SCRIPT = Path(__file__).with_name("xenrig") / "stopguest.sh"
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ def ensure_rig(progress: Say | None = None, arch: str = "amd64") -> Rig:
         BRIDGE_MODULES,
         VIF_BRIDGE_SCRIPT.read_text(),
         WARM_MODULES,
+        STOP_SCRIPT.read_text(),
         *([] if arch == "amd64" else [list(astuple(spec))]),  # the amd64 rig's key as it was
     ]
     # resolving versions costs seconds of apt-cache: remember the answer until the apt lists change
@@ -299,6 +302,7 @@ def dom0_tree(root: Path, moddir: Path, spec: ArchSpec = ARCHES["amd64"]) -> Tre
         "etc/xen/scripts/block": regular(BLOCK_SCRIPT.read_bytes(), 0o755),
         "etc/xen/scripts/vif-bridge": regular(VIF_BRIDGE_SCRIPT.read_bytes(), 0o755),
         "etc/xen/xl.conf": regular(b"", 0o644),
+        "etc/xenrig/stopguest.sh": regular(STOP_SCRIPT.read_bytes(), 0o644),
     }
     for d in ("proc", "sys", "run", "tmp", "root", "guest", "share", "sbin", "usr/sbin"):
         entries[d] = directory()

@@ -51,6 +51,7 @@ from .xen import DOM0_CMDLINE, dom0_says, rig_qemu_argv
 WARM_SH = Path(__file__).with_name("xenrig") / "warm.sh"
 TAIL = Path(__file__).with_name("warm_tail.py")
 DEFAULT_MEMORY_MB = 2048
+DOM0_VCPUS = 1  # dom0's vCPUs in the warm rig (bench/warm_rig.py --dom0-vcpus measures others)
 MEMORY_RANGE_MB = (1024, 65536)
 READY_S = 600.0  # `rig start`: Xen and dom0 up (under TCG on a loaded machine)
 HEARTBEAT_S = (
@@ -165,9 +166,12 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def start(memory_mb: int = DEFAULT_MEMORY_MB, progress: Say | None = None) -> WarmRig:
-    """Start the warm rig (a daemonized QEMU) with `memory_mb` for Xen, dom0 and the guests, and wait for
-    dom0's job loop; a running rig is returned as it is, a crashed or wedged one killed and replaced."""
+def start(
+    memory_mb: int = DEFAULT_MEMORY_MB, progress: Say | None = None, dom0_vcpus: int = DOM0_VCPUS
+) -> WarmRig:
+    """Start the warm rig (a daemonized QEMU) with `memory_mb` for Xen, dom0 and the guests and `dom0_vcpus`
+    for dom0, and wait for dom0's job loop; a running rig is returned as it is, a crashed or wedged one
+    killed and replaced."""
     say = progress or (lambda _m: None)
     d = state_dir()
     with _locked(d / "lock"):
@@ -202,6 +206,7 @@ def start(memory_mb: int = DEFAULT_MEMORY_MB, progress: Say | None = None) -> Wa
             initrd=rig.dom0_initrd,
             dom0=f"{DOM0_CMDLINE} xenrig.warm=1",
             devices=devices,
+            dom0_vcpus=dom0_vcpus,
         )
         began = time.monotonic()
         run_tool(argv, RunError, timeout=60)  # returns once QEMU has daemonized

@@ -65,10 +65,9 @@ DOM0_DISK = "/dev/xbuild-disk{}"  # dom0's name of the outer QEMU's Nth virtio d
 GUEST_IP, DOM0_VIF_IP = "10.0.3.2", "10.0.3.1"  # a point-to-point link dom0 ↔ guest (see vif-xbuild.sh)
 DOM0_MEM_MB = 512
 XEN_CMDLINE = {  # per rig architecture: Xen's console is COM1 on amd64, the PL011 of the device tree on arm
-    "amd64": f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M dom0_max_vcpus=1"
-    " bootscrub=false",
-    "arm64": f"console=dtuart dom0_mem={DOM0_MEM_MB}M dom0_max_vcpus=1 bootscrub=false",
-}
+    "amd64": f"console=com1 com1=115200,8n1 dom0_mem={DOM0_MEM_MB}M,max:{DOM0_MEM_MB}M bootscrub=false",
+    "arm64": f"console=dtuart dom0_mem={DOM0_MEM_MB}M bootscrub=false",
+}  # rig_qemu_argv adds dom0_max_vcpus
 # arm64: where QEMU's guest-loader puts dom0's kernel (RAM starts at 0x40000000 on virt, Xen sits at its
 # start) and the lowest address of dom0's initramfs (above the device tree QEMU puts at 0x48000000)
 ARM_DOM0_KERNEL_ADDR, ARM_DOM0_INITRD_MIN = 0x42000000, 0x4A000000
@@ -194,7 +193,8 @@ def run_nested(
     when xl could not create the guest or it printed nothing. Only the artifact's kernel and initrd go into
     dom0, with a config generated from its manifest (guest_config); its root disk goes to the outer QEMU.
     With `probe` (BridgeProbe): the artifact directory goes into dom0 and its own xen.cfg is run instead;
-    an initramfs artifact whose xen.cfg has a vif only (ConfigError), no `ports`, `xen_type` is xen.cfg's.
+    an initramfs artifact whose xen.cfg has a vif only (ConfigError), no `ports`, `xen_type` is xen.cfg's;
+    when dom0 reports no answer from the guest, the log is kept and named in `error` too.
     When a warm rig was started (builder/run/warm.py, `xbuild rig start`; a crashed one is restarted) and
     the run is amd64's and has neither a root disk nor a probe, the guest runs in it instead, with one
     progress line, under the same contract; RunError also when the warm rig stops under the guest.
@@ -317,11 +317,15 @@ def run_nested(
             )
             result = _supervise(sup, argv, timeout, stop_event)
         xl_failed = re.search(rb"xl exited [1-9]", log.read_bytes()) is not None
-        keep = result.exit_status is None
-        if keep and (xl_failed or not result.console):
+        unanswered = probe is not None and b" answered: " not in result.console  # dom0 says why, in the log
+        keep = result.exit_status is None or unanswered
+        if result.exit_status is None and (xl_failed or not result.console):
             raise RunError(f"the guest could not be created or printed nothing{dom0_says(log)}; log: {log}")
         if keep:
-            result = replace(result, error=f"{result.error or 'no exit status'} (Xen and dom0 log: {log})")
+            why = result.error or (
+                "no exit status" if result.exit_status is None else "the probe got no answer"
+            )
+            result = replace(result, error=f"{why} (Xen and dom0 log: {log})")
         return result
     finally:
         initrd.unlink(missing_ok=True)
@@ -345,10 +349,18 @@ def guest_relay(spec: ArchSpec) -> list[str]:
 
 
 def rig_qemu_argv(
-    rig: Rig, *, memory_mb: int, log: Path, initrd: Path, dom0: str, devices: Sequence[str]
+    rig: Rig,
+    *,
+    memory_mb: int,
+    log: Path,
+    initrd: Path,
+    dom0: str,
+    devices: Sequence[str],
+    dom0_vcpus: int = 1,
 ) -> list[str]:
     """The outer QEMU's argv, cold rig or warm (builder/run/warm.py): the rig's architecture's machine (TCG),
-    `memory_mb` of RAM, Xen as the kernel (XEN_CMDLINE), dom0's kernel with command line `dom0` and `initrd`
+    `memory_mb` of RAM, Xen as the kernel (XEN_CMDLINE, dom0_max_vcpus=`dom0_vcpus`: at most the machine's
+    -smp), dom0's kernel with command line `dom0` and `initrd`
     (amd64: as Xen's multiboot modules; arm64: through QEMU's guest-loader device), the first serial port
     (Xen's and dom0's console) appended to `log`, then `devices` (the guest relay first, see guest_relay;
     network, disks...)."""
@@ -370,7 +382,7 @@ def rig_qemu_argv(
         "-kernel",
         str(rig.xen),
         "-append",
-        XEN_CMDLINE[rig.arch],
+        f"{XEN_CMDLINE[rig.arch]} dom0_max_vcpus={dom0_vcpus}",
     ]
     dom0 = dom0.replace(",", ",,")  # QEMU's option syntax
     if rig.arch == "amd64":  # multiboot: a module's command line follows its path

@@ -12,7 +12,11 @@
 # it stands in for the LAN's DHCP server. /artifact is an artifact directory: dom0 runs its own xen.cfg as a
 # user would (cd /artifact && xl create -c xen.cfg; Xen's vif-bridge puts the vif on NAME), waits for the
 # guest's lease, sends GET / to LEASED:xenrig.probe=PORT with busybox nc, says what it answered (to hvc0
-# and, between the guest's lines, to ttyS1), then shuts the guest down.
+# and, between the guest's lines, to ttyS1), then shuts the guest down. udhcpd runs in the foreground (its
+# messages in hvc0's log) and writes its lease file every second itself (auto_time): no SIGUSR1, which
+# killed it when sent before it had set up its handlers (it writes its pidfile first).
+# The relay is opened once, as fd 4, before any background job: an open of the tty later, with children
+# exiting (SIGCHLD), failed with EINTR ("can't create /dev/ttyS1: Interrupted system call").
 /bin/busybox --install -s
 export PATH="$(echo /usr/lib/xen-*/bin):/usr/sbin:/usr/bin:/sbin:/bin"
 export LD_LIBRARY_PATH="$(echo /usr/lib/*-linux-gnu):$(echo /lib/*-linux-gnu)"
@@ -20,6 +24,7 @@ mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs 
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
 mkdir -p /run/lock /run/xen /run/xenstored /var/log/xen/console /var/lib/xen /var/lib/xenstored
 say() { echo "xenrig: $* at $(cut -d' ' -f1 /proc/uptime)s"; }
+. /etc/xenrig/stopguest.sh
 end() { say "$*"; reboot -f; sleep 10; poweroff -f; }
 grace=10; relay=ttyS1; ports=""; guest=""; disks=0; bridge=""; probe=80; name=xbuild; cfg=/guest/guest.cfg
 warm=0
@@ -33,6 +38,7 @@ for m in /lib/modules/*.ko; do insmod "$m" || end "insmod $m failed"; done
 n=0; until stty -F "/dev/$relay" raw -echo 2>/dev/null; do  # hvc1 comes once QEMU announced its port
   n=$((n+1)); [ $n -gt 100 ] && end "no $relay"; sleep 0.1
 done
+exec 4<>"/dev/$relay" || end "cannot open /dev/$relay"
 if [ "$disks" -gt 0 ]; then  # virtio-blk and blkback (the files are numbered in load order)
   for m in /lib/modules/blk/*.ko; do insmod "$m" || end "insmod $m failed"; done
   for s in /sys/block/vd*/serial; do
@@ -66,31 +72,27 @@ if [ -n "$bridge" ]; then
     && echo 0 >"/sys/class/net/$bridge/bridge/forward_delay" || end "no bridge $bridge"
   ip addr add 10.0.4.1/24 dev "$bridge" && ip link set "$bridge" up || end "no address on $bridge"
   printf '%s\n' "interface $bridge" "start 10.0.4.100" "end 10.0.4.199" "lease_file /run/udhcpd.leases" \
-    "pidfile /run/udhcpd.pid" "option subnet 255.255.255.0" "option router 10.0.4.1" >/run/udhcpd.conf
+    "auto_time 1" "option subnet 255.255.255.0" "option router 10.0.4.1" >/run/udhcpd.conf
   : >/run/udhcpd.leases
-  udhcpd /run/udhcpd.conf || end "udhcpd failed"
+  udhcpd -f /run/udhcpd.conf 4>&- &
+  dhcpd=$!
   cfg=xen.cfg; name=$(sed -n 's/^name = "\(.*\)"$/\1/p' /artifact/xen.cfg)
   [ -n "$name" ] || end "no name in /artifact/xen.cfg"
   say "bridge $bridge 10.0.4.1/24 up, udhcpd serving 10.0.4.100-199"
 fi
 say "toolstack ready"
-secs() { cut -d. -f1 /proc/uptime; }
-stop() {
-  touch /run/stop
-  n=0; until xl domid "$name" >/dev/null 2>&1 || [ $n -ge 20 ]; do sleep 0.5; n=$((n+1)); done  # being created
-  xl shutdown "$name" && say "guest asked to shut down"
-  limit=$(($(secs) + grace)); while xl domid "$name" >/dev/null 2>&1 && [ "$(secs)" -lt $limit ]; do sleep 0.5; done
-  xl destroy "$name" 2>/dev/null && say "guest destroyed after ${grace}s"
-}
-tell() { say "$*"; say "$*" >"/dev/$relay"; }
+stop() { touch /run/stop; stopguest "$name" "$grace"; }
+tell() { say "$*"; say "$*" >&4; }
 check() {  # the bridge mode's probe: the guest's DHCP lease, then its answer on port $probe
   n=0; addr=""
-  while [ -z "$addr" ] && [ $n -lt 600 ]; do
-    sleep 0.5; n=$((n+1))
-    kill -USR1 "$(cat /run/udhcpd.pid)"; sleep 0.1  # udhcpd writes its lease file
+  while [ -z "$addr" ] && [ $n -lt 360 ]; do  # udhcpd writes its lease file every second (auto_time)
+    sleep 1; n=$((n+1))
     addr=$(dumpleases -f /run/udhcpd.leases | awk 'NR > 1 { print $2; exit }')
   done
-  [ -n "$addr" ] || { tell "no DHCP lease on $bridge"; stop; return; }
+  if [ -z "$addr" ]; then
+    kill -0 "$dhcpd" 2>/dev/null && up="udhcpd running" || up="udhcpd is gone"
+    tell "no DHCP lease on $bridge ($up; on $bridge: $(ls /sys/class/net/$bridge/brif))"; stop; return
+  fi
   tell "guest leased $addr on $bridge (mac $(dumpleases -f /run/udhcpd.leases | awk 'NR > 1 { print $1; exit }'))"
   # busybox nc, not wget: the static busybox's wget segfaults in this dom0
   get() { printf 'GET / HTTP/1.0\r\nHost: %s\r\n\r\n' "$addr" | nc -w 5 "$addr" "$probe" >/run/answer 2>/run/nc.err; }
@@ -100,11 +102,11 @@ check() {  # the bridge mode's probe: the guest's DHCP lease, then its answer on
   else tell "GET http://$addr:$probe/: no answer ($(tr -s '\r\n' '  ' </run/nc.err); on $bridge: $(ls /sys/class/net/$bridge/brif))"; fi
   stop
 }
-(while read -r cmd; do [ "$cmd" = stop ] && stop; done <"/dev/$relay") &
+(while read -r cmd; do [ "$cmd" = stop ] && stop; done <&4) &
 [ -e /run/stop ] && end "stopped before the guest was created"
 [ -n "$bridge" ] && check &
 if [ -n "$bridge" ]; then cd /artifact || end "no /artifact"; fi
-xl create -c "$cfg" </dev/null >"/dev/$relay"
+xl create -c "$cfg" </dev/null >&4
 rc=$?
 xl destroy "$name" 2>/dev/null
 end "xl exited $rc"

@@ -6,6 +6,8 @@
 #   jobs/ID/         one guest, renamed into place by its client once complete: kernel, initrd.img,
 #                    guest.cfg, name (the domain's), grace (s), ports ("DOM0PORT GUESTIP GUESTPORT" lines),
 #                    lease (a counter the client's tail process bumps every second)
+#                    dom0 adds: noticed (when it took the job), creating (just before `xl create`): empty
+#                    files whose host mtimes time the job's phases (bench/warm_rig.py)
 # For each new job dir dom0 relays each port (busybox nc; QEMU forwards the host's port to dom0's), runs
 # `xl create -F guest.cfg` (xl's errors to jobs/ID/xl.err; jobs/ID/console links to consoles/guest-NAME.log,
 # the guest's console as xenconsoled logs it), and
@@ -17,6 +19,7 @@ S=/share
 LEASE_S=10
 # dom0 has one vcpu under TCG: its loops use shell builtins where they can (each fork costs)
 say() { read -r up _ </proc/uptime; echo "xenrig: $* at ${up}s"; }
+. /etc/xenrig/stopguest.sh  # stopguest NAME GRACE: what a cold rig's "stop" does
 guests() { for id in $(xenstore list /local/domain); do [ "$id" = 0 ] || xenstore read "/local/domain/$id/name"; done; }
 beat() {
   while :; do
@@ -24,13 +27,6 @@ beat() {
     echo "$up" $(guests) >$S/heartbeat
     sleep 5
   done
-}
-stopjob() {  # $1 name, $2 grace: what a cold rig's "stop" does
-  n=0; until xl domid "$1" >/dev/null 2>&1 || [ $n -ge 20 ]; do sleep 0.5; n=$((n+1)); done  # being created
-  xl shutdown "$1" && say "$1 asked to shut down"
-  limit=$(($(cut -d. -f1 /proc/uptime) + $2))
-  while xl domid "$1" >/dev/null 2>&1 && [ "$(cut -d. -f1 /proc/uptime)" -lt $limit ]; do sleep 0.5; done
-  xl destroy "$1" 2>/dev/null && say "$1 destroyed after $2 s"
 }
 watch() {  # $1 job dir, $2 name, $3 grace, $4 the mark of a gone client
   last=""; still=0; stopping=""
@@ -41,12 +37,12 @@ watch() {  # $1 job dir, $2 name, $3 grace, $4 the mark of a gone client
     if [ ! -d "$1" ] || [ -e "$1/destroy" ] || [ -e "$4" ]; then
       xl destroy "$2" 2>/dev/null && say "$2 destroyed (client done or gone)"
     elif [ -e "$1/stop" ] && [ -z "$stopping" ]; then
-      stopping=1; stopjob "$2" "$3" &
+      stopping=1; stopguest "$2" "$3" &
     fi
   done
 }
 job() {
-  d=$S/jobs/$1; name=$(cat "$d/name"); grace=$(cat "$d/grace"); relays=""
+  d=$S/jobs/$1; : >"$d/noticed"; name=$(cat "$d/name"); grace=$(cat "$d/grace"); relays=""
   say "job $1: $name"
   while read -r h ip g; do
     [ -n "$g" ] && { nc -ll -p "$h" -e nc "$ip" "$g" & relays="$relays $!"; }
@@ -54,6 +50,7 @@ job() {
   watch "$d" "$name" "$grace" "/run/jobs/$1.gone" &
   w=$!
   ln -s "../../consoles/guest-$name.log" "$d/console"  # xenconsoled's log of this guest (see below)
+  : >"$d/creating"
   xl create -F "$d/guest.cfg" </dev/null >/dev/null 2>"$d/xl.err"
   rc=$?
   xl destroy "$name" 2>/dev/null

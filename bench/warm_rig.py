@@ -87,7 +87,7 @@ def run_once(art: object, kind: str, state: Path, xen_type: str) -> Row:
     if launch is not None and first is not None and {"noticed", "creating", "domain"} <= marks.keys():
         points = [t0, launch, marks["noticed"], marks["creating"], marks["domain"], launch + first]
         points += [launch + r.launch_to_exec_s, end]
-        phases = {name: b - a for name, a, b in zip(PHASES, points, points[1:], strict=True)}
+        phases = {name: b - a for name, a, b in zip(PHASES, points[:-1], points[1:], strict=True)}
     return Row(kind, end - t0, r.launch_to_exec_s, r.boot_ms, phases)
 
 

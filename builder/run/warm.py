@@ -18,7 +18,7 @@ guest console with xenrig's tail (warm_tail.py) under a builder.proc.Supervisor:
 exit statuses, console and phases as a cold run. Each forwarded port is a QMP hostfwd from the host port
 to dom0's same port, which dom0 relays to the guest's. On the way out the client asks dom0 to destroy
 the guest, waits for it to be gone, removes its forwards, job directory and reservation; a client killed
-outright stops bumping its lease and dom0 destroys its guest LEASE_S (warm.sh) later.
+outright stops bumping its lease and dom0 destroys its guest 10 s (warm.sh's LEASE_POLLS) later.
 """
 
 from __future__ import annotations
@@ -356,6 +356,7 @@ def run_job(
         (tmp / "grace").write_text(str(int(grace)))
         (tmp / "ports").write_text("".join(f"{h} {job.ip} {g}\n" for h, g in ports))
         (tmp / "lease").write_text("0")
+        (tmp / "console").symlink_to(f"../../consoles/guest-{job.name}.log")  # xenconsoled's log of it
         for h, _g in ports:
             _hostfwd(rig, "add", h)
             forwarded.append(h)

@@ -173,12 +173,6 @@ def test_the_hand_run_check_needs_a_vif(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @needs_rig
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 14: intermittent: the guest's ip=dhcp sometimes gets no lease in the rig's bridge mode"
-    " ('IP-Config: Auto-configuration of network failed' after ipconfig's whole ~150 s budget); at load ~10"
-    " it passed twice and failed once (xenboot report); cause not found",
-)
 def test_hand_run_xen_cfg_answers_on_the_bridge(web_ref: str, tmp_path: Path) -> None:
     """The artifact's own xen.cfg, `xl create`d in dom0: the rig's vif-bridge puts the vif on xenbr0, the
     guest kernel's ip=dhcp gets a lease from udhcpd, and busybox nc in dom0 gets the page."""

@@ -2,12 +2,12 @@
 
     python warm_tail.py JOBDIR QEMU_PID QEMU_STARTTIME HEARTBEAT_S
 
-Copies JOBDIR/console (written by dom0's `xl create -c`) to stdout as it grows and bumps JOBDIR/lease every
-second (dom0 destroys the guest when the lease stops changing: this process dies with its client, by
-PR_SET_PDEATHSIG, so a killed client's guest is destroyed too). Exits 0 once JOBDIR/done exists and the
-console is drained; exits 3 with one line on stderr when the rig's QEMU is gone (its pid no longer has its
-/proc start time) or dom0's heartbeat is older than HEARTBEAT_S seconds. Standard library only: it starts
-with every warm run.
+Copies JOBDIR/console (the guest's console as dom0's xenconsoled logs it) to stdout as it grows and bumps
+JOBDIR/lease every second (dom0 destroys the guest when the lease stops changing: this process dies with its
+client, by PR_SET_PDEATHSIG, so a killed client's guest is destroyed too). Exits 0 once JOBDIR/done exists
+and the console is drained; exits 3 with one line on stderr when the rig's QEMU is gone (its pid no longer
+has its /proc start time) or dom0's heartbeat is older than HEARTBEAT_S seconds. Standard library only: it
+starts with every warm run.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from the call to its return and from launch to the init's exec marker, the guest
 and for a warm run its phases in host seconds, each from the previous one:
   stage     the client copied kernel, initrd and config into the share (until jobs/ID is renamed in)
   notice    dom0's job loop took it (its `noticed` marker appeared)
-  prep      dom0 set up the job (relays, lease watch) and started `xl create` (`creating`)
+  prep      dom0 set up the job (relays, lease watch, kernel and initrd copied to its tmpfs) until `creating`
   xl        until xenconsoled opened the guest's console log: xl read kernel and initrd, built the domain
   kernel    until the guest's first console byte reached the client
   exec      until the init's exec marker reached the client

@@ -300,8 +300,9 @@ class Job:
         return self.rig.share / "jobs" / self.id
 
     @property
-    def dom0_dir(self) -> str:
-        return f"/share/jobs/{self.id}"
+    def dom0_boot(self) -> str:
+        """Where dom0 copies the job's kernel and initrd.img before `xl create` (warm.sh): its tmpfs."""
+        return f"/run/guests/{self.id}"
 
 
 def reserve(rig: WarmRig, name: str) -> Job:
@@ -342,7 +343,7 @@ def run_job(
     stop_event: threading.Event | None,
 ) -> RunResult:
     """Run one guest in the warm rig (module docstring): `config` is its xl config naming the job's files
-    in dom0 (Job.dom0_dir); `ports` (host, guest) are forwarded host → dom0 → guest. RunError when the
+    in dom0 (Job.dom0_boot); `ports` (host, guest) are forwarded host → dom0 → guest. RunError when the
     host port is taken, xl could not create the guest, or the rig stopped under it."""
     rig, d = job.rig, job.dir
     tmp = d.with_name(f".tmp-{job.id}")

@@ -244,8 +244,8 @@ def run_nested(
                 config=guest_config(
                     art,
                     name=job.name,
-                    kernel=f"{job.dom0_dir}/kernel",
-                    ramdisk=f"{job.dom0_dir}/initrd.img",
+                    kernel=f"{job.dom0_boot}/kernel",
+                    ramdisk=f"{job.dom0_boot}/initrd.img",
                     xen_type=xen_type,
                     memory_mb=guest_mb,
                     extra_args=extra_args,

@@ -10,8 +10,9 @@
 #                    dom0 adds: noticed (when it took the job), creating (just before `xl create`): empty
 #                    files whose host mtimes time the job's phases (bench/warm_rig.py)
 # dom0 looks for new job dirs every 0.2 s; for each it relays each port (busybox nc; QEMU forwards the host's
-# port to dom0's), runs `xl create -F guest.cfg` (xl's errors to jobs/ID/xl.err), and writes jobs/ID/done
-# (xl's status) when the guest is gone. While it runs: jobs/ID/stop → `xl shutdown`,
+# port to dom0's), copies kernel and initrd.img to /run/guests/ID (guest.cfg names them there: xl's loader
+# page-faulted them in over 9p, 4 kB a round trip; dd reads 512 kB at a time), runs `xl create -F
+# guest.cfg` (xl's errors to jobs/ID/xl.err), and writes jobs/ID/done (xl's status) when the guest is gone. While it runs: jobs/ID/stop → `xl shutdown`,
 # `xl destroy` after the grace (as a cold rig does); jobs/ID/destroy, the job dir removed, or the lease
 # unchanged for LEASE_POLLS polls of 0.25 s (10 s: the client is gone) → `xl destroy` at once, repeated
 # until xl returns; the job dir of a client that is gone is removed by dom0 once the guest is.
@@ -53,9 +54,13 @@ job() {
   done <"$d/ports"
   watch "$d" "$name" "$grace" "/run/jobs/$1.gone" &
   w=$!
+  boot=/run/guests/$1
+  mkdir -p "$boot" && dd if="$d/kernel" of="$boot/kernel" bs=512k 2>/dev/null \
+    && dd if="$d/initrd.img" of="$boot/initrd.img" bs=512k 2>/dev/null || say "job $1: copying its files failed"
   : >"$d/creating"
   xl create -F "$d/guest.cfg" </dev/null >/dev/null 2>"$d/xl.err"
   rc=$?
+  rm -rf "$boot"
   xl destroy "$name" 2>/dev/null
   kill $w $relays 2>/dev/null
   echo "$rc" >"$d/.done" && mv "$d/.done" "$d/done"

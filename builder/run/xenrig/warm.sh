@@ -11,8 +11,9 @@
 #                    files whose host mtimes time the job's phases (bench/warm_rig.py)
 # dom0 looks for new job dirs every 0.2 s; for each it relays each port (busybox nc; QEMU forwards the host's
 # port to dom0's), copies kernel and initrd.img to /run/guests/ID (guest.cfg names them there: xl's loader
-# page-faulted them in over 9p, 4 kB a round trip; dd reads 512 kB at a time), runs `xl create -F
-# guest.cfg` (xl's errors to jobs/ID/xl.err), and writes jobs/ID/done (xl's status) when the guest is gone. While it runs: jobs/ID/stop → `xl shutdown`,
+# read them through its mmaps of the 9p files, most of a 20 s `xl create` at load 10; dd's 512 kB reads take
+# under 1 s), runs `xl create -F guest.cfg` (xl's errors to jobs/ID/xl.err), and writes jobs/ID/done (xl's
+# status) when the guest is gone. While it runs: jobs/ID/stop → `xl shutdown`,
 # `xl destroy` after the grace (as a cold rig does); jobs/ID/destroy, the job dir removed, or the lease
 # unchanged for LEASE_POLLS polls of 0.25 s (10 s: the client is gone) → `xl destroy` at once, repeated
 # until xl returns; the job dir of a client that is gone is removed by dom0 once the guest is.

@@ -7,11 +7,14 @@ a tar's first bytes are a file name, which may spell another codec's magic.
 Writing (`compressor`) is streamed, bounded in memory and reproducible: the same bytes and level give the
 same output on any machine. gzip is one member with a zeroed mtime and no name (ISA-L); lz4 is the legacy
 frame the kernel's initramfs unpacker reads (`lz4 -l`: 8 MiB blocks, high compression above level 2); zstd
-is zstd's multi-threaded mode with the parameters of `zstd_parameters(level)`: the level's own, with the
-window capped at ZSTD_WINDOW_LOG_MAX (the guest's decompressor allocates the window) and the match tables
-cut down where one worker would not fit ZSTD_MEMORY, and a job size fixed by the window. These depend on
-the level only, and zstd's multi-threaded output does not depend on the number of workers, so the thread
-count (as many as fit ZSTD_MEMORY, at most the CPUs and ZSTD_THREADS) changes the time, never the bytes.
+is zstd's multi-threaded mode with the parameters of `zstd_parameters(level, size)`: the level's own for an
+input of `size` bytes when the writer is told it in advance (zstd's own table: a smaller input gets a window
+no larger than the smallest power of two that holds it, and the frame records the size), with the window
+capped at ZSTD_WINDOW_LOG_MAX (the guest's decompressor allocates the window for the whole unpack) and the
+match tables cut down where one worker would not fit ZSTD_MEMORY, and a job size fixed by the window. These
+depend on the level and the size only, and zstd's multi-threaded output does not depend on the number of
+workers, so the thread count (as many as fit ZSTD_MEMORY, at most the CPUs and ZSTD_THREADS) changes the
+time, never the bytes.
 The initrd is any of COMPRESSIONS, at a level of the codec's `levels` (`default_level` when none is asked
 for); zstd's default level was chosen by measurement (kernels/README.md, bench/compression.py).
 
@@ -40,7 +43,10 @@ LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 LZ4_LEGACY_CHUNK = 8 << 20  # the kernel's unlz4 reads 8 MiB blocks
 ZSTD_THREADS = 8  # at most; fewer where ZSTD_MEMORY does not hold more
 ZSTD_MEMORY = 96 << 20  # the zstd compressor's bound: its workers' tables and job buffers (estimated)
-ZSTD_WINDOW_LOG_MAX = 23  # 8 MiB, level 19's window: what the guest's unzstd allocates for the initrd
+# 256 KiB: the guest's unzstd allocates the window for the whole unpack, beside the initrd and the tree.
+# Measured on the nginx look-alike's 11.7 MiB archive at zstd:9 (window: initrd): 4 MiB (the level's own):
+# 4.68 MiB, 1 MiB: 4.74, 256 KiB: 4.82, 64 KiB: 4.98; window + initrd is least at 128-256 KiB.
+ZSTD_WINDOW_LOG_MAX = 18
 ZSTD_DEFAULT_LEVEL = 9  # the measured choice (kernels/README.md); zstd:19 is the size-first mode
 
 
@@ -68,7 +74,7 @@ class Codec:
     first: Callable[[bytes], bytes]  # the first stream of the data, decompressed
     errors: tuple[type[Exception], ...] = ()  # what its decoders raise on corrupt data
     stream: Callable[[IO[bytes]], IO[bytes]] | None = None  # every member/frame, streamed
-    writer: Callable[[Writable, int, bool], Sink] | None = None  # (out, level, checksum) → Sink
+    writer: Callable[[Writable, int, bool, int | None], Sink] | None = None  # (out, level, checksum, size)
     levels: range = range(0)  # the levels it can be written at
     default_level: int = 0
 
@@ -87,7 +93,7 @@ class Codec:
 
 
 class _Plain:
-    def __init__(self, out: Writable, level: int, checksum: bool):
+    def __init__(self, out: Writable, level: int, checksum: bool, size: int | None):
         self.out = out
 
     def write(self, b: bytes) -> int:
@@ -98,7 +104,7 @@ class _Plain:
 
 
 class _Gzip:
-    def __init__(self, out: Writable, level: int, checksum: bool):
+    def __init__(self, out: Writable, level: int, checksum: bool, size: int | None):
         self.out = out
         # wbits 31: a gzip container with a zeroed mtime, so the output is reproducible
         self.z = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
@@ -120,7 +126,8 @@ class ZstdPlan:
 
     @property
     def window(self) -> int:
-        """Bytes of window the decompressor needs (the guest's unzstd allocates it, plus ~0.4 MiB)."""
+        """Bytes of window the decompressor needs at most (the guest's unzstd allocates it, plus ~0.4 MiB; a
+        frame whose whole input fits in it records the input's size, and that is what is allocated)."""
         return 1 << self.params.window_log
 
 
@@ -130,23 +137,28 @@ def _zstd_memory(worker: int, job: int, threads: int) -> int:
     return threads * (worker + 2 * job) + 3 * job
 
 
-def zstd_parameters(level: int, checksum: bool = False, cpus: int | None = None) -> ZstdPlan:
-    """The parameters `level` is written with, within ZSTD_MEMORY and ZSTD_WINDOW_LOG_MAX.
+def zstd_parameters(
+    level: int, checksum: bool = False, cpus: int | None = None, size: int | None = None
+) -> ZstdPlan:
+    """The parameters `level` is written with for an input of `size` bytes (None: unknown, as large as
+    any), within ZSTD_MEMORY and ZSTD_WINDOW_LOG_MAX.
 
-    Everything that shapes the bytes (window, tables, strategy, job size) is a function of `level` alone:
-    the window is capped at ZSTD_WINDOW_LOG_MAX (levels 20-22 ask for 32-128 MiB), the job is one window
-    (at least 1 MiB), and the hash/chain tables shrink, the larger first, until one worker fits the budget.
-    The thread count is then as many workers as fit (at least one, at most `cpus` (default: this
-    machine's) and ZSTD_THREADS); it changes the time only.
+    Everything that shapes the bytes (window, tables, strategy, job size) is a function of `level` and
+    `size` alone: zstd's parameters for that level and input size (an input smaller than the level's window
+    gets the smallest window that holds it, at least 1 KiB, and tables to match), the window capped at
+    ZSTD_WINDOW_LOG_MAX (levels 3 and up ask for 2-128 MiB), the job one window (at least 1 MiB), and the
+    hash/chain tables shrunk, the larger first, until one worker fits the budget. The thread count is then
+    as many workers as fit (at least one, at most `cpus` (default: this machine's) and ZSTD_THREADS); it
+    changes the time only.
     """
-    base = zstandard.ZstdCompressionParameters.from_level(level)
+    base = zstandard.ZstdCompressionParameters.from_level(level, source_size=size or 0)
     window_log = min(base.window_log, ZSTD_WINDOW_LOG_MAX)
     chain_log, hash_log = min(base.chain_log, window_log + 1), min(base.hash_log, window_log + 1)
     job = 1 << max(20, window_log)
 
     def worker(chain: int, hashes: int) -> int:
         single = zstandard.ZstdCompressionParameters.from_level(
-            level, window_log=window_log, chain_log=chain, hash_log=hashes
+            level, source_size=size or 0, window_log=window_log, chain_log=chain, hash_log=hashes
         )
         return int(single.estimated_compression_context_size())
 
@@ -160,6 +172,7 @@ def zstd_parameters(level: int, checksum: bool = False, cpus: int | None = None)
     threads = max(1, min(cpus or os.cpu_count() or 1, ZSTD_THREADS, fit))
     params = zstandard.ZstdCompressionParameters.from_level(
         level,
+        source_size=size or 0,
         window_log=window_log,
         chain_log=chain_log,
         hash_log=hash_log,
@@ -171,9 +184,16 @@ def zstd_parameters(level: int, checksum: bool = False, cpus: int | None = None)
 
 
 class _Zstd:
-    def __init__(self, out: Writable, level: int, checksum: bool):
-        params = zstd_parameters(level, checksum).params
-        self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False)  # type: ignore[arg-type]
+    """zstd's multi-threaded writer; told the input's `size`, it pledges it (the frame header records it, and
+    a `size` other than what is written is a zstandard.ZstdError at `close`)."""
+
+    def __init__(self, out: Writable, level: int, checksum: bool, size: int | None):
+        params = zstd_parameters(level, checksum, size=size).params
+        self.w = zstandard.ZstdCompressor(compression_params=params).stream_writer(
+            out,  # type: ignore[arg-type]
+            size=-1 if size is None else size,
+            closefd=False,
+        )
 
     def write(self, b: bytes) -> int:
         return self.w.write(b)
@@ -185,7 +205,7 @@ class _Zstd:
 class _Lz4Legacy:
     """The lz4 'legacy' frame: magic, then (u32 size, block) of LZ4_LEGACY_CHUNK bytes each."""
 
-    def __init__(self, out: Writable, level: int, checksum: bool):
+    def __init__(self, out: Writable, level: int, checksum: bool, size: int | None):
         self.out, self.level, self.buf = out, level, bytearray()
         out.write(LZ4_LEGACY_MAGIC)
 
@@ -296,12 +316,15 @@ def sniff(head: bytes, among: tuple[str, ...] | None = None) -> str:
     return "none"
 
 
-def compressor(name: str, out: Writable, level: int | None = None, checksum: bool = False) -> Sink:
+def compressor(
+    name: str, out: Writable, level: int | None = None, checksum: bool = False, size: int | None = None
+) -> Sink:
     """A `Sink` writing `name`-compressed data to `out` at `level` (the codec's default when None), with a
-    content checksum where the format makes it optional (zstd). ValueError for a level the codec lacks."""
+    content checksum where the format makes it optional (zstd). `size`, when given, is exactly how many bytes
+    will be written: zstd fits its window to it (zstd_parameters). ValueError for a level the codec lacks."""
     codec = CODECS[name]
     assert codec.writer is not None, f"xbuild does not write {name}"
-    return codec.writer(out, codec.level(level), checksum)
+    return codec.writer(out, codec.level(level), checksum, size)
 
 
 def decompress(name: str, data: bytes) -> bytes:

@@ -8,6 +8,9 @@ kernel accepts it on any). The same tree gives the same bytes on any machine.
 `last` names one path that is written after all the others instead of in its sorted place: the build puts
 the init's config there, so a config present in the guest proves the kernel unpacked every entry before
 it (the kernel stops unpacking at its first error; initramfs/init.c checks the rest).
+
+The archive's length is known before a byte is written (`archive_size`): `pack` tells the compressor, and
+zstd fits its window, which the guest's decompressor allocates for the whole unpack, to it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .blobs import HashingWriter
 from .cache import atomic_file
 from .compression import CODECS, COMPRESSIONS, DEFAULT_COMPRESSION, compressor
 from .errors import PackError
-from .tree import DIR, FILE, SYMLINK, Content, ContentReader, Tree, entries
+from .tree import DIR, FILE, SYMLINK, Content, ContentReader, Entry, Tree, entries
 
 TRAILER = "TRAILER!!!"
 
@@ -60,7 +63,7 @@ def pack(
     try:
         with atomic_file(out) as f:
             hashing = HashingWriter(f)
-            sink = compressor(compression, hashing, lvl)
+            sink = compressor(compression, hashing, lvl, size=archive_size(tree, epoch, last))
             writer = _CpioWriter(sink, epoch, progress)
             count = writer.write_tree(tree, last)
             sink.close()
@@ -69,6 +72,37 @@ def pack(
     return Packed(
         out, compression, lvl, hashing.count, writer.offset, hashing.hash.hexdigest(), count, writer.digests
     )
+
+
+def _pad4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def _ordered(tree: Tree, epoch: int | None, last: str | None) -> list[Entry]:
+    """The entries in archive order: sorted, `last` moved to the end."""
+    walked = entries(tree, epoch)
+    if last is None:
+        return walked
+    return [e for e in walked if e.path != last] + [e for e in walked if e.path == last]
+
+
+def _body_size(e: Entry) -> int:
+    """The bytes after `e`'s header: a file's data (on a hardlink's last occurrence only), a symlink's target."""
+    if e.node.kind == FILE:
+        return e.node.size if e.last else 0
+    if e.node.kind == SYMLINK:
+        return len(os.fsencode(e.node.target))
+    return 0
+
+
+def _header_size(name: str) -> int:
+    return _pad4(110 + len(os.fsencode(name)) + 1)
+
+
+def archive_size(tree: Tree, epoch: int | None = None, last: str | None = None) -> int:
+    """The length of the uncompressed archive `pack` writes for `tree`, computed without reading a file."""
+    size = sum(_header_size(e.path or ".") + _pad4(_body_size(e)) for e in _ordered(tree, epoch, last))
+    return size + _header_size(TRAILER)
 
 
 def write_cpio(out: BinaryIO, tree: Tree, epoch: int | None = None) -> int:
@@ -115,19 +149,11 @@ class _CpioWriter:
         self._pad()
 
     def write_tree(self, tree: Tree, last: str | None = None) -> int:
-        walked = entries(tree, self.epoch)
-        if last is not None:
-            walked = [e for e in walked if e.path != last] + [e for e in walked if e.path == last]
+        walked = _ordered(tree, self.epoch, last)
         node_digest: dict[int, str] = {}  # id(file node) -> sha256 (a hardlink group is written once)
         with ContentReader() as contents:
             for e in walked:
-                node = e.node
-                if node.kind == FILE:
-                    size = node.size if e.last else 0
-                elif node.kind == SYMLINK:
-                    size = len(os.fsencode(node.target))
-                else:
-                    size = 0
+                node, size = e.node, _body_size(e)
                 mtime = min(max(e.mtime, 0), 0xFFFFFFFF)
                 self.header(
                     e.path or ".",

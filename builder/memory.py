@@ -10,11 +10,16 @@ Two limits, the larger wins:
 
       peak = kernel span + initrd + window + tree + FIXED
 
-- the root file system's own cap: with no `root=`, the kernel unpacks into a tmpfs whose default size is
-  half of the memory the page allocator manages when it is mounted (the kernel image, the initrd and the
-  boot-time reservations are not in it), so the files' pages must fit in that half:
+- the root file system's own cap, in a stock kernel: with no `root=`, the kernel unpacks into a tmpfs whose
+  default size is half of the memory the page allocator manages when it is mounted (the kernel image, the
+  initrd and the boot-time reservations are not in it), so the files' pages must fit in that half:
 
       tmpfs = 2 x tree data + kernel span + initrd + RESERVED
+
+  xbuild's own kernel has no such cap (kernels/patches/initramfs-all-memory.patch: the rootfs tmpfs may use
+  all of memory, keeping the accounting the init's census reads, and running out is still "Initramfs
+  unpacking failed: write error"); `root_uncapped` finds the patch's default options in the kernel image,
+  and for such a kernel the tmpfs limit is 0 (the peak is the bound)
 
 and the struct page array takes 64 bytes per 4 KiB page of guest memory (1/64 of it) from either. A third
 limit is where the boot loader puts things: an ELF kernel is loaded at its physical addresses and QEMU (and
@@ -50,6 +55,7 @@ from .compression import GZIP, LZ4, LZ4_LEGACY_CHUNK, NONE, ZSTD
 from .tree import FILE, SYMLINK, Tree
 
 MIB = 1 << 20
+ROOTFS_OPTIONS = b"size=100%\0"  # initramfs-all-memory.patch's default rootfs options, as in the image
 PAGE = 4096
 ENTRY_BYTES = 1024  # ramfs inode (~600 B) + dentry (192 B) + slab slack, per path
 FIXED_BYTES = 8704 << 10  # 8.5 MiB, calibrated: see the module docstring
@@ -72,6 +78,7 @@ class MemoryNeed:
     fixed: int = FIXED_BYTES
     reserved: int = RESERVED_BYTES
     load_end: int = 0  # the physical address an ELF kernel ends at (0: a relocatable bzImage)
+    capped: bool = True  # the kernel's initramfs tmpfs is capped at half of memory (a stock kernel)
 
     @property
     def peak(self) -> int:
@@ -79,7 +86,7 @@ class MemoryNeed:
 
     @property
     def tmpfs(self) -> int:
-        return 2 * self.data + self.kernel + self.initrd + self.reserved
+        return 2 * self.data + self.kernel + self.initrd + self.reserved if self.capped else 0
 
     @property
     def placement(self) -> int:
@@ -98,10 +105,12 @@ class MemoryNeed:
             ("fixed", self.fixed),
         )
         peak = " + ".join(f"{name} {size / MIB:.1f}" for name, size in parts)
-        return (
-            f"peak {peak} MiB; tmpfs 2 x data {self.data / MIB:.1f} + kernel + initrd + "
-            f"{self.reserved / MIB:.1f} MiB; +1/64 page array; placement {self.placement / MIB:.1f} MiB"
+        tmpfs = (
+            f"tmpfs 2 x data {self.data / MIB:.1f} + kernel + initrd + {self.reserved / MIB:.1f} MiB"
+            if self.capped
+            else "tmpfs uncapped"
         )
+        return f"peak {peak} MiB; {tmpfs}; +1/64 page array; placement {self.placement / MIB:.1f} MiB"
 
 
 def tree_bytes(tree: Tree) -> tuple[int, int]:
@@ -166,6 +175,20 @@ def kernel_load_end(kernel: Path) -> int:
     return 0
 
 
+def root_uncapped(kernel: Path) -> bool:
+    """Whether `kernel` lets its initramfs tmpfs use all of memory: its image (a bzImage's payload
+    decompressed) holds initramfs-all-memory.patch's default rootfs options."""
+    from .errors import KernelError
+    from .kernel import vmlinux
+
+    data = kernel.read_bytes()
+    try:
+        image = vmlinux(kernel, data)
+    except KernelError:  # an arm64 Image, or not a kernel we read: its bytes as they are
+        image = data
+    return ROOTFS_OPTIONS in image
+
+
 def decompressor_bytes(initrd: Path, compression: str) -> int:
     """What the kernel's decompressor allocates to unpack `initrd`: for zstd, the frame's window (written
     in its header) and a block buffer; lz4's legacy format an 8 MiB chunk; gzip its window; none nothing."""
@@ -193,4 +216,5 @@ def memory_need(kernel: Path, initrd: Path, compression: str, tree: Tree) -> Mem
         total,
         data,
         load_end=kernel_load_end(kernel),
+        capped=not root_uncapped(kernel),
     )

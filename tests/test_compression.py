@@ -185,8 +185,30 @@ def test_zstd_parameters_fit_the_memory_bound_and_the_guest_window_at_every_leve
             assert plan.window <= 1 << ZSTD_WINDOW_LOG_MAX, (level, plan)
             assert 1 <= plan.params.threads <= ZSTD_THREADS
         assert len({tuple(getattr(p.params, k) for k in (*shape, "job_size")) for p in plans}) == 1, level
-    assert zstd_parameters(19).window == zstd_parameters(22).window == 8 << 20  # the guest's bound
+    assert zstd_parameters(19).window == zstd_parameters(22).window == 256 << 10  # the guest's bound
     assert ZSTD.default_level == ZSTD_DEFAULT_LEVEL
+
+
+def test_an_initrd_s_zstd_window_fits_its_archive(tmp_path: Path) -> None:
+    """`pack` tells zstd the archive's length in advance (`archive_size`, computed without reading a file):
+    a tree smaller than the level's window gets a window of its own size, recorded in the frame (what the
+    guest's unzstd allocates); a larger one the level's window; the bytes are a function of (level, tree)."""
+    from builder.cpio import archive_size
+
+    assert zstd_parameters(ZSTD_DEFAULT_LEVEL, size=100 << 10).window == 128 << 10  # a power of two >= it
+    assert zstd_parameters(ZSTD_DEFAULT_LEVEL, size=64 << 20).window == 1 << ZSTD_WINDOW_LOG_MAX
+    for n, window in ((3000, None), (100_000, None), (2 << 20, 1 << ZSTD_WINDOW_LOG_MAX)):
+        tree = Tree()
+        tree.add("a/f", regular((DATA * 8)[:n] + os.urandom(n // 4), 0o644))
+        tree.add("a/g", tree.lookup("a/f"))  # a hardlink: the data once
+        tree.add("a/l", Inode(SYMLINK, 0o777, target="x" * 201))
+        size = archive_size(tree, last="a/g")
+        packed = [pack(tree, tmp_path / f"i{k}", "zstd", last="a/g") for k in range(2)]
+        assert packed[0].sha256 == packed[1].sha256 and packed[0].uncompressed_size == size
+        frame = zstandard.get_frame_parameters((tmp_path / "i0").read_bytes()[:18])
+        assert frame.content_size == size
+        assert frame.window_size == (window or size), (n, frame.window_size)
+        assert len(zstandard.ZstdDecompressor().decompress((tmp_path / "i0").read_bytes())) == size
 
 
 @pytest.mark.parametrize("level", [3, ZSTD_DEFAULT_LEVEL, 19])

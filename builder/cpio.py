@@ -87,7 +87,7 @@ def _ordered(tree: Tree, epoch: int | None, last: str | None) -> list[Entry]:
 
 
 def _body_size(e: Entry) -> int:
-    """The bytes after `e`'s header: a file's data (on a hardlink's last occurrence only), a symlink's target."""
+    """What follows `e`'s header: a file's data (at its last hardlinked path only), a symlink's target."""
     if e.node.kind == FILE:
         return e.node.size if e.last else 0
     if e.node.kind == SYMLINK:

@@ -32,14 +32,14 @@ initrd, in 32 MB):
 
 The constants were calibrated by bisection against real boots under QEMU (`bench/density.py --boot-only`;
 the README's Density section): the smallest memory at which the guest reaches the exec marker with its
-whole tree was 29 MB for static-hello and 45 MB for the nginx look-alike (FIXED is the larger of their
-peak remainders, static-hello's 8.2 MiB, plus a margin), and 296 MB for the python-web image
-unminimized (123.6 MiB of file data, tmpfs-bound: RESERVED 3.5 MiB measured, plus a margin), all with
-the kernel of that time (12.1 MiB span, linked at 16 MB). With today's (6.1 MiB, linked at 2 MB:
-kernels/README.md) the same bisection gives 17 MB for static-hello (formula 20) and 38 MB for the nginx
-look-alike (formula 42; tmpfs-bound: "write error" at 37). Below
-the result a guest fails to unpack its initramfs ("Initramfs unpacking failed: write error" when the
-tmpfs is full), is left with a partial tree, or the kernel deadlocks on memory. The program's own
+whole tree. RESERVED: 296 MB for the python-web image unminimized (123.6 MiB of file data, tmpfs-bound:
+3.5 MiB measured, plus a margin) with the kernel of that time (12.1 MiB span, linked at 16 MB). FIXED,
+with today's kernel (6.1 MiB span, linked at 2 MB), an uncapped root tmpfs and zstd:9 initrds with
+their 256 KiB window (kernels/README.md, "Guest memory"): static-hello 13 MB (deadlocked at 12: its
+remainder 5.4-6.35 MiB) and the nginx look-alike 31 MB (at 30: 5.4-6.4 MiB), so FIXED is 6.25 MiB, and
+the formula gives exactly 13 and 31. Below the result a guest fails to unpack its initramfs
+("Initramfs unpacking failed: write error" when its files' pages do not fit), is left with a partial tree
+(the init's census refuses it), or (an unpatched kernel) the kernel deadlocks on memory. The program's own
 memory is the program's: a recipe's `memory` (the smoke-tested figure of `bench/density.py`) covers it.
 """
 
@@ -58,7 +58,7 @@ MIB = 1 << 20
 ROOTFS_OPTIONS = b"size=100%\0"  # initramfs-all-memory.patch's default rootfs options, as in the image
 PAGE = 4096
 ENTRY_BYTES = 1024  # ramfs inode (~600 B) + dentry (192 B) + slab slack, per path
-FIXED_BYTES = 8704 << 10  # 8.5 MiB, calibrated: see the module docstring
+FIXED_BYTES = 6400 << 10  # 6.25 MiB, calibrated: see the module docstring
 RESERVED_BYTES = 6 * MIB  # calibrated: see the module docstring
 SHORT_SYMLINK = 128  # tmpfs keeps a shorter symlink target in the inode, a longer one in a page
 GZIP_BUFFERS = 256 << 10  # inflate's window and buffers

@@ -10,7 +10,8 @@ frame the kernel's initramfs unpacker reads (`lz4 -l`: 8 MiB blocks, high compre
 is zstd's multi-threaded mode with the parameters of `zstd_parameters(level, size)`: the level's own for an
 input of `size` bytes when the writer is told it in advance (zstd's own table: a smaller input gets a window
 no larger than the smallest power of two that holds it, and the frame records the size), with the window
-capped at ZSTD_WINDOW_LOG_MAX (the guest's decompressor allocates the window for the whole unpack) and the
+capped at ZSTD_WINDOW_LOG_MAX, and for a known size at 1/ZSTD_WINDOW_SHARE of it (at least 256 KiB: the
+guest's decompressor allocates the window for the whole unpack), and the
 match tables cut down where one worker would not fit ZSTD_MEMORY, and a job size fixed by the window. These
 depend on the level and the size only, and zstd's multi-threaded output does not depend on the number of
 workers, so the thread count (as many as fit ZSTD_MEMORY, at most the CPUs and ZSTD_THREADS) changes the
@@ -43,10 +44,15 @@ LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 LZ4_LEGACY_CHUNK = 8 << 20  # the kernel's unlz4 reads 8 MiB blocks
 ZSTD_THREADS = 8  # at most; fewer where ZSTD_MEMORY does not hold more
 ZSTD_MEMORY = 96 << 20  # the zstd compressor's bound: its workers' tables and job buffers (estimated)
-# 256 KiB: the guest's unzstd allocates the window for the whole unpack, beside the initrd and the tree.
-# Measured on the nginx look-alike's 11.7 MiB archive at zstd:9 (window: initrd): 4 MiB (the level's own):
-# 4.68 MiB, 1 MiB: 4.74, 256 KiB: 4.82, 64 KiB: 4.98; window + initrd is least at 128-256 KiB.
-ZSTD_WINDOW_LOG_MAX = 18
+ZSTD_WINDOW_LOG_MAX = 23  # 8 MiB, level 19's window: what the guest's unzstd allocates for the initrd
+# An input of known size gets a window of at most 1/ZSTD_WINDOW_SHARE of it, but no less than
+# 1 << ZSTD_WINDOW_LOG_SMALL (nor more than the level's): the guest's unzstd holds the window for the whole
+# unpack, beside the initrd and the tree, and in a small tree it is memory the window size hardly pays
+# for. The nginx look-alike's 11.7 MiB archive at zstd:9 (window: initrd): 4 MiB (the level's own):
+# 4.68 MiB, 1 MiB: 4.74, 256 KiB: 4.82, 64 KiB: 4.98; window + initrd is least at 128-256 KiB. A
+# 300 MB tree keeps the level's window (its 4 MiB is 1/75 of it).
+ZSTD_WINDOW_SHARE = 64
+ZSTD_WINDOW_LOG_SMALL = 18  # 256 KiB
 ZSTD_DEFAULT_LEVEL = 9  # the measured choice (kernels/README.md); zstd:19 is the size-first mode
 
 
@@ -146,13 +152,17 @@ def zstd_parameters(
     Everything that shapes the bytes (window, tables, strategy, job size) is a function of `level` and
     `size` alone: zstd's parameters for that level and input size (an input smaller than the level's window
     gets the smallest window that holds it, at least 1 KiB, and tables to match), the window capped at
-    ZSTD_WINDOW_LOG_MAX (levels 3 and up ask for 2-128 MiB), the job one window (at least 1 MiB), and the
+    ZSTD_WINDOW_LOG_MAX (levels 20-22 ask for 32-128 MiB) and, for a known `size`, at the power of two
+    nearest above size / ZSTD_WINDOW_SHARE but at least 1 << ZSTD_WINDOW_LOG_SMALL, the job one window (at least 1 MiB), and the
     hash/chain tables shrunk, the larger first, until one worker fits the budget. The thread count is then
     as many workers as fit (at least one, at most `cpus` (default: this machine's) and ZSTD_THREADS); it
     changes the time only.
     """
     base = zstandard.ZstdCompressionParameters.from_level(level, source_size=size or 0)
     window_log = min(base.window_log, ZSTD_WINDOW_LOG_MAX)
+    if size is not None:
+        share = max(0, size // ZSTD_WINDOW_SHARE - 1).bit_length()
+        window_log = min(window_log, max(share, ZSTD_WINDOW_LOG_SMALL))
     chain_log, hash_log = min(base.chain_log, window_log + 1), min(base.hash_log, window_log + 1)
     job = 1 << max(20, window_log)
 

@@ -24,6 +24,7 @@ from builder.compression import (
     ZSTD_MEMORY,
     ZSTD_THREADS,
     ZSTD_WINDOW_LOG_MAX,
+    ZSTD_WINDOW_LOG_SMALL,
     CorruptData,
     compressor,
     decompress,
@@ -185,7 +186,7 @@ def test_zstd_parameters_fit_the_memory_bound_and_the_guest_window_at_every_leve
             assert plan.window <= 1 << ZSTD_WINDOW_LOG_MAX, (level, plan)
             assert 1 <= plan.params.threads <= ZSTD_THREADS
         assert len({tuple(getattr(p.params, k) for k in (*shape, "job_size")) for p in plans}) == 1, level
-    assert zstd_parameters(19).window == zstd_parameters(22).window == 256 << 10  # the guest's bound
+    assert zstd_parameters(19).window == zstd_parameters(22).window == 8 << 20  # the guest's bound
     assert ZSTD.default_level == ZSTD_DEFAULT_LEVEL
 
 
@@ -195,9 +196,14 @@ def test_an_initrd_s_zstd_window_fits_its_archive(tmp_path: Path) -> None:
     guest's unzstd allocates); a larger one the level's window; the bytes are a function of (level, tree)."""
     from builder.cpio import archive_size
 
-    assert zstd_parameters(ZSTD_DEFAULT_LEVEL, size=100 << 10).window == 128 << 10  # a power of two >= it
-    assert zstd_parameters(ZSTD_DEFAULT_LEVEL, size=64 << 20).window == 1 << ZSTD_WINDOW_LOG_MAX
-    for n, window in ((3000, None), (100_000, None), (2 << 20, 1 << ZSTD_WINDOW_LOG_MAX)):
+    level, small = ZSTD_DEFAULT_LEVEL, 1 << ZSTD_WINDOW_LOG_SMALL
+    assert zstd_parameters(level, size=100 << 10).window == 128 << 10  # a power of two >= it
+    assert zstd_parameters(level, size=12 << 20).window == small  # 1/64 of it is less: the floor
+    assert zstd_parameters(level, size=64 << 20).window == 1 << 20  # 1/64 of it
+    assert zstd_parameters(level, size=65 << 20).window == 2 << 20  # the power of two above 1/64 of it
+    assert zstd_parameters(level, size=1 << 30).window == zstd_parameters(level).window == 4 << 20
+    assert zstd_parameters(19, size=1 << 30).window == 8 << 20
+    for n, window in ((3000, None), (100_000, None), (2 << 20, small)):
         tree = Tree()
         tree.add("a/f", regular((DATA * 8)[:n] + os.urandom(n // 4), 0o644))
         tree.add("a/g", tree.lookup("a/f"))  # a hardlink: the data once

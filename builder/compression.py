@@ -153,10 +153,10 @@ def zstd_parameters(
     `size` alone: zstd's parameters for that level and input size (an input smaller than the level's window
     gets the smallest window that holds it, at least 1 KiB, and tables to match), the window capped at
     ZSTD_WINDOW_LOG_MAX (levels 20-22 ask for 32-128 MiB) and, for a known `size`, at the power of two
-    nearest above size / ZSTD_WINDOW_SHARE but at least 1 << ZSTD_WINDOW_LOG_SMALL, the job one window (at least 1 MiB), and the
-    hash/chain tables shrunk, the larger first, until one worker fits the budget. The thread count is then
-    as many workers as fit (at least one, at most `cpus` (default: this machine's) and ZSTD_THREADS); it
-    changes the time only.
+    nearest above size / ZSTD_WINDOW_SHARE but at least 1 << ZSTD_WINDOW_LOG_SMALL, the job one window (at
+    least 1 MiB), and the hash/chain tables shrunk, the larger first, until one worker fits the budget.
+    The thread count is then as many workers as fit (at least one, at most `cpus` (default: this
+    machine's) and ZSTD_THREADS); it changes the time only.
     """
     base = zstandard.ZstdCompressionParameters.from_level(level, source_size=size or 0)
     window_log = min(base.window_log, ZSTD_WINDOW_LOG_MAX)

@@ -34,10 +34,10 @@ The constants were calibrated by bisection against real boots under QEMU (`bench
 the README's Density section): the smallest memory at which the guest reaches the exec marker with its
 whole tree. RESERVED: 296 MB for the python-web image unminimized (123.6 MiB of file data, tmpfs-bound:
 3.5 MiB measured, plus a margin) with the kernel of that time (12.1 MiB span, linked at 16 MB). FIXED,
-with today's kernel (6.1 MiB span, linked at 2 MB), an uncapped root tmpfs and zstd:9 initrds with
+with today's kernel (6.1 MiB span, linked at 2 MB, initramfs-all-memory.patch) and zstd:9 initrds with
 their 256 KiB window (kernels/README.md, "Guest memory"): static-hello 13 MB (deadlocked at 12: its
-remainder 5.4-6.35 MiB) and the nginx look-alike 31 MB (at 30: 5.4-6.4 MiB), so FIXED is 6.25 MiB, and
-the formula gives exactly 13 and 31. Below the result a guest fails to unpack its initramfs
+remainder 5.4-6.35 MiB) and the nginx look-alike 31 MB ("write error" at 30: 5.4-6.4 MiB), so FIXED is
+6.25 MiB, and the formula gives exactly 13 and 31. Below the result a guest fails to unpack its initramfs
 ("Initramfs unpacking failed: write error" when its files' pages do not fit), is left with a partial tree
 (the init's census refuses it), or (an unpatched kernel) the kernel deadlocks on memory. The program's own
 memory is the program's: a recipe's `memory` (the smoke-tested figure of `bench/density.py`) covers it.

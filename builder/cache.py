@@ -170,6 +170,41 @@ def remove_unlocked(path: Path) -> bool:
     return True
 
 
+@contextmanager
+def one_builder(final: Path, waiting: Callable[[], None]) -> Iterator[None]:
+    """Hold an exclusive flock on a lock file beside the entry `final` (`.NAME.building`) for the block: one
+    process at a time builds a given entry, a second one blocks here (`waiting` is called once, before it
+    blocks) and then finds the entry the first one made. The holder removes the file as it leaves (a waiter
+    that then holds a removed file's lock opens it again), and a lock dies with its process, whatever kills
+    it: a file a killed holder left has a temp's name (is_temp), so it is never an entry and `prune` collects
+    it once stale and free."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = final.parent / f".{final.name}.building"
+    said = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not said:
+                waiting()
+                said = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            mine = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            mine = False
+        if mine:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
 def lock_shared(fd: int) -> None:
     """Mark an open entry as in use: `remove_unlocked` (prune) leaves it alone while `fd` is open."""
     fcntl.flock(fd, fcntl.LOCK_SH)

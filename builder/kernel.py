@@ -40,7 +40,17 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_NOTE_N_TYPE
 
-from .cache import atomic_dir, atomic_file, cache_dir, file_sha256, is_temp, lock_shared, remove_entry, touch
+from .cache import (
+    atomic_dir,
+    atomic_file,
+    cache_dir,
+    file_sha256,
+    is_temp,
+    lock_shared,
+    one_builder,
+    remove_entry,
+    touch,
+)
 from .compression import CorruptData, decompress, sniff
 from .errors import CacheError, KernelError
 from .host import KERNEL, KERNEL_SOURCES, install_hint, needs_of, require
@@ -460,19 +470,36 @@ def build(
     of the build's output (and a few `xbuild: ...` phase lines).
     The result lands in `$XBUILD_CACHE/kernels/<key>/`: for amd64 vmlinux (stripped) and bzImage, for arm64
     Image; config, System.map, build.log, kernel.json. A failed build leaves `<key>.log` (and
-    `<key>.config`) beside it.
+    `<key>.config`) beside it. One process at a time builds a key (cache.one_builder): a second xbuild that
+    needs the same kernel waits for it instead of compiling it too.
     """
     a = arch_of(arch)
     plan = _plan(fragments, source, patched, a)
     final = cache_dir("kernels") / plan.key
-    try:
-        kernel = cached(final)
-    except CacheError as bad:  # removed: built again below; if that fails, the entry is named
+    kernel, bad = _look(final)
+    if kernel:
+        return kernel
+    say = progress or (lambda line: None)
+    with one_builder(final, lambda: say(f"xbuild: waiting for another build of kernel {plan.key[:12]}")):
+        kernel, worse = _look(final)  # another process may have built it while this one waited
+        if kernel:
+            return kernel
+        bad = bad or worse
         try:
             return _build(final, plan, a, progress)
         except KernelError as e:
+            if bad is None:
+                raise
             raise CacheError(f"{bad}; building it again failed: {str(e).splitlines()[0]}") from None
-    return kernel or _build(final, plan, a, progress)
+
+
+def _look(final: Path) -> tuple[Kernel | None, CacheError | None]:
+    """The cached kernel at `final` (None if there is none), or the CacheError of a bad entry (removed: the
+    caller builds it again and names it if that fails)."""
+    try:
+        return cached(final), None
+    except CacheError as bad:
+        return None, bad
 
 
 def _build(final: Path, plan: _Plan, arch: Arch, progress: Say | None) -> Kernel:

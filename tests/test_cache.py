@@ -860,3 +860,35 @@ def test_prune_leaves_the_warm_rigs_state_alone(sandbox: Sandbox) -> None:
     assert (state / "state.json").exists() and job.exists()
     du = sandbox.xbuild("cache", "du", "--json")
     assert "rig-run" not in du.stdout, du.stdout
+
+
+def test_one_builder_makes_a_second_process_wait_for_the_first(tmp_path: Path) -> None:
+    """Two processes building one entry (two CI jobs on one host needing the same kernel): the second blocks
+    in one_builder until the first leaves it and says that it waits; the lock file goes with its holder. A
+    killed holder frees the lock, and the file it leaves is a temp by name, never an entry of the cache."""
+    from builder.cache import entries, is_temp, one_builder
+
+    final = tmp_path / "kernels" / ("a" * 64)
+    holder = (
+        "import sys, time; from pathlib import Path; from builder.cache import one_builder\n"
+        f"with one_builder(Path({str(final)!r}), lambda: None):\n"
+        "    print('held', flush=True); time.sleep(float(sys.argv[1]))\n"
+    )
+    first = subprocess.Popen([sys.executable, "-c", holder, "2"], stdout=subprocess.PIPE, text=True)
+    assert first.stdout is not None and first.stdout.readline() == "held\n"
+    said: list[float] = []
+    start = time.monotonic()
+    with one_builder(final, lambda: said.append(time.monotonic())):
+        got = time.monotonic()  # the first holds it for 2 s
+    assert len(said) == 1 and said[0] - start < 1 and got - start > 1.5
+    assert first.wait() == 0
+    assert list((tmp_path / "kernels").iterdir()) == []  # the holder removes the lock file as it leaves
+    killed = subprocess.Popen([sys.executable, "-c", holder, "60"], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout is not None and killed.stdout.readline() == "held\n"
+    killed.kill()
+    killed.wait()
+    (left,) = (tmp_path / "kernels").iterdir()  # a killed holder's: a temp by name, never an entry
+    assert is_temp(left.name) and entries(tmp_path) == []
+    start = time.monotonic()
+    with one_builder(final, lambda: None):
+        assert time.monotonic() - start < 5  # not the 60 s the killed holder meant to keep it

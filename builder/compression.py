@@ -50,7 +50,9 @@ ZSTD_WINDOW_LOG_MAX = 23  # 8 MiB, level 19's window: what the guest's unzstd al
 # unpack, beside the initrd and the tree, and in a small tree it is memory the window size hardly pays
 # for. The nginx look-alike's 11.7 MiB archive at zstd:9 (window: initrd): 4 MiB (the level's own):
 # 4.68 MiB, 1 MiB: 4.74, 256 KiB: 4.82, 64 KiB: 4.98; window + initrd is least at 128-256 KiB. A
-# 300 MB tree keeps the level's window (its 4 MiB is 1/75 of it).
+# 300 MB tree keeps the level's window (its 4 MiB is 1/75 of it). Levels above the default are the
+# size-first ones (`--compression zstd:19`): they keep their own window whatever the size, and the artifact's
+# minimum memory (builder/memory.py) counts it.
 ZSTD_WINDOW_SHARE = 64
 ZSTD_WINDOW_LOG_SMALL = 18  # 256 KiB
 ZSTD_DEFAULT_LEVEL = 9  # the measured choice (kernels/README.md); zstd:19 is the size-first mode
@@ -152,15 +154,17 @@ def zstd_parameters(
     Everything that shapes the bytes (window, tables, strategy, job size) is a function of `level` and
     `size` alone: zstd's parameters for that level and input size (an input smaller than the level's window
     gets the smallest window that holds it, at least 1 KiB, and tables to match), the window capped at
-    ZSTD_WINDOW_LOG_MAX (levels 20-22 ask for 32-128 MiB) and, for a known `size`, at the power of two
-    nearest above size / ZSTD_WINDOW_SHARE but at least 1 << ZSTD_WINDOW_LOG_SMALL, the job one window (at
-    least 1 MiB), and the hash/chain tables shrunk, the larger first, until one worker fits the budget.
+    ZSTD_WINDOW_LOG_MAX (levels 20-22 ask for 32-128 MiB) and, for a known `size` at a level up to the
+    default, at the power of two nearest above size / ZSTD_WINDOW_SHARE but at least
+    1 << ZSTD_WINDOW_LOG_SMALL (higher levels are the size-first ones and keep their window), the job one
+    window (at least 1 MiB), and the hash/chain tables shrunk, the larger first, until one worker fits the
+    budget.
     The thread count is then as many workers as fit (at least one, at most `cpus` (default: this
     machine's) and ZSTD_THREADS); it changes the time only.
     """
     base = zstandard.ZstdCompressionParameters.from_level(level, source_size=size or 0)
     window_log = min(base.window_log, ZSTD_WINDOW_LOG_MAX)
-    if size is not None:
+    if size is not None and level <= ZSTD_DEFAULT_LEVEL:
         share = max(0, size // ZSTD_WINDOW_SHARE - 1).bit_length()
         window_log = min(window_log, max(share, ZSTD_WINDOW_LOG_SMALL))
     chain_log, hash_log = min(base.chain_log, window_log + 1), min(base.hash_log, window_log + 1)

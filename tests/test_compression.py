@@ -203,6 +203,8 @@ def test_an_initrd_s_zstd_window_fits_its_archive(tmp_path: Path) -> None:
     assert zstd_parameters(level, size=65 << 20).window == 2 << 20  # the power of two above 1/64 of it
     assert zstd_parameters(level, size=1 << 30).window == zstd_parameters(level).window == 4 << 20
     assert zstd_parameters(19, size=1 << 30).window == 8 << 20
+    assert zstd_parameters(19, size=12 << 20).window == 8 << 20  # size-first levels keep their window
+    assert zstd_parameters(10, size=12 << 20).window == zstd_parameters(10).window
     for n, window in ((3000, None), (100_000, None), (2 << 20, small)):
         tree = Tree()
         tree.add("a/f", regular((DATA * 8)[:n] + os.urandom(n // 4), 0o644))

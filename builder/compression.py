@@ -10,8 +10,8 @@ frame the kernel's initramfs unpacker reads (`lz4 -l`: 8 MiB blocks, high compre
 is zstd's multi-threaded mode with the parameters of `zstd_parameters(level, size)`: the level's own for an
 input of `size` bytes when the writer is told it in advance (zstd's own table: a smaller input gets a window
 no larger than the smallest power of two that holds it, and the frame records the size), with the window
-capped at ZSTD_WINDOW_LOG_MAX, and for a known size at 1/ZSTD_WINDOW_SHARE of it (at least 256 KiB: the
-guest's decompressor allocates the window for the whole unpack), and the
+capped at ZSTD_WINDOW_LOG_MAX, and for a known size at levels up to the default at 1/ZSTD_WINDOW_SHARE of
+it (at least 256 KiB: the guest's decompressor allocates the window for the whole unpack), and the
 match tables cut down where one worker would not fit ZSTD_MEMORY, and a job size fixed by the window. These
 depend on the level and the size only, and zstd's multi-threaded output does not depend on the number of
 workers, so the thread count (as many as fit ZSTD_MEMORY, at most the CPUs and ZSTD_THREADS) changes the

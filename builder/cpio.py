@@ -63,9 +63,10 @@ def pack(
     try:
         with atomic_file(out) as f:
             hashing = HashingWriter(f)
-            sink = compressor(compression, hashing, lvl, size=archive_size(tree, epoch, last))
-            writer = _CpioWriter(sink, epoch, progress)
-            count = writer.write_tree(tree, last)
+            walked = _ordered(tree, epoch, last)
+            sink = compressor(compression, hashing, lvl, size=_length(walked))
+            writer = _CpioWriter(sink, progress)
+            count = writer.write_entries(walked)
             sink.close()
     except OSError as e:
         raise PackError(f"cannot write {out}: {e}") from None
@@ -101,23 +102,28 @@ def _header_size(name: str) -> int:
 
 def archive_size(tree: Tree, epoch: int | None = None, last: str | None = None) -> int:
     """The length of the uncompressed archive `pack` writes for `tree`, computed without reading a file."""
-    size = sum(_header_size(e.path or ".") + _pad4(_body_size(e)) for e in _ordered(tree, epoch, last))
+    return _length(_ordered(tree, epoch, last))
+
+
+def _length(walked: list[Entry]) -> int:
+    """The archive's length for entries in archive order, their headers, bodies and the trailer."""
+    size = sum(_header_size(e.path or ".") + _pad4(_body_size(e)) for e in walked)
     return size + _header_size(TRAILER)
 
 
 def write_cpio(out: BinaryIO, tree: Tree, epoch: int | None = None) -> int:
     """Write `tree` as one uncompressed newc archive (the rules above) to the open `out`; return its size
     (a multiple of 4: another archive can follow, as the kernel reads concatenated ones)."""
-    writer = _CpioWriter(out, epoch, None)
-    writer.write_tree(tree)
+    writer = _CpioWriter(out, None)
+    writer.write_entries(_ordered(tree, epoch, None))
     return writer.offset
 
 
 class _CpioWriter:
-    def __init__(self, out, epoch: int | None, progress: Callable[[int], None] | None):  # type: ignore
-        self.out, self.epoch, self.progress = out, epoch, progress
+    def __init__(self, out, progress: Callable[[int], None] | None):  # type: ignore
+        self.out, self.progress = out, progress
         self.offset = 0
-        self.digests: dict[str, str] = {}  # path -> sha256 of each regular file, after write_tree
+        self.digests: dict[str, str] = {}  # path -> sha256 of each regular file, after write_entries
 
     def _emit(self, b: bytes) -> None:
         self.out.write(b)
@@ -148,8 +154,8 @@ class _CpioWriter:
         self._emit(b"070701" + b"".join(b"%08X" % (v & 0xFFFFFFFF) for v in fields) + raw)
         self._pad()
 
-    def write_tree(self, tree: Tree, last: str | None = None) -> int:
-        walked = _ordered(tree, self.epoch, last)
+    def write_entries(self, walked: list[Entry]) -> int:
+        """Write `walked` (archive order, `_ordered`) and the trailer; return the number of entries."""
         node_digest: dict[int, str] = {}  # id(file node) -> sha256 (a hardlink group is written once)
         with ContentReader() as contents:
             for e in walked:

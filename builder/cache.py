@@ -182,7 +182,13 @@ def one_builder(final: Path, waiting: Callable[[], None]) -> Iterator[None]:
     path = final.parent / f".{final.name}.building"
     said = False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+        except OSError as e:  # a symlink (or another non-file) planted there: never followed, removed
+            if e.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            remove_entry(path)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -889,6 +889,11 @@ def test_one_builder_makes_a_second_process_wait_for_the_first(tmp_path: Path) -
     killed.wait()
     (left,) = (tmp_path / "kernels").iterdir()  # a killed holder's: a temp by name, never an entry
     assert is_temp(left.name) and entries(tmp_path) == []
+    outside = tmp_path / "outside"
+    left.unlink()
+    left.symlink_to(outside)  # planted: never followed, replaced
+    with one_builder(final, lambda: None):
+        assert not outside.exists() and not left.is_symlink()
     start = time.monotonic()
     with one_builder(final, lambda: None):
         assert time.monotonic() - start < 5  # not the 60 s the killed holder meant to keep it

@@ -1,6 +1,8 @@
 """ELF dependency closure, read through a `Tree` (never the host), searched like glibc's ld.so.
 
-`parse(data)` gives an object's PT_INTERP, DT_NEEDED, DT_RPATH, DT_RUNPATH, class and machine.
+`parse(data)` gives an object's PT_INTERP, DT_NEEDED, DT_RPATH, DT_RUNPATH, class and machine; `loads` and
+`notes` its loadable segments and notes (a kernel's size and Xen entry points, builder/memory.py and
+builder/kernel.py). All read with bounds (`_Elf`), raising the caller's error type for a malformed file.
 `Resolver(tree, env)` finds each DT_NEEDED the way ld.so does:
   1. a name with a '/' is used as it is;
   2. DT_RPATH of the object, then of each object that loaded it up to the executable
@@ -28,7 +30,7 @@ from typing import IO
 
 from elftools.elf.enums import ENUM_E_MACHINE, ENUM_E_TYPE
 
-from .errors import MinimizeError
+from .errors import MinimizeError, XbuildError
 from .tree import DIR, FILE, Tree, open_content, split
 
 ELF_MAGIC = b"\x7fELF"
@@ -97,29 +99,68 @@ def _head(node, n: int) -> bytes:  # type: ignore[no-untyped-def]
         return os.pread(f.fileno(), min(n, c.size), c.offset)
 
 
-# The records parse reads, per ELF class: header after e_ident, program header, section header, dynamic
-# entry, symbol (the gABI's layouts; the byte order is prefixed per file).
+# The records read, per ELF class: header after e_ident, program header, section header, dynamic entry,
+# symbol (the gABI's layouts; the byte order is prefixed per file).
 _LAYOUT = {
     32: ("HHIIIIIHHHHHH", "IIIIIIII", "IIIIIIIIII", "iI", "IIIBBH"),
     64: ("HHIQQQIHHHHHH", "IIQQQQQQ", "IIQQQQIIQQ", "qQ", "IBBHQQ"),
 }
-_PT_INTERP, _SHT_DYNAMIC, _SHT_DYNSYM = 3, 6, 11
+# Where a program header's p_type, p_offset, p_paddr, p_filesz, p_memsz and p_align are, per class.
+_PHDR_FIELDS = {32: (0, 1, 3, 4, 5, 7), 64: (0, 2, 4, 5, 6, 7)}
+_PT_LOAD, _PT_INTERP, _PT_NOTE = 1, 3, 4
+_SHT_DYNAMIC, _SHT_NOTE, _SHT_DYNSYM = 6, 7, 11
 _DT_NEEDED, _DT_RPATH, _DT_RUNPATH = 1, 15, 29
 _E_MACHINE = {v: k for k, v in ENUM_E_MACHINE.items() if isinstance(v, int)}
 _E_TYPE = {v: k for k, v in ENUM_E_TYPE.items() if isinstance(v, int)}
 
 
-class _Reader:
-    """Bounded reads of one ELF file: every offset and size a header gives is checked against the file's
-    length before anything is allocated or read."""
+@dataclass(frozen=True)
+class Segment:
+    """One program header: p_type, where its bytes are in the file, where it loads, its alignment."""
 
-    def __init__(self, stream: IO[bytes], what: str):
-        self.stream, self.what = stream, what
+    type: int
+    offset: int
+    paddr: int
+    filesz: int
+    memsz: int
+    align: int
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section header: sh_type, where its bytes are in the file, its linked section, its alignment."""
+
+    type: int
+    offset: int
+    size: int
+    link: int
+    align: int
+
+
+class _Elf:
+    """One ELF file read with bounds: the header at open, the tables on demand. Every offset and size a
+    header gives is checked against the file's length before anything is allocated or read; anything
+    malformed raises `error` naming `what`."""
+
+    def __init__(self, stream: IO[bytes], what: str, error: type[XbuildError]):
+        self.stream, self.what, self.error = stream, what, error
         self.size = stream.seek(0, io.SEEK_END)
+        ident = self.read(0, 16) if self.size >= 16 else b""
+        if ident[:4] != ELF_MAGIC:
+            raise error(f"{what}: not an ELF file")
+        elfclass = {1: 32, 2: 64}.get(ident[4])
+        order = {1: "<", 2: ">"}.get(ident[5])
+        if elfclass is None or order is None:
+            raise error(f"{what}: malformed ELF file (class {ident[4]}, data {ident[5]})")
+        self.elfclass, self.order = elfclass, order
+        ehdr, self.phdr, self.shdr, self.dyn, self.sym = (struct.Struct(order + f) for f in _LAYOUT[elfclass])
+        head = ehdr.unpack(self.read(16, ehdr.size))  # e_type, e_machine, ..., e_phoff, e_shoff, ...
+        self.etype, self.machine, self.phoff, self.shoff = head[0], head[1], head[4], head[5]
+        self.phentsize, self.phnum, self.shentsize, self.shnum = head[8:12]
 
-    def bytes(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0 or offset + size > self.size:
-            raise MinimizeError(f"{self.what}: malformed ELF file (a table lies outside the file)")
+            raise self.error(f"{self.what}: malformed ELF file (a table lies outside the file)")
         self.stream.seek(offset)
         return self.stream.read(size)
 
@@ -127,10 +168,38 @@ class _Reader:
         self, layout: struct.Struct, offset: int, count: int, stride: int
     ) -> Iterator[tuple[int, ...]]:
         if count and stride < layout.size:
-            raise MinimizeError(f"{self.what}: malformed ELF file (entry size {stride})")
-        table = self.bytes(offset, stride * count)
+            raise self.error(f"{self.what}: malformed ELF file (entry size {stride})")
+        table = self.read(offset, stride * count)
         for i in range(count):
             yield layout.unpack_from(table, i * stride)
+
+    def segments(self) -> list[Segment]:
+        at = _PHDR_FIELDS[self.elfclass]
+        table = self.records(self.phdr, self.phoff, self.phnum, self.phentsize)
+        return [Segment(*(p[i] for i in at)) for p in table]
+
+    def sections(self) -> list[Section]:
+        if not self.shoff:
+            return []
+        table = self.records(self.shdr, self.shoff, self.shnum, self.shentsize)
+        return [Section(s[1], s[4], s[5], s[6], s[8]) for s in table]
+
+    def notes(self, offset: int, size: int, align: int) -> Iterator[tuple[str, int, bytes]]:
+        """(name, type, descriptor) of each note in the table at `offset`, `size` bytes long: namesz,
+        descsz and type words, then the name and the descriptor, each starting at a multiple of `align`
+        from the table's start (8 where the table is 8-aligned, else 4), as binutils reads them."""
+        table, pad = self.read(offset, size), (8 if align == 8 else 4)
+        head = struct.Struct(self.order + "III")
+        at = 0
+        while at + head.size <= len(table):
+            namesz, descsz, ntype = head.unpack_from(table, at)
+            name_at = at + head.size
+            desc_at = -(-(name_at + namesz) // pad) * pad
+            at = -(-(desc_at + descsz) // pad) * pad
+            if desc_at + descsz > len(table):
+                raise self.error(f"{self.what}: malformed ELF file (a note runs past its table)")
+            name = table[name_at : name_at + namesz].rstrip(b"\0").decode("utf-8", "replace")
+            yield name, ntype, table[desc_at : desc_at + descsz]
 
 
 def _string(table: bytes, offset: int) -> str:
@@ -141,44 +210,53 @@ def _string(table: bytes, offset: int) -> str:
     return table[offset : end if end >= 0 else len(table)].decode("utf-8", "replace")
 
 
+def _stream(data: bytes | IO[bytes]) -> IO[bytes]:
+    return io.BytesIO(data) if isinstance(data, bytes) else data
+
+
+def loads(data: bytes | IO[bytes], what: str, error: type[XbuildError]) -> list[Segment]:
+    """The PT_LOAD segments of an ELF image (bytes, or a seekable stream); `error` if it is not a readable
+    ELF."""
+    return [s for s in _Elf(_stream(data), what, error).segments() if s.type == _PT_LOAD]
+
+
+def notes(data: bytes | IO[bytes], what: str, error: type[XbuildError]) -> Iterator[tuple[str, int, bytes]]:
+    """(name, raw type, descriptor) of every note of an ELF image: those of its PT_NOTE segments, or, if it
+    has none, of its SHT_NOTE sections (where a linker put notes the program headers do not list); `error`
+    if it is not a readable ELF or a note runs past its table."""
+    f = _Elf(_stream(data), what, error)
+    tables = [(s.offset, s.filesz, s.align) for s in f.segments() if s.type == _PT_NOTE]
+    tables = tables or [(s.offset, s.size, s.align) for s in f.sections() if s.type == _SHT_NOTE]
+    for offset, size, align in tables:
+        yield from f.notes(offset, size, align)
+
+
 def parse(data: bytes | IO[bytes], what: str = "ELF file") -> ElfInfo:
     """The dynamic-linking facts of an ELF image (bytes, or a seekable stream read on demand): PT_INTERP from
     the program headers; DT_NEEDED, DT_RPATH and DT_RUNPATH from the SHT_DYNAMIC section (up to DT_NULL)
     with its linked string table; the undefined symbols of the SHT_DYNSYM section. MinimizeError if it is
     not a readable ELF. Read with `struct` at the gABI's record layouts, only the tables needed (pyelftools,
     used before, spent 2.2 CPU s on a JVM image's 313 objects, most of a big image's minimize)."""
-    r = _Reader(io.BytesIO(data) if isinstance(data, bytes) else data, what)
-    ident = r.bytes(0, 16) if r.size >= 16 else b""
-    if ident[:4] != ELF_MAGIC:
-        raise MinimizeError(f"{what}: not an ELF file")
-    elfclass = {1: 32, 2: 64}.get(ident[4])
-    order = {1: "<", 2: ">"}.get(ident[5])
-    if elfclass is None or order is None:
-        raise MinimizeError(f"{what}: malformed ELF file (class {ident[4]}, data {ident[5]})")
-    ehdr, phdr, shdr, dyn, sym = (struct.Struct(order + f) for f in _LAYOUT[elfclass])
-    (etype, machine, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _) = ehdr.unpack(
-        r.bytes(16, ehdr.size)
-    )
+    f = _Elf(_stream(data), what, MinimizeError)
     interp = None
-    for p in r.records(phdr, phoff, phnum, phentsize):
-        offset, filesz = (p[1], p[4]) if elfclass == 32 else (p[2], p[5])
-        if p[0] == _PT_INTERP:
-            interp = _string(r.bytes(offset, filesz), 0)
-    sections = list(r.records(shdr, shoff, shnum, shentsize)) if shoff else []
+    for p in f.segments():
+        if p.type == _PT_INTERP:
+            interp = _string(f.read(p.offset, p.filesz), 0)
+    sections = f.sections()
 
     def table(index: int) -> bytes:  # a section's bytes, by index
         if index >= len(sections):
             raise MinimizeError(f"{what}: malformed ELF file (no section {index})")
-        return r.bytes(sections[index][4], sections[index][5])
+        return f.read(sections[index].offset, sections[index].size)
 
     needed: list[str] = []
     rpath: list[str] = []
     runpath: list[str] = []
     undefined: set[str] = set()
-    for sh_type, offset, size, link in ((s[1], s[4], s[5], s[6]) for s in sections):
-        if sh_type == _SHT_DYNAMIC:
-            strings = table(link)
-            for tag, value in dyn.iter_unpack(r.bytes(offset, size - size % dyn.size)):
+    for s in sections:
+        if s.type == _SHT_DYNAMIC:
+            strings = table(s.link)
+            for tag, value in f.dyn.iter_unpack(f.read(s.offset, s.size - s.size % f.dyn.size)):
                 if tag == 0:  # DT_NULL ends the table
                     break
                 if tag == _DT_NEEDED:
@@ -187,16 +265,16 @@ def parse(data: bytes | IO[bytes], what: str = "ELF file") -> ElfInfo:
                     rpath += _string(strings, value).split(":")
                 elif tag == _DT_RUNPATH:
                     runpath += _string(strings, value).split(":")
-        elif sh_type == _SHT_DYNSYM:
-            strings = table(link)
-            shndx = 3 if elfclass == 64 else 5
-            for entry in sym.iter_unpack(r.bytes(offset, size - size % sym.size)):
+        elif s.type == _SHT_DYNSYM:
+            strings = table(s.link)
+            shndx = 3 if f.elfclass == 64 else 5
+            for entry in f.sym.iter_unpack(f.read(s.offset, s.size - s.size % f.sym.size)):
                 if entry[shndx] == 0 and (name := _string(strings, entry[0])):  # SHN_UNDEF
                     undefined.add(name)
     return ElfInfo(
-        elfclass,
-        _E_MACHINE.get(machine, str(machine)),
-        _E_TYPE.get(etype, str(etype)),
+        f.elfclass,
+        _E_MACHINE.get(f.machine, str(f.machine)),
+        _E_TYPE.get(f.etype, str(f.etype)),
         interp,
         tuple(needed),
         tuple(rpath),

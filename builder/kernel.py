@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import io
 import json
 import os
 import re
@@ -36,10 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.enums import ENUM_NOTE_N_TYPE
-
+from . import elf
 from .cache import (
     atomic_dir,
     atomic_file,
@@ -52,6 +48,7 @@ from .cache import (
     touch,
 )
 from .compression import CorruptData, decompress, sniff
+from .elf import ELF_MAGIC
 from .errors import CacheError, KernelError
 from .host import KERNEL, KERNEL_SOURCES, install_hint, needs_of, require
 from .options import Say
@@ -727,11 +724,9 @@ def cmdline(arch: str = "amd64") -> str:
 
 # ---------------------------------------------------------------------------------------------- verify
 
-ELF_MAGIC = b"\x7fELF"
 XEN_ELFNOTE_ENTRY = 1
 XEN_ELFNOTE_GUEST_OS = 6
 XEN_ELFNOTE_PHYS32_ENTRY = 18
-_NOTE_NUMBERS = {name: num for name, num in ENUM_NOTE_N_TYPE.items() if isinstance(num, int)}
 
 
 def verify(path: Path, require: tuple[str, ...] | None = None, arch: str = "amd64") -> KernelInfo:
@@ -750,8 +745,8 @@ def verify(path: Path, require: tuple[str, ...] | None = None, arch: str = "amd6
     if arch_of(arch).fmt == "image":
         return _verify_image(path, data, require or ("xen",))
     require = require or ("pv", "pvh")
-    fmt, elf = ("elf" if data[:4] == ELF_MAGIC else "bzimage"), vmlinux(path, data)
-    notes = dict(_xen_notes(path, elf))
+    fmt, image = ("elf" if data[:4] == ELF_MAGIC else "bzimage"), vmlinux(path, data)
+    notes = dict(_xen_notes(path, image))
     entry = _addr(notes.get(XEN_ELFNOTE_ENTRY))
     phys32 = _addr(notes.get(XEN_ELFNOTE_PHYS32_ENTRY))
     modes = []
@@ -817,21 +812,12 @@ def image_config(image: bytes) -> dict[str, str] | None:
         return None
 
 
-def _xen_notes(path: Path, elf: bytes) -> Iterator[tuple[int, bytes]]:
-    """(raw note type, descriptor bytes) of every note owned by "Xen"."""
-    try:
-        f = ELFFile(io.BytesIO(elf))
-        holders: list[Any] = [s for s in f.iter_segments() if s["p_type"] == "PT_NOTE"]
-        holders = holders or [s for s in f.iter_sections() if s["sh_type"] == "SHT_NOTE"]
-        for holder in holders:
-            for note in holder.iter_notes():
-                if note["n_name"] != "Xen":
-                    continue
-                n_type = note["n_type"]
-                raw = n_type if isinstance(n_type, int) else _NOTE_NUMBERS[n_type]
-                yield raw, bytes(note["n_descdata"])
-    except (ELFError, struct.error, KeyError) as e:
-        raise KernelError(f"kernel {path}: unreadable ELF notes: {e}") from None
+def _xen_notes(path: Path, image: bytes) -> Iterator[tuple[int, bytes]]:
+    """(raw note type, descriptor bytes) of every note owned by "Xen"; KernelError if the notes cannot be
+    read."""
+    for name, ntype, desc in elf.notes(image, f"kernel {path}", KernelError):
+        if name == "Xen":
+            yield ntype, desc
 
 
 def _addr(desc: bytes | None) -> int | None:
@@ -847,10 +833,10 @@ def vmlinux(path: Path, data: bytes) -> bytes:
         return data
     if data[0x202:0x206] != b"HdrS":
         raise KernelError(f"kernel {path}: neither an ELF file nor a bzImage")
-    elf = _bzimage_payload(path, data)
-    if elf[:4] != ELF_MAGIC:
+    payload = _bzimage_payload(path, data)
+    if payload[:4] != ELF_MAGIC:
         raise KernelError(f"kernel {path}: the bzImage payload is not an ELF vmlinux")
-    return elf
+    return payload
 
 
 def _bzimage_payload(path: Path, data: bytes) -> bytes:

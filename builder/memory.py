@@ -51,7 +51,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import elf
 from .compression import GZIP, LZ4, LZ4_LEGACY_CHUNK, NONE, ZSTD
+from .elf import ELF_MAGIC
+from .errors import KernelError
 from .tree import FILE, SYMLINK, Tree
 
 MIB = 1 << 20
@@ -131,14 +134,12 @@ def tree_bytes(tree: Tree) -> tuple[int, int]:
 
 
 def _elf_loads(kernel: Path) -> list[tuple[int, int]]:
-    """An ELF kernel's loadable segments as (physical address, size in memory); [] for any other file."""
+    """An ELF kernel's loadable segments as (physical address, size in memory); [] for any other file.
+    KernelError if it is an ELF that cannot be read."""
     with kernel.open("rb") as f:
-        if f.read(4) != b"\x7fELF":
+        if f.read(4) != ELF_MAGIC:
             return []
-        from elftools.elf.elffile import ELFFile
-
-        f.seek(0)
-        return [(s["p_paddr"], s["p_memsz"]) for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
+        return [(s.paddr, s.memsz) for s in elf.loads(f, f"kernel {kernel}", KernelError)]
 
 
 def _setup_header(kernel: Path) -> bytes | None:
@@ -178,7 +179,6 @@ def kernel_load_end(kernel: Path) -> int:
 def root_uncapped(kernel: Path) -> bool:
     """Whether `kernel` lets its initramfs tmpfs use all of memory: its image (a bzImage's payload
     decompressed) holds initramfs-all-memory.patch's default rootfs options."""
-    from .errors import KernelError
     from .kernel import vmlinux
 
     data = kernel.read_bytes()

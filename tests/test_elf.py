@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -59,34 +60,77 @@ def _pyelftools_facts(path: Path) -> tuple[object, ...]:
         return (e.elfclass, str(e["e_machine"]), str(e["e_type"]), interp, needed, rpath, runpath, undefined)
 
 
+def _pyelftools_loads_and_notes(
+    path: Path,
+) -> tuple[list[tuple[int, int]], list[tuple[str, int | None, bytes]]]:
+    """The PT_LOAD segments (physical address, size in memory) and the notes (name, type where pyelftools
+    names it by a known number, descriptor) of the PT_NOTE segments, else of the SHT_NOTE sections, read
+    by pyelftools."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.enums import ENUM_CORE_NOTE_N_TYPE, ENUM_NOTE_N_TYPE
+
+    numbers = {k: v for enum in (ENUM_NOTE_N_TYPE, ENUM_CORE_NOTE_N_TYPE) for k, v in enum.items()}
+    with path.open("rb") as f:
+        e = ELFFile(f)
+        segments = list(e.iter_segments())
+        loads = [(s["p_paddr"], s["p_memsz"]) for s in segments if s["p_type"] == "PT_LOAD"]
+        holders = [s for s in segments if s["p_type"] == "PT_NOTE"]
+        holders = holders or [s for s in e.iter_sections() if s["sh_type"] == "SHT_NOTE"]
+        notes = [
+            (
+                n["n_name"],
+                n["n_type"] if isinstance(n["n_type"], int) else numbers.get(n["n_type"]),
+                n["n_descdata"],
+            )
+            for h in holders
+            for n in h.iter_notes()
+        ]
+    return loads, notes
+
+
 def test_parse_agrees_with_pyelftools_on_the_hosts_objects() -> None:
     """Every 12th ELF object of the host's /usr/bin and amd64 library directory, and every object of its arm64
-    (cross) libc: the same interpreter, needed list, paths, undefined symbols, class, machine and type as
-    pyelftools reads (pyelftools takes ~0.1 s an object: the whole host would take minutes)."""
+    (cross) libc: the same interpreter, needed list, paths, undefined symbols, class, machine and type, the
+    same loadable segments and notes, as pyelftools reads (pyelftools takes ~0.1 s an object: the whole
+    host would take minutes)."""
     dirs = [Path("/usr/bin"), Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/aarch64-linux-gnu/lib")]
     paths = [p for d in dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_file() and not p.is_symlink()]
     found = [p for p in paths if p.open("rb").read(4) == elf.ELF_MAGIC]
     objects = [p for i, p in enumerate(found) if i % 12 == 0 or p.is_relative_to("/usr/aarch64-linux-gnu")]
     assert len(objects) > 50
-    machines = set()
+    machines, properties = set(), 0
     for p in objects:
-        i = elf.parse(p.read_bytes(), str(p))
+        data = p.read_bytes()
+        i = elf.parse(data, str(p))
         facts = (i.elfclass, i.machine, i.etype, i.interp, list(i.needed), list(i.rpath), list(i.runpath))
         assert (*facts, set(i.undefined)) == _pyelftools_facts(p), p
+        loads, notes = _pyelftools_loads_and_notes(p)
+        assert [(s.paddr, s.memsz) for s in elf.loads(data, str(p), MinimizeError)] == loads, p
+        ours = list(elf.notes(data, str(p), MinimizeError))
+        assert len(ours) == len(notes), p
+        assert [
+            (n, t if k is not None else None, d) for (n, t, d), (_, k, _) in zip(ours, notes, strict=True)
+        ] == notes
         machines.add(i.machine)
+        properties += sum(1 for n, t, _ in ours if (n, t) == ("GNU", 5))  # NT_GNU_PROPERTY_TYPE_0
     assert {"EM_X86_64", "EM_AARCH64"} <= machines
+    assert properties  # amd64's property notes sit in 8-aligned tables: that padding was read too
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 0x3FFF), st.integers(0, 255)), min_size=1, max_size=12))
 def test_parse_of_a_corrupted_object_is_facts_or_malformed(edits: list[tuple[int, int]]) -> None:
     """Bytes overwritten anywhere in the headers and tables of a real object (ls: its ELF header, program
-    headers and the start of its dynamic tables): parse returns facts or refuses with MinimizeError, never
-    another exception, whatever sizes and offsets the headers then claim."""
+    headers and the start of its dynamic tables): parse, loads and notes return facts or refuse with the
+    error they are given, never another exception, whatever sizes and offsets the headers then claim."""
     data = bytearray(Path(LS).read_bytes())
     shoff = int.from_bytes(data[0x28:0x30], "little")
     for at, value in edits:
         data[at if at < 0x2000 else shoff + (at - 0x2000) % (len(data) - shoff)] = value
+    with contextlib.suppress(MinimizeError):
+        assert all(s.memsz >= 0 for s in elf.loads(bytes(data), "/x", MinimizeError))
+    with contextlib.suppress(MinimizeError):
+        assert all(isinstance(d, bytes) for _, _, d in elf.notes(bytes(data), "/x", MinimizeError))
     try:
         info = elf.parse(bytes(data), "/x")
     except MinimizeError:

@@ -233,6 +233,20 @@ def test_verify_not_xen(tmp_path: Path) -> None:
         kern.verify(path)
 
 
+def test_verify_refuses_notes_that_run_past_their_table(tmp_path: Path) -> None:
+    """A note claiming a name longer than its PT_NOTE table, and a program header table past the end of the
+    file: KernelError naming the kernel, never another exception."""
+    path = tmp_path / "vmlinux"
+    path.write_bytes(_elf(struct.pack("<III", 4000, 0, XEN_ENTRY) + b"Xen\0"))
+    with pytest.raises(KernelError, match=f"kernel {path}: malformed ELF file .a note runs past"):
+        kern.verify(path)
+    image = bytearray(_elf(ALL_NOTES))
+    struct.pack_into("<Q", image, 0x20, 1 << 20)  # e_phoff
+    path.write_bytes(image)
+    with pytest.raises(KernelError, match="malformed ELF file .a table lies outside the file"):
+        kern.verify(path)
+
+
 def _bzimage(payload: bytes) -> bytes:
     setup_sects = 1
     head = bytearray(1024)

@@ -57,6 +57,7 @@ from .artifact import (
     MANIFEST,
     NAMES,
     XEN_CFG,
+    Artifact,
     DiskInfo,
     Manifest,
     open_artifact,
@@ -194,14 +195,10 @@ def target(text: str | ImageRef) -> ImageRef:
     return ref
 
 
-def vm_blobs(
-    directory: Path,
-    log: Say = lambda msg: None,
-) -> tuple[Blob, list[Blob], dict[str, str]]:
-    """(config, layers, annotations) of an artifact directory (validated by open_artifact: only its fixed
-    file names, regular files), in a fixed order."""
-    art = open_artifact(directory)
-    m = art.manifest
+def vm_blobs(art: Artifact, log: Say = lambda msg: None) -> tuple[Blob, list[Blob], dict[str, str]]:
+    """(config, layers, annotations) of an artifact (opened by open_artifact: only its fixed file names,
+    regular files), in a fixed order."""
+    directory, m = art.path, art.manifest
     types = dict(VM_FILE_TYPES)
     if m.initrd.compression != "none":
         types[INITRD] += f"+{m.initrd.compression}"
@@ -275,7 +272,7 @@ def _compress(path: Path, want: str, changed: PublishError) -> tuple[str, int]:
 
 def push(directory: Path, ref: str | ImageRef, insecure: bool = False, log: Say = lambda msg: None) -> Pushed:
     """Push the artifact directory to `ref` (REGISTRY/REPO:TAG) as one OCI artifact."""
-    config, layers, annotations = vm_blobs(directory, log)
+    config, layers, annotations = vm_blobs(open_artifact(directory), log)
     return _push(target(ref), VM, config, layers, annotations, insecure, log)
 
 
@@ -292,8 +289,9 @@ def push_index(
         raise PublishError(f"{r}: push needs a tag, not a digest")
     parts: list[tuple[str, Blob, list[Blob], dict[str, str]]] = []
     for d in directories:
-        config, layers, annotations = vm_blobs(d, log)
-        platform = open_artifact(d).manifest.source.platform
+        art = open_artifact(d)
+        config, layers, annotations = vm_blobs(art, log)
+        platform = art.manifest.source.platform
         if platform in (p for p, *_ in parts):
             raise PublishError(f"{d}: a second artifact for {platform}")
         parts.append((platform, config, layers, annotations))

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from builder import publish
+from builder.artifact import open_artifact
 from builder.errors import PublishError
 from builder.oci import referrers
 from builder.oci.manifest import OCI_INDEX, OCI_MANIFEST
@@ -33,7 +34,7 @@ def _repo(registry: Registry, repo: str, push: bool = True) -> publish.Repositor
 
 def _push_bare(artifact: Path, ref: str) -> publish.Pushed:
     """Push the artifact without the SBOM/provenance files a build may write (so it has no referrers)."""
-    config, layers, notes = publish.vm_blobs(artifact)
+    config, layers, notes = publish.vm_blobs(open_artifact(artifact))
     layers = [b for b in layers if not publish.document_type(b.title or "")]
     return publish._push(target(ref), publish.VM, config, layers, notes, False, lambda msg: None)
 
@@ -120,7 +121,7 @@ def test_index_update_keeps_other_entries_and_refuses_a_foreign_tag(
 def test_push_attaches_documents(artifact: Path, registry: Registry, tmp_path: Path) -> None:
     """`_push` (what `xbuild push` does after reading the directory) attaches every sbom.*.json /
     provenance.*.json layer; a document of an unknown format stays a layer only."""
-    config, layers, notes = publish.vm_blobs(artifact)
+    config, layers, notes = publish.vm_blobs(open_artifact(artifact))
     layers = [b for b in layers if not publish.document_type(b.title or "")]  # the build's own, if any
     docs = {
         "sbom.cdx.json": b'{"bomFormat":"CycloneDX","specVersion":"1.6"}',

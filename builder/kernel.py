@@ -4,7 +4,8 @@ One kernel per architecture (ARCHES: "amd64", "arm64", named as OCI and Debian n
 boots as a Xen PV guest, a Xen PVH guest and under QEMU; the arm64 one, cross-compiled with Debian's
 aarch64-linux-gnu-gcc, as a Xen guest on arm64 and under QEMU `-M virt`. A fragment name means
 `kernels/<arch>/<name>.config` where the architecture has its own, else the shared `kernels/<name>.config`.
-The source gets every patch in `kernels/patches/` (applied in name order). `build()` caches each result in
+The source gets the patches in `kernels/patches/` (applied in name order; one that changes only another
+architecture's arch/ files is left out). `build()` caches each result in
 `$XBUILD_CACHE/kernels/<key>/` where key = sha256(the arch's recipe, source, fragment texts, patch texts,
 the compiler's `--version`); `verify()` reads the Xen ELF notes of an amd64 kernel (from the ELF itself or
 from inside a bzImage's compressed payload), and the Image header and the embedded .config of an arm64 one.
@@ -375,9 +376,19 @@ def default_source() -> Path:
     return Path(max(found, key=version))
 
 
-def patches() -> dict[str, str]:
-    """The patches every kernel gets: {file name: text} of `kernels/patches/*.patch`, in name order."""
-    return {p.name: p.read_text() for p in sorted(PATCHES_DIR.glob("*.patch"))}
+def patches(arch: str = "amd64") -> dict[str, str]:
+    """The patches `arch`'s kernel gets: {file name: text} of `kernels/patches/*.patch`, in name order, but
+    for those whose every file lies under another architecture's arch/ directory (an x86 patch is neither
+    applied to the arm64 kernel nor part of its key, so changing it does not rebuild that kernel)."""
+    own = f"arch/{arch_of(arch).srcarch}/"
+    texts = {p.name: p.read_text() for p in sorted(PATCHES_DIR.glob("*.patch"))}
+    return {name: text for name, text in texts.items() if _touches(text, own)}
+
+
+def _touches(patch: str, own: str) -> bool:
+    """Whether a unified diff changes a file outside arch/, or under `own` (an arch/ARCH/ directory)."""
+    files = re.findall(r"^\+\+\+ b/(\S+)", patch, re.M)
+    return not files or any(not f.startswith("arch/") or f.startswith(own) for f in files)
 
 
 def cache_key(
@@ -388,7 +399,7 @@ def cache_key(
     arch: str = "amd64",
 ) -> str:
     """sha256 of the architecture's recipe, the source (tarball bytes, or each file's path and content), the
-    fragments, the patches (None: those of `patches()`), the toolchain (its compiler's `--version`)."""
+    fragments, the patches (None: those of `patches(arch)`), the toolchain (its compiler's `--version`)."""
     h = hashlib.sha256(arch_of(arch).recipe.encode() + b"\0")
     if source.is_dir():
         for f in sorted(p for p in source.rglob("*") if ".git" not in p.parts and not p.is_dir()):
@@ -398,7 +409,7 @@ def cache_key(
         h.update(_file_digest(source))
     for name, text in fragments.items():
         h.update(f"\0fragment {name}\0{text}".encode())
-    for name, text in (patches() if patch_texts is None else patch_texts).items():
+    for name, text in (patches(arch) if patch_texts is None else patch_texts).items():
         h.update(f"\0patch {name}\0{text}".encode())
     h.update(b"\0toolchain\0" + toolchain.encode())
     return h.hexdigest()
@@ -447,7 +458,7 @@ def _plan(fragments: tuple[str, ...] | None, source: Path | None, patched: bool,
         raise KernelError(f"kernel source {source} does not exist")
     fragments = tuple(fragments or arch.fragments)
     texts = {name: fragment_path(name, arch.name).read_text() for name in fragments}
-    patch_texts = patches() if patched else {}
+    patch_texts = patches(arch.name) if patched else {}
     key = cache_key(source, texts, _toolchain(arch.name), patch_texts, arch.name)
     return _Plan(source, fragments, texts, patch_texts, key)
 

@@ -368,11 +368,22 @@ def test_cache_key_covers_the_patches(tmp_path: Path) -> None:
     )
 
 
+def test_a_patch_for_another_architecture_is_left_out() -> None:
+    """The arm64 kernel gets the patches outside arch/ and none of the arch/x86-only ones; its key is made of
+    those, so an x86 patch does not change it."""
+    every = sorted(p.name for p in kern.PATCHES_DIR.glob("*.patch"))
+    x86_only = {"x86-small-kernel-span.patch", "xen-calibrate-cpu.patch"}
+    assert list(kern.patches("amd64")) == every
+    assert list(kern.patches("arm64")) == [n for n in every if n not in x86_only]
+    assert kern._touches("+++ b/arch/x86/a.c\n+++ b/mm/b.c\n", "arch/arm64/")  # one shared file: applied
+    assert not kern._touches("+++ b/arch/x86/a.c\n", "arch/arm64/")
+
+
 def test_kernel_patches_apply_to_the_release_source() -> None:
     """Every kernels/patches/*.patch applies cleanly to Debian's linux-source (a dry run: nothing written)."""
     source = kern.default_source()
     with tempfile.TemporaryDirectory() as work:
-        for name in kern.patches():
+        for name in sorted(p.name for p in kern.PATCHES_DIR.glob("*.patch")):  # every arch's
             files = re.findall(r"^\+\+\+ b/(\S+)", (kern.PATCHES_DIR / name).read_text(), re.M)
             assert files, name
             globs = [f"*/{f}" for f in files]

@@ -585,8 +585,10 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def run() -> None:
     """Entry point: run the CLI, turning XbuildError into one line and its exit code; SIGINT and SIGTERM
-    into `xbuild: interrupted (SIGNAME)` and 128 + the signal's number, with nothing partial left."""
-    signal.signal(signal.SIGTERM, _terminate)
+    into `xbuild: interrupted (SIGNAME)` and 128 + the signal's number, with nothing partial left. A signal
+    the parent left ignored stays ignored (Python does so for SIGINT: a shell's background job)."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         main(standalone_mode=False)
     except XbuildError as e:

@@ -23,8 +23,9 @@ is gone:
   (builder/run/ready.py: a connection open `ready_hold` s) and the result's phases carry when the program
   first accepted a connection;
 - `kill` ends the whole process group (SIGTERM, then SIGKILL) and is also registered with atexit.
-SIGTERM and SIGINT are handled only while `wait` runs in the main thread; the previous handlers are put
-back before it returns.
+SIGTERM and SIGINT are handled only while `wait` runs in the main thread, and only if this process does not
+ignore them (a shell starts a background job with SIGINT ignored: the terminal's Ctrl-C is not for it, as
+Python itself leaves such a SIGINT ignored); the previous handlers are put back before it returns.
 """
 
 from __future__ import annotations
@@ -292,7 +293,8 @@ class Supervisor:
         if threading.current_thread() is not threading.main_thread():
             return None
         self._signals = 0
-        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        catch = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
+        return {s: signal.signal(s, self._on_signal) for s in catch}
 
     @staticmethod
     def _restore_signals(previous: dict[int, object] | None) -> None:

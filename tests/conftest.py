@@ -1,6 +1,7 @@
 """Shared test set-up. Fixture modules live in tests/fixtures/ and are loaded as plugins."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,12 @@ pytest_plugins = [
     "tests.fixtures.warm_rig",
     "tests.fixtures.arm64",
 ]
+
+# The tests signal the CLI as a terminal's Ctrl-C would. A shell that starts the suite in the background
+# without job control (`cmd &` in a script) makes SIGINT ignored, children inherit that, and xbuild (like
+# Python) keeps an inherited ignored SIGINT ignored: give the children a default SIGINT, as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Slow fixtures (kernel, debootstrap images, Xen rig) are cached across runs in the user's cache.
 os.environ.setdefault("XBUILD_CACHE", str(Path.home() / ".cache" / "xbuild"))

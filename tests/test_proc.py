@@ -196,13 +196,18 @@ print("RESULT", r.exit_status, sup.killed, flush=True)
 """
 
 
-def _runner(*args: str) -> tuple[subprocess.Popen[bytes], int]:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _runner(*args: str, sigint_ignored: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
         [sys.executable, "-c", RUNNER, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=_ignore_sigint if sigint_ignored else None,  # as a shell starts a background job
     )
     assert proc.stdout is not None
     lines = [proc.stdout.readline() for _ in range(2)]
@@ -226,6 +231,20 @@ def test_sigint_stops_then_raises_keyboardinterrupt() -> None:
     out, err = proc.communicate(timeout=30)
     assert b"xbuild: exit status 143\n" in out and b"KeyboardInterrupt after 0" in out
     assert b"KeyboardInterrupt" in err and proc.returncode != 0
+    assert _gone(child)
+
+
+def test_an_ignored_sigint_stays_ignored() -> None:
+    """A runner started with SIGINT ignored (a shell's background job) is not stopped by it; SIGTERM still
+    stops it."""
+    proc, child = _runner(sigint_ignored=True)
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert b"RESULT 143 False" in out and b"KeyboardInterrupt" not in out + err
     assert _gone(child)
 
 

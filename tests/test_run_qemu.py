@@ -31,8 +31,8 @@ from builder.guest import guest_config, install
 from builder.init import init_binary
 from builder.reference import parse
 from builder.run import qemu
-from builder.run.console import RunResult
 from builder.run.cmdline import SYNC_UNPACK
+from builder.run.console import RunResult
 from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
 from builder.source import load
 from tests.fixtures import images as fx

@@ -14,7 +14,8 @@ unless --minimize says otherwise), then booted under QEMU at memory sizes chosen
 - a boot passes when the recipe's smoke test passes (an HTTP GET, a TCP exchange or a console pattern),
   the test `xbuild build` verifies with; `--boot-only` instead passes when the init reached its exec
   marker with its whole tree (no "Initramfs unpacking failed", no panic, no `initramfs incomplete`), the
-  measurement builder/memory.py's constants are calibrated against;
+  measurement builder/memory.py's constants are calibrated against (NIC against a smoke test over a
+  forwarded port: that boot has a NIC, and with it the synchronous unpack);
 - the table gives per recipe the smallest passing memory, the artifact's computed minimum
   (`guest.min_memory_mb`: `xbuild run` refuses less), the formula's parts, and the boots it took.
 

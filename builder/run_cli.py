@@ -227,7 +227,7 @@ def check_memory(art: Artifact, memory: int | None) -> None:
         where = f"--memory {memory}" if memory else f"the artifact's guest.memory_mb {given}"
         raise BadInput(
             f"{where}: this artifact needs at least {need} MB (kernel, initrd, decompressor and the "
-            "unpacked initramfs at once; less fails to unpack)"
+            "unpacked initramfs at once, and a NIC's share; less fails to unpack)"
         )
 
 

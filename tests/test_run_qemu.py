@@ -31,6 +31,7 @@ from builder.guest import guest_config, install
 from builder.init import init_binary
 from builder.reference import parse
 from builder.run import qemu
+from builder.run.cmdline import SYNC_UNPACK
 from builder.run.console import RunResult
 from builder.run.qemu import NET_CMDLINE, Qemu, guest_cmdline, run
 from builder.source import load
@@ -73,9 +74,10 @@ def test_guest_cmdline() -> None:
     assert guest_cmdline(base) == std
     assert guest_cmdline("quiet") == "quiet console=ttyS0 rdinit=/.xbuild/init panic=-1 no_timer_check"
     got = guest_cmdline(base, network=True, kernel_args=["xbuild.env=A=b c"], extra_args=["x", "y z", ""])
-    assert got == f'{std} {NET_CMDLINE} "xbuild.env=A=b c" -- x "y z" ""'
+    # a guest with a NIC unpacks its initramfs before the NIC probes (builder/memory.py, NIC_BYTES)
+    assert got == f'{std} {SYNC_UNPACK} {NET_CMDLINE} "xbuild.env=A=b c" -- x "y z" ""'
     # the artifact's own `-- words` are kept, or replaced by extra_args; ip= always before `--`
-    assert guest_cmdline(base + " -- a b", network=True) == f"{std} {NET_CMDLINE} -- a b"
+    assert guest_cmdline(base + " -- a b", network=True) == f"{std} {SYNC_UNPACK} {NET_CMDLINE} -- a b"
     assert guest_cmdline(base + " -- a b", extra_args=["c"]).endswith(" -- c")
     with pytest.raises(BadInput, match="quotes"):
         guest_cmdline(base, extra_args=['say "hi"'])
@@ -106,6 +108,7 @@ def test_qemu_command(tmp_path: Path) -> None:
     plain = _command(Qemu(tmp_path))
     assert "-netdev" not in plain and "-icount" not in plain
     assert NET_CMDLINE not in plain[plain.index("-append") + 1]
+    assert SYNC_UNPACK not in plain[plain.index("-append") + 1]  # no NIC: the kernel's asynchronous unpack
 
 
 def test_missing_files(tmp_path: Path) -> None:
@@ -394,7 +397,7 @@ def test_arm64_guests_run_under_qemu_system_aarch64(tmp_path: Path, monkeypatch:
     cmd = _command(arm)
     assert cmd[:7] == ["qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "max,pauth-impdef=on"]
     append = cmd[cmd.index("-append") + 1]
-    assert append == f"quiet rdinit=/.xbuild/init console=ttyAMA0 panic=-1 {NET_CMDLINE}"
+    assert append == f"quiet rdinit=/.xbuild/init console=ttyAMA0 panic=-1 {SYNC_UNPACK} {NET_CMDLINE}"
     assert "virtio-net-pci,netdev=n0" in cmd and "-no-reboot" in cmd
     amd = _command(
         Qemu.for_artifact(_platform_artifact(tmp_path / "amd", "linux/amd64", kernel=b"k", initrd=b"i"))

@@ -159,7 +159,7 @@ def test_a_dom0_run_uses_the_manifests_network(tmp_path: Path) -> None:
     art = _networked(tmp_path, "console=ttyS0 quiet ip=off")
     cfg = _xl(xen.guest_config(art, name="g", kernel="/k", ramdisk="/r", xen_type="pvh", memory_mb=64))
     assert cfg["vif"] == "[ 'bridge=xenbr0' ]"
-    assert cfg["extra"] == '"console=hvc0 quiet ip=dhcp"'
+    assert cfg["extra"] == '"console=hvc0 quiet initramfs_async=0 ip=dhcp"'  # unpacked before the vif probes
 
 
 def test_the_hand_run_check_needs_a_vif(tmp_path: Path) -> None:

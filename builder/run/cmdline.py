@@ -21,6 +21,7 @@ from ..artifact import CMDLINE_MAX
 from ..errors import ConfigError
 
 SEPARATOR = "--"
+SYNC_UNPACK = "initramfs_async=0"  # a guest with a NIC: see `with_ip`
 INIT_ARGS_MAX = 31  # Linux hands init at most CONFIG_INIT_ENV_ARG_LIMIT (32) argv words, its name first,
 # and panics at boot past that: the words after `--` are refused beyond this
 
@@ -45,9 +46,12 @@ def quote(word: str) -> str:
 
 
 def with_ip(line: str, ip_word: str) -> str:
-    """`line` with `ip_word` (the kernel's `ip=`) instead of any `ip=` among the words before `--`."""
+    """`line` with `ip_word` (the kernel's `ip=`) instead of any `ip=` among the words before `--`, and
+    SYNC_UNPACK: a guest with a NIC unpacks its initramfs before any driver probes, so the NIC's receive
+    ring (xen-netfront fills 256 pages per queue when it connects) is allocated after the compressed initrd
+    is freed, not on top of the unpack's peak (builder/memory.py, NIC_BYTES)."""
     head, tail = split(line)
-    head = [w for w in head if not w.startswith("ip=")] + [ip_word]
+    head = [w for w in head if not w.startswith("ip=") and w != SYNC_UNPACK] + [SYNC_UNPACK, ip_word]
     return " ".join(head + ([SEPARATOR, *tail] if tail else []))
 
 

@@ -7,7 +7,8 @@ under `qemu-system-x86_64 -M pc` (console ttyS0), linux/arm64 under `qemu-system
 max,pauth-impdef=on` (TCG only on this amd64 host; PL011 console ttyAMA0); a platform with no Machine is
 refused (exit 2). Either way QEMU gets the serial console on a pipe we read, `-no-reboot`, a QMP socket for
 graceful stops, and - when ports are forwarded or `network=True` - user networking on a virtio-net-pci NIC,
-the guest configured by the kernel's `ip=` autoconfiguration.
+the guest configured by the kernel's `ip=` autoconfiguration (and unpacking its initramfs before the NIC
+probes: builder/run/cmdline.py, SYNC_UNPACK).
 
 An artifact is booted only as a validated `Artifact` (builder/artifact.py: `Qemu.for_artifact`, `run`):
 kernel, initrd, command line, memory, vcpus and disks come from it, never from a path or a word the
@@ -209,6 +210,8 @@ def guest_cmdline(
     if not any(w.startswith("panic=") for w in head):
         head.append("panic=-1")
     head += [w for w in machine.kernel_args if w not in head]
+    if network and cmdline.SYNC_UNPACK not in head:  # the NIC's ring after the unpack (cmdline.with_ip)
+        head.append(cmdline.SYNC_UNPACK)
     if network and not any(w.startswith("ip=") for w in head):
         head.append(NET_CMDLINE)
     return cmdline.with_args(

@@ -422,7 +422,7 @@ def test_build_interrupted_mid_download_leaves_nothing(
         proc.send_signal(sig)
         try:
             _, stderr = proc.communicate(timeout=WALL)
-        except subprocess.TimeoutExpired:  # once seen in CI, never reproduced: keep where it hung
+        except subprocess.TimeoutExpired:  # say where it hangs (once: SIGINT ignored, see tests/conftest.py)
             if proc.poll() is not None:
                 pytest.fail(f"exited {proc.returncode} after {sig.name}, but a descendant holds its stderr")
             proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack on stderr
